@@ -1,0 +1,70 @@
+"""shmcache: one etcd watch per host, shared with every process through POSIX shared memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CacheExistsError,
+    CompactedError,
+    CorruptSegmentError,
+    InvalidNameError,
+    NotFoundError,
+    SegmentPermissionError,
+    ShmCacheError,
+    StaleError,
+    TimeoutError,
+    VersionMismatchError,
+    WriterError,
+)
+from .reader import Reader, Watch
+from .types import Event, KeyValue, ListResult, Status
+
+if TYPE_CHECKING:
+    from .writer import Writer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheExistsError",
+    "CompactedError",
+    "CorruptSegmentError",
+    "Event",
+    "InvalidNameError",
+    "KeyValue",
+    "ListResult",
+    "NotFoundError",
+    "Reader",
+    "SegmentPermissionError",
+    "ShmCacheError",
+    "StaleError",
+    "Status",
+    "TimeoutError",
+    "VersionMismatchError",
+    "Watch",
+    "Writer",
+    "WriterError",
+    "remove",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The writer imports etcd3/grpc/protobuf: load it only when asked for, so a
+    # reader-only process never imports them (and a reader-only install need not
+    # have them).
+    if name == "Writer":
+        from .writer import Writer
+
+        return Writer
+    raise AttributeError(f"module 'shmcache' has no attribute {name!r}")
+
+
+def remove(name: str) -> list[str]:
+    """Unlink every shared-memory segment of cache ``name``; returns the segment names removed.
+
+    Safe while readers are attached (their mappings stay valid); do not call it
+    while the cache's writer runs.
+    """
+    from . import _shm
+
+    return _shm.remove_cache(_shm.validate_name(name))

@@ -1,0 +1,191 @@
+"""The writer's etcd side: connection with failover, paginated range reads, and a watch stream it owns.
+
+python-etcd3 0.12 is used for its channel, credentials and generated protobufs,
+but not for watching: its watcher ignores non-compaction cancels, re-opens
+streams without backoff and cannot send progress requests (FIELD_NOTES.md). The
+stream here is a raw bidirectional gRPC call whose lifecycle the writer owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import etcd3
+import grpc
+from etcd3.etcdrpc import rpc_pb2
+
+log = logging.getLogger("shmcache.writer")
+
+# WatchRequest{progress_request: WatchProgressRequest{}}: field 3 of the request
+# oneof, an empty message. python-etcd3 0.12's generated protos predate the
+# field, so the bytes are written by hand (tag (3 << 3) | 2 = 0x1a, length 0).
+PROGRESS_REQUEST = b"\x1a\x00"
+
+# etcd refuses (and gRPC's default 4 MiB receive limit rejects) large responses:
+# ranges are read in pages and the receive limit is lifted for watch batches,
+# which carry all events of a revision (a range delete of many keys) at once.
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.max_send_message_length", 64 * 2**20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class EtcdSettings:
+    endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    timeout: float = 5.0
+    ca_cert: str | None = None
+    cert_key: str | None = None
+    cert_cert: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+def parse_endpoint(url: str) -> tuple[str, int]:
+    if "://" not in url:
+        url = "http://" + url
+    u = urlparse(url)
+    if not u.hostname:
+        raise ValueError(f"endpoint {url!r} has no host")
+    return u.hostname, u.port or 2379
+
+
+class Connection:
+    """A client for one etcd member at a time; ``reconnect()`` moves to the next endpoint."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self.endpoints = [parse_endpoint(e) for e in settings.endpoints]
+        if not self.endpoints:
+            raise ValueError("no etcd endpoints given")
+        self._next = 0
+        self.client: Any = None
+        self.endpoint = ""
+        self.version = ""
+
+    def connect(self) -> None:
+        """Connect to the next endpoint in turn and check it answers; raises grpc.RpcError."""
+        self.close()
+        host, port = self.endpoints[self._next % len(self.endpoints)]
+        self._next += 1
+        s = self.settings
+        self.endpoint = f"{host}:{port}"
+        self.client = etcd3.client(host=host, port=port, timeout=s.timeout, ca_cert=s.ca_cert,
+                                   cert_key=s.cert_key, cert_cert=s.cert_cert, user=s.user,
+                                   password=s.password, grpc_options=GRPC_OPTIONS)
+        status = self.client.maintenancestub.Status(rpc_pb2.StatusRequest(), s.timeout,
+                                                    metadata=self.client.metadata)
+        self.version = status.version
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:  # closing a dead channel must not mask the real error
+                pass
+            self.client = None
+
+    def current_revision(self, key: bytes, range_end: bytes) -> int:
+        """etcd's current revision, from a linearizable count-only range."""
+        req = rpc_pb2.RangeRequest(key=key, range_end=range_end, count_only=True)
+        resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
+        return int(resp.header.revision)
+
+    def list_range(self, key: bytes, range_end: bytes, page: int = 2000,
+                   progress: Any = None) -> tuple[int, list[tuple[bytes, tuple[bytes, int, int, int, int]]]]:
+        """Every key in [key, range_end) at one revision, read in pages; returns (revision, items).
+
+        The first page fixes the revision; later pages are read at that revision,
+        so the result is one consistent cut even while etcd is being written.
+        """
+        items: list[tuple[bytes, tuple[bytes, int, int, int, int]]] = []
+        revision = 0
+        start = key
+        while True:
+            req = rpc_pb2.RangeRequest(
+                key=start, range_end=range_end, limit=page, revision=revision,
+                sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
+            resp = self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
+                                            metadata=self.client.metadata)
+            if revision == 0:
+                revision = int(resp.header.revision)
+            for kv in resp.kvs:
+                items.append((kv.key, (kv.value, kv.create_revision, kv.mod_revision,
+                                       kv.version, kv.lease)))
+            if progress is not None:
+                progress(len(items), int(resp.count))
+            if not resp.more or not resp.kvs:
+                return revision, items
+            start = resp.kvs[-1].key + b"\0"
+
+    def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
+        return WatchStream(self, key, range_end, start_revision)
+
+
+class WatchStream:
+    """One gRPC Watch call with a single watcher on [key, range_end) from ``start_revision``.
+
+    Iterating yields raw ``WatchResponse`` messages in order. ``request_progress``
+    and ``close`` may be called from any thread.
+    """
+
+    def __init__(self, conn: Connection, key: bytes, range_end: bytes, start_revision: int) -> None:
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+            key=key, range_end=range_end, start_revision=start_revision, prev_kv=True,
+            progress_notify=True))
+        self._requests.put(create.SerializeToString())
+        method = conn.client.channel.stream_stream(
+            "/etcdserverpb.Watch/Watch", request_serializer=None,
+            response_deserializer=rpc_pb2.WatchResponse.FromString)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._call = method(self._request_iter(), metadata=conn.client.metadata)
+
+    def _request_iter(self) -> Iterator[bytes]:
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            yield item
+
+    def request_progress(self) -> None:
+        if not self._closed:
+            self._requests.put(PROGRESS_REQUEST)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._call)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._requests.put(None)
+        self._call.cancel()
+
+
+def is_grpc_error(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError)
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        try:
+            return f"{exc.code().name}: {exc.details()}"
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_compacted(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and "compacted" in describe(exc)

@@ -1,0 +1,165 @@
+"""POSIX shared-memory segments: create, open read-only, map, list and unlink by cache name."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+
+import posix_ipc
+
+from . import layout
+from .errors import InvalidNameError, SegmentPermissionError
+
+SHM_DIR = "/dev/shm"
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not layout.NAME_RE.fullmatch(name):
+        raise InvalidNameError(f"invalid cache name {name!r}")
+    return name
+
+
+@dataclass
+class Segment:
+    """A mapped segment. ``buf`` is PROT_READ for readers, read-write for the writer."""
+
+    name: str
+    buf: mmap.mmap
+    size: int
+
+    def close(self) -> None:
+        try:
+            self.buf.close()
+        except BufferError:
+            # A memoryview over the map is still alive somewhere (a caller kept a
+            # value slice); the mapping is released when that view is collected.
+            pass
+
+
+def open_readonly(name: str) -> Segment | None:
+    """Map an existing segment read-only; None if it does not exist.
+
+    ``size=0`` matters: if a size is passed and ftruncate fails, posix_ipc closes
+    *and unlinks* the segment by name, even one it only opened (FIELD_NOTES.md).
+    """
+    try:
+        shm = posix_ipc.SharedMemory(name, flags=0, read_only=True, size=0)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        size = os.fstat(shm.fd).st_size
+        if size == 0:
+            return Segment(name, _empty_map(), 0)
+        buf = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        shm.close_fd()
+    return Segment(name, buf, size)
+
+
+def _empty_map() -> mmap.mmap:
+    # mmap refuses length 0; an anonymous 1-byte map stands in for an empty
+    # segment so callers see a zero-length segment and report it as corrupt.
+    m = mmap.mmap(-1, 1)
+    return m
+
+
+def create(name: str, size: int, mode: int = 0o600, group: str | int | None = None,
+           exclusive: bool = True) -> Segment:
+    """Create a segment of ``size`` bytes (zero-filled), with ``mode`` regardless of the umask.
+
+    The space is reserved with posix_fallocate so a full /dev/shm fails here, with
+    ENOSPC, instead of as SIGBUS in a reader later.
+    """
+    flags = posix_ipc.O_CREX if exclusive else posix_ipc.O_CREAT
+    shm = posix_ipc.SharedMemory(name, flags=flags, mode=mode, size=0)
+    try:
+        os.fchmod(shm.fd, mode)  # the creation mode was reduced by the umask
+        if group is not None:
+            gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+            os.fchown(shm.fd, -1, gid)
+        os.ftruncate(shm.fd, size)
+        try:
+            os.posix_fallocate(shm.fd, 0, size)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP and exc.errno != errno.EINVAL:
+                raise
+        buf = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        shm.close_fd()
+        unlink(name)
+        raise
+    shm.close_fd()
+    return Segment(name, buf, size)
+
+
+def open_writable(name: str) -> tuple[Segment, int] | None:
+    """Open an existing segment read-write for the writer; returns it and an fd kept for locking.
+
+    Refuses segments owned by another user or writable by group/other: their
+    contents could have been planted by someone else.
+    """
+    try:
+        shm = posix_ipc.SharedMemory(name, flags=0, size=0)
+    except posix_ipc.ExistentialError:
+        return None
+    fd = shm.fd
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        shm.close_fd()
+        raise SegmentPermissionError(
+            f"{name} is owned by uid {st.st_uid}, not by this writer (uid {os.geteuid()})",
+            hint="Run the writer as the segment's owner or remove it with `shmcache rm`")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        shm.close_fd()
+        raise SegmentPermissionError(
+            f"{name} has mode {stat.S_IMODE(st.st_mode):o}, writable by group or others",
+            hint="Remove it with `shmcache rm NAME`; shmcache never creates such segments")
+    size = st.st_size
+    buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return Segment(name, buf, size), fd
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment name; processes that have it mapped keep their mapping."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def list_segments(cache_name: str) -> list[str]:
+    """Names of every segment that belongs to ``cache_name`` (Linux: from /dev/shm)."""
+    validate_name(cache_name)
+    base = f"{layout.SEGMENT_PREFIX[1:]}{cache_name}."
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted("/" + e for e in entries if e.startswith(base)
+                  and e[len(base):].split(".")[0] in ("ctl", "ring", "snap"))
+
+
+def list_caches() -> list[str]:
+    """Cache names that have a control segment on this host."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    prefix = layout.SEGMENT_PREFIX[1:]
+    return sorted(e[len(prefix):-4] for e in entries
+                  if e.startswith(prefix) and e.endswith(".ctl"))
+
+
+def remove_cache(cache_name: str) -> list[str]:
+    """Unlink every segment of a cache; returns the names removed."""
+    removed = []
+    for seg in list_segments(cache_name):
+        if unlink(seg):
+            removed.append(seg)
+    return removed

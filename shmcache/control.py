@@ -1,0 +1,212 @@
+"""The control segment: the seqlock-protected published block, heartbeat, writer identity, prefix.
+
+Concurrency contract: one writer stores; any number of readers load. The block
+(epoch, revision, ring positions, snapshot pointer, ...) is published under a
+seqlock: the writer makes SEQ odd, stores the block, makes SEQ even, then wakes
+every waiter with one FUTEX_WAKE on SEQ's low 32 bits. A reader reads SEQ, the
+block, SEQ again, and retries if SEQ was odd or changed. On x86-64 (TSO) stores
+and loads are not reordered with each other, so this needs no fences; on weaker
+architectures the ring records and snapshots validate themselves, and a reader
+that cannot get a consistent block keeps answering from the last one it had.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import _futex, layout
+from .errors import CorruptSegmentError, VersionMismatchError
+
+_Q = struct.Struct("<Q")
+_BLOCK = layout.BLOCK
+
+
+@dataclass(frozen=True)
+class Block:
+    """One consistent copy of the published block."""
+
+    seq: int
+    epoch: int
+    revision: int
+    compact_revision: int
+    ring_head: int
+    ring_tail: int
+    ring_gen: int
+    ring_capacity: int
+    snap_seq: int
+    snap_revision: int
+    snap_size: int
+    snap_ring_pos: int
+    key_count: int
+    etcd_revision: int
+    prefix_len: int
+
+
+def check_header(buf: Any, size: int, name: str) -> None:
+    """Validate magic, version and size of a control segment; raises CorruptSegmentError."""
+    if size < layout.CONTROL_SIZE:
+        raise CorruptSegmentError(f"control segment is {size} bytes, expected "
+                                  f"{layout.CONTROL_SIZE}", segment=name)
+    magic, version, kind = layout.HEAD.unpack_from(buf, 0)
+    if magic == b"\0" * 8:
+        raise CorruptSegmentError("control segment is not initialised yet", segment=name,
+                                  hint="The writer is starting; retry in a moment")
+    if magic != layout.MAGIC[layout.KIND_CONTROL] or kind != layout.KIND_CONTROL:
+        raise CorruptSegmentError(f"bad control magic {magic!r}", segment=name)
+    if version != layout.FORMAT_VERSION:
+        raise VersionMismatchError(
+            f"control segment has format version {version}, this shmcache reads version "
+            f"{layout.FORMAT_VERSION}", segment=name, found=version,
+            expected=layout.FORMAT_VERSION)
+
+
+def read_block(buf: Any, spins: int = 2000) -> Block | None:
+    """A consistent copy of the block, or None if the writer held the seqlock throughout.
+
+    None happens when a writer died (or was stopped) between its two SEQ stores;
+    callers keep using the block they had.
+    """
+    unpack_q = _Q.unpack_from
+    unpack_block = _BLOCK.unpack_from
+    for i in range(spins):
+        s1 = unpack_q(buf, layout.C_SEQ)[0]
+        if s1 & 1:
+            if i > 50:
+                time.sleep(0.00005)
+            continue
+        fields = unpack_block(buf, layout.C_BLOCK)
+        if unpack_q(buf, layout.C_SEQ)[0] == s1:
+            return Block(s1, *fields[:14])
+    return None
+
+
+def validate_block(b: Block, name: str) -> None:
+    """Reject blocks no writer could have published (bounds every later read)."""
+    problems = []
+    if b.ring_tail > b.ring_head:
+        problems.append(f"ring tail {b.ring_tail} above head {b.ring_head}")
+    if b.ring_capacity and b.ring_head - b.ring_tail > b.ring_capacity:
+        problems.append(f"ring head {b.ring_head} - tail {b.ring_tail} exceeds capacity "
+                        f"{b.ring_capacity}")
+    if b.ring_capacity and (b.ring_capacity % 8 or b.ring_capacity > layout.MAX_RING_CAPACITY
+                            or b.ring_capacity < layout.MIN_RING_CAPACITY):
+        problems.append(f"bad ring capacity {b.ring_capacity}")
+    if b.snap_seq and b.snap_ring_pos > b.ring_head:
+        problems.append(f"snapshot ring position {b.snap_ring_pos} above head {b.ring_head}")
+    if b.snap_revision > b.revision:
+        problems.append(f"snapshot revision {b.snap_revision} above revision {b.revision}")
+    if b.compact_revision > b.revision:
+        problems.append(f"compact revision {b.compact_revision} above revision {b.revision}")
+    if b.prefix_len > layout.MAX_PREFIX_LEN:
+        problems.append(f"prefix length {b.prefix_len} above {layout.MAX_PREFIX_LEN}")
+    if problems:
+        raise CorruptSegmentError("; ".join(problems), segment=name)
+
+
+def read_prefix(buf: Any, length: int) -> bytes:
+    data: bytes = buf[layout.C_PREFIX:layout.C_PREFIX + length]
+    return data
+
+
+def writer_identity(buf: Any) -> tuple[int, int, int]:
+    """(pid, start time in clock ticks, heartbeat monotonic ns)."""
+    pid = _Q.unpack_from(buf, layout.C_WRITER_PID)[0]
+    start = _Q.unpack_from(buf, layout.C_WRITER_START)[0]
+    hb = _Q.unpack_from(buf, layout.C_HEARTBEAT)[0]
+    return pid, start, hb
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process.
+
+    Together with the pid it names a process uniquely: a recycled pid has a
+    different start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    try:
+        rest = data[data.rindex(b")") + 2:].split()
+        return int(rest[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def writer_alive(buf: Any) -> bool:
+    pid, start, _hb = writer_identity(buf)
+    if pid <= 0 or pid > 1 << 22:
+        return False
+    return process_start_ticks(pid) == start
+
+
+class ControlWriter:
+    """The writer's handle on its control segment. Not thread-safe except ``heartbeat``."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+        self.futex_addr = _futex.address_of(buf, layout.C_SEQ)
+        seq = _Q.unpack_from(buf, layout.C_SEQ)[0]
+        if seq & 1:  # a previous writer died inside publish()
+            seq += 1
+            _Q.pack_into(buf, layout.C_SEQ, seq)
+        self.seq = seq
+        self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
+
+    @staticmethod
+    def initialise(buf: Any, prefix: bytes) -> None:
+        """Lay out a freshly created (zero-filled) control segment; magic goes in last."""
+        _Q.pack_into(buf, layout.C_CREATED, time.time_ns())
+        buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
+        fields = [0] * 15
+        fields[layout.B_PREFIX_LEN] = len(prefix)
+        _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
+        layout.HEAD.pack_into(buf, 0, layout.MAGIC[layout.KIND_CONTROL], layout.FORMAT_VERSION,
+                              layout.KIND_CONTROL)
+
+    def claim(self) -> None:
+        """Record this process as the writer (pid + start time so a reused pid fools nobody)."""
+        pid = os.getpid()
+        _Q.pack_into(self.buf, layout.C_WRITER_PID, 0)
+        _Q.pack_into(self.buf, layout.C_WRITER_START, process_start_ticks(pid) or 0)
+        _Q.pack_into(self.buf, layout.C_WRITER_PID, pid)
+        _Q.pack_into(self.buf, layout.C_FLAGS, 0)
+        self.heartbeat()
+
+    def release(self) -> None:
+        _Q.pack_into(self.buf, layout.C_FLAGS, layout.FLAG_CLEAN_EXIT)
+        _Q.pack_into(self.buf, layout.C_WRITER_PID, 0)
+        self.wake()
+
+    def heartbeat(self) -> None:
+        # A single aligned 8-byte store outside the seqlock: it must not make
+        # readers' "nothing changed" fast path miss on every beat.
+        _Q.pack_into(self.buf, layout.C_HEARTBEAT, time.monotonic_ns())
+
+    def get(self, index: int) -> int:
+        return self.fields[index]
+
+    def publish(self, updates: dict[int, int], prefix: bytes | None = None) -> None:
+        """Store ``updates`` (block index -> value) atomically for readers, then wake waiters."""
+        buf = self.buf
+        fields = self.fields
+        for k, v in updates.items():
+            fields[k] = v
+        self.seq += 1
+        _Q.pack_into(buf, layout.C_SEQ, self.seq)
+        if prefix is not None:
+            buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
+            fields[layout.B_PREFIX_LEN] = len(prefix)
+        _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
+        self.seq += 1
+        _Q.pack_into(buf, layout.C_SEQ, self.seq)
+        self.wake()
+
+    def wake(self) -> None:
+        _futex.wake_all(self.futex_addr)

@@ -1,0 +1,110 @@
+"""The exception hierarchy: every error shmcache raises is a ShmCacheError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheExistsError",
+    "CompactedError",
+    "CorruptSegmentError",
+    "InvalidNameError",
+    "NotFoundError",
+    "SegmentPermissionError",
+    "ShmCacheError",
+    "StaleError",
+    "TimeoutError",
+    "VersionMismatchError",
+    "WriterError",
+]
+
+import builtins
+
+
+class ShmCacheError(Exception):
+    """Root of every error shmcache raises."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        if hint is None:
+            hint = type(self).hint
+        self.message = message
+        super().__init__(f"{message}. {hint}" if hint else message)
+
+
+class InvalidNameError(ShmCacheError, ValueError):
+    """A cache name is not 1-64 characters of letters, digits and ``._-``."""
+
+    hint = "Use 1 to 64 characters from [A-Za-z0-9._-]"
+
+
+class NotFoundError(ShmCacheError, FileNotFoundError):
+    """No cache of that name exists on this host (its control segment is missing)."""
+
+    hint = "Is the writer running? Start it with `shmcache serve NAME --endpoints ...`"
+
+    def __init__(self, message: str, *, name: str = "", hint: str | None = None) -> None:
+        self.name = name
+        super().__init__(message, hint=hint)
+
+
+class CompactedError(ShmCacheError):
+    """The history a watch or a read needs is no longer retained (like etcd's ErrCompacted).
+
+    ``compact_revision`` is the smallest ``since_revision`` (or read revision) that
+    would be served now: list again, then watch from the list's revision.
+    """
+
+    hint = "List again and watch from the list's revision"
+
+    def __init__(self, message: str, *, compact_revision: int, hint: str | None = None) -> None:
+        self.compact_revision = compact_revision
+        super().__init__(message, hint=hint)
+
+
+class CorruptSegmentError(ShmCacheError, ValueError):
+    """Bytes in a shared-memory segment violate the format; nothing from them was returned."""
+
+    hint = "Run `shmcache check NAME`; restarting the writer republishes the cache"
+
+    def __init__(self, message: str, *, segment: str = "", hint: str | None = None) -> None:
+        self.segment = segment
+        super().__init__(f"{segment}: {message}" if segment else message, hint=hint)
+
+
+class VersionMismatchError(CorruptSegmentError):
+    """A segment was written in a format version this library does not read."""
+
+    hint = "Run the same shmcache version in the writer and the readers"
+
+    def __init__(self, message: str, *, segment: str = "", found: int, expected: int) -> None:
+        self.found = found
+        self.expected = expected
+        super().__init__(message, segment=segment)
+
+
+class StaleError(ShmCacheError):
+    """The writer has not published a heartbeat within the reader's ``max_staleness``."""
+
+    hint = "Check the writer service (`shmcache status NAME`)"
+
+    def __init__(self, message: str, *, age: float, hint: str | None = None) -> None:
+        self.age = age
+        super().__init__(message, hint=hint)
+
+
+class TimeoutError(ShmCacheError, builtins.TimeoutError):
+    """A wait for a revision or a confirmation from the writer ran out of time."""
+
+
+class WriterError(ShmCacheError):
+    """The writer cannot run: etcd errors it cannot recover from, bad settings."""
+
+
+class CacheExistsError(WriterError):
+    """Another live writer already serves this cache name."""
+
+    hint = "Stop the other writer first; only one writer per cache name may run"
+
+
+class SegmentPermissionError(ShmCacheError, builtins.PermissionError):
+    """A segment has an owner or mode the writer refuses to trust."""

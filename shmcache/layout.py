@@ -1,0 +1,149 @@
+"""Byte formats of the control, ring and snapshot segments as named constants; pure, no I/O.
+
+Every multi-byte integer is little-endian. Control words that another process
+reads while the writer may be storing them are aligned 8-byte fields accessed
+with ``'<Q'``: on CPython/x86-64 an aligned ``pack_into('<Q')`` is a single
+8-byte store and ``unpack_from('<Q')`` a single load (FIELD_NOTES.md,
+"Memory ordering"), so a reader never sees half of a word. Nothing beyond that is
+assumed: records carry a position stamp and a CRC so a torn or overwritten read
+is detected on any architecture. docs/format.md is the prose version of this
+module; keep them in step.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Final
+
+FORMAT_VERSION: Final = 1
+
+# --- names -----------------------------------------------------------------
+
+NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SEGMENT_PREFIX: Final = "/shmcache."
+
+
+def control_name(name: str) -> str:
+    return f"{SEGMENT_PREFIX}{name}.ctl"
+
+
+def ring_name(name: str, generation: int) -> str:
+    return f"{SEGMENT_PREFIX}{name}.ring.{generation}"
+
+
+def snapshot_name(name: str, seq: int) -> str:
+    return f"{SEGMENT_PREFIX}{name}.snap.{seq}"
+
+
+# --- common segment header ---------------------------------------------------
+# Every segment starts with: magic (8 bytes), format version (u32), kind (u32).
+
+HEAD: Final = struct.Struct("<8sII")
+KIND_CONTROL: Final = 1
+KIND_RING: Final = 2
+KIND_SNAPSHOT: Final = 3
+MAGIC: Final = {KIND_CONTROL: b"SHMC.CTL", KIND_RING: b"SHMC.RNG", KIND_SNAPSHOT: b"SHMC.SNP"}
+
+# --- control segment ---------------------------------------------------------
+
+CONTROL_SIZE: Final = 4096
+MAX_PREFIX_LEN: Final = 2048
+
+# Offsets of the single-word fields. SEQ is a seqlock: the writer makes it odd,
+# stores the published block, then makes it even. Its low 32 bits double as the
+# futex word readers sleep on (little-endian, so the low half is at SEQ itself).
+C_SEQ: Final = 16
+C_HEARTBEAT: Final = 24  # CLOCK_MONOTONIC ns of the writer's last heartbeat (outside the seqlock)
+C_WRITER_PID: Final = 32
+C_WRITER_START: Final = 40  # writer's start time, clock ticks since boot (/proc/PID/stat field 22)
+C_CREATED: Final = 48  # CLOCK_REALTIME ns when the segment was created
+C_FLAGS: Final = 56  # bit 0: the writer closed cleanly
+
+# The published block, read as one unit between two reads of SEQ.
+C_BLOCK: Final = 64
+BLOCK: Final = struct.Struct("<15Q")
+(
+    B_EPOCH,
+    B_REVISION,
+    B_COMPACT_REVISION,
+    B_RING_HEAD,
+    B_RING_TAIL,
+    B_RING_GEN,
+    B_RING_CAPACITY,
+    B_SNAP_SEQ,
+    B_SNAP_REVISION,
+    B_SNAP_SIZE,
+    B_SNAP_RING_POS,
+    B_KEY_COUNT,
+    B_ETCD_REVISION,
+    B_PREFIX_LEN,
+    B_RESERVED,
+) = range(15)
+
+C_PREFIX: Final = 1024  # the key prefix the writer serves, B_PREFIX_LEN bytes
+FLAG_CLEAN_EXIT: Final = 1
+
+# --- ring segment ------------------------------------------------------------
+
+RING_HEADER: Final = struct.Struct("<8sIIQQ")  # magic, version, kind, generation, capacity
+RING_DATA: Final = 64  # data area starts here; capacity bytes follow
+MIN_RING_CAPACITY: Final = 64 * 1024
+MAX_RING_CAPACITY: Final = 1 << 40
+
+# A record: header then payload, padded to 8 bytes. Records never wrap: when the
+# space left before the end of the data area is smaller than a record, the writer
+# writes a PAD record (or, if fewer than RECORD.size bytes are left, nothing) and
+# continues at the start of the next lap.
+RECORD: Final = struct.Struct("<QQIHHII")  # pos stamp, revision, length, kind, flags, crc, reserved
+REC_KIND_EVENTS: Final = 1
+REC_KIND_PAD: Final = 2
+REC_CRC_SPAN: Final = 20  # the CRC covers header bytes [0, 20) then the payload
+
+# Event tuples inside a record payload (msgpack array of these):
+#   [type, key, value, create_revision, mod_revision, version, lease, prev]
+# where prev is nil or [key, value, create_revision, mod_revision, version, lease].
+EVENT_PUT: Final = 0
+EVENT_DELETE: Final = 1
+MAX_RECORD_EVENTS: Final = 1 << 24
+
+
+def align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+# --- snapshot segment --------------------------------------------------------
+
+# magic, version, kind, revision, epoch, count, index_off, hash_off, hash_slots,
+# data_off, data_len, total_size, body crc32, header crc32
+SNAP_HEADER: Final = struct.Struct("<8sIIQQQQQQQQQII")
+SNAP_HEADER_CRC_SPAN: Final = SNAP_HEADER.size - 4
+SNAP_INDEX_ENTRY: Final = struct.Struct("<Q")  # absolute offset of an entry, sorted by key
+SNAP_SLOT: Final = struct.Struct("<QQ")  # (crc32(key) + 1, absolute entry offset); (0, 0) = empty
+# Entry: crc32 of bytes [4, 48 + key_len + value_len), key_len, value_len, flags,
+# create_revision, mod_revision, version, lease, then key and value bytes.
+SNAP_ENTRY: Final = struct.Struct("<IIIIqqqq")
+MAX_KEY_LEN: Final = 1 << 20
+MAX_VALUE_LEN: Final = 1 << 31
+
+
+def hash_slots_for(count: int) -> int:
+    """Power-of-two table size keeping the load factor at or below 1/2."""
+    slots = 8
+    while slots < 2 * count:
+        slots <<= 1
+    return slots
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """etcd's range end for a prefix: the prefix with its last non-0xff byte incremented.
+
+    b"" (the whole keyspace) maps to b"\\0", etcd's "every key" convention.
+    """
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"

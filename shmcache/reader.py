@@ -1,0 +1,596 @@
+"""Reader: attach read-only to a cache and answer get, list and watch from shared memory.
+
+Never imports etcd, grpc or protobuf.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import os
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from . import _codec, _futex, _shm, control, layout, ring
+from .errors import (
+    CompactedError,
+    CorruptSegmentError,
+    NotFoundError,
+    ShmCacheError,
+    StaleError,
+    TimeoutError,
+)
+from .snapshot import Snapshot
+from .types import Event, KeyValue, ListResult, Status
+
+__all__ = ["Reader", "Watch"]
+
+_Q = struct.Struct("<Q")
+_unpack_q = _Q.unpack_from
+_SEQ = layout.C_SEQ
+_TAIL_OFF = layout.C_BLOCK + 8 * layout.B_RING_TAIL
+_MISSING = object()
+_readers: weakref.WeakSet[Reader] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork time would stay held forever in the
+    # child; the mappings themselves are inherited and stay valid.
+    for r in list(_readers):
+        r._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _as_key(key: bytes | str) -> bytes:
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise TypeError(f"keys are bytes or str, not {type(key).__name__}")
+
+
+class _Retry(Exception):
+    """The writer moved on while we read (snapshot replaced, ring lapped): read the block again."""
+
+
+class Reader:
+    """A read-only attachment to the cache ``name`` on this host.
+
+    Concurrency contract: any number of Readers, in any number of processes,
+    may be attached to one cache; they take no locks the writer sees and cannot
+    modify any segment (every mapping is PROT_READ). A Reader may be shared by
+    the threads of one process: ``get`` is lock-free, ``list`` and the refresh
+    from the ring take a per-Reader lock. A Reader created before ``fork()``
+    keeps working in the child (its mappings are inherited; its lock is
+    re-created); it cannot be pickled: pass the cache name to workers and attach
+    there.
+
+    Every answer is exact at a revision: ``list`` returns it, ``revision`` tells
+    it. The Reader keeps a private overlay of the events published since the
+    live snapshot (bounded by the writer's snapshot cadence and ring size, not
+    by the number of keys) and otherwise reads the snapshot in place.
+
+    ``max_staleness`` (seconds): reads raise StaleError when the writer's last
+    heartbeat is older, or the writer is dead. ``timeout``: how long to wait for a
+    cache whose writer is still loading its first snapshot.
+    """
+
+    def __init__(self, name: str, *, max_staleness: float | None = None,
+                 timeout: float = 0.0) -> None:
+        self.name = _shm.validate_name(name)
+        self.max_staleness = max_staleness
+        self._lock = threading.RLock()
+        self._closed = False
+        self._ctl_name = layout.control_name(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            seg = _shm.open_readonly(self._ctl_name)
+            if seg is not None:
+                try:
+                    control.check_header(seg.buf, seg.size, self._ctl_name)
+                    break
+                except CorruptSegmentError:
+                    seg.close()
+                    if time.monotonic() >= deadline or seg.size >= layout.CONTROL_SIZE and \
+                            seg.buf[:8] != b"\0" * 8:
+                        raise
+            elif time.monotonic() >= deadline:
+                raise NotFoundError(f"no shmcache named {name!r} on this host "
+                                    f"(no segment {self._ctl_name})", name=name)
+            time.sleep(0.02)
+        self._ctl = seg
+        self._cbuf = seg.buf
+        self._futex_addr = _futex.address_of(seg.buf, _SEQ)
+        # The view: everything below changes together, under self._lock.
+        self._seq = -1
+        self._block: control.Block | None = None
+        self._epoch = -1
+        self._prefix = b""
+        self._prefix_end: bytes | None = None
+        self._ring: _shm.Segment | None = None
+        self._ring_gen = -1
+        self._snap: Snapshot | None = None
+        self._snap_seq = 0
+        self._overlay: SortedDict = SortedDict()
+        self._view: tuple[SortedDict, Snapshot | None] = (self._overlay, None)
+        self._rec_revs: list[int] = []
+        self._rec_pos: list[int] = []
+        self._pos = 0
+        self._revision = 0
+        _readers.add(self)
+        while True:
+            try:
+                self._refresh()
+                break
+            except NotFoundError:
+                if time.monotonic() >= deadline:
+                    self.close()
+                    raise
+                time.sleep(0.02)
+
+    # -- plumbing ------------------------------------------------------------
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a shmcache.Reader cannot be pickled: pass the cache name to the "
+                        "worker and create the Reader there (shmcache.Reader(name))")
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach. Idempotent. Values already returned stay valid (they are copies)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._snap is not None:
+            self._snap.close()
+        for seg in (self._ctl, self._ring):
+            if seg is not None:
+                seg.close()
+        self._snap = None
+        self._ring = None
+
+    def __repr__(self) -> str:
+        return f"<shmcache.Reader {self.name!r} revision={self._revision}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShmCacheError(f"Reader for {self.name!r} is closed")
+
+    def _check_stale(self) -> None:
+        pid, _start, hb = control.writer_identity(self._cbuf)
+        age = (time.monotonic_ns() - hb) / 1e9 if hb else float("inf")
+        if age > self.max_staleness or not control.writer_alive(self._cbuf):  # type: ignore[operator]
+            raise StaleError(
+                f"cache {self.name!r} is stale: writer pid {pid} "
+                f"{'alive' if control.writer_alive(self._cbuf) else 'not running'}, "
+                f"last heartbeat {age:.1f}s ago (max_staleness={self.max_staleness}s)", age=age)
+
+    def _refresh(self) -> None:
+        """Bring the view up to the writer's latest published block."""
+        if self._closed:
+            self._check_open()
+        if self.max_staleness is not None:
+            self._check_stale()
+        if _unpack_q(self._cbuf, _SEQ)[0] == self._seq:
+            return
+        with self._lock:
+            for _attempt in range(50):
+                b = control.read_block(self._cbuf)
+                if b is None or b.seq == self._seq:
+                    # None: the writer stopped inside a publish; the view we have
+                    # is still exact at its revision, so keep serving it.
+                    return
+                control.validate_block(b, self._ctl_name)
+                try:
+                    self._advance(b)
+                except _Retry:
+                    self._snap_seq = 0  # rebuild from the (new) snapshot
+                    continue
+                self._block = b
+                self._seq = b.seq
+                self._revision = b.revision
+                return
+            raise ShmCacheError(f"cache {self.name!r}: could not keep up with the writer "
+                                f"after 50 attempts (ring too small for this reader?)")
+
+    def _open_ring(self, b: control.Block) -> None:
+        if b.ring_gen == self._ring_gen and self._ring is not None:
+            return
+        name = layout.ring_name(self.name, b.ring_gen)
+        seg = _shm.open_readonly(name)
+        if seg is None:
+            raise _Retry()
+        ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
+        # The old mapping is dropped, not closed: a Watch may still hold it.
+        self._ring = seg
+        self._ring_gen = b.ring_gen
+
+    def _advance(self, b: control.Block) -> None:
+        if b.snap_seq == 0:
+            raise NotFoundError(f"cache {self.name!r} has no snapshot yet: its writer is "
+                                f"still loading", name=self.name,
+                                hint="Pass Reader(name, timeout=...) to wait for it")
+        if b.epoch != self._epoch or b.prefix_len != len(self._prefix):
+            self._prefix = control.read_prefix(self._cbuf, b.prefix_len)
+            self._prefix_end = layout.prefix_range_end(self._prefix) if self._prefix else None
+            self._snap_seq = 0
+        self._open_ring(b)
+        assert self._ring is not None
+        if b.snap_seq != self._snap_seq:
+            name = layout.snapshot_name(self.name, b.snap_seq)
+            seg = _shm.open_readonly(name)
+            if seg is None:
+                raise _Retry()  # already replaced and unlinked by the writer
+            snap = Snapshot(name, seg.buf, seg.size)
+            if snap.revision != b.snap_revision or snap.epoch != b.epoch or seg.size != b.snap_size:
+                snap.close()
+                if control.read_block(self._cbuf) == b:
+                    raise CorruptSegmentError(
+                        f"snapshot revision {snap.revision}/epoch {snap.epoch}/size {seg.size} "
+                        f"does not match the control segment ({b.snap_revision}/{b.epoch}/"
+                        f"{b.snap_size})", segment=name)
+                raise _Retry()
+            overlay = SortedDict()
+            revs: list[int] = []
+            positions: list[int] = []
+            pos = b.snap_ring_pos
+            last_rev = b.snap_revision
+        else:
+            snap = self._snap  # type: ignore[assignment]
+            overlay = self._overlay
+            revs, positions = self._rec_revs, self._rec_pos
+            pos = self._pos
+            last_rev = revs[-1] if revs else snap.revision
+        start = pos
+        buf = self._ring.buf
+        cap = b.ring_capacity
+        head = b.ring_head
+        if pos < b.ring_tail:
+            raise _Retry()
+        while pos < head:
+            try:
+                kind, rev, nxt, payload = ring.read_record(buf, cap, pos)
+            except ring.TornRecord as exc:
+                if _unpack_q(self._cbuf, _TAIL_OFF)[0] > pos:
+                    raise _Retry() from None
+                raise CorruptSegmentError(str(exc), segment=self._ring.name) from None
+            if payload is not None:
+                if rev <= last_rev or rev > b.revision:
+                    if _unpack_q(self._cbuf, _TAIL_OFF)[0] > pos:
+                        raise _Retry()
+                    raise CorruptSegmentError(
+                        f"record at {pos} has revision {rev}, expected above {last_rev} and "
+                        f"at most {b.revision}", segment=self._ring.name)
+                for ev in _codec.decode(payload, rev, self._ring.name):
+                    overlay[ev.kv.key] = ev.kv if ev.type == "PUT" else None
+                revs.append(rev)
+                positions.append(pos)
+                last_rev = rev
+            pos = nxt
+        if pos != head:
+            raise CorruptSegmentError(f"record chain ends at {pos}, head is {head}",
+                                      segment=self._ring.name)
+        # Everything copied above was intact only if the tail has not passed it.
+        if _unpack_q(self._cbuf, _TAIL_OFF)[0] > start:
+            raise _Retry()
+        if snap is not self._snap:
+            self._snap = snap  # the old one is dropped: a running list() may still hold it
+            self._snap_seq = b.snap_seq
+        self._overlay = overlay
+        self._view = (overlay, snap)
+        self._rec_revs, self._rec_pos = revs, positions
+        self._pos = pos
+        self._epoch = b.epoch
+
+    def _check_key_range(self, key: bytes, what: str) -> None:
+        p = self._prefix
+        if p and not key.startswith(p):
+            raise ValueError(f"{what} {key!r} is outside the key range of cache {self.name!r} "
+                             f"(prefix {p!r})")
+
+    def _wait_min(self, min_revision: int | None, timeout: float | None) -> None:
+        if min_revision is not None and not self.wait(min_revision, timeout):
+            raise TimeoutError(f"cache {self.name!r} did not reach revision {min_revision} "
+                               f"within {timeout}s (it is at {self._revision})")
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The revision the cache has caught up to: every answer reflects exactly it."""
+        self._refresh()
+        return self._revision
+
+    @property
+    def prefix(self) -> bytes:
+        """The key prefix the writer serves (b"" = the whole keyspace)."""
+        self._refresh()
+        return self._prefix
+
+    def get(self, key: bytes | str, *, min_revision: int | None = None,
+            timeout: float | None = None) -> KeyValue | None:
+        """The key's current KeyValue, or None if absent. No scan: a hash probe.
+
+        ``min_revision``: first wait (up to ``timeout`` seconds) until the cache has
+        reached that revision; TimeoutError if it does not.
+        """
+        key = _as_key(key)
+        if min_revision is not None:
+            self._wait_min(min_revision, timeout)
+        self._refresh()
+        if self._prefix and not key.startswith(self._prefix):
+            self._check_key_range(key, "key")
+        # (overlay, snapshot) are read as one tuple: a concurrent refresh replaces
+        # them as a pair, and only ever adds newer events to an overlay in place.
+        overlay, snap = self._view
+        ov = overlay.get(key, _MISSING)
+        if ov is not _MISSING:
+            return ov  # type: ignore[return-value]
+        assert snap is not None
+        return snap.get(key)
+
+    def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
+             min_revision: int | None = None, timeout: float | None = None) -> ListResult:
+        """Every key starting with ``prefix``, sorted, exact at the returned ``.revision``.
+
+        ``prefix`` defaults to the cache's whole range. ``limit`` caps the number
+        of items (the first ones in key order).
+        """
+        prefix = _as_key(prefix)
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if min_revision is not None:
+            self._wait_min(min_revision, timeout)
+        with self._lock:
+            self._refresh()
+            if not prefix:
+                prefix = self._prefix
+            self._check_key_range(prefix, "prefix")
+            end = layout.prefix_range_end(prefix) if prefix else None
+            snap = self._snap
+            assert snap is not None
+            if end is None:
+                ov_keys = list(self._overlay.irange(minimum=prefix))
+            else:
+                ov_keys = list(self._overlay.irange(prefix, end, inclusive=(True, False)))
+            overlay = self._overlay
+            ov_items = [(k, overlay[k]) for k in ov_keys]
+            revision = self._revision
+        items: list[KeyValue] = []
+        want = limit if limit is not None else -1
+        oi = 0
+        n_ov = len(ov_items)
+        for kv in snap.range(prefix, end):
+            k = kv.key
+            while oi < n_ov and ov_items[oi][0] <= k:
+                ok, ov = ov_items[oi]
+                oi += 1
+                if ov is not None:
+                    if len(items) == want:
+                        return ListResult(items, revision)
+                    items.append(ov)
+                if ok == k:
+                    break
+            else:
+                if len(items) == want:
+                    return ListResult(items, revision)
+                items.append(kv)
+                continue
+            # k was shadowed by an overlay entry (already handled above)
+        while oi < n_ov:
+            ov = ov_items[oi][1]
+            oi += 1
+            if ov is not None:
+                if len(items) == want:
+                    break
+                items.append(ov)
+        return ListResult(items, revision)
+
+    def watch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Watch:
+        """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.
+
+        ``since_revision=None``: from now. Raises CompactedError if those events are
+        no longer retained; list again and watch from the list's revision.
+        """
+        return Watch(self, _as_key(prefix), since_revision)
+
+    def wait(self, revision: int, timeout: float | None = None) -> bool:
+        """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's publish."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            word = _unpack_q(self._cbuf, _SEQ)[0] & 0xFFFFFFFF
+            if self.revision >= revision:
+                return True
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            _futex.wait(self._futex_addr, word, min(remaining, 1.0))
+
+    def status(self) -> Status:
+        """The cache's and its writer's state, read without waiting."""
+        self._check_open()
+        b = control.read_block(self._cbuf) or self._block
+        if b is None:
+            raise ShmCacheError(f"cache {self.name!r} has not published its state yet")
+        pid, _start, hb = control.writer_identity(self._cbuf)
+        alive = control.writer_alive(self._cbuf)
+        return Status(
+            name=self.name, prefix=control.read_prefix(self._cbuf, b.prefix_len),
+            writer_pid=pid, writer_alive=alive,
+            heartbeat_age=(time.monotonic_ns() - hb) / 1e9 if hb else None,
+            revision=b.revision, etcd_revision=b.etcd_revision, epoch=b.epoch,
+            oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
+            key_count=b.key_count, ring_capacity=b.ring_capacity,
+            ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION)
+
+    # -- for Watch -------------------------------------------------------------
+
+    def _position_after(self, since: int) -> int:
+        """A ring position at or before the first record with revision > since (never after it)."""
+        with self._lock:
+            b = self._block
+            assert b is not None
+            if since >= b.snap_revision:
+                i = bisect.bisect_right(self._rec_revs, since)
+                return self._rec_pos[i] if i < len(self._rec_pos) else self._pos
+            ring_seg = self._ring
+        assert ring_seg is not None
+        # Older than the snapshot: walk record headers from the tail. Headers are
+        # only a hint here; the Watch validates every record it reads.
+        for _attempt in range(10):
+            tail = _unpack_q(self._cbuf, _TAIL_OFF)[0]
+            pos = tail
+            try:
+                while pos < b.ring_head:
+                    kind, rev, nxt = ring.peek_revision(ring_seg.buf, b.ring_capacity, pos)
+                    if kind == layout.REC_KIND_EVENTS and rev > since:
+                        break
+                    pos = nxt
+            except ring.TornRecord:
+                continue
+            if _unpack_q(self._cbuf, _TAIL_OFF)[0] <= tail:
+                return pos
+        return _unpack_q(self._cbuf, _TAIL_OFF)[0]
+
+
+class Watch:
+    """An ordered stream of events; see ``Reader.watch``.
+
+    Iterate it (blocks until events arrive) or ``poll(timeout)``. Never skips,
+    repeats or reorders an event: if the writer overwrote events this watch had
+    not read yet, or reset its history, the next read raises CompactedError.
+    A Watch belongs to one thread at a time; ``close()`` may be called from any.
+    """
+
+    def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None) -> None:
+        reader._refresh()
+        if not prefix:
+            prefix = reader._prefix
+        reader._check_key_range(prefix, "prefix")
+        self._reader = reader
+        self.prefix = prefix
+        self._end = layout.prefix_range_end(prefix) if prefix else None
+        with reader._lock:
+            b = reader._block
+            assert b is not None
+            self._ring = reader._ring
+        assert self._ring is not None
+        self._epoch = b.epoch
+        self._ring_gen = b.ring_gen
+        self._cap = b.ring_capacity
+        if since_revision is None:
+            since_revision = b.revision
+            self._pos = reader._pos
+        else:
+            if since_revision < b.compact_revision:
+                raise CompactedError(
+                    f"cache {reader.name!r} no longer holds the events after revision "
+                    f"{since_revision}; the oldest since_revision it can serve is "
+                    f"{b.compact_revision}", compact_revision=b.compact_revision)
+            self._pos = reader._position_after(since_revision)
+        self._since = since_revision
+        self.revision = max(since_revision, 0)
+        self._pending: collections.deque[Event] = collections.deque()
+        self._closed = False
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __iter__(self) -> Iterator[Event]:
+        while not self._closed:
+            if not self._pending:
+                self._pending.extend(self.poll(timeout=0.5))
+                continue
+            yield self._pending.popleft()
+
+    def _lapped(self, b: control.Block | None = None) -> CompactedError:
+        r = self._reader
+        b = b or control.read_block(r._cbuf) or r._block
+        compact = b.compact_revision if b is not None else self._since + 1
+        return CompactedError(
+            f"watch on cache {r.name!r} fell behind: events after revision {self._since} were "
+            f"overwritten before it read them", compact_revision=max(compact, self._since + 1),
+            hint="Use a larger --ring-size, or list again and watch from the list's revision")
+
+    def _read_available(self) -> list[Event]:
+        r = self._reader
+        if r.max_staleness is not None:
+            r._check_stale()
+        b = control.read_block(r._cbuf)
+        if b is None:
+            return []
+        if b.epoch != self._epoch or b.ring_gen != self._ring_gen:
+            raise CompactedError(
+                f"cache {r.name!r} reset its history (epoch {self._epoch} -> {b.epoch}); "
+                f"events after revision {self._since} are not all available",
+                compact_revision=b.compact_revision)
+        control.validate_block(b, r._ctl_name)
+        start = pos = self._pos
+        if pos < b.ring_tail:
+            raise self._lapped(b)
+        buf = self._ring.buf  # type: ignore[union-attr]
+        cap = self._cap
+        events: list[Event] = []
+        prefix, end = self.prefix, self._end
+        since = self._since
+        while pos < b.ring_head:
+            try:
+                kind, rev, nxt, payload = ring.read_record(buf, cap, pos)
+            except ring.TornRecord as exc:
+                if _unpack_q(r._cbuf, _TAIL_OFF)[0] > pos:
+                    raise self._lapped() from None
+                raise CorruptSegmentError(str(exc), segment=self._ring.name) from None  # type: ignore[union-attr]
+            if payload is not None and rev > since:
+                for ev in _codec.decode(payload, rev, self._ring.name):  # type: ignore[union-attr]
+                    k = ev.kv.key
+                    if k >= prefix and (end is None or k < end):
+                        events.append(ev)
+                since = rev
+            pos = nxt
+        if _unpack_q(r._cbuf, _TAIL_OFF)[0] > start:
+            raise self._lapped()
+        self._pos = pos
+        self._since = max(since, self._since)
+        self.revision = max(self.revision, b.revision)
+        return events
+
+    def poll(self, timeout: float | None = 0.0) -> list[Event]:
+        """Events available now, waiting up to ``timeout`` seconds for the first; [] on timeout.
+
+        Waiting sleeps on the writer's futex word: no CPU while idle, woken by the
+        publish that brings new events.
+        """
+        if self._pending:
+            out = list(self._pending)
+            self._pending.clear()
+            return out
+        r = self._reader
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed:
+            word = _unpack_q(r._cbuf, _SEQ)[0] & 0xFFFFFFFF
+            events = self._read_available()
+            if events:
+                return events
+            remaining = 0.5 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            _futex.wait(r._futex_addr, word, min(remaining, 0.5))
+        return []

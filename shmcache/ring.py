@@ -1,0 +1,226 @@
+"""The ring log: fixed-size records of one etcd revision each, appended by the writer, read in place by readers.
+
+Concurrency contract: exactly one process appends (the writer); any number read.
+The writer never waits for readers. Before it overwrites bytes it moves the
+published tail past them (see ``RingWriter.reserve``), and only after the new
+bytes are complete does it move the head. A reader copies a record, then
+re-reads the tail: if the tail has moved past the record's position, the copy
+may be torn and is discarded (the reader was lapped). The position stamp and the
+CRC in every record catch the same on architectures that reorder memory accesses.
+"""
+
+from __future__ import annotations
+
+import collections
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import layout
+from .errors import CorruptSegmentError, VersionMismatchError
+
+_REC = layout.RECORD
+_REC_SIZE = _REC.size
+_DATA = layout.RING_DATA
+_KIND_EVENTS = layout.REC_KIND_EVENTS
+_KIND_PAD = layout.REC_KIND_PAD
+_CRC_SPAN = layout.REC_CRC_SPAN
+_crc32 = zlib.crc32
+
+
+class TornRecord(Exception):
+    """A record's stamp, length or CRC did not check out: lapped, or corrupt if the tail says not."""
+
+
+def check_ring_header(buf: object, size: int, name: str, generation: int, capacity: int) -> None:
+    """Validate a ring segment's header against what the control segment promised."""
+    if size < _DATA + layout.MIN_RING_CAPACITY:
+        raise CorruptSegmentError(f"ring segment is {size} bytes, too small", segment=name)
+    magic, version, kind, gen, cap = layout.RING_HEADER.unpack_from(buf, 0)  # type: ignore[arg-type]
+    if magic != layout.MAGIC[layout.KIND_RING] or kind != layout.KIND_RING:
+        raise CorruptSegmentError(f"bad ring magic {magic!r}", segment=name)
+    if version != layout.FORMAT_VERSION:
+        raise VersionMismatchError(
+            f"ring segment has format version {version}, this shmcache reads version "
+            f"{layout.FORMAT_VERSION}", segment=name, found=version,
+            expected=layout.FORMAT_VERSION)
+    if gen != generation or cap != capacity or _DATA + cap > size or cap % 8:
+        raise CorruptSegmentError(
+            f"ring header (generation {gen}, capacity {cap}) disagrees with the control "
+            f"segment (generation {generation}, capacity {capacity}) or the segment size {size}",
+            segment=name)
+
+
+def read_record(buf: object, capacity: int, pos: int) -> tuple[int, int, int, bytes | None]:
+    """Copy the record at logical position ``pos``.
+
+    Returns ``(kind, revision, next_pos, payload)``; kind 0 stands for the implicit
+    skip at the end of a lap (too little room for a header), payload is None for
+    padding. Raises TornRecord when the bytes do not check out; the caller then
+    decides between "lapped" and "corrupt" by re-reading the tail. The caller must
+    also re-check the tail *after* this returns before trusting the payload.
+    """
+    off = pos % capacity
+    room = capacity - off
+    if room < _REC_SIZE:
+        return 0, 0, pos + room, None
+    base = _DATA + off
+    try:
+        stamp, revision, length, kind, _flags, crc, _ = _REC.unpack_from(buf, base)  # type: ignore[arg-type]
+    except Exception as exc:  # struct.error: the segment is shorter than promised
+        raise TornRecord(f"record header at {pos} unreadable: {exc}") from None
+    if stamp != pos:
+        raise TornRecord(f"record at {pos} carries stamp {stamp}")
+    if length > room - _REC_SIZE:
+        raise TornRecord(f"record at {pos} claims {length} bytes, only {room - _REC_SIZE} fit")
+    header = buf[base:base + _CRC_SPAN]  # type: ignore[index]
+    if kind == _KIND_PAD:
+        if _crc32(header) != crc or length != room - _REC_SIZE:
+            raise TornRecord(f"bad padding record at {pos}")
+        return _KIND_PAD, 0, pos + room, None
+    if kind != _KIND_EVENTS:
+        raise TornRecord(f"record at {pos} has unknown kind {kind}")
+    start = base + _REC_SIZE
+    payload: bytes = buf[start:start + length]  # type: ignore[index]
+    if len(payload) != length or _crc32(payload, _crc32(header)) != crc:
+        raise TornRecord(f"record at {pos} fails its checksum")
+    return _KIND_EVENTS, revision, pos + layout.align8(_REC_SIZE + length), payload
+
+
+def peek_revision(buf: object, capacity: int, pos: int) -> tuple[int, int, int]:
+    """Read only a record's header: ``(kind, revision, next_pos)``; for walking to a revision.
+
+    The header is not covered by a CRC check here (that needs the payload), so the
+    caller must treat the result as a hint and validate the record it finally reads.
+    """
+    off = pos % capacity
+    room = capacity - off
+    if room < _REC_SIZE:
+        return 0, 0, pos + room
+    try:
+        stamp, revision, length, kind, _f, _c, _ = _REC.unpack_from(buf, _DATA + off)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise TornRecord(f"record header at {pos} unreadable: {exc}") from None
+    if stamp != pos or length > room - _REC_SIZE:
+        raise TornRecord(f"record at {pos} carries stamp {stamp} / length {length}")
+    if kind == _KIND_PAD:
+        return _KIND_PAD, 0, pos + room
+    if kind != _KIND_EVENTS:
+        raise TornRecord(f"record at {pos} has unknown kind {kind}")
+    return _KIND_EVENTS, revision, pos + layout.align8(_REC_SIZE + length)
+
+
+@dataclass
+class Placement:
+    """Where the next record goes and what the writer must publish before writing it."""
+
+    start: int  # logical position of the record
+    end: int  # head after the record
+    pad_at: int | None  # position of a padding record to write first, if any
+    new_tail: int  # tail to publish before writing
+    compact_revision: int | None  # new oldest watchable revision, if history was dropped
+
+
+class RingWriter:
+    """Writer-side bookkeeping of one ring segment: positions of live records, placement, bytes.
+
+    Not thread-safe; owned by the writer's publishing thread.
+    """
+
+    def __init__(self, buf: object, capacity: int, generation: int) -> None:
+        self.buf = buf
+        self.capacity = capacity
+        self.generation = generation
+        self.head = 0
+        self.tail = 0
+        # (position, revision) of every EVENTS record still intact, oldest first.
+        self.records: collections.deque[tuple[int, int]] = collections.deque()
+
+    @staticmethod
+    def init_segment(buf: object, generation: int, capacity: int) -> None:
+        layout.RING_HEADER.pack_into(buf, 0, layout.MAGIC[layout.KIND_RING],  # type: ignore[arg-type]
+                                     layout.FORMAT_VERSION, layout.KIND_RING, generation, capacity)
+
+    @staticmethod
+    def record_size(payload_len: int) -> int:
+        return layout.align8(_REC_SIZE + payload_len)
+
+    def fits(self, payload_len: int) -> bool:
+        """Whether a record of this payload can ever be placed (with room for a lap's padding)."""
+        return self.record_size(payload_len) <= self.capacity // 2
+
+    def place(self, payload_len: int) -> Placement:
+        size = self.record_size(payload_len)
+        head = self.head
+        room = self.capacity - head % self.capacity
+        pad_at = None
+        start = head
+        if size > room:
+            pad_at = head if room >= _REC_SIZE else None
+            start = head + room
+        end = start + size
+        low = end - self.capacity  # bytes below this logical position get overwritten
+        compact = None
+        records = self.records
+        while records and records[0][0] < low:
+            compact = records.popleft()[1]
+        new_tail = records[0][0] if records else start
+        return Placement(start, end, pad_at, max(new_tail, self.tail), compact)
+
+    def write(self, placement: Placement, revision: int, payload: bytes) -> None:
+        """Write the padding (if any) and the record bytes; the caller publishes the head after."""
+        buf = self.buf
+        cap = self.capacity
+        if placement.pad_at is not None:
+            pos = placement.pad_at
+            room = cap - pos % cap
+            hdr = bytearray(_REC_SIZE)
+            _REC.pack_into(hdr, 0, pos, 0, room - _REC_SIZE, _KIND_PAD, 0, 0, 0)
+            crc = _crc32(bytes(hdr[:_CRC_SPAN]))
+            _REC.pack_into(hdr, 0, pos, 0, room - _REC_SIZE, _KIND_PAD, 0, crc, 0)
+            base = _DATA + pos % cap
+            buf[base:base + _REC_SIZE] = hdr  # type: ignore[index]
+        pos = placement.start
+        length = len(payload)
+        hdr = bytearray(_REC_SIZE)
+        _REC.pack_into(hdr, 0, pos, revision, length, _KIND_EVENTS, 0, 0, 0)
+        crc = _crc32(payload, _crc32(bytes(hdr[:_CRC_SPAN])))
+        _REC.pack_into(hdr, 0, pos, revision, length, _KIND_EVENTS, 0, crc, 0)
+        base = _DATA + pos % cap
+        # Payload first, header last: a reader that races this write sees the old
+        # stamp (or a CRC mismatch) rather than a valid header over half a payload.
+        buf[base + _REC_SIZE:base + _REC_SIZE + length] = payload  # type: ignore[index]
+        buf[base:base + _REC_SIZE] = hdr  # type: ignore[index]
+        self.records.append((pos, revision))
+        self.head = placement.end
+        self.tail = placement.new_tail
+
+    def restore(self, head: int, tail: int) -> None:
+        """Rebuild the record list from the segment after a writer restart."""
+        self.head, self.tail = head, tail
+        self.records.clear()
+        for kind, revision, pos, _next in walk(self.buf, self.capacity, tail, head):
+            if kind == _KIND_EVENTS:
+                self.records.append((pos, revision))
+
+
+def walk(buf: object, capacity: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yield ``(kind, revision, pos, next_pos)`` for every record header from start to stop.
+
+    Raises CorruptSegmentError if the chain of records does not land exactly on stop.
+    """
+    pos = start
+    steps = 0
+    limit = capacity // 8 + 2  # a record is at least 8 bytes: more steps means a loop
+    while pos < stop:
+        steps += 1
+        if steps > limit:
+            raise CorruptSegmentError(f"record chain from {start} does not reach {stop}")
+        try:
+            kind, revision, nxt = peek_revision(buf, capacity, pos)
+        except TornRecord as exc:
+            raise CorruptSegmentError(str(exc)) from None
+        yield kind, revision, pos, nxt
+        pos = nxt
+    if pos != stop:
+        raise CorruptSegmentError(f"record chain from {start} overshoots the head {stop} (at {pos})")

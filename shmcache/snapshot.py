@@ -1,0 +1,264 @@
+"""Snapshot segments: the whole key range at one revision, immutable once published, searched in place.
+
+A snapshot has a key-sorted index (for ``list(prefix)``: binary search to the first
+key, then a sequential walk) and an open-addressing hash table keyed by
+crc32(key) (for ``get``: no scan). Entries carry their own CRC. A reader maps the
+segment read-only and decodes only the entries it touches, so its memory does
+not grow with the number of keys.
+
+Concurrency contract: the writer fills a new segment completely before the
+control segment points at it and never writes it again; readers need no
+synchronisation beyond the seqlock read of the control segment that gave them
+its name.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from . import layout
+from .errors import CorruptSegmentError, VersionMismatchError
+from .types import KeyValue, kv_new
+
+_ENTRY = layout.SNAP_ENTRY
+_ENTRY_SIZE = _ENTRY.size
+_ENTRY_UNPACK = _ENTRY.unpack_from
+_SLOT_UNPACK = layout.SNAP_SLOT.unpack_from
+_Q_UNPACK = layout.SNAP_INDEX_ENTRY.unpack_from
+_crc32 = zlib.crc32
+HEADER_SIZE = 128
+
+
+def build(
+    items: Iterable[tuple[bytes, tuple[bytes, int, int, int, int]]],
+    count: int,
+    revision: int,
+    epoch: int,
+) -> tuple[int, Any]:
+    """Lay out a snapshot; returns ``(size, fill)`` where ``fill(buf)`` writes it into a segment.
+
+    ``items`` must yield keys in ascending byte order and may be iterated twice
+    (once to size, once to fill); values are ``(value, create, mod, version, lease)``.
+    """
+    items = list(items) if not hasattr(items, "__len__") else items
+    slots = layout.hash_slots_for(count)
+    index_off = HEADER_SIZE
+    hash_off = index_off + 8 * count
+    data_off = hash_off + 16 * slots
+    data_len = 0
+    for key, (value, *_rest) in items:
+        data_len += layout.align8(_ENTRY_SIZE + len(key) + len(value))
+    total = data_off + data_len
+
+    def fill(buf: Any) -> None:
+        index = bytearray(8 * count)
+        table = bytearray(16 * slots)
+        mask = slots - 1
+        pack_q = layout.SNAP_INDEX_ENTRY.pack_into
+        pack_slot = layout.SNAP_SLOT.pack_into
+        unpack_slot = _SLOT_UNPACK
+        pack_entry = _ENTRY.pack_into
+        chunk = bytearray()
+        chunk_start = data_off
+        off = data_off
+        n = 0
+        body_crc = 0
+        for key, (value, create, mod, version, lease) in items:
+            if n >= count:
+                raise ValueError("snapshot items outnumber count")
+            klen, vlen = len(key), len(value)
+            size = layout.align8(_ENTRY_SIZE + klen + vlen)
+            entry = bytearray(size)
+            pack_entry(entry, 0, 0, klen, vlen, 0, create, mod, version, lease)
+            entry[_ENTRY_SIZE:_ENTRY_SIZE + klen] = key
+            entry[_ENTRY_SIZE + klen:_ENTRY_SIZE + klen + vlen] = value
+            crc = _crc32(memoryview(entry)[4:_ENTRY_SIZE + klen + vlen])
+            entry[0:4] = crc.to_bytes(4, "little")
+            chunk += entry
+            pack_q(index, 8 * n, off)
+            h = _crc32(key) + 1
+            i = (h - 1) & mask
+            while unpack_slot(table, 16 * i)[0]:
+                i = (i + 1) & mask
+            pack_slot(table, 16 * i, h, off)
+            off += size
+            n += 1
+            if len(chunk) >= 1 << 20:
+                buf[chunk_start:chunk_start + len(chunk)] = chunk
+                body_crc = _crc32(chunk, body_crc)
+                chunk_start += len(chunk)
+                chunk = bytearray()
+        if n != count:
+            raise ValueError(f"snapshot expected {count} items, got {n}")
+        buf[chunk_start:chunk_start + len(chunk)] = chunk
+        body_crc = _crc32(chunk, body_crc)
+        buf[index_off:index_off + len(index)] = index
+        buf[hash_off:hash_off + len(table)] = table
+        body_crc = _crc32(table, _crc32(index, body_crc))
+        header = bytearray(HEADER_SIZE)
+        layout.SNAP_HEADER.pack_into(
+            header, 0, layout.MAGIC[layout.KIND_SNAPSHOT], layout.FORMAT_VERSION,
+            layout.KIND_SNAPSHOT, revision, epoch, count, index_off, hash_off, slots,
+            data_off, data_len, total, body_crc, 0)
+        hcrc = _crc32(memoryview(header)[:layout.SNAP_HEADER_CRC_SPAN])
+        header[layout.SNAP_HEADER_CRC_SPAN:layout.SNAP_HEADER.size] = hcrc.to_bytes(4, "little")
+        # The header goes in last, so a half-written segment never looks valid.
+        buf[0:HEADER_SIZE] = header
+
+    return total, fill
+
+
+class Snapshot:
+    """Read-only view of one snapshot segment. Every offset and length read from it is bounded."""
+
+    __slots__ = ("name", "buf", "size", "revision", "epoch", "count", "index_off", "hash_off",
+                 "slots", "mask", "data_off", "data_end", "body_crc", "_view")
+
+    def __init__(self, name: str, buf: Any, size: int) -> None:
+        self.name = name
+        self.buf = buf
+        self.size = size
+        if size < HEADER_SIZE:
+            raise self._corrupt(f"segment is {size} bytes, smaller than a header")
+        (magic, version, kind, revision, epoch, count, index_off, hash_off, slots, data_off,
+         data_len, total, body_crc, hcrc) = layout.SNAP_HEADER.unpack_from(buf, 0)
+        if magic != layout.MAGIC[layout.KIND_SNAPSHOT] or kind != layout.KIND_SNAPSHOT:
+            raise self._corrupt(f"bad snapshot magic {magic!r}")
+        if version != layout.FORMAT_VERSION:
+            raise VersionMismatchError(
+                f"snapshot has format version {version}, this shmcache reads version "
+                f"{layout.FORMAT_VERSION}", segment=name, found=version,
+                expected=layout.FORMAT_VERSION)
+        if _crc32(buf[:layout.SNAP_HEADER_CRC_SPAN]) != hcrc:
+            raise self._corrupt("snapshot header checksum mismatch")
+        if (total != size or index_off != HEADER_SIZE or hash_off != index_off + 8 * count
+                or slots & (slots - 1) or slots < 2 * count or slots == 0
+                or data_off != hash_off + 16 * slots or data_off + data_len != total):
+            raise self._corrupt(
+                f"inconsistent snapshot header (count={count}, slots={slots}, "
+                f"data_off={data_off}, data_len={data_len}, total={total}, size={size})")
+        self.revision = revision
+        self.epoch = epoch
+        self.count = count
+        self.index_off = index_off
+        self.hash_off = hash_off
+        self.slots = slots
+        self.mask = slots - 1
+        self.data_off = data_off
+        self.data_end = data_off + data_len
+        self.body_crc = body_crc
+        self._view = memoryview(buf)
+
+    def _corrupt(self, message: str) -> CorruptSegmentError:
+        return CorruptSegmentError(message, segment=self.name)
+
+    def close(self) -> None:
+        try:
+            self._view.release()
+        except Exception:
+            pass
+
+    # -- entries -----------------------------------------------------------
+
+    def _entry_at(self, off: int) -> KeyValue:
+        if off < self.data_off or off + _ENTRY_SIZE > self.data_end or off & 7:
+            raise self._corrupt(f"entry offset {off} outside the data area")
+        crc, klen, vlen, _flags, create, mod, version, lease = _ENTRY_UNPACK(self.buf, off)
+        start = off + _ENTRY_SIZE
+        end = start + klen + vlen
+        if end > self.data_end:
+            raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
+        if _crc32(self._view[off + 4:end]) != crc:
+            raise self._corrupt(f"entry at {off} fails its checksum")
+        buf = self.buf
+        return kv_new(KeyValue, (buf[start:start + klen], buf[start + klen:end],
+                                 create, mod, version, lease))
+
+    def _key_at(self, off: int) -> bytes:
+        if off < self.data_off or off + _ENTRY_SIZE > self.data_end or off & 7:
+            raise self._corrupt(f"entry offset {off} outside the data area")
+        _crc, klen, vlen, *_ = _ENTRY_UNPACK(self.buf, off)
+        start = off + _ENTRY_SIZE
+        if start + klen + vlen > self.data_end:
+            raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
+        key: bytes = self.buf[start:start + klen]
+        return key
+
+    def offset(self, i: int) -> int:
+        off: int = _Q_UNPACK(self.buf, self.index_off + 8 * i)[0]
+        return off
+
+    def get(self, key: bytes) -> KeyValue | None:
+        """The entry for ``key`` or None: a hash probe, never a scan."""
+        h = _crc32(key) + 1
+        mask = self.mask
+        i = (h - 1) & mask
+        buf = self.buf
+        base = self.hash_off
+        for _ in range(self.slots):
+            sh, off = _SLOT_UNPACK(buf, base + 16 * i)
+            if sh == 0:
+                return None
+            if sh == h and self._key_at(off) == key:
+                return self._entry_at(off)
+            i = (i + 1) & mask
+        raise self._corrupt("hash table has no empty slot")
+
+    def bisect(self, key: bytes) -> int:
+        """Index of the first entry whose key is >= ``key``."""
+        lo, hi = 0, self.count
+        key_at = self._key_at
+        offset = self.offset
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if key_at(offset(mid)) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def range(self, start: bytes, end: bytes | None) -> Iterator[KeyValue]:
+        """Entries with ``start <= key < end`` in key order (end None: no upper bound)."""
+        i = self.bisect(start)
+        n = self.count
+        offset = self.offset
+        entry_at = self._entry_at
+        while i < n:
+            kv = entry_at(offset(i))
+            if end is not None and kv.key >= end:
+                return
+            yield kv
+            i += 1
+
+    def check(self) -> list[str]:
+        """Verify every invariant (body CRC, order, index, hash table); returns the violations."""
+        problems = []
+        crc = _crc32(self._view[self.data_off:self.data_end])
+        crc = _crc32(self._view[self.hash_off:self.data_off],
+                     _crc32(self._view[self.index_off:self.hash_off], crc))
+        if crc != self.body_crc:
+            problems.append(f"{self.name}: body checksum mismatch")
+        prev = None
+        seen = 0
+        try:
+            for i in range(self.count):
+                kv = self._entry_at(self.offset(i))
+                if prev is not None and kv.key <= prev:
+                    problems.append(f"{self.name}: key {kv.key!r} at index {i} out of order")
+                if kv.mod_revision > self.revision:
+                    problems.append(f"{self.name}: key {kv.key!r} has mod_revision "
+                                    f"{kv.mod_revision} above the snapshot's {self.revision}")
+                got = self.get(kv.key)
+                if got != kv:
+                    problems.append(f"{self.name}: hash lookup of {kv.key!r} gives {got!r}")
+                prev = kv.key
+            for i in range(self.slots):
+                if _SLOT_UNPACK(self.buf, self.hash_off + 16 * i)[0]:
+                    seen += 1
+            if seen != self.count:
+                problems.append(f"{self.name}: hash table holds {seen} entries, index {self.count}")
+        except CorruptSegmentError as exc:
+            problems.append(str(exc))
+        return problems

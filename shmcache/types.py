@@ -1,0 +1,76 @@
+"""The value types readers hand out: KeyValue, Event, ListResult, Status."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NamedTuple
+
+__all__ = ["Event", "KeyValue", "ListResult", "Status"]
+
+
+class KeyValue(NamedTuple):
+    """One key as etcd reports it. Immutable; compares equal field by field."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+class Event(NamedTuple):
+    """One etcd watch event.
+
+    For a DELETE, ``kv`` holds the key and the deletion revision as its
+    ``mod_revision`` (other fields zero, as etcd reports it) and ``prev_kv`` the
+    deleted key-value. ``revision`` is the etcd revision of the transaction.
+    """
+
+    type: Literal["PUT", "DELETE"]
+    kv: KeyValue
+    prev_kv: KeyValue | None
+    revision: int
+
+
+# tuple.__new__ skips NamedTuple's Python-level __new__: ~3x cheaper on the read path.
+kv_new = tuple.__new__
+
+
+@dataclass(frozen=True)
+class ListResult:
+    """A range read: ``items`` sorted by key, exact at ``revision``."""
+
+    items: list[KeyValue]
+    revision: int
+
+    def __iter__(self) -> Any:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class Status:
+    """What ``Reader.status()`` reports about a cache and its writer."""
+
+    name: str
+    prefix: bytes
+    writer_pid: int
+    writer_alive: bool
+    heartbeat_age: float | None
+    revision: int
+    etcd_revision: int
+    epoch: int
+    oldest_watchable_revision: int
+    snapshot_revision: int
+    key_count: int
+    ring_capacity: int
+    ring_used: int
+    format_version: int
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prefix"] = self.prefix.decode("utf-8", "backslashreplace")
+        return d

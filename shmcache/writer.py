@@ -1,0 +1,534 @@
+"""Writer: list and watch an etcd key range, keep its state, publish it into the cache's segments.
+
+Concurrency contract: one Writer per cache name per host, enforced with an
+exclusive flock on the control segment (a second writer gets CacheExistsError;
+the lock dies with its holder, so a crashed writer never blocks its successor).
+All publishing happens on the thread that calls ``run()``; ``stop()`` may be
+called from any thread or a signal handler.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from . import _codec, _etcd, _shm, control, layout, ring, snapshot
+from .errors import CacheExistsError, CorruptSegmentError, ShmCacheError, WriterError
+
+__all__ = ["Writer"]
+
+log = logging.getLogger("shmcache.writer")
+
+_B = layout
+KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
+
+
+def parse_size(text: str | int) -> int:
+    """'64MiB', '512k', '1G' or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "k": 1 << 10, "kb": 1000, "mib": 1 << 20, "m": 1 << 20,
+             "mb": 10**6, "gib": 1 << 30, "g": 1 << 30, "gb": 10**9, "b": 1, "": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            num = t[: len(t) - len(unit)] if unit else t
+            try:
+                return int(float(num) * units[unit])
+            except ValueError:
+                break
+    raise ValueError(f"cannot parse size {text!r} (use e.g. 64MiB, 512KiB, 1GiB)")
+
+
+class _Relist(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Writer:
+    """The one process per host that feeds a cache from etcd.
+
+    ``Writer(name, endpoints=[...], prefix=b"/registry/").run()`` blocks until
+    ``stop()``. Segments outlive the writer: readers keep serving the last
+    published data (``Reader.status().writer_alive`` turns False), and a
+    restarted writer resumes from the published revision without a relist when
+    etcd still has that history. ``remove_on_close=True`` unlinks every segment
+    of the cache when the writer stops.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoints: list[str] | str = "http://127.0.0.1:2379",
+        prefix: bytes | str = b"",
+        *,
+        ring_size: int | str = 64 << 20,
+        snapshot_interval: float = 30.0,
+        snapshot_bytes: int | str | None = None,
+        progress_interval: float = 1.0,
+        mode: int = 0o600,
+        group: str | int | None = None,
+        remove_on_close: bool = False,
+        etcd: _etcd.EtcdSettings | None = None,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.name = _shm.validate_name(name)
+        self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        if len(self.prefix) > layout.MAX_PREFIX_LEN:
+            raise ValueError(f"prefix longer than {layout.MAX_PREFIX_LEN} bytes")
+        self.range_end = layout.prefix_range_end(self.prefix)
+        self.ring_size = layout.align8(parse_size(ring_size))
+        if not layout.MIN_RING_CAPACITY <= self.ring_size <= layout.MAX_RING_CAPACITY:
+            raise ValueError(f"ring size must be between {layout.MIN_RING_CAPACITY} bytes and "
+                             f"{layout.MAX_RING_CAPACITY} bytes, not {self.ring_size}")
+        self.snapshot_interval = snapshot_interval
+        self.snapshot_bytes = (parse_size(snapshot_bytes) if snapshot_bytes is not None
+                               else min(self.ring_size // 4, 16 << 20))
+        self.progress_interval = progress_interval
+        if mode & 0o022:
+            raise ValueError(f"mode {mode:o} lets group or others write the segments")
+        self.mode = mode
+        self.group = group
+        self.remove_on_close = remove_on_close
+        if etcd is None:
+            etcd = _etcd.EtcdSettings()
+        if endpoints:
+            etcd.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.etcd_settings = etcd
+        self.backoff_max = backoff_max
+
+        self._stop = threading.Event()
+        self._stream: _etcd.WatchStream | None = None
+        self._ctl: control.ControlWriter | None = None
+        self._ctl_seg: _shm.Segment | None = None
+        self._lock_fd: int | None = None
+        self._ring: ring.RingWriter | None = None
+        self._ring_seg: _shm.Segment | None = None
+        self.kv: SortedDict = SortedDict()
+        self.revision = 0
+        self.epoch = 0
+        self.etcd_revision = 0
+        self._snap_seq = 0
+        self._snap_ring_pos = 0
+        self._bytes_since_snapshot = 0
+        self._last_snapshot = 0.0
+        self._last_event = 0.0
+        self._progress_candidate: int | None = None
+        self._progress_outstanding = False
+        self._remove_strays_later = True
+        self.ready = threading.Event()
+        self.stats = {"events": 0, "records": 0, "bytes": 0, "snapshots": 0, "relists": 0,
+                      "reconnects": 0, "progress_requests": 0, "progress_anomalies": 0}
+
+    # -- segments --------------------------------------------------------------
+
+    def _attach_control(self) -> bool:
+        """Open or create the control segment and take the writer lock; True if it existed."""
+        cname = layout.control_name(self.name)
+        existed = True
+        opened = _shm.open_writable(cname)
+        if opened is None:
+            try:
+                seg = _shm.create(cname, layout.CONTROL_SIZE, self.mode, self.group)
+                control.ControlWriter.initialise(seg.buf, self.prefix)
+                seg.close()
+                existed = False
+            except FileExistsError:
+                pass
+            opened = _shm.open_writable(cname)
+            if opened is None:
+                raise WriterError(f"control segment {cname} vanished while starting")
+        seg, fd = opened
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = control.writer_identity(seg.buf)[0]
+            seg.close()
+            os.close(fd)
+            raise CacheExistsError(f"cache {self.name!r} already has a running writer "
+                                   f"(pid {pid})") from None
+        self._lock_fd = fd
+        if existed:
+            try:
+                control.check_header(seg.buf, seg.size, cname)
+            except CorruptSegmentError as exc:
+                log.warning("control segment unusable (%s); re-initialising", exc)
+                seg.buf[:] = b"\0" * seg.size
+                control.ControlWriter.initialise(seg.buf, self.prefix)
+                existed = False
+        self._ctl_seg = seg
+        self._ctl = control.ControlWriter(seg.buf)
+        self._ctl.claim()
+        return existed
+
+    def _new_ring(self, capacity: int) -> None:
+        assert self._ctl is not None
+        gen = self._ctl.get(_B.B_RING_GEN) + 1
+        name = layout.ring_name(self.name, gen)
+        _shm.unlink(name)  # leftover of a writer that crashed while creating it
+        seg = _shm.create(name, layout.RING_DATA + capacity, self.mode, self.group)
+        ring.RingWriter.init_segment(seg.buf, gen, capacity)
+        old = self._ring_seg
+        self._ring_seg = seg
+        self._ring = ring.RingWriter(seg.buf, capacity, gen)
+        if old is not None:
+            old.close()
+
+    def _restore(self) -> bool:
+        """Rebuild state from the segments a previous writer left; False if they are unusable."""
+        assert self._ctl_seg is not None and self._ctl is not None
+        buf = self._ctl_seg.buf
+        b = control.read_block(buf, spins=10)
+        if b is None or b.snap_seq == 0:
+            return False
+        try:
+            control.validate_block(b, self._ctl_seg.name)
+            if control.read_prefix(buf, b.prefix_len) != self.prefix:
+                log.info("cache was serving prefix %r; relisting for %r",
+                         control.read_prefix(buf, b.prefix_len), self.prefix)
+                return False
+            opened = _shm.open_writable(layout.ring_name(self.name, b.ring_gen))
+            if opened is None:
+                return False
+            rseg, rfd = opened
+            os.close(rfd)
+            ring.check_ring_header(rseg.buf, rseg.size, rseg.name, b.ring_gen, b.ring_capacity)
+            sseg = _shm.open_readonly(layout.snapshot_name(self.name, b.snap_seq))
+            if sseg is None:
+                return False
+            snap = snapshot.Snapshot(sseg.name, sseg.buf, sseg.size)
+            kv: SortedDict = SortedDict()
+            for e in snap.range(b"", None):
+                kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
+            snap.close()
+            sseg.close()
+            rw = ring.RingWriter(rseg.buf, b.ring_capacity, b.ring_gen)
+            rw.restore(b.ring_head, b.ring_tail)
+            pos = b.snap_ring_pos
+            while pos < b.ring_head:
+                kind, rev, nxt, payload = ring.read_record(rseg.buf, b.ring_capacity, pos)
+                if payload is not None:
+                    for ev in _codec.decode(payload, rev, rseg.name):
+                        if ev.type == "PUT":
+                            kv[ev.kv.key] = (ev.kv.value, ev.kv.create_revision,
+                                             ev.kv.mod_revision, ev.kv.version, ev.kv.lease)
+                        else:
+                            kv.pop(ev.kv.key, None)
+                pos = nxt
+        except (CorruptSegmentError, ring.TornRecord, OSError) as exc:
+            log.warning("cannot resume from the existing segments (%s); relisting", exc)
+            return False
+        self._ring_seg = rseg
+        self._ring = rw
+        self.kv = kv
+        self.revision = b.revision
+        self.epoch = b.epoch
+        self._snap_seq = b.snap_seq
+        self._snap_ring_pos = b.snap_ring_pos
+        self._last_snapshot = time.monotonic()
+        log.info("resumed cache %r at revision %d (epoch %d, %d keys)", self.name,
+                 self.revision, self.epoch, len(kv))
+        return True
+
+    def _publish_snapshot(self, extra: dict[int, int] | None = None) -> None:
+        """Write the whole state into a new snapshot segment and point the control segment at it."""
+        assert self._ctl is not None and self._ring is not None
+        t0 = time.monotonic()
+        seq = self._snap_seq + 1
+        name = layout.snapshot_name(self.name, seq)
+        _shm.unlink(name)
+        size, fill = snapshot.build(self.kv.items(), len(self.kv), self.revision, self.epoch)
+        seg = _shm.create(name, size, self.mode, self.group)
+        try:
+            fill(seg.buf)
+        finally:
+            seg.close()
+        old = self._snap_seq
+        updates = {_B.B_SNAP_SEQ: seq, _B.B_SNAP_REVISION: self.revision, _B.B_SNAP_SIZE: size,
+                   _B.B_SNAP_RING_POS: self._ring.head, _B.B_KEY_COUNT: len(self.kv)}
+        if extra:
+            updates.update(extra)
+        self._ctl.publish(updates)
+        self._snap_seq = seq
+        self._snap_ring_pos = self._ring.head
+        self._bytes_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self.stats["snapshots"] += 1
+        if old and old != seq:
+            # Readers that mapped it keep their mapping; new readers use the new one.
+            _shm.unlink(layout.snapshot_name(self.name, old))
+        log.info("snapshot published: revision %d, %d keys, %d bytes, %.1f ms", self.revision,
+                 len(self.kv), size, (time.monotonic() - t0) * 1000)
+
+    def _reset_history(self, revision: int, reason: str, ring_capacity: int | None = None) -> None:
+        """Start a new epoch at ``revision``: fresh snapshot, empty ring history."""
+        assert self._ctl is not None
+        if ring_capacity is not None or self._ring is None:
+            self._new_ring(ring_capacity or self.ring_size)
+        assert self._ring is not None
+        self.revision = revision
+        self.epoch = self._ctl.get(_B.B_EPOCH) + 1
+        self._ring.records.clear()
+        self._ring.tail = self._ring.head
+        self._publish_snapshot({
+            _B.B_EPOCH: self.epoch, _B.B_REVISION: revision, _B.B_COMPACT_REVISION: revision,
+            _B.B_RING_HEAD: self._ring.head, _B.B_RING_TAIL: self._ring.head,
+            _B.B_RING_GEN: self._ring.generation, _B.B_RING_CAPACITY: self._ring.capacity,
+            _B.B_ETCD_REVISION: max(self.etcd_revision, revision)})
+        old_gen = self._ring.generation - 1
+        if old_gen > 0:
+            _shm.unlink(layout.ring_name(self.name, old_gen))
+        log.info("history reset to epoch %d at revision %d: %s", self.epoch, revision, reason)
+
+    def _remove_strays(self) -> None:
+        """Unlink segments of this cache that the control segment does not point at."""
+        assert self._ctl is not None
+        keep = {layout.control_name(self.name),
+                layout.ring_name(self.name, self._ctl.get(_B.B_RING_GEN)),
+                layout.snapshot_name(self.name, self._ctl.get(_B.B_SNAP_SEQ))}
+        for seg in _shm.list_segments(self.name):
+            if seg not in keep:
+                _shm.unlink(seg)
+
+    # -- applying events ---------------------------------------------------------
+
+    def _append(self, revision: int, payload: bytes, n_events: int) -> None:
+        assert self._ctl is not None and self._ring is not None
+        rw = self._ring
+        if not rw.fits(len(payload)):
+            cap = self.ring_size
+            while rw.record_size(len(payload)) > cap // 4:
+                cap *= 2
+            # The record cannot go into this ring; the history is reset around it.
+            self._reset_history(self.revision, f"a {len(payload)}-byte revision needs a "
+                                f"{cap}-byte ring", ring_capacity=cap)
+            rw = self._ring
+        pl = rw.place(len(payload))
+        if pl.end - rw.capacity > self._snap_ring_pos:
+            # Writing would overwrite events newer than the live snapshot, and then
+            # readers could not rebuild the current state: republish first.
+            self._publish_snapshot()
+        updates: dict[int, int] = {}
+        if pl.new_tail != self._ctl.get(_B.B_RING_TAIL):
+            updates[_B.B_RING_TAIL] = pl.new_tail
+        if pl.compact_revision is not None:
+            updates[_B.B_COMPACT_REVISION] = pl.compact_revision
+        if updates:
+            # The tail moves before the bytes are overwritten: a reader that re-reads
+            # it after copying knows whether its copy can be torn.
+            self._ctl.publish(updates)
+        rw.write(pl, revision, payload)
+        self.revision = revision
+        self._bytes_since_snapshot += len(payload)
+        self.stats["events"] += n_events
+        self.stats["records"] += 1
+        self.stats["bytes"] += len(payload)
+        self._ctl.publish({_B.B_RING_HEAD: rw.head, _B.B_REVISION: revision,
+                           _B.B_KEY_COUNT: len(self.kv),
+                           _B.B_ETCD_REVISION: max(self.etcd_revision, revision)})
+
+    def _apply_events(self, events: Any) -> None:
+        """Apply a watch response's events, one ring record per revision."""
+        kv = self.kv
+        batch: list[_codec.EventTuple] = []
+        batch_rev = 0
+        for ev in events:
+            e = ev.kv
+            rev = e.mod_revision
+            if rev != batch_rev:
+                if batch:
+                    self._append(batch_rev, _codec.encode(batch), len(batch))
+                    batch = []
+                if rev <= self.revision:
+                    raise _Relist(f"etcd sent revision {rev} after the cache reached "
+                                  f"{self.revision}")
+                batch_rev = rev
+            p = ev.prev_kv if ev.HasField("prev_kv") else None
+            prev = (p.key, p.value, p.create_revision, p.mod_revision, p.version,
+                    p.lease) if p is not None else None
+            if ev.type == 0:
+                batch.append((0, e.key, e.value, e.create_revision, rev, e.version, e.lease, prev))
+                kv[e.key] = (e.value, e.create_revision, rev, e.version, e.lease)
+            else:
+                batch.append((1, e.key, b"", 0, rev, 0, 0, prev))
+                kv.pop(e.key, None)
+        if batch:
+            self._append(batch_rev, _codec.encode(batch), len(batch))
+        self._last_event = time.monotonic()
+
+    def _on_progress(self, revision: int) -> None:
+        """A progress notification: etcd's watch has delivered every event up to ``revision``.
+
+        etcd < 3.4.31 / 3.5.13 may send a requested progress notification ahead of
+        events it has already queued for the stream (etcd issues 15220, 17507). A
+        notification is therefore only a candidate until the answer to a progress
+        request sent *after* it arrives: the server sends queued events before
+        that later answer, so if no event at or below the candidate came in
+        between, the candidate was truthful.
+        """
+        assert self._ctl is not None
+        self._progress_outstanding = False
+        self.etcd_revision = max(self.etcd_revision, revision)
+        cand = self._progress_candidate
+        if cand is not None and cand > self.revision:
+            self.revision = cand
+            self._ctl.publish({_B.B_REVISION: cand, _B.B_ETCD_REVISION: self.etcd_revision})
+        self._progress_candidate = revision if revision > self.revision else None
+        if self._progress_candidate is not None and self._stream is not None:
+            self._request_progress()
+
+    def _request_progress(self) -> None:
+        if self._stream is not None and not self._progress_outstanding:
+            self._progress_outstanding = True
+            self.stats["progress_requests"] += 1
+            self._stream.request_progress()
+
+    def _maybe_snapshot(self) -> None:
+        if self._bytes_since_snapshot and (
+                self._bytes_since_snapshot >= self.snapshot_bytes
+                or time.monotonic() - self._last_snapshot >= self.snapshot_interval):
+            self._publish_snapshot()
+
+    # -- main loop -----------------------------------------------------------------
+
+    def _ticker(self) -> None:
+        """Heartbeat and idle progress requests; runs beside the watch loop."""
+        while not self._stop.wait(0.25):
+            ctl = self._ctl
+            if ctl is None:
+                continue
+            ctl.heartbeat()
+            if time.monotonic() - self._last_event >= self.progress_interval:
+                self._request_progress()
+
+    def _relist(self, conn: _etcd.Connection, reason: str) -> None:
+        t0 = time.monotonic()
+        log.info("listing %r from etcd (%s)", self.prefix, reason)
+        rev, items = conn.list_range(self.prefix, self.range_end)
+        self.kv = SortedDict(items)
+        self.stats["relists"] += 1
+        self._reset_history(rev, reason)
+        log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
+                 time.monotonic() - t0)
+
+    def run(self) -> None:
+        """Serve until ``stop()``: attach, list or resume, then watch and publish."""
+        existed = self._attach_control()
+        ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
+        ticker.start()
+        try:
+            resumed = existed and self._restore()
+            if resumed:
+                assert self._ctl is not None and self._ring is not None
+                self._ctl.publish({})  # wake readers: the writer is back
+            self._loop(resumed)
+        finally:
+            self._stop.set()
+            ticker.join(timeout=2)
+            self._shutdown()
+
+    def _loop(self, resumed: bool) -> None:
+        conn = _etcd.Connection(self.etcd_settings)
+        backoff = 0.1
+        need_list = not resumed
+        reason = "first start" if not resumed else ""
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn.connect()
+                    log.info("connected to etcd %s (version %s)", conn.endpoint, conn.version)
+                    current = conn.current_revision(self.prefix, self.range_end)
+                    if not need_list and current < self.revision:
+                        need_list, reason = True, (f"etcd is at revision {current}, behind the "
+                                                   f"cache's {self.revision} (a new cluster?)")
+                    if need_list:
+                        self._relist(conn, reason)
+                        need_list = False
+                    if self._remove_strays_later:
+                        self._remove_strays()
+                        self._remove_strays_later = False
+                    self.ready.set()
+                    self._watch(conn)
+                    backoff = 0.1
+                except _Relist as exc:
+                    need_list, reason = True, exc.reason
+                    log.warning("relisting: %s", exc.reason)
+                except Exception as exc:
+                    if self._stop.is_set():
+                        break
+                    if not _etcd.is_grpc_error(exc) and not isinstance(exc, (OSError, _WatchBroken)):
+                        raise
+                    if _etcd.is_compacted(exc):
+                        need_list, reason = True, "etcd compacted past the cache's revision"
+                        continue
+                    self.stats["reconnects"] += 1
+                    log.warning("etcd error (%s); retrying in %.1fs", _etcd.describe(exc), backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self.backoff_max)
+        finally:
+            conn.close()
+
+    def _watch(self, conn: _etcd.Connection) -> None:
+        start = self.revision + 1
+        stream = conn.watch(self.prefix, self.range_end, start)
+        self._stream = stream
+        self._progress_candidate = None
+        self._progress_outstanding = False
+        try:
+            for resp in stream:
+                if self._stop.is_set():
+                    return
+                if resp.compact_revision:
+                    raise _Relist(f"etcd compacted to revision {resp.compact_revision}, past the "
+                                  f"cache's {self.revision}")
+                if resp.canceled:
+                    raise _WatchBroken(f"etcd cancelled the watch: {resp.cancel_reason or '?'}")
+                self.etcd_revision = max(self.etcd_revision, resp.header.revision)
+                if resp.created:
+                    log.info("watching %r from revision %d", self.prefix, start)
+                    continue
+                if resp.events:
+                    if self._progress_candidate is not None and any(
+                            ev.kv.mod_revision <= self._progress_candidate for ev in resp.events):
+                        self._progress_candidate = None  # it overtook events: not truthful
+                        self.stats["progress_anomalies"] += 1
+                    self._apply_events(resp.events)
+                else:
+                    self._on_progress(int(resp.header.revision))
+                self._maybe_snapshot()
+            if not self._stop.is_set():
+                raise _WatchBroken("etcd closed the watch stream")
+        finally:
+            self._stream = None
+            stream.close()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return after the record in progress. Safe from any thread."""
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
+    def _shutdown(self) -> None:
+        if self._ctl is not None:
+            self._ctl.heartbeat()
+            self._ctl.release()
+        for seg in (self._ring_seg, self._ctl_seg):
+            if seg is not None:
+                seg.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        if self.remove_on_close:
+            _shm.remove_cache(self.name)
+        log.info("writer for %r stopped at revision %d", self.name, self.revision)
+
+
+class _WatchBroken(ShmCacheError):
+    """The watch stream ended or was cancelled for a reason other than compaction."""
