@@ -45,7 +45,10 @@ def decode(payload: bytes, revision: int, where: str = "") -> list[Event]:
     out = []
     try:
         for typ, key, value, create, mod, version, lease, prev in raw:
-            if type(key) is not bytes or type(value) is not bytes or type(mod) is not int \
+            # (Fix: ``typ`` was unchecked, so msgpack true/1.0 compared equal to
+            # EVENT_DELETE and false/0.0 to EVENT_PUT and were accepted.)
+            if type(typ) is not int or type(key) is not bytes or type(value) is not bytes \
+                    or type(mod) is not int \
                     or type(create) is not int or type(version) is not int \
                     or type(lease) is not int or mod != revision:
                 raise ValueError("bad field types or revision")

@@ -92,8 +92,11 @@ def validate_block(b: Block, name: str) -> None:
     if b.ring_capacity and b.ring_head - b.ring_tail > b.ring_capacity:
         problems.append(f"ring head {b.ring_head} - tail {b.ring_tail} exceeds capacity "
                         f"{b.ring_capacity}")
-    if b.ring_capacity and (b.ring_capacity % 8 or b.ring_capacity > layout.MAX_RING_CAPACITY
-                            or b.ring_capacity < layout.MIN_RING_CAPACITY):
+    # (Fix: a capacity of 0 used to pass whenever it was 0, but once a snapshot is
+    # published a ring exists, and ring.read_record(buf, 0, pos) divides by it.)
+    if (b.ring_capacity or b.snap_seq) and (
+            b.ring_capacity % 8 or b.ring_capacity > layout.MAX_RING_CAPACITY
+            or b.ring_capacity < layout.MIN_RING_CAPACITY):
         problems.append(f"bad ring capacity {b.ring_capacity}")
     if b.snap_seq and b.snap_ring_pos > b.ring_head:
         problems.append(f"snapshot ring position {b.snap_ring_pos} above head {b.ring_head}")

@@ -211,11 +211,20 @@ class Reader:
         name = layout.ring_name(self.name, b.ring_gen)
         seg = _shm.open_readonly(name)
         if seg is None:
-            raise _Retry()
+            self._missing(b, name)
         ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
         # The old mapping is dropped, not closed: a Watch may still hold it.
         self._ring = seg
         self._ring_gen = b.ring_gen
+
+    def _missing(self, b: control.Block, name: str) -> None:
+        """A segment the block points at is gone: replaced meanwhile (retry) or removed (error)."""
+        if control.read_block(self._cbuf) == b:
+            raise CorruptSegmentError(
+                f"segment {name} that the control segment points at is missing",
+                segment=self._ctl_name,
+                hint="Was it removed by hand? Restarting the writer republishes the cache")
+        raise _Retry()
 
     def _advance(self, b: control.Block) -> None:
         if b.snap_seq == 0:
@@ -232,7 +241,7 @@ class Reader:
             name = layout.snapshot_name(self.name, b.snap_seq)
             seg = _shm.open_readonly(name)
             if seg is None:
-                raise _Retry()  # already replaced and unlinked by the writer
+                self._missing(b, name)
             snap = Snapshot(name, seg.buf, seg.size)
             if snap.revision != b.snap_revision or snap.epoch != b.epoch or seg.size != b.snap_size:
                 snap.close()

@@ -133,7 +133,8 @@ class RingWriter:
         self.generation = generation
         self.head = 0
         self.tail = 0
-        # (position, revision) of every EVENTS record still intact, oldest first.
+        # (position, revision) of every record still intact, oldest first; revision
+        # 0 marks padding and end-of-lap skips.
         self.records: collections.deque[tuple[int, int]] = collections.deque()
 
     @staticmethod
@@ -163,8 +164,13 @@ class RingWriter:
         compact = None
         records = self.records
         while records and records[0][0] < low:
-            compact = records.popleft()[1]
-        new_tail = records[0][0] if records else start
+            revision = records.popleft()[1]
+            if revision:
+                compact = revision
+        # The tail always lands on a tracked position (a record, a padding record
+        # or an end-of-lap skip), so a snapshot's ring position, which is some
+        # earlier head, is never strictly between two valid positions.
+        new_tail = records[0][0] if records else head
         return Placement(start, end, pad_at, max(new_tail, self.tail), compact)
 
     def write(self, placement: Placement, revision: int, payload: bytes) -> None:
@@ -191,6 +197,8 @@ class RingWriter:
         # stamp (or a CRC mismatch) rather than a valid header over half a payload.
         buf[base + _REC_SIZE:base + _REC_SIZE + length] = payload  # type: ignore[index]
         buf[base:base + _REC_SIZE] = hdr  # type: ignore[index]
+        if placement.start != self.head:
+            self.records.append((self.head, 0))  # the padding / end-of-lap skip
         self.records.append((pos, revision))
         self.head = placement.end
         self.tail = placement.new_tail
@@ -199,9 +207,8 @@ class RingWriter:
         """Rebuild the record list from the segment after a writer restart."""
         self.head, self.tail = head, tail
         self.records.clear()
-        for kind, revision, pos, _next in walk(self.buf, self.capacity, tail, head):
-            if kind == _KIND_EVENTS:
-                self.records.append((pos, revision))
+        for _kind, revision, pos, _next in walk(self.buf, self.capacity, tail, head):
+            self.records.append((pos, revision))
 
 
 def walk(buf: object, capacity: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:

@@ -1,0 +1,213 @@
+"""Test helpers: a writer in a real child process, and etcd's own answers to compare against."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import shmcache
+from shmcache import KeyValue, _shm, layout
+
+
+class WriterProcess:
+    """``python -m shmcache serve`` in a child process; ``kill``/``restart`` like an operator would."""
+
+    def __init__(self, name: str, endpoint: str, prefix: bytes, ring_size: str = "4MiB",
+                 extra: list[str] | None = None) -> None:
+        self.name = name
+        self.args = [sys.executable, "-m", "shmcache", "serve", name, "--endpoints", endpoint,
+                     "--prefix", prefix.decode(), "--ring-size", ring_size,
+                     "--log-level", "info"] + (extra or [])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = f"/tmp/shmcache-test-writer-{name}.log"
+
+    def start(self, wait: bool = True) -> WriterProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until this writer process has published a snapshot and claimed the cache."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"writer exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with shmcache.Reader(self.name) as r:
+                    st = r.status()
+                    if st.writer_pid == self.proc.pid and st.writer_alive:
+                        return
+            except shmcache.ShmCacheError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"writer not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+        _shm.remove_cache(self.name)
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+
+def etcd_range(client: Any, prefix: bytes, revision: int = 0) -> list[KeyValue]:
+    """etcd's own answer for a prefix at an exact revision."""
+    from etcd3.etcdrpc import rpc_pb2
+
+    req = rpc_pb2.RangeRequest(key=prefix, range_end=layout.prefix_range_end(prefix),
+                               revision=revision)
+    resp = client.kvstub.Range(req, 10, metadata=client.metadata)
+    return [KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+            for kv in resp.kvs]
+
+
+def etcd_get(client: Any, key: bytes, revision: int = 0) -> KeyValue | None:
+    from etcd3.etcdrpc import rpc_pb2
+
+    resp = client.kvstub.Range(rpc_pb2.RangeRequest(key=key, revision=revision), 10,
+                               metadata=client.metadata)
+    if not resp.kvs:
+        return None
+    kv = resp.kvs[0]
+    return KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+def etcd_current_revision(client: Any) -> int:
+    from etcd3.etcdrpc import rpc_pb2
+
+    resp = client.kvstub.Range(rpc_pb2.RangeRequest(key=b"\0", count_only=True), 10,
+                               metadata=client.metadata)
+    return int(resp.header.revision)
+
+
+def etcd_events(endpoint: str, prefix: bytes, since: int, until: int,
+                timeout: float = 15.0) -> list[shmcache.Event]:
+    """etcd's own watch events for ``prefix`` with revision in (since, until].
+
+    ``until`` must be the revision of an event under ``prefix`` (the caller's
+    last write there): the helper reads etcd's stream until it has seen it.
+    """
+    from shmcache import _etcd
+
+    conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[endpoint]))
+    conn.connect()
+    stream = conn.watch(prefix, layout.prefix_range_end(prefix), since + 1)
+    out: list[shmcache.Event] = []
+    timer = threading.Timer(timeout, stream.close)
+    timer.start()
+    try:
+        if until <= since:
+            return out
+        for resp in stream:
+            for ev in resp.events:
+                kv = ev.kv
+                p = ev.prev_kv if ev.HasField("prev_kv") else None
+                prev = (KeyValue(p.key, p.value, p.create_revision, p.mod_revision, p.version,
+                                 p.lease) if p is not None else None)
+                if ev.type == 0:
+                    k = KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision,
+                                 kv.version, kv.lease)
+                    out.append(shmcache.Event("PUT", k, prev, kv.mod_revision))
+                else:
+                    k = KeyValue(kv.key, b"", 0, kv.mod_revision, 0, 0)
+                    out.append(shmcache.Event("DELETE", k, prev, kv.mod_revision))
+            if out and out[-1].revision >= until:
+                break
+    except Exception:
+        if not out or out[-1].revision < until:
+            raise AssertionError(f"etcd's watch did not reach revision {until} "
+                                 f"(got {len(out)} events)") from None
+    finally:
+        timer.cancel()
+        stream.close()
+        conn.close()
+    return [e for e in out if e.revision <= until]
+
+
+def drain(w: shmcache.Watch, until_revision: int, timeout: float = 15.0) -> list[shmcache.Event]:
+    """Poll a watch until it has delivered everything up to ``until_revision``."""
+    out: list[shmcache.Event] = []
+    deadline = time.monotonic() + timeout
+    while w.revision < until_revision:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"watch stuck at revision {w.revision} < {until_revision}; "
+                                 f"got {len(out)} events")
+        out.extend(w.poll(timeout=0.5))
+    out.extend(w.poll(timeout=0))
+    return out
+
+
+def put(client: Any, key: bytes | str, value: bytes | str, lease: Any = None) -> int:
+    """etcd put; returns the revision it created."""
+    from etcd3.etcdrpc import rpc_pb2
+
+    k = key.encode() if isinstance(key, str) else key
+    v = value.encode() if isinstance(value, str) else value
+    req = rpc_pb2.PutRequest(key=k, value=v, lease=lease.id if lease is not None else 0)
+    return int(client.kvstub.Put(req, 10, metadata=client.metadata).header.revision)
+
+
+def delete(client: Any, key: bytes | str, prefix: bool = False) -> int:
+    from etcd3.etcdrpc import rpc_pb2
+
+    k = key.encode() if isinstance(key, str) else key
+    req = rpc_pb2.DeleteRangeRequest(key=k, range_end=layout.prefix_range_end(k) if prefix else b"")
+    return int(client.kvstub.DeleteRange(req, 10, metadata=client.metadata).header.revision)
+
+
+def txn(client: Any, ops: list[tuple[str, bytes, bytes]]) -> int:
+    """A multi-op transaction of ("put", key, value) / ("delete", key, b"") ops; its revision."""
+    from etcd3.etcdrpc import rpc_pb2
+
+    reqs = []
+    for op, k, v in ops:
+        if op == "put":
+            reqs.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=k, value=v)))
+        else:
+            reqs.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)))
+    resp = client.kvstub.Txn(rpc_pb2.TxnRequest(compare=[], success=reqs, failure=[]), 10,
+                             metadata=client.metadata)
+    assert resp.succeeded
+    return int(resp.header.revision)
