@@ -338,7 +338,7 @@ class EtcdServer:
             ("--initial-cluster", f"{_NAME}={peer_url}"),
             ("--initial-cluster-state", "new"),
             # 3.4 defaults to the deprecated capnslog logger, 3.5 to zap; both
-            # accept zap, and only zap honours --log-level.
+            # accept zap, so the log has the same JSON lines whichever runs.
             ("--logger", "zap"),
             ("--log-level", "warn"),
             # A restarted member waits one randomised election timeout (1-2 s

@@ -6,15 +6,17 @@ import errno
 import grp
 import mmap
 import os
+import re
 import stat
 from dataclasses import dataclass
 
 import posix_ipc
 
 from . import layout
-from .errors import InvalidNameError, SegmentPermissionError
+from .errors import CorruptSegmentError, InvalidNameError, SegmentPermissionError
 
 SHM_DIR = "/dev/shm"
+_SUFFIX_RE = re.compile(r"ctl|ring\.[0-9]+|snap\.[0-9]+")
 
 
 def validate_name(name: str) -> str:
@@ -120,6 +122,10 @@ def open_writable(name: str) -> tuple[Segment, int] | None:
             f"{name} has mode {stat.S_IMODE(st.st_mode):o}, writable by group or others",
             hint="Remove it with `shmcache rm NAME`; shmcache never creates such segments")
     size = st.st_size
+    if size == 0:
+        shm.close_fd()
+        raise CorruptSegmentError("segment is empty (a writer died while creating it)",
+                                  segment=name)
     buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return Segment(name, buf, size), fd
 
@@ -141,8 +147,10 @@ def list_segments(cache_name: str) -> list[str]:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
+    # An exact suffix match: names may contain dots, so cache "a" must not claim
+    # the segments of a cache named "a.snap" ("shmcache.a.snap.ctl").
     return sorted("/" + e for e in entries if e.startswith(base)
-                  and e[len(base):].split(".")[0] in ("ctl", "ring", "snap"))
+                  and _SUFFIX_RE.fullmatch(e[len(base):]))
 
 
 def list_caches() -> list[str]:

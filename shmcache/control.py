@@ -64,7 +64,7 @@ def check_header(buf: Any, size: int, name: str) -> None:
             expected=layout.FORMAT_VERSION)
 
 
-def read_block(buf: Any, spins: int = 2000) -> Block | None:
+def read_block(buf: Any, spins: int = 200) -> Block | None:
     """A consistent copy of the block, or None if the writer held the seqlock throughout.
 
     None happens when a writer died (or was stopped) between its two SEQ stores;
@@ -163,8 +163,9 @@ class ControlWriter:
         self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
 
     @staticmethod
-    def initialise(buf: Any, prefix: bytes) -> None:
-        """Lay out a freshly created (zero-filled) control segment; magic goes in last."""
+    def initialise(buf: Any, prefix: bytes, seq: int = 0) -> None:
+        """Lay out a zero-filled control segment; magic goes in last."""
+        _Q.pack_into(buf, layout.C_SEQ, seq)
         _Q.pack_into(buf, layout.C_CREATED, time.time_ns())
         buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
         fields = [0] * 15
@@ -195,7 +196,8 @@ class ControlWriter:
     def get(self, index: int) -> int:
         return self.fields[index]
 
-    def publish(self, updates: dict[int, int], prefix: bytes | None = None) -> None:
+    def publish(self, updates: dict[int, int], prefix: bytes | None = None,
+                wake: bool = True) -> None:
         """Store ``updates`` (block index -> value) atomically for readers, then wake waiters."""
         buf = self.buf
         fields = self.fields
@@ -209,7 +211,8 @@ class ControlWriter:
         _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
         self.seq += 1
         _Q.pack_into(buf, layout.C_SEQ, self.seq)
-        self.wake()
+        if wake:
+            self.wake()
 
     def wake(self) -> None:
         _futex.wake_all(self.futex_addr)

@@ -57,6 +57,17 @@ def _as_key(key: bytes | str) -> bytes:
     raise TypeError(f"keys are bytes or str, not {type(key).__name__}")
 
 
+def _range_end(prefix: bytes) -> bytes | None:
+    """Exclusive upper bound of the keys under ``prefix``; None for "no bound".
+
+    etcd spells "no bound" b"\\0" (the range end of b"" and of all-0xff prefixes).
+    """
+    if not prefix:
+        return None
+    end = layout.prefix_range_end(prefix)
+    return None if end == b"\0" else end
+
+
 class _Retry(Exception):
     """The writer moved on while we read (snapshot replaced, ring lapped): read the block again."""
 
@@ -111,6 +122,7 @@ class Reader:
         self._futex_addr = _futex.address_of(seg.buf, _SEQ)
         # The view: everything below changes together, under self._lock.
         self._seq = -1
+        self._stuck_seq = -1
         self._block: control.Block | None = None
         self._epoch = -1
         self._prefix = b""
@@ -169,9 +181,11 @@ class Reader:
             raise ShmCacheError(f"Reader for {self.name!r} is closed")
 
     def _check_stale(self) -> None:
+        # The heartbeat alone decides (no /proc lookup on the read path): a dead,
+        # stopped or cleanly exited writer stops beating, and pid 0 marks a clean exit.
         pid, _start, hb = control.writer_identity(self._cbuf)
         age = (time.monotonic_ns() - hb) / 1e9 if hb else float("inf")
-        if age > self.max_staleness or not control.writer_alive(self._cbuf):  # type: ignore[operator]
+        if age > self.max_staleness or pid == 0:  # type: ignore[operator]
             raise StaleError(
                 f"cache {self.name!r} is stale: writer pid {pid} "
                 f"{'alive' if control.writer_alive(self._cbuf) else 'not running'}, "
@@ -183,14 +197,19 @@ class Reader:
             self._check_open()
         if self.max_staleness is not None:
             self._check_stale()
-        if _unpack_q(self._cbuf, _SEQ)[0] == self._seq:
+        seq = _unpack_q(self._cbuf, _SEQ)[0]
+        if seq == self._seq or seq == self._stuck_seq:
             return
         with self._lock:
             for _attempt in range(50):
                 b = control.read_block(self._cbuf)
-                if b is None or b.seq == self._seq:
-                    # None: the writer stopped inside a publish; the view we have
-                    # is still exact at its revision, so keep serving it.
+                if b is None:
+                    # The writer stopped (died, or SIGSTOP) inside a publish. The
+                    # view we have is still exact at its revision: keep serving it,
+                    # and do not spin again until SEQ moves.
+                    self._stuck_seq = seq
+                    return
+                if b.seq == self._seq:
                     return
                 control.validate_block(b, self._ctl_name)
                 try:
@@ -233,7 +252,7 @@ class Reader:
                                 hint="Pass Reader(name, timeout=...) to wait for it")
         if b.epoch != self._epoch or b.prefix_len != len(self._prefix):
             self._prefix = control.read_prefix(self._cbuf, b.prefix_len)
-            self._prefix_end = layout.prefix_range_end(self._prefix) if self._prefix else None
+            self._prefix_end = _range_end(self._prefix)
             self._snap_seq = 0
         self._open_ring(b)
         assert self._ring is not None
@@ -335,11 +354,15 @@ class Reader:
         ``min_revision``: first wait (up to ``timeout`` seconds) until the cache has
         reached that revision; TimeoutError if it does not.
         """
-        key = _as_key(key)
+        if type(key) is not bytes:
+            key = _as_key(key)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
-        self._refresh()
-        if self._prefix and not key.startswith(self._prefix):
+        seq = _unpack_q(self._cbuf, _SEQ)[0]
+        if (seq != self._seq and seq != self._stuck_seq) or self.max_staleness is not None \
+                or self._closed:
+            self._refresh()
+        if not key.startswith(self._prefix):
             self._check_key_range(key, "key")
         # (overlay, snapshot) are read as one tuple: a concurrent refresh replaces
         # them as a pair, and only ever adds newer events to an overlay in place.
@@ -367,7 +390,7 @@ class Reader:
             if not prefix:
                 prefix = self._prefix
             self._check_key_range(prefix, "prefix")
-            end = layout.prefix_range_end(prefix) if prefix else None
+            end = _range_end(prefix)
             snap = self._snap
             assert snap is not None
             if end is None:
@@ -490,18 +513,21 @@ class Watch:
         reader._check_key_range(prefix, "prefix")
         self._reader = reader
         self.prefix = prefix
-        self._end = layout.prefix_range_end(prefix) if prefix else None
+        self._end = _range_end(prefix)
         with reader._lock:
+            # Block, ring and position are taken together: a refresh in another
+            # thread between them would make the watch skip events.
             b = reader._block
             assert b is not None
             self._ring = reader._ring
+            now_pos = reader._pos
         assert self._ring is not None
         self._epoch = b.epoch
         self._ring_gen = b.ring_gen
         self._cap = b.ring_capacity
         if since_revision is None:
             since_revision = b.revision
-            self._pos = reader._pos
+            self._pos = now_pos
         else:
             if since_revision < b.compact_revision:
                 raise CompactedError(
@@ -510,6 +536,7 @@ class Watch:
                     f"{b.compact_revision}", compact_revision=b.compact_revision)
             self._pos = reader._position_after(since_revision)
         self._since = since_revision
+        self._last_record = 0  # revision of the last record read, for order checks
         self.revision = max(since_revision, 0)
         self._pending: collections.deque[Event] = collections.deque()
         self._closed = False
@@ -560,6 +587,7 @@ class Watch:
         events: list[Event] = []
         prefix, end = self.prefix, self._end
         since = self._since
+        last = self._last_record
         while pos < b.ring_head:
             try:
                 kind, rev, nxt, payload = ring.read_record(buf, cap, pos)
@@ -567,16 +595,28 @@ class Watch:
                 if _unpack_q(r._cbuf, _TAIL_OFF)[0] > pos:
                     raise self._lapped() from None
                 raise CorruptSegmentError(str(exc), segment=self._ring.name) from None  # type: ignore[union-attr]
-            if payload is not None and rev > since:
-                for ev in _codec.decode(payload, rev, self._ring.name):  # type: ignore[union-attr]
-                    k = ev.kv.key
-                    if k >= prefix and (end is None or k < end):
-                        events.append(ev)
-                since = rev
+            if payload is not None:
+                if rev > b.revision or rev <= last:
+                    if _unpack_q(r._cbuf, _TAIL_OFF)[0] > pos:
+                        raise self._lapped()
+                    raise CorruptSegmentError(
+                        f"record at {pos} has revision {rev}, expected above {last} and at most "
+                        f"{b.revision}", segment=self._ring.name)  # type: ignore[union-attr]
+                last = rev
+                if rev > since:
+                    for ev in _codec.decode(payload, rev, self._ring.name):  # type: ignore[union-attr]
+                        k = ev.kv.key
+                        if k >= prefix and (end is None or k < end):
+                            events.append(ev)
+                    since = rev
             pos = nxt
+        if pos != b.ring_head:
+            raise CorruptSegmentError(f"record chain ends at {pos}, head is {b.ring_head}",
+                                      segment=self._ring.name)  # type: ignore[union-attr]
         if _unpack_q(r._cbuf, _TAIL_OFF)[0] > start:
             raise self._lapped()
         self._pos = pos
+        self._last_record = last
         self._since = max(since, self._since)
         self.revision = max(self.revision, b.revision)
         return events

@@ -191,18 +191,38 @@ class Snapshot:
         return off
 
     def get(self, key: bytes) -> KeyValue | None:
-        """The entry for ``key`` or None: a hash probe, never a scan."""
+        """The entry for ``key`` or None: a hash probe, never a scan.
+
+        The hot path of every reader, hence written out flat: every offset read
+        from the table is bounds-checked before use and the entry's CRC is
+        verified before its value is returned.
+        """
         h = _crc32(key) + 1
         mask = self.mask
         i = (h - 1) & mask
         buf = self.buf
         base = self.hash_off
+        data_off = self.data_off
+        last_entry = self.data_end - _ENTRY_SIZE
+        klen_want = len(key)
         for _ in range(self.slots):
-            sh, off = _SLOT_UNPACK(buf, base + 16 * i)
-            if sh == 0:
+            sh, off = _SLOT_UNPACK(buf, base + (i << 4))
+            if sh == h:
+                if not data_off <= off <= last_entry or off & 7:
+                    raise self._corrupt(f"hash slot {i} points outside the data area ({off})")
+                crc, klen, vlen, _flags, create, mod, version, lease = _ENTRY_UNPACK(buf, off)
+                start = off + _ENTRY_SIZE
+                if klen == klen_want and buf[start:start + klen] == key:
+                    stop = start + klen + vlen
+                    if stop > last_entry + _ENTRY_SIZE:
+                        raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past "
+                                            f"the data area")
+                    if _crc32(self._view[off + 4:stop]) != crc:
+                        raise self._corrupt(f"entry at {off} fails its checksum")
+                    return kv_new(KeyValue, (key, buf[start + klen:stop], create, mod, version,
+                                             lease))
+            elif sh == 0:
                 return None
-            if sh == h and self._key_at(off) == key:
-                return self._entry_at(off)
             i = (i + 1) & mask
         raise self._corrupt("hash table has no empty slot")
 
@@ -223,13 +243,28 @@ class Snapshot:
         """Entries with ``start <= key < end`` in key order (end None: no upper bound)."""
         i = self.bisect(start)
         n = self.count
-        offset = self.offset
-        entry_at = self._entry_at
+        buf = self.buf
+        view = self._view
+        index_off = self.index_off
+        data_off = self.data_off
+        data_end = self.data_end
+        last_entry = data_end - _ENTRY_SIZE
         while i < n:
-            kv = entry_at(offset(i))
-            if end is not None and kv.key >= end:
+            off = _Q_UNPACK(buf, index_off + 8 * i)[0]
+            if not data_off <= off <= last_entry or off & 7:
+                raise self._corrupt(f"index entry {i} points outside the data area ({off})")
+            crc, klen, vlen, _flags, create, mod, version, lease = _ENTRY_UNPACK(buf, off)
+            kstart = off + _ENTRY_SIZE
+            vstart = kstart + klen
+            stop = vstart + vlen
+            if stop > data_end:
+                raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
+            key = buf[kstart:vstart]
+            if end is not None and key >= end:
                 return
-            yield kv
+            if _crc32(view[off + 4:stop]) != crc:
+                raise self._corrupt(f"entry at {off} fails its checksum")
+            yield kv_new(KeyValue, (key, buf[vstart:stop], create, mod, version, lease))
             i += 1
 
     def check(self) -> list[str]:

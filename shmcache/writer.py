@@ -83,6 +83,8 @@ class Writer:
         if len(self.prefix) > layout.MAX_PREFIX_LEN:
             raise ValueError(f"prefix longer than {layout.MAX_PREFIX_LEN} bytes")
         self.range_end = layout.prefix_range_end(self.prefix)
+        # etcd rejects an empty key; b"\0" with range end b"\0" means every key.
+        self.range_key = self.prefix or b"\0"
         self.ring_size = layout.align8(parse_size(ring_size))
         if not layout.MIN_RING_CAPACITY <= self.ring_size <= layout.MAX_RING_CAPACITY:
             raise ValueError(f"ring size must be between {layout.MIN_RING_CAPACITY} bytes and "
@@ -121,6 +123,8 @@ class Writer:
         self._last_event = 0.0
         self._progress_candidate: int | None = None
         self._progress_outstanding = False
+        self._progress_sent = 0.0
+        self._healthy = False
         self._remove_strays_later = True
         self.ready = threading.Event()
         self.stats = {"events": 0, "records": 0, "bytes": 0, "snapshots": 0, "relists": 0,
@@ -132,7 +136,12 @@ class Writer:
         """Open or create the control segment and take the writer lock; True if it existed."""
         cname = layout.control_name(self.name)
         existed = True
-        opened = _shm.open_writable(cname)
+        try:
+            opened = _shm.open_writable(cname)
+        except CorruptSegmentError as exc:
+            log.warning("%s; removing it", exc)
+            _shm.unlink(cname)
+            opened = None
         if opened is None:
             try:
                 seg = _shm.create(cname, layout.CONTROL_SIZE, self.mode, self.group)
@@ -158,13 +167,21 @@ class Writer:
             try:
                 control.check_header(seg.buf, seg.size, cname)
             except CorruptSegmentError as exc:
-                log.warning("control segment unusable (%s); re-initialising", exc)
+                if seg.size < layout.CONTROL_SIZE:
+                    raise WriterError(f"{exc}; remove it with `shmcache rm {self.name}`") from None
+                # In place, so readers attached to it see the new writer; SEQ keeps
+                # growing so no reader mistakes the new block for one it has seen.
+                log.warning("control segment unusable (%s); re-initialising it", exc)
+                seq = int.from_bytes(seg.buf[layout.C_SEQ:layout.C_SEQ + 8], "little")
                 seg.buf[:] = b"\0" * seg.size
-                control.ControlWriter.initialise(seg.buf, self.prefix)
+                control.ControlWriter.initialise(seg.buf, self.prefix, seq=(seq | 1) + 1)
                 existed = False
         self._ctl_seg = seg
         self._ctl = control.ControlWriter(seg.buf)
         self._ctl.claim()
+        # Continue the numbering: a fresh snapshot must never reuse the name the
+        # control segment (and attached readers) still point at.
+        self._snap_seq = self._ctl.get(_B.B_SNAP_SEQ)
         return existed
 
     def _new_ring(self, capacity: int) -> None:
@@ -203,6 +220,10 @@ class Writer:
             if sseg is None:
                 return False
             snap = snapshot.Snapshot(sseg.name, sseg.buf, sseg.size)
+            if snap.revision != b.snap_revision or snap.epoch != b.epoch:
+                raise CorruptSegmentError(f"snapshot is at revision {snap.revision} epoch "
+                                          f"{snap.epoch}, the control segment says "
+                                          f"{b.snap_revision} epoch {b.epoch}")
             kv: SortedDict = SortedDict()
             for e in snap.range(b"", None):
                 kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
@@ -221,7 +242,7 @@ class Writer:
                         else:
                             kv.pop(ev.kv.key, None)
                 pos = nxt
-        except (CorruptSegmentError, ring.TornRecord, OSError) as exc:
+        except (CorruptSegmentError, ring.TornRecord, OSError, ValueError) as exc:
             log.warning("cannot resume from the existing segments (%s); relisting", exc)
             return False
         self._ring_seg = rseg
@@ -236,7 +257,8 @@ class Writer:
                  self.revision, self.epoch, len(kv))
         return True
 
-    def _publish_snapshot(self, extra: dict[int, int] | None = None) -> None:
+    def _publish_snapshot(self, extra: dict[int, int] | None = None,
+                          prefix: bytes | None = None) -> None:
         """Write the whole state into a new snapshot segment and point the control segment at it."""
         assert self._ctl is not None and self._ring is not None
         t0 = time.monotonic()
@@ -254,7 +276,7 @@ class Writer:
                    _B.B_SNAP_RING_POS: self._ring.head, _B.B_KEY_COUNT: len(self.kv)}
         if extra:
             updates.update(extra)
-        self._ctl.publish(updates)
+        self._ctl.publish(updates, prefix=prefix)
         self._snap_seq = seq
         self._snap_ring_pos = self._ring.head
         self._bytes_since_snapshot = 0
@@ -280,7 +302,7 @@ class Writer:
             _B.B_EPOCH: self.epoch, _B.B_REVISION: revision, _B.B_COMPACT_REVISION: revision,
             _B.B_RING_HEAD: self._ring.head, _B.B_RING_TAIL: self._ring.head,
             _B.B_RING_GEN: self._ring.generation, _B.B_RING_CAPACITY: self._ring.capacity,
-            _B.B_ETCD_REVISION: max(self.etcd_revision, revision)})
+            _B.B_ETCD_REVISION: max(self.etcd_revision, revision)}, prefix=self.prefix)
         old_gen = self._ring.generation - 1
         if old_gen > 0:
             _shm.unlink(layout.ring_name(self.name, old_gen))
@@ -322,7 +344,7 @@ class Writer:
         if updates:
             # The tail moves before the bytes are overwritten: a reader that re-reads
             # it after copying knows whether its copy can be torn.
-            self._ctl.publish(updates)
+            self._ctl.publish(updates, wake=False)
         rw.write(pl, revision, payload)
         self.revision = revision
         self._bytes_since_snapshot += len(payload)
@@ -333,9 +355,27 @@ class Writer:
                            _B.B_KEY_COUNT: len(self.kv),
                            _B.B_ETCD_REVISION: max(self.etcd_revision, revision)})
 
-    def _apply_events(self, events: Any) -> None:
-        """Apply a watch response's events, one ring record per revision."""
+    def _flush(self, revision: int, batch: list[_codec.EventTuple]) -> None:
+        """Append one revision's record, then apply it to the state.
+
+        In that order because appending may first publish a snapshot, which must
+        hold exactly the state at the previous revision.
+        """
+        self._append(revision, _codec.encode(batch), len(batch))
         kv = self.kv
+        for typ, key, value, create, mod, version, lease, _prev in batch:
+            if typ == 0:
+                kv[key] = (value, create, mod, version, lease)
+            else:
+                kv.pop(key, None)
+
+    def _apply_events(self, events: Any) -> None:
+        """Apply a watch response's events, one ring record per revision.
+
+        etcd never splits one revision's events across watch responses (without
+        the fragment option, which is not used), so each response's revisions are
+        complete.
+        """
         batch: list[_codec.EventTuple] = []
         batch_rev = 0
         for ev in events:
@@ -343,7 +383,7 @@ class Writer:
             rev = e.mod_revision
             if rev != batch_rev:
                 if batch:
-                    self._append(batch_rev, _codec.encode(batch), len(batch))
+                    self._flush(batch_rev, batch)
                     batch = []
                 if rev <= self.revision:
                     raise _Relist(f"etcd sent revision {rev} after the cache reached "
@@ -354,12 +394,10 @@ class Writer:
                     p.lease) if p is not None else None
             if ev.type == 0:
                 batch.append((0, e.key, e.value, e.create_revision, rev, e.version, e.lease, prev))
-                kv[e.key] = (e.value, e.create_revision, rev, e.version, e.lease)
             else:
                 batch.append((1, e.key, b"", 0, rev, 0, 0, prev))
-                kv.pop(e.key, None)
         if batch:
-            self._append(batch_rev, _codec.encode(batch), len(batch))
+            self._flush(batch_rev, batch)
         self._last_event = time.monotonic()
 
     def _on_progress(self, revision: int) -> None:
@@ -384,8 +422,13 @@ class Writer:
             self._request_progress()
 
     def _request_progress(self) -> None:
-        if self._stream is not None and not self._progress_outstanding:
+        now = time.monotonic()
+        # etcd < 3.4.31/3.5.13 may never answer a request made while the watch is
+        # unsynced (etcd issue 17507): after 5 s, ask again rather than wait forever.
+        if self._stream is not None and (not self._progress_outstanding
+                                         or now - self._progress_sent > 5.0):
             self._progress_outstanding = True
+            self._progress_sent = now
             self.stats["progress_requests"] += 1
             self._stream.request_progress()
 
@@ -404,13 +447,15 @@ class Writer:
             if ctl is None:
                 continue
             ctl.heartbeat()
-            if time.monotonic() - self._last_event >= self.progress_interval:
+            now = time.monotonic()
+            if (now - self._last_event >= self.progress_interval
+                    and now - self._progress_sent >= self.progress_interval):
                 self._request_progress()
 
     def _relist(self, conn: _etcd.Connection, reason: str) -> None:
         t0 = time.monotonic()
         log.info("listing %r from etcd (%s)", self.prefix, reason)
-        rev, items = conn.list_range(self.prefix, self.range_end)
+        rev, items = conn.list_range(self.range_key, self.range_end)
         self.kv = SortedDict(items)
         self.stats["relists"] += 1
         self._reset_history(rev, reason)
@@ -443,7 +488,7 @@ class Writer:
                 try:
                     conn.connect()
                     log.info("connected to etcd %s (version %s)", conn.endpoint, conn.version)
-                    current = conn.current_revision(self.prefix, self.range_end)
+                    current = conn.current_revision(self.range_key, self.range_end)
                     if not need_list and current < self.revision:
                         need_list, reason = True, (f"etcd is at revision {current}, behind the "
                                                    f"cache's {self.revision} (a new cluster?)")
@@ -454,8 +499,8 @@ class Writer:
                         self._remove_strays()
                         self._remove_strays_later = False
                     self.ready.set()
+                    self._healthy = False
                     self._watch(conn)
-                    backoff = 0.1
                 except _Relist as exc:
                     need_list, reason = True, exc.reason
                     log.warning("relisting: %s", exc.reason)
@@ -467,6 +512,8 @@ class Writer:
                     if _etcd.is_compacted(exc):
                         need_list, reason = True, "etcd compacted past the cache's revision"
                         continue
+                    if self._healthy:
+                        backoff = 0.1  # the last watch worked: start over from short waits
                     self.stats["reconnects"] += 1
                     log.warning("etcd error (%s); retrying in %.1fs", _etcd.describe(exc), backoff)
                     self._stop.wait(backoff)
@@ -476,7 +523,7 @@ class Writer:
 
     def _watch(self, conn: _etcd.Connection) -> None:
         start = self.revision + 1
-        stream = conn.watch(self.prefix, self.range_end, start)
+        stream = conn.watch(self.range_key, self.range_end, start)
         self._stream = stream
         self._progress_candidate = None
         self._progress_outstanding = False
@@ -490,6 +537,7 @@ class Writer:
                 if resp.canceled:
                     raise _WatchBroken(f"etcd cancelled the watch: {resp.cancel_reason or '?'}")
                 self.etcd_revision = max(self.etcd_revision, resp.header.revision)
+                self._healthy = True
                 if resp.created:
                     log.info("watching %r from revision %d", self.prefix, start)
                     continue

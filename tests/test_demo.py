@@ -1,0 +1,32 @@
+"""``shmcache demo`` runs etcd, a writer and readers, prints live figures and leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import psutil
+
+from shmcache import _shm
+
+
+def test_demo_runs_and_cleans_up() -> None:
+    before = set(_shm.list_caches())
+    out = subprocess.run(
+        [sys.executable, "-m", "shmcache", "demo", "--duration", "4", "--keys", "2000",
+         "--readers", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if re.match(r"\s+\d+\s+[\d,]+\s+[\d,]+", line)]
+    assert len(rows) >= 3, out.stdout
+    # every row: two readers each doing reads, a propagation figure, a lag and a revision
+    for row in rows[1:]:
+        rates = [int(x.replace(",", "")) for x in row.split()[1:3]]
+        assert all(rate > 0 for rate in rates), row
+        assert "ms" in row and "rev" in row
+    assert "0 shared-memory segments left" in out.stdout
+    assert set(_shm.list_caches()) == before
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if "demo-" in " ".join(p.info["cmdline"] or []) and "serve" in
+                 " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
