@@ -352,3 +352,97 @@ def test_clean_sigterm_keeps_segments_and_marks_writer_gone(
     with pytest.raises(shmcache.StaleError):
         shmcache.Reader(writer.name, max_staleness=5).get(unique_prefix + b"k")
     r.close()
+
+
+def test_whole_keyspace_cache(etcd_server: Any, cache_name: str) -> None:
+    """The default empty prefix caches every key (etcd needs key b"\\0" for that)."""
+    client = etcd_server.client()
+    try:
+        put(client, b"/a", b"1")
+        put(client, b"\x00zero", b"2")
+        put(client, b"\xff\xff", b"3")
+        w = WriterProcess(cache_name, etcd_server.endpoint, b"")
+        try:
+            w.start()
+            with shmcache.Reader(cache_name) as r:
+                assert r.prefix == b""
+                res = r.list()
+                assert [kv.key for kv in res.items] == [b"\x00zero", b"/a", b"\xff\xff"]
+                assert res.items == _all_keys(client, res.revision)
+                assert r.list(b"\xff").items[0].value == b"3"  # all-0xff prefix: no upper bound
+                last = put(client, b"/b", b"4")
+                _wait_rev(r, last)
+                assert r.get(b"/b").value == b"4"
+        finally:
+            w.close()
+    finally:
+        client.close()
+
+
+def _all_keys(client: Any, revision: int) -> list[shmcache.KeyValue]:
+    from etcd3.etcdrpc import rpc_pb2
+
+    resp = client.kvstub.Range(rpc_pb2.RangeRequest(key=b"\0", range_end=b"\0",
+                                                    revision=revision), 10)
+    return [shmcache.KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version,
+                              kv.lease) for kv in resp.kvs]
+
+
+def test_restart_with_another_prefix_publishes_it(etcd_session: Any, etcd_client: Any,
+                                                  cache_name: str, unique_prefix: bytes) -> None:
+    """A writer restarted with a different prefix relists into a new epoch that readers follow."""
+    a, b = unique_prefix + b"a/", unique_prefix + b"b/"
+    put(etcd_client, a + b"1", b"A")
+    put(etcd_client, b + b"1", b"B")
+    w1 = WriterProcess(cache_name, etcd_session.endpoint, a)
+    w2 = WriterProcess(cache_name, etcd_session.endpoint, b)
+    try:
+        w1.start()
+        r = shmcache.Reader(cache_name)
+        assert r.get(a + b"1").value == b"A"
+        epoch = r.status().epoch
+        w1.terminate()
+        w2.start()
+        assert r.prefix == b
+        assert r.status().epoch == epoch + 1
+        assert r.get(b + b"1").value == b"B"
+        with pytest.raises(ValueError):
+            r.get(a + b"1")
+        r.close()
+    finally:
+        w1.close()
+        w2.close()
+
+
+def test_writer_stuck_inside_publish_does_not_slow_readers(
+        etcd_client: Any, writer: WriterProcess, unique_prefix: bytes) -> None:
+    """A writer that died between its two seqlock stores leaves readers serving the last
+    consistent state at full speed, not spinning on every read."""
+    import mmap as _mmap
+    import struct
+
+    import posix_ipc
+
+    from shmcache import layout
+
+    last = put(etcd_client, unique_prefix + b"k", b"v")
+    writer.start()
+    r = shmcache.Reader(writer.name)
+    _wait_rev(r, last)
+    writer.kill()
+    shm = posix_ipc.SharedMemory(layout.control_name(writer.name), flags=0, size=0)
+    with _mmap.mmap(shm.fd, layout.CONTROL_SIZE) as m:
+        seq = struct.unpack_from("<Q", m, layout.C_SEQ)[0]
+        struct.pack_into("<Q", m, layout.C_SEQ, seq + 1)  # odd: "publish in progress"
+    shm.close_fd()
+    t0 = time.monotonic()
+    for _ in range(200):
+        assert r.get(unique_prefix + b"k").value == b"v"
+    assert time.monotonic() - t0 < 0.5
+    assert r.revision >= last
+    # A new writer repairs the seqlock and takes over.
+    writer.start()
+    nxt = put(etcd_client, unique_prefix + b"k", b"v2")
+    _wait_rev(r, nxt)
+    assert r.get(unique_prefix + b"k").value == b"v2"
+    r.close()
