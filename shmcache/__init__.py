@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .aio import AsyncWatch
 from .errors import (
     CacheExistsError,
     CompactedError,
     CorruptSegmentError,
+    FutureRevisionError,
     InvalidNameError,
     NotFoundError,
     SegmentPermissionError,
@@ -18,6 +20,7 @@ from .errors import (
     WriterError,
 )
 from .reader import Reader, Watch
+from .subscribe import Subscription
 from .types import Event, KeyValue, ListResult, Status
 
 if TYPE_CHECKING:
@@ -26,10 +29,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncWatch",
     "CacheExistsError",
     "CompactedError",
     "CorruptSegmentError",
     "Event",
+    "FutureRevisionError",
     "InvalidNameError",
     "KeyValue",
     "ListResult",
@@ -39,6 +44,7 @@ __all__ = [
     "ShmCacheError",
     "StaleError",
     "Status",
+    "Subscription",
     "TimeoutError",
     "VersionMismatchError",
     "Watch",

@@ -100,6 +100,25 @@ class Connection:
         resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
         return int(resp.header.revision)
 
+    def count(self, key: bytes, range_end: bytes, revision: int) -> int:
+        """Number of keys in [key, range_end) at ``revision``."""
+        req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=revision,
+                                   count_only=True)
+        resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
+        return int(resp.count)
+
+    def modified_since(self, key: bytes, range_end: bytes, revision: int,
+                       min_mod_revision: int) -> int:
+        """Keys in the range at ``revision`` last modified at or after ``min_mod_revision``.
+
+        keys_only, because etcd ignores min_mod_revision for count_only requests
+        (it counts the whole range); etcd still scans the range to filter it.
+        """
+        req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=revision,
+                                   keys_only=True, min_mod_revision=min_mod_revision)
+        resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
+        return len(resp.kvs)
+
     def list_range(self, key: bytes, range_end: bytes, page: int = 2000,
                    progress: Any = None) -> tuple[int, list[tuple[bytes, tuple[bytes, int, int, int, int]]]]:
         """Every key in [key, range_end) at one revision, read in pages; returns (revision, items).
@@ -122,7 +141,9 @@ class Connection:
                 items.append((kv.key, (kv.value, kv.create_revision, kv.mod_revision,
                                        kv.version, kv.lease)))
             if progress is not None:
-                progress(len(items), int(resp.count))
+                # (issue 4 fix) resp.count counts the keys in [start, range_end), i.e.
+                # those not loaded before this page, not the whole range.
+                progress(len(items), len(items) - len(resp.kvs) + int(resp.count))
             if not resp.more or not resp.kvs:
                 return revision, items
             start = resp.kvs[-1].key + b"\0"

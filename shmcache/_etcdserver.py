@@ -1,4 +1,9 @@
-"""Run a throwaway single-member etcd server on loopback for tests, the demo and benchmarks."""
+"""Run throwaway etcd servers on loopback for tests, the demo and benchmarks.
+
+``EtcdServer`` is one member (optionally with TLS and authentication);
+``EtcdCluster`` is several members forming one cluster, for failover tests;
+``generate_tls_files`` makes a CA and server/client certificates for them.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +15,21 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 import psutil
 
-__all__ = ["EtcdServer", "find_etcd_binary", "free_port"]
+__all__ = ["EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
+           "generate_tls_files"]
 
 _HOST = "127.0.0.1"
 _NAME = "shmcache-test"
@@ -71,6 +79,94 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for an etcd server with TLS and for its clients (see ``generate_tls_files``)."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def generate_tls_files(directory: str | os.PathLike[str], client_cn: str = "root",
+                       days: int = 2) -> TLSFiles:
+    """Write a throwaway CA, a server certificate for 127.0.0.1/localhost and a client
+    certificate with common name ``client_cn`` into ``directory``.
+
+    Needs the ``cryptography`` package (part of the ``dev`` extra). With
+    ``--client-cert-auth`` and authentication enabled, etcd takes the client
+    certificate's common name as the user name.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(filename: str, data: bytes) -> str:
+        path = os.path.join(directory, filename)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(name("shmcache test CA"))
+        .issuer_name(name("shmcache test CA")).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, usage: Any, san: list[Any] | None) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+    server_cert, server_key = leaf(
+        "127.0.0.1", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        [x509.IPAddress(ipaddress.ip_address(_HOST)), x509.DNSName("localhost")])
+    client_cert, client_key = leaf(client_cn, [ExtendedKeyUsageOID.CLIENT_AUTH], None)
+    return TLSFiles(
+        ca=write("ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM)),
+        server_cert=write("server.pem", server_cert),
+        server_key=write("server-key.pem", server_key),
+        client_cert=write("client.pem", client_cert),
+        client_key=write("client-key.pem", client_key),
+    )
+
+
 def _protobuf_major() -> int:
     try:
         return int(importlib.metadata.version("protobuf").split(".")[0])
@@ -110,6 +206,10 @@ class EtcdServer:
         data_dir: str | os.PathLike[str] | None = None,
         binary: str | None = None,
         extra_args: Sequence[str] = (),
+        *,
+        tls: TLSFiles | None = None,
+        client_cert_auth: bool = False,
+        name: str = _NAME,
     ) -> None:
         self._owns_dir = data_dir is None
         self.data_dir: str = (
@@ -118,6 +218,15 @@ class EtcdServer:
         os.makedirs(self.data_dir, exist_ok=True)
         self.binary: str = binary if binary is not None else find_etcd_binary()
         self.extra_args: list[str] = list(extra_args)
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
+        self.name = name
+        # (user, password) that client() and compact() use once enable_auth() ran.
+        self.credentials: tuple[str, str] | None = None
+        # Set by EtcdCluster: the other members, and raft timers fit for several members.
+        self._initial_cluster: str | None = None
+        self._cluster_token: str | None = None
+        self._timers = ("10", "100")
         self.log_path: str = os.path.join(self.data_dir, _LOG_NAME)
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
@@ -151,9 +260,14 @@ class EtcdServer:
         return self._peer_port
 
     @property
+    def scheme(self) -> str:
+        """``https`` when the server was given TLS files, else ``http``."""
+        return "https" if self.tls is not None else "http"
+
+    @property
     def endpoint(self) -> str:
-        """The client URL, ``http://127.0.0.1:<port>``."""
-        return f"http://{_HOST}:{self.port}"
+        """The client URL, ``http://127.0.0.1:<port>`` (``https://`` with TLS)."""
+        return f"{self.scheme}://{_HOST}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -296,7 +410,20 @@ class EtcdServer:
     # -- clients ------------------------------------------------------------
 
     def client(self, **kw: Any) -> Any:
-        """Return a new ``etcd3.client`` connected to this server; the caller closes it."""
+        """Return a new ``etcd3.client`` connected to this server; the caller closes it.
+
+        With TLS the CA and client certificate are passed, and after
+        ``enable_auth()`` the root credentials, unless ``kw`` says otherwise.
+        Note that python-etcd3's own methods (``client.put`` ...) send the token as
+        call credentials, which gRPC refuses on a channel without TLS: with
+        authentication but no TLS, call the stubs with ``metadata=client.metadata``.
+        """
+        if self.tls is not None:
+            kw.setdefault("ca_cert", self.tls.ca)
+            kw.setdefault("cert_cert", self.tls.client_cert)
+            kw.setdefault("cert_key", self.tls.client_key)
+        if self.credentials is not None and "user" not in kw:
+            kw["user"], kw["password"] = self.credentials
         if _protobuf_major() >= 4:
             # etcd3 0.12's generated modules only load with the pure-Python
             # implementation under protobuf>=4; forcing it under 3.x would
@@ -308,9 +435,62 @@ class EtcdServer:
 
     def compact(self, revision: int) -> None:
         """Compact the key-value history up to ``revision`` (physically, i.e. waiting for it)."""
+        from etcd3.etcdrpc import rpc_pb2
+
         client = self.client()
         try:
-            client.compact(revision, physical=True)
+            # The stub with metadata rather than client.compact(): see client().
+            client.kvstub.Compact(rpc_pb2.CompactionRequest(revision=revision, physical=True),
+                                  30, metadata=client.metadata)
+        finally:
+            client.close()
+
+    def enable_auth(self, root_password: str = "root") -> None:
+        """Create the ``root`` user and role and turn authentication on.
+
+        From then on ``client()`` authenticates as root. Authentication stays on
+        across restarts (it is stored in the data dir).
+        """
+        from etcd3.etcdrpc import rpc_pb2
+
+        client = self.client()
+        try:
+            stub = _auth_stub(client)
+            md = client.metadata
+            with contextlib.suppress(Exception):  # etcd >= 3.5 may know the root role already
+                stub.RoleAdd(rpc_pb2.AuthRoleAddRequest(name="root"), 10, metadata=md)
+            stub.UserAdd(rpc_pb2.AuthUserAddRequest(name="root", password=root_password), 10,
+                         metadata=md)
+            stub.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), 10,
+                               metadata=md)
+            stub.AuthEnable(rpc_pb2.AuthEnableRequest(), 10, metadata=md)
+        finally:
+            client.close()
+        self.credentials = ("root", root_password)
+
+    def add_user(self, user: str, password: str, read_prefix: bytes) -> None:
+        """Create ``user`` with a role that may only read keys starting with ``read_prefix``.
+
+        With ``client_cert_auth`` a client certificate whose common name is
+        ``user`` authenticates as that user too (etcd ignores the password then).
+        """
+        from etcd3.etcdrpc import auth_pb2, rpc_pb2
+
+        end = _prefix_end(read_prefix)
+        client = self.client()
+        try:
+            stub = _auth_stub(client)
+            md = client.metadata
+            role = f"{user}-read"
+            stub.RoleAdd(rpc_pb2.AuthRoleAddRequest(name=role), 10, metadata=md)
+            perm = auth_pb2.Permission(permType=auth_pb2.Permission.READ, key=read_prefix,
+                                       range_end=end)
+            stub.RoleGrantPermission(rpc_pb2.AuthRoleGrantPermissionRequest(name=role, perm=perm),
+                                     10, metadata=md)
+            stub.UserAdd(rpc_pb2.AuthUserAddRequest(name=user, password=password), 10,
+                         metadata=md)
+            stub.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user=user, role=role), 10,
+                               metadata=md)
         finally:
             client.close()
 
@@ -324,10 +504,10 @@ class EtcdServer:
                 return a, b
 
     def _command(self) -> list[str]:
-        client_url = f"http://{_HOST}:{self._port}"
+        client_url = f"{self.scheme}://{_HOST}:{self._port}"
         peer_url = f"http://{_HOST}:{self._peer_port}"
         flags = [
-            ("--name", _NAME),
+            ("--name", self.name),
             # A subdirectory that etcd creates itself gets the 0700 mode etcd
             # insists on, whatever the mode of the directory we were given.
             ("--data-dir", os.path.join(self.data_dir, _MEMBER_DIR_NAME)),
@@ -335,7 +515,7 @@ class EtcdServer:
             ("--advertise-client-urls", client_url),
             ("--listen-peer-urls", peer_url),
             ("--initial-advertise-peer-urls", peer_url),
-            ("--initial-cluster", f"{_NAME}={peer_url}"),
+            ("--initial-cluster", self._initial_cluster or f"{self.name}={peer_url}"),
             ("--initial-cluster-state", "new"),
             # 3.4 defaults to the deprecated capnslog logger, 3.5 to zap; both
             # accept zap, so the log has the same JSON lines whichever runs.
@@ -344,20 +524,43 @@ class EtcdServer:
             # A restarted member waits one randomised election timeout (1-2 s
             # by default) before it leads again; a lone member has no peer to
             # lose, so short timers only make restarts ~10x faster.
-            ("--heartbeat-interval", "10"),
-            ("--election-timeout", "100"),
+            # (EtcdCluster sets longer ones: several members on two busy cores
+            # would otherwise hold elections all the time.)
+            ("--heartbeat-interval", self._timers[0]),
+            ("--election-timeout", self._timers[1]),
         ]
+        if self._cluster_token is not None:
+            flags.append(("--initial-cluster-token", self._cluster_token))
+        if self.tls is not None:
+            flags += [("--cert-file", self.tls.server_cert), ("--key-file", self.tls.server_key),
+                      ("--trusted-ca-file", self.tls.ca)]
+        # Go's boolean flags take no separate value: "--client-cert-auth true" stops the parse.
+        switches = []
+        if self.tls is not None and self.client_cert_auth:
+            switches.append("--client-cert-auth=true")
         # The last occurrence of a flag wins, so extra_args can override the above.
-        return [self.binary, *(arg for pair in flags for arg in pair), *self.extra_args]
+        return [self.binary, *(arg for pair in flags for arg in pair), *switches,
+                *self.extra_args]
 
     def _launch_and_wait(self, timeout: float) -> None:
+        self._launch()
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _launch(self) -> None:
         # etcd reads ETCD_<FLAG> variables as flag values and refuses to start
         # when one duplicates a flag we pass, so a caller's environment must
         # not leak in; ETCD_UNSUPPORTED_ARCH is what lets 3.4 run on arm64.
+        # etcd also speaks sd_notify: a throwaway server must not tell the
+        # caller's systemd (or a test's stand-in) that it is ready.
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH"
+            if (not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH")
+            and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
         }
         cmd = self._command()
         with open(self.log_path, "ab") as log:
@@ -377,11 +580,6 @@ class EtcdServer:
             )
         self._paused = False
         self._version = None
-        try:
-            self._wait_healthy(timeout)
-        except BaseException:
-            self.kill()
-            raise
 
     def _wait_healthy(self, timeout: float) -> None:
         assert self._proc is not None
@@ -435,7 +633,12 @@ class EtcdServer:
         # Short: whatever holds the port may not be etcd (a port-picking race)
         # and never answer, and the caller must get back to checking whether
         # etcd has exited. A slow etcd just costs another probe.
-        with urllib.request.urlopen(self.endpoint + path, timeout=timeout) as resp:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        with urllib.request.urlopen(self.endpoint + path, timeout=timeout,
+                                    context=context) as resp:
             data = json.loads(resp.read())
         # Anything but an object is as useless as an empty one to the callers.
         return data if isinstance(data, dict) else {}
@@ -455,3 +658,133 @@ class EtcdServer:
         except OSError as e:
             return f"<log unreadable: {e}>"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _auth_stub(client: Any) -> Any:
+    from etcd3 import etcdrpc
+
+    return etcdrpc.AuthStub(client.channel)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end covering every key that starts with ``prefix`` (etcd's convention)."""
+    b = bytearray(prefix)
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return b"\0"
+
+
+class EtcdCluster:
+    """Several etcd members on loopback forming one cluster, for failover tests.
+
+    Every member is an ``EtcdServer`` (``members``) that may be killed, stopped
+    and started again on its own; ``endpoints`` lists the client URLs of all
+    members. ``data_dir`` holds one subdirectory per member; when None, a
+    temporary directory is created and removed by ``close()``.
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        data_dir: str | os.PathLike[str] | None = None,
+        binary: str | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        tls: TLSFiles | None = None,
+        client_cert_auth: bool = False,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one member")
+        self._owns_dir = data_dir is None
+        self.data_dir: str = (
+            tempfile.mkdtemp(prefix="shmcache-etcd-cluster-") if data_dir is None
+            else os.fspath(data_dir)
+        )
+        binary = binary if binary is not None else find_etcd_binary()
+        self.members: list[EtcdServer] = [
+            EtcdServer(os.path.join(self.data_dir, f"m{i}"), binary, extra_args, tls=tls,
+                       client_cert_auth=client_cert_auth, name=f"m{i}")
+            for i in range(size)
+        ]
+        for m in self.members:
+            m._timers = ("50", "500")
+            m._cluster_token = f"shmcache-{os.getpid()}-{id(self):x}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start every member at once (none is healthy before a quorum runs); returns self."""
+        for attempt in range(3):
+            ports = self._free_ports(2 * len(self.members))
+            for i, m in enumerate(self.members):
+                m._port, m._peer_port = ports[2 * i], ports[2 * i + 1]
+            cluster = ",".join(f"{m.name}=http://{_HOST}:{m._peer_port}" for m in self.members)
+            for m in self.members:
+                m._initial_cluster = cluster
+            try:
+                for m in self.members:
+                    m._launch()
+                for m in self.members:
+                    m._wait_healthy(timeout)
+                return self
+            except BaseException:
+                clash = any("address already in use" in m._log_tail(since=m._log_start)
+                            for m in self.members)
+                for m in self.members:
+                    m.kill()
+                if attempt == 2 or not clash:
+                    raise
+                for m in self.members:  # a failed first start leaves member dirs behind
+                    shutil.rmtree(os.path.join(m.data_dir, _MEMBER_DIR_NAME), ignore_errors=True)
+        raise AssertionError("unreachable")
+
+    def member_at(self, port: int) -> EtcdServer | None:
+        """The member whose client port is ``port``."""
+        return next((m for m in self.members if m._port == port), None)
+
+    def client(self, **kw: Any) -> Any:
+        """An ``etcd3.client`` to the first running member; the caller closes it."""
+        for m in self.members:
+            if m.running and not m.paused:
+                return m.client(**kw)
+        raise RuntimeError("no etcd member is running")
+
+    def close(self) -> None:
+        """Stop every member and remove the data dir if this object created it; idempotent."""
+        try:
+            for m in self.members:
+                with contextlib.suppress(Exception):
+                    m.stop()
+        finally:
+            for m in self.members:
+                m.close()
+            if self._owns_dir:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<EtcdCluster {self.members!r}>"
+
+    @staticmethod
+    def _free_ports(n: int) -> list[int]:
+        ports: list[int] = []
+        while len(ports) < n:
+            p = free_port()
+            if p not in ports:
+                ports.append(p)
+        return ports

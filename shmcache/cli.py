@@ -7,8 +7,6 @@ import json
 import logging
 import signal
 import sys
-import threading
-import time
 from typing import Any
 
 from . import _shm
@@ -44,43 +42,23 @@ def setup_logging(level: str = "info", fmt: str = "plain") -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ._etcd import EtcdSettings
-    from .writer import Writer
+    """Settings from flags > SHMCACHE_* environment > --config file > defaults (config.py)."""
+    from .config import SETTINGS, ConfigError, load
+    from .service import serve
 
-    setup_logging(args.log_level, args.log_format)
-    settings = EtcdSettings(endpoints=[e for e in args.endpoints.split(",") if e],
-                            ca_cert=args.ca_cert, cert_key=args.cert_key,
-                            cert_cert=args.cert_cert, user=args.user, password=args.password)
-    writer = Writer(args.name, None, args.prefix.encode(), ring_size=args.ring_size,
-                    snapshot_interval=args.snapshot_interval, mode=int(args.mode, 8),
-                    group=args.group, remove_on_close=args.remove_on_exit, etcd=settings)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            writer.run()
-        except BaseException as exc:  # reported on the main thread
-            errors.append(exc)
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        writer.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # The writer runs on a thread so the main thread stays free to take signals
-    # promptly even while the writer blocks inside gRPC.
-    t = threading.Thread(target=run, name="shmcache-writer")
-    t.start()
-    while t.is_alive():
-        t.join(0.2)
-    if errors:
-        exc = errors[0]
-        if isinstance(exc, ShmCacheError):
-            print(f"shmcache serve: {exc}", file=sys.stderr)
-            return 1
-        raise exc
-    return 0
+    flags = {name: getattr(args, name, None) for name in SETTINGS}
+    try:
+        cfg = load(args.name, flags, config_file=args.config)
+        if args.check_config:
+            for line in cfg.describe():
+                print(line)
+            for warning in cfg.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            return 0
+        return serve(cfg)
+    except ConfigError as exc:
+        print(f"shmcache serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def _reader(name: str) -> Any:
@@ -187,26 +165,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, readers=args.readers, keys=args.keys)
 
 
+def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per setting of config.SETTINGS; None (not given) lets lower sources speak."""
+    from .config import SETTINGS
+
+    aliases = {"ca_file": ["--ca-cert"], "cert_file": ["--cert-cert"], "key_file": ["--cert-key"]}
+    for name, setting in SETTINGS.items():
+        default = setting.default
+        if name == "mode":
+            default = f"{default:o}"
+        elif name == "ring_size":
+            default = "64MiB"
+        elif name == "endpoints":
+            default = ",".join(default)
+        shown = "" if default in (None, "", False) else f" (default {default})"
+        names = [setting.flag, *aliases.get(name, [])]
+        if name == "remove_on_exit":
+            p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction,
+                           default=None, help=setting.help)
+        else:
+            p.add_argument(*names, dest=name, default=None,
+                           help=f"{setting.help}{shown}".replace("%", "%%"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shmcache", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the writer for cache NAME (one per host)")
+    s = sub.add_parser(
+        "serve", help="run the writer for cache NAME (one per host)",
+        description="Run the writer for cache NAME. Each setting may come from a flag, an "
+                    "environment variable SHMCACHE_<SETTING> or the --config TOML file (keys "
+                    "as the flags, with '_'); that is also the order of precedence. See "
+                    "docs/operations.md.")
     s.add_argument("name")
-    s.add_argument("--endpoints", default="http://127.0.0.1:2379",
-                   help="comma-separated etcd client URLs (default %(default)s)")
-    s.add_argument("--prefix", default="", help="key prefix to cache (default: every key)")
-    s.add_argument("--ring-size", default="64MiB", help="ring log size (default %(default)s)")
-    s.add_argument("--snapshot-interval", type=float, default=30.0,
-                   help="seconds between snapshot republishes while keys change")
-    s.add_argument("--mode", default="600", help="segment mode, octal (600 or 640)")
-    s.add_argument("--group", default=None, help="group owning the segments (with --mode 640)")
-    s.add_argument("--remove-on-exit", action="store_true",
-                   help="unlink the cache's segments when the writer stops")
-    s.add_argument("--ca-cert"), s.add_argument("--cert-key"), s.add_argument("--cert-cert")
-    s.add_argument("--user"), s.add_argument("--password")
-    s.add_argument("--log-level", default="info")
-    s.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML file of settings (default: $SHMCACHE_CONFIG if set)")
+    s.add_argument("--check-config", action="store_true",
+                   help="print the effective settings and where each came from, then exit")
+    _serve_setting_flags(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("status", help="show a cache's and its writer's state")

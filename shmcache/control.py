@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,9 @@ class Block:
     key_count: int
     etcd_revision: int
     prefix_len: int
+    sync_started: int
+    sync_done: int
+    sync_revision: int
 
 
 def check_header(buf: Any, size: int, name: str) -> None:
@@ -80,7 +84,7 @@ def read_block(buf: Any, spins: int = 200) -> Block | None:
             continue
         fields = unpack_block(buf, layout.C_BLOCK)
         if unpack_q(buf, layout.C_SEQ)[0] == s1:
-            return Block(s1, *fields[:14])
+            return Block(s1, *fields[:17])
     return None
 
 
@@ -104,6 +108,9 @@ def validate_block(b: Block, name: str) -> None:
         problems.append(f"snapshot revision {b.snap_revision} above revision {b.revision}")
     if b.compact_revision > b.revision:
         problems.append(f"compact revision {b.compact_revision} above revision {b.revision}")
+    if b.sync_done > b.sync_started or b.sync_revision > b.revision:
+        problems.append(f"sync rounds done {b.sync_done} / started {b.sync_started} / revision "
+                        f"{b.sync_revision} inconsistent with revision {b.revision}")
     if b.prefix_len > layout.MAX_PREFIX_LEN:
         problems.append(f"prefix length {b.prefix_len} above {layout.MAX_PREFIX_LEN}")
     if problems:
@@ -150,7 +157,11 @@ def writer_alive(buf: Any) -> bool:
 
 
 class ControlWriter:
-    """The writer's handle on its control segment. Not thread-safe except ``heartbeat``."""
+    """The writer's handle on its control segment.
+
+    ``publish`` is thread-safe (the publishing thread and the sync thread both
+    call it); ``heartbeat`` is a single store and safe from any thread.
+    """
 
     def __init__(self, buf: Any) -> None:
         self.buf = buf
@@ -161,6 +172,8 @@ class ControlWriter:
             _Q.pack_into(buf, layout.C_SEQ, seq)
         self.seq = seq
         self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
+        # The publishing thread and the sync thread both publish.
+        self._lock = threading.Lock()
 
     @staticmethod
     def initialise(buf: Any, prefix: bytes, seq: int = 0) -> None:
@@ -168,7 +181,7 @@ class ControlWriter:
         _Q.pack_into(buf, layout.C_SEQ, seq)
         _Q.pack_into(buf, layout.C_CREATED, time.time_ns())
         buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
-        fields = [0] * 15
+        fields = [0] * layout.BLOCK_FIELDS
         fields[layout.B_PREFIX_LEN] = len(prefix)
         _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
         layout.HEAD.pack_into(buf, 0, layout.MAGIC[layout.KIND_CONTROL], layout.FORMAT_VERSION,
@@ -201,16 +214,17 @@ class ControlWriter:
         """Store ``updates`` (block index -> value) atomically for readers, then wake waiters."""
         buf = self.buf
         fields = self.fields
-        for k, v in updates.items():
-            fields[k] = v
-        self.seq += 1
-        _Q.pack_into(buf, layout.C_SEQ, self.seq)
-        if prefix is not None:
-            buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
-            fields[layout.B_PREFIX_LEN] = len(prefix)
-        _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
-        self.seq += 1
-        _Q.pack_into(buf, layout.C_SEQ, self.seq)
+        with self._lock:
+            for k, v in updates.items():
+                fields[k] = v
+            self.seq += 1
+            _Q.pack_into(buf, layout.C_SEQ, self.seq)
+            if prefix is not None:
+                buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
+                fields[layout.B_PREFIX_LEN] = len(prefix)
+            _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
+            self.seq += 1
+            _Q.pack_into(buf, layout.C_SEQ, self.seq)
         if wake:
             self.wake()
 

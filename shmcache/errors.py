@@ -6,6 +6,7 @@ __all__ = [
     "CacheExistsError",
     "CompactedError",
     "CorruptSegmentError",
+    "FutureRevisionError",
     "InvalidNameError",
     "NotFoundError",
     "SegmentPermissionError",
@@ -29,6 +30,12 @@ class ShmCacheError(Exception):
             hint = type(self).hint
         self.message = message
         super().__init__(f"{message}. {hint}" if hint else message)
+
+
+class FutureRevisionError(ShmCacheError, ValueError):
+    """A read asked for a revision the cache has not reached yet (like etcd's ErrFutureRev)."""
+
+    hint = "Pass min_revision= to wait for it instead"
 
 
 class InvalidNameError(ShmCacheError, ValueError):

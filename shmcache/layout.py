@@ -62,7 +62,8 @@ C_FLAGS: Final = 56  # bit 0: the writer closed cleanly
 
 # The published block, read as one unit between two reads of SEQ.
 C_BLOCK: Final = 64
-BLOCK: Final = struct.Struct("<15Q")
+BLOCK: Final = struct.Struct("<18Q")
+BLOCK_FIELDS: Final = 18
 (
     B_EPOCH,
     B_REVISION,
@@ -78,8 +79,11 @@ BLOCK: Final = struct.Struct("<15Q")
     B_KEY_COUNT,
     B_ETCD_REVISION,
     B_PREFIX_LEN,
+    B_SYNC_STARTED,  # consistent-read rounds the writer has started (Reader.sync)
+    B_SYNC_DONE,  # ... and completed: the cache then held every write up to B_SYNC_REVISION
+    B_SYNC_REVISION,
     B_RESERVED,
-) = range(15)
+) = range(18)
 
 C_PREFIX: Final = 1024  # the key prefix the writer serves, B_PREFIX_LEN bytes
 FLAG_CLEAN_EXIT: Final = 1
@@ -119,7 +123,19 @@ def align8(n: int) -> int:
 SNAP_HEADER: Final = struct.Struct("<8sIIQQQQQQQQQII")
 SNAP_HEADER_CRC_SPAN: Final = SNAP_HEADER.size - 4
 SNAP_INDEX_ENTRY: Final = struct.Struct("<Q")  # absolute offset of an entry, sorted by key
-SNAP_SLOT: Final = struct.Struct("<QQ")  # (crc32(key) + 1, absolute entry offset); (0, 0) = empty
+# A hash slot: (crc32(key) | slot_check(crc32(key), offset) << 32, absolute entry offset).
+# An empty slot is all zeros; an occupied one has a non-zero offset. The check
+# word makes a flipped bit in a slot an error instead of a silent miss.
+SNAP_SLOT: Final = struct.Struct("<QQ")
+
+
+def slot_check(h: int, off: int) -> int:
+    """32-bit check of a hash slot's (hash, offset); any single flipped bit changes it.
+
+    xor folds the inputs, and multiplying by an odd constant modulo 2**32 is a
+    bijection, so every change of the folded value changes the result.
+    """
+    return ((h ^ (off & 0xFFFFFFFF) ^ (off >> 32) ^ 0x5BD1E995) * 0x9E3779B1) & 0xFFFFFFFF
 # Entry: crc32 of bytes [4, 48 + key_len + value_len), key_len, value_len, flags,
 # create_revision, mod_revision, version, lease, then key and value bytes.
 SNAP_ENTRY: Final = struct.Struct("<IIIIqqqq")

@@ -17,10 +17,11 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _futex, _shm, control, layout, ring
+from . import _codec, _futex, _shm, _sync, control, layout, ring
 from .errors import (
     CompactedError,
     CorruptSegmentError,
+    FutureRevisionError,
     NotFoundError,
     ShmCacheError,
     StaleError,
@@ -123,6 +124,7 @@ class Reader:
         # The view: everything below changes together, under self._lock.
         self._seq = -1
         self._stuck_seq = -1
+        self._sync_client: _sync.Client | None = None
         self._block: control.Block | None = None
         self._epoch = -1
         self._prefix = b""
@@ -165,6 +167,8 @@ class Reader:
         if self._closed:
             return
         self._closed = True
+        if self._sync_client is not None:
+            self._sync_client.close()
         if self._snap is not None:
             self._snap.close()
         for seg in (self._ctl, self._ring):
@@ -347,15 +351,23 @@ class Reader:
         self._refresh()
         return self._prefix
 
-    def get(self, key: bytes | str, *, min_revision: int | None = None,
+    def get(self, key: bytes | str, *, revision: int | None = None,
+            min_revision: int | None = None,
             timeout: float | None = None) -> KeyValue | None:
         """The key's current KeyValue, or None if absent. No scan: a hash probe.
 
+        ``revision``: the key as etcd had it at that revision, for any revision from
+        ``status().oldest_watchable_revision`` up to the current one
+        (CompactedError below, FutureRevisionError above).
         ``min_revision``: first wait (up to ``timeout`` seconds) until the cache has
         reached that revision; TimeoutError if it does not.
         """
         if type(key) is not bytes:
             key = _as_key(key)
+        if revision is not None:
+            if min_revision is not None:
+                self._wait_min(min_revision, timeout)
+            return self._get_at(key, revision)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         seq = _unpack_q(self._cbuf, _SEQ)[0]
@@ -374,15 +386,22 @@ class Reader:
         return snap.get(key)
 
     def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
-             min_revision: int | None = None, timeout: float | None = None) -> ListResult:
+             revision: int | None = None, min_revision: int | None = None,
+             timeout: float | None = None) -> ListResult:
         """Every key starting with ``prefix``, sorted, exact at the returned ``.revision``.
 
         ``prefix`` defaults to the cache's whole range. ``limit`` caps the number
-        of items (the first ones in key order).
+        of items (the first ones in key order). ``revision``: the range as etcd
+        had it at that revision (see ``get``). ``min_revision``/``timeout``: wait
+        for the cache to reach a revision first.
         """
         prefix = _as_key(prefix)
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
+        if revision is not None:
+            if min_revision is not None:
+                self._wait_min(min_revision, timeout)
+            return self._list_at(prefix, limit, revision)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         with self._lock:
@@ -430,6 +449,85 @@ class Reader:
                 items.append(ov)
         return ListResult(items, revision)
 
+    # -- reads at a past revision ----------------------------------------------
+    #
+    # Every ring record carries each event's prev_kv, and the ring holds every
+    # event after oldest_watchable_revision. So the value of a key at revision R
+    # is: the prev_kv of its first event after R if it has one (None if it did
+    # not exist), else its current value. Nothing is copied but the keys that
+    # changed after R.
+
+    def _changes_after(self, revision: int) -> dict[bytes, KeyValue | None]:
+        """key -> its KeyValue (or None) at ``revision``, for keys changed since. Holds the lock."""
+        b = self._block
+        assert b is not None
+        if revision > self._revision:
+            raise FutureRevisionError(
+                f"revision {revision} is above cache {self.name!r}'s current revision "
+                f"{self._revision}")
+        if revision < b.compact_revision:
+            raise CompactedError(
+                f"cache {self.name!r} no longer holds the history at revision {revision}; the "
+                f"oldest it can serve is {b.compact_revision}", compact_revision=b.compact_revision)
+        undo: dict[bytes, KeyValue | None] = {}
+        if revision == self._revision:
+            return undo
+        ring_seg = self._ring
+        assert ring_seg is not None
+        start = pos = self._position_after(revision)
+        cap = b.ring_capacity
+        while pos < self._pos:
+            try:
+                kind, rev, nxt, payload = ring.read_record(ring_seg.buf, cap, pos)
+            except ring.TornRecord as exc:
+                if _unpack_q(self._cbuf, _TAIL_OFF)[0] > pos:
+                    break  # lapped: reported below
+                raise CorruptSegmentError(str(exc), segment=ring_seg.name) from None
+            if payload is not None and rev > revision:
+                for ev in _codec.decode(payload, rev, ring_seg.name):
+                    if ev.kv.key not in undo:
+                        undo[ev.kv.key] = ev.prev_kv
+            pos = nxt
+        if _unpack_q(self._cbuf, _TAIL_OFF)[0] > start:
+            b2 = control.read_block(self._cbuf) or b
+            raise CompactedError(
+                f"the history of cache {self.name!r} at revision {revision} was overwritten "
+                f"while it was read", compact_revision=b2.compact_revision)
+        return undo
+
+    def _get_at(self, key: bytes, revision: int) -> KeyValue | None:
+        with self._lock:
+            self._refresh()
+            self._check_key_range(key, "key")
+            undo = self._changes_after(revision)
+            if key in undo:
+                return undo[key]
+            overlay, snap = self._view
+            ov = overlay.get(key, _MISSING)
+            if ov is not _MISSING:
+                return ov  # type: ignore[return-value]
+            assert snap is not None
+            return snap.get(key)
+
+    def _list_at(self, prefix: bytes, limit: int | None, revision: int) -> ListResult:
+        with self._lock:
+            self._refresh()
+            current = self.list(prefix)
+            undo = self._changes_after(revision)
+        start = prefix or self._prefix
+        end = _range_end(start)
+        items = {kv.key: kv for kv in current.items}
+        for key, kv in undo.items():
+            if key >= start and (end is None or key < end):
+                if kv is None:
+                    items.pop(key, None)
+                else:
+                    items[key] = kv
+        out = [items[k] for k in sorted(items)]
+        if limit is not None:
+            out = out[:limit]
+        return ListResult(out, revision)
+
     def watch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Watch:
         """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.
 
@@ -449,6 +547,52 @@ class Reader:
             if remaining <= 0:
                 return False
             _futex.wait(self._futex_addr, word, min(remaining, 1.0))
+
+    def sync(self, timeout: float = 5.0) -> int:
+        """Wait until the cache reflects every etcd write that completed before this call.
+
+        Returns the revision the Reader's answers are now exact at (at least
+        etcd's revision when sync() was called). Asks the writer, which reads
+        etcd's current revision and confirms its watch has reached it (see
+        docs/design.md, "Consistent reads"); concurrent calls share rounds.
+        Raises TimeoutError if the writer cannot confirm within ``timeout``
+        seconds, or at once if no writer is running.
+        """
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        b = control.read_block(self._cbuf)
+        while b is None:  # the writer is inside a publish (or stopped in one)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the writer of cache {self.name!r} is stuck inside a "
+                                   f"publish; cannot confirm a consistent read")
+            time.sleep(0.001)
+            b = control.read_block(self._cbuf)
+        # A round that starts after our request covers it: the one after every
+        # round already started (a running round may have read etcd's revision
+        # before this call).
+        need = b.sync_started + 1
+        with self._lock:
+            if self._sync_client is None:
+                self._sync_client = _sync.Client(self.name)
+        sent = time.monotonic()
+        if not self._sync_client.request():
+            raise TimeoutError(f"cache {self.name!r} has no running writer to confirm a "
+                               f"consistent read", hint="Check `shmcache status NAME`")
+        while True:
+            word = _unpack_q(self._cbuf, _SEQ)[0] & 0xFFFFFFFF
+            b = control.read_block(self._cbuf)
+            if b is not None and b.sync_done >= need:
+                self._refresh()
+                if self._revision >= b.sync_revision:
+                    return self._revision
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"the writer of cache {self.name!r} did not confirm a "
+                                   f"consistent read within {timeout}s")
+            if now - sent > 1.0:  # the writer may have restarted and lost the request
+                sent = now
+                self._sync_client.request()
+            _futex.wait(self._futex_addr, word, min(deadline - now, 0.25))
 
     def status(self) -> Status:
         """The cache's and its writer's state, read without waiting."""
@@ -495,6 +639,37 @@ class Reader:
             if _unpack_q(self._cbuf, _TAIL_OFF)[0] <= tail:
                 return pos
         return _unpack_q(self._cbuf, _TAIL_OFF)[0]
+
+    # -- integrations (shmcache/aio.py, shmcache/subscribe.py) --
+    # Return types are shmcache.aio.AsyncWatch and shmcache.subscribe.Subscription
+    # (Any here: this module does not import those).
+
+    def awatch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Any:
+        """``watch`` for asyncio: ``async for ev in r.awatch(prefix, since_revision)``.
+
+        Returns an AsyncWatch. Woken by the writer's publish through one thread per
+        Reader and process, whatever the number of watches (shmcache/aio.py).
+        """
+        from .aio import AsyncWatch
+
+        return AsyncWatch(self, prefix, since_revision)
+
+    async def await_revision(self, revision: int, timeout: float | None = None) -> bool:
+        """``wait`` for asyncio: True once ``revision`` is reached, False after ``timeout`` s."""
+        from .aio import await_revision
+
+        return await await_revision(self, revision, timeout)
+
+    def subscribe(self, prefix: bytes | str, callback: Any, *, since_revision: int | None = None,
+                  on_reset: Any = None, on_error: Any = None) -> Any:
+        """Call ``callback(event)`` for every change under ``prefix`` from a background thread.
+
+        Returns a running Subscription (``close()`` stops it); see shmcache/subscribe.py.
+        """
+        from .subscribe import Subscription
+
+        return Subscription(self, prefix, callback, since_revision=since_revision,
+                            on_reset=on_reset, on_error=on_error)
 
 
 class Watch:

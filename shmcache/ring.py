@@ -15,6 +15,7 @@ import collections
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from . import layout
 from .errors import CorruptSegmentError, VersionMismatchError
@@ -173,7 +174,8 @@ class RingWriter:
         new_tail = records[0][0] if records else head
         return Placement(start, end, pad_at, max(new_tail, self.tail), compact)
 
-    def write(self, placement: Placement, revision: int, payload: bytes) -> None:
+    def write(self, placement: Placement, revision: int, payload: bytes,
+              on_payload: Any = None) -> None:
         """Write the padding (if any) and the record bytes; the caller publishes the head after."""
         buf = self.buf
         cap = self.capacity
@@ -196,6 +198,8 @@ class RingWriter:
         # Payload first, header last: a reader that races this write sees the old
         # stamp (or a CRC mismatch) rather than a valid header over half a payload.
         buf[base + _REC_SIZE:base + _REC_SIZE + length] = payload  # type: ignore[index]
+        if on_payload is not None:
+            on_payload()  # crash-test hook: the payload is written, the header not yet
         buf[base:base + _REC_SIZE] = hdr  # type: ignore[index]
         if placement.start != self.head:
             self.records.append((self.head, 0))  # the padding / end-of-lap skip

@@ -78,11 +78,11 @@ def build(
             entry[0:4] = crc.to_bytes(4, "little")
             chunk += entry
             pack_q(index, 8 * n, off)
-            h = _crc32(key) + 1
-            i = (h - 1) & mask
-            while unpack_slot(table, 16 * i)[0]:
+            h = _crc32(key)
+            i = h & mask
+            while unpack_slot(table, 16 * i)[1]:
                 i = (i + 1) & mask
-            pack_slot(table, 16 * i, h, off)
+            pack_slot(table, 16 * i, h | layout.slot_check(h, off) << 32, off)
             off += size
             n += 1
             if len(chunk) >= 1 << 20:
@@ -197,16 +197,25 @@ class Snapshot:
         from the table is bounds-checked before use and the entry's CRC is
         verified before its value is returned.
         """
-        h = _crc32(key) + 1
+        h = _crc32(key)
         mask = self.mask
-        i = (h - 1) & mask
+        i = h & mask
         buf = self.buf
         base = self.hash_off
         data_off = self.data_off
         last_entry = self.data_end - _ENTRY_SIZE
         klen_want = len(key)
         for _ in range(self.slots):
-            sh, off = _SLOT_UNPACK(buf, base + (i << 4))
+            word, off = _SLOT_UNPACK(buf, base + (i << 4))
+            if off == 0:
+                if word:
+                    raise self._corrupt(f"hash slot {i} is damaged (empty with a hash)")
+                return None
+            sh = word & 0xFFFFFFFF
+            # layout.slot_check, inlined: this loop is every reader's hot path.
+            if word >> 32 != ((sh ^ (off & 0xFFFFFFFF) ^ (off >> 32) ^ 0x5BD1E995)
+                              * 0x9E3779B1) & 0xFFFFFFFF:
+                raise self._corrupt(f"hash slot {i} fails its check")
             if sh == h:
                 if not data_off <= off <= last_entry or off & 7:
                     raise self._corrupt(f"hash slot {i} points outside the data area ({off})")
@@ -221,8 +230,6 @@ class Snapshot:
                         raise self._corrupt(f"entry at {off} fails its checksum")
                     return kv_new(KeyValue, (key, buf[start + klen:stop], create, mod, version,
                                              lease))
-            elif sh == 0:
-                return None
             i = (i + 1) & mask
         raise self._corrupt("hash table has no empty slot")
 
@@ -244,6 +251,17 @@ class Snapshot:
         i = self.bisect(start)
         n = self.count
         buf = self.buf
+        # build() lays entries out back to back in key order, so every index
+        # offset is predictable from the entry before it: a damaged index cannot
+        # make a listing skip or repeat keys without this check failing.
+        if i > 0:
+            poff = self.offset(i - 1)
+            self._key_at(poff)  # bounds-checks the entry
+            _c, pk, pv, *_ = _ENTRY_UNPACK(buf, poff)
+            expected = poff + ((_ENTRY_SIZE + pk + pv + 7) & ~7)
+        else:
+            expected = self.data_off
+        prev = b""
         view = self._view
         index_off = self.index_off
         data_off = self.data_off
@@ -251,8 +269,9 @@ class Snapshot:
         last_entry = data_end - _ENTRY_SIZE
         while i < n:
             off = _Q_UNPACK(buf, index_off + 8 * i)[0]
-            if not data_off <= off <= last_entry or off & 7:
-                raise self._corrupt(f"index entry {i} points outside the data area ({off})")
+            if off != expected or off > last_entry:
+                raise self._corrupt(f"sorted index is out of order: entry {i} points at {off}, "
+                                    f"expected {expected}")
             crc, klen, vlen, _flags, create, mod, version, lease = _ENTRY_UNPACK(buf, off)
             kstart = off + _ENTRY_SIZE
             vstart = kstart + klen
@@ -260,6 +279,12 @@ class Snapshot:
             if stop > data_end:
                 raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
             key = buf[kstart:vstart]
+            # Keys must strictly increase: a damaged index offset that points at
+            # another (valid) entry breaks the order, and is caught here.
+            if key <= prev and i:
+                raise self._corrupt(f"sorted index is out of order at entry {i}")
+            prev = key
+            expected = (stop + 7) & ~7
             if end is not None and key >= end:
                 return
             if _crc32(view[off + 4:stop]) != crc:
@@ -290,8 +315,13 @@ class Snapshot:
                     problems.append(f"{self.name}: hash lookup of {kv.key!r} gives {got!r}")
                 prev = kv.key
             for i in range(self.slots):
-                if _SLOT_UNPACK(self.buf, self.hash_off + 16 * i)[0]:
+                word, off = _SLOT_UNPACK(self.buf, self.hash_off + 16 * i)
+                if off:
                     seen += 1
+                    if word >> 32 != layout.slot_check(word & 0xFFFFFFFF, off):
+                        problems.append(f"{self.name}: hash slot {i} fails its check")
+                elif word:
+                    problems.append(f"{self.name}: empty hash slot {i} holds a hash")
             if seen != self.count:
                 problems.append(f"{self.name}: hash table holds {seen} entries, index {self.count}")
         except CorruptSegmentError as exc:

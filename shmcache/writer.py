@@ -3,8 +3,9 @@
 Concurrency contract: one Writer per cache name per host, enforced with an
 exclusive flock on the control segment (a second writer gets CacheExistsError;
 the lock dies with its holder, so a crashed writer never blocks its successor).
-All publishing happens on the thread that calls ``run()``; ``stop()`` may be
-called from any thread or a signal handler.
+The thread that calls ``run()`` applies events and publishes them; a sync
+thread publishes the consistent-read counters (ControlWriter.publish is
+locked); ``stop()`` may be called from any thread or a signal handler.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import random
+import select
+import signal
 import threading
 import time
 from typing import Any
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _etcd, _shm, control, layout, ring, snapshot
+from . import _codec, _etcd, _shm, _sync, control, layout, ring, snapshot
 from .errors import CacheExistsError, CorruptSegmentError, ShmCacheError, WriterError
 
 __all__ = ["Writer"]
@@ -46,6 +50,31 @@ def parse_size(text: str | int) -> int:
     raise ValueError(f"cannot parse size {text!r} (use e.g. 64MiB, 512KiB, 1GiB)")
 
 
+def _parse_faults(spec: str) -> dict[str, float]:
+    """``SHMCACHE_FAULT="append:0.05,snapshot:0.2"``: crash-test hooks, see _fault_point."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        point, _, prob = part.partition(":")
+        out[point] = float(prob or 1.0)
+    return out
+
+
+_FAULTS = _parse_faults(os.environ.get("SHMCACHE_FAULT", ""))
+
+
+def _fault_point(point: str) -> None:
+    """Crash-test hook: SIGKILL this process here with the configured probability.
+
+    Used by the checker (tests/checker.py) to kill the writer in the middle of
+    appending a record and of publishing a snapshot. Costs one dict lookup
+    when SHMCACHE_FAULT is unset, which it always is in production.
+    """
+    p = _FAULTS.get(point)
+    if p and random.random() < p:
+        log.warning("SHMCACHE_FAULT: killing the writer at fault point %r", point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _Relist(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -61,6 +90,9 @@ class Writer:
     etcd still has that history. ``remove_on_close=True`` unlinks every segment
     of the cache when the writer stops.
     """
+
+    # Largest range whose keys the progress check scans in etcd (see _on_progress).
+    PROGRESS_SCAN_LIMIT = 10_000
 
     def __init__(
         self,
@@ -124,12 +156,26 @@ class Writer:
         self._progress_candidate: int | None = None
         self._progress_outstanding = False
         self._progress_sent = 0.0
+        self._watch_created = 0.0
+        self._unsynced_until = 0
         self._healthy = False
         self._head_unpublished = False
+        self._conn: _etcd.Connection | None = None
+        # Notified whenever the published revision moves (sync rounds wait on it).
+        self._revision_moved = threading.Condition()
         self._remove_strays_later = True
         self.ready = threading.Event()
         self.stats = {"events": 0, "records": 0, "bytes": 0, "snapshots": 0, "relists": 0,
-                      "reconnects": 0, "progress_requests": 0, "progress_anomalies": 0}
+                      "reconnects": 0, "progress_requests": 0, "progress_anomalies": 0,
+                      "sync_requests": 0, "sync_rounds": 0,
+                      # (service.py, issue 4) watch streams opened / responses received,
+                      # and the last snapshot's publish time, key count and size, for
+                      # metrics and the watchdog's "is the loop making progress" test.
+                      "watches": 0, "watch_responses": 0, "snapshot_seconds": 0.0,
+                      "snapshot_seconds_total": 0.0, "snapshot_keys": 0, "snapshot_bytes": 0}
+        # (service.py, issue 4) callback(loaded, total) called after each page of a
+        # relist; service.py logs progress with it. An exception it raises aborts the list.
+        self.list_progress: Any = None
 
     # -- segments --------------------------------------------------------------
 
@@ -269,9 +315,11 @@ class Writer:
         size, fill = snapshot.build(self.kv.items(), len(self.kv), self.revision, self.epoch)
         seg = _shm.create(name, size, self.mode, self.group)
         try:
+            _fault_point("snapshot")  # created, not filled: a stray for the next writer
             fill(seg.buf)
         finally:
             seg.close()
+        _fault_point("snapshot")  # filled, not published
         old = self._snap_seq
         # The head goes out with the snapshot: records appended but not yet
         # published (mid-response) are part of the state the snapshot holds.
@@ -289,8 +337,14 @@ class Writer:
         if old and old != seq:
             # Readers that mapped it keep their mapping; new readers use the new one.
             _shm.unlink(layout.snapshot_name(self.name, old))
+        elapsed = time.monotonic() - t0
+        # (service.py, issue 4) gauges of the last publish, for metrics.
+        self.stats["snapshot_seconds"] = elapsed
+        self.stats["snapshot_seconds_total"] += elapsed
+        self.stats["snapshot_keys"] = len(self.kv)
+        self.stats["snapshot_bytes"] = size
         log.info("snapshot published: revision %d, %d keys, %d bytes, %.1f ms", self.revision,
-                 len(self.kv), size, (time.monotonic() - t0) * 1000)
+                 len(self.kv), size, elapsed * 1000)
 
     def _reset_history(self, revision: int, reason: str, ring_capacity: int | None = None) -> None:
         """Start a new epoch at ``revision``: fresh snapshot, empty ring history."""
@@ -303,6 +357,7 @@ class Writer:
         self._ring.records.clear()
         self._ring.tail = self._ring.head
         self._publish_snapshot({
+            _B.B_SYNC_REVISION: min(self._ctl.get(_B.B_SYNC_REVISION), revision),
             _B.B_EPOCH: self.epoch, _B.B_REVISION: revision, _B.B_COMPACT_REVISION: revision,
             _B.B_RING_HEAD: self._ring.head, _B.B_RING_TAIL: self._ring.head,
             _B.B_RING_GEN: self._ring.generation, _B.B_RING_CAPACITY: self._ring.capacity,
@@ -349,7 +404,9 @@ class Writer:
             # The tail moves before the bytes are overwritten: a reader that re-reads
             # it after copying knows whether its copy can be torn.
             self._ctl.publish(updates, wake=False)
-        rw.write(pl, revision, payload)
+        rw.write(pl, revision, payload,
+                 on_payload=(lambda: _fault_point("append")) if _FAULTS else None)
+        _fault_point("append")  # the record is complete but not published
         self.revision = revision
         self._bytes_since_snapshot += len(payload)
         self.stats["events"] += n_events
@@ -371,6 +428,8 @@ class Writer:
                            _B.B_KEY_COUNT: len(self.kv),
                            _B.B_ETCD_REVISION: max(self.etcd_revision, self.revision)})
         self._head_unpublished = False
+        with self._revision_moved:
+            self._revision_moved.notify_all()
 
     def _flush(self, revision: int, batch: list[_codec.EventTuple]) -> None:
         """Append one revision's record, then apply it to the state.
@@ -406,9 +465,15 @@ class Writer:
                     raise _Relist(f"etcd sent revision {rev} after the cache reached "
                                   f"{self.revision}")
                 batch_rev = rev
-            p = ev.prev_kv if ev.HasField("prev_kv") else None
-            prev = (p.key, p.value, p.create_revision, p.mod_revision, p.version,
-                    p.lease) if p is not None else None
+            if ev.HasField("prev_kv"):
+                p = ev.prev_kv
+                prev = (p.key, p.value, p.create_revision, p.mod_revision, p.version, p.lease)
+            else:
+                # etcd leaves prev_kv out when it can no longer read the revision
+                # before the event (compacted while the watch caught up); the state
+                # holds that value exactly, and past-revision reads depend on it.
+                old = self.kv.get(e.key)
+                prev = (e.key, *old) if old is not None else None
             if ev.type == 0:
                 batch.append((0, e.key, e.value, e.create_revision, rev, e.version, e.lease, prev))
             else:
@@ -422,22 +487,64 @@ class Writer:
         """A progress notification: etcd's watch has delivered every event up to ``revision``.
 
         etcd < 3.4.31 / 3.5.13 may send a requested progress notification ahead of
-        events it has already queued for the stream (etcd issues 15220, 17507). A
-        notification is therefore only a candidate until the answer to a progress
-        request sent *after* it arrives: the server sends queued events before
-        that later answer, so if no event at or below the candidate came in
-        between, the candidate was truthful.
+        events it has not delivered yet (etcd issues 15220, 17507): events already
+        queued for the stream, and, on a watch created behind etcd's revision
+        (unsynced), all the events etcd's catch-up loop has yet to send. Three
+        defences, each cheap because progress only matters while the range idles:
+
+        1. A notification is only a candidate until the answer to a progress
+           request sent *after* it arrives; an event at or below the candidate
+           in between discards it (queued events go out before later answers).
+        2. On a watch created unsynced, no candidate is taken until an event
+           response reaches the creation revision or 2 s have passed (etcd's
+           catch-up loop runs every 100 ms).
+        3. Before publishing candidate P, Range reads at P check that the key
+           count matches the state and (for ranges up to PROGRESS_SCAN_LIMIT
+           keys) that no key was modified after the cache's revision: pending
+           puts and deletes show. (Keys created and deleted again inside the
+           window escape this, and in larger ranges so do pending updates of
+           existing keys.)
+        A late event at or below the published revision still relists into a
+        new epoch: the failure is explicit, never silent.
         """
         assert self._ctl is not None
         self._progress_outstanding = False
         self.etcd_revision = max(self.etcd_revision, revision)
+        if self._unsynced_until and time.monotonic() - self._watch_created < 2.0:
+            self._progress_candidate = None
+            return
         cand = self._progress_candidate
+        if cand is not None and cand > self.revision and not self._progress_plausible(cand):
+            self.stats["progress_anomalies"] += 1
+            log.warning("progress notification for revision %d ignored: etcd still has events "
+                        "after %d to deliver", cand, self.revision)
+            cand = self._progress_candidate = None
         if cand is not None and cand > self.revision:
             self.revision = cand
             self._ctl.publish({_B.B_REVISION: cand, _B.B_ETCD_REVISION: self.etcd_revision})
+            with self._revision_moved:
+                self._revision_moved.notify_all()
         self._progress_candidate = revision if revision > self.revision else None
         if self._progress_candidate is not None and self._stream is not None:
             self._request_progress()
+
+    def _progress_plausible(self, revision: int) -> bool:
+        """Whether etcd's range at ``revision`` agrees with the state (see _on_progress, 3)."""
+        conn = self._conn
+        if conn is None or conn.client is None:
+            return False
+        try:
+            if conn.count(self.range_key, self.range_end, revision) != len(self.kv):
+                return False
+            # etcd filters by mod revision only by scanning the range: affordable
+            # for small ranges; large ones rely on the count and defences 1 and 2.
+            if len(self.kv) <= self.PROGRESS_SCAN_LIMIT:
+                return conn.modified_since(self.range_key, self.range_end, revision,
+                                           self.revision + 1) == 0
+        except Exception as exc:  # compacted meanwhile, or etcd gone: not confirmed
+            log.debug("progress check at %d failed: %s", revision, _etcd.describe(exc))
+            return False
+        return True
 
     def _request_progress(self) -> None:
         now = time.monotonic()
@@ -470,10 +577,66 @@ class Writer:
                     and now - self._progress_sent >= self.progress_interval):
                 self._request_progress()
 
+    def _sync_loop(self, sock: Any) -> None:
+        """Serve consistent-read requests from readers (see _sync.py), one round at a time."""
+        assert self._ctl is not None
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.25)
+            except (OSError, ValueError):
+                return
+            if not ready or not _sync.drain(sock):
+                continue
+            self.stats["sync_requests"] += 1
+            # Requests that arrive from here on are served by the next round.
+            started = self._ctl.get(_B.B_SYNC_STARTED) + 1
+            self._ctl.publish({_B.B_SYNC_STARTED: started}, wake=False)
+            try:
+                target = self._sync_round()
+            except Exception as exc:  # etcd down: readers time out and retry
+                log.warning("sync round %d failed: %s", started, _etcd.describe(exc))
+                continue
+            if target is not None:
+                self.stats["sync_rounds"] += 1
+                self._ctl.publish({_B.B_SYNC_DONE: started, _B.B_SYNC_REVISION: target})
+
+    def _sync_round(self, timeout: float = 10.0) -> int | None:
+        """Learn etcd's current revision R, then wait until the cache has reached it.
+
+        R comes from a linearizable read issued after the requests arrived, so it
+        covers every write that completed before those sync() calls. An idle
+        range reaches R through progress notifications (double-confirmed, see
+        _on_progress).
+        """
+        conn = self._conn
+        if conn is None or conn.client is None:
+            raise _WatchBroken("not connected to etcd")
+        target = conn.current_revision(self.range_key, self.range_end)
+        deadline = time.monotonic() + timeout
+        ctl = self._ctl
+        assert ctl is not None
+
+        def published() -> int:
+            # What readers can see, not self.revision, which runs ahead of the
+            # block while a watch response is being appended.
+            return ctl.get(_B.B_REVISION)
+
+        with self._revision_moved:
+            while published() < target and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("sync: cache stuck at revision %d below etcd's %d",
+                                published(), target)
+                    return None
+                self._request_progress()
+                self._revision_moved.wait(min(remaining, 0.5))
+        return target if published() >= target else None
+
     def _relist(self, conn: _etcd.Connection, reason: str) -> None:
         t0 = time.monotonic()
         log.info("listing %r from etcd (%s)", self.prefix, reason)
-        rev, items = conn.list_range(self.range_key, self.range_end)
+        rev, items = conn.list_range(self.range_key, self.range_end,
+                                     progress=self.list_progress)  # (issue 4: progress hook)
         self.kv = SortedDict(items)
         self.stats["relists"] += 1
         self._reset_history(rev, reason)
@@ -485,6 +648,17 @@ class Writer:
         existed = self._attach_control()
         ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
         ticker.start()
+        sync_sock = None
+        try:
+            sync_sock = _sync.bind(self.name)
+        except OSError as exc:
+            log.warning("consistent reads (Reader.sync) unavailable: cannot bind the request "
+                        "socket: %s", exc)
+        syncer = None
+        if sync_sock is not None:
+            syncer = threading.Thread(target=self._sync_loop, args=(sync_sock,),
+                                      name="shmcache-sync", daemon=True)
+            syncer.start()
         try:
             resumed = existed and self._restore()
             if resumed:
@@ -493,11 +667,18 @@ class Writer:
             self._loop(resumed)
         finally:
             self._stop.set()
+            with self._revision_moved:
+                self._revision_moved.notify_all()
             ticker.join(timeout=2)
+            if syncer is not None:
+                syncer.join(timeout=2)
+            if sync_sock is not None:
+                sync_sock.close()
             self._shutdown()
 
     def _loop(self, resumed: bool) -> None:
         conn = _etcd.Connection(self.etcd_settings)
+        self._conn = conn
         backoff = 0.1
         need_list = not resumed
         reason = "first start" if not resumed else ""
@@ -543,10 +724,12 @@ class Writer:
         start = self.revision + 1
         stream = conn.watch(self.range_key, self.range_end, start)
         self._stream = stream
+        self.stats["watches"] += 1  # (issue 4)
         self._progress_candidate = None
         self._progress_outstanding = False
         try:
             for resp in stream:
+                self.stats["watch_responses"] += 1  # (issue 4: watchdog liveness, metrics)
                 if self._stop.is_set():
                     return
                 if resp.compact_revision:
@@ -558,8 +741,15 @@ class Writer:
                 self._healthy = True
                 if resp.created:
                     log.info("watching %r from revision %d", self.prefix, start)
+                    # Created behind etcd's revision: unsynced until etcd's catch-up
+                    # loop has sent the events up to here (see _on_progress).
+                    self._watch_created = time.monotonic()
+                    created_at = int(resp.header.revision)
+                    self._unsynced_until = created_at if created_at >= start else 0
                     continue
                 if resp.events:
+                    if self._unsynced_until and resp.header.revision >= self._unsynced_until:
+                        self._unsynced_until = 0
                     if self._progress_candidate is not None and any(
                             ev.kv.mod_revision <= self._progress_candidate for ev in resp.events):
                         self._progress_candidate = None  # it overtook events: not truthful
@@ -580,6 +770,12 @@ class Writer:
         stream = self._stream
         if stream is not None:
             stream.close()
+        conn = self._conn
+        if conn is not None:
+            # (issue 4 fix) closing the channel cancels a call blocked on an etcd that
+            # does not answer (connect, list page: up to their timeouts), so SIGTERM
+            # is prompt there too; the loop sees _stop and leaves.
+            conn.close()
 
     def _shutdown(self) -> None:
         if self._ctl is not None:

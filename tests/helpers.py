@@ -24,11 +24,13 @@ class WriterProcess:
                      "--prefix", prefix.decode(), "--ring-size", ring_size,
                      "--log-level", "info"] + (extra or [])
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
         self.log_path = f"/tmp/shmcache-test-writer-{name}.log"
 
     def start(self, wait: bool = True) -> WriterProcess:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env})
         if wait:
             self.wait_ready()
         return self
@@ -86,10 +88,11 @@ class WriterProcess:
         if hasattr(self, "_log"):
             self._log.close()
         _shm.remove_cache(self.name)
-        try:
-            os.unlink(self.log_path)
-        except OSError:
-            pass
+        if not os.environ.get("SHMCACHE_KEEP_LOGS"):
+            try:
+                os.unlink(self.log_path)
+            except OSError:
+                pass
 
 
 def etcd_range(client: Any, prefix: bytes, revision: int = 0) -> list[KeyValue]:

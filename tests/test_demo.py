@@ -25,7 +25,8 @@ def test_demo_runs_and_cleans_up() -> None:
         assert all(rate > 0 for rate in rates), row
         assert "ms" in row and "rev" in row
     assert "0 shared-memory segments left" in out.stdout
-    assert set(_shm.list_caches()) == before
+    # (other caches may come and go meanwhile: only the demo's own must be gone)
+    assert not [c for c in set(_shm.list_caches()) - before if c.startswith("demo-")]
     leftovers = [p for p in psutil.process_iter(["cmdline"])
                  if "demo-" in " ".join(p.info["cmdline"] or []) and "serve" in
                  " ".join(p.info["cmdline"] or [])]

@@ -20,6 +20,7 @@ and takes a few seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import struct
 import zlib
@@ -121,9 +122,11 @@ class SnapBase:
     kvs: dict[bytes, Any]  # key -> KeyValue
     fields: list[Field]
     unused: set[int]  # bytes no reader interprets
+    padding: set[int]  # the entries' alignment bytes: among the unused, but under the body CRC
     entry_offs: list[int]
     probes: list[bytes]
     prefixes: list[bytes]
+    table: tuple[int, int]  # [start, end) of the hash table
 
 
 def snap_base(data: dict[bytes, bytes]) -> SnapBase:
@@ -141,22 +144,26 @@ def snap_base(data: dict[bytes, bytes]) -> SnapBase:
     fields += [Field(88, 4), Field(92, 4)]
     fields += [Field(HEADER_SIZE + 8 * i, 8, tuple(valid)) for i in range(snap.count)]
     for i in range(snap.slots):
-        h, off = layout.SNAP_SLOT.unpack_from(raw, snap.hash_off + 16 * i)
-        if h or i < 2:
-            fields.append(Field(snap.hash_off + 16 * i, 8, (h + 1, h - 1)))
+        word, off = layout.SNAP_SLOT.unpack_from(raw, snap.hash_off + 16 * i)
+        if off or i < 2:  # occupied slots, and two slots that may be empty
+            # hash +-1, a flipped check bit, the hash without its check word
+            extra = (word + 1, word - 1, word ^ 1 << 32, word & 0xFFFFFFFF)
+            fields.append(Field(snap.hash_off + 16 * i, 8, extra))
             fields.append(Field(snap.hash_off + 16 * i + 8, 8, tuple(valid)))
     unused = set(range(layout.SNAP_HEADER.size, HEADER_SIZE))
+    padding: set[int] = set()
     for off in offs:
         _crc, klen, vlen, *_ = layout.SNAP_ENTRY.unpack_from(raw, off)
         end = off + 48 + klen + vlen
-        unused |= set(range(end, layout.align8(end)))
+        padding |= set(range(end, layout.align8(end)))
         big = (size - off, size - off - 48, 2**32 - 48)
         fields += [Field(off, 4), Field(off + 4, 4, big), Field(off + 8, 4, big),
                    Field(off + 12, 4)] + [Field(off + 16 + 8 * j, 8) for j in range(4)]
     probes = list(kvs) + [b"", b"\x01", b"/a/zz", b"k\x00", b"\xff\xff\xff"]
     prefixes = [b"", b"/a/", b"/a/1", b"\xff", b"k"]
+    table = (snap.hash_off, snap.data_off)
     snap.close()
-    return SnapBase(raw, kvs, fields, unused, offs, probes, prefixes)
+    return SnapBase(raw, kvs, fields, unused | padding, padding, offs, probes, prefixes, table)
 
 
 SNAP_BASES = [
@@ -237,8 +244,13 @@ def test_damaged_snapshot(data: st.DataObject, which: int, kind: str, resign: bo
         got = read_snapshot(b, len(buf), base)
     clean = CLEAN[which]
     assert clean is not None and clean[0] == []
-    if changed(base.raw, bytes(buf)) <= base.unused and cut is None:
-        assert got == clean  # only unused bytes were hit: same answers, nothing reported
+    hit = changed(base.raw, bytes(buf))
+    if hit <= base.unused and cut is None:
+        # Only unused bytes were hit: same answers, and nothing reported except that
+        # damaged padding fails the body CRC (which covers the whole data area).
+        assert got is not None and got[1] == clean[1]
+        padding_hit = bool(hit & base.padding) and not resign
+        assert got[0] == (["fuzz: body checksum mismatch"] if padding_hit else [])
         return
     if got is None or resign:
         return  # refused to open; or a hostile writer, whose valid-looking data is its own
@@ -251,6 +263,22 @@ def test_damaged_snapshot(data: st.DataObject, which: int, kind: str, resign: bo
             assert all(v == "corrupt" or v in base.kvs.values() for v in value)
     if not problems:
         assert results == clean[1]  # check() passes only if every answer is the original
+    if len(damage) == 1 and cut is None:
+        assert_no_false_miss(base, bytes(buf), results)
+
+
+def assert_no_false_miss(base: SnapBase, buf: bytes, results: dict[Any, Any]) -> None:
+    """One damage confined to the hash table never turns a hit into a miss: get() raises.
+
+    Each slot's check word covers its hash and offset and an empty slot is all
+    zeros, so a single flipped bit, byte or word in the table is caught on the
+    probe that reaches it (zeroing a whole slot takes two overwrites).
+    """
+    lo, hi = base.table
+    if len(buf) != len(base.raw) or buf[:lo] != base.raw[:lo] or buf[hi:] != base.raw[hi:]:
+        return
+    for key, kv in base.kvs.items():
+        assert results["get", key] in (kv, "corrupt"), key
 
 
 def test_snapshot_header_claiming_huge_counts() -> None:
@@ -442,7 +470,8 @@ def control_base() -> tuple[bytes, control.Block]:
                     layout.B_RING_GEN: 2, layout.B_RING_CAPACITY: 65_536, layout.B_SNAP_SEQ: 3,
                     layout.B_SNAP_REVISION: 110, layout.B_SNAP_SIZE: 4096,
                     layout.B_SNAP_RING_POS: 60_000, layout.B_KEY_COUNT: 10,
-                    layout.B_ETCD_REVISION: 125})
+                    layout.B_ETCD_REVISION: 125, layout.B_SYNC_STARTED: 7,
+                    layout.B_SYNC_DONE: 6, layout.B_SYNC_REVISION: 118})
         del cw
         raw = bytes(m)
     finally:
@@ -455,13 +484,13 @@ def control_base() -> tuple[bytes, control.Block]:
 
 CTL, CTL_BLOCK = control_base()
 _CTL_EXTRA = (65_536, 65_528, 65_544, 2**40, 2**40 + 8, 10_000, 70_000, 135_536, 2048, 2049,
-              4096, 120, 121, 3)
+              4096, 120, 121, 3, 6, 7, 8, 118)
 CTL_FIELDS = [Field(0, 8), Field(8, 4, (0, 2)), Field(12, 4, (2, 3)), Field(16, 8, (3, 5))]
 CTL_FIELDS += [Field(o, 8) for o in range(24, 64, 8)]
-CTL_FIELDS += [Field(layout.C_BLOCK + 8 * i, 8, _CTL_EXTRA) for i in range(15)]
+CTL_FIELDS += [Field(layout.C_BLOCK + 8 * i, 8, _CTL_EXTRA) for i in range(layout.BLOCK_FIELDS)]
 CTL_FIELDS += [Field(layout.C_PREFIX, 8)]
 # Bytes whose damage must not change what a reader gets from the block.
-CTL_USED = set(range(0, 24)) | set(range(layout.C_BLOCK, layout.C_BLOCK + 8 * layout.B_RESERVED))
+CTL_USED = set(range(24)) | set(range(layout.C_BLOCK, layout.C_BLOCK + 8 * layout.B_RESERVED))
 
 
 def read_control(buf: Any, size: int) -> control.Block | None:
@@ -519,12 +548,32 @@ def test_damaged_control(data: st.DataObject, kind: str) -> None:
 @pytest.mark.parametrize("snap_seq", [0, 1])
 def test_zero_ring_capacity(snap_seq: int) -> None:
     """Regression: capacity 0 with a published snapshot is refused (read_record would divide by it)."""
-    b = control.Block(2, 1, 5, 0, 64, 0, 1, 0, snap_seq, 5, 4096, 0, 1, 5, 0)
+    b = control.Block(2, 1, 5, 0, 64, 0, 1, 0, snap_seq, 5, 4096, 0, 1, 5, 0, 0, 0, 0)
     if snap_seq:
         with pytest.raises(CorruptSegmentError, match="capacity"):
             control.validate_block(b, "/ctl")
     else:
         control.validate_block(b, "/ctl")  # the zeroed block of a writer still starting
+
+
+@pytest.mark.parametrize(("started", "done", "revision", "ok"), [
+    (0, 0, 0, True),  # no sync round yet
+    (7, 6, 118, True),  # one round in flight
+    (7, 7, 120, True),  # every round done, at the block's revision
+    (6, 7, 118, False),  # more rounds done than started
+    (7, 7, 121, False),  # synced past the published revision
+    (0, 2**64 - 1, 0, False),
+])
+def test_sync_counters_are_validated(started: int, done: int, revision: int, ok: bool) -> None:
+    """validate_block: SYNC_DONE <= SYNC_STARTED and SYNC_REVISION <= REVISION."""
+    b = dataclasses.replace(CTL_BLOCK, sync_started=started, sync_done=done,
+                            sync_revision=revision)
+    assert b.revision == 120
+    if ok:
+        control.validate_block(b, "/ctl")
+    else:
+        with pytest.raises(CorruptSegmentError, match="sync rounds"):
+            control.validate_block(b, "/ctl")
 
 
 def test_seqlock_held_forever_returns_none_promptly() -> None:
@@ -594,6 +643,8 @@ def test_every_snapshot_field_overwrite(which: int) -> None:
             got = read_snapshot(bytes(buf), len(buf), base)
             if got is not None and not resign and not got[0]:
                 assert got == CLEAN[which], (f, value)
+            if got is not None and not resign and base.table[0] <= f.off < base.table[1]:
+                assert_no_false_miss(base, bytes(buf), got[1])
 
 
 def test_every_ring_field_overwrite() -> None:

@@ -209,7 +209,7 @@ def test_struct_sizes() -> None:
     assert layout.SNAP_INDEX_ENTRY.size == 8
     assert layout.SNAP_HEADER.size == 96 <= snapshot.HEADER_SIZE == 128
     assert layout.SNAP_HEADER_CRC_SPAN == 92
-    assert layout.BLOCK.size == 15 * 8 == 120
+    assert layout.BLOCK.size == 18 * 8 == 144
     assert layout.CONTROL_SIZE == 4096
 
 
@@ -237,13 +237,16 @@ def test_block_field_indices() -> None:
             layout.B_RING_TAIL, layout.B_RING_GEN, layout.B_RING_CAPACITY, layout.B_SNAP_SEQ,
             layout.B_SNAP_REVISION, layout.B_SNAP_SIZE, layout.B_SNAP_RING_POS,
             layout.B_KEY_COUNT, layout.B_ETCD_REVISION, layout.B_PREFIX_LEN,
-            layout.B_RESERVED] == list(range(15))
-    assert layout.BLOCK.format == "<15Q"
-    # The Block dataclass carries seq plus the first 14 fields, in the same order.
+            layout.B_SYNC_STARTED, layout.B_SYNC_DONE, layout.B_SYNC_REVISION,
+            layout.B_RESERVED] == list(range(18))
+    assert layout.BLOCK.format == "<18Q"
+    assert layout.BLOCK_FIELDS == 18 == len(layout.BLOCK.unpack(bytes(layout.BLOCK.size)))
+    # The Block dataclass carries seq plus the first 17 fields (all but reserved), in order.
     names = list(control.Block.__dataclass_fields__)
-    assert names[0] == "seq" and len(names) == 15
+    assert names[0] == "seq" and len(names) == 18
     assert names[1 + layout.B_RING_TAIL] == "ring_tail"
     assert names[1 + layout.B_PREFIX_LEN] == "prefix_len"
+    assert names[1 + layout.B_SYNC_STARTED:] == ["sync_started", "sync_done", "sync_revision"]
 
 
 def test_magics_and_kinds() -> None:
@@ -308,17 +311,28 @@ def test_golden_snapshot() -> None:
         "0801000000000000"  # data_off 264
         "3800000000000000"  # data_len 56
         "4001000000000000"  # total_size 320
-        "e8ff9a0c"  # body crc32 (data, then index, then hash table)
-        "64b7d938"  # header crc32 of bytes [0, 92)
+        "dd5f2369"  # body crc32 (data, then index, then hash table)
+        "b1628b2e"  # header crc32 of bytes [0, 92)
         + "00" * 32  # unused up to HEADER_SIZE
     )
     assert buf[128:136].hex() == "0801000000000000"  # index[0] -> the entry at 264
-    h = zlib.crc32(b"k") + 1
-    assert h == 0x0862575E
-    slot = (h - 1) & 7
+    # Hash slot: (crc32(key) | slot_check(crc32(key), offset) << 32, offset), at slot
+    # crc32(key) & 7; every other slot is empty (all zeros).
+    h = zlib.crc32(b"k")
+    assert h == 0x0862575D
+    slot = h & 7
+    assert slot == 5
+    # slot_check by hand: fold = h ^ (off & 0xffffffff) ^ (off >> 32) ^ 0x5bd1e995, then
+    # fold * 0x9e3779b1 mod 2**32.
+    fold = 0x0862575D ^ 0x108 ^ 0 ^ 0x5BD1E995
+    assert fold == 0x53B3BFC0
+    assert (fold * 0x9E3779B1) & 0xFFFFFFFF == 0x872953C0 == layout.slot_check(h, 264)
     table = bytes(buf[136:264])
-    assert table == bytes(16 * slot) + bytes.fromhex("5e576208000000000801000000000000") + bytes(
-        16 * (7 - slot))
+    assert table == bytes(16 * slot) + bytes.fromhex(
+        "5d576208"  # crc32(b"k")
+        "c0532987"  # slot_check(crc32(b"k"), 264)
+        "0801000000000000"  # the entry at 264
+    ) + bytes(16 * (7 - slot))
     assert buf[264:320].hex() == (
         "b2164530"  # entry crc32 of bytes [4, 50)
         "01000000"  # key length 1
@@ -332,6 +346,9 @@ def test_golden_snapshot() -> None:
         "000000000000"  # padding to 8 bytes
     )
     assert zlib.crc32(bytes(buf[268:314])) == 0x304516B2
+    body = zlib.crc32(table, zlib.crc32(bytes(buf[128:136]), zlib.crc32(bytes(buf[264:320]))))
+    assert body == 0x69235FDD  # data area, then index, then hash table
+    assert zlib.crc32(bytes(buf[:92])) == 0x2E8B62B1
 
 
 def test_golden_control_segment() -> None:
@@ -340,16 +357,39 @@ def test_golden_control_segment() -> None:
     try:
         control.ControlWriter.initialise(m, b"/app/")
         assert m[:16].hex() == "53484d432e43544c" "01000000" "01000000"  # "SHMC.CTL", v1, control
+        assert m[64:208] == bytes(13 * 8) + b"\x05" + bytes(4 * 8 + 7)  # only PREFIX_LEN is set
         cw = control.ControlWriter(m)
-        cw.publish({i: i + 1 for i in range(15) if i != layout.B_PREFIX_LEN})
+        cw.publish({i: i + 1 for i in range(18) if i != layout.B_PREFIX_LEN})
         assert m[layout.C_SEQ:layout.C_SEQ + 8].hex() == "0200000000000000"  # even: published once
-        expected = [i + 1 for i in range(15)]
+        expected = [i + 1 for i in range(18)]
         expected[layout.B_PREFIX_LEN] = 5  # set by initialise(), kept by publish()
-        assert m[64:184].hex() == "".join(v.to_bytes(8, "little").hex() for v in expected)
-        assert m[64:72].hex() == "0100000000000000"  # epoch first, at C_BLOCK
+        assert m[64:208].hex() == "".join(v.to_bytes(8, "little").hex() for v in expected)
+        assert m[64:208].hex() == (
+            "0100000000000000"  # 64  EPOCH, first, at C_BLOCK
+            "0200000000000000"  # 72  REVISION
+            "0300000000000000"  # 80  COMPACT_REVISION
+            "0400000000000000"  # 88  RING_HEAD
+            "0500000000000000"  # 96  RING_TAIL
+            "0600000000000000"  # 104 RING_GEN
+            "0700000000000000"  # 112 RING_CAPACITY
+            "0800000000000000"  # 120 SNAP_SEQ
+            "0900000000000000"  # 128 SNAP_REVISION
+            "0a00000000000000"  # 136 SNAP_SIZE
+            "0b00000000000000"  # 144 SNAP_RING_POS
+            "0c00000000000000"  # 152 KEY_COUNT
+            "0d00000000000000"  # 160 ETCD_REVISION
+            "0500000000000000"  # 168 PREFIX_LEN (len(b"/app/"))
+            "0f00000000000000"  # 176 SYNC_STARTED
+            "1000000000000000"  # 184 SYNC_DONE
+            "1100000000000000"  # 192 SYNC_REVISION
+            "1200000000000000"  # 200 reserved
+        )
         assert m[1024:1030] == b"/app/\0"
-        assert m[184:1024] == bytes(840)  # nothing else between the block and the prefix
-        assert control.read_block(m) == control.Block(2, *expected[:14])
+        assert m[208:1024] == bytes(816)  # nothing else between the block and the prefix
+        assert control.read_block(m) == control.Block(2, *expected[:17])
+        b = control.read_block(m)
+        assert b is not None
+        assert (b.prefix_len, b.sync_started, b.sync_done, b.sync_revision) == (5, 15, 16, 17)
         del cw
     finally:
         m.close()

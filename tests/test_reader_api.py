@@ -43,10 +43,11 @@ def test_all_is_pinned() -> None:
     """The public surface changes only on purpose."""
     assert shmcache.__all__ == sorted(shmcache.__all__)
     assert set(shmcache.__all__) == {
-        "CacheExistsError", "CompactedError", "CorruptSegmentError", "Event", "InvalidNameError",
-        "KeyValue", "ListResult", "NotFoundError", "Reader", "SegmentPermissionError",
-        "ShmCacheError", "StaleError", "Status", "TimeoutError", "VersionMismatchError", "Watch",
-        "Writer", "WriterError", "remove"}
+        "AsyncWatch", "CacheExistsError", "CompactedError", "CorruptSegmentError", "Event",
+        "FutureRevisionError",
+        "InvalidNameError", "KeyValue", "ListResult", "NotFoundError", "Reader",
+        "SegmentPermissionError", "ShmCacheError", "StaleError", "Status", "Subscription",
+        "TimeoutError", "VersionMismatchError", "Watch", "Writer", "WriterError", "remove"}
     for name in shmcache.__all__:
         assert getattr(shmcache, name) is not None
     for exc in ("CompactedError", "CorruptSegmentError", "NotFoundError", "StaleError",

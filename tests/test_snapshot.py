@@ -2,8 +2,8 @@
 
 Covers 0, 1 and 1000 keys, binary and empty keys, empty values, a 1 MiB value,
 hash lookups (hits and misses), bisect/range for prefixes with etcd's
-prefix_range_end semantics, header validation, and a hypothesis test that any
-dict of keys to values reads back exactly.
+prefix_range_end semantics, header validation, damaged hash slots and sorted
+index, and a hypothesis test that any dict of keys to values reads back exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -262,14 +263,18 @@ def test_corrupt_entry_is_detected_on_read_and_by_check() -> None:
 
 
 def test_check_reports_index_and_hash_table_damage() -> None:
-    """Swapped index entries or a cleared hash slot return wrong answers silently; check() finds them."""
+    """Swapped index entries make a full range() raise; a zeroed hash slot is a silent miss.
+
+    check() reports both.
+    """
     raw = bytearray(make_bytes({b"a": b"1", b"b": b"2", b"c": b"3"}))
     snap = Snapshot("s", bytes(raw), len(raw))
     o0, o1 = snap.offset(0), snap.offset(1)
     swapped = bytearray(raw)
     struct.pack_into("<QQ", swapped, HEADER_SIZE, o1, o0)
     snap = Snapshot("s", bytes(swapped), len(swapped))
-    assert [kv.key for kv in snap.range(b"", None)] == [b"b", b"a", b"c"]  # no error by itself
+    with pytest.raises(CorruptSegmentError, match="sorted index is out of order"):
+        list(snap.range(b"", None))
     problems = snap.check()
     assert any("out of order" in p for p in problems)
     assert any("body checksum" in p for p in problems)
@@ -277,11 +282,13 @@ def test_check_reports_index_and_hash_table_damage() -> None:
     cleared = bytearray(raw)
     snap = Snapshot("s", bytes(cleared), len(cleared))
     for i in range(snap.slots):
-        h, off = layout.SNAP_SLOT.unpack_from(cleared, snap.hash_off + 16 * i)
+        _word, off = layout.SNAP_SLOT.unpack_from(cleared, snap.hash_off + 16 * i)
         if off == o0:
             layout.SNAP_SLOT.pack_into(cleared, snap.hash_off + 16 * i, 0, 0)
     snap = Snapshot("s", bytes(cleared), len(cleared))
-    assert snap.get(b"a") is None  # a false miss, not an error
+    # A slot zeroed as a whole is indistinguishable from an empty one: a false miss, not
+    # an error (one flipped bit is caught: test_flipped_bit_in_a_hash_slot_is_never_...).
+    assert snap.get(b"a") is None
     problems = snap.check()
     assert any("hash lookup of b'a'" in p for p in problems)
     assert any("hash table holds 2 entries" in p for p in problems)
@@ -300,13 +307,167 @@ def test_hash_table_without_empty_slot_is_corrupt() -> None:
     """A full hash table (impossible at load 1/2) makes a miss raise instead of probing forever."""
     raw = bytearray(make_bytes({b"a": b"1"}))
     snap = Snapshot("s", bytes(raw), len(raw))
+    off = snap.offset(0)
+    h = 12345  # no key here hashes to it; the slot's check word is correct for it
+    word = h | layout.slot_check(h, off) << 32
+    filled = 0
     for i in range(snap.slots):
-        h, _off = layout.SNAP_SLOT.unpack_from(raw, snap.hash_off + 16 * i)
-        if not h:
-            layout.SNAP_SLOT.pack_into(raw, snap.hash_off + 16 * i, 12345, snap.offset(0))
+        _word, o = layout.SNAP_SLOT.unpack_from(raw, snap.hash_off + 16 * i)
+        if not o:
+            layout.SNAP_SLOT.pack_into(raw, snap.hash_off + 16 * i, word, off)
+            filled += 1
+    assert filled == snap.slots - 1
     snap = Snapshot("s", bytes(raw), len(raw))
+    assert snap.get(b"a") == KeyValue(b"a", b"1", 1, 100, 1, 0)  # every slot passes its check
     with pytest.raises(CorruptSegmentError, match="no empty slot"):
         snap.get(b"missing")
+    # The same hash without its check word is caught at the first slot probed.
+    for i in range(snap.slots):
+        w, o = layout.SNAP_SLOT.unpack_from(raw, snap.hash_off + 16 * i)
+        if w == word:
+            layout.SNAP_SLOT.pack_into(raw, snap.hash_off + 16 * i, h, off)
+    snap = Snapshot("s", bytes(raw), len(raw))
+    with pytest.raises(CorruptSegmentError, match=r"hash slot \d+ fails its check"):
+        snap.get(b"missing")
+
+
+# Eight keys in 16 slots with collisions: k0, k18 and k30 hash to slot 15 (the chain
+# wraps to slots 0 and 1), k5 to slot 0, k8 and k10 to slot 13.
+SLOT_KEYS = {b"k0": b"a", b"k18": b"b", b"k30": b"", b"k5": b"d" * 9, b"k8": b"e", b"k10": b"f",
+             b"k17": b"g", b"k1": b"h"}
+
+
+def slot_table(snap: Snapshot) -> list[tuple[int, int]]:
+    return [layout.SNAP_SLOT.unpack_from(snap.buf, snap.hash_off + 16 * i)
+            for i in range(snap.slots)]
+
+
+def test_hash_slot_words_carry_their_check() -> None:
+    """Each occupied slot is (crc32(key) | slot_check(crc32(key), off) << 32, off); empty ones are zero."""
+    snap = make(SLOT_KEYS)
+    assert snap.slots == 16
+    key_at = {snap.offset(i): kv.key for i, kv in enumerate(snap.range(b"", None))}
+    displaced = 0
+    for i, (word, off) in enumerate(slot_table(snap)):
+        if not off:
+            assert word == 0
+            continue
+        h = zlib.crc32(key_at[off])
+        assert word == h | layout.slot_check(h, off) << 32
+        displaced += (h & snap.mask) != i
+    assert displaced >= 3  # probe chains, one of them wrapping past the last slot
+    assert snap.check() == []
+
+
+def test_slot_check_changes_with_every_single_bit() -> None:
+    """slot_check(h, off) differs from the original for any one flipped bit of h (32) or off (64)."""
+    for h, off in [(0, 0), (0x0862575D, 264), (0xFFFFFFFF, 2**64 - 8), (12345, 1 << 40)]:
+        c = layout.slot_check(h, off)
+        assert 0 <= c < 1 << 32
+        for b in range(32):
+            assert layout.slot_check(h ^ 1 << b, off) != c
+        for b in range(64):
+            assert layout.slot_check(h, off ^ 1 << b) != c
+
+
+def test_flipped_bit_in_a_hash_slot_is_never_a_silent_miss() -> None:
+    """One flipped bit anywhere in any slot (hash, check or offset part): a get() probing it raises.
+
+    For an occupied slot, get() of its own key raises (no silent false miss); every
+    other key still reads back or raises. For an empty slot, a miss whose probe
+    starts there raises. check() reports the damage.
+    """
+    raw = make_bytes(SLOT_KEYS)
+    snap = Snapshot("s", raw, len(raw))
+    exp = {kv.key: kv for kv in expected(SLOT_KEYS)}
+    key_at = {snap.offset(i): kv.key for i, kv in enumerate(snap.range(b"", None))}
+    misses: dict[int, bytes] = {}  # slot -> an absent key whose probe starts there
+    n = 0
+    while len(misses) < snap.slots:
+        k = b"miss%d" % n
+        misses.setdefault(zlib.crc32(k) & snap.mask, k)
+        n += 1
+    for i, (_word, off) in enumerate(slot_table(snap)):
+        victim = key_at[off] if off else misses[i]
+        for bit in range(128):
+            damaged = bytearray(raw)
+            damaged[snap.hash_off + 16 * i + bit // 8] ^= 1 << bit % 8
+            bad = Snapshot("s", bytes(damaged), len(damaged))
+            with pytest.raises(CorruptSegmentError, match=rf"hash slot {i} "
+                               r"(fails its check|is damaged \(empty with a hash\))"):
+                bad.get(victim)
+            for key, kv in exp.items():
+                try:
+                    got = bad.get(key)
+                except CorruptSegmentError:
+                    continue
+                assert got == kv, (i, bit, key)
+            problems = bad.check()
+            assert any("body checksum" in p for p in problems), (i, bit)
+            assert any(f"hash slot {i}" in p for p in problems), (i, bit, problems)
+
+
+# --------------------------------------------------------------------------------------
+# a damaged sorted index
+
+RANGE_KEYS = {bytes([c]): b"v%c" % c for c in b"abcdefgh"}
+
+
+def damaged_indexes() -> dict[str, bytes]:
+    """Every swap of two index offsets, and every index entry pointed at another valid entry."""
+    raw = make_bytes(RANGE_KEYS)
+    snap = Snapshot("s", raw, len(raw))
+    offs = [snap.offset(i) for i in range(snap.count)]
+    out = {}
+    for p in range(len(offs)):
+        for q in range(len(offs)):
+            if p == q:
+                continue
+            b = bytearray(raw)
+            struct.pack_into("<Q", b, HEADER_SIZE + 8 * p, offs[q])
+            out[f"index[{p}] -> entry {q}"] = bytes(b)
+            if p < q:
+                struct.pack_into("<Q", b, HEADER_SIZE + 8 * q, offs[p])
+                out[f"swap {p} <-> {q}"] = bytes(b)
+    return out
+
+
+def test_range_over_a_damaged_sorted_index_raises() -> None:
+    """Swapped or redirected index offsets make a full listing raise instead of listing wrongly.
+
+    Every entry stays valid (its own CRC passes), so only the key order can tell:
+    range() requires strictly increasing keys along its walk. check() reports it too.
+    """
+    cases = damaged_indexes()
+    assert len(cases) == 8 * 7 + 8 * 7 // 2
+    for what, raw in cases.items():
+        snap = Snapshot("s", raw, len(raw))
+        with pytest.raises(CorruptSegmentError, match="sorted index is out of order"):
+            list(snap.range(b"", None))
+        assert any("out of order" in p for p in snap.check()), what
+    # Bounded ranges whose walk covers the damaged positions raise as well.
+    raw = cases["swap 2 <-> 4"]  # index order: a b e d c f g h
+    snap = Snapshot("s", raw, len(raw))
+    for start, end in [(b"b", b"g"), (b"a", None), (b"b", b"f")]:
+        with pytest.raises(CorruptSegmentError, match="sorted index is out of order"):
+            list(snap.range(start, end))
+    raw = cases["index[3] -> entry 2"]  # index order: a b c c e f g h
+    snap = Snapshot("s", raw, len(raw))
+    with pytest.raises(CorruptSegmentError, match="sorted index is out of order"):
+        list(snap.range(b"b", b"h"))
+
+
+def test_range_over_a_damaged_sorted_index_never_lists_wrongly() -> None:
+    """The goal: range() either raises or returns exactly the right entries."""
+    raw = damaged_indexes()["swap 0 <-> 1"]  # index order: b a c d e f g h
+    snap = Snapshot("s", raw, len(raw))
+    for start, end in [(b"a", b"b"), (b"b", None)]:
+        want = [k for k in sorted(RANGE_KEYS) if k >= start and (end is None or k < end)]
+        try:
+            got = [kv.key for kv in snap.range(start, end)]
+        except CorruptSegmentError:
+            continue
+        assert got == want, (start, end)  # today: [] and [c .. h]: a, then b, silently missing
 
 
 # --------------------------------------------------------------------------------------

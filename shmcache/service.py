@@ -1,0 +1,537 @@
+"""The writer as a system service: sd_notify, watchdog, Prometheus metrics, signals, progress logs.
+
+``serve(config)`` runs one Writer on a thread and keeps the main thread for
+signals and supervision: it tells systemd when the cache is ready (READY=1
+only once the first snapshot is published), keeps STATUS= current, pings the
+watchdog only while the writer's loop makes progress, warns when the cache
+lags etcd, and stops on SIGTERM/SIGINT after the record in progress.
+Nothing here needs libsystemd: the notify protocol is one datagram per message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from . import _shm, control, layout
+from .config import ConfigError, ServeConfig
+from .errors import ShmCacheError
+
+__all__ = ["ListProgress", "Liveness", "Notifier", "serve", "watchdog_interval"]
+
+log = logging.getLogger("shmcache.service")
+
+# How long SIGTERM may take before the process exits without a clean release.
+# Readers cope with a writer that vanishes at any instruction, so this is safe;
+# it only bounds shutdown when something (a huge snapshot, a stuck call) holds it.
+STOP_TIMEOUT = 10.0
+# Warn when the cache has been behind the newest revision etcd reported for this long.
+LAG_WARN_SECONDS = 10.0
+# Warn when no watch response arrived for this long (idle progress answers come
+# about every second, so this means the stream or etcd is stuck).
+SILENCE_WARN_SECONDS = 15.0
+# Without a watchdog, "healthy" (a metric) means the loop progressed this recently.
+DEFAULT_STALL_LIMIT = 30.0
+
+
+# -- sd_notify -------------------------------------------------------------------
+
+class Notifier:
+    """sd_notify(3) over ``$NOTIFY_SOCKET``: one AF_UNIX datagram per message.
+
+    A name starting with ``@`` is in the abstract namespace. Without the
+    variable every call is a no-op, so the writer runs the same outside systemd.
+    Send errors are logged once and never raised: a notification is not worth
+    stopping the cache for (systemd then times out or restarts the unit).
+    """
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address or None
+        self._target: str | bytes | None = None
+        self._sock: socket.socket | None = None
+        self._warned = False
+        if self.address:
+            if self.address.startswith("@"):
+                self._target = b"\0" + self.address[1:].encode()
+            elif self.address.startswith("/"):
+                self._target = self.address
+            else:
+                log.warning("NOTIFY_SOCKET=%r is not a unix socket path; not notifying systemd",
+                            self.address)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Notifier:
+        environ = os.environ if environ is None else environ
+        return cls(environ.get("NOTIFY_SOCKET"))
+
+    @property
+    def enabled(self) -> bool:
+        return self._target is not None
+
+    def notify(self, *fields: str) -> bool:
+        """Send ``KEY=value`` fields in one message; True if it was sent."""
+        if self._target is None:
+            return False
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(fields).encode(), self._target)
+            return True
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot notify systemd at %s: %s", self.address, exc)
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None,
+                      pid: int | None = None) -> float | None:
+    """The watchdog timeout systemd set for this process (``WatchdogSec=``), in seconds, or None."""
+    environ = os.environ if environ is None else environ
+    usec = environ.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    owner = environ.get("WATCHDOG_PID", "")
+    if owner.isdigit() and int(owner) != (os.getpid() if pid is None else pid):
+        return None  # meant for another process (we were started by it)
+    return int(usec) / 1e6
+
+
+# -- progress of the writer's loop -------------------------------------------------
+
+class ListProgress:
+    """``Writer.list_progress`` callback: logs keys loaded, rate and ETA of a long relist.
+
+    A list of more than two pages logs its first line at the second page (the
+    first that gives a rate), then one every ``interval`` seconds; the writer
+    logs the total when it is done. When ``stopping`` is set it raises, which
+    aborts the list so that SIGTERM is not held up by a large range.
+    """
+
+    def __init__(self, stopping: threading.Event, interval: float = 5.0) -> None:
+        self.stopping = stopping
+        self.interval = interval
+        self.loaded = 0  # keys loaded so far in the current list
+        self.pages = 0  # pages loaded by every list (read by Liveness)
+        self._page = 0
+        self._t1 = 0.0  # when the first page of the current list arrived
+        self._first = 0
+        self._last_log = 0.0
+
+    def __call__(self, loaded: int, total: int) -> None:
+        if self.stopping.is_set():
+            raise InterruptedError("stopping: list abandoned")
+        now = time.monotonic()
+        self.pages += 1
+        if loaded <= self.loaded or self._page == 0:  # the first page of a new list
+            self._page, self._t1, self._first, self._last_log = 0, now, loaded, 0.0
+        self._page += 1
+        self.loaded = loaded
+        if self._page < 2 or loaded >= total:
+            return
+        if self._last_log and now - self._last_log < self.interval:
+            return
+        self._last_log = now
+        rate = (loaded - self._first) / max(now - self._t1, 1e-6)
+        log.info("listing: %d of %d keys loaded (%.0f%%), %.0f keys/s, about %.0fs left",
+                 loaded, total, 100.0 * loaded / max(total, 1), rate,
+                 (total - loaded) / max(rate, 1e-6))
+
+
+class Liveness:
+    """Whether the writer's main loop is making progress, as opposed to merely existing.
+
+    The loop shows progress by receiving watch responses (an idle writer asks
+    for progress about once a second, and every answer counts), by attempting to
+    reconnect (every few seconds at most while etcd is down), by loading list
+    pages and by publishing. The ticker thread's heartbeat does not count: it
+    beats even while the loop is stuck.
+    """
+
+    KEYS = ("watch_responses", "reconnects", "relists", "snapshots", "records", "watches")
+
+    def __init__(self, writer: Any, progress: ListProgress | None = None) -> None:
+        self.writer = writer
+        self.progress = progress
+        self._signature: tuple[Any, ...] = ()
+        self.last_change = time.monotonic()
+
+    def update(self) -> float:
+        """Sample the writer; returns seconds since the loop last made progress."""
+        stats = self.writer.stats
+        sig = tuple(stats.get(k, 0) for k in self.KEYS) + (
+            self.progress.pages if self.progress is not None else 0,)
+        now = time.monotonic()
+        if sig != self._signature:
+            self._signature = sig
+            self.last_change = now
+        return now - self.last_change
+
+
+# -- metrics -------------------------------------------------------------------------
+
+# (name, type, help, source). Sources: "block.X" = the published control block,
+# "stats.X" = Writer.stats, anything else computed in _Collector.
+METRICS: list[tuple[str, str, str, str]] = [
+    ("shmcache_revision", "gauge", "etcd revision the cache is exact at (what readers see)",
+     "block.revision"),
+    ("shmcache_etcd_revision_seen", "gauge", "newest etcd revision seen in a watch response",
+     "etcd_revision"),
+    ("shmcache_revision_lag", "gauge", "etcd_revision_seen - revision", "lag"),
+    ("shmcache_epoch", "gauge", "history epoch (grows on every relist)", "block.epoch"),
+    ("shmcache_oldest_watchable_revision", "gauge",
+     "smallest since_revision a new watch may use", "block.compact_revision"),
+    ("shmcache_keys", "gauge", "keys in the cache", "block.key_count"),
+    ("shmcache_events_applied", "counter", "etcd events applied", "stats.events"),
+    ("shmcache_records_appended", "counter", "ring records appended (one per revision)",
+     "stats.records"),
+    ("shmcache_bytes_appended", "counter", "ring payload bytes appended", "stats.bytes"),
+    ("shmcache_ring_capacity_bytes", "gauge", "ring log capacity", "block.ring_capacity"),
+    ("shmcache_ring_used_bytes", "gauge", "ring bytes holding watchable history", "ring_used"),
+    ("shmcache_snapshots_published", "counter", "snapshots published", "stats.snapshots"),
+    ("shmcache_last_snapshot_publish_seconds", "gauge", "time the last snapshot took to publish",
+     "stats.snapshot_seconds"),
+    ("shmcache_snapshot_publish_seconds", "counter", "time spent publishing snapshots",
+     "stats.snapshot_seconds_total"),
+    ("shmcache_last_snapshot_keys", "gauge", "keys in the last snapshot", "stats.snapshot_keys"),
+    ("shmcache_last_snapshot_bytes", "gauge", "size of the last snapshot segment",
+     "stats.snapshot_bytes"),
+    ("shmcache_snapshot_revision", "gauge", "revision of the live snapshot", "block.snap_revision"),
+    ("shmcache_relists", "counter", "full lists of the range (first start included)",
+     "stats.relists"),
+    ("shmcache_reconnects", "counter", "etcd errors that made the writer reconnect",
+     "stats.reconnects"),
+    ("shmcache_watch_restarts", "counter", "watch streams opened after the first",
+     "watch_restarts"),
+    ("shmcache_watch_responses", "counter", "watch responses received", "stats.watch_responses"),
+    ("shmcache_progress_requests", "counter", "progress requests sent to etcd",
+     "stats.progress_requests"),
+    ("shmcache_progress_anomalies", "counter",
+     "progress notifications that overtook events (etcd issue 15220)",
+     "stats.progress_anomalies"),
+    ("shmcache_heartbeat_age_seconds", "gauge", "seconds since the writer's last heartbeat",
+     "heartbeat_age"),
+    ("shmcache_loop_stalled_seconds", "gauge", "seconds since the writer's loop last made progress",
+     "stalled"),
+    ("shmcache_ready", "gauge", "1 once the first snapshot is published", "ready"),
+    ("shmcache_healthy", "gauge", "1 while the loop makes progress (what the watchdog pings on)",
+     "healthy"),
+]
+
+
+class _Collector:
+    """Reads the writer's state at scrape time; nothing is updated in between."""
+
+    def __init__(self, svc: _Service) -> None:
+        self.svc = svc
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        svc = self.svc
+        w = svc.writer
+        stats = dict(w.stats)
+        block = svc.block()
+        hb_age = svc.heartbeat_age()
+        stalled = time.monotonic() - svc.liveness.last_change
+        values: dict[str, float | None] = {
+            "etcd_revision": w.etcd_revision,
+            "lag": (max(0, w.etcd_revision - block.revision) if block is not None else None),
+            "ring_used": (block.ring_head - block.ring_tail if block is not None else None),
+            "watch_restarts": max(0, stats.get("watches", 0) - 1),
+            "heartbeat_age": hb_age,
+            "stalled": stalled,
+            "ready": 1.0 if w.ready.is_set() else 0.0,
+            "healthy": 1.0 if stalled < svc.stall_limit else 0.0,
+        }
+        labels = [svc.cfg.name]
+        info = GaugeMetricFamily("shmcache_info", "cache, prefix and format version",
+                                 labels=["cache", "prefix", "format_version"])
+        info.add_metric([svc.cfg.name, svc.cfg.prefix, str(layout.FORMAT_VERSION)], 1)
+        yield info
+        for name, kind, help_text, source in METRICS:
+            if source.startswith("block."):
+                v: Any = getattr(block, source[6:]) if block is not None else None
+            elif source.startswith("stats."):
+                v = stats.get(source[6:])
+            else:
+                v = values[source]
+            if v is None:
+                continue
+            if kind == "counter":
+                fam: Any = CounterMetricFamily(name, help_text, labels=["cache"])
+            else:
+                fam = GaugeMetricFamily(name, help_text, labels=["cache"])
+            fam.add_metric(labels, float(v))
+            yield fam
+
+
+def start_metrics_server(svc: _Service, host: str, port: int) -> tuple[Any, int]:
+    """Serve /metrics on host:port from a private registry; returns (server, bound port)."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+    except ImportError:
+        raise ConfigError("metrics: needs the prometheus_client package: "
+                          "pip install 'shmcache[metrics]'") from None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(svc))
+    ProcessCollector(registry=registry)
+    try:
+        result = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"metrics = '{host}:{port}': cannot listen there: "
+                          f"{exc.strerror or exc}") from None
+    server = result[0] if isinstance(result, tuple) else None
+    bound = server.server_address[1] if server is not None else port
+    return server, int(bound)
+
+
+# -- the service ------------------------------------------------------------------------
+
+class _LastWarning(logging.Handler):
+    """Keeps the writer's last warning for STATUS= ("etcd error ...; retrying in 2s")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a bad log call must not break the service
+            self.text = record.getMessage()
+
+
+class _Service:
+    def __init__(self, cfg: ServeConfig, writer: Any, environ: Mapping[str, str]) -> None:
+        self.cfg = cfg
+        self.writer = writer
+        self.notifier = Notifier.from_environ(environ)
+        self.watchdog = watchdog_interval(environ)
+        self.stall_limit = self.watchdog if self.watchdog is not None else DEFAULT_STALL_LIMIT
+        self.stopping = threading.Event()
+        self.progress = ListProgress(self.stopping)
+        writer.list_progress = self.progress
+        self.liveness = Liveness(writer, self.progress)
+        self.errors: list[BaseException] = []
+        self._ctl: _shm.Segment | None = None
+        self._block: control.Block | None = None
+        self._stop_at: float | None = None
+
+    # state read from the control segment, as readers see it
+    def _control(self) -> Any:
+        if self._ctl is None:
+            try:
+                self._ctl = _shm.open_readonly(layout.control_name(self.cfg.name))
+            except OSError:
+                return None
+        return self._ctl
+
+    def block(self) -> control.Block | None:
+        seg = self._control()
+        if seg is None or seg.size < layout.CONTROL_SIZE:
+            return None
+        b = control.read_block(seg.buf, spins=50)
+        if b is not None and b.snap_seq:
+            self._block = b
+        return self._block
+
+    def heartbeat_age(self) -> float | None:
+        seg = self._control()
+        if seg is None or seg.size < layout.CONTROL_SIZE:
+            return None
+        hb = control.writer_identity(seg.buf)[2]
+        return (time.monotonic_ns() - hb) / 1e9 if hb else None
+
+    def status_text(self, last_warning: str) -> str:
+        w = self.writer
+        b = self.block()
+        silent = time.monotonic() - self.liveness.last_change
+        if not w.ready.is_set() or b is None:
+            if w.stats.get("reconnects", 0):
+                return f"waiting for etcd ({w.stats['reconnects']} failed attempts): {last_warning}"
+            if self.progress.loaded:
+                return f"listing from etcd: {self.progress.loaded} keys loaded"
+            return "starting: connecting to etcd"
+        lag = max(0, w.etcd_revision - b.revision)
+        text = (f"revision {b.revision}, etcd {w.etcd_revision} (lag {lag}), {b.key_count} keys, "
+                f"ring {100 * (b.ring_head - b.ring_tail) // max(b.ring_capacity, 1)}% used")
+        if silent > 5.0:
+            text += f"; no progress for {silent:.0f}s: {last_warning or 'etcd silent'}"
+        return text
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_at is not None:
+            log.warning("received %s again: exiting at once", name)
+            logging.shutdown()
+            os._exit(1)
+        log.info("received %s, stopping", name)
+        self.notifier.notify("STOPPING=1", f"STATUS=stopping ({name})")
+        self._stop_at = time.monotonic()
+        self.writer.stop()
+        self.stopping.set()  # after stop(): aborting a list must find the writer stopping
+
+    def run(self) -> int:
+        w = self.writer
+        last_warning = _LastWarning()
+        logging.getLogger("shmcache.writer").addHandler(last_warning)
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+
+        def target() -> None:
+            try:
+                w.run()
+            except BaseException as exc:  # reported on the main thread
+                self.errors.append(exc)
+
+        self.notifier.notify("STATUS=starting: connecting to etcd")
+        # The writer runs on a thread so the main thread stays free to take signals
+        # promptly even while the writer blocks inside gRPC.
+        t = threading.Thread(target=target, name="shmcache-writer")
+        t.start()
+        tick = 0.25 if self.watchdog is None else min(0.25, self.watchdog / 4)
+        ready_sent = False
+        next_ping = 0.0
+        last_status = ""
+        status_at = 0.0
+        stall_warned = False
+        # Lag: the cache has not reached a revision etcd reported LAG_WARN_SECONDS ago.
+        # (Compared with one fixed target: with steady writes elsewhere in etcd the
+        # cache trails etcd's newest revision all the time, by design, but it keeps
+        # reaching each target within a second or two.)
+        lag_since = 0.0
+        lag_target: int | None = None
+        lag_warned = False
+        try:
+            while t.is_alive():
+                if ready_sent or self._stop_at is not None:
+                    t.join(tick)
+                else:
+                    w.ready.wait(tick)  # READY=1 as soon as the first snapshot is out
+                now = time.monotonic()
+                stalled = self.liveness.update()
+                healthy = stalled < self.stall_limit
+                if self._stop_at is not None:
+                    if now - self._stop_at > STOP_TIMEOUT and t.is_alive():
+                        log.error("writer did not stop within %.0fs; exiting without a clean "
+                                  "release (readers keep the last published state)",
+                                  STOP_TIMEOUT)
+                        logging.shutdown()
+                        os._exit(1)
+                    continue
+                if not ready_sent and w.ready.is_set():
+                    ready_sent = True
+                    b = self.block()
+                    log.info("ready: cache %r serving %r at revision %d (%d keys)",
+                             self.cfg.name, self.cfg.prefix, b.revision if b else w.revision,
+                             b.key_count if b else len(w.kv))
+                    self.notifier.notify("READY=1", "STATUS=" + self.status_text(last_warning.text))
+                    status_at = now
+                if self.watchdog is not None and now >= next_ping and healthy:
+                    self.notifier.notify("WATCHDOG=1")
+                    next_ping = now + self.watchdog / 2
+                if not healthy and not stall_warned:
+                    stall_warned = True
+                    log.warning("writer loop made no progress for %.0fs%s", stalled,
+                                "; not pinging the watchdog" if self.watchdog else "")
+                elif healthy and stall_warned:
+                    stall_warned = False
+                    log.info("writer loop making progress again")
+                if now - status_at >= 1.0:
+                    status_at = now
+                    text = self.status_text(last_warning.text)
+                    if text != last_status:
+                        last_status = text
+                        self.notifier.notify("STATUS=" + text)
+                b = self._block
+                if not ready_sent or b is None:
+                    continue
+                if lag_target is not None and b.revision >= lag_target:
+                    if lag_warned:
+                        log.info("cache caught up with etcd: revision %d", b.revision)
+                    lag_target, lag_warned = None, False
+                if lag_target is None and w.etcd_revision > b.revision:
+                    lag_target, lag_since = w.etcd_revision, now
+                elif (lag_target is not None and not lag_warned
+                      and now - lag_since >= LAG_WARN_SECONDS):
+                    lag_warned = True
+                    log.warning("cache lags etcd: still at revision %d, %.0fs after etcd reported "
+                                "%d (now %d)", b.revision, now - lag_since, lag_target,
+                                w.etcd_revision)
+        finally:
+            logging.getLogger("shmcache.writer").removeHandler(last_warning)
+        if self._stop_at is not None:
+            log.info("stopped in %.2fs", time.monotonic() - self._stop_at)
+        if self.errors:
+            exc = self.errors[0]
+            self.notifier.notify("STOPPING=1", f"STATUS=failed: {exc}")
+            if isinstance(exc, ShmCacheError):
+                print(f"shmcache serve: {exc}", file=sys.stderr)
+            else:
+                log.error("writer failed", exc_info=exc)
+            return 1
+        if self._stop_at is None:  # run() returned without being asked to: also a failure
+            log.error("writer stopped unexpectedly")
+            return 1
+        return 0
+
+    def close(self) -> None:
+        self.notifier.close()
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+
+
+def serve(cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> int:
+    """Run the writer for ``cfg`` until SIGTERM/SIGINT; returns the process exit code.
+
+    Exit codes: 0 stopped by a signal, 1 the writer failed (another writer holds
+    the cache, an unexpected error), 2 a bad setting (ConfigError is raised).
+    """
+    from ._etcd import EtcdSettings
+    from .cli import setup_logging
+    from .writer import Writer
+
+    environ = os.environ if environ is None else environ
+    setup_logging(cfg.log_level, cfg.log_format)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
+    log.info("cache %r: prefix %r from %s; settings from %s", cfg.name, cfg.prefix,
+             ",".join(cfg.endpoints), cfg.config_file or "flags/environment/defaults")
+    for line in cfg.describe():
+        log.debug("setting %s", line)
+    settings = EtcdSettings(endpoints=list(cfg.endpoints), ca_cert=cfg.ca_file,
+                            cert_key=cfg.key_file, cert_cert=cfg.cert_file, user=cfg.user,
+                            password=cfg.password)
+    try:
+        writer = Writer(cfg.name, list(cfg.endpoints), cfg.prefix.encode(), ring_size=cfg.ring_size,
+                        snapshot_interval=cfg.snapshot_interval,
+                        snapshot_bytes=cfg.snapshot_bytes, mode=cfg.mode, group=cfg.group,
+                        remove_on_close=cfg.remove_on_exit, etcd=settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    svc = _Service(cfg, writer, environ)
+    server = None
+    try:
+        if cfg.metrics is not None:
+            server, port = start_metrics_server(svc, *cfg.metrics)
+            log.info("metrics at http://%s:%d/metrics", cfg.metrics[0], port)
+        return svc.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        svc.close()

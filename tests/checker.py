@@ -1,0 +1,390 @@
+"""A seeded checker that holds the cache against etcd itself while faults are injected.
+
+A workload process writes random puts, deletes, range deletes, multi-op
+transactions and leases (expiring and revoked) with values from empty to 1 MiB
+and binary keys. Reader processes loop list -> watch -> get -> past-revision
+list -> sync, and verify every answer against etcd: the list against etcd's
+Range at the revision the cache reported, the watch event by event against
+etcd's own watch from the same start, the get against etcd at the reader's
+revision, and that a reader's revision never goes backwards within an epoch.
+Meanwhile the main process injects faults: writer SIGKILL (also at fault
+points inside an append and a snapshot publish), writer SIGSTOP longer than the
+ring holds, etcd SIGKILL + restart, etcd unreachable (SIGSTOP), compaction past
+the writer's revision while it is down, a reader killed mid-read, readers
+attaching and detaching. Every interruption must be seamless or an explicit
+error (CompactedError, StaleError, TimeoutError); anything else is a divergence.
+
+Run a short check from pytest (tests/test_consistency.py::
+test_checker_finds_no_divergence_under_faults) or a soak from the shell:
+``python -m tests.soak --seconds 600 --seed 7``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import random
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import shmcache
+from shmcache._etcdserver import EtcdServer
+from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
+
+PREFIX = b"/chk/"
+UNVERIFIABLE = object()  # etcd no longer has the history to compare with
+KEYS = [PREFIX + b"k%03d" % i for i in range(60)] + [
+    PREFIX + b"bin/\x00\x01", PREFIX + b"bin/\xff\xfe\xfd", PREFIX + "ключ".encode(),
+    PREFIX + b"sub/a", PREFIX + b"sub/b", PREFIX + b"sub/c"]
+
+
+@dataclass
+class Report:
+    seed: int
+    seconds: float
+    events_verified: int = 0
+    lists_verified: int = 0
+    gets_verified: int = 0
+    past_reads_verified: int = 0
+    syncs_verified: int = 0
+    explicit_errors: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    divergences: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
+        return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
+                f"lists verified {self.lists_verified}, gets verified {self.gets_verified}, "
+                f"past-revision reads verified {self.past_reads_verified}, syncs verified "
+                f"{self.syncs_verified}, explicit errors {self.explicit_errors}; faults "
+                f"injected: {faults}; divergences {len(self.divergences)}")
+
+
+def _value(rnd: random.Random) -> bytes:
+    r = rnd.random()
+    if r < 0.1:
+        return b""
+    if r < 0.995:
+        return rnd.randbytes(rnd.randrange(1, 300))
+    return rnd.randbytes(rnd.choice([64 << 10, 1 << 20]))  # rarely: large, up to 1 MiB
+
+
+def workload(endpoint: str, seed: int, stop: Any, counter: Any) -> None:
+    """Random writes under PREFIX until ``stop`` is set; survives etcd restarts."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import etcd3
+    from etcd3.etcdrpc import rpc_pb2
+
+    from shmcache import layout
+
+    rnd = random.Random(seed)
+    host, port = endpoint.rsplit(":", 1)
+    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=2)
+    while not stop.is_set():
+        try:
+            op = rnd.random()
+            key = rnd.choice(KEYS)
+            if op < 0.55:
+                client.kvstub.Put(rpc_pb2.PutRequest(key=key, value=_value(rnd)), 2)
+            elif op < 0.7:
+                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(key=key), 2)
+            elif op < 0.74:
+                sub = PREFIX + b"sub/"
+                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(
+                    key=sub, range_end=layout.prefix_range_end(sub)), 2)
+            elif op < 0.9:
+                ops = []
+                for k in rnd.sample(KEYS, rnd.randrange(2, 8)):
+                    if rnd.random() < 0.7:
+                        ops.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+                            key=k, value=_value(rnd))))
+                    else:
+                        ops.append(rpc_pb2.RequestOp(
+                            request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)))
+                client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 2)
+            elif op < 0.96:
+                lease = client.lease(rnd.choice([1, 2]))  # expires by itself
+                for k in rnd.sample(KEYS, 2):
+                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"leased", lease=lease.id), 2)
+            else:
+                lease = client.lease(30)
+                for k in rnd.sample(KEYS, 3):
+                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"revoked", lease=lease.id), 2)
+                lease.revoke()  # all its keys deleted in one revision
+            counter.value += 1
+        except Exception:
+            time.sleep(0.2)  # etcd down for a moment: a fault being injected
+        time.sleep(rnd.random() * 0.01)
+    client.close()
+
+
+def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, idx: int) -> None:
+    """List, watch, get, read the past and sync, verifying each against etcd."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import etcd3
+
+    rnd = random.Random(seed * 1000 + idx)
+    host, port = endpoint.rsplit(":", 1)
+    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
+    counts = {"events": 0, "lists": 0, "gets": 0, "past": 0, "syncs": 0, "explicit": 0}
+    problems: list[str] = []
+    last_seen: dict[int, int] = {}  # epoch -> highest revision reported
+
+    def monotonic(r: shmcache.Reader, rev: int) -> None:
+        epoch = r._epoch  # the epoch of the view that answered
+        if rev < last_seen.get(epoch, 0):
+            problems.append(f"reader {idx}: revision went back from {last_seen[epoch]} to {rev} "
+                            f"in epoch {epoch}")
+        last_seen[epoch] = max(rev, last_seen.get(epoch, 0))
+
+    def etcd_call(fn: Any, *args: Any) -> Any:
+        """etcd's answer, or UNVERIFIABLE if etcd compacted that history meanwhile."""
+        for _ in range(50):  # etcd may be down (a fault): retry, it comes back
+            try:
+                return fn(*args)
+            except Exception as exc:
+                if "compacted" in str(exc):
+                    return UNVERIFIABLE
+                time.sleep(0.2)
+        return UNVERIFIABLE
+
+    r: shmcache.Reader | None = None
+    while not stop.is_set():
+        try:
+            if r is None:
+                r = shmcache.Reader(name, timeout=30)
+            res = r.list(PREFIX)
+            monotonic(r, res.revision)
+            want = etcd_call(etcd_range, client, PREFIX, res.revision)
+            if want is not UNVERIFIABLE:
+                if res.items != want:
+                    problems.append(f"reader {idx}: list at {res.revision} differs from etcd "
+                                    f"({len(res.items)} vs {len(want)} keys)")
+                counts["lists"] += 1
+            with r.watch(PREFIX, since_revision=res.revision) as w:
+                got: list[shmcache.Event] = []
+                deadline = time.monotonic() + rnd.uniform(0.2, 1.5)
+                while time.monotonic() < deadline and not stop.is_set():
+                    got.extend(w.poll(timeout=0.1))
+                if got:
+                    want_ev = etcd_call(etcd_events, endpoint, PREFIX, res.revision,
+                                        got[-1].revision)
+                    if want_ev is not UNVERIFIABLE:
+                        if got != want_ev:
+                            problems.append(_diff_events(idx, res.revision, got, want_ev))
+                        counts["events"] += len(got)
+            for _ in range(5):
+                k = rnd.choice(KEYS)
+                before = r.revision
+                kv = r.get(k)
+                after = r.revision
+                monotonic(r, after)
+                if before == after:
+                    want_kv = etcd_call(etcd_get, client, k, after)
+                    if want_kv is not UNVERIFIABLE:
+                        if kv != want_kv:
+                            problems.append(f"reader {idx}: get {k!r} at {after}: {kv} != "
+                                            f"{want_kv}")
+                        counts["gets"] += 1
+            st = r.status()
+            if st.revision > st.oldest_watchable_revision:
+                past = rnd.randrange(st.oldest_watchable_revision, st.revision + 1)
+                try:
+                    pres = r.list(PREFIX, revision=past)
+                    want = etcd_call(etcd_range, client, PREFIX, past)
+                    if want is not UNVERIFIABLE:
+                        if pres.items != want:
+                            problems.append(f"reader {idx}: list at past revision {past} differs "
+                                            f"from etcd")
+                        counts["past"] += 1
+                except shmcache.CompactedError:
+                    counts["explicit"] += 1
+            if rnd.random() < 0.3:
+                now = etcd_call(etcd_current_revision, client)
+                if now is not UNVERIFIABLE:
+                    try:
+                        s = r.sync(timeout=5)
+                        if s < now:
+                            problems.append(f"reader {idx}: sync returned {s} below etcd's {now}")
+                        counts["syncs"] += 1
+                    except shmcache.TimeoutError:
+                        counts["explicit"] += 1
+            if rnd.random() < 0.05:  # detach and attach again
+                r.close()
+                r = None
+        except (shmcache.CompactedError, shmcache.StaleError, shmcache.TimeoutError,
+                shmcache.NotFoundError):
+            counts["explicit"] += 1
+        except Exception:
+            problems.append(f"reader {idx}: unexpected {traceback.format_exc(limit=4)}")
+            time.sleep(0.2)
+        results.put((idx, dict(counts), list(problems)))
+        problems.clear()
+        counts = dict.fromkeys(counts, 0)
+    if r is not None:
+        r.close()
+    client.close()
+
+
+def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            fields = [f for f in ("type", "revision") if getattr(a, f) != getattr(b, f)]
+            for part in ("kv", "prev_kv"):
+                x, y = getattr(a, part), getattr(b, part)
+                if (x is None) != (y is None):
+                    fields.append(f"{part}: {'None' if x is None else 'set'} vs "
+                                  f"{'None' if y is None else 'set'}")
+                elif x is not None and y is not None:
+                    fields += [f"{part}.{f}: {getattr(x, f)!r:.60} vs {getattr(y, f)!r:.60}"
+                               for f in x._fields if getattr(x, f) != getattr(y, f)]
+            return (f"reader {idx}: watch from {since} differs from etcd at event {i} "
+                    f"({a.type} {a.kv.key!r} at {a.revision}): {'; '.join(fields)}")
+    return (f"reader {idx}: watch from {since}: {len(got)} events, etcd has {len(want)}")
+
+
+def victim_reader(name: str) -> None:
+    """A reader that is killed in the middle of its reads."""
+    r = shmcache.Reader(name, timeout=30)
+    while True:
+        r.list(PREFIX)
+        for k in KEYS:
+            r.get(k)
+
+
+def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
+        etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print) -> Report:
+    """Run the workload, the readers and the fault injector; return what was verified."""
+    rnd = random.Random(seed)
+    report = Report(seed=seed, seconds=seconds)
+    ctx = mp.get_context("spawn")
+    name = f"chk-{os.getpid()}-{seed}"
+
+    def fault(kind: str) -> None:
+        report.faults[kind] = report.faults.get(kind, 0) + 1
+        log(f"  fault: {kind}")
+
+    with EtcdServer(binary=etcd_binary) as etcd:
+        writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size)
+        stop = ctx.Event()
+        counter = ctx.Value("q", 0)
+        results = ctx.Queue()
+        procs: list[Any] = []
+        try:
+            writer.start()
+            wl = ctx.Process(target=workload, args=(etcd.endpoint, seed, stop, counter))
+            wl.start()
+            procs.append(wl)
+            for i in range(readers):
+                p = ctx.Process(target=reader_loop,
+                                args=(name, etcd.endpoint, seed, stop, results, i))
+                p.start()
+                procs.append(p)
+            t_end = time.monotonic() + seconds
+            faults = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
+                      "etcd_unreachable", "compact_while_down", "reader_killed",
+                      "readers_attach_detach"]
+            while time.monotonic() < t_end:
+                time.sleep(rnd.uniform(0.5, fault_every))
+                kind = rnd.choice(faults)
+                fault(kind)
+                if kind == "writer_kill":
+                    writer.kill()
+                    time.sleep(rnd.uniform(0, 1))
+                    writer.start()
+                elif kind == "writer_fault_point":
+                    # Let the writer SIGKILL itself inside an append or a snapshot publish.
+                    writer.kill()
+                    point = rnd.choice(["append", "snapshot"])
+                    writer.env = {"SHMCACHE_FAULT": f"{point}:0.05"}
+                    writer.start(wait=False)
+                    writer.proc.wait(timeout=30)  # dies at the fault point
+                    writer.env = {}
+                    writer.start()
+                elif kind == "writer_stop_long":
+                    os.kill(writer.pid, signal.SIGSTOP)
+                    time.sleep(rnd.uniform(1, 3))  # the workload overruns the small ring
+                    os.kill(writer.pid, signal.SIGCONT)
+                elif kind == "etcd_kill":
+                    etcd.kill()
+                    time.sleep(rnd.uniform(0, 1))
+                    etcd.restart()
+                elif kind == "etcd_unreachable":
+                    etcd.pause()
+                    time.sleep(rnd.uniform(0.5, 2))
+                    etcd.resume()
+                elif kind == "compact_while_down":
+                    writer.kill()
+                    time.sleep(0.5)
+                    c = etcd.client()
+                    try:
+                        c.compact(etcd_current_revision(c), physical=True)
+                    finally:
+                        c.close()
+                    writer.start()
+                elif kind == "reader_killed":
+                    v = ctx.Process(target=victim_reader, args=(name,))
+                    v.start()
+                    time.sleep(rnd.uniform(0.1, 0.5))
+                    v.kill()
+                    v.join()
+                elif kind == "readers_attach_detach":
+                    for _ in range(10):
+                        with shmcache.Reader(name, timeout=30) as r:
+                            r.list(PREFIX)
+                _collect(results, report)
+            stop.set()
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            _collect(results, report)
+            # The cache ends equal to etcd.
+            c = etcd.client()
+            try:
+                rev = etcd_current_revision(c)
+                with shmcache.Reader(name, timeout=30) as r:
+                    if not r.wait(rev, timeout=30):
+                        report.divergences.append(f"cache stuck at {r.revision} < {rev}")
+                    res = r.list(PREFIX)
+                    if res.items != etcd_range(c, PREFIX, res.revision):
+                        report.divergences.append("final list differs from etcd")
+                    report.lists_verified += 1
+            except shmcache.ShmCacheError as exc:
+                from shmcache import _check, _shm
+
+                facts, problems = _check.check_cache(name)
+                report.divergences.append(
+                    f"final read failed: {exc}; segments {_shm.list_segments(name)}; check: "
+                    f"{facts} {problems}; writer log:\n{writer.log()[-3000:]}")
+            finally:
+                c.close()
+            log(f"  workload wrote {counter.value} operations")
+        finally:
+            stop.set()
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            writer.close()
+    return report
+
+
+def _collect(results: Any, report: Report) -> None:
+    while True:
+        try:
+            _idx, counts, problems = results.get_nowait()
+        except queue.Empty:
+            return
+        report.events_verified += counts["events"]
+        report.lists_verified += counts["lists"]
+        report.gets_verified += counts["gets"]
+        report.past_reads_verified += counts["past"]
+        report.syncs_verified += counts["syncs"]
+        report.explicit_errors += counts["explicit"]
+        report.divergences.extend(problems)
