@@ -25,8 +25,10 @@ from .errors import ShmCacheError
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "load"]
 
 ENV_PREFIX = "SHMCACHE_"
-# SHMCACHE_* variables that are not settings of `serve` (not warned about).
-_ENV_NOT_SETTINGS = {"SHMCACHE_CONFIG", "SHMCACHE_ETCD_BINARY"}
+# SHMCACHE_* variables that are not settings of `serve` (not warned about): the
+# test etcd binary, the writer's crash-test hook and the tests' log switch.
+_ENV_NOT_SETTINGS = {"SHMCACHE_CONFIG", "SHMCACHE_ETCD_BINARY", "SHMCACHE_FAULT",
+                     "SHMCACHE_KEEP_LOGS"}
 
 
 class ConfigError(ShmCacheError, ValueError):
