@@ -402,7 +402,11 @@ def test_restart_with_another_prefix_publishes_it(etcd_session: Any, etcd_client
         assert r.get(a + b"1").value == b"A"
         epoch = r.status().epoch
         w1.terminate()
-        w2.start()
+        w2.start()  # ready once it has claimed the cache; the relist follows
+        deadline = time.monotonic() + 15
+        while r.status().epoch == epoch:
+            assert time.monotonic() < deadline, "the new writer never relisted"
+            r.wait(r.revision + 1, timeout=0.1)
         assert r.prefix == b
         assert r.status().epoch == epoch + 1
         assert r.get(b + b"1").value == b"B"
