@@ -419,11 +419,16 @@ class Reader:
             overlay = self._overlay
             ov_items = [(k, overlay[k]) for k in ov_keys]
             revision = self._revision
-        items: list[KeyValue] = []
         want = limit if limit is not None else -1
-        oi = 0
         n_ov = len(ov_items)
-        for kv in snap.range(prefix, end):
+        if not n_ov:
+            return ListResult(snap.range_list(prefix, end, want), revision)
+        # Each overlay entry hides at most one snapshot entry: limit + n_ov
+        # snapshot entries are enough to fill ``limit`` answers.
+        base = snap.range_list(prefix, end, -1 if want < 0 else want + n_ov)
+        items: list[KeyValue] = []
+        oi = 0
+        for kv in base:
             k = kv.key
             while oi < n_ov and ov_items[oi][0] <= k:
                 ok, ov = ov_items[oi]

@@ -14,6 +14,7 @@ its name.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,6 +30,14 @@ _SLOT_UNPACK = layout.SNAP_SLOT.unpack_from
 _Q_UNPACK = layout.SNAP_INDEX_ENTRY.unpack_from
 _crc32 = zlib.crc32
 HEADER_SIZE = 128
+
+try:  # the optional C versions of get() and the range walk (setup.py builds them)
+    from . import _speedups
+except ImportError:  # no compiler at install time: the pure-Python versions below
+    _speedups = None  # type: ignore[assignment]
+
+# SHMCACHE_PURE_PYTHON=1 forces the reference implementation (tests compare both).
+USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHON")
 
 
 def build(
@@ -191,7 +200,17 @@ class Snapshot:
         return off
 
     def get(self, key: bytes) -> KeyValue | None:
-        """The entry for ``key`` or None: a hash probe, never a scan.
+        """The entry for ``key`` or None: a hash probe, never a scan."""
+        if USE_SPEEDUPS and type(key) is bytes:
+            try:
+                return _speedups.get(self.buf, key, self.hash_off, self.slots,  # type: ignore[no-any-return]
+                                     self.data_off, self.data_end, KeyValue)
+            except ValueError as exc:
+                raise self._corrupt(str(exc)) from None
+        return self.py_get(key)
+
+    def py_get(self, key: bytes) -> KeyValue | None:
+        """Reference implementation of ``get`` in pure Python.
 
         The hot path of every reader, hence written out flat: every offset read
         from the table is bounds-checked before use and the entry's CRC is
@@ -245,6 +264,32 @@ class Snapshot:
             else:
                 hi = mid
         return lo
+
+    def range_list(self, start: bytes, end: bytes | None, limit: int = -1) -> list[KeyValue]:
+        """Entries with ``start <= key < end`` in key order, at most ``limit`` (-1: all)."""
+        if not USE_SPEEDUPS:
+            out = []
+            for kv in self.range(start, end):
+                if len(out) == limit:
+                    break
+                out.append(kv)
+            return out
+        i, expected = self._walk_start(start)
+        try:
+            return _speedups.walk(self.buf, self.index_off, i, self.count,  # type: ignore[no-any-return]
+                                  expected, self.data_end, end, limit, KeyValue)
+        except ValueError as exc:
+            raise self._corrupt(str(exc)) from None
+
+    def _walk_start(self, start: bytes) -> tuple[int, int]:
+        """Index of the first key >= start, and the offset its entry must have."""
+        i = self.bisect(start)
+        if i > 0:
+            poff = self.offset(i - 1)
+            self._key_at(poff)  # bounds-checks the entry
+            _c, pk, pv, *_ = _ENTRY_UNPACK(self.buf, poff)
+            return i, poff + ((_ENTRY_SIZE + pk + pv + 7) & ~7)
+        return i, self.data_off
 
     def range(self, start: bytes, end: bytes | None) -> Iterator[KeyValue]:
         """Entries with ``start <= key < end`` in key order (end None: no upper bound)."""

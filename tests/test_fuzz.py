@@ -215,6 +215,12 @@ def read_snapshot(buf: Any, size: int, base: SnapBase) -> tuple[list[str], dict[
             except CorruptSegmentError:
                 out.append("corrupt")
             results["range", p] = out
+            try:  # the walk behind Reader.list (C speedups or Python)
+                results["range_list", p] = snap.range_list(p, end)
+            except CorruptSegmentError:
+                results["range_list", p] = ["corrupt"]
+            if "corrupt" not in out and "corrupt" not in results["range_list", p]:
+                assert results["range_list", p] == out
             try:
                 results["bisect", p] = snap.bisect(p)
             except CorruptSegmentError:
@@ -259,7 +265,7 @@ def test_damaged_snapshot(data: st.DataObject, which: int, kind: str, resign: bo
         # Nothing fabricated: every entry returned is one the writer wrote.
         if op == "get":
             assert value in (None, "corrupt", base.kvs.get(arg, None))
-        elif op == "range":
+        elif op in ("range", "range_list"):
             assert all(v == "corrupt" or v in base.kvs.values() for v in value)
     if not problems:
         assert results == clean[1]  # check() passes only if every answer is the original
@@ -664,3 +670,13 @@ def test_every_control_field_overwrite() -> None:
         got = read_control(buf, len(buf))
         if not changed(CTL, buf) & CTL_USED:
             assert got == CTL_BLOCK, (f, value)
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def _implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs against the C speedups and the pure-Python reference."""
+    from shmcache import snapshot as _snapshot_module
+
+    if request.param == "c" and _snapshot_module._speedups is None:
+        pytest.skip("shmcache._speedups was not built")
+    monkeypatch.setattr(_snapshot_module, "USE_SPEEDUPS", request.param == "c")

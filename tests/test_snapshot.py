@@ -492,3 +492,38 @@ def test_any_dict_reads_back(data: dict[bytes, bytes], probes: list[bytes]) -> N
         assert got == sorted(k for k in data if k.startswith(p))
         assert snap.bisect(p) == bisect.bisect_left(sorted(data), p)
 
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def _implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here runs against the C speedups and the pure-Python reference."""
+    from shmcache import snapshot as _snapshot_module
+
+    if request.param == "c" and _snapshot_module._speedups is None:
+        pytest.skip("shmcache._speedups was not built")
+    monkeypatch.setattr(_snapshot_module, "USE_SPEEDUPS", request.param == "c")
+
+
+def test_range_list_equals_range_and_honours_limit() -> None:
+    """range_list (the walk behind Reader.list) returns what range yields, up to limit."""
+    data = {b"p/%03d" % i: b"v%d" % i for i in range(200)} | {b"q": b"", b"\x00": b"z"}
+    raw = make_bytes(data)
+    snap = Snapshot("s", raw, len(raw))
+    for start, end in [(b"", None), (b"p/", b"p0"), (b"p/1", b"p/2"), (b"q", None), (b"r", None)]:
+        full = list(snap.range(start, end))
+        assert snap.range_list(start, end) == full
+        for limit in (0, 1, 7, len(full), len(full) + 5):
+            assert snap.range_list(start, end, limit) == full[:limit]
+
+
+def test_range_list_over_a_damaged_index_raises_or_is_right() -> None:
+    """Every single swap or redirect in the sorted index: range_list raises or is exact."""
+    for name, raw in damaged_indexes().items():
+        snap = Snapshot("s", raw, len(raw))
+        for start, end in [(b"a", b"b"), (b"b", None), (b"", None), (b"c", b"f")]:
+            want = [k for k in sorted(RANGE_KEYS) if k >= start and (end is None or k < end)]
+            try:
+                got = [kv.key for kv in snap.range_list(start, end)]
+            except CorruptSegmentError:
+                continue
+            assert got == want, (name, start, end)
