@@ -72,12 +72,18 @@ static PyObject *make_kv(PyTypeObject *kvtype, PyObject *key, const unsigned cha
     return kv;
 }
 
-/* get(buf, key, hash_off, slots, data_off, data_end, kvtype) -> KeyValue | None */
-static PyObject *snapshot_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "get() takes 7 arguments");
+/* get(key, params) -> KeyValue | None, where params is the tuple
+ * (buf, hash_off, slots, data_off, data_end, kvtype) a Snapshot prepares once:
+ * one tuple instead of six arguments keeps the reader's per-call cost down. */
+static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != 6) {
+        PyErr_SetString(PyExc_TypeError, "get() takes a key and a 6-tuple of parameters");
         return NULL;
     }
+    PyObject *args[7];
+    args[1] = fargs[0];
+    args[0] = PyTuple_GET_ITEM(fargs[1], 0);
+    for (int j = 1; j < 6; j++) args[j + 1] = PyTuple_GET_ITEM(fargs[1], j);
     PyObject *key = args[1];
     if (!PyBytes_Check(key)) {
         PyErr_SetString(PyExc_TypeError, "key must be bytes");
@@ -262,7 +268,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"get", (PyCFunction)(void (*)(void))snapshot_get, METH_FASTCALL,
-     "get(buf, key, hash_off, slots, data_off, data_end, kvtype) -> KeyValue | None"},
+     "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
     {"walk", (PyCFunction)(void (*)(void))snapshot_walk, METH_FASTCALL,
      "walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list"},
     {NULL, NULL, 0, NULL},

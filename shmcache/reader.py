@@ -27,7 +27,10 @@ from .errors import (
     StaleError,
     TimeoutError,
 )
+from . import snapshot as snapshot_mod
 from .snapshot import Snapshot
+
+_fast_get = snapshot_mod._speedups.get if snapshot_mod._speedups is not None else None
 from .types import Event, KeyValue, ListResult, Status
 
 __all__ = ["Reader", "Watch"]
@@ -98,9 +101,9 @@ class Reader:
     def __init__(self, name: str, *, max_staleness: float | None = None,
                  timeout: float = 0.0) -> None:
         self.name = _shm.validate_name(name)
+        self._closed = False
         self.max_staleness = max_staleness
         self._lock = threading.RLock()
-        self._closed = False
         self._ctl_name = layout.control_name(name)
         deadline = time.monotonic() + timeout
         while True:
@@ -152,6 +155,17 @@ class Reader:
 
     # -- plumbing ------------------------------------------------------------
 
+    @property
+    def max_staleness(self) -> float | None:
+        """Seconds without a writer heartbeat after which reads raise StaleError (None: never)."""
+        return self._max_staleness
+
+    @max_staleness.setter
+    def max_staleness(self, value: float | None) -> None:
+        self._max_staleness = value
+        # True when get() must take the slow path every time (staleness checks, closed).
+        self._checks = value is not None or self._closed
+
     def __reduce__(self) -> Any:
         raise TypeError("a shmcache.Reader cannot be pickled: pass the cache name to the "
                         "worker and create the Reader there (shmcache.Reader(name))")
@@ -167,6 +181,7 @@ class Reader:
         if self._closed:
             return
         self._closed = True
+        self._checks = True
         if self._sync_client is not None:
             self._sync_client.close()
         if self._snap is not None:
@@ -371,8 +386,7 @@ class Reader:
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         seq = _unpack_q(self._cbuf, _SEQ)[0]
-        if (seq != self._seq and seq != self._stuck_seq) or self.max_staleness is not None \
-                or self._closed:
+        if (seq != self._seq and seq != self._stuck_seq) or self._checks:
             self._refresh()
         if not key.startswith(self._prefix):
             self._check_key_range(key, "key")
@@ -383,6 +397,12 @@ class Reader:
         if ov is not _MISSING:
             return ov  # type: ignore[return-value]
         assert snap is not None
+        if _fast_get is not None and snapshot_mod.USE_SPEEDUPS:
+            # The C lookup straight from here: this is every reader's hot path.
+            try:
+                return _fast_get(key, snap.params)  # type: ignore[no-any-return]
+            except ValueError as exc:
+                raise snap._corrupt(str(exc)) from None
         return snap.get(key)
 
     def list(self, prefix: bytes | str = b"", limit: int | None = None, *,

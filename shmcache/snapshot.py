@@ -123,7 +123,7 @@ class Snapshot:
     """Read-only view of one snapshot segment. Every offset and length read from it is bounded."""
 
     __slots__ = ("name", "buf", "size", "revision", "epoch", "count", "index_off", "hash_off",
-                 "slots", "mask", "data_off", "data_end", "body_crc", "_view")
+                 "slots", "mask", "data_off", "data_end", "body_crc", "_view", "params")
 
     def __init__(self, name: str, buf: Any, size: int) -> None:
         self.name = name
@@ -159,6 +159,8 @@ class Snapshot:
         self.data_end = data_off + data_len
         self.body_crc = body_crc
         self._view = memoryview(buf)
+        # The arguments of _speedups.get after the key, bundled once.
+        self.params = (buf, hash_off, slots, data_off, self.data_end, KeyValue)
 
     def _corrupt(self, message: str) -> CorruptSegmentError:
         return CorruptSegmentError(message, segment=self.name)
@@ -203,8 +205,7 @@ class Snapshot:
         """The entry for ``key`` or None: a hash probe, never a scan."""
         if USE_SPEEDUPS and type(key) is bytes:
             try:
-                return _speedups.get(self.buf, key, self.hash_off, self.slots,  # type: ignore[no-any-return]
-                                     self.data_off, self.data_end, KeyValue)
+                return _speedups.get(key, self.params)  # type: ignore[no-any-return]
             except ValueError as exc:
                 raise self._corrupt(str(exc)) from None
         return self.py_get(key)
