@@ -1,0 +1,32 @@
+"""``python bench/run.py --smoke`` exercises every benchmark code path at toy sizes.
+
+Skipped unless the bench extra (``pip install -e ".[bench]"``) and Debian's
+redis-server are installed: the default test run does not need them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("redis", "lmdb", "matplotlib", "tqdm"))
+    or not shutil.which("redis-server"),
+    reason="needs the bench extra and redis-server")
+def test_bench_smoke_run() -> None:
+    out = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(os.path.join(ROOT, "bench", "results", "smoke.json")) as f:
+        results = json.load(f)
+    assert results["stamp"] and results["throughput"]
+    assert not results.get("errors"), results.get("errors")
