@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from typing import Any
@@ -390,4 +389,4 @@ def sleep_until(t: float) -> None:
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in
            ("annotations", "Any", "importlib", "os", "platform", "re", "shutil", "signal",
-            "socket", "subprocess", "sys", "tempfile", "threading", "time", "urllib")]
+            "socket", "subprocess", "sys", "tempfile", "time", "urllib")]

@@ -187,7 +187,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         a8 = a8["aggregate_per_s"] if a8 else None
         s8 = (one(res, "shmcache", ref, 8, "get") or {}).get("aggregate_per_s")
         if a8 and s8:
-            add(f"  same with 8 readers", s8 >= factor * a8,
+            add("  same with 8 readers", s8 >= factor * a8,
                 f"{s8 / a8:.1f}x ({_rate(s8)} vs {_rate(a8)} /s)")
     g = memory_growth(res, "shmcache", 100_000)
     others = {n: memory_growth(res, "shmcache", n) for n in (2_000, 10_000, 1_000_000)}

@@ -23,7 +23,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 import timeit
 import zlib
 from typing import Any

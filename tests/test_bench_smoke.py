@@ -22,11 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     not all(importlib.util.find_spec(m) for m in ("redis", "lmdb", "matplotlib", "tqdm"))
     or not shutil.which("redis-server"),
     reason="needs the bench extra and redis-server")
-def test_bench_smoke_run() -> None:
-    out = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+def test_bench_smoke_run(tmp_path: object) -> None:
+    out = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    with open(os.path.join(ROOT, "bench", "results", "smoke.json")) as f:
+    with open(os.path.join(str(tmp_path), "smoke.json")) as f:
         results = json.load(f)
     assert results["stamp"] and results["throughput"]
     assert not results.get("errors"), results.get("errors")
