@@ -272,3 +272,40 @@ def cache_name() -> Iterator[str]:
     yield name
     for filename in _ipc_files(name) | _ipc_files(f"{name}.*"):
         _unlink_ipc(filename)
+
+
+# ----------------------------------------------------------------------------
+# one writer per test module (tests/test_aio.py, test_subscribe.py, test_forking.py,
+# test_examples.py); each test works under its own sub-prefix. Modules that need a
+# writer of their own per test define a ``writer`` fixture locally, which wins.
+
+
+@pytest.fixture(scope="module")
+def writer(etcd_session: EtcdServer) -> Iterator[tuple[Any, bytes]]:
+    """One writer process for the module, serving a fresh ``/t/<hex>/`` prefix."""
+    from tests.helpers import WriterProcess
+
+    name = f"t-{secrets.token_hex(4)}"
+    prefix = b"/t/" + secrets.token_hex(8).encode() + b"/"
+    w = WriterProcess(name, etcd_session.endpoint, prefix)
+    try:
+        w.start()
+        yield w, prefix
+    finally:
+        w.close()
+
+
+@pytest.fixture
+def sub_prefix(writer: tuple[Any, bytes]) -> bytes:
+    """A sub-prefix of the module writer's prefix no other test uses."""
+    return writer[1] + secrets.token_hex(4).encode() + b"/"
+
+
+@pytest.fixture
+def reader(writer: tuple[Any, bytes]) -> Iterator[Any]:
+    """A Reader attached to the module writer's cache, closed afterwards."""
+    import shmcache
+
+    r = shmcache.Reader(writer[0].name)
+    yield r
+    r.close()

@@ -9,14 +9,12 @@ import mmap
 import multiprocessing as mp
 import os
 import random
-import secrets
 import signal
 import struct
 import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +33,6 @@ from tests.helpers import (
     txn,
 )
 from tests.test_forking import EXAMPLES, ServerProcess
-
-
-@pytest.fixture(scope="module")
-def writer(etcd_session: Any) -> Iterator[tuple[WriterProcess, bytes]]:
-    """One writer for the module; each test works under its own sub-prefix."""
-    name = f"t-{secrets.token_hex(4)}"
-    prefix = b"/t/" + secrets.token_hex(8).encode() + b"/"
-    w = WriterProcess(name, etcd_session.endpoint, prefix)
-    try:
-        w.start()
-        yield w, prefix
-    finally:
-        w.close()
-
-
-@pytest.fixture
-def sub_prefix(writer: tuple[WriterProcess, bytes]) -> bytes:
-    return writer[1] + secrets.token_hex(4).encode() + b"/"
-
-
-@pytest.fixture
-def reader(writer: tuple[WriterProcess, bytes]) -> Iterator[shmcache.Reader]:
-    r = shmcache.Reader(writer[0].name)
-    yield r
-    r.close()
 
 
 def _in_thread(fn: Any, *args: Any) -> threading.Thread:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 # Where each example that is not a plain script is run.
 RUN_ELSEWHERE = {"wsgi_app.py": "tests/test_forking.py", "asgi_app.py": "tests/test_aio.py"}
-
-
-@pytest.fixture(scope="module")
-def writer(etcd_session: Any) -> Iterator[tuple[WriterProcess, bytes]]:
-    name = f"t-{secrets.token_hex(4)}"
-    prefix = b"/t/" + secrets.token_hex(8).encode() + b"/"
-    w = WriterProcess(name, etcd_session.endpoint, prefix)
-    try:
-        w.start()
-        yield w, prefix
-    finally:
-        w.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -128,24 +126,6 @@ class ServerProcess:
 
 # ----------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="module")
-def writer(etcd_session: Any) -> Iterator[tuple[WriterProcess, bytes]]:
-    """One writer for the module; each test works under its own sub-prefix of ``prefix``."""
-    name = f"t-{secrets.token_hex(4)}"
-    prefix = b"/t/" + secrets.token_hex(8).encode() + b"/"
-    w = WriterProcess(name, etcd_session.endpoint, prefix)
-    try:
-        w.start()
-        yield w, prefix
-    finally:
-        w.close()
-
-
-@pytest.fixture
-def sub_prefix(writer: tuple[WriterProcess, bytes]) -> bytes:
-    return writer[1] + secrets.token_hex(4).encode() + b"/"
 
 
 def _fill(client: Any, prefix: bytes, n: int = 12) -> int:

@@ -3,42 +3,15 @@ resume after reader errors, prompt close."""
 
 from __future__ import annotations
 
-import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import shmcache
 from tests.helpers import WriterProcess, delete, etcd_events, etcd_range, put, txn
-
-
-@pytest.fixture(scope="module")
-def writer(etcd_session: Any) -> Iterator[tuple[WriterProcess, bytes]]:
-    """One writer for the module; each test works under its own sub-prefix."""
-    name = f"t-{secrets.token_hex(4)}"
-    prefix = b"/t/" + secrets.token_hex(8).encode() + b"/"
-    w = WriterProcess(name, etcd_session.endpoint, prefix)
-    try:
-        w.start()
-        yield w, prefix
-    finally:
-        w.close()
-
-
-@pytest.fixture
-def sub_prefix(writer: tuple[WriterProcess, bytes]) -> bytes:
-    return writer[1] + secrets.token_hex(4).encode() + b"/"
-
-
-@pytest.fixture
-def reader(writer: tuple[WriterProcess, bytes]) -> Iterator[shmcache.Reader]:
-    r = shmcache.Reader(writer[0].name)
-    yield r
-    r.close()
 
 
 class Mirror:
