@@ -294,19 +294,12 @@ class Snapshot:
 
     def range(self, start: bytes, end: bytes | None) -> Iterator[KeyValue]:
         """Entries with ``start <= key < end`` in key order (end None: no upper bound)."""
-        i = self.bisect(start)
-        n = self.count
-        buf = self.buf
         # build() lays entries out back to back in key order, so every index
         # offset is predictable from the entry before it: a damaged index cannot
         # make a listing skip or repeat keys without this check failing.
-        if i > 0:
-            poff = self.offset(i - 1)
-            self._key_at(poff)  # bounds-checks the entry
-            _c, pk, pv, *_ = _ENTRY_UNPACK(buf, poff)
-            expected = poff + ((_ENTRY_SIZE + pk + pv + 7) & ~7)
-        else:
-            expected = self.data_off
+        i, expected = self._walk_start(start)
+        n = self.count
+        buf = self.buf
         prev = b""
         view = self._view
         index_off = self.index_off
