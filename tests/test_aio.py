@@ -308,15 +308,6 @@ def test_await_revision_is_woken_by_the_publish(etcd_client: Any, reader: shmcac
     p = sub_prefix
 
     async def main() -> list[float]:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.001)
-                ticks += 1
-
-        t = asyncio.create_task(ticker())
         delays = []
         for i in range(20):
             box: list[tuple[int, float]] = []
@@ -332,8 +323,28 @@ def test_await_revision_is_woken_by_the_publish(etcd_client: Any, reader: shmcac
             th.join()
             if box[0][0] == expected:  # another test's write could have taken the revision
                 delays.append(max(0.0, woke - box[0][1]))
+
+        # The loop keeps running while a coroutine waits. The put comes 300 ms after the
+        # wait starts, so a waiter that blocked the loop would leave the ticker at most one
+        # tick; a free loop ticks every millisecond or so (>= 30 even on a loaded machine).
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        def late_write() -> None:
+            time.sleep(0.3)
+            put(etcd_client, p + b"late", b"x")
+
+        t = asyncio.create_task(ticker())
+        th = _in_thread(late_write)
+        assert await reader.await_revision(etcd_current_revision(etcd_client) + 1, timeout=10)
+        th.join()
         t.cancel()
-        assert ticks > 20  # the loop was not blocked while waiting
+        assert ticks >= 30, ticks
         return delays
 
     delays = asyncio.run(main())
