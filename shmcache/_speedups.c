@@ -1,4 +1,5 @@
-/* Optional C versions of the reader's two hot loops over a snapshot segment.
+/* Optional C versions of the reader's two hot loops over a snapshot segment,
+ * and of the writer's snapshot build.
  *
  * shmcache/snapshot.py holds the reference implementation in pure Python and
  * uses these only when the extension was built (it is optional at install
@@ -266,17 +267,319 @@ fail:
     return NULL;
 }
 
+
+/* -- the writer's snapshot build ------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *key, *value;
+    uint64_t klen, vlen;
+    int64_t meta[4]; /* create, mod, version, lease */
+    int deleted;
+} change_t;
+
+static uint64_t entry_span(uint64_t klen, uint64_t vlen) {
+    return (ENTRY_SIZE + klen + vlen + 7) & ~(uint64_t)7;
+}
+
+typedef struct {
+    unsigned char *out;
+    uint64_t index_off, hash_off, slots, data_off, data_end, count;
+    uint64_t n, pos;
+    char err[200];
+} sink_t;
+
+/* Append one finished entry (already at out + pos) to the index and the hash table. */
+static int sink_index(sink_t *s, uint64_t span) {
+    const unsigned char *e = s->out + s->pos;
+    uint64_t klen = rd32(e + 4);
+    uint32_t h = crc(e + ENTRY_SIZE, klen);
+    uint64_t off = s->pos, mask = s->slots - 1, i = h & mask;
+    memcpy(s->out + s->index_off + 8 * s->n, &off, 8);
+    for (uint64_t tries = 0; rd64(s->out + s->hash_off + 16 * i + 8) != 0; tries++) {
+        if (tries >= s->slots) {
+            snprintf(s->err, sizeof s->err, "hash table full");
+            return -1;
+        }
+        i = (i + 1) & mask;
+    }
+    uint32_t check = (h ^ (uint32_t)off ^ (uint32_t)(off >> 32) ^ 0x5BD1E995u) * 0x9E3779B1u;
+    uint64_t word = (uint64_t)h | ((uint64_t)check << 32);
+    memcpy(s->out + s->hash_off + 16 * i, &word, 8);
+    memcpy(s->out + s->hash_off + 16 * i + 8, &off, 8);
+    s->n++;
+    s->pos += span;
+    return 0;
+}
+
+static int sink_room(sink_t *s, uint64_t span) {
+    if (s->n >= s->count || span > s->data_end - s->pos) {
+        snprintf(s->err, sizeof s->err,
+                 "the entries outgrow the planned snapshot (%llu entries, %llu bytes planned)",
+                 (unsigned long long)s->count,
+                 (unsigned long long)(s->data_end - s->data_off));
+        return -1;
+    }
+    return 0;
+}
+
+static int sink_new(sink_t *s, const change_t *c) {
+    uint64_t span = entry_span(c->klen, c->vlen);
+    if (sink_room(s, span) < 0) return -1;
+    unsigned char *e = s->out + s->pos;
+    uint32_t lens[3] = {(uint32_t)c->klen, (uint32_t)c->vlen, 0};
+    memcpy(e + 4, lens, 12);
+    memcpy(e + 16, c->meta, 32);
+    memcpy(e + ENTRY_SIZE, c->key, c->klen);
+    memcpy(e + ENTRY_SIZE + c->klen, c->value, c->vlen);
+    memset(e + ENTRY_SIZE + c->klen + c->vlen, 0, span - ENTRY_SIZE - c->klen - c->vlen);
+    uint32_t ecrc = crc(e + 4, ENTRY_SIZE - 4 + c->klen + c->vlen);
+    memcpy(e, &ecrc, 4);
+    return sink_index(s, span);
+}
+
+typedef struct {
+    const unsigned char *buf;
+    uint64_t index_off, count, data_off, data_end;
+    uint64_t i;
+    const unsigned char *key; /* the current entry's key, NULL when exhausted */
+    uint64_t klen, span;
+    const unsigned char *entry;
+} base_t;
+
+/* Step to base entry b->i (validated: bounds, order, checksum); 0 ok, -1 corrupt. */
+static int base_load(base_t *b, char *err, size_t errlen) {
+    if (b->i >= b->count) { b->key = NULL; return 0; }
+    uint64_t off = rd64(b->buf + b->index_off + 8 * b->i);
+    if (b->data_end - b->data_off < ENTRY_SIZE || off < b->data_off
+        || off > b->data_end - ENTRY_SIZE || (off & 7)) {
+        snprintf(err, errlen, "base snapshot entry %llu is outside the data area",
+                 (unsigned long long)b->i);
+        return -1;
+    }
+    const unsigned char *e = b->buf + off;
+    uint64_t klen = rd32(e + 4), vlen = rd32(e + 8);
+    uint64_t stop = off + ENTRY_SIZE + klen + vlen;
+    if (stop > b->data_end) {
+        snprintf(err, errlen, "base snapshot entry at %llu runs past the data area",
+                 (unsigned long long)off);
+        return -1;
+    }
+    if (crc(e + 4, stop - off - 4) != rd32(e)) {
+        snprintf(err, errlen, "base snapshot entry at %llu fails its checksum",
+                 (unsigned long long)off);
+        return -1;
+    }
+    if (b->key != NULL && bcmp3(e + ENTRY_SIZE, klen, b->key, b->klen) <= 0) {
+        snprintf(err, errlen, "base snapshot keys out of order at entry %llu",
+                 (unsigned long long)b->i);
+        return -1;
+    }
+    b->entry = e;
+    b->key = e + ENTRY_SIZE;
+    b->klen = klen;
+    b->span = entry_span(klen, vlen);
+    if (b->span > b->data_end - off) {
+        snprintf(err, errlen, "base snapshot entry at %llu: its padding runs past the data area",
+                 (unsigned long long)off);
+        return -1;
+    }
+    return 0;
+}
+
+/* The merge itself, without the GIL: base entries (copied as they are, their
+ * checksums still hold) overlaid with the sorted changes. */
+static int merge(sink_t *s, base_t *b, const change_t *ch, uint64_t nch) {
+    uint64_t j = 0;
+    if (b->buf != NULL && base_load(b, s->err, sizeof s->err) < 0) return -1;
+    for (;;) {
+        int have_base = b->buf != NULL && b->key != NULL;
+        if (!have_base && j >= nch) break;
+        int c = !have_base ? 1 : (j >= nch ? -1 : bcmp3(b->key, b->klen, ch[j].key, ch[j].klen));
+        if (c < 0) {
+            if (sink_room(s, b->span) < 0) return -1;
+            memcpy(s->out + s->pos, b->entry, b->span);
+            if (sink_index(s, b->span) < 0) return -1;
+        } else if (!ch[j].deleted && sink_new(s, &ch[j]) < 0) {
+            return -1;
+        }
+        if (c <= 0) {
+            b->i++;
+            if (base_load(b, s->err, sizeof s->err) < 0) return -1;
+        }
+        if (c >= 0) j++;
+    }
+    if (s->n != s->count || s->pos != s->data_end) {
+        snprintf(s->err, sizeof s->err,
+                 "the snapshot holds %llu entries in %llu bytes, %llu in %llu were planned",
+                 (unsigned long long)s->n, (unsigned long long)(s->pos - s->data_off),
+                 (unsigned long long)s->count, (unsigned long long)(s->data_end - s->data_off));
+        return -1;
+    }
+    return 0;
+}
+
+static int get_u64s(PyObject *tuple, Py_ssize_t n, uint64_t *out, const char *what) {
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != n) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %zd-tuple", what, n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(tuple, i));
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+/* build(out, (index_off, hash_off, slots, data_off, data_end, count), keys, values, base)
+ *     -> body crc32
+ *
+ * Fills everything of a new snapshot segment but its header: the entries of
+ * `base` (None, or (buf, index_off, count, data_off, data_end) of the previous
+ * snapshot) overlaid with `keys` (sorted, unique) and `values` (each None for
+ * a deletion or (value, create, mod, version, lease)). The lists must not
+ * change during the call. The GIL is released while bytes are copied, so the
+ * writer's watch thread keeps publishing while a large snapshot is built.
+ */
+static PyObject *snapshot_build(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "build() takes 5 arguments");
+        return NULL;
+    }
+    uint64_t g[6], bg[4];
+    if (get_u64s(args[1], 6, g, "geometry") < 0) return NULL;
+    PyObject *keys = args[2], *values = args[3], *base = args[4];
+    if (!PyList_Check(keys) || !PyList_Check(values)
+        || PyList_GET_SIZE(keys) != PyList_GET_SIZE(values)) {
+        PyErr_SetString(PyExc_TypeError, "keys and values must be lists of one length");
+        return NULL;
+    }
+    Py_buffer outv, basev;
+    basev.obj = NULL;
+    if (PyObject_GetBuffer(args[0], &outv, PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *result = NULL;
+    change_t *ch = NULL;
+    base_t b;
+    memset(&b, 0, sizeof b);
+    if (base != Py_None) {
+        if (!PyTuple_Check(base) || PyTuple_GET_SIZE(base) != 5) {
+            PyErr_SetString(PyExc_TypeError, "base must be None or a 5-tuple");
+            goto done;
+        }
+        PyObject *rest = PyTuple_GetSlice(base, 1, 5);
+        if (rest == NULL) goto done;
+        int rc = get_u64s(rest, 4, bg, "base");
+        Py_DECREF(rest);
+        if (rc < 0) goto done;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(base, 0), &basev, PyBUF_SIMPLE) < 0) goto done;
+        uint64_t bsize = (uint64_t)basev.len;
+        if (bg[3] > bsize || bg[2] > bg[3] || bg[0] > bsize || bg[1] > (bsize - bg[0]) / 8) {
+            corrupt("base snapshot geometry out of bounds");
+            goto done;
+        }
+        b.buf = basev.buf;
+        b.index_off = bg[0];
+        b.count = bg[1];
+        b.data_off = bg[2];
+        b.data_end = bg[3];
+    }
+    uint64_t size = (uint64_t)outv.len;
+    sink_t s;
+    memset(&s, 0, sizeof s);
+    s.out = outv.buf;
+    s.index_off = g[0]; s.hash_off = g[1]; s.slots = g[2];
+    s.data_off = g[3]; s.data_end = g[4]; s.count = g[5];
+    if (s.slots == 0 || (s.slots & (s.slots - 1)) || s.data_end > size || s.data_off > s.data_end
+        || s.hash_off > s.data_off || s.slots > (s.data_off - s.hash_off) / 16
+        || s.index_off > s.hash_off || s.count > (s.hash_off - s.index_off) / 8
+        || (s.data_off & 7)) {
+        PyErr_SetString(PyExc_ValueError, "snapshot geometry does not fit the segment");
+        goto done;
+    }
+    s.pos = s.data_off;
+
+    Py_ssize_t nch = PyList_GET_SIZE(keys);
+    ch = PyMem_RawCalloc(nch ? (size_t)nch : 1, sizeof(change_t));
+    if (ch == NULL) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t j = 0; j < nch; j++) {
+        PyObject *k = PyList_GET_ITEM(keys, j), *v = PyList_GET_ITEM(values, j);
+        if (!PyBytes_Check(k)) {
+            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
+            goto done;
+        }
+        ch[j].key = (const unsigned char *)PyBytes_AS_STRING(k);
+        ch[j].klen = (uint64_t)PyBytes_GET_SIZE(k);
+        if (j > 0 && bcmp3(ch[j].key, ch[j].klen, ch[j - 1].key, ch[j - 1].klen) <= 0) {
+            PyErr_SetString(PyExc_ValueError, "keys must be sorted and unique");
+            goto done;
+        }
+        if (v == Py_None) {
+            ch[j].deleted = 1;
+            continue;
+        }
+        if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 5
+            || !PyBytes_Check(PyTuple_GET_ITEM(v, 0))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "values must be None or (value, create, mod, version, lease)");
+            goto done;
+        }
+        PyObject *val = PyTuple_GET_ITEM(v, 0);
+        ch[j].value = (const unsigned char *)PyBytes_AS_STRING(val);
+        ch[j].vlen = (uint64_t)PyBytes_GET_SIZE(val);
+        if (ch[j].klen > 0xFFFFFFFFu || ch[j].vlen > 0xFFFFFFFFu) {
+            PyErr_SetString(PyExc_ValueError, "key or value too long for a snapshot entry");
+            goto done;
+        }
+        for (int m = 0; m < 4; m++) {
+            ch[j].meta[m] = PyLong_AsLongLong(PyTuple_GET_ITEM(v, m + 1));
+            if (PyErr_Occurred()) goto done;
+        }
+        if ((j & 0x3FFF) == 0x3FFF) {
+            /* Let the watch thread in now and then while a large list is read. */
+            Py_BEGIN_ALLOW_THREADS
+            Py_END_ALLOW_THREADS
+        }
+    }
+
+    int rc;
+    uint32_t body = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* The segment is new (all zeros), but do not count on it for the table. */
+    memset(s.out + s.index_off, 0, s.data_off - s.index_off);
+    rc = merge(&s, &b, ch, (uint64_t)nch);
+    if (rc == 0) {
+        uLong c = crc(s.out + s.data_off, s.data_end - s.data_off);
+        c = crc32_combine(c, crc(s.out + s.index_off, s.hash_off - s.index_off),
+                          (z_off_t)(s.hash_off - s.index_off));
+        c = crc32_combine(c, crc(s.out + s.hash_off, s.data_off - s.hash_off),
+                          (z_off_t)(s.data_off - s.hash_off));
+        body = (uint32_t)c;
+    }
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetString(PyExc_ValueError, s.err);
+        goto done;
+    }
+    result = PyLong_FromUnsignedLong(body);
+done:
+    PyMem_RawFree(ch);
+    if (basev.obj != NULL) PyBuffer_Release(&basev);
+    PyBuffer_Release(&outv);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"get", (PyCFunction)(void (*)(void))snapshot_get, METH_FASTCALL,
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
     {"walk", (PyCFunction)(void (*)(void))snapshot_walk, METH_FASTCALL,
      "walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list"},
+    {"build", (PyCFunction)(void (*)(void))snapshot_build, METH_FASTCALL,
+     "build(out, geometry, keys, values, base) -> body crc32 (see snapshot.write)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "shmcache._speedups",
-    "Optional C versions of the snapshot lookup and walk (see snapshot.py).", -1, methods,
+    "Optional C versions of the snapshot lookup, walk and build (see snapshot.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import layout
 from .errors import CorruptSegmentError, VersionMismatchError
@@ -40,83 +40,171 @@ except ImportError:  # no compiler at install time: the pure-Python versions bel
 USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHON")
 
 
-def build(
-    items: Iterable[tuple[bytes, tuple[bytes, int, int, int, int]]],
-    count: int,
-    revision: int,
-    epoch: int,
-) -> tuple[int, Any]:
-    """Lay out a snapshot; returns ``(size, fill)`` where ``fill(buf)`` writes it into a segment.
+class Plan(NamedTuple):
+    """Where everything of a snapshot with ``count`` entries taking ``data_len`` bytes goes."""
 
-    ``items`` must yield keys in ascending byte order and may be iterated twice
-    (once to size, once to fill); values are ``(value, create, mod, version, lease)``.
+    count: int
+    data_len: int
+    slots: int
+    index_off: int
+    hash_off: int
+    data_off: int
+    total: int
+
+    @classmethod
+    def of(cls, count: int, data_len: int) -> Plan:
+        slots = layout.hash_slots_for(count)
+        index_off = HEADER_SIZE
+        hash_off = index_off + 8 * count
+        data_off = hash_off + 16 * slots
+        return cls(count, data_len, slots, index_off, hash_off, data_off, data_off + data_len)
+
+
+def entry_span(key: bytes, value: bytes) -> int:
+    """Bytes an entry takes in the data area (entries are 8-aligned)."""
+    return (_ENTRY_SIZE + len(key) + len(value) + 7) & ~7
+
+
+Item = tuple[bytes, tuple[bytes, int, int, int, int]]
+
+
+def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
+          values: list[tuple[bytes, int, int, int, int] | None],
+          base: Snapshot | None = None) -> None:
+    """Fill a new segment with ``base``'s entries overlaid with ``keys``/``values``.
+
+    ``keys`` are sorted and unique; each value is ``(value, create, mod,
+    version, lease)`` or None for a key that is gone (absent from ``base`` is
+    fine). ``plan`` must give the exact count and data size of the result: the
+    writer tracks both as it applies events, so a build needs no sizing pass.
+    Without ``base`` the lists are the whole state.
+
+    Concurrency contract: the caller owns ``buf`` (a segment nobody maps yet)
+    and the lists, which must not change during the call; ``base`` is an
+    immutable published snapshot. The C build releases the GIL while it copies,
+    so the writer runs it in a thread beside the watch loop (see writer.py).
+    The header goes in last, so a half-written segment never looks valid.
+    Raises ValueError when the entries do not match the plan, and
+    CorruptSegmentError when ``base`` fails its checks.
     """
-    items = list(items) if not hasattr(items, "__len__") else items
-    slots = layout.hash_slots_for(count)
-    index_off = HEADER_SIZE
-    hash_off = index_off + 8 * count
-    data_off = hash_off + 16 * slots
-    data_len = 0
-    for key, (value, *_rest) in items:
-        data_len += layout.align8(_ENTRY_SIZE + len(key) + len(value))
-    total = data_off + data_len
+    if USE_SPEEDUPS:
+        geometry = (plan.index_off, plan.hash_off, plan.slots, plan.data_off,
+                    plan.data_off + plan.data_len, plan.count)
+        base_params = (None if base is None else
+                       (base.buf, base.index_off, base.count, base.data_off, base.data_end))
+        try:
+            body_crc = _speedups.build(buf, geometry, keys, values, base_params)
+        except ValueError as exc:
+            if base is not None and str(exc).startswith("base snapshot"):
+                raise base._corrupt(str(exc)) from None
+            raise
+    else:
+        items = _overlay(base, keys, values) if base is not None else zip(keys, values)
+        body_crc = _fill(buf, plan, items)  # type: ignore[arg-type]
+    header = bytearray(HEADER_SIZE)
+    layout.SNAP_HEADER.pack_into(
+        header, 0, layout.MAGIC[layout.KIND_SNAPSHOT], layout.FORMAT_VERSION,
+        layout.KIND_SNAPSHOT, revision, epoch, plan.count, plan.index_off, plan.hash_off,
+        plan.slots, plan.data_off, plan.data_len, plan.total, body_crc, 0)
+    hcrc = _crc32(memoryview(header)[:layout.SNAP_HEADER_CRC_SPAN])
+    header[layout.SNAP_HEADER_CRC_SPAN:layout.SNAP_HEADER.size] = hcrc.to_bytes(4, "little")
+    buf[0:HEADER_SIZE] = header
+
+
+def _overlay(base: Snapshot, keys: list[bytes],
+             values: list[tuple[bytes, int, int, int, int] | None]) -> Iterator[Item]:
+    """``base``'s entries merged with the changes, in key order (the pure-Python build)."""
+    changes = iter(zip(keys, values))
+    change = next(changes, None)
+    for kv in base.range(b"", None):
+        while change is not None and change[0] < kv.key:
+            if change[1] is not None:
+                yield change  # type: ignore[misc]
+            change = next(changes, None)
+        if change is not None and change[0] == kv.key:
+            if change[1] is not None:
+                yield change  # type: ignore[misc]
+            change = next(changes, None)
+        else:
+            yield kv.key, (kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+    while change is not None:
+        if change[1] is not None:
+            yield change  # type: ignore[misc]
+        change = next(changes, None)
+
+
+def _fill(buf: Any, plan: Plan, items: Iterable[Item]) -> int:
+    """Write the data area, index and hash table; returns the body CRC (pure Python)."""
+    count, slots, data_off = plan.count, plan.slots, plan.data_off
+    data_end = data_off + plan.data_len
+    index = bytearray(8 * count)
+    table = bytearray(16 * slots)
+    mask = slots - 1
+    pack_q = layout.SNAP_INDEX_ENTRY.pack_into
+    pack_slot = layout.SNAP_SLOT.pack_into
+    unpack_slot = _SLOT_UNPACK
+    pack_entry = _ENTRY.pack_into
+    chunk = bytearray()
+    chunk_start = data_off
+    off = data_off
+    n = 0
+    body_crc = 0
+    prev = None
+    for key, (value, create, mod, version, lease) in items:
+        klen, vlen = len(key), len(value)
+        size = layout.align8(_ENTRY_SIZE + klen + vlen)
+        if n >= count or off + size > data_end:
+            raise ValueError(f"the entries outgrow the planned snapshot ({count} entries, "
+                             f"{plan.data_len} bytes planned)")
+        if prev is not None and key <= prev:
+            raise ValueError("keys must be sorted and unique")
+        prev = key
+        entry = bytearray(size)
+        pack_entry(entry, 0, 0, klen, vlen, 0, create, mod, version, lease)
+        entry[_ENTRY_SIZE:_ENTRY_SIZE + klen] = key
+        entry[_ENTRY_SIZE + klen:_ENTRY_SIZE + klen + vlen] = value
+        crc = _crc32(memoryview(entry)[4:_ENTRY_SIZE + klen + vlen])
+        entry[0:4] = crc.to_bytes(4, "little")
+        chunk += entry
+        pack_q(index, 8 * n, off)
+        h = _crc32(key)
+        i = h & mask
+        while unpack_slot(table, 16 * i)[1]:
+            i = (i + 1) & mask
+        pack_slot(table, 16 * i, h | layout.slot_check(h, off) << 32, off)
+        off += size
+        n += 1
+        if len(chunk) >= 1 << 20:
+            buf[chunk_start:chunk_start + len(chunk)] = chunk
+            body_crc = _crc32(chunk, body_crc)
+            chunk_start += len(chunk)
+            chunk = bytearray()
+    if n != count or off != data_end:
+        raise ValueError(f"the snapshot holds {n} entries in {off - data_off} bytes, {count} in "
+                         f"{plan.data_len} were planned")
+    buf[chunk_start:chunk_start + len(chunk)] = chunk
+    body_crc = _crc32(chunk, body_crc)
+    buf[plan.index_off:plan.index_off + len(index)] = index
+    buf[plan.hash_off:plan.hash_off + len(table)] = table
+    return _crc32(table, _crc32(index, body_crc))
+
+
+def build(items: Iterable[Item], count: int, revision: int, epoch: int) -> tuple[int, Any]:
+    """Lay out a snapshot of ``items``; returns ``(size, fill)`` where ``fill(buf)`` writes it.
+
+    ``items`` must yield keys in ascending byte order; values are ``(value,
+    create, mod, version, lease)``. A convenience over ``Plan`` and ``write``
+    for a whole state given at once.
+    """
+    items = list(items)
+    keys = [k for k, _ in items]
+    values: list[tuple[bytes, int, int, int, int] | None] = [v for _, v in items]
+    plan = Plan.of(count, sum(entry_span(k, v[0]) for k, v in items))  # type: ignore[index]
 
     def fill(buf: Any) -> None:
-        index = bytearray(8 * count)
-        table = bytearray(16 * slots)
-        mask = slots - 1
-        pack_q = layout.SNAP_INDEX_ENTRY.pack_into
-        pack_slot = layout.SNAP_SLOT.pack_into
-        unpack_slot = _SLOT_UNPACK
-        pack_entry = _ENTRY.pack_into
-        chunk = bytearray()
-        chunk_start = data_off
-        off = data_off
-        n = 0
-        body_crc = 0
-        for key, (value, create, mod, version, lease) in items:
-            if n >= count:
-                raise ValueError("snapshot items outnumber count")
-            klen, vlen = len(key), len(value)
-            size = layout.align8(_ENTRY_SIZE + klen + vlen)
-            entry = bytearray(size)
-            pack_entry(entry, 0, 0, klen, vlen, 0, create, mod, version, lease)
-            entry[_ENTRY_SIZE:_ENTRY_SIZE + klen] = key
-            entry[_ENTRY_SIZE + klen:_ENTRY_SIZE + klen + vlen] = value
-            crc = _crc32(memoryview(entry)[4:_ENTRY_SIZE + klen + vlen])
-            entry[0:4] = crc.to_bytes(4, "little")
-            chunk += entry
-            pack_q(index, 8 * n, off)
-            h = _crc32(key)
-            i = h & mask
-            while unpack_slot(table, 16 * i)[1]:
-                i = (i + 1) & mask
-            pack_slot(table, 16 * i, h | layout.slot_check(h, off) << 32, off)
-            off += size
-            n += 1
-            if len(chunk) >= 1 << 20:
-                buf[chunk_start:chunk_start + len(chunk)] = chunk
-                body_crc = _crc32(chunk, body_crc)
-                chunk_start += len(chunk)
-                chunk = bytearray()
-        if n != count:
-            raise ValueError(f"snapshot expected {count} items, got {n}")
-        buf[chunk_start:chunk_start + len(chunk)] = chunk
-        body_crc = _crc32(chunk, body_crc)
-        buf[index_off:index_off + len(index)] = index
-        buf[hash_off:hash_off + len(table)] = table
-        body_crc = _crc32(table, _crc32(index, body_crc))
-        header = bytearray(HEADER_SIZE)
-        layout.SNAP_HEADER.pack_into(
-            header, 0, layout.MAGIC[layout.KIND_SNAPSHOT], layout.FORMAT_VERSION,
-            layout.KIND_SNAPSHOT, revision, epoch, count, index_off, hash_off, slots,
-            data_off, data_len, total, body_crc, 0)
-        hcrc = _crc32(memoryview(header)[:layout.SNAP_HEADER_CRC_SPAN])
-        header[layout.SNAP_HEADER_CRC_SPAN:layout.SNAP_HEADER.size] = hcrc.to_bytes(4, "little")
-        # The header goes in last, so a half-written segment never looks valid.
-        buf[0:HEADER_SIZE] = header
+        write(buf, plan, revision, epoch, keys, values)
 
-    return total, fill
+    return plan.total, fill
 
 
 class Snapshot:

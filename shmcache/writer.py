@@ -145,6 +145,13 @@ class Writer:
         self._ring: ring.RingWriter | None = None
         self._ring_seg: _shm.Segment | None = None
         self.kv: SortedDict = SortedDict()
+        # Snapshots are built from the live one (the base, mapped read-only) plus
+        # the changes since it (the delta), in a thread, so the watch loop keeps
+        # publishing while a large snapshot is written (see _SnapshotBuild).
+        self._delta: dict[bytes, KV | None] = {}
+        self._data_len = 0  # bytes self.kv takes in a snapshot's data area
+        self._base: tuple[_shm.Segment, snapshot.Snapshot] | None = None
+        self._build: _SnapshotBuild | None = None
         self.revision = 0
         self.epoch = 0
         self.etcd_revision = 0
@@ -272,29 +279,38 @@ class Writer:
                                           f"{snap.epoch}, the control segment says "
                                           f"{b.snap_revision} epoch {b.epoch}")
             kv: SortedDict = SortedDict()
-            for e in snap.range(b"", None):
-                kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
-            snap.close()
-            sseg.close()
-            rw = ring.RingWriter(rseg.buf, b.ring_capacity, b.ring_gen)
-            rw.restore(b.ring_head, b.ring_tail)
-            pos = b.snap_ring_pos
-            while pos < b.ring_head:
-                kind, rev, nxt, payload = ring.read_record(rseg.buf, b.ring_capacity, pos)
-                if payload is not None:
-                    for ev in _codec.decode(payload, rev, rseg.name):
-                        if ev.type == "PUT":
-                            kv[ev.kv.key] = (ev.kv.value, ev.kv.create_revision,
-                                             ev.kv.mod_revision, ev.kv.version, ev.kv.lease)
-                        else:
-                            kv.pop(ev.kv.key, None)
-                pos = nxt
+            delta: dict[bytes, KV | None] = {}
+            try:
+                for e in snap.range(b"", None):
+                    kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
+                rw = ring.RingWriter(rseg.buf, b.ring_capacity, b.ring_gen)
+                rw.restore(b.ring_head, b.ring_tail)
+                pos = b.snap_ring_pos
+                while pos < b.ring_head:
+                    kind, rev, nxt, payload = ring.read_record(rseg.buf, b.ring_capacity, pos)
+                    if payload is not None:
+                        for ev in _codec.decode(payload, rev, rseg.name):
+                            if ev.type == "PUT":
+                                t = (ev.kv.value, ev.kv.create_revision, ev.kv.mod_revision,
+                                     ev.kv.version, ev.kv.lease)
+                                kv[ev.kv.key] = delta[ev.kv.key] = t
+                            else:
+                                kv.pop(ev.kv.key, None)
+                                delta[ev.kv.key] = None
+                    pos = nxt
+            except BaseException:
+                snap.close()
+                sseg.close()
+                raise
         except (CorruptSegmentError, ring.TornRecord, OSError, ValueError) as exc:
             log.warning("cannot resume from the existing segments (%s); relisting", exc)
             return False
         self._ring_seg = rseg
         self._ring = rw
         self.kv = kv
+        self._delta = delta
+        self._data_len = sum(snapshot.entry_span(k, v[0]) for k, v in kv.items())
+        self._base = (sseg, snap)
         self.revision = b.revision
         self.epoch = b.epoch
         self._snap_seq = b.snap_seq
@@ -306,45 +322,98 @@ class Writer:
 
     def _publish_snapshot(self, extra: dict[int, int] | None = None,
                           prefix: bytes | None = None) -> None:
-        """Write the whole state into a new snapshot segment and point the control segment at it."""
-        assert self._ctl is not None and self._ring is not None
-        t0 = time.monotonic()
-        seq = self._snap_seq + 1
-        name = layout.snapshot_name(self.name, seq)
-        _shm.unlink(name)
-        size, fill = snapshot.build(self.kv.items(), len(self.kv), self.revision, self.epoch)
-        seg = _shm.create(name, size, self.mode, self.group)
-        try:
-            _fault_point("snapshot")  # created, not filled: a stray for the next writer
-            fill(seg.buf)
-        finally:
+        """Build a snapshot of the current state now and point the control segment at it.
+
+        For the paths that cannot wait (a new epoch, the ring about to overwrite
+        events newer than the live snapshot): a build already running in the
+        background is finished first, then a new one runs in this thread.
+        """
+        if self._build is not None:
+            self._finish_build(self._build, wait=True)
+        b = _SnapshotBuild(self)
+        b.run()
+        if b.error is not None and not b.full:
+            self._build_failed(b)
+            self._close_base()
+            b = _SnapshotBuild(self)  # from the whole state
+            b.run()
+        if b.error is not None:
+            self._discard_build(b)
+            raise b.error
+        self._publish_build(b, extra, prefix)
+
+    def _finish_build(self, b: _SnapshotBuild, wait: bool = False) -> None:
+        """Publish the background build if it is done (or wait for it)."""
+        if wait:
+            b.done.wait()
+        elif not b.done.is_set():
+            return
+        self._build = None
+        if b.error is not None:
+            self._build_failed(b)
+        else:
+            self._publish_build(b)
+
+    def _build_failed(self, b: _SnapshotBuild) -> None:
+        """Drop a failed build; its changes go back to the delta (the base is unchanged)."""
+        self._discard_build(b)
+        log.warning("snapshot build at revision %d failed: %s", b.revision, b.error)
+        if b.changes is not None:
+            b.changes.update(self._delta)
+            self._delta = b.changes
+        self._bytes_since_snapshot += b.bytes_since
+        if isinstance(b.error, CorruptSegmentError):
+            self._close_base()  # the next build starts from the whole state
+
+    def _discard_build(self, b: _SnapshotBuild) -> None:
+        if b.seg is not None:
+            b.seg.close()
+            _shm.unlink(b.name)
+
+    def _close_base(self) -> None:
+        if self._base is not None:
+            seg, snap = self._base
+            snap.close()
             seg.close()
+            self._base = None
+            self._delta = {}
+
+    def _publish_build(self, b: _SnapshotBuild, extra: dict[int, int] | None = None,
+                       prefix: bytes | None = None) -> None:
+        """Point the control segment at a finished snapshot and make it the next base."""
+        assert self._ctl is not None and self._ring is not None and b.seg is not None
         _fault_point("snapshot")  # filled, not published
         old = self._snap_seq
         # The head goes out with the snapshot: records appended but not yet
         # published (mid-response) are part of the state the snapshot holds.
-        updates = {_B.B_SNAP_SEQ: seq, _B.B_SNAP_REVISION: self.revision, _B.B_SNAP_SIZE: size,
-                   _B.B_SNAP_RING_POS: self._ring.head, _B.B_KEY_COUNT: len(self.kv),
-                   _B.B_RING_HEAD: self._ring.head, _B.B_REVISION: self.revision}
+        updates = {_B.B_SNAP_SEQ: b.seq, _B.B_SNAP_REVISION: b.revision,
+                   _B.B_SNAP_SIZE: b.plan.total, _B.B_SNAP_RING_POS: b.ring_pos,
+                   _B.B_KEY_COUNT: len(self.kv), _B.B_RING_HEAD: self._ring.head,
+                   _B.B_REVISION: self.revision}
         if extra:
             updates.update(extra)
         self._ctl.publish(updates, prefix=prefix)
-        self._snap_seq = seq
-        self._snap_ring_pos = self._ring.head
-        self._bytes_since_snapshot = 0
-        self._last_snapshot = time.monotonic()
+        self._snap_seq = b.seq
+        self._snap_ring_pos = b.ring_pos
         self.stats["snapshots"] += 1
-        if old and old != seq:
+        if old and old != b.seq:
             # Readers that mapped it keep their mapping; new readers use the new one.
             _shm.unlink(layout.snapshot_name(self.name, old))
-        elapsed = time.monotonic() - t0
+        delta = self._delta
+        self._close_base()
+        b.seg.close()
+        sseg = _shm.open_readonly(b.name)
+        if sseg is not None:  # (None: removed by hand; the next build is a full one)
+            self._base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
+            self._delta = delta
         # (service.py, issue 4) gauges of the last publish, for metrics.
-        self.stats["snapshot_seconds"] = elapsed
-        self.stats["snapshot_seconds_total"] += elapsed
-        self.stats["snapshot_keys"] = len(self.kv)
-        self.stats["snapshot_bytes"] = size
-        log.info("snapshot published: revision %d, %d keys, %d bytes, %.1f ms", self.revision,
-                 len(self.kv), size, elapsed * 1000)
+        self.stats["snapshot_seconds"] = b.seconds
+        self.stats["snapshot_seconds_total"] += b.seconds
+        self.stats["snapshot_keys"] = b.plan.count
+        self.stats["snapshot_bytes"] = b.plan.total
+        log.info("snapshot published: revision %d, %d keys, %d bytes, built in %.1f ms (%s)",
+                 b.revision, b.plan.count, b.plan.total, b.seconds * 1000,
+                 "whole state" if b.full else f"{len(b.changes or ())} changes")
 
     def _reset_history(self, revision: int, reason: str, ring_capacity: int | None = None) -> None:
         """Start a new epoch at ``revision``: fresh snapshot, empty ring history."""
@@ -352,6 +421,11 @@ class Writer:
         if ring_capacity is not None or self._ring is None:
             self._new_ring(ring_capacity or self.ring_size)
         assert self._ring is not None
+        if self._build is not None:  # of the old epoch: never published
+            self._build.done.wait()
+            self._discard_build(self._build)
+            self._build = None
+        self._close_base()
         self.revision = revision
         self.epoch = self._ctl.get(_B.B_EPOCH) + 1
         self._ring.records.clear()
@@ -391,6 +465,8 @@ class Writer:
                                 f"{cap}-byte ring", ring_capacity=cap)
             rw = self._ring
         pl = rw.place(len(payload))
+        if pl.end - rw.capacity > self._snap_ring_pos and self._build is not None:
+            self._finish_build(self._build, wait=True)
         if pl.end - rw.capacity > self._snap_ring_pos:
             # Writing would overwrite events newer than the live snapshot, and then
             # readers could not rebuild the current state: republish first.
@@ -439,11 +515,18 @@ class Writer:
         """
         self._append(revision, _codec.encode(batch), len(batch))
         kv = self.kv
+        delta = self._delta
+        span = snapshot.entry_span
         for typ, key, value, create, mod, version, lease, _prev in batch:
+            old = kv.get(key)
+            if old is not None:
+                self._data_len -= span(key, old[0])
             if typ == 0:
-                kv[key] = (value, create, mod, version, lease)
-            else:
-                kv.pop(key, None)
+                kv[key] = delta[key] = (value, create, mod, version, lease)
+                self._data_len += span(key, value)
+            elif old is not None:
+                del kv[key]
+                delta[key] = None
 
     def _apply_events(self, events: Any) -> None:
         """Apply a watch response's events, one ring record per revision.
@@ -558,10 +641,19 @@ class Writer:
             self._stream.request_progress()
 
     def _maybe_snapshot(self) -> None:
+        """Publish a finished background build; start one when the cadence says so."""
+        if self._build is not None:
+            self._finish_build(self._build)
+            return
         if self._bytes_since_snapshot and (
                 self._bytes_since_snapshot >= self.snapshot_bytes
                 or time.monotonic() - self._last_snapshot >= self.snapshot_interval):
-            self._publish_snapshot()
+            if self._base is None:
+                self._publish_snapshot()  # a whole-state build: no base to start from
+                return
+            self._build = _SnapshotBuild(self)
+            threading.Thread(target=self._build.run, name="shmcache-snapshot",
+                             daemon=True).start()
 
     # -- main loop -----------------------------------------------------------------
 
@@ -638,6 +730,7 @@ class Writer:
         rev, items = conn.list_range(self.range_key, self.range_end,
                                      progress=self.list_progress)  # (issue 4: progress hook)
         self.kv = SortedDict(items)
+        self._data_len = sum(snapshot.entry_span(k, v[0]) for k, v in items)
         self.stats["relists"] += 1
         self._reset_history(rev, reason)
         log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
@@ -778,6 +871,11 @@ class Writer:
             conn.close()
 
     def _shutdown(self) -> None:
+        if self._build is not None:  # unpublished: of no use to the next writer
+            self._build.done.wait()
+            self._discard_build(self._build)
+            self._build = None
+        self._close_base()
         if self._ctl is not None:
             self._ctl.heartbeat()
             self._ctl.release()
@@ -790,6 +888,62 @@ class Writer:
         if self.remove_on_close:
             _shm.remove_cache(self.name)
         log.info("writer for %r stopped at revision %d", self.name, self.revision)
+
+
+class _SnapshotBuild:
+    """One snapshot in the making: its inputs frozen at the writer's current revision.
+
+    Made on the writer's watch thread, which then runs ``run()`` itself or in a
+    thread of its own. A build from the live snapshot (the base) takes the
+    changes since it (the writer starts a new delta), so freezing costs nothing
+    however large the state; a full build (no base: after a relist) copies the
+    state's keys and values. ``run()`` touches only these frozen inputs and its
+    own new segment, and never the control segment: the watch thread publishes
+    the result (Writer._publish_build), so readers see snapshots in order and
+    only complete ones.
+    """
+
+    def __init__(self, w: Writer) -> None:
+        assert w._ring is not None
+        self.seq = w._snap_seq + 1
+        self.name = layout.snapshot_name(w.name, self.seq)
+        self.mode, self.group = w.mode, w.group
+        self.revision, self.epoch, self.ring_pos = w.revision, w.epoch, w._ring.head
+        self.plan = snapshot.Plan.of(len(w.kv), w._data_len)
+        self.base = w._base[1] if w._base is not None else None
+        self.full = self.base is None
+        self.changes: dict[bytes, KV | None] | None = None
+        self.keys: list[bytes] = []
+        self.values: list[KV | None] = []
+        if self.full:
+            self.keys, self.values = list(w.kv.keys()), list(w.kv.values())
+            w._delta = {}
+        else:
+            self.changes, w._delta = w._delta, {}
+        self.bytes_since, w._bytes_since_snapshot = w._bytes_since_snapshot, 0
+        w._last_snapshot = time.monotonic()
+        self.seg: _shm.Segment | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            _shm.unlink(self.name)
+            self.seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
+            _fault_point("snapshot")  # created, not filled: a stray for the next writer
+            if self.changes is not None:
+                self.keys = sorted(self.changes)
+                self.values = [self.changes[k] for k in self.keys]
+            snapshot.write(self.seg.buf, self.plan, self.revision, self.epoch, self.keys,
+                           self.values, self.base)
+        except Exception as exc:  # reported by the watch thread (Writer._finish_build)
+            self.error = exc
+        finally:
+            self.keys, self.values = [], []
+            self.seconds = time.monotonic() - t0
+            self.done.set()
 
 
 class _WatchBroken(ShmCacheError):

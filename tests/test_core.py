@@ -450,3 +450,60 @@ def test_writer_stuck_inside_publish_does_not_slow_readers(
     _wait_rev(r, nxt)
     assert r.get(unique_prefix + b"k").value == b"v2"
     r.close()
+
+
+def test_events_are_published_while_a_snapshot_is_built(
+        etcd_session: Any, etcd_client: Any, cache_name: str, unique_prefix: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots are built beside the watch loop: with a build held up (as a 1M-key one
+    is, for a second), new events still reach readers at once; the finished snapshot is
+    published afterwards and a reader attaching then sees the exact state."""
+    import threading
+
+    from shmcache import snapshot as snapshot_module
+    from shmcache.writer import Writer
+
+    p = unique_prefix
+    for i in range(50):
+        put(etcd_client, p + b"k%02d" % i, b"v%d" % i)
+    release = threading.Event()
+    held = threading.Event()
+    real_write = snapshot_module.write
+
+    def held_write(*args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "shmcache-snapshot":
+            held.set()
+            release.wait(30)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_module, "write", held_write)
+    w = Writer(cache_name, [etcd_session.endpoint], p, ring_size="1MiB",
+               snapshot_bytes=1, remove_on_close=True)
+    t = threading.Thread(target=w.run)
+    t.start()
+    try:
+        assert w.ready.wait(15)
+        with shmcache.Reader(cache_name, timeout=5) as r:
+            first_snap = r.status().snapshot_revision
+            rev = put(etcd_client, p + b"k00", b"changed")  # starts a background build
+            assert held.wait(10), "no background snapshot build started"
+            revs = [put(etcd_client, p + b"during%d" % i, b"x") for i in range(20)]
+            revs.append(delete(etcd_client, p + b"k01"))
+            _wait_rev(r, revs[-1])  # published while the build is held
+            assert r.status().snapshot_revision == first_snap
+            assert r.get(p + b"during19").value == b"x" and r.get(p + b"k01") is None
+            release.set()
+            deadline = time.monotonic() + 10
+            while r.status().snapshot_revision < rev and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert r.status().snapshot_revision >= rev
+        put(etcd_client, p + b"after", b"y")
+        want = etcd_range(etcd_client, p)
+        with shmcache.Reader(cache_name, timeout=5) as fresh:
+            _wait_rev(fresh, etcd_current_revision(etcd_client))
+            assert list(fresh.list(p)) == want
+        assert w.stats["snapshots"] >= 2
+    finally:
+        release.set()
+        w.stop()
+        t.join(10)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmcache import CorruptSegmentError, KeyValue, VersionMismatchError, layout
+from shmcache import CorruptSegmentError, KeyValue, VersionMismatchError, layout, snapshot
 from shmcache.snapshot import HEADER_SIZE, Snapshot, build
 
 Meta = tuple[bytes, int, int, int, int]
@@ -527,3 +527,92 @@ def test_range_list_over_a_damaged_index_raises_or_is_right() -> None:
             except CorruptSegmentError:
                 continue
             assert got == want, (name, start, end)
+
+
+# --------------------------------------------------------------------------------------
+# write(): the writer's build from the live snapshot (the base) plus the changes since
+
+def meta(key: bytes, value: bytes) -> Meta:
+    """Metadata that depends on the entry alone, so it survives a merge unchanged."""
+    return (value, 1 + len(key), 1 + zlib.crc32(key) % 997, 1 + len(value), zlib.crc32(value))
+
+
+def write_bytes(state: dict[bytes, bytes], changes: dict[bytes, bytes | None] | None = None,
+                base: Snapshot | None = None, revision: int = 1000) -> bytes:
+    """A snapshot of ``state`` written with snapshot.write, over ``base`` when given."""
+    items = changes if changes is not None else state
+    keys = sorted(items)
+    values = [None if items[k] is None else meta(k, items[k]) for k in keys]  # type: ignore[arg-type]
+    plan = snapshot.Plan.of(len(state), sum(snapshot.entry_span(k, v) for k, v in state.items()))
+    buf = bytearray(plan.total)
+    snapshot.write(buf, plan, revision, 3, keys, values, base)  # type: ignore[arg-type]
+    return bytes(buf)
+
+
+def merged(state: dict[bytes, bytes], changes: dict[bytes, bytes | None]) -> dict[bytes, bytes]:
+    out = dict(state)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+@settings(max_examples=150, derandomize=True, database=None, deadline=None)
+@given(state=st.dictionaries(keys, st.binary(max_size=40), max_size=60),
+       changes=st.dictionaries(keys, st.none() | st.binary(max_size=40), max_size=30))
+def test_write_over_a_base_equals_a_whole_build(state: dict[bytes, bytes],
+                                                changes: dict[bytes, bytes | None]) -> None:
+    """Base + changes (puts, updates, deletes, deletes of absent keys) gives, byte for byte,
+    the segment a build of the merged state gives."""
+    raw = write_bytes(state)
+    base = Snapshot("/base", raw, len(raw))
+    after = merged(state, changes)
+    got = write_bytes(after, changes, base)
+    assert got == write_bytes(after)
+    snap = Snapshot("/merged", got, len(got))
+    assert snap.check() == []
+    assert [kv.key for kv in snap.range(b"", None)] == sorted(after)
+
+
+def test_c_and_python_builds_are_byte_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    if snapshot._speedups is None:
+        pytest.skip("shmcache._speedups was not built")
+    state = {b"/k/%05d" % i: b"v" * (i % 50) for i in range(3000)} | {b"": b"", b"\xff": b"x"}
+    changes: dict[bytes, bytes | None] = {b"/k/%05d" % i: (None if i % 3 else b"new%d" % i)
+                                          for i in range(0, 4000, 7)}
+    out = {}
+    for impl in (True, False):
+        monkeypatch.setattr(snapshot, "USE_SPEEDUPS", impl)
+        raw = write_bytes(state)
+        out[impl] = (raw, write_bytes(merged(state, changes), changes,
+                                      Snapshot("/base", raw, len(raw))))
+    assert out[True] == out[False]
+
+
+def test_write_over_a_corrupt_base_raises_corrupt_segment_error() -> None:
+    state = {b"/k/%03d" % i: b"value %d" % i for i in range(100)}
+    raw = bytearray(write_bytes(state))
+    base = Snapshot("/base", raw, len(raw))
+    off = base.offset(40)
+    raw[off + layout.SNAP_ENTRY.size + 6] ^= 0x01  # a value byte: the entry's checksum fails
+    changes: dict[bytes, bytes | None] = {b"/k/050": b"x"}
+    with pytest.raises(CorruptSegmentError, match="/base.*checksum"):
+        write_bytes(merged(state, changes), changes, base)
+
+
+def test_write_checks_the_plan_and_the_order() -> None:
+    state = {b"a": b"1", b"b": b"2"}
+    raw = write_bytes(state)
+    base = Snapshot("/base", raw, len(raw))
+    # The plan says one entry too few: the build notices instead of overrunning.
+    with pytest.raises(ValueError, match="outgrow|planned"):
+        write_bytes({b"a": b"1"}, {b"c": b"3"}, base)
+    # One entry too many planned: the segment would hold garbage at the end.
+    with pytest.raises(ValueError, match="planned"):
+        write_bytes({b"a": b"1", b"b": b"2", b"c": b"3", b"d": b""}, {b"c": b"3"}, base)
+    plan = snapshot.Plan.of(2, 2 * snapshot.entry_span(b"a", b"1"))
+    with pytest.raises(ValueError, match="sorted"):
+        snapshot.write(bytearray(plan.total), plan, 1, 1, [b"b", b"a"],
+                       [meta(b"b", b"1"), meta(b"a", b"1")])
