@@ -225,11 +225,16 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         st = stalls[big]
         gap = st["shmcache"]["max_gap_ms"]
         worst = st["shmcache"]["delay_ms"].get("max")
+        dgap = st["direct"]["max_gap_ms"] or 0.0
+        dworst = st["direct"]["delay_ms"].get("max") or 0.0
         add(f"no publish stall > 50 ms while a {_k(big)}-key snapshot is built",
-            None if gap is None else max(gap, worst or 0) <= 50,
-            f"longest gap {gap:.0f} ms, worst put->event {worst:.0f} ms; snapshot build "
-            f"{snaps.get(big, float('nan')):.0f} ms" + ("" if big == 1_000_000 else
-                                                         " (1M not measured in this mode)"))
+            # The gap is the stall: events stop reaching the watcher. The worst delay
+            # also holds etcd's own commit time, which the direct watch shows too.
+            None if gap is None else gap <= 50,
+            f"longest gap {gap:.0f} ms, worst put->event {worst:.0f} ms at "
+            f"{st.get('rate', 1000)} puts/s (direct etcd watch, same window: {dgap:.0f} / "
+            f"{dworst:.0f} ms); snapshot build {snaps.get(big, float('nan')):.0f} ms"
+            + ("" if big == 1_000_000 else " (1M not measured in this mode)"))
     return out
 
 
@@ -306,8 +311,8 @@ def render_text(res: dict[str, Any]) -> str:
                          f"{p[kind]['max_gap_ms']:.1f}" if p[kind]["max_gap_ms"] else "–"])
     if prop:
         parts.append("**Propagation** etcd put -> watch event in another process (ms; "
-                     "'stall N' rows: 1,000 puts/s while the writer republishes its N-key "
-                     "snapshot)\n\n" + _md(["puts/s", "watch", "events", "p50", "p90", "p99",
+                     "'stall N' rows: the writer republishes its N-key snapshot while "
+                     "puts arrive at the stall rate)\n\n" + _md(["puts/s", "watch", "events", "p50", "p90", "p99",
                                              "max", "longest gap"], prop))
     ing = []
     for i in res.get("ingest", []):

@@ -11,6 +11,7 @@ locked); ``stop()`` may be called from any thread or a signal handler.
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import random
@@ -311,6 +312,7 @@ class Writer:
         self._delta = delta
         self._data_len = sum(snapshot.entry_span(k, v[0]) for k, v in kv.items())
         self._base = (sseg, snap)
+        _freeze_gc()
         self.revision = b.revision
         self.epoch = b.epoch
         self._snap_seq = b.snap_seq
@@ -398,10 +400,15 @@ class Writer:
         self.stats["snapshots"] += 1
         if old and old != b.seq:
             # Readers that mapped it keep their mapping; new readers use the new one.
+            # Unlinked while the base still maps it: unlinking the last reference
+            # frees hundreds of MB with the GIL held (posix_ipc), unmapping does
+            # not hold it, so the pages are freed by the close below, off this thread.
             _shm.unlink(layout.snapshot_name(self.name, old))
         delta = self._delta
-        self._close_base()
-        b.seg.close()
+        if self._base is not None:
+            threading.Thread(target=_close_all, args=(self._base[1], self._base[0]),
+                             name="shmcache-unmap", daemon=True).start()
+            self._base = None
         sseg = _shm.open_readonly(b.name)
         if sseg is not None:  # (None: removed by hand; the next build is a full one)
             self._base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
@@ -731,6 +738,7 @@ class Writer:
                                      progress=self.list_progress)  # (issue 4: progress hook)
         self.kv = SortedDict(items)
         self._data_len = sum(snapshot.entry_span(k, v[0]) for k, v in items)
+        _freeze_gc()
         self.stats["relists"] += 1
         self._reset_history(rev, reason)
         log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
@@ -890,6 +898,20 @@ class Writer:
         log.info("writer for %r stopped at revision %d", self.name, self.revision)
 
 
+def _freeze_gc() -> None:
+    """Keep the cyclic GC from walking the state: a full collection visits every
+    tracked object, and with millions of keys that is a pause of tens of ms in the
+    watch loop. The state holds no reference cycles (refcounting frees it), so
+    moving what exists now into the permanent generation loses nothing."""
+    gc.collect()
+    gc.freeze()
+
+
+def _close_all(*objs: Any) -> None:
+    for obj in objs:
+        obj.close()
+
+
 class _SnapshotBuild:
     """One snapshot in the making: its inputs frozen at the writer's current revision.
 
@@ -909,7 +931,6 @@ class _SnapshotBuild:
         self.name = layout.snapshot_name(w.name, self.seq)
         self.mode, self.group = w.mode, w.group
         self.revision, self.epoch, self.ring_pos = w.revision, w.epoch, w._ring.head
-        self.plan = snapshot.Plan.of(len(w.kv), w._data_len)
         self.base = w._base[1] if w._base is not None else None
         self.full = self.base is None
         self.changes: dict[bytes, KV | None] | None = None
@@ -918,8 +939,12 @@ class _SnapshotBuild:
         if self.full:
             self.keys, self.values = list(w.kv.keys()), list(w.kv.values())
             w._delta = {}
+            # Recounted here (O(keys), like the copy above): a whole-state build
+            # never depends on the running count being right.
+            w._data_len = sum(map(snapshot.entry_span, self.keys, (v[0] for v in self.values)))
         else:
             self.changes, w._delta = w._delta, {}
+        self.plan = snapshot.Plan.of(len(w.kv), w._data_len)
         self.bytes_since, w._bytes_since_snapshot = w._bytes_since_snapshot, 0
         w._last_snapshot = time.monotonic()
         self.seg: _shm.Segment | None = None
@@ -941,6 +966,8 @@ class _SnapshotBuild:
         except Exception as exc:  # reported by the watch thread (Writer._finish_build)
             self.error = exc
         finally:
+            if self.seg is not None:
+                self.seg.close()  # here, not on the watch thread: unmapping takes a while
             self.keys, self.values = [], []
             self.seconds = time.monotonic() - t0
             self.done.set()
