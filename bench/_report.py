@@ -211,11 +211,17 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 a["p99"] <= b["p99"] + 1.0,
                 f"{a['p99']:.2f} vs {b['p99']:.2f} ms (p50 {a['p50']:.2f} vs {b['p50']:.2f})")
     for i in res.get("ingest", []):
-        e3 = i.get("etcd3_receive", {}).get("rate")
+        # Against python-etcd3 stopped and continued like the writer (the same etcd
+        # path); older results files only have the fresh-watch receive.
+        same = i.get("etcd3_receive_stopped", {}).get("rate")
+        fresh = i.get("etcd3_receive", {}).get("rate")
+        e3 = same or fresh
         add(f"writer ingest >= 0.8x python-etcd3 receive ({_k(i['n'])} keys)",
             None if not e3 else i["writer_rate"] >= 0.8 * e3,
             f"{_rate(i['writer_rate'])} vs {_rate(e3)} events/s "
-            f"({i['writer_rate'] / (e3 or 1):.2f}x)")
+            f"({i['writer_rate'] / (e3 or 1):.2f}x)"
+            + (f"; python-etcd3 on a fresh watch from the past revision: {_rate(fresh)}/s"
+               if same and fresh else ""))
     stalls = {s["n"]: s for s in res.get("stall", [])}
     snaps = {}
     for s in res.get("snapshots", []):
@@ -316,14 +322,19 @@ def render_text(res: dict[str, Any]) -> str:
                                              "max", "longest gap"], prop))
     ing = []
     for i in res.get("ingest", []):
-        ing.append([_k(i["n"]), str(i["events"]), _rate(i["writer_rate"]),
+        same = i.get("etcd3_receive_stopped", {}).get("rate")
+        ing.append([_k(i["n"]), str(i["events"]), _rate(i["writer_rate"]), _rate(same),
                     _rate(i.get("etcd3_receive", {}).get("rate")),
                     _rate(i.get("raw_grpc_receive", {}).get("rate")),
-                    f"{i['writer_rate'] / (i.get('etcd3_receive', {}).get('rate') or 1):.2f}x"])
+                    f"{i['writer_rate'] / (same or 1):.2f}x" if same else "–"])
     if ing:
-        parts.append("**Writer ingest** of a backlog of single-put revisions (events/s)\n\n" +
-                     _md(["keys", "events", "shmcache writer", "python-etcd3 receive",
-                          "raw gRPC stream receive", "writer / python-etcd3"], ing))
+        parts.append("**Writer ingest** of a backlog of single-put revisions (events/s; "
+                     "'stopped': the receiver's watch was open and its process stopped "
+                     "while the backlog was written, as the writer's was; 'fresh': a new "
+                     "watch from the past revision)\n\n" +
+                     _md(["keys", "events", "shmcache writer (stopped)",
+                          "python-etcd3 (stopped)", "python-etcd3 (fresh)",
+                          "raw gRPC stream (fresh)", "writer / python-etcd3 (stopped)"], ing))
     sn: dict[int, list[float]] = {}
     for s in res.get("snapshots", []):
         sn.setdefault(s["n"], []).append(s["ms"])

@@ -531,6 +531,31 @@ def etcd_receive_main(host: str, port: int, prefix: bytes, start_revision: int,
         out.put({"error": traceback.format_exc()})
 
 
+def etcd_receive_stopped_main(host: str, port: int, prefix: bytes, start_revision: int,
+                              last: Any, ready: Any, out: Any) -> None:
+    """python-etcd3 receiving a backlog the way the writer meets one: its watch is open
+    when the parent stops this process (SIGSTOP), writes the backlog and continues it,
+    so etcd serves both through the same slow-watcher path. Reports when it saw
+    ``last.value`` (CLOCK_MONOTONIC is system-wide: the parent times from SIGCONT)."""
+    import etcd3
+
+    try:
+        client = etcd3.client(host=host, port=port, grpc_options=grpc_options())
+        events, cancel = client.watch_prefix(prefix, start_revision=start_revision)
+        ready.put(os.getpid())
+        n = 0
+        for ev in events:
+            n += 1
+            if last.value and ev.mod_revision >= last.value:
+                break
+        t_end = time.monotonic()
+        cancel()
+        client.close()
+        out.put({"events": n, "t_end": t_end})
+    except BaseException:
+        out.put({"error": traceback.format_exc()})
+
+
 def raw_receive_main(endpoint: str, prefix: bytes, start_revision: int, last_revision: int,
                      out: Any) -> None:
     """The writer's own gRPC watch stream (shmcache._etcd), receiving and decoding only."""
