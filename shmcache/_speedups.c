@@ -25,6 +25,7 @@
 #endif
 
 #define ENTRY_SIZE 48u
+#define CONTROL_SEQ_OFF 16u /* layout.C_SEQ; the module exports it and a test compares */
 
 static uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -76,11 +77,68 @@ static PyObject *make_kv(PyTypeObject *kvtype, PyObject *key, const unsigned cha
 /* get(key, params) -> KeyValue | None, where params is the tuple
  * (buf, hash_off, slots, data_off, data_end, kvtype) a Snapshot prepares once:
  * one tuple instead of six arguments keeps the reader's per-call cost down. */
+static PyObject *get_impl(PyObject *const *fargs);
+
 static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
     if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != 6) {
         PyErr_SetString(PyExc_TypeError, "get() takes a key and a 6-tuple of parameters");
         return NULL;
     }
+    return get_impl(fargs);
+}
+
+/* reader_get(key, state) -> KeyValue | None | state[6]
+ *
+ * Reader.get's common case in one call: state is the tuple
+ * (control mmap, seq, stuck_seq, prefix, overlay, params, SLOW) that the Reader
+ * rebuilds whenever its view changes. Returns SLOW (the sentinel) whenever the
+ * Reader must do more than answer from its current view: a key that is not
+ * exactly bytes or is outside the prefix, a control segment whose SEQ moved
+ * (the writer published), or a closed mapping. The view is the state's own,
+ * so a concurrent refresh in another thread cannot mix two views.
+ */
+static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != 7) {
+        PyErr_SetString(PyExc_TypeError, "reader_get() takes a key and a 7-tuple");
+        return NULL;
+    }
+    PyObject *key = fargs[0], *st = fargs[1];
+    PyObject *slow = PyTuple_GET_ITEM(st, 6);
+    if (!PyBytes_CheckExact(key)) return Py_NewRef(slow);
+    Py_buffer ctl;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(st, 0), &ctl, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear(); /* closed: the slow path says so properly */
+        return Py_NewRef(slow);
+    }
+    uint64_t seq = (uint64_t)ctl.len >= CONTROL_SEQ_OFF + 8
+                       ? rd64((const unsigned char *)ctl.buf + CONTROL_SEQ_OFF) : 0;
+    PyBuffer_Release(&ctl);
+    /* -1 (nothing seen yet) never equals a SEQ, which stays below 2**63. */
+    long long want = PyLong_AsLongLong(PyTuple_GET_ITEM(st, 1));
+    long long stuck = PyLong_AsLongLong(PyTuple_GET_ITEM(st, 2));
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return Py_NewRef(slow);
+    }
+    if ((long long)seq != want && (long long)seq != stuck) return Py_NewRef(slow);
+    PyObject *prefix = PyTuple_GET_ITEM(st, 3);
+    if (!PyBytes_Check(prefix)) return Py_NewRef(slow);
+    Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
+    if (plen > PyBytes_GET_SIZE(key)
+        || memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(prefix), (size_t)plen) != 0)
+        return Py_NewRef(slow);
+    PyObject *overlay = PyTuple_GET_ITEM(st, 4);
+    if (!PyDict_Check(overlay)) return Py_NewRef(slow);
+    PyObject *hit = PyDict_GetItemWithError(overlay, key);
+    if (hit != NULL) return Py_NewRef(hit);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *params = PyTuple_GET_ITEM(st, 5);
+    if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != 6) return Py_NewRef(slow);
+    PyObject *gargs[2] = {key, params};
+    return get_impl(gargs);
+}
+
+static PyObject *get_impl(PyObject *const *fargs) {
     PyObject *args[7];
     args[1] = fargs[0];
     args[0] = PyTuple_GET_ITEM(fargs[1], 0);
@@ -572,6 +630,8 @@ static PyMethodDef methods[] = {
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
     {"walk", (PyCFunction)(void (*)(void))snapshot_walk, METH_FASTCALL,
      "walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list"},
+    {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,
+     "reader_get(key, state) -> KeyValue | None | state[6] (see reader.py)"},
     {"build", (PyCFunction)(void (*)(void))snapshot_build, METH_FASTCALL,
      "build(out, geometry, keys, values, base) -> body crc32 (see snapshot.write)"},
     {NULL, NULL, 0, NULL},
@@ -583,4 +643,11 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__speedups(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__speedups(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "CONTROL_SEQ_OFF", CONTROL_SEQ_OFF) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -30,8 +30,14 @@ from .errors import (
 from . import snapshot as snapshot_mod
 from .snapshot import Snapshot
 
-_fast_get = snapshot_mod._speedups.get if snapshot_mod._speedups is not None else None
 from .types import Event, KeyValue, ListResult, Status
+
+_sp = snapshot_mod._speedups
+_fast_get = _sp.get if _sp is not None else None
+# Reader.get's common case in one C call (see _set_fast); needs the layout it was built for.
+_reader_get = (_sp.reader_get if _sp is not None and getattr(_sp, "CONTROL_SEQ_OFF", -1)
+               == layout.C_SEQ else None)
+_SLOW = object()  # reader_get's answer when the Python path must run
 
 __all__ = ["Reader", "Watch"]
 
@@ -138,6 +144,7 @@ class Reader:
         self._snap_seq = 0
         self._overlay: SortedDict = SortedDict()
         self._view: tuple[SortedDict, Snapshot | None] = (self._overlay, None)
+        self._fast_state: tuple[Any, ...] | None = None
         self._rec_revs: list[int] = []
         self._rec_pos: list[int] = []
         self._pos = 0
@@ -165,6 +172,21 @@ class Reader:
         self._max_staleness = value
         # True when get() must take the slow path every time (staleness checks, closed).
         self._checks = value is not None or self._closed
+        if hasattr(self, "_view"):
+            self._set_fast()
+
+    def _set_fast(self) -> None:
+        """Rebuild the state ``get`` hands to the C fast path; call after any view change.
+
+        One immutable tuple, replaced whole, so a get in another thread sees either
+        the old view or the new one. None: every get takes the Python path.
+        """
+        overlay, snap = self._view
+        if self._checks or _reader_get is None or snap is None or not snapshot_mod.USE_SPEEDUPS:
+            self._fast_state = None
+        else:
+            self._fast_state = (self._cbuf, self._seq, self._stuck_seq, self._prefix, overlay,
+                                snap.params, _SLOW)
 
     def __reduce__(self) -> Any:
         raise TypeError("a shmcache.Reader cannot be pickled: pass the cache name to the "
@@ -182,6 +204,7 @@ class Reader:
             return
         self._closed = True
         self._checks = True
+        self._fast_state = None
         if self._sync_client is not None:
             self._sync_client.close()
         if self._snap is not None:
@@ -227,6 +250,7 @@ class Reader:
                     # view we have is still exact at its revision: keep serving it,
                     # and do not spin again until SEQ moves.
                     self._stuck_seq = seq
+                    self._set_fast()
                     return
                 if b.seq == self._seq:
                     return
@@ -239,6 +263,7 @@ class Reader:
                 self._block = b
                 self._seq = b.seq
                 self._revision = b.revision
+                self._set_fast()
                 return
             raise ShmCacheError(f"cache {self.name!r}: could not keep up with the writer "
                                 f"after 50 attempts (ring too small for this reader?)")
@@ -377,6 +402,14 @@ class Reader:
         ``min_revision``: first wait (up to ``timeout`` seconds) until the cache has
         reached that revision; TimeoutError if it does not.
         """
+        st = self._fast_state
+        if st is not None and revision is None and min_revision is None:
+            try:
+                kv = _reader_get(key, st)  # type: ignore[misc]
+            except ValueError as exc:
+                raise self._view[1]._corrupt(str(exc)) from None  # type: ignore[union-attr]
+            if kv is not _SLOW:
+                return kv  # type: ignore[no-any-return]
         if type(key) is not bytes:
             key = _as_key(key)
         if revision is not None:
@@ -385,9 +418,12 @@ class Reader:
             return self._get_at(key, revision)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
-        seq = _unpack_q(self._cbuf, _SEQ)[0]
-        if (seq != self._seq and seq != self._stuck_seq) or self._checks:
+        if self._checks:  # staleness checks, or closed (then _refresh raises)
             self._refresh()
+        else:
+            seq = _unpack_q(self._cbuf, _SEQ)[0]
+            if seq != self._seq and seq != self._stuck_seq:
+                self._refresh()
         if not key.startswith(self._prefix):
             self._check_key_range(key, "key")
         # (overlay, snapshot) are read as one tuple: a concurrent refresh replaces

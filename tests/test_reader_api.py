@@ -237,3 +237,60 @@ def test_cli_reader_commands(cache: WriterProcess, unique_prefix: bytes) -> None
     rm = run("rm", cache.name)
     assert rm.returncode == 0 and ".ctl" in rm.stdout
     assert _shm.list_segments(cache.name) == []
+
+
+# -- the C fast path of Reader.get ---------------------------------------------------------
+
+def test_fast_get_answers_exactly_like_the_python_path(
+        etcd_client: Any, writer: Any, sub_prefix: bytes, reader: shmcache.Reader) -> None:
+    """get() through _speedups.reader_get gives what the Python path gives, for snapshot
+    keys, keys changed after the snapshot (overlay), deleted and missing keys, str keys
+    and keys outside the prefix; it steps aside when the writer publishes, when
+    max_staleness is set and once the Reader is closed."""
+    from shmcache import reader as reader_mod
+    from shmcache import snapshot as snapshot_mod
+    from tests.helpers import delete, etcd_get
+
+    if reader_mod._reader_get is None or not snapshot_mod.USE_SPEEDUPS:
+        pytest.skip("shmcache._speedups was not built")
+    assert snapshot_mod._speedups.CONTROL_SEQ_OFF == layout.C_SEQ
+    p = sub_prefix
+    for i in range(30):
+        put(etcd_client, p + b"k%02d" % i, b"v%d" % i)
+    put(etcd_client, p + b"k05", b"changed")
+    rev = delete(etcd_client, p + b"k07")
+    assert reader.wait(rev, timeout=10)
+    reader.get(p + b"k00")  # refresh: the fast state now matches the published block
+    assert reader._fast_state is not None
+    probes = [p + b"k%02d" % i for i in range(32)] + [p, p + b"zz"]
+
+    def python_path(key: bytes) -> Any:
+        st, reader._fast_state = reader._fast_state, None
+        try:
+            return reader.get(key)
+        finally:
+            reader._fast_state = st
+
+    for key in probes:
+        want = etcd_get(etcd_client, key, rev)
+        assert reader.get(key) == python_path(key) == want, key
+    assert reader.get((p + b"k05").decode()).value == b"changed"
+    # Outside the prefix: the same error either way.
+    outside = b"/elsewhere/" + p
+    with pytest.raises(ValueError) as fast_err:
+        reader.get(outside)
+    with pytest.raises(ValueError) as slow_err:
+        python_path(outside)
+    assert str(fast_err.value) == str(slow_err.value)
+    # A publish moves SEQ: the fast path must not answer from the old view.
+    rev2 = put(etcd_client, p + b"k05", b"again")
+    assert reader.wait(rev2, timeout=10)
+    assert reader.get(p + b"k05").value == b"again"
+    reader.max_staleness = 3600
+    assert reader._fast_state is None
+    reader.max_staleness = None
+    assert reader._fast_state is not None
+    reader.close()
+    assert reader._fast_state is None
+    with pytest.raises(shmcache.ShmCacheError, match="closed"):
+        reader.get(p + b"k00")
