@@ -68,14 +68,15 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "sizes": [10_000, 100_000], "ks": [1, 2, 8], "alt_ks": [1, 8], "load_ks": [1, 8],
         "dur": 0.25, "lat": 0.1, "list_dur": 0.25, "whole_dur": 0.25, "slow_cap": 1.0,
-        "replica_max_k": {},
+        # 8 replicas of 100k keys each list the range first (~14 s): full mode only.
+        "replica_max_k": {100_000: 1},
         "memory": {10_000: (2, 0), 100_000: (4, 2)},
         "cold": [100_000], "cold_procs": 3,
         "prop_size": 100_000, "prop_rates": [100, 1000], "prop_seconds": 2.5,
-        "ingest_size": 100_000, "ingest_events": 12_000,
+        "ingest_size": 100_000, "ingest_events": 6_000,
         "load_rate": 1000, "stall_seconds": {10_000: 3.0, 100_000: 4.0},
         "stall_rate": 200,
-        "snapshot_interval": 30.0, "h2h_rounds": 3, "h2h_dur": 0.25,
+        "snapshot_interval": 30.0, "h2h_rounds": 3, "h2h_dur": 0.2,
         # replicas under write load: each of the K lists the range while 1k ev/s arrive
         "replica_load_max_n": 10_000,
     },
