@@ -361,6 +361,21 @@ class EtcdServer:
             raise RuntimeError("etcd server is not running")
         self._signal(signal.SIGSTOP)
         self._paused = True
+        # kill() returns before every thread has stopped: a request sent right away
+        # could still be answered. Wait until all of etcd's threads show state T.
+        pid = self.pid
+        deadline = time.monotonic() + 2.0
+        while pid is not None and time.monotonic() < deadline:
+            try:
+                states = []
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                return  # not Linux, or the process is gone
+            if all(st in ("T", "t") for st in states):
+                return
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """Continue a paused etcd with SIGCONT."""
