@@ -96,8 +96,8 @@ def validate_block(b: Block, name: str) -> None:
     if b.ring_capacity and b.ring_head - b.ring_tail > b.ring_capacity:
         problems.append(f"ring head {b.ring_head} - tail {b.ring_tail} exceeds capacity "
                         f"{b.ring_capacity}")
-    # (Fix: a capacity of 0 used to pass whenever it was 0, but once a snapshot is
-    # published a ring exists, and ring.read_record(buf, 0, pos) divides by it.)
+    # Once a snapshot is published a ring exists, and ring.read_record(buf, 0, pos)
+    # would divide by a capacity of 0.
     if (b.ring_capacity or b.snap_seq) and (
             b.ring_capacity % 8 or b.ring_capacity > layout.MAX_RING_CAPACITY
             or b.ring_capacity < layout.MIN_RING_CAPACITY):
@@ -131,29 +131,41 @@ def writer_identity(buf: Any) -> tuple[int, int, int]:
 
 
 def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process.
+    """Start time of live process ``pid`` in clock ticks since boot; None if there is none.
 
     Together with the pid it names a process uniquely: a recycled pid has a
-    different start time.
+    different start time. A zombie (state ``Z``: killed, not yet reaped by its
+    parent) or a dying process (``X``) counts as none: it will never beat or
+    publish again.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    # The command name (field 2) may contain spaces and parentheses: split after
+    # the last ')'. Then field 3 is the state and field 22 the start time.
     try:
         rest = data[data.rindex(b")") + 2:].split()
+        if rest[0] in (b"Z", b"X", b"x"):
+            return None
         return int(rest[19])
     except (ValueError, IndexError):
         return None
 
 
 def writer_alive(buf: Any) -> bool:
+    """Whether the process recorded as the writer still runs (same pid and start time)."""
     pid, start, _hb = writer_identity(buf)
     if pid <= 0 or pid > 1 << 22:
         return False
     return process_start_ticks(pid) == start
+
+
+def etcd_down_since(buf: Any) -> float | None:
+    """Unix time since which the writer has failed to reach etcd, or None while it reaches it."""
+    ns: int = _Q.unpack_from(buf, layout.C_ETCD_DOWN_SINCE)[0]
+    return ns / 1e9 if ns else None
 
 
 class ControlWriter:
@@ -194,10 +206,12 @@ class ControlWriter:
         _Q.pack_into(self.buf, layout.C_WRITER_START, process_start_ticks(pid) or 0)
         _Q.pack_into(self.buf, layout.C_WRITER_PID, pid)
         _Q.pack_into(self.buf, layout.C_FLAGS, 0)
+        _Q.pack_into(self.buf, layout.C_ETCD_DOWN_SINCE, 0)
         self.heartbeat()
 
     def release(self) -> None:
         _Q.pack_into(self.buf, layout.C_FLAGS, layout.FLAG_CLEAN_EXIT)
+        _Q.pack_into(self.buf, layout.C_ETCD_DOWN_SINCE, 0)
         _Q.pack_into(self.buf, layout.C_WRITER_PID, 0)
         self.wake()
 
@@ -205,6 +219,10 @@ class ControlWriter:
         # A single aligned 8-byte store outside the seqlock: it must not make
         # readers' "nothing changed" fast path miss on every beat.
         _Q.pack_into(self.buf, layout.C_HEARTBEAT, time.monotonic_ns())
+
+    def set_etcd_down_since(self, unix_ns: int) -> None:
+        """Record since when etcd is unreachable (0: reachable). A single store, any thread."""
+        _Q.pack_into(self.buf, layout.C_ETCD_DOWN_SINCE, unix_ns)
 
     def get(self, index: int) -> int:
         return self.fields[index]

@@ -59,6 +59,10 @@ C_WRITER_PID: Final = 32
 C_WRITER_START: Final = 40  # writer's start time, clock ticks since boot (/proc/PID/stat field 22)
 C_CREATED: Final = 48  # CLOCK_REALTIME ns when the segment was created
 C_FLAGS: Final = 56  # bit 0: the writer closed cleanly
+# CLOCK_REALTIME ns since which the writer has failed to reach etcd; 0 while it
+# is connected (or never tried). A single word outside the seqlock, like the
+# heartbeat; it lies in space version 1 left zero, so older readers ignore it.
+C_ETCD_DOWN_SINCE: Final = 208
 
 # The published block, read as one unit between two reads of SEQ.
 C_BLOCK: Final = 64
@@ -92,6 +96,14 @@ FLAG_CLEAN_EXIT: Final = 1
 
 RING_HEADER: Final = struct.Struct("<8sIIQQ")  # magic, version, kind, generation, capacity
 RING_DATA: Final = 64  # data area starts here; capacity bytes follow
+# The seal: written once, when the writer moves on to the next ring generation
+# in the same epoch (the ring grew, or a restart changed its size): sealed = 1,
+# the final tail and head of this generation, and the revision at that head,
+# where the next generation's history begins. A watch that still has this ring
+# mapped reads on to that head and continues in the next generation, so a
+# change of ring costs it no events. In space version 1 left zero.
+RING_SEAL: Final = struct.Struct("<QQQQ")  # sealed flag, final tail, final head, revision
+RING_SEAL_OFF: Final = 32
 MIN_RING_CAPACITY: Final = 64 * 1024
 MAX_RING_CAPACITY: Final = 1 << 40
 

@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from sortedcontainers import SortedDict
 
@@ -119,9 +119,13 @@ class Reader:
                     control.check_header(seg.buf, seg.size, self._ctl_name)
                     break
                 except CorruptSegmentError:
+                    # Bytes that are there but wrong will not fix themselves: fail now.
+                    # Only a segment still all zeros (a writer initialising it) is
+                    # worth the wait. (Decided before close(): the map is gone after.)
+                    initialising = seg.size >= layout.CONTROL_SIZE and \
+                        seg.buf[:8] == b"\0" * 8
                     seg.close()
-                    if time.monotonic() >= deadline or seg.size >= layout.CONTROL_SIZE and \
-                            seg.buf[:8] != b"\0" * 8:
+                    if time.monotonic() >= deadline or not initialising:
                         raise
             elif time.monotonic() >= deadline:
                 raise NotFoundError(f"no shmcache named {name!r} on this host "
@@ -143,6 +147,10 @@ class Reader:
         self._snap: Snapshot | None = None
         self._snap_seq = 0
         self._overlay: SortedDict = SortedDict()
+        # The overlay is double-buffered (see _next_overlay): the spare and the
+        # changes it lacks.
+        self._spare: SortedDict | None = None
+        self._spare_pending: list[tuple[bytes, KeyValue | None]] = []
         self._view: tuple[SortedDict, Snapshot | None] = (self._overlay, None)
         self._fast_state: tuple[Any, ...] | None = None
         self._rec_revs: list[int] = []
@@ -268,19 +276,18 @@ class Reader:
             raise ShmCacheError(f"cache {self.name!r}: could not keep up with the writer "
                                 f"after 50 attempts (ring too small for this reader?)")
 
-    def _open_ring(self, b: control.Block) -> None:
+    def _open_ring(self, b: control.Block) -> _shm.Segment:
+        """The ring segment block ``b`` points at (the one mapped already, if it is that one)."""
         if b.ring_gen == self._ring_gen and self._ring is not None:
-            return
+            return self._ring
         name = layout.ring_name(self.name, b.ring_gen)
         seg = _shm.open_readonly(name)
         if seg is None:
             self._missing(b, name)
         ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
-        # The old mapping is dropped, not closed: a Watch may still hold it.
-        self._ring = seg
-        self._ring_gen = b.ring_gen
+        return seg
 
-    def _missing(self, b: control.Block, name: str) -> None:
+    def _missing(self, b: control.Block, name: str) -> NoReturn:
         """A segment the block points at is gone: replaced meanwhile (retry) or removed (error)."""
         if control.read_block(self._cbuf) == b:
             raise CorruptSegmentError(
@@ -290,17 +297,30 @@ class Reader:
         raise _Retry()
 
     def _advance(self, b: control.Block) -> None:
+        """Move the view to block ``b``: read the new ring records, then swap the result in.
+
+        Nothing the view holds changes until every new record has been read and
+        found intact (ring.iter_records): a lapped or corrupt ring leaves the
+        view exactly as it was, and a lock-free ``get`` sees the old view or the
+        new one, never a mixture.
+        """
         if b.snap_seq == 0:
+            if not control.writer_alive(self._cbuf):
+                raise NotFoundError(
+                    f"cache {self.name!r} has no snapshot and no writer is running (its "
+                    f"writer stopped before it loaded the range from etcd)", name=self.name,
+                    hint="Start its writer (`shmcache serve NAME ...`), or remove it with "
+                         "`shmcache rm NAME`")
             raise NotFoundError(f"cache {self.name!r} has no snapshot yet: its writer is "
                                 f"still loading", name=self.name,
                                 hint="Pass Reader(name, timeout=...) to wait for it")
-        if b.epoch != self._epoch or b.prefix_len != len(self._prefix):
-            self._prefix = control.read_prefix(self._cbuf, b.prefix_len)
-            self._prefix_end = _range_end(self._prefix)
-            self._snap_seq = 0
-        self._open_ring(b)
-        assert self._ring is not None
-        if b.snap_seq != self._snap_seq:
+        prefix = self._prefix
+        if b.epoch != self._epoch or b.prefix_len != len(prefix):
+            prefix = control.read_prefix(self._cbuf, b.prefix_len)
+        ring_seg = self._open_ring(b)
+        fresh = (prefix != self._prefix or b.epoch != self._epoch or ring_seg is not self._ring
+                 or b.snap_seq != self._snap_seq or self._snap is None)
+        if fresh:
             name = layout.snapshot_name(self.name, b.snap_seq)
             seg = _shm.open_readonly(name)
             if seg is None:
@@ -314,57 +334,71 @@ class Reader:
                         f"does not match the control segment ({b.snap_revision}/{b.epoch}/"
                         f"{b.snap_size})", segment=name)
                 raise _Retry()
-            overlay = SortedDict()
-            revs: list[int] = []
-            positions: list[int] = []
-            pos = b.snap_ring_pos
-            last_rev = b.snap_revision
+            start, last_rev = b.snap_ring_pos, b.snap_revision
         else:
             snap = self._snap  # type: ignore[assignment]
-            overlay = self._overlay
-            revs, positions = self._rec_revs, self._rec_pos
-            pos = self._pos
-            last_rev = revs[-1] if revs else snap.revision
-        start = pos
-        buf = self._ring.buf
-        cap = b.ring_capacity
-        head = b.ring_head
-        if pos < b.ring_tail:
-            raise _Retry()
-        while pos < head:
-            try:
-                kind, rev, nxt, payload = ring.read_record(buf, cap, pos)
-            except ring.TornRecord as exc:
-                if _unpack_q(self._cbuf, _TAIL_OFF)[0] > pos:
-                    raise _Retry() from None
-                raise CorruptSegmentError(str(exc), segment=self._ring.name) from None
-            if payload is not None:
-                if rev <= last_rev or rev > b.revision:
-                    if _unpack_q(self._cbuf, _TAIL_OFF)[0] > pos:
-                        raise _Retry()
-                    raise CorruptSegmentError(
-                        f"record at {pos} has revision {rev}, expected above {last_rev} and "
-                        f"at most {b.revision}", segment=self._ring.name)
-                for ev in _codec.decode(payload, rev, self._ring.name):
-                    overlay[ev.kv.key] = ev.kv if ev.type == "PUT" else None
+            start = self._pos
+            last_rev = self._rec_revs[-1] if self._rec_revs else snap.revision
+        changes: list[tuple[bytes, KeyValue | None]] = []
+        revs: list[int] = []
+        positions: list[int] = []
+        cbuf = self._cbuf
+        try:
+            for pos, rev, _nxt, payload in ring.iter_records(
+                    ring_seg.buf, b.ring_capacity, start, b.ring_head,
+                    lambda: _unpack_q(cbuf, _TAIL_OFF)[0], after_revision=last_rev,
+                    max_revision=b.revision, name=ring_seg.name):
+                for ev in _codec.decode(payload, rev, ring_seg.name):
+                    changes.append((ev.kv.key, ev.kv if ev.type == "PUT" else None))
                 revs.append(rev)
                 positions.append(pos)
-                last_rev = rev
-            pos = nxt
-        if pos != head:
-            raise CorruptSegmentError(f"record chain ends at {pos}, head is {head}",
-                                      segment=self._ring.name)
-        # Everything copied above was intact only if the tail has not passed it.
-        if _unpack_q(self._cbuf, _TAIL_OFF)[0] > start:
-            raise _Retry()
-        if snap is not self._snap:
-            self._snap = snap  # the old one is dropped: a running list() may still hold it
+        except ring.Lapped:
+            raise _Retry() from None
+        # Everything read is intact: commit.
+        if fresh:
+            overlay: SortedDict = SortedDict()
+            for key, kv in changes:
+                overlay[key] = kv
+            self._spare, self._spare_pending = None, []
+            self._rec_revs, self._rec_pos = revs, positions
+            self._prefix = prefix
+            self._prefix_end = _range_end(prefix)
+            self._ring = ring_seg  # the old mapping is dropped, not closed: a Watch may hold it
+            self._ring_gen = b.ring_gen
+            # The old snapshot is dropped, not closed: a running list() may still hold it.
+            self._snap = snap
             self._snap_seq = b.snap_seq
+        else:
+            overlay = self._next_overlay(changes)
+            self._rec_revs.extend(revs)
+            self._rec_pos.extend(positions)
         self._overlay = overlay
         self._view = (overlay, snap)
-        self._rec_revs, self._rec_pos = revs, positions
-        self._pos = pos
+        self._pos = b.ring_head
         self._epoch = b.epoch
+
+    def _next_overlay(self, changes: list[tuple[bytes, KeyValue | None]]) -> SortedDict:
+        """The live overlay with ``changes`` applied, built aside from the one readers use.
+
+        Two overlays alternate: the spare (the one replaced at the last refresh)
+        first catches up with the changes it lacks, then takes the new ones, and
+        becomes the live one. A ``get`` that picked up the old live overlay just
+        before the swap keeps reading a state that does not change under it
+        until the next refresh. Each change is applied twice; one copy is made
+        per snapshot, at the first refresh after it.
+        """
+        if not changes:
+            return self._overlay
+        spare = self._spare
+        if spare is None:
+            spare = self._overlay.copy()
+        else:
+            for key, kv in self._spare_pending:
+                spare[key] = kv
+        for key, kv in changes:
+            spare[key] = kv
+        self._spare, self._spare_pending = self._overlay, changes
+        return spare
 
     def _check_key_range(self, key: bytes, what: str) -> None:
         p = self._prefix
@@ -535,25 +569,20 @@ class Reader:
             return undo
         ring_seg = self._ring
         assert ring_seg is not None
-        start = pos = self._position_after(revision)
-        cap = b.ring_capacity
-        while pos < self._pos:
-            try:
-                kind, rev, nxt, payload = ring.read_record(ring_seg.buf, cap, pos)
-            except ring.TornRecord as exc:
-                if _unpack_q(self._cbuf, _TAIL_OFF)[0] > pos:
-                    break  # lapped: reported below
-                raise CorruptSegmentError(str(exc), segment=ring_seg.name) from None
-            if payload is not None and rev > revision:
-                for ev in _codec.decode(payload, rev, ring_seg.name):
-                    if ev.kv.key not in undo:
-                        undo[ev.kv.key] = ev.prev_kv
-            pos = nxt
-        if _unpack_q(self._cbuf, _TAIL_OFF)[0] > start:
+        cbuf = self._cbuf
+        try:
+            for _pos, rev, _nxt, payload in ring.iter_records(
+                    ring_seg.buf, b.ring_capacity, self._position_after(revision), self._pos,
+                    lambda: _unpack_q(cbuf, _TAIL_OFF)[0], name=ring_seg.name):
+                if rev > revision:
+                    for ev in _codec.decode(payload, rev, ring_seg.name):
+                        if ev.kv.key not in undo:
+                            undo[ev.kv.key] = ev.prev_kv
+        except ring.Lapped:
             b2 = control.read_block(self._cbuf) or b
             raise CompactedError(
                 f"the history of cache {self.name!r} at revision {revision} was overwritten "
-                f"while it was read", compact_revision=b2.compact_revision)
+                f"while it was read", compact_revision=b2.compact_revision) from None
         return undo
 
     def _get_at(self, key: bytes, revision: int) -> KeyValue | None:
@@ -599,8 +628,10 @@ class Reader:
 
     def wait(self, revision: int, timeout: float | None = None) -> bool:
         """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's publish."""
+        self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._check_open()  # (close() from another thread unmaps the control word)
             word = _unpack_q(self._cbuf, _SEQ)[0] & 0xFFFFFFFF
             if self.revision >= revision:
                 return True
@@ -670,7 +701,8 @@ class Reader:
             revision=b.revision, etcd_revision=b.etcd_revision, epoch=b.epoch,
             oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
             key_count=b.key_count, ring_capacity=b.ring_capacity,
-            ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION)
+            ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
+            etcd_unreachable_since=control.etcd_down_since(self._cbuf) if alive else None)
 
     # -- for Watch -------------------------------------------------------------
 
@@ -752,25 +784,25 @@ class Watch:
         self._end = _range_end(prefix)
         with reader._lock:
             # Block, ring and position are taken together: a refresh in another
-            # thread between them would make the watch skip events.
+            # thread between them would make the watch skip events or read one
+            # ring at a position meant for another.
             b = reader._block
             assert b is not None
             self._ring = reader._ring
-            now_pos = reader._pos
+            if since_revision is None:
+                since_revision = b.revision
+                self._pos = reader._pos
+            else:
+                if since_revision < b.compact_revision:
+                    raise CompactedError(
+                        f"cache {reader.name!r} no longer holds the events after revision "
+                        f"{since_revision}; the oldest since_revision it can serve is "
+                        f"{b.compact_revision}", compact_revision=b.compact_revision)
+                self._pos = reader._position_after(since_revision)
         assert self._ring is not None
         self._epoch = b.epoch
         self._ring_gen = b.ring_gen
         self._cap = b.ring_capacity
-        if since_revision is None:
-            since_revision = b.revision
-            self._pos = now_pos
-        else:
-            if since_revision < b.compact_revision:
-                raise CompactedError(
-                    f"cache {reader.name!r} no longer holds the events after revision "
-                    f"{since_revision}; the oldest since_revision it can serve is "
-                    f"{b.compact_revision}", compact_revision=b.compact_revision)
-            self._pos = reader._position_after(since_revision)
         self._since = since_revision
         self._last_record = 0  # revision of the last record read, for order checks
         self.revision = max(since_revision, 0)
@@ -802,60 +834,110 @@ class Watch:
             f"overwritten before it read them", compact_revision=max(compact, self._since + 1),
             hint="Use a larger --ring-size, or list again and watch from the list's revision")
 
+    def _collect(self, seg: _shm.Segment, cap: int, stop: int, tail: Any,
+                 max_revision: int | None, events: list[Event]) -> None:
+        """Append the matching events of the records from ``self._pos`` to ``stop``; commit.
+
+        The watch's position moves only if every record read was intact
+        (ring.iter_records raises Lapped or CorruptSegmentError otherwise).
+        """
+        prefix, end = self.prefix, self._end
+        since, last = self._since, self._last_record
+        found: list[Event] = []
+        for _pos, rev, _nxt, payload in ring.iter_records(
+                seg.buf, cap, self._pos, stop, tail, after_revision=last,
+                max_revision=max_revision, name=seg.name):
+            last = rev
+            if rev > since:
+                for ev in _codec.decode(payload, rev, seg.name):
+                    k = ev.kv.key
+                    if k >= prefix and (end is None or k < end):
+                        found.append(ev)
+                since = rev
+        events.extend(found)
+        self._pos = max(self._pos, stop)
+        self._last_record = last
+        self._since = since
+
+    def _follow_ring(self, b: control.Block, events: list[Event]) -> None:
+        """The writer moved to a new ring in the same epoch (it grew, or a restart resized it).
+
+        Read on to the end of the old ring (the writer sealed it, see
+        ring.read_seal; this watch's mapping of it stays valid), then continue
+        at the start of the new one, whose history begins at
+        ``b.compact_revision``. No event is lost or repeated; a watch that cannot
+        reach that revision (the old ring lapped it, or was not sealed) gets
+        CompactedError.
+        """
+        r = self._reader
+        assert self._ring is not None
+        if self._since < b.compact_revision:
+            seal = ring.read_seal(self._ring.buf)
+            if seal is None:
+                raise CompactedError(
+                    f"cache {r.name!r} replaced its ring log; events after revision "
+                    f"{self._since} are not all available",
+                    compact_revision=b.compact_revision)
+            s_tail, s_head, s_revision = seal
+            try:
+                self._collect(self._ring, self._cap, s_head, lambda: s_tail, s_revision, events)
+            except ring.Lapped:
+                raise self._lapped(b) from None
+            self._since = max(self._since, s_revision)
+            if self._since < b.compact_revision:  # a second new ring came meanwhile
+                raise CompactedError(
+                    f"cache {r.name!r} replaced its ring log twice while this watch read; "
+                    f"events after revision {self._since} are not all available",
+                    compact_revision=b.compact_revision)
+        with r._lock:
+            r._refresh()
+            rb, seg = r._block, r._ring
+        assert rb is not None and seg is not None
+        if rb.epoch != self._epoch or self._since < rb.compact_revision:
+            raise CompactedError(
+                f"cache {r.name!r} replaced its ring log again while this watch read; events "
+                f"after revision {self._since} are not all available",
+                compact_revision=rb.compact_revision)
+        # A new ring's first record is at position 0; if it has lapped already, the
+        # read that follows says so.
+        self._ring, self._ring_gen, self._cap = seg, rb.ring_gen, rb.ring_capacity
+        self._pos = 0
+        self._last_record = self._since
+
     def _read_available(self) -> list[Event]:
         r = self._reader
+        if r._closed:
+            r._check_open()
         if r.max_staleness is not None:
             r._check_stale()
         b = control.read_block(r._cbuf)
         if b is None:
             return []
-        if b.epoch != self._epoch or b.ring_gen != self._ring_gen:
+        if b.epoch != self._epoch:
             raise CompactedError(
                 f"cache {r.name!r} reset its history (epoch {self._epoch} -> {b.epoch}); "
                 f"events after revision {self._since} are not all available",
                 compact_revision=b.compact_revision)
         control.validate_block(b, r._ctl_name)
-        start = pos = self._pos
-        if pos < b.ring_tail:
-            raise self._lapped(b)
-        buf = self._ring.buf  # type: ignore[union-attr]
-        cap = self._cap
         events: list[Event] = []
-        prefix, end = self.prefix, self._end
-        since = self._since
-        last = self._last_record
-        while pos < b.ring_head:
-            try:
-                kind, rev, nxt, payload = ring.read_record(buf, cap, pos)
-            except ring.TornRecord as exc:
-                if _unpack_q(r._cbuf, _TAIL_OFF)[0] > pos:
-                    raise self._lapped() from None
-                raise CorruptSegmentError(str(exc), segment=self._ring.name) from None  # type: ignore[union-attr]
-            if payload is not None:
-                if rev > b.revision or rev <= last:
-                    if _unpack_q(r._cbuf, _TAIL_OFF)[0] > pos:
-                        raise self._lapped()
-                    raise CorruptSegmentError(
-                        f"record at {pos} has revision {rev}, expected above {last} and at most "
-                        f"{b.revision}", segment=self._ring.name)  # type: ignore[union-attr]
-                last = rev
-                if rev > since:
-                    for ev in _codec.decode(payload, rev, self._ring.name):  # type: ignore[union-attr]
-                        k = ev.kv.key
-                        if k >= prefix and (end is None or k < end):
-                            events.append(ev)
-                    since = rev
-            pos = nxt
-        if pos != b.ring_head:
-            raise CorruptSegmentError(f"record chain ends at {pos}, head is {b.ring_head}",
-                                      segment=self._ring.name)  # type: ignore[union-attr]
-        if _unpack_q(r._cbuf, _TAIL_OFF)[0] > start:
-            raise self._lapped()
-        self._pos = pos
-        self._last_record = last
-        self._since = max(since, self._since)
+        if b.ring_gen != self._ring_gen:
+            self._follow_ring(b, events)
+            b = control.read_block(r._cbuf)
+            if b is None or b.ring_gen != self._ring_gen:
+                return events  # moved on again: the next read follows it
+            control.validate_block(b, r._ctl_name)
+        assert self._ring is not None
+        cbuf = r._cbuf
+        try:
+            self._collect(self._ring, self._cap, b.ring_head,
+                          lambda: _unpack_q(cbuf, _TAIL_OFF)[0], b.revision, events)
+        except ring.Lapped:
+            if events:
+                return events  # delivered first; the next read reports the lap
+            raise self._lapped() from None
         self.revision = max(self.revision, b.revision)
         return events
+
 
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
         """Events available now, waiting up to ``timeout`` seconds for the first; [] on timeout.
@@ -870,6 +952,7 @@ class Watch:
         r = self._reader
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
+            r._check_open()  # a closed Reader has unmapped the word waited on
             word = _unpack_q(r._cbuf, _SEQ)[0] & 0xFFFFFFFF
             events = self._read_available()
             if events:

@@ -12,8 +12,9 @@ CRC in every record catch the same on architectures that reorder memory accesses
 from __future__ import annotations
 
 import collections
+import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,64 @@ _KIND_EVENTS = layout.REC_KIND_EVENTS
 _KIND_PAD = layout.REC_KIND_PAD
 _CRC_SPAN = layout.REC_CRC_SPAN
 _crc32 = zlib.crc32
+_Q = struct.Struct("<Q")
 
 
 class TornRecord(Exception):
     """A record's stamp, length or CRC did not check out: lapped, or corrupt if the tail says not."""
+
+
+class Lapped(Exception):
+    """The writer overwrote records while they were read: the tail passed them."""
+
+
+def iter_records(buf: object, capacity: int, start: int, stop: int,
+                 tail: Callable[[], int], *, after_revision: int = 0,
+                 max_revision: int | None = None,
+                 name: str = "") -> Iterator[tuple[int, int, int, bytes]]:
+    """Yield ``(pos, revision, next_pos, payload)`` for every event record in [start, stop).
+
+    The one walk over ring records that everything uses (reader refresh,
+    watches, past-revision reads, the writer's restore). ``tail()`` reads the
+    published tail now. One policy decides between the two ways a read can
+    fail: a record that does not check out (stamp, length, CRC, revision order
+    after ``after_revision`` and up to ``max_revision``) is ``Lapped`` if the tail
+    has passed its position, else a CorruptSegmentError. Payloads are copies,
+    but they are only known intact once the generator has finished: it then
+    re-reads the tail and raises Lapped if it passed ``start``. So consumers
+    collect what they read and commit it only when the loop ends normally.
+    """
+    if start < tail():
+        raise Lapped()
+    pos = start
+    last = after_revision
+    steps = 0
+    limit = capacity // 8 + 2  # a record is at least 8 bytes: more steps means a loop
+    while pos < stop:
+        steps += 1
+        try:
+            if steps > limit:
+                raise TornRecord(f"record chain from {start} does not reach {stop}")
+            kind, revision, nxt, payload = read_record(buf, capacity, pos)
+            if payload is not None and (revision <= last or (
+                    max_revision is not None and revision > max_revision)):
+                raise TornRecord(f"record at {pos} has revision {revision}, expected above "
+                                 f"{last}" + ("" if max_revision is None
+                                              else f" and at most {max_revision}"))
+        except TornRecord as exc:
+            if tail() > pos:
+                raise Lapped() from None
+            raise CorruptSegmentError(str(exc), segment=name) from None
+        if payload is not None:
+            yield pos, revision, nxt, payload
+            last = revision
+        pos = nxt
+    if pos != stop:
+        if tail() > start:
+            raise Lapped()
+        raise CorruptSegmentError(f"record chain ends at {pos}, head is {stop}", segment=name)
+    if tail() > start:
+        raise Lapped()
 
 
 def check_ring_header(buf: object, size: int, name: str, generation: int, capacity: int) -> None:
@@ -50,6 +105,22 @@ def check_ring_header(buf: object, size: int, name: str, generation: int, capaci
             f"ring header (generation {gen}, capacity {cap}) disagrees with the control "
             f"segment (generation {generation}, capacity {capacity}) or the segment size {size}",
             segment=name)
+
+
+def read_seal(buf: object) -> tuple[int, int, int] | None:
+    """``(final tail, final head, revision)`` of a ring the writer left for the next generation.
+
+    None while the writer still appends to it (or it was abandoned without a
+    seal: a new epoch, a crash). See layout.RING_SEAL.
+    """
+    try:
+        sealed, tail, head, revision = layout.RING_SEAL.unpack_from(  # type: ignore[arg-type]
+            buf, layout.RING_SEAL_OFF)
+    except Exception:  # a closed or short mapping
+        return None
+    if sealed != 1 or tail > head:
+        return None
+    return tail, head, revision
 
 
 def read_record(buf: object, capacity: int, pos: int) -> tuple[int, int, int, bytes | None]:
@@ -206,6 +277,18 @@ class RingWriter:
         self.records.append((pos, revision))
         self.head = placement.end
         self.tail = placement.new_tail
+
+    def seal(self, revision: int, tail: int | None = None) -> None:
+        """Mark this ring finished at its head (see read_seal). ``tail``: the oldest
+        position still worth reading on to (default: the current tail); a tail equal
+        to the head leaves nothing to read. ``revision``: the cache's revision at the
+        head, where the next generation's history begins. Stored before the control
+        segment points at the next ring, flag last."""
+        t = self.tail if tail is None else max(self.tail, min(tail, self.head))
+        _Q.pack_into(self.buf, layout.RING_SEAL_OFF + 8, t)  # type: ignore[arg-type]
+        _Q.pack_into(self.buf, layout.RING_SEAL_OFF + 16, self.head)  # type: ignore[arg-type]
+        _Q.pack_into(self.buf, layout.RING_SEAL_OFF + 24, revision)  # type: ignore[arg-type]
+        _Q.pack_into(self.buf, layout.RING_SEAL_OFF, 1)  # type: ignore[arg-type]
 
     def restore(self, head: int, tail: int) -> None:
         """Rebuild the record list from the segment after a writer restart."""

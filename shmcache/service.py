@@ -181,6 +181,16 @@ class Liveness:
         return now - self.last_change
 
 
+def etcd_down_text(w: Any) -> str:
+    """"etcd unreachable since 12:00:03 UTC (41s, 7 failed attempts): <error>", or "" if reachable."""
+    since = w.etcd_down_since
+    if since is None:
+        return ""
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(since))
+    return (f"etcd unreachable since {at} ({time.time() - since:.0f}s, "
+            f"{w.stats.get('reconnects', 0)} failed attempts): {w.last_etcd_error}")
+
+
 # -- metrics -------------------------------------------------------------------------
 
 # (name, type, help, source). Sources: "block.X" = the published control block,
@@ -222,6 +232,10 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("shmcache_progress_anomalies", "counter",
      "progress notifications that overtook events (etcd issue 15220)",
      "stats.progress_anomalies"),
+    ("shmcache_etcd_reachable", "gauge",
+     "1 while the writer reaches etcd, 0 while its attempts fail", "etcd_reachable"),
+    ("shmcache_etcd_unreachable_seconds", "gauge",
+     "seconds since the writer last reached etcd (0 while it does)", "etcd_unreachable_seconds"),
     ("shmcache_heartbeat_age_seconds", "gauge", "seconds since the writer's last heartbeat",
      "heartbeat_age"),
     ("shmcache_loop_stalled_seconds", "gauge", "seconds since the writer's loop last made progress",
@@ -252,6 +266,9 @@ class _Collector:
             "lag": (max(0, w.etcd_revision - block.revision) if block is not None else None),
             "ring_used": (block.ring_head - block.ring_tail if block is not None else None),
             "watch_restarts": max(0, stats.get("watches", 0) - 1),
+            "etcd_reachable": 0.0 if w.etcd_down_since is not None else 1.0,
+            "etcd_unreachable_seconds": (time.time() - w.etcd_down_since
+                                         if w.etcd_down_since is not None else 0.0),
             "heartbeat_age": hb_age,
             "stalled": stalled,
             "ready": 1.0 if w.ready.is_set() else 0.0,
@@ -359,6 +376,11 @@ class _Service:
         w = self.writer
         b = self.block()
         silent = time.monotonic() - self.liveness.last_change
+        down = etcd_down_text(w)
+        if down:
+            if not w.ready.is_set() or b is None:
+                return f"waiting for etcd: {down}"
+            return f"serving revision {b.revision} ({b.key_count} keys); {down}"
         if not w.ready.is_set() or b is None:
             if w.stats.get("reconnects", 0):
                 return f"waiting for etcd ({w.stats['reconnects']} failed attempts): {last_warning}"
@@ -501,7 +523,6 @@ def serve(cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> int:
     Exit codes: 0 stopped by a signal, 1 the writer failed (another writer holds
     the cache, an unexpected error), 2 a bad setting (ConfigError is raised).
     """
-    from ._etcd import EtcdSettings
     from .cli import setup_logging
     from .writer import Writer
 
@@ -513,14 +534,13 @@ def serve(cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> int:
              ",".join(cfg.endpoints), cfg.config_file or "flags/environment/defaults")
     for line in cfg.describe():
         log.debug("setting %s", line)
-    settings = EtcdSettings(endpoints=list(cfg.endpoints), ca_cert=cfg.ca_file,
-                            cert_key=cfg.key_file, cert_cert=cfg.cert_file, user=cfg.user,
-                            password=cfg.password)
     try:
         writer = Writer(cfg.name, list(cfg.endpoints), cfg.prefix.encode(), ring_size=cfg.ring_size,
                         snapshot_interval=cfg.snapshot_interval,
                         snapshot_bytes=cfg.snapshot_bytes, mode=cfg.mode, group=cfg.group,
-                        remove_on_close=cfg.remove_on_exit, etcd=settings)
+                        remove_on_close=cfg.remove_on_exit, ca_file=cfg.ca_file,
+                        cert_file=cfg.cert_file, key_file=cfg.key_file, user=cfg.user,
+                        password=cfg.password)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     svc = _Service(cfg, writer, environ)

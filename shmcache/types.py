@@ -69,6 +69,9 @@ class Status:
     ring_capacity: int
     ring_used: int
     format_version: int
+    # Unix time since which the writer has failed to reach etcd (None: it reaches
+    # etcd, or no writer runs). The cache keeps serving its last revision meanwhile.
+    etcd_unreachable_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

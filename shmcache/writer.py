@@ -10,13 +10,16 @@ locked); ``stop()`` may be called from any thread or a signal handler.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import gc
+import grp
 import logging
 import os
 import random
 import select
 import signal
+import stat
 import threading
 import time
 from typing import Any
@@ -31,6 +34,7 @@ __all__ = ["Writer"]
 log = logging.getLogger("shmcache.writer")
 
 _B = layout
+DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
 
 
@@ -61,6 +65,11 @@ def _parse_faults(spec: str) -> dict[str, float]:
 
 
 _FAULTS = _parse_faults(os.environ.get("SHMCACHE_FAULT", ""))
+
+
+def _text(b: bytes) -> str:
+    """Key bytes for a log line: the text itself, not a bytes repr."""
+    return b.decode("utf-8", "backslashreplace")
 
 
 def _fault_point(point: str) -> None:
@@ -98,7 +107,7 @@ class Writer:
     def __init__(
         self,
         name: str,
-        endpoints: list[str] | str = "http://127.0.0.1:2379",
+        endpoints: list[str] | str | None = None,
         prefix: bytes | str = b"",
         *,
         ring_size: int | str = 64 << 20,
@@ -108,8 +117,14 @@ class Writer:
         mode: int = 0o600,
         group: str | int | None = None,
         remove_on_close: bool = False,
-        etcd: _etcd.EtcdSettings | None = None,
         backoff_max: float = 5.0,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        etcd_timeout: float = 5.0,
+        etcd: _etcd.EtcdSettings | None = None,
     ) -> None:
         self.name = _shm.validate_name(name)
         self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
@@ -131,14 +146,39 @@ class Writer:
         self.mode = mode
         self.group = group
         self.remove_on_close = remove_on_close
-        if etcd is None:
-            etcd = _etcd.EtcdSettings()
-        if endpoints:
-            etcd.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-        self.etcd_settings = etcd
+        if etcd is not None:
+            if any(v is not None for v in (ca_file, cert_file, key_file, user, password)):
+                raise TypeError("pass the TLS/auth settings either as keywords or as etcd=, "
+                                "not both")
+            # A copy: the caller's object is theirs (and may serve another Writer).
+            settings = dataclasses.replace(etcd, endpoints=list(etcd.endpoints))
+        else:
+            settings = _etcd.EtcdSettings(
+                endpoints=[DEFAULT_ENDPOINT], timeout=etcd_timeout, ca_cert=ca_file,
+                cert_key=key_file, cert_cert=cert_file, user=user, password=password)
+        if endpoints is not None:
+            settings.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not settings.endpoints:
+            raise ValueError("no etcd endpoints given")
+        self.etcd_settings = settings
         self.backoff_max = backoff_max
 
         self._stop = threading.Event()
+        # stop() only sets this flag and writes a byte to the wake pipe (it may run
+        # in a signal handler, where taking any lock can deadlock); the ticker
+        # thread then sets _stop and closes the etcd calls the loop may block in.
+        self._stop_requested = False
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
+        self._fatal: ShmCacheError | None = None
+        self._ctl_ino = 0
+        # Segments this writer created, by name -> inode: on a forced removal it
+        # unlinks only these, never a successor's segments of the same name.
+        self._own_segments: dict[str, int] = {}
+        # Since when etcd has not answered (unix time), and the last error; None
+        # while connected. Shown by status, the metrics and systemd's STATUS.
+        self.etcd_down_since: float | None = None
+        self.last_etcd_error = ""
         self._stream: _etcd.WatchStream | None = None
         self._ctl: control.ControlWriter | None = None
         self._ctl_seg: _shm.Segment | None = None
@@ -218,6 +258,7 @@ class Writer:
             raise CacheExistsError(f"cache {self.name!r} already has a running writer "
                                    f"(pid {pid})") from None
         self._lock_fd = fd
+        self._ctl_ino = os.fstat(fd).st_ino
         if existed:
             try:
                 control.check_header(seg.buf, seg.size, cname)
@@ -245,6 +286,7 @@ class Writer:
         name = layout.ring_name(self.name, gen)
         _shm.unlink(name)  # leftover of a writer that crashed while creating it
         seg = _shm.create(name, layout.RING_DATA + capacity, self.mode, self.group)
+        self._own_segments[name] = _inode(name)
         ring.RingWriter.init_segment(seg.buf, gen, capacity)
         old = self._ring_seg
         self._ring_seg = seg
@@ -252,28 +294,38 @@ class Writer:
         if old is not None:
             old.close()
 
-    def _restore(self) -> bool:
-        """Rebuild state from the segments a previous writer left; False if they are unusable."""
+    def _restore(self) -> str | None:
+        """Rebuild state from the segments a previous writer left; None if it did, else why not.
+
+        Every record a reader can reach, [tail, head), is validated first (stamp,
+        CRC, revision order): the ones after the snapshot rebuild the state, so a
+        bad one there means a relist; a bad one before the snapshot only costs
+        history, so the tail moves up to the snapshot (watches from before it get
+        CompactedError, as after any lap).
+        """
         assert self._ctl_seg is not None and self._ctl is not None
         buf = self._ctl_seg.buf
         b = control.read_block(buf, spins=10)
-        if b is None or b.snap_seq == 0:
-            return False
+        if b is None:
+            return "the control block was left mid-publish"
+        if b.snap_seq == 0:
+            return "no snapshot was published"
         try:
             control.validate_block(b, self._ctl_seg.name)
-            if control.read_prefix(buf, b.prefix_len) != self.prefix:
-                log.info("cache was serving prefix %r; relisting for %r",
-                         control.read_prefix(buf, b.prefix_len), self.prefix)
-                return False
-            opened = _shm.open_writable(layout.ring_name(self.name, b.ring_gen))
+            served = control.read_prefix(buf, b.prefix_len)
+            if served != self.prefix:
+                return f"the cache was serving prefix {_text(served)!r}, not {_text(self.prefix)!r}"
+            rname = layout.ring_name(self.name, b.ring_gen)
+            opened = _shm.open_writable(rname)
             if opened is None:
-                return False
+                return f"ring segment {rname} is missing"
             rseg, rfd = opened
             os.close(rfd)
             ring.check_ring_header(rseg.buf, rseg.size, rseg.name, b.ring_gen, b.ring_capacity)
-            sseg = _shm.open_readonly(layout.snapshot_name(self.name, b.snap_seq))
+            sname = layout.snapshot_name(self.name, b.snap_seq)
+            sseg = _shm.open_readonly(sname)
             if sseg is None:
-                return False
+                return f"snapshot segment {sname} is missing"
             snap = snapshot.Snapshot(sseg.name, sseg.buf, sseg.size)
             if snap.revision != b.snap_revision or snap.epoch != b.epoch:
                 raise CorruptSegmentError(f"snapshot is at revision {snap.revision} epoch "
@@ -281,33 +333,43 @@ class Writer:
                                           f"{b.snap_revision} epoch {b.epoch}")
             kv: SortedDict = SortedDict()
             delta: dict[bytes, KV | None] = {}
+            tail, compact = b.ring_tail, b.compact_revision
+            cap = b.ring_capacity
             try:
                 for e in snap.range(b"", None):
                     kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
-                rw = ring.RingWriter(rseg.buf, b.ring_capacity, b.ring_gen)
-                rw.restore(b.ring_head, b.ring_tail)
-                pos = b.snap_ring_pos
-                while pos < b.ring_head:
-                    kind, rev, nxt, payload = ring.read_record(rseg.buf, b.ring_capacity, pos)
-                    if payload is not None:
-                        for ev in _codec.decode(payload, rev, rseg.name):
-                            if ev.type == "PUT":
-                                t = (ev.kv.value, ev.kv.create_revision, ev.kv.mod_revision,
-                                     ev.kv.version, ev.kv.lease)
-                                kv[ev.kv.key] = delta[ev.kv.key] = t
-                            else:
-                                kv.pop(ev.kv.key, None)
-                                delta[ev.kv.key] = None
-                    pos = nxt
+                try:
+                    for _rec in ring.iter_records(rseg.buf, cap, b.ring_tail, b.snap_ring_pos,
+                                                  lambda: b.ring_tail,
+                                                  max_revision=b.snap_revision, name=rseg.name):
+                        pass
+                except CorruptSegmentError as exc:
+                    log.warning("ring history before the snapshot is damaged (%s); dropping "
+                                "the events up to revision %d", exc, b.snap_revision)
+                    tail, compact = b.snap_ring_pos, b.snap_revision
+                for _pos, rev, _nxt, payload in ring.iter_records(
+                        rseg.buf, cap, b.snap_ring_pos, b.ring_head, lambda: tail,
+                        after_revision=b.snap_revision, max_revision=b.revision,
+                        name=rseg.name):
+                    for ev in _codec.decode(payload, rev, rseg.name):
+                        if ev.type == "PUT":
+                            t = (ev.kv.value, ev.kv.create_revision, ev.kv.mod_revision,
+                                 ev.kv.version, ev.kv.lease)
+                            kv[ev.kv.key] = delta[ev.kv.key] = t
+                        else:
+                            kv.pop(ev.kv.key, None)
+                            delta[ev.kv.key] = None
+                rw = ring.RingWriter(rseg.buf, cap, b.ring_gen)
+                rw.restore(b.ring_head, tail)
             except BaseException:
                 snap.close()
                 sseg.close()
                 raise
-        except (CorruptSegmentError, ring.TornRecord, OSError, ValueError) as exc:
-            log.warning("cannot resume from the existing segments (%s); relisting", exc)
-            return False
+        except (CorruptSegmentError, ring.Lapped, ring.TornRecord, OSError, ValueError) as exc:
+            return str(exc) or type(exc).__name__
         self._ring_seg = rseg
         self._ring = rw
+        self._own_segments[rseg.name] = _inode(rseg.name)
         self.kv = kv
         self._delta = delta
         self._data_len = sum(snapshot.entry_span(k, v[0]) for k, v in kv.items())
@@ -318,9 +380,56 @@ class Writer:
         self._snap_seq = b.snap_seq
         self._snap_ring_pos = b.snap_ring_pos
         self._last_snapshot = time.monotonic()
+        if tail != b.ring_tail:
+            self._ctl.publish({_B.B_RING_TAIL: tail, _B.B_COMPACT_REVISION: compact}, wake=False)
         log.info("resumed cache %r at revision %d (epoch %d, %d keys)", self.name,
                  self.revision, self.epoch, len(kv))
-        return True
+        return None
+
+    def _switch_ring(self, capacity: int, reason: str) -> None:
+        """Continue in a new ring generation of ``capacity`` bytes, in the same epoch.
+
+        The old ring is sealed at its head first (ring.RingWriter.seal): watches
+        that still read it finish it and continue in the new one, so no watch
+        loses an event. The new ring's history begins at the current revision:
+        a snapshot of the current state is published with it.
+        """
+        assert self._ctl is not None and self._ring is not None
+        if self._build is not None:
+            self._finish_build(self._build, wait=True)  # it points into the old ring
+        old, old_gen = self._ring, self._ring.generation
+        old.seal(self.revision)
+        self._new_ring(capacity)
+        assert self._ring is not None
+        self._publish_snapshot({
+            _B.B_RING_TAIL: 0, _B.B_RING_GEN: self._ring.generation,
+            _B.B_RING_CAPACITY: capacity, _B.B_COMPACT_REVISION: self.revision})
+        _shm.unlink(layout.ring_name(self.name, old_gen))
+        log.info("ring log replaced at revision %d: generation %d -> %d, %d -> %d bytes; "
+                 "watches continue into it (%s)", self.revision, old_gen,
+                 self._ring.generation, old.capacity, capacity, reason)
+
+    def _apply_permissions(self) -> None:
+        """Give every segment of the cache this writer's mode and group (a restart may change them)."""
+        gid = None
+        if self.group is not None:
+            gid = self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
+        for name in _shm.list_segments(self.name):
+            path = _shm.SHM_DIR + name
+            try:
+                st = os.stat(path)
+                changes = []
+                if stat.S_IMODE(st.st_mode) != self.mode:
+                    os.chmod(path, self.mode)
+                    changes.append(f"mode {stat.S_IMODE(st.st_mode):o} -> {self.mode:o}")
+                if gid is not None and st.st_gid != gid:
+                    os.chown(path, -1, gid)
+                    changes.append(f"group {st.st_gid} -> {gid}")
+            except OSError as exc:
+                log.warning("cannot set the permissions of %s: %s", name, exc)
+                continue
+            if changes:
+                log.info("segment %s: %s", name, ", ".join(changes))
 
     def _publish_snapshot(self, extra: dict[int, int] | None = None,
                           prefix: bytes | None = None) -> None:
@@ -419,6 +528,7 @@ class Writer:
             _shm.unlink(layout.snapshot_name(self.name, old))
         self._close_base(background=True)
         sseg = _shm.open_readonly(b.name)
+        self._own_segments[b.name] = _inode(b.name)
         if sseg is not None:  # (None: removed by hand; the next build is a whole-state one)
             self._base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
         # (service.py, issue 4) gauges of the last publish, for metrics.
@@ -472,9 +582,9 @@ class Writer:
             cap = self.ring_size
             while rw.record_size(len(payload)) > cap // 4:
                 cap *= 2
-            # The record cannot go into this ring; the history is reset around it.
-            self._reset_history(self.revision, f"a {len(payload)}-byte revision needs a "
-                                f"{cap}-byte ring", ring_capacity=cap)
+            # The record cannot go into this ring: continue in a larger one. Watches
+            # read on through the seal, so they see no gap and no CompactedError.
+            self._switch_ring(cap, f"a {len(payload)}-byte revision needs a {cap}-byte ring")
             rw = self._ring
         pl = rw.place(len(payload))
         if pl.end - rw.capacity > self._snap_ring_pos and self._build is not None:
@@ -670,16 +780,63 @@ class Writer:
     # -- main loop -----------------------------------------------------------------
 
     def _ticker(self) -> None:
-        """Heartbeat and idle progress requests; runs beside the watch loop."""
-        while not self._stop.wait(0.25):
+        """Heartbeat, stop requests, the control segment's presence and idle progress requests.
+
+        Runs beside the watch loop and wakes every 0.25 s, or at once when
+        ``stop()`` writes to the wake pipe.
+        """
+        wake = self._wake_r
+        assert wake is not None
+        while not self._stop_requested and not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([wake], [], [], 0.25)
+                if ready:
+                    os.read(wake, 4096)
+            except OSError:
+                pass
+            if self._stop_requested or self._stop.is_set():
+                break
             ctl = self._ctl
             if ctl is None:
                 continue
             ctl.heartbeat()
+            if not self._control_still_ours():
+                break
             now = time.monotonic()
             if (now - self._last_event >= self.progress_interval
                     and now - self._progress_sent >= self.progress_interval):
                 self._request_progress()
+        self._stop.set()
+        # Unblock the loop wherever it waits on etcd: the watch stream, or a
+        # connect or list call (up to their timeouts otherwise).
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+
+    def _control_still_ours(self) -> bool:
+        """False (and the writer stops with an error) once the control segment was unlinked.
+
+        After `shmcache rm --force`, or anything else that unlinks it, nobody can
+        attach to what this writer publishes, and a new writer may take the
+        name: publishing on would only feed segments no reader sees.
+        """
+        cname = layout.control_name(self.name)
+        try:
+            same = os.stat(_shm.SHM_DIR + cname).st_ino == self._ctl_ino
+        except FileNotFoundError:
+            same = False
+        except OSError:
+            return True  # cannot tell: keep serving
+        if not same:
+            self._fatal = WriterError(
+                f"control segment {cname} was removed while this writer ran (shmcache rm "
+                f"--force?): readers can no longer attach to what it publishes",
+                hint="Stopping; start the writer again to republish the cache")
+            log.error("%s; stopping", self._fatal.message)
+        return same
 
     def _sync_loop(self, sock: Any) -> None:
         """Serve consistent-read requests from readers (see _sync.py), one round at a time."""
@@ -738,9 +895,10 @@ class Writer:
 
     def _relist(self, conn: _etcd.Connection, reason: str) -> None:
         t0 = time.monotonic()
-        log.info("listing %r from etcd (%s)", self.prefix, reason)
+        log.info("listing %r from etcd (%s)", _text(self.prefix), reason)
         rev, items = conn.list_range(self.range_key, self.range_end,
                                      progress=self.list_progress)  # (issue 4: progress hook)
+        self.etcd_revision = max(self.etcd_revision, rev)
         self.kv = SortedDict(items)  # (its size is counted by the whole-state build below)
         _freeze_gc()
         self.stats["relists"] += 1
@@ -749,8 +907,26 @@ class Writer:
                  time.monotonic() - t0)
 
     def run(self) -> None:
-        """Serve until ``stop()``: attach, list or resume, then watch and publish."""
+        """Serve until ``stop()``: attach, list or resume, then watch and publish.
+
+        Raises WriterError if the cache's control segment is removed while it
+        runs (it stops publishing), CacheExistsError if another writer holds it.
+        """
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._run()
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = None
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _run(self) -> None:
+        if self._stop_requested:
+            return
         existed = self._attach_control()
+        self._apply_permissions()
         ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
         ticker.start()
         sync_sock = None
@@ -765,13 +941,20 @@ class Writer:
                                       name="shmcache-sync", daemon=True)
             syncer.start()
         try:
-            resumed = existed and self._restore()
-            if resumed:
+            why_not = self._restore() if existed else "first start"
+            if why_not is None:
                 assert self._ctl is not None and self._ring is not None
+                if self._ring.capacity != self.ring_size:
+                    self._switch_ring(self.ring_size, f"the ring size setting is "
+                                      f"{self.ring_size} bytes")
                 self._ctl.publish({})  # wake readers: the writer is back
-            self._loop(resumed)
+            elif existed:
+                why_not = f"cannot resume from the existing segments: {why_not}"
+                log.warning("%s; relisting", why_not)
+            self._loop(why_not)
         finally:
             self._stop.set()
+            self._wake()
             with self._revision_moved:
                 self._revision_moved.notify_all()
             ticker.join(timeout=2)
@@ -781,18 +964,26 @@ class Writer:
                 sync_sock.close()
             self._shutdown()
 
-    def _loop(self, resumed: bool) -> None:
+    def _loop(self, relist_reason: str | None) -> None:
+        """Connect, (re)list when needed, watch; reconnect with backoff on etcd errors.
+
+        The pause between attempts doubles from 0.1 s to ``backoff_max`` while
+        etcd stays unreachable and starts over once a watch has worked.
+        """
         conn = _etcd.Connection(self.etcd_settings)
         self._conn = conn
+        if self._stop.is_set():
+            conn.close()  # stop() came first: the ticker may have missed this connection
         backoff = 0.1
-        need_list = not resumed
-        reason = "first start" if not resumed else ""
+        need_list = relist_reason is not None
+        reason = relist_reason or ""
         try:
             while not self._stop.is_set():
                 try:
                     conn.connect()
                     log.info("connected to etcd %s (version %s)", conn.endpoint, conn.version)
                     current = conn.current_revision(self.range_key, self.range_end)
+                    self._etcd_reachable(current)
                     if not need_list and current < self.revision:
                         need_list, reason = True, (f"etcd is at revision {current}, behind the "
                                                    f"cache's {self.revision} (a new cluster?)")
@@ -818,7 +1009,9 @@ class Writer:
                         continue
                     if self._healthy:
                         backoff = 0.1  # the last watch worked: start over from short waits
+                        self._healthy = False
                     self.stats["reconnects"] += 1
+                    self._etcd_unreachable(_etcd.describe(exc))
                     log.warning("etcd error (%s); retrying in %.1fs", _etcd.describe(exc), backoff)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
@@ -845,7 +1038,7 @@ class Writer:
                 self.etcd_revision = max(self.etcd_revision, resp.header.revision)
                 self._healthy = True
                 if resp.created:
-                    log.info("watching %r from revision %d", self.prefix, start)
+                    log.info("watching %r from revision %d", _text(self.prefix), start)
                     # Created behind etcd's revision: unsynced until etcd's catch-up
                     # loop has sent the events up to here (see _on_progress).
                     self._watch_created = time.monotonic()
@@ -870,21 +1063,50 @@ class Writer:
             stream.close()
 
     def stop(self) -> None:
-        """Ask ``run()`` to return after the record in progress. Safe from any thread."""
-        self._stop.set()
-        stream = self._stream
-        if stream is not None:
-            stream.close()
-        conn = self._conn
-        if conn is not None:
-            # (issue 4 fix) closing the channel cancels a call blocked on an etcd that
-            # does not answer (connect, list page: up to their timeouts), so SIGTERM
-            # is prompt there too; the loop sees _stop and leaves.
-            conn.close()
+        """Ask ``run()`` to return after the record in progress.
+
+        Safe from any thread and from a signal handler: it sets a flag and writes
+        one byte to a pipe, and takes no lock (a handler that runs while its own
+        thread holds a lock the stop path needs would deadlock). The writer's
+        ticker thread wakes on the byte and cancels the etcd call the loop waits in.
+        """
+        self._stop_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
+        fd = self._wake_w
+        if fd is not None:
+            try:
+                os.write(fd, b"\0")
+            except OSError:  # full (a wake is pending anyway) or closed (run() ended)
+                pass
+
+    def _etcd_reachable(self, revision: int) -> None:
+        self.etcd_revision = max(self.etcd_revision, revision)
+        if self.etcd_down_since is not None:
+            log.info("etcd reachable again after %.1fs", time.time() - self.etcd_down_since)
+        self.etcd_down_since = None
+        self.last_etcd_error = ""
+        if self._ctl is not None:
+            self._ctl.set_etcd_down_since(0)
+
+    def _etcd_unreachable(self, error: str) -> None:
+        self.last_etcd_error = error
+        if self.etcd_down_since is None:
+            self.etcd_down_since = time.time()
+            if self._ctl is not None:
+                self._ctl.set_etcd_down_since(int(self.etcd_down_since * 1e9))
 
     def _shutdown(self) -> None:
         self._drop_build()  # unpublished: of no use to the next writer
         self._close_base()
+        if self._fatal is not None:
+            # The cache was removed under this writer: unlink what it created since,
+            # but only segments that are still its own (a new writer may already
+            # have created segments of the same names).
+            for seg_name, ino in self._own_segments.items():
+                if ino and _inode(seg_name) == ino:
+                    _shm.unlink(seg_name)
         if self._ctl is not None:
             self._ctl.heartbeat()
             self._ctl.release()
@@ -894,9 +1116,17 @@ class Writer:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-        if self.remove_on_close:
+        if self.remove_on_close and self._fatal is None:
             _shm.remove_cache(self.name)
         log.info("writer for %r stopped at revision %d", self.name, self.revision)
+
+
+def _inode(seg_name: str) -> int:
+    """Inode of a segment's /dev/shm entry (0 if there is none): tells two segments of one name apart."""
+    try:
+        return os.stat(_shm.SHM_DIR + seg_name).st_ino
+    except OSError:
+        return 0
 
 
 def _freeze_gc() -> None:
