@@ -18,6 +18,7 @@ from .errors import (
     TimeoutError,
     VersionMismatchError,
     WriterError,
+    WriterRunningError,
 )
 from .reader import Reader, Watch
 from .subscribe import Subscription
@@ -50,6 +51,7 @@ __all__ = [
     "Watch",
     "Writer",
     "WriterError",
+    "WriterRunningError",
     "remove",
 ]
 
@@ -65,12 +67,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'shmcache' has no attribute {name!r}")
 
 
-def remove(name: str) -> list[str]:
+def remove(name: str, *, force: bool = False) -> list[str]:
     """Unlink every shared-memory segment of cache ``name``; returns the segment names removed.
 
-    Safe while readers are attached (their mappings stay valid); do not call it
-    while the cache's writer runs.
+    Safe while readers are attached (their mappings stay valid). Raises
+    WriterRunningError (with the writer's ``pid``) while a live writer holds the
+    cache, unless ``force=True``: that is for a writer that is stuck; a running
+    writer whose control segment is removed exits within its heartbeat period.
     """
     from . import _shm
 
-    return _shm.remove_cache(_shm.validate_name(name))
+    return _shm.remove_cache(_shm.validate_name(name), force=force)

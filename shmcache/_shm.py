@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import mmap
 import os
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 import posix_ipc
 
 from . import layout
-from .errors import CorruptSegmentError, InvalidNameError, SegmentPermissionError
+from .errors import (CorruptSegmentError, InvalidNameError, SegmentPermissionError,
+                     WriterRunningError)
 
 SHM_DIR = "/dev/shm"
 _SUFFIX_RE = re.compile(r"ctl|ring\.[0-9]+|snap\.[0-9]+")
@@ -164,10 +166,67 @@ def list_caches() -> list[str]:
                   if e.startswith(prefix) and e.endswith(".ctl"))
 
 
-def remove_cache(cache_name: str) -> list[str]:
-    """Unlink every segment of a cache; returns the names removed."""
-    removed = []
-    for seg in list_segments(cache_name):
-        if unlink(seg):
-            removed.append(seg)
-    return removed
+def writer_lock_held(cache_name: str) -> int | None:
+    """The pid recorded in the control segment if a writer holds the cache's lock, else None.
+
+    The writer holds an exclusive flock on its control segment for as long as it
+    runs (released by the kernel when it dies, even by SIGKILL), so a held lock
+    means a live writer, whatever the heartbeat or /proc say.
+    """
+    fd = _open_control_fd(cache_name)
+    if fd is None:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _recorded_pid(fd)
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock taken above
+
+
+def remove_cache(cache_name: str, *, force: bool = False) -> list[str]:
+    """Unlink every segment of a cache; returns the names removed.
+
+    Unless ``force``, refuses with WriterRunningError while a writer holds the
+    cache: removing its segments under it would let a second writer start on
+    the same name (split brain). The check holds the writer lock while it
+    unlinks, so no writer can start on the segments being removed either.
+    ``force`` is for a writer that is stuck; a running one notices within its
+    heartbeat period that its control segment is gone and exits.
+    """
+    validate_name(cache_name)
+    fd = None if force else _open_control_fd(cache_name)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _recorded_pid(fd)
+                raise WriterRunningError(
+                    f"cache {cache_name!r} has a running writer (pid {pid})", pid=pid) from None
+        removed = []
+        for seg in list_segments(cache_name):
+            if unlink(seg):
+                removed.append(seg)
+        return removed
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_control_fd(cache_name: str) -> int | None:
+    path = os.path.join(SHM_DIR, layout.control_name(cache_name)[1:])
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def _recorded_pid(fd: int) -> int:
+    try:
+        raw = os.pread(fd, 8, layout.C_WRITER_PID)
+    except OSError:
+        return 0
+    return int.from_bytes(raw, "little") if len(raw) == 8 else 0

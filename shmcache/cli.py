@@ -150,7 +150,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from . import reader  # noqa: F401  (validates the name the same way)
 
-    removed = _shm.remove_cache(_shm.validate_name(args.name))
+    removed = _shm.remove_cache(_shm.validate_name(args.name), force=args.force)
     for seg in removed:
         print(f"removed {seg}")
     if not removed:
@@ -235,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("rm", help="remove a cache's segments")
+    s = sub.add_parser("rm", help="remove a cache's segments (refused while its writer runs)")
     s.add_argument("name")
+    s.add_argument("--force", action="store_true",
+                   help="remove even while a writer holds the cache (for a stuck writer)")
     s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("demo", help="run etcd, a writer and reader processes on this machine")

@@ -15,6 +15,7 @@ __all__ = [
     "TimeoutError",
     "VersionMismatchError",
     "WriterError",
+    "WriterRunningError",
 ]
 
 import builtins
@@ -115,3 +116,14 @@ class CacheExistsError(WriterError):
 
 class SegmentPermissionError(ShmCacheError, builtins.PermissionError):
     """A segment has an owner or mode the writer refuses to trust."""
+
+
+class WriterRunningError(ShmCacheError):
+    """A cache cannot be removed: a live writer holds it (``pid`` names the writer)."""
+
+    hint = ("Stop the writer first (`systemctl stop shmcache@NAME`); "
+            "`shmcache rm --force` is for a writer that is stuck")
+
+    def __init__(self, message: str, *, pid: int, hint: str | None = None) -> None:
+        self.pid = pid
+        super().__init__(message, hint=hint)

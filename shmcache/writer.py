@@ -1113,11 +1113,12 @@ class Writer:
         for seg in (self._ring_seg, self._ctl_seg):
             if seg is not None:
                 seg.close()
+        if self.remove_on_close and self._fatal is None:
+            # Before the lock goes: no other writer can have started on these names.
+            _shm.remove_cache(self.name, force=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-        if self.remove_on_close and self._fatal is None:
-            _shm.remove_cache(self.name)
         log.info("writer for %r stopped at revision %d", self.name, self.revision)
 
 

@@ -359,7 +359,8 @@ def test_restart_resumes_without_relist(etcd_session: EtcdServer, etcd_client: A
         epoch = r.status().epoch
         assert w.terminate() == 0
         first_run = _writer_log(w)
-        assert "listing b" in first_run and "(first start)" in first_run
+        # The prefix is logged as text, not as a bytes repr.
+        assert f"listing '{p.decode()}' from etcd (first start)" in first_run, first_run
         for i in range(5):
             put(etcd_client, p + b"gap%d" % i, b"x")
         w.start()
