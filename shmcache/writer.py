@@ -10,7 +10,6 @@ locked); ``stop()`` may be called from any thread or a signal handler.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import gc
 import grp
@@ -124,7 +123,6 @@ class Writer:
         user: str | None = None,
         password: str | None = None,
         etcd_timeout: float = 5.0,
-        etcd: _etcd.EtcdSettings | None = None,
     ) -> None:
         self.name = _shm.validate_name(name)
         self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
@@ -146,16 +144,10 @@ class Writer:
         self.mode = mode
         self.group = group
         self.remove_on_close = remove_on_close
-        if etcd is not None:
-            if any(v is not None for v in (ca_file, cert_file, key_file, user, password)):
-                raise TypeError("pass the TLS/auth settings either as keywords or as etcd=, "
-                                "not both")
-            # A copy: the caller's object is theirs (and may serve another Writer).
-            settings = dataclasses.replace(etcd, endpoints=list(etcd.endpoints))
-        else:
-            settings = _etcd.EtcdSettings(
-                endpoints=[DEFAULT_ENDPOINT], timeout=etcd_timeout, ca_cert=ca_file,
-                cert_key=key_file, cert_cert=cert_file, user=user, password=password)
+        # A fresh settings object per Writer: nothing the caller holds is shared.
+        settings = _etcd.EtcdSettings(
+            endpoints=[DEFAULT_ENDPOINT], timeout=etcd_timeout, ca_cert=ca_file,
+            cert_key=key_file, cert_cert=cert_file, user=user, password=password)
         if endpoints is not None:
             settings.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not settings.endpoints:

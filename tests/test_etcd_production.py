@@ -273,7 +273,7 @@ def test_watch_opened_with_an_expired_token_reconnects(
     p = unique_prefix
     _fresh_put(auth_etcd, p + b"a", b"1")
     w = Writer(cache_name, [auth_etcd.endpoint], p, ring_size="1MiB", remove_on_close=True,
-               etcd=_etcd.EtcdSettings(user="root", password="root-pw"))
+               user="root", password="root-pw")
 
     def slow_list(loaded: int, total: int) -> None:
         if loaded >= total and w.stats["relists"] == 0:
