@@ -87,7 +87,7 @@ class WriterProcess:
             self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
-        _shm.remove_cache(self.name)
+        _shm.remove_cache(self.name, force=True)  # cleanup: another writer may hold the name
         if not os.environ.get("SHMCACHE_KEEP_LOGS"):
             try:
                 os.unlink(self.log_path)

@@ -334,10 +334,11 @@ def test_a_restart_repairs_ring_history_damaged_before_the_snapshot(
             f.seek(offset)
             f.write(flipped)
         assert _check.check_cache(cache_name)[1], "the damage is visible before the restart"
-        w.start()
+        w.start()  # returns once the writer has claimed the cache, before it restores
+        _wait(lambda: "resumed cache" in w.log(), 15, "the writer resumes")
+        assert "ring history before the snapshot is damaged" in w.log(), w.log()
         problems = _check.check_cache(cache_name)[1]
         assert problems == [], problems
-        assert "ring history before the snapshot is damaged" in w.log(), w.log()
         check = run_cli("check", cache_name)
         assert check.returncode == 0, check
         with shmcache.Reader(cache_name) as r:

@@ -47,7 +47,8 @@ def test_all_is_pinned() -> None:
         "FutureRevisionError",
         "InvalidNameError", "KeyValue", "ListResult", "NotFoundError", "Reader",
         "SegmentPermissionError", "ShmCacheError", "StaleError", "Status", "Subscription",
-        "TimeoutError", "VersionMismatchError", "Watch", "Writer", "WriterError", "remove"}
+        "TimeoutError", "VersionMismatchError", "Watch", "Writer", "WriterError",
+            "WriterRunningError", "remove"}
     for name in shmcache.__all__:
         assert getattr(shmcache, name) is not None
     for exc in ("CompactedError", "CorruptSegmentError", "NotFoundError", "StaleError",
