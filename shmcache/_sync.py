@@ -13,7 +13,20 @@ requests per round, not per caller.
 from __future__ import annotations
 
 import errno
+import logging
+import select
 import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import layout
+
+if TYPE_CHECKING:
+    from .control import ControlWriter
+
+log = logging.getLogger("shmcache.writer")
 
 REQUEST = b"s"
 
@@ -71,3 +84,67 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class Server:
+    """The writer's end: one round at a time, on a thread of its own (``run``).
+
+    A round publishes SYNC_STARTED (no wake), learns etcd's current revision R
+    with a linearizable read issued after the requests arrived (so R covers
+    every write that completed before those ``sync()`` calls), waits until
+    the published revision reaches R (an idle range gets there through
+    progress notifications, double-confirmed by the feed), then publishes
+    SYNC_DONE and SYNC_REVISION = R with a wake.
+    """
+
+    def __init__(self, sock: socket.socket, ctl: ControlWriter,
+                 current_revision: Callable[[], int], request_progress: Callable[[], None],
+                 published_revision: Callable[[], int], revision_moved: threading.Condition,
+                 stopped: threading.Event, stats: dict[str, Any],
+                 describe: Callable[[BaseException], str] = str) -> None:
+        self.sock = sock
+        self.ctl = ctl
+        self.current_revision = current_revision
+        self.request_progress = request_progress
+        self.published_revision = published_revision
+        self.revision_moved = revision_moved
+        self.stopped = stopped
+        self.stats = stats
+        self.describe = describe
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                ready, _, _ = select.select([self.sock], [], [], 0.25)
+            except (OSError, ValueError):
+                return
+            if not ready or not drain(self.sock):
+                continue
+            self.stats["sync_requests"] += 1
+            # Requests that arrive from here on are served by the next round.
+            started = self.ctl.get(layout.B_SYNC_STARTED) + 1
+            self.ctl.publish({layout.B_SYNC_STARTED: started}, wake=False)
+            try:
+                target = self.round()
+            except Exception as exc:  # etcd down: readers time out and retry
+                log.warning("sync round %d failed: %s", started, self.describe(exc))
+                continue
+            if target is not None:
+                self.stats["sync_rounds"] += 1
+                self.ctl.publish({layout.B_SYNC_DONE: started, layout.B_SYNC_REVISION: target})
+
+    def round(self, timeout: float = 10.0) -> int | None:
+        """etcd's current revision once the cache has reached it; None on timeout or stop."""
+        target = self.current_revision()
+        deadline = time.monotonic() + timeout
+        published = self.published_revision
+        with self.revision_moved:
+            while published() < target and not self.stopped.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("sync: cache stuck at revision %d below etcd's %d",
+                                published(), target)
+                    return None
+                self.request_progress()
+                self.revision_moved.wait(min(remaining, 0.5))
+        return target if published() >= target else None

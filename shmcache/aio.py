@@ -24,7 +24,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Self
 
-from . import _futex, layout
+from . import layout
 
 if TYPE_CHECKING:
     import asyncio
@@ -142,20 +142,19 @@ class _Waker:
         reader = self._reader()
         view: memoryview | None = None
         try:
-            if reader is None or reader._closed:
+            if reader is None or reader.control.closed:
                 return
-            # The exported view pins the control mapping: Reader.close() cannot
-            # unmap it under our FUTEX_WAIT (Segment.close tolerates exported
-            # views); we close it ourselves below once the Reader is closed.
-            view = memoryview(reader._cbuf)
-            addr = reader._futex_addr
+            ctl = reader.control
+            # The pin keeps the control mapping alive: Reader.close() cannot unmap
+            # it under our FUTEX_WAIT; we unmap it ourselves below once closed.
+            view = ctl.pin()
             idle_since: float | None = None
             word = _word(view)
             while True:
                 if word == last:
-                    _futex.wait(addr, last, _SLICE)
+                    ctl.wait(last, _SLICE)
                     word = _word(view)
-                closed = reader._closed
+                closed = ctl.closed
                 with self._lock:
                     if closed:
                         return  # finally: fire every waiter; they see the closed Reader
@@ -176,7 +175,7 @@ class _Waker:
                 self._schedule(loops)
                 word = _word(view)
         except Exception as exc:
-            if reader is not None and reader._closed:
+            if reader is not None and reader.control.closed:
                 return  # closed under us (between the check and the view): not an error
             with self._lock:
                 self._error = exc
@@ -191,8 +190,8 @@ class _Waker:
             self._schedule(loops)
             if view is not None:
                 view.release()
-                if reader is not None and reader._closed:
-                    reader._ctl.close()
+                if reader is not None and reader.control.closed:
+                    reader.control.close()  # the deferred unmap
 
 
 _registry_lock = threading.Lock()
@@ -237,7 +236,7 @@ async def _wait_change(reader: Reader, seen: int, timeout: float | None,
         # Registered first, then re-checked: a publish between the caller's read
         # of the word and the registration is seen here, one after it by the
         # thread (which compares against the word it saw last).
-        if _word(reader._cbuf) != seen:
+        if reader.control.word() != seen:
             return
         if timeout is not None:
             timer = loop.call_later(max(timeout, 0.0), _resolve, fut)
@@ -258,7 +257,7 @@ async def await_revision(reader: Reader, revision: int, timeout: float | None = 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         reader._check_open()
-        seen = _word(reader._cbuf)
+        seen = reader.control.word()
         if reader.revision >= revision:
             return True
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -332,7 +331,7 @@ class AsyncWatch:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.closed:
             r._check_open()
-            seen = _word(r._cbuf)
+            seen = r.control.word()
             events = self._watch.poll(0)
             if events:
                 return events

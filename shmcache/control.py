@@ -24,6 +24,7 @@ from .errors import CorruptSegmentError, VersionMismatchError
 
 _Q = struct.Struct("<Q")
 _BLOCK = layout.BLOCK
+_TAIL_OFF = layout.C_BLOCK + 8 * layout.B_RING_TAIL
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,99 @@ def etcd_down_since(buf: Any) -> float | None:
     """Unix time since which the writer has failed to reach etcd, or None while it reaches it."""
     ns: int = _Q.unpack_from(buf, layout.C_ETCD_DOWN_SINCE)[0]
     return ns / 1e9 if ns else None
+
+
+class ControlReader:
+    """A reader's read-only handle on a control segment: the block, the tail, the futex word.
+
+    Concurrency contract: every method may be called from any thread. ``close()``
+    unmaps the segment; a thread that sleeps in ``wait()`` meanwhile must hold a
+    ``pin()`` (a memoryview that keeps the mapping alive until released), as the
+    asyncio waker thread does. After ``close()``, ``closed`` is True and the
+    other methods must not be called (Reader checks first).
+    """
+
+    def __init__(self, seg: Any) -> None:
+        self._seg = seg
+        self.name: str = seg.name
+        self.buf: Any = seg.buf
+        self.addr = _futex.address_of(seg.buf, layout.C_SEQ)
+        self.closed = False
+
+    @classmethod
+    def open(cls, cache_name: str, timeout: float = 0.0) -> ControlReader:
+        """Map cache ``cache_name``'s control segment read-only and check its header.
+
+        Waits up to ``timeout`` seconds for a segment that does not exist yet or
+        is still all zeros (a writer initialising it); bytes that are there but
+        wrong raise CorruptSegmentError at once, as they will not fix themselves.
+        """
+        from . import _shm
+
+        cname = layout.control_name(cache_name)
+        deadline = time.monotonic() + timeout
+        while True:
+            seg = _shm.open_readonly(cname)
+            if seg is not None:
+                try:
+                    check_header(seg.buf, seg.size, cname)
+                    return cls(seg)
+                except CorruptSegmentError:
+                    # Decided before close(): the map is gone after.
+                    initialising = seg.size >= layout.CONTROL_SIZE and \
+                        seg.buf[:8] == b"\0" * 8
+                    seg.close()
+                    if time.monotonic() >= deadline or not initialising:
+                        raise
+            elif time.monotonic() >= deadline:
+                from .errors import NotFoundError
+
+                raise NotFoundError(f"no shmcache named {cache_name!r} on this host "
+                                    f"(no segment {cname})", name=cache_name)
+            time.sleep(0.02)
+
+    def seq(self) -> int:
+        """SEQ: it changes with every publish (odd while one is in progress)."""
+        v: int = _Q.unpack_from(self.buf, layout.C_SEQ)[0]
+        return v
+
+    def word(self) -> int:
+        """The futex word: SEQ's low 32 bits. Read it, check for news, then ``wait(word)``."""
+        v: int = _Q.unpack_from(self.buf, layout.C_SEQ)[0]
+        return v & 0xFFFFFFFF
+
+    def tail(self) -> int:
+        """RING_TAIL loaded alone (lap detection: see ring.iter_records)."""
+        v: int = _Q.unpack_from(self.buf, _TAIL_OFF)[0]
+        return v
+
+    def block(self, spins: int = 200) -> Block | None:
+        return read_block(self.buf, spins)
+
+    def wait(self, word: int, timeout: float | None) -> None:
+        """Sleep until the writer publishes (SEQ's word differs from ``word``) or ``timeout``."""
+        _futex.wait(self.addr, word, timeout)
+
+    def pin(self) -> memoryview:
+        """A view that keeps the mapping alive across ``close()`` until released."""
+        return memoryview(self.buf)
+
+    def prefix(self, length: int) -> bytes:
+        return read_prefix(self.buf, length)
+
+    def writer_identity(self) -> tuple[int, int, int]:
+        return writer_identity(self.buf)
+
+    def writer_alive(self) -> bool:
+        return writer_alive(self.buf)
+
+    def etcd_down_since(self) -> float | None:
+        return etcd_down_since(self.buf)
+
+    def close(self) -> None:
+        """Mark closed and unmap (deferred while a pin exists; call again once it is released)."""
+        self.closed = True
+        self._seg.close()
 
 
 class ControlWriter:

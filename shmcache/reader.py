@@ -1,36 +1,39 @@
 """Reader: attach read-only to a cache and answer get, list and watch from shared memory.
 
-Never imports etcd, grpc or protobuf.
+The view (the live snapshot plus a private overlay of the events after it) is
+here; reads at a past revision are in _history, watches in _watch, the control
+segment's reader in control.ControlReader. Never imports etcd, grpc or protobuf.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
 import os
 import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _futex, _shm, _sync, control, layout, ring
+from . import _codec, _history, _shm, _sync, control, layout, ring
+from . import snapshot as snapshot_mod
+from ._watch import Watch, range_end
 from .errors import (
     CompactedError,
     CorruptSegmentError,
-    FutureRevisionError,
     NotFoundError,
     ShmCacheError,
     StaleError,
     TimeoutError,
 )
-from . import snapshot as snapshot_mod
 from .snapshot import Snapshot
-
 from .types import Event, KeyValue, ListResult, Status
+
+if TYPE_CHECKING:
+    from .aio import AsyncWatch
+    from .subscribe import Subscription
 
 _sp = snapshot_mod._speedups
 _fast_get = _sp.get if _sp is not None else None
@@ -44,7 +47,6 @@ __all__ = ["Reader", "Watch"]
 _Q = struct.Struct("<Q")
 _unpack_q = _Q.unpack_from
 _SEQ = layout.C_SEQ
-_TAIL_OFF = layout.C_BLOCK + 8 * layout.B_RING_TAIL
 _MISSING = object()
 _readers: weakref.WeakSet[Reader] = weakref.WeakSet()
 
@@ -65,17 +67,6 @@ def _as_key(key: bytes | str) -> bytes:
     if isinstance(key, (bytes, bytearray, memoryview)):
         return bytes(key)
     raise TypeError(f"keys are bytes or str, not {type(key).__name__}")
-
-
-def _range_end(prefix: bytes) -> bytes | None:
-    """Exclusive upper bound of the keys under ``prefix``; None for "no bound".
-
-    etcd spells "no bound" b"\\0" (the range end of b"" and of all-0xff prefixes).
-    """
-    if not prefix:
-        return None
-    end = layout.prefix_range_end(prefix)
-    return None if end == b"\0" else end
 
 
 class _Retry(Exception):
@@ -110,30 +101,10 @@ class Reader:
         self._closed = False
         self.max_staleness = max_staleness
         self._lock = threading.RLock()
-        self._ctl_name = layout.control_name(name)
         deadline = time.monotonic() + timeout
-        while True:
-            seg = _shm.open_readonly(self._ctl_name)
-            if seg is not None:
-                try:
-                    control.check_header(seg.buf, seg.size, self._ctl_name)
-                    break
-                except CorruptSegmentError:
-                    # Bytes that are there but wrong will not fix themselves: fail now.
-                    # Only a segment still all zeros (a writer initialising it) is
-                    # worth the wait. (Decided before close(): the map is gone after.)
-                    initialising = seg.size >= layout.CONTROL_SIZE and \
-                        seg.buf[:8] == b"\0" * 8
-                    seg.close()
-                    if time.monotonic() >= deadline or not initialising:
-                        raise
-            elif time.monotonic() >= deadline:
-                raise NotFoundError(f"no shmcache named {name!r} on this host "
-                                    f"(no segment {self._ctl_name})", name=name)
-            time.sleep(0.02)
-        self._ctl = seg
-        self._cbuf = seg.buf
-        self._futex_addr = _futex.address_of(seg.buf, _SEQ)
+        self._control = control.ControlReader.open(name, timeout)
+        self._ctl_name = self._control.name
+        self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view: everything below changes together, under self._lock.
         self._seq = -1
         self._stuck_seq = -1
@@ -217,9 +188,9 @@ class Reader:
             self._sync_client.close()
         if self._snap is not None:
             self._snap.close()
-        for seg in (self._ctl, self._ring):
-            if seg is not None:
-                seg.close()
+        self._control.close()
+        if self._ring is not None:
+            self._ring.close()
         self._snap = None
         self._ring = None
 
@@ -233,12 +204,12 @@ class Reader:
     def _check_stale(self) -> None:
         # The heartbeat alone decides (no /proc lookup on the read path): a dead,
         # stopped or cleanly exited writer stops beating, and pid 0 marks a clean exit.
-        pid, _start, hb = control.writer_identity(self._cbuf)
+        pid, _start, hb = self._control.writer_identity()
         age = (time.monotonic_ns() - hb) / 1e9 if hb else float("inf")
         if age > self.max_staleness or pid == 0:  # type: ignore[operator]
             raise StaleError(
                 f"cache {self.name!r} is stale: writer pid {pid} "
-                f"{'alive' if control.writer_alive(self._cbuf) else 'not running'}, "
+                f"{'alive' if self._control.writer_alive() else 'not running'}, "
                 f"last heartbeat {age:.1f}s ago (max_staleness={self.max_staleness}s)", age=age)
 
     def _refresh(self) -> None:
@@ -252,7 +223,7 @@ class Reader:
             return
         with self._lock:
             for _attempt in range(50):
-                b = control.read_block(self._cbuf)
+                b = self._control.block()
                 if b is None:
                     # The writer stopped (died, or SIGSTOP) inside a publish. The
                     # view we have is still exact at its revision: keep serving it,
@@ -289,7 +260,7 @@ class Reader:
 
     def _missing(self, b: control.Block, name: str) -> NoReturn:
         """A segment the block points at is gone: replaced meanwhile (retry) or removed (error)."""
-        if control.read_block(self._cbuf) == b:
+        if self._control.block() == b:
             raise CorruptSegmentError(
                 f"segment {name} that the control segment points at is missing",
                 segment=self._ctl_name,
@@ -316,7 +287,7 @@ class Reader:
                                 hint="Pass Reader(name, timeout=...) to wait for it")
         prefix = self._prefix
         if b.epoch != self._epoch or b.prefix_len != len(prefix):
-            prefix = control.read_prefix(self._cbuf, b.prefix_len)
+            prefix = self._control.prefix(b.prefix_len)
         ring_seg = self._open_ring(b)
         fresh = (prefix != self._prefix or b.epoch != self._epoch or ring_seg is not self._ring
                  or b.snap_seq != self._snap_seq or self._snap is None)
@@ -328,7 +299,7 @@ class Reader:
             snap = Snapshot(name, seg.buf, seg.size)
             if snap.revision != b.snap_revision or snap.epoch != b.epoch or seg.size != b.snap_size:
                 snap.close()
-                if control.read_block(self._cbuf) == b:
+                if self._control.block() == b:
                     raise CorruptSegmentError(
                         f"snapshot revision {snap.revision}/epoch {snap.epoch}/size {seg.size} "
                         f"does not match the control segment ({b.snap_revision}/{b.epoch}/"
@@ -342,11 +313,10 @@ class Reader:
         changes: list[tuple[bytes, KeyValue | None]] = []
         revs: list[int] = []
         positions: list[int] = []
-        cbuf = self._cbuf
         try:
             for pos, rev, _nxt, payload in ring.iter_records(
                     ring_seg.buf, b.ring_capacity, start, b.ring_head,
-                    lambda: _unpack_q(cbuf, _TAIL_OFF)[0], after_revision=last_rev,
+                    self._control.tail, after_revision=last_rev,
                     max_revision=b.revision, name=ring_seg.name):
                 for ev in _codec.decode(payload, rev, ring_seg.name):
                     changes.append((ev.kv.key, ev.kv if ev.type == "PUT" else None))
@@ -362,7 +332,7 @@ class Reader:
             self._spare, self._spare_pending = None, []
             self._rec_revs, self._rec_pos = revs, positions
             self._prefix = prefix
-            self._prefix_end = _range_end(prefix)
+            self._prefix_end = range_end(prefix)
             self._ring = ring_seg  # the old mapping is dropped, not closed: a Watch may hold it
             self._ring_gen = b.ring_gen
             # The old snapshot is dropped, not closed: a running list() may still hold it.
@@ -499,7 +469,7 @@ class Reader:
             if not prefix:
                 prefix = self._prefix
             self._check_key_range(prefix, "prefix")
-            end = _range_end(prefix)
+            end = range_end(prefix)
             snap = self._snap
             assert snap is not None
             if end is None:
@@ -544,46 +514,17 @@ class Reader:
                 items.append(ov)
         return ListResult(items, revision)
 
-    # -- reads at a past revision ----------------------------------------------
-    #
-    # Every ring record carries each event's prev_kv, and the ring holds every
-    # event after oldest_watchable_revision. So the value of a key at revision R
-    # is: the prev_kv of its first event after R if it has one (None if it did
-    # not exist), else its current value. Nothing is copied but the keys that
-    # changed after R.
+    # -- reads at a past revision (see _history) --------------------------------
 
     def _changes_after(self, revision: int) -> dict[bytes, KeyValue | None]:
         """key -> its KeyValue (or None) at ``revision``, for keys changed since. Holds the lock."""
         b = self._block
-        assert b is not None
-        if revision > self._revision:
-            raise FutureRevisionError(
-                f"revision {revision} is above cache {self.name!r}'s current revision "
-                f"{self._revision}")
-        if revision < b.compact_revision:
-            raise CompactedError(
-                f"cache {self.name!r} no longer holds the history at revision {revision}; the "
-                f"oldest it can serve is {b.compact_revision}", compact_revision=b.compact_revision)
-        undo: dict[bytes, KeyValue | None] = {}
+        assert b is not None and self._ring is not None
+        _history.check_window(self.name, revision, self._revision, b.compact_revision)
         if revision == self._revision:
-            return undo
-        ring_seg = self._ring
-        assert ring_seg is not None
-        cbuf = self._cbuf
-        try:
-            for _pos, rev, _nxt, payload in ring.iter_records(
-                    ring_seg.buf, b.ring_capacity, self._position_after(revision), self._pos,
-                    lambda: _unpack_q(cbuf, _TAIL_OFF)[0], name=ring_seg.name):
-                if rev > revision:
-                    for ev in _codec.decode(payload, rev, ring_seg.name):
-                        if ev.kv.key not in undo:
-                            undo[ev.kv.key] = ev.prev_kv
-        except ring.Lapped:
-            b2 = control.read_block(self._cbuf) or b
-            raise CompactedError(
-                f"the history of cache {self.name!r} at revision {revision} was overwritten "
-                f"while it was read", compact_revision=b2.compact_revision) from None
-        return undo
+            return {}
+        return _history.changes_after(self.name, self._control, self._ring, b,
+                                      self._position_after(revision), self._pos, revision)
 
     def _get_at(self, key: bytes, revision: int) -> KeyValue | None:
         with self._lock:
@@ -605,18 +546,21 @@ class Reader:
             current = self.list(prefix)
             undo = self._changes_after(revision)
         start = prefix or self._prefix
-        end = _range_end(start)
-        items = {kv.key: kv for kv in current.items}
-        for key, kv in undo.items():
-            if key >= start and (end is None or key < end):
-                if kv is None:
-                    items.pop(key, None)
-                else:
-                    items[key] = kv
-        out = [items[k] for k in sorted(items)]
+        out = _history.apply_undo({kv.key: kv for kv in current.items}, undo, start,
+                                  range_end(start))
         if limit is not None:
             out = out[:limit]
         return ListResult(out, revision)
+
+    def _position_after(self, since: int) -> int:
+        """A ring position at or before the first record with revision > since (never after it)."""
+        with self._lock:
+            b, seg = self._block, self._ring
+            assert b is not None and seg is not None
+            if since >= b.snap_revision:
+                return _history.position_after(self._control, seg, b, self._rec_revs,
+                                               self._rec_pos, self._pos, since)
+        return _history.position_after(self._control, seg, b, [], [], 0, since)
 
     def watch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Watch:
         """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.
@@ -632,13 +576,13 @@ class Reader:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check_open()  # (close() from another thread unmaps the control word)
-            word = _unpack_q(self._cbuf, _SEQ)[0] & 0xFFFFFFFF
+            word = self._control.word()
             if self.revision >= revision:
                 return True
             remaining = 1.0 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            _futex.wait(self._futex_addr, word, min(remaining, 1.0))
+            self._control.wait(word, min(remaining, 1.0))
 
     def sync(self, timeout: float = 5.0) -> int:
         """Wait until the cache reflects every etcd write that completed before this call.
@@ -652,13 +596,13 @@ class Reader:
         """
         self._check_open()
         deadline = time.monotonic() + timeout
-        b = control.read_block(self._cbuf)
+        b = self._control.block()
         while b is None:  # the writer is inside a publish (or stopped in one)
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"the writer of cache {self.name!r} is stuck inside a "
                                    f"publish; cannot confirm a consistent read")
             time.sleep(0.001)
-            b = control.read_block(self._cbuf)
+            b = self._control.block()
         # A round that starts after our request covers it: the one after every
         # round already started (a running round may have read etcd's revision
         # before this call).
@@ -671,8 +615,8 @@ class Reader:
             raise TimeoutError(f"cache {self.name!r} has no running writer to confirm a "
                                f"consistent read", hint="Check `shmcache status NAME`")
         while True:
-            word = _unpack_q(self._cbuf, _SEQ)[0] & 0xFFFFFFFF
-            b = control.read_block(self._cbuf)
+            word = self._control.word()
+            b = self._control.block()
             if b is not None and b.sync_done >= need:
                 self._refresh()
                 if self._revision >= b.sync_revision:
@@ -684,60 +628,75 @@ class Reader:
             if now - sent > 1.0:  # the writer may have restarted and lost the request
                 sent = now
                 self._sync_client.request()
-            _futex.wait(self._futex_addr, word, min(deadline - now, 0.25))
+            self._control.wait(word, min(deadline - now, 0.25))
 
     def status(self) -> Status:
         """The cache's and its writer's state, read without waiting."""
         self._check_open()
-        b = control.read_block(self._cbuf) or self._block
+        b = self._control.block() or self._block
         if b is None:
             raise ShmCacheError(f"cache {self.name!r} has not published its state yet")
-        pid, _start, hb = control.writer_identity(self._cbuf)
-        alive = control.writer_alive(self._cbuf)
+        ctl = self._control
+        pid, _start, hb = ctl.writer_identity()
+        alive = ctl.writer_alive()
         return Status(
-            name=self.name, prefix=control.read_prefix(self._cbuf, b.prefix_len),
+            name=self.name, prefix=ctl.prefix(b.prefix_len),
             writer_pid=pid, writer_alive=alive,
             heartbeat_age=(time.monotonic_ns() - hb) / 1e9 if hb else None,
             revision=b.revision, etcd_revision=b.etcd_revision, epoch=b.epoch,
             oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
             key_count=b.key_count, ring_capacity=b.ring_capacity,
             ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
-            etcd_unreachable_since=control.etcd_down_since(self._cbuf) if alive else None)
+            etcd_unreachable_since=ctl.etcd_down_since() if alive else None)
 
-    # -- for Watch -------------------------------------------------------------
+    # -- for Watch (shmcache/_watch.py) ----------------------------------------
 
-    def _position_after(self, since: int) -> int:
-        """A ring position at or before the first record with revision > since (never after it)."""
+    @property
+    def control(self) -> control.ControlReader:
+        """The cache's control segment (block, tail, futex word, closed), read-only.
+
+        The low-level handle that Watch, AsyncWatch and Subscription wait on;
+        applications need none of it."""
+        return self._control
+
+    def _check_read(self) -> None:
+        """Raise if the Reader is closed or (with max_staleness) the writer is stale."""
+        if self._closed:
+            self._check_open()
+        if self.max_staleness is not None:
+            self._check_stale()
+
+    def _watch_start(self, prefix: bytes, since: int | None,
+                     ) -> tuple[bytes, control.Block, _shm.Segment, int, int]:
+        """(prefix, block, ring, position, since) for a new Watch, from one view."""
+        self._refresh()
+        if not prefix:
+            prefix = self._prefix
+        self._check_key_range(prefix, "prefix")
         with self._lock:
-            b = self._block
-            assert b is not None
-            if since >= b.snap_revision:
-                i = bisect.bisect_right(self._rec_revs, since)
-                return self._rec_pos[i] if i < len(self._rec_pos) else self._pos
-            ring_seg = self._ring
-        assert ring_seg is not None
-        # Older than the snapshot: walk record headers from the tail. Headers are
-        # only a hint here; the Watch validates every record it reads.
-        for _attempt in range(10):
-            tail = _unpack_q(self._cbuf, _TAIL_OFF)[0]
-            pos = tail
-            try:
-                while pos < b.ring_head:
-                    kind, rev, nxt = ring.peek_revision(ring_seg.buf, b.ring_capacity, pos)
-                    if kind == layout.REC_KIND_EVENTS and rev > since:
-                        break
-                    pos = nxt
-            except ring.TornRecord:
-                continue
-            if _unpack_q(self._cbuf, _TAIL_OFF)[0] <= tail:
-                return pos
-        return _unpack_q(self._cbuf, _TAIL_OFF)[0]
+            b, seg = self._block, self._ring
+            assert b is not None and seg is not None
+            if since is None:
+                return prefix, b, seg, self._pos, b.revision
+            if since < b.compact_revision:
+                raise CompactedError(
+                    f"cache {self.name!r} no longer holds the events after revision "
+                    f"{since}; the oldest since_revision it can serve is "
+                    f"{b.compact_revision}", compact_revision=b.compact_revision)
+            return prefix, b, seg, self._position_after(since), since
 
-    # -- integrations (shmcache/aio.py, shmcache/subscribe.py) --
-    # Return types are shmcache.aio.AsyncWatch and shmcache.subscribe.Subscription
-    # (Any here: this module does not import those).
+    def _current_ring(self) -> tuple[control.Block, _shm.Segment]:
+        """The block and ring segment after a refresh (a Watch following a new ring)."""
+        with self._lock:
+            self._refresh()
+            b, seg = self._block, self._ring
+        assert b is not None and seg is not None
+        return b, seg
 
-    def awatch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Any:
+    # -- integrations (shmcache/aio.py, shmcache/subscribe.py, imported when used) --
+
+    def awatch(self, prefix: bytes | str = b"",
+               since_revision: int | None = None) -> AsyncWatch:
         """``watch`` for asyncio: ``async for ev in r.awatch(prefix, since_revision)``.
 
         Returns an AsyncWatch. Woken by the writer's publish through one thread per
@@ -753,8 +712,10 @@ class Reader:
 
         return await await_revision(self, revision, timeout)
 
-    def subscribe(self, prefix: bytes | str, callback: Any, *, since_revision: int | None = None,
-                  on_reset: Any = None, on_error: Any = None) -> Any:
+    def subscribe(self, prefix: bytes | str, callback: Callable[[Event], object], *,
+                  since_revision: int | None = None,
+                  on_reset: Callable[[ListResult], object] | None = None,
+                  on_error: Callable[[BaseException], object] | None = None) -> Subscription:
         """Call ``callback(event)`` for every change under ``prefix`` from a background thread.
 
         Returns a running Subscription (``close()`` stops it); see shmcache/subscribe.py.
@@ -763,202 +724,3 @@ class Reader:
 
         return Subscription(self, prefix, callback, since_revision=since_revision,
                             on_reset=on_reset, on_error=on_error)
-
-
-class Watch:
-    """An ordered stream of events; see ``Reader.watch``.
-
-    Iterate it (blocks until events arrive) or ``poll(timeout)``. Never skips,
-    repeats or reorders an event: if the writer overwrote events this watch had
-    not read yet, or reset its history, the next read raises CompactedError.
-    A Watch belongs to one thread at a time; ``close()`` may be called from any.
-    """
-
-    def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None) -> None:
-        reader._refresh()
-        if not prefix:
-            prefix = reader._prefix
-        reader._check_key_range(prefix, "prefix")
-        self._reader = reader
-        self.prefix = prefix
-        self._end = _range_end(prefix)
-        with reader._lock:
-            # Block, ring and position are taken together: a refresh in another
-            # thread between them would make the watch skip events or read one
-            # ring at a position meant for another.
-            b = reader._block
-            assert b is not None
-            self._ring = reader._ring
-            if since_revision is None:
-                since_revision = b.revision
-                self._pos = reader._pos
-            else:
-                if since_revision < b.compact_revision:
-                    raise CompactedError(
-                        f"cache {reader.name!r} no longer holds the events after revision "
-                        f"{since_revision}; the oldest since_revision it can serve is "
-                        f"{b.compact_revision}", compact_revision=b.compact_revision)
-                self._pos = reader._position_after(since_revision)
-        assert self._ring is not None
-        self._epoch = b.epoch
-        self._ring_gen = b.ring_gen
-        self._cap = b.ring_capacity
-        self._since = since_revision
-        self._last_record = 0  # revision of the last record read, for order checks
-        self.revision = max(since_revision, 0)
-        self._pending: collections.deque[Event] = collections.deque()
-        self._closed = False
-
-    def __enter__(self) -> Watch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._closed = True
-
-    def __iter__(self) -> Iterator[Event]:
-        while not self._closed:
-            if not self._pending:
-                self._pending.extend(self.poll(timeout=0.5))
-                continue
-            yield self._pending.popleft()
-
-    def _lapped(self, b: control.Block | None = None) -> CompactedError:
-        r = self._reader
-        b = b or control.read_block(r._cbuf) or r._block
-        compact = b.compact_revision if b is not None else self._since + 1
-        return CompactedError(
-            f"watch on cache {r.name!r} fell behind: events after revision {self._since} were "
-            f"overwritten before it read them", compact_revision=max(compact, self._since + 1),
-            hint="Use a larger --ring-size, or list again and watch from the list's revision")
-
-    def _collect(self, seg: _shm.Segment, cap: int, stop: int, tail: Any,
-                 max_revision: int | None, events: list[Event]) -> None:
-        """Append the matching events of the records from ``self._pos`` to ``stop``; commit.
-
-        The watch's position moves only if every record read was intact
-        (ring.iter_records raises Lapped or CorruptSegmentError otherwise).
-        """
-        prefix, end = self.prefix, self._end
-        since, last = self._since, self._last_record
-        found: list[Event] = []
-        for _pos, rev, _nxt, payload in ring.iter_records(
-                seg.buf, cap, self._pos, stop, tail, after_revision=last,
-                max_revision=max_revision, name=seg.name):
-            last = rev
-            if rev > since:
-                for ev in _codec.decode(payload, rev, seg.name):
-                    k = ev.kv.key
-                    if k >= prefix and (end is None or k < end):
-                        found.append(ev)
-                since = rev
-        events.extend(found)
-        self._pos = max(self._pos, stop)
-        self._last_record = last
-        self._since = since
-
-    def _follow_ring(self, b: control.Block, events: list[Event]) -> None:
-        """The writer moved to a new ring in the same epoch (it grew, or a restart resized it).
-
-        Read on to the end of the old ring (the writer sealed it, see
-        ring.read_seal; this watch's mapping of it stays valid), then continue
-        at the start of the new one, whose history begins at
-        ``b.compact_revision``. No event is lost or repeated; a watch that cannot
-        reach that revision (the old ring lapped it, or was not sealed) gets
-        CompactedError.
-        """
-        r = self._reader
-        assert self._ring is not None
-        if self._since < b.compact_revision:
-            seal = ring.read_seal(self._ring.buf)
-            if seal is None:
-                raise CompactedError(
-                    f"cache {r.name!r} replaced its ring log; events after revision "
-                    f"{self._since} are not all available",
-                    compact_revision=b.compact_revision)
-            s_tail, s_head, s_revision = seal
-            try:
-                self._collect(self._ring, self._cap, s_head, lambda: s_tail, s_revision, events)
-            except ring.Lapped:
-                raise self._lapped(b) from None
-            self._since = max(self._since, s_revision)
-            if self._since < b.compact_revision:  # a second new ring came meanwhile
-                raise CompactedError(
-                    f"cache {r.name!r} replaced its ring log twice while this watch read; "
-                    f"events after revision {self._since} are not all available",
-                    compact_revision=b.compact_revision)
-        with r._lock:
-            r._refresh()
-            rb, seg = r._block, r._ring
-        assert rb is not None and seg is not None
-        if rb.epoch != self._epoch or self._since < rb.compact_revision:
-            raise CompactedError(
-                f"cache {r.name!r} replaced its ring log again while this watch read; events "
-                f"after revision {self._since} are not all available",
-                compact_revision=rb.compact_revision)
-        # A new ring's first record is at position 0; if it has lapped already, the
-        # read that follows says so.
-        self._ring, self._ring_gen, self._cap = seg, rb.ring_gen, rb.ring_capacity
-        self._pos = 0
-        self._last_record = self._since
-
-    def _read_available(self) -> list[Event]:
-        r = self._reader
-        if r._closed:
-            r._check_open()
-        if r.max_staleness is not None:
-            r._check_stale()
-        b = control.read_block(r._cbuf)
-        if b is None:
-            return []
-        if b.epoch != self._epoch:
-            raise CompactedError(
-                f"cache {r.name!r} reset its history (epoch {self._epoch} -> {b.epoch}); "
-                f"events after revision {self._since} are not all available",
-                compact_revision=b.compact_revision)
-        control.validate_block(b, r._ctl_name)
-        events: list[Event] = []
-        if b.ring_gen != self._ring_gen:
-            self._follow_ring(b, events)
-            b = control.read_block(r._cbuf)
-            if b is None or b.ring_gen != self._ring_gen:
-                return events  # moved on again: the next read follows it
-            control.validate_block(b, r._ctl_name)
-        assert self._ring is not None
-        cbuf = r._cbuf
-        try:
-            self._collect(self._ring, self._cap, b.ring_head,
-                          lambda: _unpack_q(cbuf, _TAIL_OFF)[0], b.revision, events)
-        except ring.Lapped:
-            if events:
-                return events  # delivered first; the next read reports the lap
-            raise self._lapped() from None
-        self.revision = max(self.revision, b.revision)
-        return events
-
-
-    def poll(self, timeout: float | None = 0.0) -> list[Event]:
-        """Events available now, waiting up to ``timeout`` seconds for the first; [] on timeout.
-
-        Waiting sleeps on the writer's futex word: no CPU while idle, woken by the
-        publish that brings new events.
-        """
-        if self._pending:
-            out = list(self._pending)
-            self._pending.clear()
-            return out
-        r = self._reader
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed:
-            r._check_open()  # a closed Reader has unmapped the word waited on
-            word = _unpack_q(r._cbuf, _SEQ)[0] & 0xFFFFFFFF
-            events = self._read_available()
-            if events:
-                return events
-            remaining = 0.5 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            _futex.wait(r._futex_addr, word, min(remaining, 0.5))
-        return []

@@ -230,7 +230,7 @@ class Subscription:
                     need_list = True
                     self.relists += 1
                 except Exception as exc:  # noqa: BLE001 - any reader error: report, resume
-                    if r._closed or self._stop.is_set():
+                    if r.control.closed or self._stop.is_set():
                         break
                     self._watch = None
                     self._report(exc)

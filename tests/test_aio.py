@@ -14,14 +14,14 @@ import struct
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import shmcache
-from shmcache import _futex, aio, layout
+from shmcache import _futex, _shm, aio, layout
+from shmcache.control import ControlReader
 from shmcache._etcdserver import free_port
 from tests.helpers import (
     WriterProcess,
@@ -72,12 +72,11 @@ class _FakeReader:
     """Just what the waker uses of a Reader: a futex word in shared memory we can publish to."""
 
     name = "fake"
-    _closed = False
 
     def __init__(self) -> None:
         self._cbuf = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: shared futex ops work
         self._futex_addr = _futex.address_of(self._cbuf, layout.C_SEQ)
-        self._ctl = types.SimpleNamespace(close=self._cbuf.close)
+        self.control = ControlReader(_shm.Segment("fake", self._cbuf, 4096))
 
     def publish(self) -> None:
         seq = struct.unpack_from("<Q", self._cbuf, layout.C_SEQ)[0]
@@ -169,7 +168,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     assert waker.waiter_count() == 0 and waker._error is None
     # Stop the waker thread now rather than after its 3 s slice.
     thread = waker.thread()
-    fake._closed = True
+    fake.control.closed = True
     fake.publish()
     if thread is not None:
         thread.join(5)

@@ -460,8 +460,9 @@ def test_stop_from_a_signal_handler_takes_no_lock(
     t.start()
     try:
         assert w.ready.wait(20)
-        _wait(lambda: w._stream is not None, 10, "the watch stream is open")
-        stream = w._stream
+        _wait(lambda: w._feed.stream is not None, 10, "the watch stream is open")
+        stream = w._feed.stream
+        assert stream is not None
         fired = threading.Event()
 
         def handler(signum: int, frame: Any) -> None:

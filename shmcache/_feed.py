@@ -1,0 +1,347 @@
+"""The writer's etcd feed: connect with failover and backoff, list, watch, trust progress with care.
+
+It turns etcd's answers into plain calls on a sink (the Publisher):
+``reset(revision, items, reason)`` after a list, ``apply([(revision, [event
+tuples])])`` per watch response, ``progress(revision)`` for a progress
+revision it has checked against etcd, and ``maybe_snapshot()`` after each
+response. Protobuf types never leave this module and _etcd.
+
+Concurrency contract: ``run()`` runs on the writer's thread. ``close()``,
+``request_progress()``, ``request_progress_if_idle()`` and
+``current_revision()`` may be called from other threads (the ticker, the sync
+server); ``close()`` unblocks ``run()`` wherever it waits on etcd.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from . import _codec, _etcd
+from .errors import ShmCacheError
+
+log = logging.getLogger("shmcache.writer")
+
+
+class Sink(Protocol):
+    revision: int
+    etcd_revision: int
+    kv: Any
+
+    def reset(self, revision: int, items: Any, reason: str) -> None: ...
+    def apply(self, batches: list[tuple[int, list[_codec.EventTuple]]]) -> None: ...
+    def progress(self, revision: int) -> None: ...
+    def maybe_snapshot(self) -> None: ...
+
+
+class Relist(Exception):
+    """The cache's history cannot continue from etcd's: list again (``reason`` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WatchBroken(ShmCacheError):
+    """The watch stream ended or was cancelled for a reason other than compaction."""
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "backslashreplace")
+
+
+class EtcdFeed:
+    """Follow [range_key, range_end) in etcd and feed a sink until ``close()``."""
+
+    # Largest range whose keys the progress check scans in etcd (see _on_progress).
+    PROGRESS_SCAN_LIMIT = 10_000
+
+    def __init__(self, settings: _etcd.EtcdSettings, prefix: bytes, range_key: bytes,
+                 range_end: bytes, *, backoff_max: float, stats: dict[str, Any]) -> None:
+        self.settings = settings
+        self.prefix = prefix
+        self.range_key = range_key
+        self.range_end = range_end
+        self.backoff_max = backoff_max
+        self.stats = stats
+        self.stopped = threading.Event()
+        self.conn: _etcd.Connection | None = None
+        self.stream: _etcd.WatchStream | None = None
+        # Since when etcd has not answered (unix time), and the last error; None
+        # while connected. Shown by status, the metrics and systemd's STATUS.
+        self.etcd_down_since: float | None = None
+        self.last_etcd_error = ""
+        self.on_reachability: Callable[[float | None], None] = lambda _since: None
+        self.on_ready: Callable[[], None] = lambda: None
+        # callback(loaded, total) after each page of a list (service.py logs progress
+        # with it); an exception it raises aborts the list.
+        self.list_progress: Any = None
+        self._healthy = False
+        self._last_event = 0.0
+        self._progress_candidate: int | None = None
+        self._progress_outstanding = False
+        self._progress_sent = 0.0
+        self._watch_created = 0.0
+        self._unsynced_until = 0
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self, sink: Sink, relist_reason: str | None) -> None:
+        """Connect, (re)list when needed, watch; reconnect with backoff on etcd errors.
+
+        The pause between attempts doubles from 0.1 s to ``backoff_max`` while
+        etcd stays unreachable and starts over once a watch has worked.
+        """
+        conn = _etcd.Connection(self.settings)
+        self.conn = conn
+        if self.stopped.is_set():
+            conn.close()  # close() came first and may have missed this connection
+        backoff = 0.1
+        need_list = relist_reason is not None
+        reason = relist_reason or ""
+        try:
+            while not self.stopped.is_set():
+                try:
+                    conn.connect()
+                    log.info("connected to etcd %s (version %s)", conn.endpoint, conn.version)
+                    current = conn.current_revision(self.range_key, self.range_end)
+                    self._reachable(sink, current)
+                    if not need_list and current < sink.revision:
+                        need_list, reason = True, (f"etcd is at revision {current}, behind the "
+                                                   f"cache's {sink.revision} (a new cluster?)")
+                    if need_list:
+                        self._list(conn, sink, reason)
+                        need_list = False
+                    self.on_ready()
+                    self._healthy = False
+                    self._watch(conn, sink)
+                except Relist as exc:
+                    need_list, reason = True, exc.reason
+                    log.warning("relisting: %s", exc.reason)
+                except Exception as exc:
+                    if self.stopped.is_set():
+                        break
+                    if not _etcd.is_grpc_error(exc) and not isinstance(exc, (OSError, WatchBroken)):
+                        raise
+                    if _etcd.is_compacted(exc):
+                        need_list, reason = True, "etcd compacted past the cache's revision"
+                        continue
+                    if self._healthy:
+                        backoff = 0.1  # the last watch worked: start over from short waits
+                        self._healthy = False
+                    self.stats["reconnects"] += 1
+                    self._unreachable(_etcd.describe(exc))
+                    log.warning("etcd error (%s); retrying in %.1fs", _etcd.describe(exc), backoff)
+                    self.stopped.wait(backoff)
+                    backoff = min(backoff * 2, self.backoff_max)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Stop ``run()``: cancel the watch stream and the connection it may block in."""
+        self.stopped.set()
+        stream = self.stream
+        if stream is not None:
+            stream.close()
+        conn = self.conn
+        if conn is not None:
+            conn.close()
+
+    def _reachable(self, sink: Sink, revision: int) -> None:
+        sink.etcd_revision = max(sink.etcd_revision, revision)
+        if self.etcd_down_since is not None:
+            log.info("etcd reachable again after %.1fs", time.time() - self.etcd_down_since)
+        self.etcd_down_since = None
+        self.last_etcd_error = ""
+        self.on_reachability(None)
+
+    def _unreachable(self, error: str) -> None:
+        self.last_etcd_error = error
+        if self.etcd_down_since is None:
+            self.etcd_down_since = time.time()
+            self.on_reachability(self.etcd_down_since)
+
+    def _list(self, conn: _etcd.Connection, sink: Sink, reason: str) -> None:
+        t0 = time.monotonic()
+        log.info("listing %r from etcd (%s)", _text(self.prefix), reason)
+        rev, items = conn.list_range(self.range_key, self.range_end, progress=self.list_progress)
+        sink.reset(rev, items, reason)
+        log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
+                 time.monotonic() - t0)
+
+    def _watch(self, conn: _etcd.Connection, sink: Sink) -> None:
+        start = sink.revision + 1
+        stream = conn.watch(self.range_key, self.range_end, start)
+        self.stream = stream
+        self.stats["watches"] += 1
+        self._progress_candidate = None
+        self._progress_outstanding = False
+        try:
+            for resp in stream:
+                self.stats["watch_responses"] += 1
+                if self.stopped.is_set():
+                    return
+                if resp.compact_revision:
+                    raise Relist(f"etcd compacted to revision {resp.compact_revision}, past the "
+                                 f"cache's {sink.revision}")
+                if resp.canceled:
+                    raise WatchBroken(f"etcd cancelled the watch: {resp.cancel_reason or '?'}")
+                sink.etcd_revision = max(sink.etcd_revision, resp.header.revision)
+                self._healthy = True
+                if resp.created:
+                    log.info("watching %r from revision %d", _text(self.prefix), start)
+                    # Created behind etcd's revision: unsynced until etcd's catch-up
+                    # loop has sent the events up to here (see _on_progress).
+                    self._watch_created = time.monotonic()
+                    created_at = int(resp.header.revision)
+                    self._unsynced_until = created_at if created_at >= start else 0
+                    continue
+                if resp.events:
+                    if self._unsynced_until and resp.header.revision >= self._unsynced_until:
+                        self._unsynced_until = 0
+                    if self._progress_candidate is not None and any(
+                            ev.kv.mod_revision <= self._progress_candidate for ev in resp.events):
+                        self._progress_candidate = None  # it overtook events: not truthful
+                        self.stats["progress_anomalies"] += 1
+                    self._apply_events(sink, resp.events)
+                else:
+                    self._on_progress(sink, int(resp.header.revision))
+                sink.maybe_snapshot()
+            if not self.stopped.is_set():
+                raise WatchBroken("etcd closed the watch stream")
+        finally:
+            self.stream = None
+            stream.close()
+
+    @staticmethod
+    def batches(events: Any, after: int) -> tuple[list[tuple[int, list[_codec.EventTuple]]],
+                                                  Relist | None]:
+        """A watch response's events as one batch per revision, and a Relist if a revision
+        is at or below ``after`` or not increasing (the batches before it are valid).
+
+        etcd never splits one revision's events across watch responses (without
+        the fragment option, which is not used), so each response's revisions are
+        complete. A missing prev_kv is passed on as None (Publisher.apply fills it
+        from the state).
+        """
+        out: list[tuple[int, list[_codec.EventTuple]]] = []
+        batch: list[_codec.EventTuple] = []
+        last = after
+        for ev in events:
+            e = ev.kv
+            rev = e.mod_revision
+            if rev != last or not out:
+                if rev <= last:
+                    return out, Relist(f"etcd sent revision {rev} after the cache reached {last}")
+                batch = []
+                out.append((rev, batch))
+                last = rev
+            if ev.HasField("prev_kv"):
+                p = ev.prev_kv
+                prev = (p.key, p.value, p.create_revision, p.mod_revision, p.version, p.lease)
+            else:
+                prev = None
+            if ev.type == 0:
+                batch.append((0, e.key, e.value, e.create_revision, rev, e.version, e.lease, prev))
+            else:
+                batch.append((1, e.key, b"", 0, rev, 0, 0, prev))
+        return out, None
+
+    def _apply_events(self, sink: Sink, events: Any) -> None:
+        out, relist = self.batches(events, sink.revision)
+        if out:
+            sink.apply(out)
+        self._last_event = time.monotonic()
+        if relist is not None:
+            raise relist
+
+    # -- progress notifications ---------------------------------------------------------
+
+    def _on_progress(self, sink: Sink, revision: int) -> None:
+        """A progress notification: etcd's watch has delivered every event up to ``revision``.
+
+        etcd < 3.4.31 / 3.5.13 may send a requested progress notification ahead of
+        events it has not delivered yet (etcd issues 15220, 17507): events already
+        queued for the stream, and, on a watch created behind etcd's revision
+        (unsynced), all the events etcd's catch-up loop has yet to send. Three
+        defences, each cheap because progress only matters while the range idles:
+
+        1. A notification is only a candidate until the answer to a progress
+           request sent *after* it arrives; an event at or below the candidate
+           in between discards it (queued events go out before later answers).
+        2. On a watch created unsynced, no candidate is taken until an event
+           response reaches the creation revision or 2 s have passed (etcd's
+           catch-up loop runs every 100 ms).
+        3. Before publishing candidate P, Range reads at P check that the key
+           count matches the state and (for ranges up to PROGRESS_SCAN_LIMIT
+           keys) that no key was modified after the cache's revision: pending
+           puts and deletes show. (Keys created and deleted again inside the
+           window escape this, and in larger ranges so do pending updates of
+           existing keys.)
+        A late event at or below the published revision still relists into a
+        new epoch: the failure is explicit, never silent.
+        """
+        self._progress_outstanding = False
+        sink.etcd_revision = max(sink.etcd_revision, revision)
+        if self._unsynced_until and time.monotonic() - self._watch_created < 2.0:
+            self._progress_candidate = None
+            return
+        cand = self._progress_candidate
+        if cand is not None and cand > sink.revision and not self._progress_plausible(sink, cand):
+            self.stats["progress_anomalies"] += 1
+            log.warning("progress notification for revision %d ignored: etcd still has events "
+                        "after %d to deliver", cand, sink.revision)
+            cand = self._progress_candidate = None
+        if cand is not None and cand > sink.revision:
+            sink.progress(cand)
+        self._progress_candidate = revision if revision > sink.revision else None
+        if self._progress_candidate is not None and self.stream is not None:
+            self.request_progress()
+
+    def _progress_plausible(self, sink: Sink, revision: int) -> bool:
+        """Whether etcd's range at ``revision`` agrees with the state (see _on_progress, 3)."""
+        conn = self.conn
+        if conn is None or conn.client is None:
+            return False
+        try:
+            if conn.count(self.range_key, self.range_end, revision) != len(sink.kv):
+                return False
+            # etcd filters by mod revision only by scanning the range: affordable
+            # for small ranges; large ones rely on the count and defences 1 and 2.
+            if len(sink.kv) <= self.PROGRESS_SCAN_LIMIT:
+                return conn.modified_since(self.range_key, self.range_end, revision,
+                                           sink.revision + 1) == 0
+        except Exception as exc:  # compacted meanwhile, or etcd gone: not confirmed
+            log.debug("progress check at %d failed: %s", revision, _etcd.describe(exc))
+            return False
+        return True
+
+    def request_progress(self) -> None:
+        """Ask etcd for a progress notification (at most one outstanding, re-sent after 5 s)."""
+        now = time.monotonic()
+        # etcd < 3.4.31/3.5.13 may never answer a request made while the watch is
+        # unsynced (etcd issue 17507): after 5 s, ask again rather than wait forever.
+        stream = self.stream
+        if stream is not None and (not self._progress_outstanding
+                                   or now - self._progress_sent > 5.0):
+            self._progress_outstanding = True
+            self._progress_sent = now
+            self.stats["progress_requests"] += 1
+            stream.request_progress()
+
+    def request_progress_if_idle(self, interval: float) -> None:
+        """Ask for progress when no event and no request went out for ``interval`` seconds,
+        so an idle range still shows a current revision."""
+        now = time.monotonic()
+        if now - self._last_event >= interval and now - self._progress_sent >= interval:
+            self.request_progress()
+
+    def current_revision(self) -> int:
+        """etcd's current revision, read linearizably now (raises WatchBroken when not connected)."""
+        conn = self.conn
+        if conn is None or conn.client is None:
+            raise WatchBroken("not connected to etcd")
+        return conn.current_revision(self.range_key, self.range_end)

@@ -1,0 +1,514 @@
+"""The writer's publishing side: state, ring appends, head publishing, snapshots, epochs, restore.
+
+It knows nothing of etcd: it is fed plain batches, ``(revision, [event tuples])``
+(see _codec.EventTuple), relists ``(revision, items)`` and progress revisions,
+and turns them into the cache's segments. tests/test_publisher.py drives it
+with synthetic batches and checks the result with a Reader.
+
+Concurrency contract: every method runs on the thread that runs the writer,
+except ``heartbeat()`` and ``published_revision()`` (any thread) and the
+snapshot builds it starts on their own threads (see _snapbuild). Threads that
+wait for the published revision to move (consistent reads) wait on
+``revision_moved``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from sortedcontainers import SortedDict
+
+from . import _codec, _faults, _shm, control, layout, ring, snapshot
+from ._segments import CacheSegments
+from ._snapbuild import SnapshotBuild, close_all, freeze_gc
+from .errors import CorruptSegmentError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+log = logging.getLogger("shmcache.writer")
+
+KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
+
+
+def _text(b: bytes) -> str:
+    """Key bytes for a log line: the text itself, not a bytes repr."""
+    return b.decode("utf-8", "backslashreplace")
+
+
+class Publisher:
+    """The state of one cache and the segments it is published in."""
+
+    def __init__(self, segs: CacheSegments, *, ring_size: int, snapshot_interval: float,
+                 snapshot_bytes: int, stats: dict[str, Any]) -> None:
+        self.segs = segs
+        self.name = segs.name
+        self.prefix = segs.prefix
+        self.ring_size = ring_size
+        self.snapshot_interval = snapshot_interval
+        self.snapshot_bytes = snapshot_bytes
+        self.stats = stats
+        self.ring: ring.RingWriter | None = None
+        self._ring_seg: _shm.Segment | None = None
+        self.kv: SortedDict = SortedDict()
+        # Snapshots are built from the live one (the base, mapped read-only) plus
+        # the changes since it (the delta), in a thread, so the watch loop keeps
+        # publishing while a large snapshot is written (see SnapshotBuild).
+        self.delta: dict[bytes, KV | None] = {}
+        self.data_len = 0  # bytes self.kv takes in a snapshot's data area
+        self.base: tuple[_shm.Segment, snapshot.Snapshot] | None = None
+        self._build: SnapshotBuild | None = None
+        self.revision = 0
+        self.epoch = 0
+        self.etcd_revision = 0  # the newest revision seen from etcd (the feed raises it)
+        self.snap_seq = 0
+        self.snap_ring_pos = 0
+        self.bytes_since_snapshot = 0
+        self.last_snapshot = 0.0
+        self._head_unpublished = False
+        self.revision_moved = threading.Condition()
+
+    @property
+    def ctl(self) -> control.ControlWriter:
+        assert self.segs.ctl is not None
+        return self.segs.ctl
+
+    # -- starting ------------------------------------------------------------------
+
+    def attach(self) -> bool:
+        """Take the cache (CacheSegments.attach) and apply mode and group; True if it existed."""
+        existed = self.segs.attach()
+        # Continue the numbering: a fresh snapshot must never reuse the name the
+        # control segment (and attached readers) still point at.
+        self.snap_seq = self.ctl.get(layout.B_SNAP_SEQ)
+        self.segs.apply_permissions()
+        return existed
+
+    def restore(self) -> str | None:
+        """Rebuild state from the segments a previous writer left; None if it did, else why not.
+
+        Every record a reader can reach, [tail, head), is validated first (stamp,
+        CRC, revision order): the ones after the snapshot rebuild the state, so a
+        bad one there means a relist; a bad one before the snapshot only costs
+        history, so the tail moves up to the snapshot (watches from before it get
+        CompactedError, as after any lap). A ring of another size than
+        ``ring_size`` is then replaced by one of that size (switch_ring).
+        """
+        assert self.segs.ctl_seg is not None
+        buf = self.segs.ctl_seg.buf
+        b = control.read_block(buf, spins=10)
+        if b is None:
+            return "the control block was left mid-publish"
+        if b.snap_seq == 0:
+            return "no snapshot was published"
+        try:
+            control.validate_block(b, self.segs.ctl_seg.name)
+            served = control.read_prefix(buf, b.prefix_len)
+            if served != self.prefix:
+                return f"the cache was serving prefix {_text(served)!r}, not {_text(self.prefix)!r}"
+            rname = layout.ring_name(self.name, b.ring_gen)
+            opened = _shm.open_writable(rname)
+            if opened is None:
+                return f"ring segment {rname} is missing"
+            rseg, rfd = opened
+            os.close(rfd)
+            ring.check_ring_header(rseg.buf, rseg.size, rseg.name, b.ring_gen, b.ring_capacity)
+            sname = layout.snapshot_name(self.name, b.snap_seq)
+            sseg = _shm.open_readonly(sname)
+            if sseg is None:
+                return f"snapshot segment {sname} is missing"
+            snap = snapshot.Snapshot(sseg.name, sseg.buf, sseg.size)
+            try:
+                kv, delta, tail, compact = self._rebuild(b, rseg, snap)
+            except BaseException:
+                snap.close()
+                sseg.close()
+                raise
+        except (CorruptSegmentError, ring.Lapped, ring.TornRecord, OSError, ValueError) as exc:
+            return str(exc) or type(exc).__name__
+        self._ring_seg = rseg
+        self.ring = ring.RingWriter(rseg.buf, b.ring_capacity, b.ring_gen)
+        self.ring.restore(b.ring_head, tail)
+        self.segs.track(rseg.name)
+        self.kv = kv
+        self.delta = delta
+        self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in kv.items())
+        self.base = (sseg, snap)
+        freeze_gc()
+        self.revision = b.revision
+        self.epoch = b.epoch
+        self.snap_seq = b.snap_seq
+        self.snap_ring_pos = b.snap_ring_pos
+        self.last_snapshot = time.monotonic()
+        if tail != b.ring_tail:
+            self.ctl.publish({layout.B_RING_TAIL: tail, layout.B_COMPACT_REVISION: compact},
+                             wake=False)
+        log.info("resumed cache %r at revision %d (epoch %d, %d keys)", self.name,
+                 self.revision, self.epoch, len(kv))
+        if self.ring.capacity != self.ring_size:
+            self.switch_ring(self.ring_size, f"the ring size setting is {self.ring_size} bytes")
+        self.ctl.publish({})  # wake readers: the writer is back
+        return None
+
+    def _rebuild(self, b: control.Block, rseg: _shm.Segment, snap: snapshot.Snapshot,
+                 ) -> tuple[SortedDict, dict[bytes, KV | None], int, int]:
+        """The state at ``b.revision`` from the snapshot and the records after it, and the
+        (tail, compact revision) that leave no damaged record within readers' reach."""
+        if snap.revision != b.snap_revision or snap.epoch != b.epoch:
+            raise CorruptSegmentError(f"snapshot is at revision {snap.revision} epoch "
+                                      f"{snap.epoch}, the control segment says "
+                                      f"{b.snap_revision} epoch {b.epoch}")
+        kv: SortedDict = SortedDict()
+        delta: dict[bytes, KV | None] = {}
+        tail, compact = b.ring_tail, b.compact_revision
+        cap = b.ring_capacity
+        for e in snap.range(b"", None):
+            kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
+        try:
+            for _rec in ring.iter_records(rseg.buf, cap, b.ring_tail, b.snap_ring_pos,
+                                          lambda: b.ring_tail, max_revision=b.snap_revision,
+                                          name=rseg.name):
+                pass
+        except CorruptSegmentError as exc:
+            log.warning("ring history before the snapshot is damaged (%s); dropping "
+                        "the events up to revision %d", exc, b.snap_revision)
+            tail, compact = b.snap_ring_pos, b.snap_revision
+        for _pos, rev, _nxt, payload in ring.iter_records(
+                rseg.buf, cap, b.snap_ring_pos, b.ring_head, lambda: tail,
+                after_revision=b.snap_revision, max_revision=b.revision, name=rseg.name):
+            for ev in _codec.decode(payload, rev, rseg.name):
+                if ev.type == "PUT":
+                    t = (ev.kv.value, ev.kv.create_revision, ev.kv.mod_revision,
+                         ev.kv.version, ev.kv.lease)
+                    kv[ev.kv.key] = delta[ev.kv.key] = t
+                else:
+                    kv.pop(ev.kv.key, None)
+                    delta[ev.kv.key] = None
+        return kv, delta, tail, compact
+
+    # -- rings and epochs ----------------------------------------------------------
+
+    def _new_ring(self, capacity: int) -> None:
+        gen = self.ctl.get(layout.B_RING_GEN) + 1
+        old = self._ring_seg
+        self._ring_seg, self.ring = self.segs.create_ring(gen, capacity)
+        if old is not None:
+            old.close()
+
+    def switch_ring(self, capacity: int, reason: str) -> None:
+        """Continue in a new ring generation of ``capacity`` bytes, in the same epoch.
+
+        The old ring is sealed at its head first (ring.RingWriter.seal): watches
+        that still read it finish it and continue in the new one, so no watch
+        loses an event. The new ring's history begins at the current revision:
+        a snapshot of the current state is published with it.
+        """
+        assert self.ring is not None
+        if self._build is not None:
+            self._finish_build(self._build, wait=True)  # it points into the old ring
+        old, old_gen = self.ring, self.ring.generation
+        old.seal(self.revision)
+        self._new_ring(capacity)
+        assert self.ring is not None
+        self._publish_snapshot({
+            layout.B_RING_TAIL: 0, layout.B_RING_GEN: self.ring.generation,
+            layout.B_RING_CAPACITY: capacity, layout.B_COMPACT_REVISION: self.revision})
+        _shm.unlink(layout.ring_name(self.name, old_gen))
+        log.info("ring log replaced at revision %d: generation %d -> %d, %d -> %d bytes; "
+                 "watches continue into it (%s)", self.revision, old_gen,
+                 self.ring.generation, old.capacity, capacity, reason)
+
+    def reset(self, revision: int, items: Iterable[tuple[bytes, KV]], reason: str) -> None:
+        """Start a new epoch at ``revision`` holding ``items`` (a relist): fresh snapshot,
+        empty ring history."""
+        self.etcd_revision = max(self.etcd_revision, revision)
+        self.kv = SortedDict(items)  # (its size is counted by the whole-state build below)
+        freeze_gc()
+        self.stats["relists"] += 1
+        if self.ring is None:
+            self._new_ring(self.ring_size)
+        assert self.ring is not None
+        self._drop_build()  # of the old epoch: never to be published
+        self._close_base()
+        self.revision = revision
+        self.epoch = self.ctl.get(layout.B_EPOCH) + 1
+        self.ring.records.clear()
+        self.ring.tail = self.ring.head
+        self._publish_snapshot({
+            layout.B_SYNC_REVISION: min(self.ctl.get(layout.B_SYNC_REVISION), revision),
+            layout.B_EPOCH: self.epoch, layout.B_REVISION: revision,
+            layout.B_COMPACT_REVISION: revision,
+            layout.B_RING_HEAD: self.ring.head, layout.B_RING_TAIL: self.ring.head,
+            layout.B_RING_GEN: self.ring.generation, layout.B_RING_CAPACITY: self.ring.capacity,
+            layout.B_ETCD_REVISION: max(self.etcd_revision, revision)}, prefix=self.prefix)
+        old_gen = self.ring.generation - 1
+        if old_gen > 0:
+            _shm.unlink(layout.ring_name(self.name, old_gen))
+        log.info("history reset to epoch %d at revision %d: %s", self.epoch, revision, reason)
+
+    # -- snapshots -------------------------------------------------------------------
+
+    def _publish_snapshot(self, extra: dict[int, int] | None = None,
+                          prefix: bytes | None = None) -> None:
+        """Build a snapshot of the current state now and point the control segment at it.
+
+        For the paths that cannot wait (a new epoch, the ring about to overwrite
+        events newer than the live snapshot): a build already running in the
+        background is finished first, then a new one runs in this thread.
+        """
+        if self._build is not None:
+            self._finish_build(self._build, wait=True)
+        b = SnapshotBuild(self)
+        b.run()
+        if b.error is not None and not b.full:
+            self._build_failed(b)
+            self._close_base()
+            b = SnapshotBuild(self)  # from the whole state
+            b.run()
+        if b.error is not None:
+            self._discard_build(b)
+            raise b.error
+        self._publish_build(b, extra, prefix)
+
+    def maybe_snapshot(self) -> None:
+        """Publish a finished background build; start one when the cadence says so."""
+        if self._build is not None:
+            self._finish_build(self._build)
+            return
+        if self.bytes_since_snapshot and (
+                self.bytes_since_snapshot >= self.snapshot_bytes
+                or time.monotonic() - self.last_snapshot >= self.snapshot_interval):
+            if self.base is None:
+                self._publish_snapshot()  # a whole-state build: no base to start from
+                return
+            self._build = SnapshotBuild(self)
+            threading.Thread(target=self._build.run, name="shmcache-snapshot",
+                             daemon=True).start()
+
+    def _finish_build(self, b: SnapshotBuild, wait: bool = False) -> None:
+        """Publish the background build if it is done (or wait for it)."""
+        if wait:
+            b.done.wait()
+        elif not b.done.is_set():
+            return
+        self._build = None
+        if b.error is not None:
+            self._build_failed(b)
+        else:
+            self._publish_build(b)
+
+    def _build_failed(self, b: SnapshotBuild) -> None:
+        """Drop a failed build; its changes go back to the delta (the base is unchanged)."""
+        self._discard_build(b)
+        log.warning("snapshot build at revision %d failed: %s", b.revision, b.error)
+        if b.changes is not None:
+            b.changes.update(self.delta)
+            self.delta = b.changes
+        self.bytes_since_snapshot += b.bytes_since
+        if isinstance(b.error, CorruptSegmentError):
+            self._close_base()  # the next build starts from the whole state
+
+    def _discard_build(self, b: SnapshotBuild) -> None:
+        if b.seg is not None:  # (run() has unmapped it)
+            _shm.unlink(b.name)
+
+    def _drop_build(self) -> None:
+        """Wait for a background build and throw it away unpublished."""
+        if self._build is not None:
+            self._build.done.wait()
+            self._discard_build(self._build)
+            self._build = None
+
+    def _close_base(self, background: bool = False) -> None:
+        """Unmap the base snapshot; the next build is then a whole-state one (which
+        starts a new delta). ``background``: in a short-lived thread, for a base that
+        may be the last mapping of an unlinked segment, whose pages the unmap frees
+        (70 ms for 377 MB: munmap releases the GIL, but it would hold up this thread)."""
+        if self.base is None:
+            return
+        seg, snap = self.base
+        self.base = None
+        if background:
+            threading.Thread(target=close_all, args=(snap, seg), name="shmcache-unmap",
+                             daemon=True).start()
+        else:
+            close_all(snap, seg)
+
+    def _publish_build(self, b: SnapshotBuild, extra: dict[int, int] | None = None,
+                       prefix: bytes | None = None) -> None:
+        """Point the control segment at a finished snapshot and make it the next base."""
+        assert self.ring is not None and b.seg is not None
+        _faults.point("snapshot")  # filled, not published
+        old = self.snap_seq
+        # The head goes out with the snapshot: records appended but not yet
+        # published (mid-response) are part of the state the snapshot holds.
+        updates = {layout.B_SNAP_SEQ: b.seq, layout.B_SNAP_REVISION: b.revision,
+                   layout.B_SNAP_SIZE: b.plan.total, layout.B_SNAP_RING_POS: b.ring_pos,
+                   layout.B_KEY_COUNT: len(self.kv), layout.B_RING_HEAD: self.ring.head,
+                   layout.B_REVISION: self.revision}
+        if extra:
+            updates.update(extra)
+        self.ctl.publish(updates, prefix=prefix)
+        self.snap_seq = b.seq
+        self.snap_ring_pos = b.ring_pos
+        self.stats["snapshots"] += 1
+        if old and old != b.seq:
+            # Readers that mapped it keep their mapping; new readers use the new one.
+            # Unlinked while the base still maps it: unlinking the last reference
+            # frees hundreds of MB with the GIL held (posix_ipc), unmapping does
+            # not hold it, so the pages are freed by _close_base below, off this thread.
+            _shm.unlink(layout.snapshot_name(self.name, old))
+        self._close_base(background=True)
+        sseg = _shm.open_readonly(b.name)
+        self.segs.track(b.name)
+        if sseg is not None:  # (None: removed by hand; the next build is a whole-state one)
+            self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
+        # Gauges of the last publish, for the metrics.
+        self.stats["snapshot_seconds"] = b.seconds
+        self.stats["snapshot_seconds_total"] += b.seconds
+        self.stats["snapshot_keys"] = b.plan.count
+        self.stats["snapshot_bytes"] = b.plan.total
+        log.info("snapshot published: revision %d, %d keys, %d bytes, built in %.1f ms (%s)",
+                 b.revision, b.plan.count, b.plan.total, b.seconds * 1000,
+                 "whole state" if b.full else f"{len(b.changes or ())} changes")
+
+    # -- applying events -------------------------------------------------------------
+
+    def apply(self, batches: Iterable[tuple[int, list[_codec.EventTuple]]]) -> None:
+        """Append one ring record per revision, apply it to the state, then publish the head.
+
+        Revisions must be increasing and above ``revision`` (the feed checks).
+        A missing prev_kv (etcd leaves it out when it can no longer read the
+        revision before the event, compacted while the watch caught up) is
+        filled from the state, which holds that value exactly; past-revision
+        reads depend on it.
+        """
+        for revision, batch in batches:
+            self._flush(revision, batch)
+        self.publish_head()
+
+    def _flush(self, revision: int, batch: list[_codec.EventTuple]) -> None:
+        # Appended before it is applied: appending may first publish a snapshot,
+        # which must hold exactly the state at the previous revision.
+        kv = self.kv
+        for i, ev in enumerate(batch):
+            if ev[7] is None:
+                old = kv.get(ev[1])
+                if old is not None:
+                    batch[i] = (*ev[:7], (ev[1], *old))
+        self._append(revision, _codec.encode(batch), len(batch))
+        delta = self.delta
+        span = snapshot.entry_span
+        for typ, key, value, create, mod, version, lease, _prev in batch:
+            old = kv.get(key)
+            if old is not None:
+                self.data_len -= span(key, old[0])
+            if typ == 0:
+                kv[key] = delta[key] = (value, create, mod, version, lease)
+                self.data_len += span(key, value)
+            elif old is not None:
+                del kv[key]
+                delta[key] = None
+
+    def _append(self, revision: int, payload: bytes, n_events: int) -> None:
+        assert self.ring is not None
+        rw = self.ring
+        if not rw.fits(len(payload)):
+            cap = self.ring_size
+            while rw.record_size(len(payload)) > cap // 4:
+                cap *= 2
+            # The record cannot go into this ring: continue in a larger one. Watches
+            # read on through the seal, so they see no gap and no CompactedError.
+            self.switch_ring(cap, f"a {len(payload)}-byte revision needs a {cap}-byte ring")
+            rw = self.ring
+        pl = rw.place(len(payload))
+        if pl.end - rw.capacity > self.snap_ring_pos and self._build is not None:
+            self._finish_build(self._build, wait=True)
+        if pl.end - rw.capacity > self.snap_ring_pos:
+            # Writing would overwrite events newer than the live snapshot, and then
+            # readers could not rebuild the current state: republish first.
+            self._publish_snapshot()
+        ctl = self.ctl
+        updates: dict[int, int] = {}
+        if pl.new_tail != ctl.get(layout.B_RING_TAIL):
+            updates[layout.B_RING_TAIL] = pl.new_tail
+        if pl.compact_revision is not None:
+            updates[layout.B_COMPACT_REVISION] = pl.compact_revision
+        if updates:
+            # The tail moves before the bytes are overwritten: a reader that re-reads
+            # it after copying knows whether its copy can be torn.
+            ctl.publish(updates, wake=False)
+        rw.write(pl, revision, payload,
+                 on_payload=(lambda: _faults.point("append")) if _faults.FAULTS else None)
+        _faults.point("append")  # the record is complete but not published
+        self.revision = revision
+        self.bytes_since_snapshot += len(payload)
+        self.stats["events"] += n_events
+        self.stats["records"] += 1
+        self.stats["bytes"] += len(payload)
+        self._head_unpublished = True
+
+    def publish_head(self) -> None:
+        """Make every appended record visible and wake the readers: once per watch response.
+
+        A response that catches up a backlog carries many revisions; publishing
+        them together costs one seqlock write and one FUTEX_WAKE instead of one per
+        record, and readers still see whole revisions only.
+        """
+        if not self._head_unpublished:
+            return
+        assert self.ring is not None
+        self.ctl.publish({layout.B_RING_HEAD: self.ring.head, layout.B_REVISION: self.revision,
+                          layout.B_KEY_COUNT: len(self.kv),
+                          layout.B_ETCD_REVISION: max(self.etcd_revision, self.revision)})
+        self._head_unpublished = False
+        with self.revision_moved:
+            self.revision_moved.notify_all()
+
+    def progress(self, revision: int) -> None:
+        """Publish that the state is exact at ``revision`` (confirmed by the feed), no record."""
+        if revision <= self.revision:
+            return
+        self.revision = revision
+        self.ctl.publish({layout.B_REVISION: revision,
+                          layout.B_ETCD_REVISION: max(self.etcd_revision, revision)})
+        with self.revision_moved:
+            self.revision_moved.notify_all()
+
+    # -- any thread ------------------------------------------------------------------
+
+    def published_revision(self) -> int:
+        """What readers can see, not ``revision``, which runs ahead of the block while a
+        watch response is being appended."""
+        return self.ctl.get(layout.B_REVISION)
+
+    def heartbeat(self) -> None:
+        self.ctl.heartbeat()
+
+    def set_etcd_down_since(self, unix_time: float | None) -> None:
+        if self.segs.ctl is not None:
+            self.ctl.set_etcd_down_since(int(unix_time * 1e9) if unix_time is not None else 0)
+
+    def remove_strays(self) -> None:
+        self.segs.remove_strays()
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def close(self, *, removed_under_us: bool, remove: bool) -> None:
+        """Drop the unpublished build, unmap, release the cache.
+
+        ``removed_under_us``: the control segment was unlinked while this writer
+        ran; only the segments it created since are unlinked. ``remove``: unlink
+        every segment of the cache (``remove_on_close``).
+        """
+        self._drop_build()  # unpublished: of no use to the next writer
+        self._close_base()
+        if removed_under_us:
+            self.segs.unlink_own()
+        if self._ring_seg is not None:
+            self._ring_seg.close()
+        self.segs.close(remove=remove and not removed_under_us)

@@ -1,0 +1,169 @@
+"""The writer's hold on a cache's segments: the lock, creation, permissions and removal.
+
+Concurrency contract: one CacheSegments per writer process. ``attach()`` takes
+an exclusive flock on the control segment for the writer's whole life (a second
+writer gets CacheExistsError; the kernel drops the lock when its holder dies,
+so a crashed writer never blocks its successor). ``still_ours()`` runs on the
+ticker thread; everything else on the thread that runs the writer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import stat
+
+from . import _shm, control, layout, ring
+from .errors import CacheExistsError, CorruptSegmentError, WriterError
+
+log = logging.getLogger("shmcache.writer")
+
+
+def inode(seg_name: str) -> int:
+    """Inode of a segment's /dev/shm entry (0 if there is none): tells two segments of one name apart."""
+    try:
+        return os.stat(_shm.SHM_DIR + seg_name).st_ino
+    except OSError:
+        return 0
+
+
+class CacheSegments:
+    """Create, lock, track and remove the segments of cache ``name``."""
+
+    def __init__(self, name: str, prefix: bytes, mode: int, group: str | int | None) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.mode = mode
+        self.group = group
+        self.ctl: control.ControlWriter | None = None
+        self.ctl_seg: _shm.Segment | None = None
+        self._lock_fd: int | None = None
+        self._ctl_ino = 0
+        # Segments this writer created, name -> inode: after a forced removal it
+        # unlinks only these, never a successor's segments of the same names.
+        self._own: dict[str, int] = {}
+
+    def attach(self) -> bool:
+        """Open or create the control segment, take the writer lock, claim it; True if it existed."""
+        cname = layout.control_name(self.name)
+        existed = True
+        try:
+            opened = _shm.open_writable(cname)
+        except CorruptSegmentError as exc:
+            log.warning("%s; removing it", exc)
+            _shm.unlink(cname)
+            opened = None
+        if opened is None:
+            try:
+                seg = _shm.create(cname, layout.CONTROL_SIZE, self.mode, self.group)
+                control.ControlWriter.initialise(seg.buf, self.prefix)
+                seg.close()
+                existed = False
+            except FileExistsError:
+                pass
+            opened = _shm.open_writable(cname)
+            if opened is None:
+                raise WriterError(f"control segment {cname} vanished while starting")
+        seg, fd = opened
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = control.writer_identity(seg.buf)[0]
+            seg.close()
+            os.close(fd)
+            raise CacheExistsError(f"cache {self.name!r} already has a running writer "
+                                   f"(pid {pid})") from None
+        self._lock_fd = fd
+        self._ctl_ino = os.fstat(fd).st_ino
+        if existed:
+            try:
+                control.check_header(seg.buf, seg.size, cname)
+            except CorruptSegmentError as exc:
+                if seg.size < layout.CONTROL_SIZE:
+                    raise WriterError(f"{exc}; remove it with `shmcache rm {self.name}`") from None
+                # In place, so readers attached to it see the new writer; SEQ keeps
+                # growing so no reader mistakes the new block for one it has seen.
+                log.warning("control segment unusable (%s); re-initialising it", exc)
+                seq = int.from_bytes(seg.buf[layout.C_SEQ:layout.C_SEQ + 8], "little")
+                seg.buf[:] = b"\0" * seg.size
+                control.ControlWriter.initialise(seg.buf, self.prefix, seq=(seq | 1) + 1)
+                existed = False
+        self.ctl_seg = seg
+        self.ctl = control.ControlWriter(seg.buf)
+        self.ctl.claim()
+        return existed
+
+    def create_ring(self, generation: int, capacity: int) -> tuple[_shm.Segment, ring.RingWriter]:
+        name = layout.ring_name(self.name, generation)
+        _shm.unlink(name)  # leftover of a writer that crashed while creating it
+        seg = _shm.create(name, layout.RING_DATA + capacity, self.mode, self.group)
+        self.track(name)
+        ring.RingWriter.init_segment(seg.buf, generation, capacity)
+        return seg, ring.RingWriter(seg.buf, capacity, generation)
+
+    def track(self, seg_name: str) -> None:
+        """Remember a segment as this writer's own (see ``unlink_own``)."""
+        self._own[seg_name] = inode(seg_name)
+
+    def apply_permissions(self) -> None:
+        """Give every segment this writer's mode and group (a restart may change them)."""
+        gid = None
+        if self.group is not None:
+            gid = self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
+        for name in _shm.list_segments(self.name):
+            path = _shm.SHM_DIR + name
+            try:
+                st = os.stat(path)
+                changes = []
+                if stat.S_IMODE(st.st_mode) != self.mode:
+                    os.chmod(path, self.mode)
+                    changes.append(f"mode {stat.S_IMODE(st.st_mode):o} -> {self.mode:o}")
+                if gid is not None and st.st_gid != gid:
+                    os.chown(path, -1, gid)
+                    changes.append(f"group {st.st_gid} -> {gid}")
+            except OSError as exc:
+                log.warning("cannot set the permissions of %s: %s", name, exc)
+                continue
+            if changes:
+                log.info("segment %s: %s", name, ", ".join(changes))
+
+    def remove_strays(self) -> None:
+        """Unlink segments of this cache that the control segment does not point at."""
+        assert self.ctl is not None
+        keep = {layout.control_name(self.name),
+                layout.ring_name(self.name, self.ctl.get(layout.B_RING_GEN)),
+                layout.snapshot_name(self.name, self.ctl.get(layout.B_SNAP_SEQ))}
+        for seg in _shm.list_segments(self.name):
+            if seg not in keep:
+                _shm.unlink(seg)
+
+    def still_ours(self) -> bool:
+        """Whether /dev/shm still names our control segment (False after `shmcache rm --force`)."""
+        try:
+            return os.stat(_shm.SHM_DIR + layout.control_name(self.name)).st_ino == self._ctl_ino
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # cannot tell: keep serving
+
+    def unlink_own(self) -> None:
+        """Unlink the segments this writer created that still carry their inode."""
+        for seg_name, ino in self._own.items():
+            if ino and inode(seg_name) == ino:
+                _shm.unlink(seg_name)
+
+    def close(self, remove: bool) -> None:
+        """Release the control segment and the lock; ``remove`` unlinks every segment first."""
+        if self.ctl is not None:
+            self.ctl.heartbeat()
+            self.ctl.release()
+        if self.ctl_seg is not None:
+            self.ctl_seg.close()
+        if remove:
+            # Before the lock goes: no other writer can have started on these names.
+            _shm.remove_cache(self.name, force=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None

@@ -1,0 +1,88 @@
+"""One snapshot in the making, built beside the watch loop (see docs/design.md, "Snapshots")."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _faults, _shm, layout, snapshot
+
+if TYPE_CHECKING:
+    from ._publisher import KV, Publisher
+
+
+def freeze_gc() -> None:
+    """Keep the cyclic GC from walking the state: a full collection visits every
+    tracked object, and with millions of keys that is a pause of tens of ms in the
+    watch loop. The state holds no reference cycles (refcounting frees it), so
+    moving what exists now into the permanent generation loses nothing."""
+    gc.collect()
+    gc.freeze()
+
+
+def close_all(*objs: Any) -> None:
+    for obj in objs:
+        obj.close()
+
+
+class SnapshotBuild:
+    """One snapshot in the making: its inputs frozen at the publisher's current revision.
+
+    Made on the writer's watch thread, which then runs ``run()`` itself or in a
+    thread of its own. A build from the live snapshot (the base) takes the
+    changes since it (the publisher starts a new delta), so freezing costs
+    nothing however large the state; a full build (no base: after a relist)
+    copies the state's keys and values. ``run()`` touches only these frozen
+    inputs and its own new segment, and never the control segment: the watch
+    thread publishes the result (Publisher.publish_build), so readers see
+    snapshots in order and only complete ones.
+    """
+
+    def __init__(self, p: Publisher) -> None:
+        assert p.ring is not None
+        self.seq = p.snap_seq + 1
+        self.name = layout.snapshot_name(p.name, self.seq)
+        self.mode, self.group = p.segs.mode, p.segs.group
+        self.revision, self.epoch, self.ring_pos = p.revision, p.epoch, p.ring.head
+        self.base = p.base[1] if p.base is not None else None
+        self.full = self.base is None
+        self.changes: dict[bytes, KV | None] | None = None
+        self.keys: list[bytes] = []
+        self.values: list[KV | None] = []
+        if self.full:
+            self.keys, self.values = list(p.kv.keys()), list(p.kv.values())
+            p.delta = {}
+            # Recounted here (O(keys), like the copy above): a whole-state build
+            # never depends on the running count being right.
+            p.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in p.kv.items())
+        else:
+            self.changes, p.delta = p.delta, {}
+        self.plan = snapshot.Plan.of(len(p.kv), p.data_len)
+        self.bytes_since, p.bytes_since_snapshot = p.bytes_since_snapshot, 0
+        p.last_snapshot = time.monotonic()
+        self.seg: _shm.Segment | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            _shm.unlink(self.name)
+            self.seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
+            _faults.point("snapshot")  # created, not filled: a stray for the next writer
+            if self.changes is not None:
+                self.keys = sorted(self.changes)
+                self.values = [self.changes[k] for k in self.keys]
+            snapshot.write(self.seg.buf, self.plan, self.revision, self.epoch, self.keys,
+                           self.values, self.base)
+        except Exception as exc:  # reported by the watch thread (Publisher.finish_build)
+            self.error = exc
+        finally:
+            if self.seg is not None:
+                self.seg.close()  # here, not on the watch thread: unmapping takes a while
+            self.keys, self.values = [], []
+            self.seconds = time.monotonic() - t0
+            self.done.set()
