@@ -15,14 +15,13 @@ wait for the published revision to move (consistent reads) wait on
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _faults, _shm, control, layout, ring, snapshot
+from . import _codec, _faults, _restore, _shm, control, layout, ring, snapshot
 from ._segments import CacheSegments
 from ._snapbuild import SnapshotBuild, close_all, freeze_gc
 from .errors import CorruptSegmentError
@@ -89,106 +88,39 @@ class Publisher:
         return existed
 
     def restore(self) -> str | None:
-        """Rebuild state from the segments a previous writer left; None if it did, else why not.
+        """Resume from the segments a previous writer left; None if it did, else why not.
 
-        Every record a reader can reach, [tail, head), is validated first (stamp,
-        CRC, revision order): the ones after the snapshot rebuild the state, so a
-        bad one there means a relist; a bad one before the snapshot only costs
-        history, so the tail moves up to the snapshot (watches from before it get
-        CompactedError, as after any lap). A ring of another size than
+        See _restore.load for what is validated. A ring of another size than
         ``ring_size`` is then replaced by one of that size (switch_ring).
         """
         assert self.segs.ctl_seg is not None
-        buf = self.segs.ctl_seg.buf
-        b = control.read_block(buf, spins=10)
-        if b is None:
-            return "the control block was left mid-publish"
-        if b.snap_seq == 0:
-            return "no snapshot was published"
-        try:
-            control.validate_block(b, self.segs.ctl_seg.name)
-            served = control.read_prefix(buf, b.prefix_len)
-            if served != self.prefix:
-                return f"the cache was serving prefix {_text(served)!r}, not {_text(self.prefix)!r}"
-            rname = layout.ring_name(self.name, b.ring_gen)
-            opened = _shm.open_writable(rname)
-            if opened is None:
-                return f"ring segment {rname} is missing"
-            rseg, rfd = opened
-            os.close(rfd)
-            ring.check_ring_header(rseg.buf, rseg.size, rseg.name, b.ring_gen, b.ring_capacity)
-            sname = layout.snapshot_name(self.name, b.snap_seq)
-            sseg = _shm.open_readonly(sname)
-            if sseg is None:
-                return f"snapshot segment {sname} is missing"
-            snap = snapshot.Snapshot(sseg.name, sseg.buf, sseg.size)
-            try:
-                kv, delta, tail, compact = self._rebuild(b, rseg, snap)
-            except BaseException:
-                snap.close()
-                sseg.close()
-                raise
-        except (CorruptSegmentError, ring.Lapped, ring.TornRecord, OSError, ValueError) as exc:
-            return str(exc) or type(exc).__name__
-        self._ring_seg = rseg
-        self.ring = ring.RingWriter(rseg.buf, b.ring_capacity, b.ring_gen)
-        self.ring.restore(b.ring_head, tail)
-        self.segs.track(rseg.name)
-        self.kv = kv
-        self.delta = delta
-        self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in kv.items())
-        self.base = (sseg, snap)
+        got = _restore.load(self.name, self.prefix, self.segs.ctl_seg)
+        if isinstance(got, str):
+            return got
+        b = got.block
+        self._ring_seg = got.ring_seg
+        self.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
+        self.ring.restore(b.ring_head, got.tail)
+        self.segs.track(got.ring_seg.name)
+        self.kv = got.kv
+        self.delta = got.delta
+        self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in got.kv.items())
+        self.base = got.base
         freeze_gc()
         self.revision = b.revision
         self.epoch = b.epoch
         self.snap_seq = b.snap_seq
         self.snap_ring_pos = b.snap_ring_pos
         self.last_snapshot = time.monotonic()
-        if tail != b.ring_tail:
-            self.ctl.publish({layout.B_RING_TAIL: tail, layout.B_COMPACT_REVISION: compact},
-                             wake=False)
+        if got.tail != b.ring_tail:
+            self.ctl.publish({layout.B_RING_TAIL: got.tail,
+                              layout.B_COMPACT_REVISION: got.compact}, wake=False)
         log.info("resumed cache %r at revision %d (epoch %d, %d keys)", self.name,
-                 self.revision, self.epoch, len(kv))
+                 self.revision, self.epoch, len(got.kv))
         if self.ring.capacity != self.ring_size:
             self.switch_ring(self.ring_size, f"the ring size setting is {self.ring_size} bytes")
         self.ctl.publish({})  # wake readers: the writer is back
         return None
-
-    def _rebuild(self, b: control.Block, rseg: _shm.Segment, snap: snapshot.Snapshot,
-                 ) -> tuple[SortedDict, dict[bytes, KV | None], int, int]:
-        """The state at ``b.revision`` from the snapshot and the records after it, and the
-        (tail, compact revision) that leave no damaged record within readers' reach."""
-        if snap.revision != b.snap_revision or snap.epoch != b.epoch:
-            raise CorruptSegmentError(f"snapshot is at revision {snap.revision} epoch "
-                                      f"{snap.epoch}, the control segment says "
-                                      f"{b.snap_revision} epoch {b.epoch}")
-        kv: SortedDict = SortedDict()
-        delta: dict[bytes, KV | None] = {}
-        tail, compact = b.ring_tail, b.compact_revision
-        cap = b.ring_capacity
-        for e in snap.range(b"", None):
-            kv[e.key] = (e.value, e.create_revision, e.mod_revision, e.version, e.lease)
-        try:
-            for _rec in ring.iter_records(rseg.buf, cap, b.ring_tail, b.snap_ring_pos,
-                                          lambda: b.ring_tail, max_revision=b.snap_revision,
-                                          name=rseg.name):
-                pass
-        except CorruptSegmentError as exc:
-            log.warning("ring history before the snapshot is damaged (%s); dropping "
-                        "the events up to revision %d", exc, b.snap_revision)
-            tail, compact = b.snap_ring_pos, b.snap_revision
-        for _pos, rev, _nxt, payload in ring.iter_records(
-                rseg.buf, cap, b.snap_ring_pos, b.ring_head, lambda: tail,
-                after_revision=b.snap_revision, max_revision=b.revision, name=rseg.name):
-            for ev in _codec.decode(payload, rev, rseg.name):
-                if ev.type == "PUT":
-                    t = (ev.kv.value, ev.kv.create_revision, ev.kv.mod_revision,
-                         ev.kv.version, ev.kv.lease)
-                    kv[ev.kv.key] = delta[ev.kv.key] = t
-                else:
-                    kv.pop(ev.kv.key, None)
-                    delta[ev.kv.key] = None
-        return kv, delta, tail, compact
 
     # -- rings and epochs ----------------------------------------------------------
 

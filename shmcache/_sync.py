@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import layout
+from .errors import TimeoutError
 
 if TYPE_CHECKING:
-    from .control import ControlWriter
+    from .control import ControlReader, ControlWriter
 
 log = logging.getLogger("shmcache.writer")
 
@@ -62,6 +63,7 @@ class Client:
     """A reader's end: fire-and-forget requests."""
 
     def __init__(self, name: str) -> None:
+        self.name = name
         self._addr = address(name)
         self._sock: socket.socket | None = None
 
@@ -79,6 +81,42 @@ class Client:
                 return False
             raise
         return True
+
+    def confirm(self, ctl: ControlReader, reached: Callable[[], int], timeout: float) -> int:
+        """One consistent read (Reader.sync): request a round, wait until a round that
+        started after the request is done and ``reached()`` (the reader's revision
+        after a refresh) is at its revision; returns that revision."""
+        deadline = time.monotonic() + timeout
+        b = ctl.block()
+        while b is None:  # the writer is inside a publish (or stopped in one)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the writer of cache {self.name!r} is stuck inside a "
+                                   f"publish; cannot confirm a consistent read")
+            time.sleep(0.001)
+            b = ctl.block()
+        # A round that starts after our request covers it: the one after every
+        # round already started (a running round may have read etcd's revision
+        # before this call).
+        need = b.sync_started + 1
+        sent = time.monotonic()
+        if not self.request():
+            raise TimeoutError(f"cache {self.name!r} has no running writer to confirm a "
+                               f"consistent read", hint="Check `shmcache status NAME`")
+        while True:
+            word = ctl.word()
+            b = ctl.block()
+            if b is not None and b.sync_done >= need:
+                revision = reached()
+                if revision >= b.sync_revision:
+                    return revision
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"the writer of cache {self.name!r} did not confirm a "
+                                   f"consistent read within {timeout}s")
+            if now - sent > 1.0:  # the writer may have restarted and lost the request
+                sent = now
+                self.request()
+            ctl.wait(word, min(deadline - now, 0.25))
 
     def close(self) -> None:
         if self._sock is not None:

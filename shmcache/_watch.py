@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from . import _codec, _shm, control, layout, ring
+from . import _codec, _shm, control, ring
+from ._view import range_end
 from .errors import CompactedError
 from .types import Event
 
@@ -15,17 +16,6 @@ if TYPE_CHECKING:
     from .reader import Reader
 
 __all__ = ["Watch"]
-
-
-def range_end(prefix: bytes) -> bytes | None:
-    """Exclusive upper bound of the keys under ``prefix``; None for "no bound".
-
-    etcd spells "no bound" b"\\0" (the range end of b"" and of all-0xff prefixes).
-    """
-    if not prefix:
-        return None
-    end = layout.prefix_range_end(prefix)
-    return None if end == b"\0" else end
 
 
 class Watch:

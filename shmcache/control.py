@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _futex, layout
-from .errors import CorruptSegmentError, VersionMismatchError
+from .errors import CorruptSegmentError, ShmCacheError, StaleError, VersionMismatchError
+from .types import Status
 
 _Q = struct.Struct("<Q")
 _BLOCK = layout.BLOCK
@@ -255,6 +256,34 @@ class ControlReader:
 
     def etcd_down_since(self) -> float | None:
         return etcd_down_since(self.buf)
+
+    def status(self, cache: str, fallback: Block | None) -> Status:
+        """Reader.status(): the block now (or ``fallback`` while a publish is stuck)."""
+        b = self.block() or fallback
+        if b is None:
+            raise ShmCacheError(f"cache {cache!r} has not published its state yet")
+        pid, _start, hb = self.writer_identity()
+        alive = self.writer_alive()
+        return Status(
+            name=cache, prefix=self.prefix(b.prefix_len), writer_pid=pid, writer_alive=alive,
+            heartbeat_age=(time.monotonic_ns() - hb) / 1e9 if hb else None,
+            revision=b.revision, etcd_revision=b.etcd_revision, epoch=b.epoch,
+            oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
+            key_count=b.key_count, ring_capacity=b.ring_capacity,
+            ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
+            etcd_unreachable_since=self.etcd_down_since() if alive else None)
+
+    def check_stale(self, cache: str, max_staleness: float) -> None:
+        """StaleError if the last heartbeat is older than ``max_staleness`` s or the writer
+        exited. The heartbeat alone decides (no /proc lookup on the read path): a dead,
+        stopped or cleanly exited writer stops beating, and pid 0 marks a clean exit."""
+        pid, _start, hb = self.writer_identity()
+        age = (time.monotonic_ns() - hb) / 1e9 if hb else float("inf")
+        if age > max_staleness or pid == 0:
+            raise StaleError(
+                f"cache {cache!r} is stale: writer pid {pid} "
+                f"{'alive' if self.writer_alive() else 'not running'}, "
+                f"last heartbeat {age:.1f}s ago (max_staleness={max_staleness}s)", age=age)
 
     def close(self) -> None:
         """Mark closed and unmap (deferred while a pin exists; call again once it is released)."""

@@ -13,19 +13,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _history, _shm, _sync, control, layout, ring
+from . import _history, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
-from ._watch import Watch, range_end
+from ._view import Retry, View, merge, range_end
+from ._watch import Watch
 from .errors import (
-    CompactedError,
-    CorruptSegmentError,
     NotFoundError,
     ShmCacheError,
-    StaleError,
     TimeoutError,
 )
 from .snapshot import Snapshot
@@ -69,10 +67,6 @@ def _as_key(key: bytes | str) -> bytes:
     raise TypeError(f"keys are bytes or str, not {type(key).__name__}")
 
 
-class _Retry(Exception):
-    """The writer moved on while we read (snapshot replaced, ring lapped): read the block again."""
-
-
 class Reader:
     """A read-only attachment to the cache ``name`` on this host.
 
@@ -105,28 +99,15 @@ class Reader:
         self._control = control.ControlReader.open(name, timeout)
         self._ctl_name = self._control.name
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
-        # The view: everything below changes together, under self._lock.
+        # The view moves under self._lock; the hot path reads the copies below
+        # (pair, prefix, fast state), each replaced whole after a move.
+        self._v = View(self.name, self._control)
         self._seq = -1
         self._stuck_seq = -1
         self._sync_client: _sync.Client | None = None
-        self._block: control.Block | None = None
-        self._epoch = -1
         self._prefix = b""
-        self._prefix_end: bytes | None = None
-        self._ring: _shm.Segment | None = None
-        self._ring_gen = -1
-        self._snap: Snapshot | None = None
-        self._snap_seq = 0
-        self._overlay: SortedDict = SortedDict()
-        # The overlay is double-buffered (see _next_overlay): the spare and the
-        # changes it lacks.
-        self._spare: SortedDict | None = None
-        self._spare_pending: list[tuple[bytes, KeyValue | None]] = []
-        self._view: tuple[SortedDict, Snapshot | None] = (self._overlay, None)
+        self._view: tuple[SortedDict, Snapshot | None] = self._v.pair
         self._fast_state: tuple[Any, ...] | None = None
-        self._rec_revs: list[int] = []
-        self._rec_pos: list[int] = []
-        self._pos = 0
         self._revision = 0
         _readers.add(self)
         while True:
@@ -186,13 +167,8 @@ class Reader:
         self._fast_state = None
         if self._sync_client is not None:
             self._sync_client.close()
-        if self._snap is not None:
-            self._snap.close()
+        self._v.close()
         self._control.close()
-        if self._ring is not None:
-            self._ring.close()
-        self._snap = None
-        self._ring = None
 
     def __repr__(self) -> str:
         return f"<shmcache.Reader {self.name!r} revision={self._revision}>"
@@ -202,15 +178,7 @@ class Reader:
             raise ShmCacheError(f"Reader for {self.name!r} is closed")
 
     def _check_stale(self) -> None:
-        # The heartbeat alone decides (no /proc lookup on the read path): a dead,
-        # stopped or cleanly exited writer stops beating, and pid 0 marks a clean exit.
-        pid, _start, hb = self._control.writer_identity()
-        age = (time.monotonic_ns() - hb) / 1e9 if hb else float("inf")
-        if age > self.max_staleness or pid == 0:  # type: ignore[operator]
-            raise StaleError(
-                f"cache {self.name!r} is stale: writer pid {pid} "
-                f"{'alive' if self._control.writer_alive() else 'not running'}, "
-                f"last heartbeat {age:.1f}s ago (max_staleness={self.max_staleness}s)", age=age)
+        self._control.check_stale(self.name, self.max_staleness)  # type: ignore[arg-type]
 
     def _refresh(self) -> None:
         """Bring the view up to the writer's latest published block."""
@@ -234,141 +202,20 @@ class Reader:
                 if b.seq == self._seq:
                     return
                 control.validate_block(b, self._ctl_name)
+                v = self._v
                 try:
-                    self._advance(b)
-                except _Retry:
-                    self._snap_seq = 0  # rebuild from the (new) snapshot
+                    v.advance(b)
+                except Retry:
+                    v.snap_seq = 0  # rebuild from the (new) snapshot
                     continue
-                self._block = b
+                v.block = b
+                self._view, self._prefix = v.pair, v.prefix
                 self._seq = b.seq
                 self._revision = b.revision
                 self._set_fast()
                 return
             raise ShmCacheError(f"cache {self.name!r}: could not keep up with the writer "
                                 f"after 50 attempts (ring too small for this reader?)")
-
-    def _open_ring(self, b: control.Block) -> _shm.Segment:
-        """The ring segment block ``b`` points at (the one mapped already, if it is that one)."""
-        if b.ring_gen == self._ring_gen and self._ring is not None:
-            return self._ring
-        name = layout.ring_name(self.name, b.ring_gen)
-        seg = _shm.open_readonly(name)
-        if seg is None:
-            self._missing(b, name)
-        ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
-        return seg
-
-    def _missing(self, b: control.Block, name: str) -> NoReturn:
-        """A segment the block points at is gone: replaced meanwhile (retry) or removed (error)."""
-        if self._control.block() == b:
-            raise CorruptSegmentError(
-                f"segment {name} that the control segment points at is missing",
-                segment=self._ctl_name,
-                hint="Was it removed by hand? Restarting the writer republishes the cache")
-        raise _Retry()
-
-    def _advance(self, b: control.Block) -> None:
-        """Move the view to block ``b``: read the new ring records, then swap the result in.
-
-        Nothing the view holds changes until every new record has been read and
-        found intact (ring.iter_records): a lapped or corrupt ring leaves the
-        view exactly as it was, and a lock-free ``get`` sees the old view or the
-        new one, never a mixture.
-        """
-        if b.snap_seq == 0:
-            if not control.writer_alive(self._cbuf):
-                raise NotFoundError(
-                    f"cache {self.name!r} has no snapshot and no writer is running (its "
-                    f"writer stopped before it loaded the range from etcd)", name=self.name,
-                    hint="Start its writer (`shmcache serve NAME ...`), or remove it with "
-                         "`shmcache rm NAME`")
-            raise NotFoundError(f"cache {self.name!r} has no snapshot yet: its writer is "
-                                f"still loading", name=self.name,
-                                hint="Pass Reader(name, timeout=...) to wait for it")
-        prefix = self._prefix
-        if b.epoch != self._epoch or b.prefix_len != len(prefix):
-            prefix = self._control.prefix(b.prefix_len)
-        ring_seg = self._open_ring(b)
-        fresh = (prefix != self._prefix or b.epoch != self._epoch or ring_seg is not self._ring
-                 or b.snap_seq != self._snap_seq or self._snap is None)
-        if fresh:
-            name = layout.snapshot_name(self.name, b.snap_seq)
-            seg = _shm.open_readonly(name)
-            if seg is None:
-                self._missing(b, name)
-            snap = Snapshot(name, seg.buf, seg.size)
-            if snap.revision != b.snap_revision or snap.epoch != b.epoch or seg.size != b.snap_size:
-                snap.close()
-                if self._control.block() == b:
-                    raise CorruptSegmentError(
-                        f"snapshot revision {snap.revision}/epoch {snap.epoch}/size {seg.size} "
-                        f"does not match the control segment ({b.snap_revision}/{b.epoch}/"
-                        f"{b.snap_size})", segment=name)
-                raise _Retry()
-            start, last_rev = b.snap_ring_pos, b.snap_revision
-        else:
-            snap = self._snap  # type: ignore[assignment]
-            start = self._pos
-            last_rev = self._rec_revs[-1] if self._rec_revs else snap.revision
-        changes: list[tuple[bytes, KeyValue | None]] = []
-        revs: list[int] = []
-        positions: list[int] = []
-        try:
-            for pos, rev, _nxt, payload in ring.iter_records(
-                    ring_seg.buf, b.ring_capacity, start, b.ring_head,
-                    self._control.tail, after_revision=last_rev,
-                    max_revision=b.revision, name=ring_seg.name):
-                for ev in _codec.decode(payload, rev, ring_seg.name):
-                    changes.append((ev.kv.key, ev.kv if ev.type == "PUT" else None))
-                revs.append(rev)
-                positions.append(pos)
-        except ring.Lapped:
-            raise _Retry() from None
-        # Everything read is intact: commit.
-        if fresh:
-            overlay: SortedDict = SortedDict()
-            for key, kv in changes:
-                overlay[key] = kv
-            self._spare, self._spare_pending = None, []
-            self._rec_revs, self._rec_pos = revs, positions
-            self._prefix = prefix
-            self._prefix_end = range_end(prefix)
-            self._ring = ring_seg  # the old mapping is dropped, not closed: a Watch may hold it
-            self._ring_gen = b.ring_gen
-            # The old snapshot is dropped, not closed: a running list() may still hold it.
-            self._snap = snap
-            self._snap_seq = b.snap_seq
-        else:
-            overlay = self._next_overlay(changes)
-            self._rec_revs.extend(revs)
-            self._rec_pos.extend(positions)
-        self._overlay = overlay
-        self._view = (overlay, snap)
-        self._pos = b.ring_head
-        self._epoch = b.epoch
-
-    def _next_overlay(self, changes: list[tuple[bytes, KeyValue | None]]) -> SortedDict:
-        """The live overlay with ``changes`` applied, built aside from the one readers use.
-
-        Two overlays alternate: the spare (the one replaced at the last refresh)
-        first catches up with the changes it lacks, then takes the new ones, and
-        becomes the live one. A ``get`` that picked up the old live overlay just
-        before the swap keeps reading a state that does not change under it
-        until the next refresh. Each change is applied twice; one copy is made
-        per snapshot, at the first refresh after it.
-        """
-        if not changes:
-            return self._overlay
-        spare = self._spare
-        if spare is None:
-            spare = self._overlay.copy()
-        else:
-            for key, kv in self._spare_pending:
-                spare[key] = kv
-        for key, kv in changes:
-            spare[key] = kv
-        self._spare, self._spare_pending = self._overlay, changes
-        return spare
 
     def _check_key_range(self, key: bytes, what: str) -> None:
         p = self._prefix
@@ -470,67 +317,19 @@ class Reader:
                 prefix = self._prefix
             self._check_key_range(prefix, "prefix")
             end = range_end(prefix)
-            snap = self._snap
+            snap = self._v.snap
             assert snap is not None
-            if end is None:
-                ov_keys = list(self._overlay.irange(minimum=prefix))
-            else:
-                ov_keys = list(self._overlay.irange(prefix, end, inclusive=(True, False)))
-            overlay = self._overlay
-            ov_items = [(k, overlay[k]) for k in ov_keys]
+            ov_items = self._v.overlay_slice(prefix, end)
             revision = self._revision
-        want = limit if limit is not None else -1
-        n_ov = len(ov_items)
-        if not n_ov:
-            return ListResult(snap.range_list(prefix, end, want), revision)
-        # Each overlay entry hides at most one snapshot entry: limit + n_ov
-        # snapshot entries are enough to fill ``limit`` answers.
-        base = snap.range_list(prefix, end, -1 if want < 0 else want + n_ov)
-        items: list[KeyValue] = []
-        oi = 0
-        for kv in base:
-            k = kv.key
-            while oi < n_ov and ov_items[oi][0] <= k:
-                ok, ov = ov_items[oi]
-                oi += 1
-                if ov is not None:
-                    if len(items) == want:
-                        return ListResult(items, revision)
-                    items.append(ov)
-                if ok == k:
-                    break
-            else:
-                if len(items) == want:
-                    return ListResult(items, revision)
-                items.append(kv)
-                continue
-            # k was shadowed by an overlay entry (already handled above)
-        while oi < n_ov:
-            ov = ov_items[oi][1]
-            oi += 1
-            if ov is not None:
-                if len(items) == want:
-                    break
-                items.append(ov)
-        return ListResult(items, revision)
+        return ListResult(merge(snap, prefix, end, ov_items, limit), revision)
 
     # -- reads at a past revision (see _history) --------------------------------
-
-    def _changes_after(self, revision: int) -> dict[bytes, KeyValue | None]:
-        """key -> its KeyValue (or None) at ``revision``, for keys changed since. Holds the lock."""
-        b = self._block
-        assert b is not None and self._ring is not None
-        _history.check_window(self.name, revision, self._revision, b.compact_revision)
-        if revision == self._revision:
-            return {}
-        return _history.changes_after(self.name, self._control, self._ring, b,
-                                      self._position_after(revision), self._pos, revision)
 
     def _get_at(self, key: bytes, revision: int) -> KeyValue | None:
         with self._lock:
             self._refresh()
             self._check_key_range(key, "key")
-            undo = self._changes_after(revision)
+            undo = self._v.changes_after(revision, self._revision)
             if key in undo:
                 return undo[key]
             overlay, snap = self._view
@@ -544,23 +343,13 @@ class Reader:
         with self._lock:
             self._refresh()
             current = self.list(prefix)
-            undo = self._changes_after(revision)
+            undo = self._v.changes_after(revision, self._revision)
         start = prefix or self._prefix
         out = _history.apply_undo({kv.key: kv for kv in current.items}, undo, start,
                                   range_end(start))
         if limit is not None:
             out = out[:limit]
         return ListResult(out, revision)
-
-    def _position_after(self, since: int) -> int:
-        """A ring position at or before the first record with revision > since (never after it)."""
-        with self._lock:
-            b, seg = self._block, self._ring
-            assert b is not None and seg is not None
-            if since >= b.snap_revision:
-                return _history.position_after(self._control, seg, b, self._rec_revs,
-                                               self._rec_pos, self._pos, since)
-        return _history.position_after(self._control, seg, b, [], [], 0, since)
 
     def watch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Watch:
         """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.
@@ -595,59 +384,20 @@ class Reader:
         seconds, or at once if no writer is running.
         """
         self._check_open()
-        deadline = time.monotonic() + timeout
-        b = self._control.block()
-        while b is None:  # the writer is inside a publish (or stopped in one)
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"the writer of cache {self.name!r} is stuck inside a "
-                                   f"publish; cannot confirm a consistent read")
-            time.sleep(0.001)
-            b = self._control.block()
-        # A round that starts after our request covers it: the one after every
-        # round already started (a running round may have read etcd's revision
-        # before this call).
-        need = b.sync_started + 1
         with self._lock:
             if self._sync_client is None:
                 self._sync_client = _sync.Client(self.name)
-        sent = time.monotonic()
-        if not self._sync_client.request():
-            raise TimeoutError(f"cache {self.name!r} has no running writer to confirm a "
-                               f"consistent read", hint="Check `shmcache status NAME`")
-        while True:
-            word = self._control.word()
-            b = self._control.block()
-            if b is not None and b.sync_done >= need:
-                self._refresh()
-                if self._revision >= b.sync_revision:
-                    return self._revision
-            now = time.monotonic()
-            if now >= deadline:
-                raise TimeoutError(f"the writer of cache {self.name!r} did not confirm a "
-                                   f"consistent read within {timeout}s")
-            if now - sent > 1.0:  # the writer may have restarted and lost the request
-                sent = now
-                self._sync_client.request()
-            self._control.wait(word, min(deadline - now, 0.25))
+
+        def reached() -> int:
+            self._refresh()
+            return self._revision
+
+        return self._sync_client.confirm(self._control, reached, timeout)
 
     def status(self) -> Status:
         """The cache's and its writer's state, read without waiting."""
         self._check_open()
-        b = self._control.block() or self._block
-        if b is None:
-            raise ShmCacheError(f"cache {self.name!r} has not published its state yet")
-        ctl = self._control
-        pid, _start, hb = ctl.writer_identity()
-        alive = ctl.writer_alive()
-        return Status(
-            name=self.name, prefix=ctl.prefix(b.prefix_len),
-            writer_pid=pid, writer_alive=alive,
-            heartbeat_age=(time.monotonic_ns() - hb) / 1e9 if hb else None,
-            revision=b.revision, etcd_revision=b.etcd_revision, epoch=b.epoch,
-            oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
-            key_count=b.key_count, ring_capacity=b.ring_capacity,
-            ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
-            etcd_unreachable_since=ctl.etcd_down_since() if alive else None)
+        return self._control.status(self.name, self._v.block)
 
     # -- for Watch (shmcache/_watch.py) ----------------------------------------
 
@@ -674,22 +424,13 @@ class Reader:
             prefix = self._prefix
         self._check_key_range(prefix, "prefix")
         with self._lock:
-            b, seg = self._block, self._ring
-            assert b is not None and seg is not None
-            if since is None:
-                return prefix, b, seg, self._pos, b.revision
-            if since < b.compact_revision:
-                raise CompactedError(
-                    f"cache {self.name!r} no longer holds the events after revision "
-                    f"{since}; the oldest since_revision it can serve is "
-                    f"{b.compact_revision}", compact_revision=b.compact_revision)
-            return prefix, b, seg, self._position_after(since), since
+            return (prefix, *self._v.watch_start(since))
 
     def _current_ring(self) -> tuple[control.Block, _shm.Segment]:
         """The block and ring segment after a refresh (a Watch following a new ring)."""
         with self._lock:
             self._refresh()
-            b, seg = self._block, self._ring
+            b, seg = self._v.block, self._v.ring
         assert b is not None and seg is not None
         return b, seg
 

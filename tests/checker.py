@@ -135,7 +135,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     last_seen: dict[int, int] = {}  # epoch -> highest revision reported
 
     def monotonic(r: shmcache.Reader, rev: int) -> None:
-        epoch = r._epoch  # the epoch of the view that answered
+        epoch = r._v.epoch  # the epoch of the view that answered (internal: shmcache._view)
         if rev < last_seen.get(epoch, 0):
             problems.append(f"reader {idx}: revision went back from {last_seen[epoch]} to {rev} "
                             f"in epoch {epoch}")

@@ -1,0 +1,276 @@
+"""What one Reader sees of a cache: the live snapshot, mapped in place, plus an overlay.
+
+The overlay holds the events published since the snapshot (ring records
+[SNAP_RING_POS, RING_HEAD)), bounded by the writer's snapshot cadence and ring
+size, not by the number of keys (docs/design.md, "The reader's view").
+
+Concurrency contract: ``advance`` runs under the owning Reader's lock; ``pair``
+(overlay, snapshot) is replaced whole, so a lock-free ``get`` in another thread
+reads a matching pair; an overlay is never modified while it is the live one.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from sortedcontainers import SortedDict
+
+from . import _codec, _history, _shm, control, layout, ring
+from .errors import CompactedError, CorruptSegmentError, NotFoundError
+from .snapshot import Snapshot
+from .types import KeyValue
+
+
+def range_end(prefix: bytes) -> bytes | None:
+    """Exclusive upper bound of the keys under ``prefix``; None for "no bound".
+
+    etcd spells "no bound" b"\\0" (the range end of b"" and of all-0xff prefixes).
+    """
+    if not prefix:
+        return None
+    end = layout.prefix_range_end(prefix)
+    return None if end == b"\0" else end
+
+
+class Retry(Exception):
+    """The writer moved on while we read (snapshot replaced, ring lapped): read the block again."""
+
+
+class View:
+    """The snapshot, overlay and ring position of one Reader, moved forward by ``advance``."""
+
+    def __init__(self, cache: str, ctl: control.ControlReader) -> None:
+        self.cache = cache
+        self.control = ctl
+        self.block: control.Block | None = None
+        self.epoch = -1
+        self.prefix = b""
+        self.prefix_end: bytes | None = None
+        self.ring: _shm.Segment | None = None
+        self.ring_gen = -1
+        self.snap: Snapshot | None = None
+        self.snap_seq = 0
+        self.overlay: SortedDict = SortedDict()
+        # The overlay is double-buffered (see _next_overlay): the spare and the
+        # changes it lacks.
+        self.spare: SortedDict | None = None
+        self.spare_pending: list[tuple[bytes, KeyValue | None]] = []
+        self.pair: tuple[SortedDict, Snapshot | None] = (self.overlay, None)
+        # Revision and position of every record after the snapshot (for watches
+        # and past-revision reads), and the position read up to.
+        self.rec_revs: list[int] = []
+        self.rec_pos: list[int] = []
+        self.pos = 0
+
+    def overlay_slice(self, prefix: bytes, end: bytes | None) -> list[tuple[bytes, KeyValue | None]]:
+        """The overlay's entries in [prefix, end), copied (call under the Reader's lock)."""
+        overlay = self.overlay
+        if end is None:
+            keys = list(overlay.irange(minimum=prefix))
+        else:
+            keys = list(overlay.irange(prefix, end, inclusive=(True, False)))
+        return [(k, overlay[k]) for k in keys]
+
+    # -- for past-revision reads and watches (under the Reader's lock) ----------
+
+    def changes_after(self, revision: int, current: int) -> dict[bytes, KeyValue | None]:
+        """key -> its KeyValue (None: absent) at ``revision``, for the keys changed since;
+        CompactedError / FutureRevisionError outside the window (see _history)."""
+        b = self.block
+        assert b is not None and self.ring is not None
+        _history.check_window(self.cache, revision, current, b.compact_revision)
+        if revision == current:
+            return {}
+        return _history.changes_after(self.cache, self.control, self.ring, b,
+                                      self.position_after(revision), self.pos, revision)
+
+    def position_after(self, since: int) -> int:
+        """A ring position at or before the first record with revision > since (never after it)."""
+        b, seg = self.block, self.ring
+        assert b is not None and seg is not None
+        return _history.position_after(self.control, seg, b, self.rec_revs, self.rec_pos,
+                                       self.pos, since)
+
+    def watch_start(self, since: int | None) -> tuple[control.Block, _shm.Segment, int, int]:
+        """(block, ring, position, since) for a watch from ``since`` (None: from now)."""
+        b, seg = self.block, self.ring
+        assert b is not None and seg is not None
+        if since is None:
+            return b, seg, self.pos, b.revision
+        if since < b.compact_revision:
+            raise CompactedError(
+                f"cache {self.cache!r} no longer holds the events after revision "
+                f"{since}; the oldest since_revision it can serve is "
+                f"{b.compact_revision}", compact_revision=b.compact_revision)
+        return b, seg, self.position_after(since), since
+
+    def close(self) -> None:
+        if self.snap is not None:
+            self.snap.close()
+        if self.ring is not None:
+            self.ring.close()
+        self.snap = None
+        self.ring = None
+
+    def _open_ring(self, b: control.Block) -> _shm.Segment:
+        """The ring segment block ``b`` points at (the one mapped already, if it is that one)."""
+        if b.ring_gen == self.ring_gen and self.ring is not None:
+            return self.ring
+        name = layout.ring_name(self.cache, b.ring_gen)
+        seg = _shm.open_readonly(name)
+        if seg is None:
+            self._missing(b, name)
+        ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
+        return seg
+
+    def _missing(self, b: control.Block, name: str) -> NoReturn:
+        """A segment the block points at is gone: replaced meanwhile (retry) or removed (error)."""
+        if self.control.block() == b:
+            raise CorruptSegmentError(
+                f"segment {name} that the control segment points at is missing",
+                segment=self.control.name,
+                hint="Was it removed by hand? Restarting the writer republishes the cache")
+        raise Retry()
+
+    def advance(self, b: control.Block) -> None:
+        """Move the view to block ``b``: read the new ring records, then swap the result in.
+
+        Nothing the view holds changes until every new record has been read and
+        found intact (ring.iter_records): a lapped or corrupt ring leaves the
+        view exactly as it was, and a lock-free ``get`` sees the old view or the
+        new one, never a mixture.
+        """
+        if b.snap_seq == 0:
+            if not self.control.writer_alive():
+                raise NotFoundError(
+                    f"cache {self.cache!r} has no snapshot and no writer is running (its "
+                    f"writer stopped before it loaded the range from etcd)", name=self.cache,
+                    hint="Start its writer (`shmcache serve NAME ...`), or remove it with "
+                         "`shmcache rm NAME`")
+            raise NotFoundError(f"cache {self.cache!r} has no snapshot yet: its writer is "
+                                f"still loading", name=self.cache,
+                                hint="Pass Reader(name, timeout=...) to wait for it")
+        prefix = self.prefix
+        if b.epoch != self.epoch or b.prefix_len != len(prefix):
+            prefix = self.control.prefix(b.prefix_len)
+        ring_seg = self._open_ring(b)
+        fresh = (prefix != self.prefix or b.epoch != self.epoch or ring_seg is not self.ring
+                 or b.snap_seq != self.snap_seq or self.snap is None)
+        if fresh:
+            name = layout.snapshot_name(self.cache, b.snap_seq)
+            seg = _shm.open_readonly(name)
+            if seg is None:
+                self._missing(b, name)
+            snap = Snapshot(name, seg.buf, seg.size)
+            if snap.revision != b.snap_revision or snap.epoch != b.epoch or seg.size != b.snap_size:
+                snap.close()
+                if self.control.block() == b:
+                    raise CorruptSegmentError(
+                        f"snapshot revision {snap.revision}/epoch {snap.epoch}/size {seg.size} "
+                        f"does not match the control segment ({b.snap_revision}/{b.epoch}/"
+                        f"{b.snap_size})", segment=name)
+                raise Retry()
+            start, last_rev = b.snap_ring_pos, b.snap_revision
+        else:
+            snap = self.snap  # type: ignore[assignment]
+            start = self.pos
+            last_rev = self.rec_revs[-1] if self.rec_revs else snap.revision
+        changes: list[tuple[bytes, KeyValue | None]] = []
+        revs: list[int] = []
+        positions: list[int] = []
+        try:
+            for pos, rev, _nxt, payload in ring.iter_records(
+                    ring_seg.buf, b.ring_capacity, start, b.ring_head,
+                    self.control.tail, after_revision=last_rev,
+                    max_revision=b.revision, name=ring_seg.name):
+                for ev in _codec.decode(payload, rev, ring_seg.name):
+                    changes.append((ev.kv.key, ev.kv if ev.type == "PUT" else None))
+                revs.append(rev)
+                positions.append(pos)
+        except ring.Lapped:
+            raise Retry() from None
+        # Everything read is intact: commit.
+        if fresh:
+            overlay: SortedDict = SortedDict()
+            for key, kv in changes:
+                overlay[key] = kv
+            self.spare, self.spare_pending = None, []
+            self.rec_revs, self.rec_pos = revs, positions
+            self.prefix = prefix
+            self.prefix_end = range_end(prefix)
+            self.ring = ring_seg  # the old mapping is dropped, not closed: a Watch may hold it
+            self.ring_gen = b.ring_gen
+            # The old snapshot is dropped, not closed: a running list() may still hold it.
+            self.snap = snap
+            self.snap_seq = b.snap_seq
+        else:
+            overlay = self._next_overlay(changes)
+            self.rec_revs.extend(revs)
+            self.rec_pos.extend(positions)
+        self.overlay = overlay
+        self.pair = (overlay, snap)
+        self.pos = b.ring_head
+        self.epoch = b.epoch
+
+    def _next_overlay(self, changes: list[tuple[bytes, KeyValue | None]]) -> SortedDict:
+        """The live overlay with ``changes`` applied, built aside from the one readers use.
+
+        Two overlays alternate: the spare (the one replaced at the last refresh)
+        first catches up with the changes it lacks, then takes the new ones, and
+        becomes the live one. A ``get`` that picked up the old live overlay just
+        before the swap keeps reading a state that does not change under it
+        until the next refresh. Each change is applied twice; one copy is made
+        per snapshot, at the first refresh after it.
+        """
+        if not changes:
+            return self.overlay
+        spare = self.spare
+        if spare is None:
+            spare = self.overlay.copy()
+        else:
+            for key, kv in self.spare_pending:
+                spare[key] = kv
+        for key, kv in changes:
+            spare[key] = kv
+        self.spare, self.spare_pending = self.overlay, changes
+        return spare
+
+
+def merge(snap: Snapshot, prefix: bytes, end: bytes | None,
+          ov_items: list[tuple[bytes, KeyValue | None]], limit: int | None) -> list[KeyValue]:
+    """The snapshot's entries in [prefix, end) with the overlay slice ``ov_items`` applied
+    (overlay wins, tombstones hide), in key order, at most ``limit``."""
+    want = limit if limit is not None else -1
+    n_ov = len(ov_items)
+    if not n_ov:
+        return snap.range_list(prefix, end, want)
+    # Each overlay entry hides at most one snapshot entry: limit + n_ov
+    # snapshot entries are enough to fill ``limit`` answers.
+    base = snap.range_list(prefix, end, -1 if want < 0 else want + n_ov)
+    items: list[KeyValue] = []
+    oi = 0
+    for kv in base:
+        k = kv.key
+        while oi < n_ov and ov_items[oi][0] <= k:
+            ok, ov = ov_items[oi]
+            oi += 1
+            if ov is not None:
+                if len(items) == want:
+                    return items
+                items.append(ov)
+            if ok == k:
+                break
+        else:
+            if len(items) == want:
+                return items
+            items.append(kv)
+            continue
+        # k was shadowed by an overlay entry (already handled above)
+    while oi < n_ov:
+        ov = ov_items[oi][1]
+        oi += 1
+        if ov is not None:
+            if len(items) == want:
+                break
+            items.append(ov)
+    return items
