@@ -318,7 +318,8 @@ def render_text(res: dict[str, Any]) -> str:
     if prop:
         parts.append("**Propagation** etcd put -> watch event in another process (ms; "
                      "'stall N' rows: the writer republishes its N-key snapshot while "
-                     "puts arrive at the stall rate)\n\n" + _md(["puts/s", "watch", "events", "p50", "p90", "p99",
+                     "puts arrive at the stall rate)\n\n"
+                     + _md(["puts/s", "watch", "events", "p50", "p90", "p99",
                                              "max", "longest gap"], prop))
     ing = []
     for i in res.get("ingest", []):
@@ -396,7 +397,7 @@ def plots(res: dict[str, Any], outdir: str, mode: str) -> list[str]:
         fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4.2), squeeze=False,
                                  sharey=True)
         drew = False
-        for ax, n in zip(axes[0], sizes):
+        for ax, n in zip(axes[0], sizes, strict=False):
             for b in BACKEND_ORDER:
                 rows = sorted(_rows(res, backend=b, n=n, op=op), key=lambda r: r["k"])
                 if rows:
@@ -422,7 +423,7 @@ def plots(res: dict[str, Any], outdir: str, mode: str) -> list[str]:
     h2h = res.get("head_to_head", [])
     if h2h:
         fig, axes = plt.subplots(1, len(h2h), figsize=(5 * len(h2h), 3.6), squeeze=False)
-        for ax, h in zip(axes[0], h2h):
+        for ax, h in zip(axes[0], h2h, strict=False):
             items = sorted(((k, v) for k, v in h["median"].items() if k.endswith(" x1")
                             and not k.startswith("shmcache aggregate")), key=lambda kv: kv[1])
             names = [k.removesuffix(" x1") for k, _ in items]

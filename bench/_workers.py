@@ -23,8 +23,8 @@ from typing import Any
 
 from _common import (
     LIST_PREFIX_KEYS,
-    grpc_options,
     group_prefix,
+    grpc_options,
     key,
     range_all,
     sleep_until,
@@ -150,7 +150,7 @@ def _redis(p: dict[str, Any]) -> Backend:
         out: list[tuple[bytes, bytes]] = []
         for i in range(0, len(ks), 10_000):
             chunk = ks[i:i + 10_000]
-            out.extend(zip(chunk, r.mget(chunk)))
+            out.extend(zip(chunk, r.mget(chunk), strict=False))
         return out
 
     return Backend(r.get, list_, r.close)

@@ -146,7 +146,7 @@ class Bench:
             self.pool.append((p, a))
 
     def call(self, idx: list[int], cmd: str, args: list[Any], timeout: float = 900) -> list[Any]:
-        for i, a in zip(idx, args):
+        for i, a in zip(idx, args, strict=False):
             self.pool[i][1].send((cmd, a))
         out, errors = [], []
         for i in idx:
@@ -384,7 +384,7 @@ class Bench:
     def memory(self, n: int, counts: tuple[int, int]) -> None:
         import _workers
 
-        for kind, workers in zip(("shmcache", "replica"), counts):
+        for kind, workers in zip(("shmcache", "replica"), counts, strict=False):
             self.step(f"{n // 1000}k keys: memory of {workers} {kind} workers")
             if not workers:
                 self.res["skipped"].append({"section": "memory", "backend": kind, "n": n,
@@ -461,7 +461,7 @@ class Bench:
     def delays(ev: list[tuple[int, int]]) -> dict[str, Any]:
         d = [(a - b) / 1e6 for a, b in ev]
         arr = sorted(a for a, _ in ev)
-        gaps = [(y - x) / 1e6 for x, y in zip(arr, arr[1:])]
+        gaps = [(y - x) / 1e6 for x, y in zip(arr, arr[1:], strict=False)]
         return {"delay_ms": C.summary(d), "max_gap_ms": max(gaps) if gaps else None}
 
     def settle(self, n: int, timeout: float = 300) -> float:
@@ -510,6 +510,7 @@ class Bench:
 
     def ingest(self, n: int, w: Any) -> None:
         import _workers
+
         import shmcache
 
         self.step(f"{n // 1000}k keys: writer ingest")

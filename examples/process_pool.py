@@ -66,7 +66,7 @@ def main() -> int:
             # the listed version, a newer one, or None (deleted since).
             consistent = all(
                 kv is None or kv.mod_revision > want[key].mod_revision or kv == want[key]
-                for key, (_pid, kv) in zip(keys, results))
+                for key, (_pid, kv) in zip(keys, results, strict=False))
             pids = {pid for pid, _kv in results}
             ok = consistent and len(results) == len(keys) and os.getpid() not in pids
             print(f"{label}: {len(results)} lookups in {len(pids)} worker processes, "

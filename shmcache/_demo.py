@@ -133,8 +133,8 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
             last_t = start
             while not stop_evt.wait(1.0):
                 now = time.monotonic()
-                cur = list(counts)
-                rates = [(c - p) / (now - last_t) for c, p in zip(cur, last)]
+                cur = list(counts[:])
+                rates = [(c - p) / (now - last_t) for c, p in zip(cur, last, strict=False)]
                 last, last_t = cur, now
                 d = list(delays)
                 del delays[:]

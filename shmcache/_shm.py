@@ -14,8 +14,12 @@ from dataclasses import dataclass
 import posix_ipc
 
 from . import layout
-from .errors import (CorruptSegmentError, InvalidNameError, SegmentPermissionError,
-                     WriterRunningError)
+from .errors import (
+    CorruptSegmentError,
+    InvalidNameError,
+    SegmentPermissionError,
+    WriterRunningError,
+)
 
 SHM_DIR = "/dev/shm"
 _SUFFIX_RE = re.compile(r"ctl|ring\.[0-9]+|snap\.[0-9]+")

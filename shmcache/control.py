@@ -348,7 +348,8 @@ class ControlWriter:
         _Q.pack_into(self.buf, layout.C_ETCD_DOWN_SINCE, unix_ns)
 
     def get(self, index: int) -> int:
-        return self.fields[index]
+        v: int = self.fields[index]
+        return v
 
     def publish(self, updates: dict[int, int], prefix: bytes | None = None,
                 wake: bool = True) -> None:

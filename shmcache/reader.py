@@ -21,6 +21,7 @@ from . import _history, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._view import Retry, View, merge, range_end
 from ._watch import Watch
+from .control import Block, ControlReader
 from .errors import (
     NotFoundError,
     ShmCacheError,
@@ -282,7 +283,7 @@ class Reader:
         overlay, snap = self._view
         ov = overlay.get(key, _MISSING)
         if ov is not _MISSING:
-            return ov  # type: ignore[return-value]
+            return ov  # type: ignore[no-any-return]
         assert snap is not None
         if _fast_get is not None and snapshot_mod.USE_SPEEDUPS:
             # The C lookup straight from here: this is every reader's hot path.
@@ -335,7 +336,7 @@ class Reader:
             overlay, snap = self._view
             ov = overlay.get(key, _MISSING)
             if ov is not _MISSING:
-                return ov  # type: ignore[return-value]
+                return ov  # type: ignore[no-any-return]
             assert snap is not None
             return snap.get(key)
 
@@ -402,7 +403,7 @@ class Reader:
     # -- for Watch (shmcache/_watch.py) ----------------------------------------
 
     @property
-    def control(self) -> control.ControlReader:
+    def control(self) -> ControlReader:
         """The cache's control segment (block, tail, futex word, closed), read-only.
 
         The low-level handle that Watch, AsyncWatch and Subscription wait on;
@@ -417,7 +418,7 @@ class Reader:
             self._check_stale()
 
     def _watch_start(self, prefix: bytes, since: int | None,
-                     ) -> tuple[bytes, control.Block, _shm.Segment, int, int]:
+                     ) -> tuple[bytes, Block, _shm.Segment, int, int]:
         """(prefix, block, ring, position, since) for a new Watch, from one view."""
         self._refresh()
         if not prefix:
@@ -426,7 +427,7 @@ class Reader:
         with self._lock:
             return (prefix, *self._v.watch_start(since))
 
-    def _current_ring(self) -> tuple[control.Block, _shm.Segment]:
+    def _current_ring(self) -> tuple[Block, _shm.Segment]:
         """The block and ring segment after a refresh (a Watch following a new ring)."""
         with self._lock:
             self._refresh()

@@ -1,4 +1,4 @@
-"""The ring log: fixed-size records of one etcd revision each, appended by the writer, read in place by readers.
+"""The ring log: one record per etcd revision, appended by the writer, read in place by readers.
 
 Concurrency contract: exactly one process appends (the writer); any number read.
 The writer never waits for readers. Before it overwrites bytes it moves the
@@ -114,8 +114,8 @@ def read_seal(buf: object) -> tuple[int, int, int] | None:
     seal: a new epoch, a crash). See layout.RING_SEAL.
     """
     try:
-        sealed, tail, head, revision = layout.RING_SEAL.unpack_from(  # type: ignore[arg-type]
-            buf, layout.RING_SEAL_OFF)
+        sealed, tail, head, revision = layout.RING_SEAL.unpack_from(
+            buf, layout.RING_SEAL_OFF)  # type: ignore[arg-type]
     except Exception:  # a closed or short mapping
         return None
     if sealed != 1 or tail > head:

@@ -31,10 +31,13 @@ _Q_UNPACK = layout.SNAP_INDEX_ENTRY.unpack_from
 _crc32 = zlib.crc32
 HEADER_SIZE = 128
 
+_speedups: Any
 try:  # the optional C versions of get() and the range walk (setup.py builds them)
-    from . import _speedups
+    from . import _speedups as _c_speedups
+
+    _speedups = _c_speedups
 except ImportError:  # no compiler at install time: the pure-Python versions below
-    _speedups = None  # type: ignore[assignment]
+    _speedups = None
 
 # SHMCACHE_PURE_PYTHON=1 forces the reference implementation (tests compare both).
 USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHON")
@@ -43,7 +46,7 @@ USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHO
 class Plan(NamedTuple):
     """Where everything of a snapshot with ``count`` entries taking ``data_len`` bytes goes."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # (shadows tuple.count, unused here)
     data_len: int
     slots: int
     index_off: int
@@ -99,7 +102,7 @@ def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
                 raise base._corrupt(str(exc)) from None
             raise
     else:
-        items = _overlay(base, keys, values) if base is not None else zip(keys, values)
+        items = _overlay(base, keys, values) if base is not None else zip(keys, values, strict=False)
         body_crc = _fill(buf, plan, items)  # type: ignore[arg-type]
     header = bytearray(HEADER_SIZE)
     layout.SNAP_HEADER.pack_into(
@@ -114,7 +117,7 @@ def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
 def _overlay(base: Snapshot, keys: list[bytes],
              values: list[tuple[bytes, int, int, int, int] | None]) -> Iterator[Item]:
     """``base``'s entries merged with the changes, in key order (the pure-Python build)."""
-    changes = iter(zip(keys, values))
+    changes = iter(zip(keys, values, strict=False))
     change = next(changes, None)
     for kv in base.range(b"", None):
         while change is not None and change[0] < kv.key:
@@ -199,7 +202,7 @@ def build(items: Iterable[Item], count: int, revision: int, epoch: int) -> tuple
     items = list(items)
     keys = [k for k, _ in items]
     values: list[tuple[bytes, int, int, int, int] | None] = [v for _, v in items]
-    plan = Plan.of(count, sum(entry_span(k, v[0]) for k, v in items))  # type: ignore[index]
+    plan = Plan.of(count, sum(entry_span(k, v[0]) for k, v in items))
 
     def fill(buf: Any) -> None:
         write(buf, plan, revision, epoch, keys, values)
@@ -293,7 +296,8 @@ class Snapshot:
         """The entry for ``key`` or None: a hash probe, never a scan."""
         if USE_SPEEDUPS and type(key) is bytes:
             try:
-                return _speedups.get(key, self.params)  # type: ignore[no-any-return]
+                kv: KeyValue | None = _speedups.get(key, self.params)
+                return kv
             except ValueError as exc:
                 raise self._corrupt(str(exc)) from None
         return self.py_get(key)
@@ -357,7 +361,7 @@ class Snapshot:
     def range_list(self, start: bytes, end: bytes | None, limit: int = -1) -> list[KeyValue]:
         """Entries with ``start <= key < end`` in key order, at most ``limit`` (-1: all)."""
         if not USE_SPEEDUPS:
-            out = []
+            out: list[KeyValue] = []
             for kv in self.range(start, end):
                 if len(out) == limit:
                     break
@@ -365,8 +369,9 @@ class Snapshot:
             return out
         i, expected = self._walk_start(start)
         try:
-            return _speedups.walk(self.buf, self.index_off, i, self.count,  # type: ignore[no-any-return]
-                                  expected, self.data_end, end, limit, KeyValue)
+            found: list[KeyValue] = _speedups.walk(self.buf, self.index_off, i, self.count,
+                                                   expected, self.data_end, end, limit, KeyValue)
+            return found
         except ValueError as exc:
             raise self._corrupt(str(exc)) from None
 
@@ -391,7 +396,6 @@ class Snapshot:
         prev = b""
         view = self._view
         index_off = self.index_off
-        data_off = self.data_off
         data_end = self.data_end
         last_entry = data_end - _ENTRY_SIZE
         while i < n:

@@ -231,7 +231,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
 
 
 def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
             fields = [f for f in ("type", "revision") if getattr(a, f) != getattr(b, f)]
             for part in ("kv", "prev_kv"):

@@ -21,8 +21,8 @@ import pytest
 
 import shmcache
 from shmcache import _futex, _shm, aio, layout
-from shmcache.control import ControlReader
 from shmcache._etcdserver import free_port
+from shmcache.control import ControlReader
 from tests.helpers import (
     WriterProcess,
     delete,
@@ -86,8 +86,9 @@ class _FakeReader:
 
 def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.MonkeyPatch) -> None:
     """One publish per wait, landing at random moments around the registration and the
-    start of a new waker thread; then two loops under a stream of publishes. Every wait ends by a wake-up, never by the waker's FUTEX_WAIT timeout (raised
-    to 3 s here, so a lost wake-up would show)."""
+    start of a new waker thread; then two loops under a stream of publishes. Every wait
+    ends by a wake-up, never by the waker's FUTEX_WAIT timeout (raised to 3 s here, so a
+    lost wake-up would show)."""
     monkeypatch.setattr(aio, "_SLICE", 3.0)
     monkeypatch.setattr(aio, "_IDLE_EXIT", 0.0)  # exit at the first moment without waiters
     fake = _FakeReader()

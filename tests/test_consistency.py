@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -169,7 +168,7 @@ def test_reads_at_every_past_revision_equal_etcd(etcd_session: Any, etcd_client:
         rnd = random.Random(5)
         keys = [p + b"k%d" % i for i in range(12)]
         last = 0
-        for i in range(300):
+        for _i in range(300):
             k = rnd.choice(keys)
             x = rnd.random()
             if x < 0.6:

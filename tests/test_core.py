@@ -95,10 +95,10 @@ def test_binary_keys_empty_and_large_values(etcd_client: Any, writer: WriterProc
     keys = [p + b"\x00\xff\x01", p + b"\xff\xfe", p + "ключ".encode(), p + b"empty", p + b"big"]
     values = [os.urandom(64), b"\x00" * 10, "значение".encode(), b"", os.urandom(1 << 20)]
     last = 0
-    for k, v in zip(keys, values):
+    for k, v in zip(keys, values, strict=False):
         last = put(etcd_client, k, v)
     _wait_rev(r, last)
-    for k, v in zip(keys, values):
+    for k, v in zip(keys, values, strict=False):
         kv = r.get(k)
         assert kv is not None and kv.value == v and kv == etcd_get(etcd_client, k)
     assert r.list(p).items == etcd_range(etcd_client, p, r.revision)

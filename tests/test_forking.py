@@ -170,7 +170,7 @@ def _check_wsgi_server(srv: ServerProcess, client: Any, prefix: bytes, preload: 
     with ThreadPoolExecutor(8) as ex:
         answers = list(ex.map(lambda k: srv.get(f"/get?key={k.decode()}"), keys * 3))
     workers = set(srv.workers())
-    for key, (status, body) in zip(keys * 3, answers):
+    for key, (status, body) in zip(keys * 3, answers, strict=False):
         assert status == 200, body
         want = etcd_get(client, key)
         assert want is not None and body["value"] == want.value.decode()
@@ -264,7 +264,7 @@ def _revision_of(r: shmcache.Reader) -> int:  # pragma: no cover - never runs: n
 
 def _check_answers(client: Any, keys: list[bytes],
                    answers: list[tuple[int, tuple[Any, ...] | None, int]]) -> set[int]:
-    for key, (_pid, kv, rev) in zip(keys, answers):
+    for key, (_pid, kv, rev) in zip(keys, answers, strict=False):
         want = etcd_get(client, key, rev)
         assert kv == (tuple(want) if want else None)
     pids = {pid for pid, _kv, _rev in answers}
@@ -301,7 +301,7 @@ def test_reader_made_before_fork_is_inherited_by_pool_workers(
             answers = pool.map(_get, keys, chunksize=1)
         _check_answers(etcd_client, keys, answers)
         assert all(r >= rev > before for _pid, _kv, r in answers)
-        assert dict(zip(keys, answers))[sub_prefix + b"k03"][1][1] == b"after-fork"  # type: ignore[index]
+        assert dict(zip(keys, answers, strict=False))[sub_prefix + b"k03"][1][1] == b"after-fork"  # type: ignore[index]
     finally:
         _worker_reader.close()
         _worker_reader = None

@@ -43,8 +43,8 @@ def _read_word(mm: mmap.mmap) -> int:
     return value
 
 
-def _reader_main(name: str, timeout: float, ready: "multiprocessing.Queue[object]",
-                 results: "multiprocessing.Queue[object]") -> None:
+def _reader_main(name: str, timeout: float, ready: multiprocessing.Queue[object],
+                 results: multiprocessing.Queue[object]) -> None:
     """Wait once on a read-only mapping and report (pid, woke, wake time, new value)."""
     _, mm = _open_readonly(name)
     try:
@@ -58,7 +58,7 @@ def _reader_main(name: str, timeout: float, ready: "multiprocessing.Queue[object
         mm.close()
 
 
-def _idle_main(name: str, timeout: float, results: "multiprocessing.Queue[object]") -> None:
+def _idle_main(name: str, timeout: float, results: multiprocessing.Queue[object]) -> None:
     """Wait with an unchanged value and report (result, wall time, cpu time) of the wait."""
     _, mm = _open_readonly(name)
     try:
