@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import psutil  # noqa: E402
 
 import shmcache  # noqa: E402
-from shmcache._etcdserver import EtcdServer  # noqa: E402
+from tests.etcdserver import EtcdServer  # noqa: E402
 from tests.helpers import WriterProcess, put  # noqa: E402
 
 PREFIX = b"/bench/"

@@ -44,8 +44,8 @@ def main() -> int:
     n = args.keys
     import shmcache
     from shmcache import _codec, layout, snapshot
-    from shmcache._etcdserver import EtcdServer
     from shmcache.types import KeyValue, kv_new
+    from tests.etcdserver import EtcdServer
     from tests.helpers import WriterProcess
 
     prefix = C.cache_prefix(n)

@@ -67,7 +67,7 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=30_000)
     args = ap.parse_args()
     import shmcache
-    from shmcache._etcdserver import EtcdServer
+    from tests.etcdserver import EtcdServer
     from tests.helpers import WriterProcess, etcd_current_revision
 
     n = args.keys

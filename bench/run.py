@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["only"] = set(args.only.split(","))
     from tqdm import tqdm
 
-    from shmcache._etcdserver import EtcdServer
+    from tests.etcdserver import EtcdServer
 
     ctx = mp.get_context("spawn")
     started = time.monotonic()

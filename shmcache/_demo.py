@@ -76,7 +76,7 @@ def _stop_children(stop: Any, procs: list[Any], writer: Any) -> None:
 
 
 def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000) -> int:
-    from ._etcdserver import EtcdServer
+    from ._demo_etcd import DemoEtcd
 
     name = f"demo-{os.getpid()}"
     print(f"shmcache demo: starting etcd, loading {keys} keys, cache {name!r}, "
@@ -89,7 +89,7 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     try:
-        with EtcdServer() as etcd:
+        with DemoEtcd() as etcd:
             client = etcd.client()
             t0 = time.monotonic()
             _load(client, keys)

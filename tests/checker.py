@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import shmcache
-from shmcache._etcdserver import EtcdServer
+from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
 
 PREFIX = b"/chk/"

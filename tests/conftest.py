@@ -15,7 +15,7 @@ import posix_ipc
 import psutil
 import pytest
 
-from shmcache._etcdserver import EtcdServer
+from tests.etcdserver import EtcdServer
 
 SHM_DIR = "/dev/shm"
 # POSIX shared memory "/x" is /dev/shm/x; a POSIX semaphore "/x" is /dev/shm/sem.x.

@@ -21,8 +21,8 @@ import pytest
 
 import shmcache
 from shmcache import _futex, _shm, aio, layout
-from shmcache._etcdserver import free_port
 from shmcache.control import ControlReader
+from tests.etcdserver import free_port
 from tests.helpers import (
     WriterProcess,
     delete,

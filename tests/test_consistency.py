@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _etcdserver, _shm, layout
+from shmcache import _shm, layout
 from tests import checker
+from tests import etcdserver as _etcdserver
 from tests.helpers import (
     WriterProcess,
     delete,

@@ -23,7 +23,7 @@ import pytest
 
 import shmcache
 from shmcache import _check, _shm, control, layout, ring
-from shmcache._etcdserver import EtcdServer, free_port
+from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn
 from tests.test_service import FakeSystemd, _scrape, _writer_log, systemd  # noqa: F401
 

@@ -15,8 +15,8 @@ import pytest
 
 import shmcache
 from shmcache import _etcd
-from shmcache._etcdserver import EtcdCluster, EtcdServer, free_port, generate_tls_files
 from shmcache.writer import Writer
+from tests.etcdserver import EtcdCluster, EtcdServer, free_port, generate_tls_files
 from tests.helpers import WriterProcess, drain, etcd_events, etcd_range, put
 from tests.test_service import _scrape, _writer_log
 

