@@ -45,8 +45,8 @@ def decode(payload: bytes, revision: int, where: str = "") -> list[Event]:
     out = []
     try:
         for typ, key, value, create, mod, version, lease, prev in raw:
-            # (Fix: ``typ`` was unchecked, so msgpack true/1.0 compared equal to
-            # EVENT_DELETE and false/0.0 to EVENT_PUT and were accepted.)
+            # Exact types: msgpack true/1.0 compare equal to EVENT_DELETE and
+            # false/0.0 to EVENT_PUT, and must not pass for them (tests/test_codec.py).
             if type(typ) is not int or type(key) is not bytes or type(value) is not bytes \
                     or type(mod) is not int \
                     or type(create) is not int or type(version) is not int \

@@ -2,7 +2,7 @@
 
 python-etcd3 0.12 is used for its channel, credentials and generated protobufs,
 but not for watching: its watcher ignores non-compaction cancels, re-opens
-streams without backoff and cannot send progress requests (FIELD_NOTES.md). The
+streams without backoff and cannot send progress requests (docs/design.md). The
 stream here is a raw bidirectional gRPC call whose lifecycle the writer owns.
 """
 
@@ -149,7 +149,7 @@ class Connection:
                 items.append((kv.key, (kv.value, kv.create_revision, kv.mod_revision,
                                        kv.version, kv.lease)))
             if progress is not None:
-                # (issue 4 fix) resp.count counts the keys in [start, range_end), i.e.
+                # resp.count counts the keys in [start, range_end), i.e.
                 # those not loaded before this page, not the whole range.
                 progress(len(items), len(items) - len(resp.kvs) + int(resp.count))
             if not resp.more or not resp.kvs:

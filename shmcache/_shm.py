@@ -52,7 +52,8 @@ def open_readonly(name: str) -> Segment | None:
     """Map an existing segment read-only; None if it does not exist.
 
     ``size=0`` matters: if a size is passed and ftruncate fails, posix_ipc closes
-    *and unlinks* the segment by name, even one it only opened (FIELD_NOTES.md).
+    *and unlinks* the segment by name, even one it only opened (docs/design.md, "Facts
+    this design relies on").
     """
     try:
         shm = posix_ipc.SharedMemory(name, flags=0, read_only=True, size=0)

@@ -3,8 +3,8 @@
 Every multi-byte integer is little-endian. Control words that another process
 reads while the writer may be storing them are aligned 8-byte fields accessed
 with ``'<Q'``: on CPython/x86-64 an aligned ``pack_into('<Q')`` is a single
-8-byte store and ``unpack_from('<Q')`` a single load (FIELD_NOTES.md,
-"Memory ordering"), so a reader never sees half of a word. Nothing beyond that is
+8-byte store and ``unpack_from('<Q')`` a single load (docs/design.md, "Facts
+this design relies on"), so a reader never sees half of a word. Nothing beyond that is
 assumed: records carry a position stamp and a CRC so a torn or overwritten read
 is detected on any architecture. docs/format.md is the prose version of this
 module; keep them in step.
