@@ -20,6 +20,8 @@ import etcd3
 import grpc
 from etcd3.etcdrpc import rpc_pb2
 
+from . import _defaults
+
 log = logging.getLogger("shmcache.writer")
 
 # WatchRequest{progress_request: WatchProgressRequest{}}: field 3 of the request
@@ -41,8 +43,8 @@ GRPC_OPTIONS = [
 
 @dataclass
 class EtcdSettings:
-    endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
-    timeout: float = 5.0
+    endpoints: list[str] = field(default_factory=lambda: [_defaults.ENDPOINT])
+    timeout: float = _defaults.ETCD_TIMEOUT
     ca_cert: str | None = None
     cert_key: str | None = None
     cert_cert: str | None = None

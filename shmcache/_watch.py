@@ -53,6 +53,11 @@ class Watch:
     def close(self) -> None:
         self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (the Reader's close ends reads with an error)."""
+        return self._closed
+
     def __iter__(self) -> Iterator[Event]:
         while not self._closed:
             if not self._pending:

@@ -294,7 +294,7 @@ class AsyncWatch:
 
     @property
     def closed(self) -> bool:
-        return self._watch._closed
+        return self._watch.closed
 
     def close(self) -> None:
         """Stop: a pending ``async for`` ends (StopAsyncIteration), ``poll`` returns []."""
