@@ -111,7 +111,7 @@ def _prefix(v: Any, file: bool) -> str:
 
 
 def _size(v: Any, _file: bool) -> int:
-    from .writer import parse_size
+    from ._units import parse_size
 
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise ValueError(f"expected a size such as \"64MiB\" or a number of bytes, got "

@@ -27,28 +27,12 @@ from . import _defaults, _etcd, _shm, _sync, layout
 from ._feed import EtcdFeed
 from ._publisher import Publisher
 from ._segments import CacheSegments
+from ._units import parse_size
 from .errors import ShmCacheError, WriterError
 
 __all__ = ["Writer"]
 
 log = logging.getLogger("shmcache.writer")
-
-
-def parse_size(text: str | int) -> int:
-    """'64MiB', '512k', '1G' or an int -> bytes."""
-    if isinstance(text, int):
-        return text
-    t = text.strip().lower().replace(" ", "")
-    units = {"kib": 1 << 10, "k": 1 << 10, "kb": 1000, "mib": 1 << 20, "m": 1 << 20,
-             "mb": 10**6, "gib": 1 << 30, "g": 1 << 30, "gb": 10**9, "b": 1, "": 1}
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            num = t[: len(t) - len(unit)] if unit else t
-            try:
-                return int(float(num) * units[unit])
-            except ValueError:
-                break
-    raise ValueError(f"cannot parse size {text!r} (use e.g. 64MiB, 512KiB, 1GiB)")
 
 
 class Writer:
@@ -230,7 +214,7 @@ class Writer:
     def _on_ready(self) -> None:
         """The state is current (listed or resumed) and the watch is about to open."""
         if self._remove_strays_later:
-            self._pub.remove_strays()
+            self._segs.remove_strays()
             self._remove_strays_later = False
         self.ready.set()
 
@@ -251,7 +235,8 @@ class Writer:
                 pass
             if self._stop_requested or self._stopped.is_set():
                 break
-            self._pub.heartbeat()
+            assert self._segs.ctl is not None
+            self._segs.ctl.heartbeat()
             if not self._segs.still_ours():
                 cname = layout.control_name(self.name)
                 self._fatal = WriterError(
