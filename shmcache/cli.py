@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
+import math
+import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _shm
@@ -15,12 +20,47 @@ from .errors import ShmCacheError
 log = logging.getLogger("shmcache")
 
 
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _text(b: bytes) -> str:
-    return b.decode("utf-8", "backslashreplace")
+    """Key or value bytes for text output, unambiguous and on one line.
+
+    Valid printable UTF-8 is shown as itself. A backslash becomes ``\\\\``, newline,
+    CR and tab ``\\n \\r \\t``, other control or non-printable characters ``\\xNN``
+    (ASCII) or ``\\uNNNN``/``\\UNNNNNNNN``, and a byte that is not UTF-8 ``\\xNN``
+    (always 80-ff: a code point there is written ``\\u00NN``). So the byte ``\\xff``
+    and the four characters ``\\xff`` print differently, and no value splits a line.
+    ``--json`` and ``get --raw`` give the exact bytes.
+    """
+    s = b.decode("utf-8", "surrogateescape")
+    if s.isprintable() and "\\" not in s:
+        return s
+    out = []
+    for c in s:
+        o = ord(c)
+        if c in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[c])
+        elif 0xDC80 <= o <= 0xDCFF:  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif c.isprintable():
+            out.append(c)
+        elif o < 0x80:
+            out.append(f"\\x{o:02x}")
+        elif o <= 0xFFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(f"\\U{o:08x}")
+    return "".join(out)
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
 
 
 def _kv_json(kv: Any) -> dict[str, Any]:
-    return {"key": _text(kv.key), "value": _text(kv.value), "create_revision": kv.create_revision,
+    """A KeyValue as etcdctl's JSON writes one: key and value standard base64, the rest numbers."""
+    return {"key": _b64(kv.key), "value": _b64(kv.value), "create_revision": kv.create_revision,
             "mod_revision": kv.mod_revision, "version": kv.version, "lease": kv.lease}
 
 
@@ -61,45 +101,87 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def _reader(name: str) -> Any:
+def _reader(name: str, timeout: float = 2.0) -> Any:
     from .reader import Reader
 
-    return Reader(name, timeout=2.0)
+    return Reader(name, timeout=timeout)
+
+
+def _status(name: str) -> tuple[Any, str | None]:
+    """The cache's Status, and why readers cannot attach (None: they can).
+
+    A writer that has not loaded the range yet (etcd unreachable since it started,
+    say) has no snapshot, so no Reader attaches; its control segment still tells
+    the writer's state, which is when an operator asks for it.
+    """
+    from . import control
+    from .errors import InvalidNameError
+
+    try:
+        with _reader(name, timeout=0.0) as r:  # no waiting: the control segment answers
+            return r.status(), None
+    except InvalidNameError:
+        raise
+    except ShmCacheError as exc:
+        try:
+            cr = control.ControlReader.open(name)
+        except ShmCacheError:
+            raise exc from None
+        try:
+            return cr.status(name, None), exc.message
+        except ShmCacheError:
+            raise exc from None
+        finally:
+            cr.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _reader(args.name) as r:
-        st = r.status()
+    st, unattachable = _status(args.name)
     d = st.as_dict()
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     age = "-" if st.heartbeat_age is None else f"{st.heartbeat_age:.1f}s ago"
     rows = [
-        ("cache", st.name), ("prefix", d["prefix"] or "(whole keyspace)"),
+        ("cache", st.name), ("prefix", _text(st.prefix) or "(whole keyspace)"),
         ("writer", f"pid {st.writer_pid} {'alive' if st.writer_alive else 'NOT RUNNING'}"),
-        ("heartbeat", age), ("revision", st.revision),
+        ("heartbeat", age), ("etcd", _etcd_state(st)), ("revision", st.revision),
         ("etcd revision seen", st.etcd_revision), ("epoch", st.epoch),
         ("oldest watchable", st.oldest_watchable_revision),
         ("snapshot revision", st.snapshot_revision), ("keys", st.key_count),
         ("ring", f"{st.ring_used} of {st.ring_capacity} bytes used"),
         ("format version", st.format_version),
     ]
+    if unattachable:
+        rows.append(("readers", f"cannot attach yet: {unattachable}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
 
 
+def _etcd_state(st: Any) -> str:
+    since = st.etcd_unreachable_since
+    if not st.writer_alive:
+        return "unknown (no writer running)"
+    if since is None:
+        return "reachable"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+    return f"unreachable since {when} ({max(0.0, time.time() - since):.0f}s)"
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     with _reader(args.name) as r:
-        kv = r.get(args.key)
+        kv = r.get(os.fsencode(args.key))  # argv bytes as given (any bytes but NUL)
         rev = r.revision
     if args.json:
         print(json.dumps({"revision": rev, "kv": _kv_json(kv) if kv else None}))
     elif kv is None:
         print(f"(not found at revision {rev})", file=sys.stderr)
-        return 1
+    elif args.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(kv.value)  # the exact bytes, nothing added
+        sys.stdout.buffer.flush()
     else:
         sys.stdout.write(_text(kv.value) + "\n")
     return 0 if kv is not None else 1
@@ -107,7 +189,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _reader(args.name) as r:
-        res = r.list(args.prefix, limit=args.limit)
+        res = r.list(os.fsencode(args.prefix), limit=args.limit)
     if args.json:
         print(json.dumps({"revision": res.revision, "items": [_kv_json(kv) for kv in res.items]}))
     else:
@@ -118,7 +200,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    with _reader(args.name) as r, r.watch(args.prefix, since_revision=args.since) as w:
+    with _reader(args.name) as r, \
+            r.watch(os.fsencode(args.prefix), since_revision=args.since) as w:
         signal.signal(signal.SIGTERM, lambda *_: w.close())
         try:
             for ev in w:
@@ -163,6 +246,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     return run_demo(duration=args.duration, readers=args.readers, keys=args.keys)
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer >= ``lo`` (argparse turns the error into usage, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, not {n}")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return x
 
 
 def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
@@ -211,24 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("get", help="print one key's value")
+    s = sub.add_parser("get", help="print one key's value",
+                       description="Print one key's value: as text with control characters, "
+                                   "backslashes and non-UTF-8 bytes escaped; --raw writes the "
+                                   "exact bytes; --json has key and value in base64.")
     s.add_argument("name")
     s.add_argument("key")
-    s.add_argument("--json", action="store_true")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="one JSON object; key and value base64-encoded (as etcdctl)")
+    out.add_argument("--raw", action="store_true",
+                     help="write the value's exact bytes to stdout, with no newline added")
     s.set_defaults(func=cmd_get)
 
     s = sub.add_parser("list", help="list keys under a prefix")
     s.add_argument("name")
     s.add_argument("prefix", nargs="?", default="")
-    s.add_argument("--limit", type=int, default=None)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=_int_at_least(1), default=None,
+                   help="at most N keys (the first in key order)")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object; keys and values base64-encoded (as etcdctl)")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("watch", help="print events as they happen")
     s.add_argument("name")
     s.add_argument("prefix", nargs="?", default="")
-    s.add_argument("--since", type=int, default=None, help="revision to watch after (exclusive)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--since", type=_int_at_least(0), default=None,
+                   help="revision to watch after (exclusive)")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object per event; keys and values base64-encoded (as etcdctl)")
     s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("check", help="verify every segment and invariant of a cache")
@@ -242,22 +360,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("demo", help="run etcd, a writer and reader processes on this machine")
-    s.add_argument("--duration", type=float, default=None, help="stop after S seconds")
-    s.add_argument("--readers", type=int, default=3)
-    s.add_argument("--keys", type=int, default=10_000)
+    s.add_argument("--duration", type=_positive_seconds, default=None,
+                   help="stop after S seconds (default: at Ctrl-C)")
+    s.add_argument("--readers", type=_int_at_least(1), default=3,
+                   help="reader processes (default 3)")
+    # Each demo reader lists 100-key ranges: fewer than 100 keys leave nothing to list.
+    s.add_argument("--keys", type=_int_at_least(100), default=10_000,
+                   help="keys to load, at least 100 (default 10000)")
     s.set_defaults(func=cmd_demo)
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _os_error(exc: OSError) -> str:
+    """``[Errno 13] Permission denied: '/dev/shm/x'`` as ``permission denied: /dev/shm/x``."""
+    if exc.strerror:
+        what = exc.strerror[:1].lower() + exc.strerror[1:]
+        return f"{what}: {exc.filename}" if exc.filename else what
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every error ends in one line ``shmcache COMMAND: message`` on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ShmCacheError as exc:
-        print(f"shmcache {args.command}: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
+        # The reader of our stdout went away (``| head``): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except ShmCacheError as exc:
+        message = str(exc)
+    except ValueError as exc:  # e.g. a key or prefix outside the cache's range
+        message = str(exc) or type(exc).__name__
+    except OSError as exc:
+        message = _os_error(exc)
+    log.debug("shmcache %s failed", args.command, exc_info=True)
+    print(f"shmcache {args.command}: {_one_line(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -7,14 +7,22 @@ and a real writer (tests/helpers.WriterProcess) on the host's /dev/shm.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from typing import Any
 
 import pytest
 
 import shmcache
 from shmcache._units import parse_size
+from tests.helpers import WriterProcess, put
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "shmcache"]
@@ -87,3 +95,155 @@ def test_serve_ring_size_1tib_accepted_2tib_out_of_range() -> None:
     assert len(err.strip().splitlines()) == 1 and err.startswith("shmcache serve: ring_size")
     # config.py words the range check "must be between 64KiB and 1TiB"
     assert "out of range" in err or "must be between 64KiB and 1TiB" in err
+
+
+# -- item 3: one-line errors, argument ranges ------------------------------------------------
+
+def test_errors_are_one_line_with_exit_2(writer: tuple[WriterProcess, bytes]) -> None:
+    """Reader ValueErrors (key or prefix outside the cache's range) and a missing cache end in
+    ``shmcache COMMAND: message`` and exit 2; out-of-range arguments are argparse usage errors
+    (exit 2) before anything runs. Never a traceback."""
+    w, _prefix = writer
+    name = w.name
+    ours = [["get", name, "/outside/x"], ["list", name, "/outside/"],
+            ["watch", name, "/outside/"], ["get", "t-nosuchcache", "k"],
+            ["get", "bad/name", "k"]]
+    argparse_errors = [["list", name, "--limit", "-1"], ["list", name, "--limit", "0"],
+                       ["list", name, "--limit", "x"], ["watch", name, "--since", "-1"],
+                       ["demo", "--keys", "0"], ["demo", "--readers", "0"],
+                       ["demo", "--duration", "-1"], ["demo", "--duration", "0"],
+                       ["demo", "--duration", "nan"], ["get", name, "k", "--json", "--raw"]]
+    results = _run_all(ours + argparse_errors, timeout=20)
+    for cmd, (rc, out, err) in zip(ours + argparse_errors, results, strict=True):
+        assert rc == 2, (cmd, rc, out, err)
+        assert "Traceback" not in err and "Traceback" not in out, (cmd, err)
+        lines = err.strip().splitlines()
+        if cmd in ours:
+            assert len(lines) == 1 and lines[0].startswith(f"shmcache {cmd[0]}: "), (cmd, err)
+        else:
+            assert lines[-1].startswith(f"shmcache {cmd[0]}: error: argument "), (cmd, err)
+    assert "outside the key range" in results[0][2] and "outside the key range" in results[1][2]
+    assert "outside the key range" in results[2][2]
+
+
+# -- item 10: binary-safe output -------------------------------------------------------------
+
+def test_binary_values_round_trip_and_text_is_unambiguous(
+        writer: tuple[WriterProcess, bytes], sub_prefix: bytes, etcd_client: Any) -> None:
+    """--json carries key and value in base64 (watch's prev_kv too); text escapes so the byte
+    \\xff and the 4 characters \\xff differ and a newline does not split a line; get --raw
+    writes the exact bytes."""
+    name = writer[0].name
+    values = {sub_prefix + b"ff": b"\xff", sub_prefix + b"text": b"\\xff",
+              sub_prefix + b"nl": b"a\nb", sub_prefix + b"k\xfe\tx": b"tab\tand \x00 nul"}
+    start = put(etcd_client, sub_prefix + b"text", b"old")
+    rev = 0
+    for k, v in values.items():
+        rev = put(etcd_client, k, v)
+    _wait_revision(name, rev)
+
+    p = sub_prefix.decode()
+    watch = subprocess.Popen([*CLI, "watch", name, p, "--since", str(start), "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        keys = list(values)
+        cmds: list[list[Any]] = [["get", name, k, "--json"] for k in keys]
+        cmds += [["get", name, k, "--raw"] for k in keys]
+        cmds += [["list", name, p], ["list", name, p, "--json"], ["get", name, keys[0]]]
+        procs = [subprocess.Popen([*CLI, *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  cwd=ROOT) for c in cmds]
+        res = [(pr.communicate(timeout=20), pr.returncode) for pr in procs]
+        n = len(keys)
+        for i, k in enumerate(keys):
+            (out, err), rc = res[i]
+            assert rc == 0, err
+            doc = json.loads(out)
+            assert doc["revision"] >= rev and isinstance(doc["revision"], int)
+            kv = doc["kv"]
+            assert base64.b64decode(kv["key"], validate=True) == k
+            assert base64.b64decode(kv["value"], validate=True) == values[k]
+            assert all(isinstance(kv[f], int) for f in
+                       ("create_revision", "mod_revision", "version", "lease"))
+            (raw, err), rc = res[n + i]
+            assert rc == 0 and raw == values[k], (raw, err)
+        (text, err), rc = res[2 * n]
+        assert rc == 0, err
+        lines = text.decode("utf-8").split("\n")
+        assert lines[-1] == "" and len(lines) == n + 1, text  # one line per key
+        shown = dict(line.split("\t") for line in lines[:-1])  # tabs inside are escaped
+        assert shown[p + "ff"] == "\\xff"
+        assert shown[p + "text"] == "\\\\xff"
+        assert shown[p + "nl"] == "a\\nb"
+        assert shown[p + "k\\xfe\\tx"] == "tab\\tand \\x00 nul"
+        (js, err), rc = res[2 * n + 1]
+        items = json.loads(js)["items"]
+        assert {base64.b64decode(i["key"]): base64.b64decode(i["value"]) for i in items} == values
+        (one, _), rc = res[2 * n + 2]
+        assert rc == 0 and one == b"\\xff\n"
+
+        events: list[dict[str, Any]] = []
+        assert watch.stdout is not None
+        timer = threading.Timer(15, watch.kill)  # (a readline that never ends)
+        timer.start()
+        try:
+            while len(events) < n:
+                line = watch.stdout.readline()
+                if not line:
+                    break
+                events.append(json.loads(line))
+        finally:
+            timer.cancel()
+        got = [(e["type"], base64.b64decode(e["kv"]["key"]), base64.b64decode(e["kv"]["value"]))
+               for e in events]
+        assert got == [("PUT", k, v) for k, v in values.items()]
+        overwrite = events[1]
+        assert overwrite["prev_kv"] is not None
+        assert base64.b64decode(overwrite["prev_kv"]["key"]) == sub_prefix + b"text"
+        assert base64.b64decode(overwrite["prev_kv"]["value"]) == b"old"
+        assert overwrite["revision"] == overwrite["kv"]["mod_revision"]
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        try:
+            watch.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0
+
+
+# -- status: etcd reachability ---------------------------------------------------------------
+
+def test_status_shows_etcd_unreachable(cache_name: str, unique_prefix: bytes) -> None:
+    """A writer that cannot reach etcd: ``status`` says since when, in text and --json, even
+    before the writer has loaded anything (no snapshot yet, so no Reader attaches)."""
+    w = WriterProcess(cache_name, "http://127.0.0.1:1", unique_prefix)
+    try:
+        w.start(wait=False)
+        deadline = time.monotonic() + 20
+        doc: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            out = _run("status", cache_name, "--json")
+            if out.returncode == 0:
+                doc = json.loads(out.stdout)
+                if doc["writer_alive"] and doc["etcd_unreachable_since"] is not None:
+                    break
+            time.sleep(0.2)
+        assert doc.get("etcd_unreachable_since"), (doc, w.log())
+        assert abs(doc["etcd_unreachable_since"] - time.time()) < 60
+        text = _run("status", cache_name)
+        assert text.returncode == 0, text.stderr
+        rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
+                    for line in text.stdout.decode().splitlines())
+        assert re.fullmatch(r"unreachable since 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+s\)",
+                            rows["etcd"]), rows
+    finally:
+        w.close()
+
+
+def test_status_shows_etcd_reachable(writer: tuple[WriterProcess, bytes]) -> None:
+    out = _run("status", writer[0].name)
+    assert out.returncode == 0, out.stderr
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.stdout.decode().splitlines())
+    assert rows["etcd"] == "reachable" and rows["writer"] == f"pid {writer[0].pid} alive"
+    doc = json.loads(_run("status", writer[0].name, "--json").stdout)
+    assert "etcd_unreachable_since" in doc and doc["etcd_unreachable_since"] is None
