@@ -50,22 +50,34 @@ def _check_block(name: str, seg: _shm.Segment, b: control.Block) -> tuple[list[s
     known = {layout.control_name(name), layout.ring_name(name, b.ring_gen),
              layout.snapshot_name(name, b.snap_seq)}
     strays = [s for s in _shm.list_segments(name) if s not in known]
-    building = [s for s in strays if _is_next_snapshot(name, s, b)]
-    alive = control.writer_alive(seg.buf)
-    if building and alive:
+    if control.writer_alive(seg.buf):
+        # A live writer creates the next snapshot (or ring generation) before it
+        # publishes it, and unlinks the one it replaced just after: neither is a crash.
         pid = control.writer_identity(seg.buf)[0]
-        facts.append(f"snapshot being built by the writer (pid {pid}): {', '.join(building)}")
-        strays = [s for s in strays if s not in building]
+        building = [s for s in strays if _generation(name, s, b) > 0]
+        replaced = [s for s in strays if _generation(name, s, b) < 0]
+        if building:
+            facts.append(f"being built by the writer (pid {pid}), not published yet: "
+                         f"{', '.join(building)}")
+        if replaced:
+            facts.append(f"replaced, being removed by the writer (pid {pid}): "
+                         f"{', '.join(replaced)}")
+        strays = [s for s in strays if s not in building and s not in replaced]
     if strays:
         facts.append(f"segments not referenced (left by a crash, removed by the next writer): "
                      f"{', '.join(strays)}")
     return facts, problems
 
 
-def _is_next_snapshot(name: str, seg_name: str, b: control.Block) -> bool:
-    prefix = layout.snapshot_name(name, 0)[:-1]
-    tail = seg_name[len(prefix):]
-    return seg_name.startswith(prefix) and tail.isdigit() and int(tail) > b.snap_seq
+def _generation(name: str, seg_name: str, b: control.Block) -> int:
+    """+1: a snapshot or ring newer than the published one; -1: older; 0: neither."""
+    for base, current in ((layout.snapshot_name(name, 0)[:-1], b.snap_seq),
+                          (layout.ring_name(name, 0)[:-1], b.ring_gen)):
+        tail = seg_name[len(base):]
+        if seg_name.startswith(base) and tail.isdigit():
+            n = int(tail)
+            return (n > current) - (n < current)
+    return 0
 
 
 def _check_ring(name: str, seg: _shm.Segment, b: control.Block, facts: list[str],

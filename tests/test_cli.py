@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import mmap
 import os
 import re
 import signal
@@ -16,11 +17,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import posix_ipc
 import pytest
 
 import shmcache
+from shmcache import _shm, control, layout
 from shmcache._units import parse_size
 from tests.helpers import WriterProcess, put
 
@@ -247,3 +251,66 @@ def test_status_shows_etcd_reachable(writer: tuple[WriterProcess, bytes]) -> Non
     assert rows["etcd"] == "reachable" and rows["writer"] == f"pid {writer[0].pid} alive"
     doc = json.loads(_run("status", writer[0].name, "--json").stdout)
     assert "etcd_unreachable_since" in doc and doc["etcd_unreachable_since"] is None
+
+
+# -- item 16: check --------------------------------------------------------------------------
+
+def _flip_byte(segment: str, needle: bytes) -> None:
+    """Corrupt a segment in place: flip one bit of the first occurrence of ``needle``."""
+    shm = posix_ipc.SharedMemory(segment, flags=0, size=0)
+    try:
+        size = os.fstat(shm.fd).st_size
+        m = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED)
+    finally:
+        shm.close_fd()
+    try:
+        pos = m.find(needle)
+        assert pos >= 0, f"{needle!r} not in {segment}"
+        m[pos] ^= 0x01
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def own_writer(etcd_session: Any, etcd_client: Any, cache_name: str,
+               unique_prefix: bytes) -> Iterator[WriterProcess]:
+    put(etcd_client, unique_prefix + b"k", b"check-me-" + cache_name.encode())
+    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix, ring_size="1MiB")
+    try:
+        yield w.start()
+    finally:
+        w.close()
+
+
+def test_check_build_in_progress_crash_and_corrupt_snapshot(own_writer: WriterProcess) -> None:
+    """A snapshot segment newer than the published one is "being built" while the writer
+    lives and "left by a crash" once it is dead; a snapshot that fails a check is never
+    reported "ok" as well."""
+    name = own_writer.name
+    out = _run("check", name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert b"ok: snapshot: 1 keys verified" in out.stdout
+
+    cr = control.ControlReader.open(name)
+    b = cr.block()
+    cr.close()
+    assert b is not None and b.snap_seq > 0
+    seq = b.snap_seq
+    nxt = layout.snapshot_name(name, seq + 1000)
+    _shm.create(nxt, 4096).close()
+    out = _run("check", name)
+    text = out.stdout.decode()
+    assert out.returncode == 0, text
+    assert f"being built by the writer (pid {own_writer.pid})" in text and nxt in text
+    assert "left by a crash" not in text
+
+    _flip_byte(layout.snapshot_name(name, seq), b"check-me-" + name.encode())
+    out = _run("check", name)
+    text = out.stdout.decode()
+    assert out.returncode == 1, text
+    assert "VIOLATION: " in text and "body checksum" in text
+    assert "ok: snapshot:" not in text
+
+    own_writer.kill()
+    text = _run("check", name).stdout.decode()
+    assert "left by a crash" in text and nxt in text and "being built" not in text
