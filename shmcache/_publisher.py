@@ -6,7 +6,7 @@ and turns them into the cache's segments. tests/test_publisher.py drives it
 with synthetic batches and checks the result with a Reader.
 
 Concurrency contract: every method runs on the thread that runs the writer,
-except ``heartbeat()`` and ``published_revision()`` (any thread) and the
+except ``published_revision()`` and ``set_etcd_down_since()`` (any thread) and the
 snapshot builds it starts on their own threads (see _snapbuild). Threads that
 wait for the published revision to move (consistent reads) wait on
 ``revision_moved``.
@@ -418,15 +418,9 @@ class Publisher:
         watch response is being appended."""
         return self.ctl.get(layout.B_REVISION)
 
-    def heartbeat(self) -> None:
-        self.ctl.heartbeat()
-
     def set_etcd_down_since(self, unix_time: float | None) -> None:
         if self.segs.ctl is not None:
             self.ctl.set_etcd_down_since(int(unix_time * 1e9) if unix_time is not None else 0)
-
-    def remove_strays(self) -> None:
-        self.segs.remove_strays()
 
     # -- stopping ---------------------------------------------------------------------
 

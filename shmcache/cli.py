@@ -64,23 +64,6 @@ def _kv_json(kv: Any) -> dict[str, Any]:
             "mod_revision": kv.mod_revision, "version": kv.version, "lease": kv.lease}
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
-                           "logger": record.name, "msg": record.getMessage()})
-
-
-def setup_logging(level: str = "info", fmt: str = "plain") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Settings from flags > SHMCACHE_* environment > --config file > defaults (config.py)."""
     from .config import SETTINGS, ConfigError, load

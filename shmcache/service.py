@@ -11,6 +11,7 @@ Nothing here needs libsystemd: the notify protocol is one datagram per message.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -108,6 +109,25 @@ def watchdog_interval(environ: Mapping[str, str] | None = None,
     if owner.isdigit() and int(owner) != (os.getpid() if pid is None else pid):
         return None  # meant for another process (we were started by it)
     return int(usec) / 1e6
+
+
+# -- logging -------------------------------------------------------------------
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
+                           "logger": record.name, "msg": record.getMessage()})
+
+
+def setup_logging(level: str = "info", fmt: str = "plain") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 # -- progress of the writer's loop -------------------------------------------------
@@ -523,7 +543,6 @@ def serve(cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> int:
     Exit codes: 0 stopped by a signal, 1 the writer failed (another writer holds
     the cache, an unexpected error), 2 a bad setting (ConfigError is raised).
     """
-    from .cli import setup_logging
     from .writer import Writer
 
     environ = os.environ if environ is None else environ
