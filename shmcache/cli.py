@@ -265,7 +265,7 @@ def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
         if name == "mode":
             default = f"{default:o}"
         elif name == "ring_size":
-            default = "64MiB"
+            default = f"{default >> 20}MiB" if default % (1 << 20) == 0 else str(default)
         elif name == "endpoints":
             default = ",".join(default)
         shown = "" if default in (None, "", False) else f" (default {default})"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from . import layout
+from . import _defaults, layout
 from .errors import ShmCacheError
 
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "load"]
@@ -256,15 +256,15 @@ def _metrics(v: Any, file: bool) -> tuple[str, int] | None:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    Setting("endpoints", ["http://127.0.0.1:2379"], "etcd client URLs (comma-separated)",
+    Setting("endpoints", [_defaults.ENDPOINT], "etcd client URLs (comma-separated)",
             _endpoints),
     Setting("prefix", "", "key prefix to cache (empty: every key)", _prefix),
-    Setting("ring_size", 64 << 20, "ring log size, e.g. 64MiB", _ring_size),
-    Setting("snapshot_interval", 30.0, "seconds between snapshot republishes while keys change",
-            _seconds),
+    Setting("ring_size", _defaults.RING_SIZE, "ring log size, e.g. 64MiB", _ring_size),
+    Setting("snapshot_interval", _defaults.SNAPSHOT_INTERVAL,
+            "seconds between snapshot republishes while keys change", _seconds),
     Setting("snapshot_bytes", None, "republish the snapshot after this many ring bytes "
             "(default: ring_size / 4, at most 16MiB)", _snapshot_bytes),
-    Setting("mode", 0o600, "segment mode, octal: 600, 640 or 644", _mode),
+    Setting("mode", _defaults.MODE, "segment mode, octal: 600, 640 or 644", _mode),
     Setting("group", None, "group owning the segments (with mode 640)", _group),
     Setting("remove_on_exit", False, "unlink the cache's segments when the writer stops", _bool),
     Setting("ca_file", None, "CA certificate that signed etcd's certificate (PEM)",
