@@ -22,12 +22,18 @@ processes, then measures (issue 5):
 
 Prints tables (percentiles, no means), writes bench/results/MODE.json (with a
 machine/Python/version stamp) and bench/results/MODE-*.png; docs/benchmarks.md
-explains them. ``python bench/_report.py bench/results/MODE.json`` re-renders.
+explains them. The results are written only when the run completes: until then
+they go to a temporary file (its path is printed if the run fails), and a failed
+or interrupted run leaves bench/results/ as it was. Without a redis-server
+binary (or redis-py) the Redis alternative is skipped, with a note in the output
+and in the results ("notes", "skipped"). ``python bench/_report.py bench/results/MODE.json`` re-renders.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -98,6 +104,15 @@ ALTERNATIVES = ["dict", "lmdb", "redis", "manager", "etcd", "replica"]
 OPS = ["get", "list100", "whole"]
 
 
+def redis_missing() -> str | None:
+    """Why the Redis alternative cannot run on this machine; None if it can."""
+    if not (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
+        return "no redis-server binary on PATH (Debian: apt-get install -y redis-server)"
+    if importlib.util.find_spec("redis") is None:
+        return "redis-py is not installed (pip install -e \".[bench]\")"
+    return None
+
+
 class Bench:
     def __init__(self, mode: str, cfg: dict[str, Any], ctx: Any, progress: Any) -> None:
         self.mode = mode
@@ -111,17 +126,24 @@ class Bench:
                                     "throughput": [], "memory": [], "coldstart": [],
                                     "propagation": [], "ingest": [], "snapshots": [],
                                     "stall": [], "write_load": [], "skipped": [],
-                                    "timings": {"steps": []}}
+                                    "notes": [], "timings": {"steps": []}}
         self._step: tuple[str, float] | None = None
         self.slow: dict[tuple[str, str], tuple[int, float]] = {}
         self.pool: list[tuple[Any, Any]] = []
         self.etcd: Any = None
         self.redis: C.RedisServer | None = None
+        self.skip_redis: str | None = None  # why Redis is left out (no redis-server)
         self.manager: Any = None
         self.lmdb_dir = tempfile.mkdtemp(prefix="shmcache-bench-lmdb-")
         self.manager_dicts: dict[int, Any] = {}
+        self.out = RESULTS
+        self.path = os.path.join(RESULTS, f"{mode}.json")
+        self.partial: str | None = None  # results so far, outside self.out
 
     # -- plumbing -----------------------------------------------------------------------
+
+    def alternatives(self) -> list[str]:
+        return [b for b in ALTERNATIVES if not (b == "redis" and self.skip_redis)]
 
     def step(self, what: str) -> None:
         now = time.monotonic()
@@ -284,7 +306,8 @@ class Bench:
         holds them all), then shmcache with 1, 2 and max K readers. Medians of the rounds."""
         rounds = self.cfg["h2h_rounds"]
         dur = self.cfg["h2h_dur"]
-        single = ["shmcache", "lmdb", "dict", "redis", "manager", "etcd"]
+        single = [b for b in ("shmcache", "lmdb", "dict", "redis", "manager", "etcd")
+                  if b in self.alternatives() or b == "shmcache"]
         self.step(f"{n // 1000}k keys: head-to-head rounds")
         for b in single:
             self.call([0], "setup", [self.params(b, n)])
@@ -341,8 +364,8 @@ class Bench:
         self.res["timings"][f"etcd_load_{n}"] = time.monotonic() - t0
         self.step(f"{n // 1000}k keys: loading Redis, LMDB, Manager")
         t0 = time.monotonic()
-        assert self.redis is not None
-        self.redis.load(prefix, n)
+        if self.redis is not None:
+            self.redis.load(prefix, n)
         C.load_lmdb(os.path.join(self.lmdb_dir, f"n{n}"), prefix, n)
         d = self.manager.dict()
         for start in range(0, n, 20_000):
@@ -668,7 +691,7 @@ class Bench:
             if want("throughput"):
                 self.head_to_head(n)
                 self.sweep("shmcache", n, self.cfg["ks"])
-                for b in ALTERNATIVES:
+                for b in self.alternatives():
                     ks = self.replica_ks(n) if b == "replica" else self.cfg["alt_ks"]
                     self.sweep(b, n, ks)
             if n in self.cfg["memory"] and want("memory"):
@@ -689,9 +712,30 @@ class Bench:
         self.save()  # after every size: a run stopped later keeps what it measured
 
     def save(self) -> None:
-        os.makedirs(self.out, exist_ok=True)
-        with open(self.path, "w") as f:
+        """The results so far, to the temporary file (never to self.path: see publish)."""
+        if self.partial is None:
+            fd, self.partial = tempfile.mkstemp(prefix=f"shmcache-bench-{self.mode}-",
+                                                suffix=".json")
+            os.close(fd)
+        with open(self.partial, "w") as f:
             json.dump(self.res, f, indent=1, default=repr)
+
+    def publish(self) -> None:
+        """Only for a completed run: self.path replaced whole (os.replace), never half-written."""
+        os.makedirs(self.out, exist_ok=True)
+        tmp = os.path.join(self.out, f".{os.path.basename(self.path)}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.res, f, indent=1, default=repr)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.partial)
+            self.partial = None
 
     def total_steps(self) -> int:
         c = self.cfg
@@ -701,14 +745,18 @@ class Bench:
             rl = rk if n <= c.get("replica_load_max_n", n) else 0
             lk = len(c.get("load_ks", c["ks"]))
             rl = min(rl, lk) if rl else 0
-            steps += 3 + len(c["ks"]) + lk + len(c["alt_ks"]) * (len(ALTERNATIVES) - 1) + rk + rl
+            steps += 3 + len(c["ks"]) + lk + len(c["alt_ks"]) * (len(self.alternatives()) - 1) \
+                + rk + rl
             steps += 2 * (n in c["memory"]) + 2 * (n in c["cold"]) + 1
             steps += len(c["prop_rates"]) * (n == c["prop_size"]) + (n == c["ingest_size"])
         return steps
 
 
 def problems(res: dict[str, Any]) -> list[str]:
-    """What a run failed to produce: errors, failed cells, empty sections (--smoke fails on any)."""
+    """What a run failed to produce: errors, failed cells, empty sections (--smoke fails on any).
+
+    An alternative left out on purpose (Redis without redis-server) is not a problem.
+    """
     out = [f"error in {e['where']}: {e['error'][-300:]}" for e in res.get("errors", [])]
     out += [f"{s.get('backend')} x{s.get('k')} at {s['n']} failed" for s in res.get("skipped", [])
             if str(s.get("reason", "")).startswith("failed")]
@@ -717,8 +765,10 @@ def problems(res: dict[str, Any]) -> list[str]:
         if not res.get(section):
             out.append(f"section {section} is empty")
     seen = {r["backend"] for r in res.get("throughput", [])}
+    left_out = {s["backend"] for s in res.get("skipped", [])
+                if str(s.get("reason", "")).startswith("not available")}
     for b in ["shmcache", "shmcache+load", "replica+load", *ALTERNATIVES]:
-        if b not in seen:
+        if b not in seen and b not in left_out:
             out.append(f"no throughput figures for {b}")
     for p in res.get("propagation", []) + res.get("stall", []):
         if not all(p["received"]):
@@ -759,6 +809,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(mode, cfg, ctx, bar)
     bench.out = args.out
     bench.path = os.path.join(args.out, f"{tag}.json")
+    bench.skip_redis = redis_missing()
+    if bench.skip_redis:
+        note = f"Redis alternative skipped: {bench.skip_redis}"
+        bar.write(f"note: {note}", file=sys.stderr)
+        bench.res["notes"].append(note)
+        for n in cfg["sizes"]:
+            bench.res["skipped"].append({"backend": "redis", "n": n, "op": "*",
+                                         "reason": f"not available: {bench.skip_redis}"})
     bar.total = bench.total_steps() + 1
     bar.refresh()
     rc = 0
@@ -769,10 +827,12 @@ def main(argv: list[str] | None = None) -> int:
             # etcd (and the write-load generator) stand for servers on other machines:
             # a higher priority keeps the 8 busy readers from starving them.
             os.setpriority(os.PRIO_PROCESS, etcd.pid, -10)
-            bench.redis = C.RedisServer()
+            if not bench.skip_redis:
+                bench.redis = C.RedisServer()
             bench.manager = ctx.Manager()
             bench.start_pool(max(cfg["ks"] + cfg["alt_ks"]))
-            bench.res["stamp"] = C.stamp(etcd=etcd.version, redis_server=bench.redis.version)
+            bench.res["stamp"] = C.stamp(
+                etcd=etcd.version, redis_server=bench.redis.version if bench.redis else None)
             bench.tick()
             for n in cfg["sizes"]:
                 bench.size(n)
@@ -785,19 +845,27 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
         bar.close()
     bench.res["timings"]["total_seconds"] = time.monotonic() - started
-    bench.save()
-    path = bench.path
+    missing = problems(bench.res)
+    if missing and mode == "smoke":
+        rc = 1  # the smoke run is a test: every code path must have produced figures
+    if rc != 0:
+        # A failed (or interrupted) run never touches the results directory: the
+        # committed MODE.json and plots stay as they were.
+        bench.save()
+        print(f"benchmark failed: {os.path.relpath(bench.path, C.ROOT)} not written; "
+              f"what it measured is in {bench.partial}", file=sys.stderr)
+        if missing:
+            print("problems:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return rc
+    bench.publish()
     print(_report.render_text(bench.res))
     if not args.no_plots:
         for p in _report.plots(bench.res, args.out, tag):
             print(f"plot: {os.path.relpath(p, C.ROOT)}")
-    print(f"results: {os.path.relpath(path, C.ROOT)} "
+    print(f"results: {os.path.relpath(bench.path, C.ROOT)} "
           f"({bench.res['timings']['total_seconds']:.0f} s)")
-    missing = problems(bench.res)
     if missing:
         print("problems:\n  " + "\n  ".join(missing), file=sys.stderr)
-        if mode == "smoke":
-            rc = 1  # the smoke run is a test: every code path must have produced figures
     return rc
 
 

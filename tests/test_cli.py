@@ -12,12 +12,14 @@ import json
 import mmap
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import posix_ipc
@@ -314,3 +316,46 @@ def test_check_build_in_progress_crash_and_corrupt_snapshot(own_writer: WriterPr
     own_writer.kill()
     text = _run("check", name).stdout.decode()
     assert "left by a crash" in text and nxt in text and "being built" not in text
+
+
+# -- item 15: the benchmark keeps its committed results on failure ---------------------------
+
+_FAKE_TQDM = '''
+class tqdm:
+    def __init__(self, *a, total=0, **k): self.total = total
+    def set_description_str(self, s): pass
+    def update(self, n=1): pass
+    def write(self, s, file=None): print(s, file=file)
+    def refresh(self): pass
+    def close(self): pass
+'''
+
+
+def test_failed_bench_run_keeps_committed_results(tmp_path: Path) -> None:
+    """``bench/run.py --quick`` that fails (here: no etcd binary) leaves the committed
+    bench/results/quick.json byte-identical and writes no plots."""
+    results = Path(ROOT, "bench", "results")
+    target = results / "quick.json"
+    if not target.exists():
+        pytest.skip("no committed bench/results/quick.json")
+    before = target.read_bytes()
+    listing = sorted(p.name for p in results.iterdir())
+    (tmp_path / "tqdm.py").write_text(_FAKE_TQDM)  # the bench extra need not be installed
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SHMCACHE_ETCD_BINARY": "/nonexistent",
+           "TMPDIR": str(tmp_path)}  # (where the run keeps its partial results)
+    try:
+        out = subprocess.run([sys.executable, "bench/run.py", "--quick"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, out.stdout + out.stderr
+        assert "SHMCACHE_ETCD_BINARY" in out.stderr
+        assert target.read_bytes() == before
+        assert sorted(p.name for p in results.iterdir()) == listing
+        partial = list(tmp_path.glob("shmcache-bench-quick-*.json"))
+        assert len(partial) == 1 and str(partial[0]) in out.stderr, out.stderr
+        assert json.loads(partial[0].read_text())["errors"]
+    finally:
+        if target.read_bytes() != before:  # do not leave a broken committed file behind
+            target.write_bytes(before)
+        for p in results.iterdir():
+            if p.name not in listing:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
