@@ -93,9 +93,10 @@ def _reader(name: str, timeout: float = 2.0) -> Any:
 def _status(name: str) -> tuple[Any, str | None]:
     """The cache's Status, and why readers cannot attach (None: they can).
 
-    A writer that has not loaded the range yet (etcd unreachable since it started,
-    say) has no snapshot, so no Reader attaches; its control segment still tells
-    the writer's state, which is when an operator asks for it.
+    A live writer that has not loaded the range yet (etcd unreachable since it
+    started, say) has no snapshot, so no Reader attaches; its control segment
+    still tells the writer's state, which is when an operator asks for it. With
+    no writer alive either, the Reader's error stands.
     """
     from . import control
     from .errors import InvalidNameError
@@ -111,11 +112,14 @@ def _status(name: str) -> tuple[Any, str | None]:
         except ShmCacheError:
             raise exc from None
         try:
-            return cr.status(name, None), exc.message
+            st = cr.status(name, None)
         except ShmCacheError:
             raise exc from None
         finally:
             cr.close()
+        if not st.writer_alive:
+            raise exc from None
+        return st, exc.message
 
 
 def cmd_status(args: argparse.Namespace) -> int:
