@@ -126,7 +126,8 @@ def _ring_size(v: Any, file: bool) -> int:
     n = _size(v, file)
     lo, hi = layout.MIN_RING_CAPACITY, layout.MAX_RING_CAPACITY
     if not lo <= n <= hi:
-        raise ValueError(f"must be between 64KiB and 1TiB ({lo} and {hi} bytes), not {n} bytes")
+        raise ValueError(f"{n} bytes is out of range: must be between 64KiB and 1TiB "
+                         f"({lo} and {hi} bytes)")
     return n
 
 

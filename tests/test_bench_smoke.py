@@ -1,7 +1,8 @@
 """``python bench/run.py --smoke`` exercises every benchmark code path at toy sizes.
 
-Skipped unless the bench extra (``pip install -e ".[bench]"``) and Debian's
-redis-server are installed: the default test run does not need them.
+Skipped unless the bench extra (``pip install -e ".[bench]"``) is installed: the
+default test run does not need it. Without Debian's redis-server the run skips
+the Redis alternative (and says so in the results).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,9 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("redis", "lmdb", "matplotlib", "tqdm"))
-    or not shutil.which("redis-server"),
-    reason="needs the bench extra and redis-server")
+    not all(importlib.util.find_spec(m) for m in ("lmdb", "matplotlib", "tqdm")),
+    reason="needs the bench extra (pip install -e '.[bench]')")
 def test_bench_smoke_run(tmp_path: object) -> None:
     out = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -99,8 +99,7 @@ def test_serve_ring_size_1tib_accepted_2tib_out_of_range() -> None:
     assert rc == 2, err
     assert "cannot parse" not in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("shmcache serve: ring_size")
-    # config.py words the range check "must be between 64KiB and 1TiB"
-    assert "out of range" in err or "must be between 64KiB and 1TiB" in err
+    assert "out of range" in err and "must be between 64KiB and 1TiB" in err
 
 
 # -- item 3: one-line errors, argument ranges ------------------------------------------------
