@@ -91,6 +91,31 @@ class View:
         return _history.position_after(self.control, seg, b, self.rec_revs, self.rec_pos,
                                        self.pos, since)
 
+    def get_at(self, key: bytes, revision: int, current: int) -> KeyValue | None:
+        """``key`` as etcd had it at ``revision`` (within the window)."""
+        undo = self.changes_after(revision, current)
+        if key in undo:
+            return undo[key]
+        overlay, snap = self.pair
+        if key in overlay:
+            kv: KeyValue | None = overlay[key]
+            return kv
+        assert snap is not None
+        return snap.get(key)
+
+    def items_at(self, start: bytes, end: bytes | None, limit: int, revision: int,
+                 current: int) -> list[KeyValue]:
+        """The keys in [start, end) as etcd had them at ``revision``, at most ``limit`` (-1:
+        all). Reads the current range only as far as it must: each key changed since
+        ``revision`` hides or adds at most one."""
+        undo = {k: v for k, v in self.changes_after(revision, current).items()
+                if k >= start and (end is None or k < end)}
+        assert self.snap is not None
+        now = merge(self.snap, start, end, self.overlay_slice(start, end),
+                    limit if limit < 0 else limit + len(undo))
+        out = _history.apply_undo({kv.key: kv for kv in now}, undo, start, end)
+        return out if limit < 0 else out[:limit]
+
     def watch_start(self, since: int | None) -> tuple[control.Block, _shm.Segment, int, int]:
         """(block, ring, position, since) for a watch from ``since`` (None: from now)."""
         b, seg = self.block, self.ring

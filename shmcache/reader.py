@@ -12,12 +12,12 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _history, _shm, _sync, control, layout
+from . import _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._view import Retry, View, merge, range_end
 from ._watch import Watch
@@ -267,7 +267,10 @@ class Reader:
         if revision is not None:
             if min_revision is not None:
                 self._wait_min(min_revision, timeout)
-            return self._get_at(key, revision)
+            with self._lock:
+                self._refresh()
+                self._check_key_range(key, "key")
+                return self._v.get_at(key, revision, self._revision)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         if self._checks:  # staleness checks, or closed (then _refresh raises)
@@ -295,62 +298,58 @@ class Reader:
 
     def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
              revision: int | None = None, min_revision: int | None = None,
-             timeout: float | None = None) -> ListResult:
+             timeout: float | None = None, continue_token: str | None = None) -> ListResult:
         """Every key starting with ``prefix``, sorted, exact at the returned ``.revision``.
 
         ``prefix`` defaults to the cache's whole range. ``limit`` caps the number
-        of items (the first ones in key order). ``revision``: the range as etcd
-        had it at that revision (see ``get``). ``min_revision``/``timeout``: wait
-        for the cache to reach a revision first.
+        of items (the first ones in key order); ``.more`` then says whether keys
+        remain and ``.continue_token`` continues the listing: the next page is exact
+        at the first page's revision (CompactedError once the cache no longer holds
+        it: list again). ``revision``: the range as etcd had it at that revision
+        (see ``get``). ``min_revision``/``timeout``: wait for the cache to reach a
+        revision first.
         """
         prefix = _as_key(prefix)
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
-        if revision is not None:
-            if min_revision is not None:
-                self._wait_min(min_revision, timeout)
-            return self._list_at(prefix, limit, revision)
+        if continue_token is not None and revision is not None:
+            raise ValueError("pass continue_token or revision, not both (a token carries its "
+                             "revision)")
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
+        want = -1 if limit is None else limit + 1  # one more: whether keys remain
         with self._lock:
             self._refresh()
             if not prefix:
                 prefix = self._prefix
             self._check_key_range(prefix, "prefix")
-            end = range_end(prefix)
-            snap = self._v.snap
-            assert snap is not None
-            ov_items = self._v.overlay_slice(prefix, end)
-            revision = self._revision
-        return ListResult(merge(snap, prefix, end, ov_items, limit), revision)
+            v, start, end = self._v, prefix, range_end(prefix)
+            if continue_token is not None:
+                revision, last = _pages.decode(continue_token, self.name, prefix, v.epoch)
+                if last is not None:
+                    start = last + b"\0"
+            if revision is None or revision == self._revision:
+                snap, revision = v.snap, self._revision
+                assert snap is not None
+                ov_items = v.overlay_slice(start, end)
+            else:
+                items = v.items_at(start, end, want, revision, self._revision)
+                return _pages.page(items, limit, revision, self.name, v.epoch, prefix)
+            epoch = v.epoch
+        # The snapshot walk runs outside the lock: other threads' lists go on meanwhile.
+        return _pages.page(merge(snap, start, end, ov_items, want), limit, revision, self.name,
+                           epoch, prefix)
 
-    # -- reads at a past revision (see _history) --------------------------------
-
-    def _get_at(self, key: bytes, revision: int) -> KeyValue | None:
-        with self._lock:
-            self._refresh()
-            self._check_key_range(key, "key")
-            undo = self._v.changes_after(revision, self._revision)
-            if key in undo:
-                return undo[key]
-            overlay, snap = self._view
-            ov = overlay.get(key, _MISSING)
-            if ov is not _MISSING:
-                return ov  # type: ignore[no-any-return]
-            assert snap is not None
-            return snap.get(key)
-
-    def _list_at(self, prefix: bytes, limit: int | None, revision: int) -> ListResult:
-        with self._lock:
-            self._refresh()
-            current = self.list(prefix)
-            undo = self._v.changes_after(revision, self._revision)
-        start = prefix or self._prefix
-        out = _history.apply_undo({kv.key: kv for kv in current.items}, undo, start,
-                                  range_end(start))
-        if limit is not None:
-            out = out[:limit]
-        return ListResult(out, revision)
+    def iter_list(self, prefix: bytes | str = b"", page_size: int = 1000) -> Iterator[KeyValue]:
+        """Every KeyValue under ``prefix`` at the first page's revision, ``page_size`` at a
+        time (memory O(page)); CompactedError if the cache stops holding that revision."""
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        res = self.list(prefix, limit=page_size)
+        yield from res.items
+        while res.continue_token is not None:
+            res = self.list(prefix, limit=page_size, continue_token=res.continue_token)
+            yield from res.items
 
     def watch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Watch:
         """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.

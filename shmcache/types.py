@@ -39,10 +39,17 @@ kv_new = tuple.__new__
 
 @dataclass(frozen=True)
 class ListResult:
-    """A range read: ``items`` sorted by key, exact at ``revision``."""
+    """A range read: ``items`` sorted by key, exact at ``revision``.
+
+    ``more``: keys remain after these (the read had a ``limit``);
+    ``continue_token``: pass it as ``Reader.list(..., continue_token=)`` for the next
+    page, which is exact at this same ``revision``.
+    """
 
     items: list[KeyValue]
     revision: int
+    more: bool = False
+    continue_token: str | None = None
 
     def __iter__(self) -> Any:
         return iter(self.items)

@@ -170,3 +170,14 @@ def test_a_second_publisher_cannot_take_a_held_cache(pub: Publisher, cache_name:
     other = _publisher(cache_name)
     with pytest.raises(shmcache.CacheExistsError):
         other.attach()
+
+
+def test_a_token_from_an_earlier_epoch_is_a_value_error(pub: Publisher, cache_name: str) -> None:
+    pub.reset(5, [(P + b"k%d" % i, (b"v", 5, 5, 1, 0)) for i in range(5)], "test")
+    with shmcache.Reader(cache_name) as r:
+        tok = r.list(P, limit=2).continue_token
+        assert tok is not None
+        assert len(r.list(P, limit=2, continue_token=tok)) == 2
+        pub.reset(9, [(P + b"k0", (b"v", 5, 5, 1, 0))], "a relist")
+        with pytest.raises(ValueError, match="epoch .* list again"):
+            r.list(P, limit=2, continue_token=tok)

@@ -1,0 +1,62 @@
+"""Paginated lists: continue tokens, and a page at the first page's revision.
+
+A token is opaque to users: url-safe base64 of a msgpack array ``[1, cache, epoch,
+revision, prefix, last_key]``. The next page is read at ``revision`` (a read at a
+past revision once the cache has moved on, see _history), so every page of one
+listing is exact at the same revision, as etcd's and Kubernetes' paginated lists
+are. ``last_key`` None means "from the start of the prefix" (a page of limit 0).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import msgpack
+
+from .types import KeyValue, ListResult
+
+_VERSION = 1
+
+
+def encode(cache: str, epoch: int, revision: int, prefix: bytes, last: bytes | None) -> str:
+    raw = msgpack.packb([_VERSION, cache, epoch, revision, prefix, last], use_bin_type=True)
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode(token: str, cache: str, prefix: bytes, epoch: int) -> tuple[int, bytes | None]:
+    """(revision, last key) of a token for this cache, prefix and epoch; ValueError otherwise."""
+    if not isinstance(token, str) or not token:
+        raise ValueError("continue_token must be a token from ListResult.continue_token")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        fields: Any = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        version, t_cache, t_epoch, revision, t_prefix, last = fields
+        if version != _VERSION or type(t_cache) is not str or type(t_epoch) is not int \
+                or type(revision) is not int or type(t_prefix) is not bytes \
+                or not (last is None or type(last) is bytes):
+            raise TypeError
+    except (binascii.Error, ValueError, TypeError, msgpack.UnpackException):
+        raise ValueError("continue_token is not a token shmcache made") from None
+    if t_cache != cache:
+        raise ValueError(f"continue_token belongs to cache {t_cache!r}, not {cache!r}")
+    if t_prefix != prefix:
+        raise ValueError(f"continue_token belongs to a listing of prefix {t_prefix!r}, "
+                         f"not {prefix!r}")
+    if t_epoch != epoch:
+        raise ValueError(f"continue_token belongs to epoch {t_epoch} of cache {cache!r}, which "
+                         f"has reset its history since (now epoch {epoch}): list again")
+    return revision, last
+
+
+def page(items: list[KeyValue], limit: int | None, revision: int, cache: str, epoch: int,
+         prefix: bytes) -> ListResult:
+    """The ListResult of up to ``limit`` items from ``items`` (read with one more than
+    ``limit``, so that whether keys remain is known without another read)."""
+    if limit is None or len(items) <= limit:
+        return ListResult(items, revision)
+    items = items[:limit]
+    last = items[-1].key if items else None
+    return ListResult(items, revision, more=True,
+                      continue_token=encode(cache, epoch, revision, prefix, last))

@@ -1,0 +1,122 @@
+"""Paginated lists: every page exact at the first page's revision, against real etcd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import shmcache
+from tests.helpers import WriterProcess, delete, etcd_range, put, txn
+
+
+def _load(client: Any, p: bytes, n: int) -> int:
+    rev = 0
+    for i in range(0, n, 100):
+        rev = txn(client, [("put", p + b"k%04d" % j, b"v%d" % j) for j in range(i, min(n, i + 100))])
+    return rev
+
+
+def test_pages_are_exact_at_the_first_pages_revision_while_etcd_changes(
+        etcd_client: Any, writer: tuple[WriterProcess, bytes], sub_prefix: bytes,
+        reader: shmcache.Reader) -> None:
+    p = sub_prefix
+    last = _load(etcd_client, p, 250)
+    assert reader.wait(last, timeout=10)
+    first = reader.list(p, limit=100)
+    rev = first.revision
+    assert len(first) == 100 and first.more and first.continue_token
+    # Changes after the first page, in the ranges of the pages still to come.
+    put(etcd_client, p + b"k0150", b"changed")
+    delete(etcd_client, p + b"k0200")
+    put(etcd_client, p + b"k0120x", b"new")
+    end = delete(etcd_client, p + b"k0001")  # in the page already read
+    assert reader.wait(end, timeout=10)
+    pages = [first]
+    while pages[-1].more:
+        pages.append(reader.list(p, limit=100, continue_token=pages[-1].continue_token))
+    assert [len(pg) for pg in pages] == [100, 100, 50]
+    assert all(pg.revision == rev for pg in pages) and pages[-1].continue_token is None
+    got = [kv for pg in pages for kv in pg]
+    assert got == etcd_range(etcd_client, p, rev)
+    # A listing started now sees the changes.
+    now = list(reader.iter_list(p, page_size=64))
+    assert now == etcd_range(etcd_client, p, end) and len(now) == 249
+
+
+def test_iter_list_while_writes_arrive(etcd_client: Any, writer: tuple[WriterProcess, bytes],
+                                       sub_prefix: bytes, reader: shmcache.Reader) -> None:
+    p = sub_prefix
+    assert reader.wait(_load(etcd_client, p, 300), timeout=10)
+    rev = reader.revision
+    out = []
+    for i, kv in enumerate(reader.iter_list(p, page_size=7)):
+        out.append(kv)
+        if i % 50 == 0:  # writes land between pages
+            assert reader.wait(put(etcd_client, p + b"k%04d" % (299 - i), b"x"), timeout=10)
+    assert out == etcd_range(etcd_client, p, rev)
+
+
+def test_limit_zero_and_an_exact_fit(etcd_client: Any, writer: tuple[WriterProcess, bytes],
+                                     sub_prefix: bytes, reader: shmcache.Reader) -> None:
+    p = sub_prefix
+    assert reader.wait(_load(etcd_client, p, 10), timeout=10)
+    zero = reader.list(p, limit=0)
+    assert zero.items == [] and zero.more and zero.continue_token
+    rest = reader.list(p, limit=10, continue_token=zero.continue_token)
+    assert len(rest) == 10 and not rest.more and rest.continue_token is None
+    assert not reader.list(p, limit=10).more  # exactly 10 keys: nothing remains
+    assert not reader.list(p).more
+
+
+def test_bad_tokens_are_value_errors(etcd_client: Any, writer: tuple[WriterProcess, bytes],
+                                     sub_prefix: bytes, reader: shmcache.Reader) -> None:
+    p = sub_prefix
+    assert reader.wait(_load(etcd_client, p, 5), timeout=10)
+    tok = reader.list(p, limit=2).continue_token
+    assert tok is not None
+    with pytest.raises(ValueError, match="prefix"):
+        reader.list(p + b"k", limit=2, continue_token=tok)
+    with pytest.raises(ValueError, match="not a token"):
+        reader.list(p, limit=2, continue_token="bm90IGEgdG9rZW4")
+    with pytest.raises(ValueError, match="not a token"):
+        reader.list(p, limit=2, continue_token="!!")
+    with pytest.raises(ValueError, match="not both"):
+        reader.list(p, limit=2, continue_token=tok, revision=reader.revision)
+    with pytest.raises(ValueError):
+        list(reader.iter_list(p, page_size=0))
+
+
+def test_a_token_of_another_cache_is_a_value_error(
+        etcd_session: Any, etcd_client: Any, writer: tuple[WriterProcess, bytes],
+        sub_prefix: bytes, reader: shmcache.Reader, cache_name: str) -> None:
+    assert reader.wait(_load(etcd_client, sub_prefix, 5), timeout=10)
+    tok = reader.list(sub_prefix, limit=2).continue_token
+    other = WriterProcess(cache_name, etcd_session.endpoint, writer[1])
+    try:
+        other.start()
+        with shmcache.Reader(cache_name) as r2:
+            with pytest.raises(ValueError, match="belongs to cache"):
+                r2.list(sub_prefix, limit=2, continue_token=tok)
+    finally:
+        other.close()
+
+
+def test_a_page_whose_revision_left_the_window_is_compacted(
+        etcd_session: Any, etcd_client: Any, cache_name: str, unique_prefix: bytes) -> None:
+    p = unique_prefix
+    _load(etcd_client, p, 20)
+    w = WriterProcess(cache_name, etcd_session.endpoint, p, ring_size="64KiB")
+    try:
+        w.start()
+        with shmcache.Reader(cache_name) as r:
+            first = r.list(p, limit=5)
+            last = 0
+            for i in range(100):  # ~200 KB through a 64 KiB ring: the window moves past it
+                last = put(etcd_client, p + b"k%04d" % (i % 20), b"y" * 2000)
+            assert r.wait(last, timeout=15)
+            assert r.status().oldest_watchable_revision > first.revision
+            with pytest.raises(shmcache.CompactedError):
+                r.list(p, limit=5, continue_token=first.continue_token)
+    finally:
+        w.close()
