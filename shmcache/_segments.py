@@ -44,6 +44,7 @@ class CacheSegments:
         # Segments this writer created, name -> inode: after a forced removal it
         # unlinks only these, never a successor's segments of the same names.
         self._own: dict[str, int] = {}
+        self._sync_ino = 0
 
     def attach(self) -> bool:
         """Open or create the control segment, take the writer lock, claim it; True if it existed."""
@@ -107,11 +108,27 @@ class CacheSegments:
         """Remember a segment as this writer's own (see ``unlink_own``)."""
         self._own[seg_name] = inode(seg_name)
 
+    def gid(self) -> int | None:
+        if self.group is None:
+            return None
+        return self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
+
+    def track_sync_socket(self) -> None:
+        self._sync_ino = inode(layout.sync_socket_name(self.name))
+
+    def unlink_sync_socket(self) -> None:
+        """Remove the consistent-read socket file this writer bound (if it is still its own:
+        after a forced removal a successor may have bound a new one)."""
+        p = _shm.SHM_DIR + layout.sync_socket_name(self.name)
+        try:
+            if self._sync_ino and os.stat(p).st_ino == self._sync_ino:
+                os.unlink(p)
+        except OSError:
+            pass
+
     def apply_permissions(self) -> None:
         """Give every segment this writer's mode and group (a restart may change them)."""
-        gid = None
-        if self.group is not None:
-            gid = self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
+        gid = self.gid()
         for name in _shm.list_segments(self.name):
             path = _shm.SHM_DIR + name
             try:

@@ -215,6 +215,10 @@ def remove_cache(cache_name: str, *, force: bool = False) -> list[str]:
         for seg in list_segments(cache_name):
             if unlink(seg):
                 removed.append(seg)
+        try:  # the consistent-read socket file a killed writer left (not a segment)
+            os.unlink(SHM_DIR + layout.sync_socket_name(cache_name))
+        except OSError:
+            pass
         return removed
     finally:
         if fd is not None:

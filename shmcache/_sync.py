@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import threading
@@ -32,8 +33,44 @@ log = logging.getLogger("shmcache.writer")
 REQUEST = b"s"
 
 
+SHM_DIR = "/dev/shm"
+
+
 def address(name: str) -> bytes:
     return b"\0shmcache." + name.encode() + b".sync"
+
+
+def path(name: str) -> str:
+    """The socket file beside the segments: reachable from any network namespace that
+    shares the directory (a container with the same /dev/shm volume), unlike the
+    abstract address, which exists per network namespace."""
+    return SHM_DIR + layout.sync_socket_name(name)
+
+
+def bind_path(name: str, mode: int, gid: int | None = None) -> socket.socket:
+    """The writer's second end: a datagram socket file with the segments' readers' access.
+
+    Sending needs write permission on the file, so each read bit of ``mode`` becomes
+    read+write (0644 -> 0666, 0640 -> 0660): whoever may read the cache may ask for
+    a consistent read. A stale file (a writer that was killed) is replaced; only the
+    lock holder gets here, so it is never a live writer's.
+    """
+    p = path(name)
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(p)
+        sock.setblocking(False)
+        os.chmod(p, mode | ((mode & 0o044) >> 1))
+        if gid is not None:
+            os.chown(p, -1, gid)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def bind(name: str) -> socket.socket:
@@ -64,23 +101,29 @@ class Client:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._addr = address(name)
+        # The abstract address first (no file to check), then the socket file: the
+        # only one that reaches a writer in another network namespace (container).
+        self._addrs: list[bytes | str] = [address(name), path(name)]
         self._sock: socket.socket | None = None
 
     def request(self) -> bool:
-        """Send one request; False if no writer is listening."""
+        """Send one request; False if no writer is listening at either address."""
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.setblocking(False)
-        try:
-            self._sock.sendto(REQUEST, self._addr)
-        except (BlockingIOError, InterruptedError):
-            return True  # the writer's queue is full: a round is coming anyway
-        except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                return False
-            raise
-        return True
+        for addr in self._addrs:
+            try:
+                self._sock.sendto(REQUEST, addr)
+            except (BlockingIOError, InterruptedError):
+                return True  # the writer's queue is full: a round is coming anyway
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EACCES):
+                    continue
+                raise
+            if addr is not self._addrs[0]:
+                self._addrs.reverse()  # this one works from here: try it first next time
+            return True
+        return False
 
     def confirm(self, ctl: ControlReader, reached: Callable[[], int], timeout: float) -> int:
         """One consistent read (Reader.sync): request a round, wait until a round that
@@ -135,12 +178,12 @@ class Server:
     SYNC_DONE and SYNC_REVISION = R with a wake.
     """
 
-    def __init__(self, sock: socket.socket, ctl: ControlWriter,
+    def __init__(self, socks: list[socket.socket], ctl: ControlWriter,
                  current_revision: Callable[[], int], request_progress: Callable[[], None],
                  published_revision: Callable[[], int], revision_moved: threading.Condition,
                  stopped: threading.Event, stats: dict[str, Any],
                  describe: Callable[[BaseException], str] = str) -> None:
-        self.sock = sock
+        self.socks = socks
         self.ctl = ctl
         self.current_revision = current_revision
         self.request_progress = request_progress
@@ -153,10 +196,10 @@ class Server:
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                ready, _, _ = select.select([self.sock], [], [], 0.25)
+                ready, _, _ = select.select(self.socks, [], [], 0.25)
             except (OSError, ValueError):
                 return
-            if not ready or not drain(self.sock):
+            if not ready or not sum(drain(sock) for sock in ready):
                 continue
             self.stats["sync_requests"] += 1
             # Requests that arrive from here on are served by the next round.

@@ -194,10 +194,10 @@ def _group(v: Any, _file: bool) -> str | int | None:
             return v
     else:
         raise ValueError(f"expected a group name or id, got {_type_name(v)}")
-    try:
-        grp.getgrgid(g)
-    except KeyError:
-        raise ValueError(f"no group with id {g} on this host") from None
+    # A numeric id needs no entry in /etc/group: in a container the shared group is
+    # often only a number (Kubernetes' fsGroup), and chown takes ids anyway.
+    if not 0 <= g < 2**32 - 1:
+        raise ValueError(f"group id {g} is out of range")
     return g
 
 

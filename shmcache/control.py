@@ -156,12 +156,32 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def writer_alive(buf: Any) -> bool:
-    """Whether the process recorded as the writer still runs (same pid and start time)."""
-    pid, start, _hb = writer_identity(buf)
+def pid_namespace() -> int:
+    """Inode of this process's PID namespace (0 if /proc does not tell)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def writer_liveness(buf: Any) -> tuple[bool, str]:
+    """(alive, how it was judged): "pid" when the writer's PID namespace is ours (same pid
+    and start time in /proc, not a zombie), "heartbeat" when the writer runs in another
+    one (a container: its pid means nothing here), then alive while its heartbeat is
+    younger than HEARTBEAT_DEAD_SECONDS."""
+    pid, start, hb = writer_identity(buf)
     if pid <= 0 or pid > 1 << 22:
-        return False
-    return process_start_ticks(pid) == start
+        return False, "pid"
+    ns = _Q.unpack_from(buf, layout.C_WRITER_PIDNS)[0]
+    if ns and ns != pid_namespace():
+        age = (time.monotonic_ns() - hb) / 1e9 if hb else float("inf")
+        return age < layout.HEARTBEAT_DEAD_SECONDS, "heartbeat"
+    return process_start_ticks(pid) == start, "pid"
+
+
+def writer_alive(buf: Any) -> bool:
+    """Whether the process recorded as the writer still runs (see writer_liveness)."""
+    return writer_liveness(buf)[0]
 
 
 def etcd_down_since(buf: Any) -> float | None:
@@ -263,7 +283,7 @@ class ControlReader:
         if b is None:
             raise ShmCacheError(f"cache {cache!r} has not published its state yet")
         pid, _start, hb = self.writer_identity()
-        alive = self.writer_alive()
+        alive, how = writer_liveness(self.buf)
         return Status(
             name=cache, prefix=self.prefix(b.prefix_len), writer_pid=pid, writer_alive=alive,
             heartbeat_age=(time.monotonic_ns() - hb) / 1e9 if hb else None,
@@ -271,7 +291,7 @@ class ControlReader:
             oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
             key_count=b.key_count, ring_capacity=b.ring_capacity,
             ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
-            etcd_unreachable_since=self.etcd_down_since() if alive else None)
+            etcd_unreachable_since=self.etcd_down_since() if alive else None, liveness=how)
 
     def check_stale(self, cache: str, max_staleness: float) -> None:
         """StaleError if the last heartbeat is older than ``max_staleness`` s or the writer
@@ -327,6 +347,7 @@ class ControlWriter:
         pid = os.getpid()
         _Q.pack_into(self.buf, layout.C_WRITER_PID, 0)
         _Q.pack_into(self.buf, layout.C_WRITER_START, process_start_ticks(pid) or 0)
+        _Q.pack_into(self.buf, layout.C_WRITER_PIDNS, pid_namespace())
         _Q.pack_into(self.buf, layout.C_WRITER_PID, pid)
         _Q.pack_into(self.buf, layout.C_FLAGS, 0)
         _Q.pack_into(self.buf, layout.C_ETCD_DOWN_SINCE, 0)

@@ -36,6 +36,11 @@ def snapshot_name(name: str, seq: int) -> str:
     return f"{SEGMENT_PREFIX}{name}.snap.{seq}"
 
 
+def sync_socket_name(name: str) -> str:
+    """The consistent-read socket's file next to the segments (in /dev/shm on Linux)."""
+    return f"{SEGMENT_PREFIX}{name}.sync"
+
+
 # --- common segment header ---------------------------------------------------
 # Every segment starts with: magic (8 bytes), format version (u32), kind (u32).
 
@@ -63,6 +68,13 @@ C_FLAGS: Final = 56  # bit 0: the writer closed cleanly
 # is connected (or never tried). A single word outside the seqlock, like the
 # heartbeat; it lies in space version 1 left zero, so older readers ignore it.
 C_ETCD_DOWN_SINCE: Final = 208
+# Inode of the writer's PID namespace (/proc/self/ns/pid), 0 if unknown. A reader
+# in another PID namespace (another container) cannot see the writer's pid in
+# /proc and judges it by its heartbeat instead. Space version 1 left zero.
+C_WRITER_PIDNS: Final = 216
+# A writer whose heartbeat (every 0.25 s) is older than this counts as gone, for
+# readers that cannot see its pid.
+HEARTBEAT_DEAD_SECONDS: Final = 2.0
 
 # The published block, read as one unit between two reads of SEQ.
 C_BLOCK: Final = 64

@@ -79,6 +79,9 @@ class Status:
     # Unix time since which the writer has failed to reach etcd (None: it reaches
     # etcd, or no writer runs). The cache keeps serving its last revision meanwhile.
     etcd_unreachable_since: float | None = None
+    # How writer_alive was judged: "pid" (the writer's pid, seen in /proc: same PID
+    # namespace) or "heartbeat" (another PID namespace, e.g. another container).
+    liveness: str = "pid"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
