@@ -9,3 +9,4 @@ PROGRESS_INTERVAL = 1.0  # seconds of idle range before the writer asks etcd for
 MODE = 0o600
 BACKOFF_MAX = 5.0  # longest pause between reconnects, seconds
 ETCD_TIMEOUT = 5.0  # seconds per etcd request (the watch stream has none)
+VERIFY_INTERVAL = 600.0  # seconds between checks of the cache against etcd (0: never)

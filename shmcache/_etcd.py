@@ -159,6 +159,16 @@ class Connection:
             start = resp.kvs[-1].key + b"\0"
             page = min(page * 2, self.LIST_PAGE_MAX)
 
+    def range_page(self, start: bytes, range_end: bytes, revision: int, limit: int,
+                   keys_only: bool = False) -> tuple[list[Any], bool, int]:
+        """One page of [start, range_end) at ``revision``, in key order: (kvs, more, bytes)."""
+        req = rpc_pb2.RangeRequest(
+            key=start, range_end=range_end, limit=limit, revision=revision, keys_only=keys_only,
+            sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
+        resp = self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
+                                        metadata=self.client.metadata)
+        return list(resp.kvs), bool(resp.more), resp.ByteSize()
+
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
         return WatchStream(self, key, range_end, start_revision)
 

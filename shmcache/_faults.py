@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import signal
+from typing import Any
 
 log = logging.getLogger("shmcache.writer")
 
@@ -26,6 +27,24 @@ def parse(spec: str) -> dict[str, float]:
 
 
 FAULTS = parse(os.environ.get("SHMCACHE_FAULT", ""))
+
+
+_fired: set[str] = set()
+
+
+def once(name: str) -> bool:
+    """True the first time fault point ``name`` is reached, if it is configured."""
+    if name in FAULTS and name not in _fired:
+        _fired.add(name)
+        log.warning("SHMCACHE_FAULT: fault point %r fires", name)
+        return True
+    return False
+
+
+def drop_event(batch: list[Any]) -> list[Any]:
+    """``drop_event``: lose the first event applied after start, once, as a writer bug
+    would (the verifier's test: the check against etcd must find it and relist)."""
+    return batch[1:] if once("drop_event") else batch
 
 
 def point(name: str) -> None:

@@ -86,6 +86,11 @@ class EtcdFeed:
         self._progress_sent = 0.0
         self._watch_created = 0.0
         self._unsynced_until = 0
+        self._relist_reason: str | None = None
+
+    def request_relist(self, reason: str) -> None:
+        """Relist into a new epoch at the next watch response (any thread; the verifier)."""
+        self._relist_reason = reason
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -184,6 +189,9 @@ class EtcdFeed:
                 self.stats["watch_responses"] += 1
                 if self.stopped.is_set():
                     return
+                reason, self._relist_reason = self._relist_reason, None
+                if reason is not None:
+                    raise Relist(reason)
                 if resp.compact_revision:
                     raise Relist(f"etcd compacted to revision {resp.compact_revision}, past the "
                                  f"cache's {sink.revision}")

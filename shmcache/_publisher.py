@@ -326,6 +326,8 @@ class Publisher:
     def _flush(self, revision: int, batch: list[_codec.EventTuple]) -> None:
         # Appended before it is applied: appending may first publish a snapshot,
         # which must hold exactly the state at the previous revision.
+        if _faults.FAULTS and not (batch := _faults.drop_event(batch)):
+            return
         kv = self.kv
         for i, ev in enumerate(batch):
             if ev[7] is None:
@@ -414,8 +416,7 @@ class Publisher:
     # -- any thread ------------------------------------------------------------------
 
     def published_revision(self) -> int:
-        """What readers can see, not ``revision``, which runs ahead of the block while a
-        watch response is being appended."""
+        """What readers see (``revision`` runs ahead of it while a response is appended)."""
         return self.ctl.get(layout.B_REVISION)
 
     def set_etcd_down_since(self, unix_time: float | None) -> None:

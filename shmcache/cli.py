@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _shm
+from . import _defaults, _shm
 from .errors import ShmCacheError
 
 log = logging.getLogger("shmcache")
@@ -209,12 +209,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ._check import check_cache
 
     facts, problems = check_cache(args.name)
+    if args.against_etcd and not problems:
+        facts, problems = _check_against_etcd(args, facts)
     for f in facts:
         print(f"ok: {f}")
     for p in problems:
         print(f"VIOLATION: {p}")
     print(f"{args.name}: {'OK' if not problems else f'{len(problems)} violation(s)'}")
     return 1 if problems else 0
+
+
+def _check_against_etcd(args: argparse.Namespace,
+                        facts: list[str]) -> tuple[list[str], list[str]]:
+    """The live snapshot against etcd's range at its revision (the writer's verifier, once)."""
+    from . import _etcd, _verify
+
+    settings = _etcd.EtcdSettings(
+        endpoints=[e.strip() for e in args.endpoints.split(",") if e.strip()],
+        ca_cert=args.ca_file, cert_cert=args.cert_file, cert_key=args.key_file,
+        user=args.user, password=os.environ.get("SHMCACHE_PASSWORD") or None)
+    conn = _etcd.Connection(settings)
+    try:
+        conn.connect()
+        res = _verify.compare_cache(args.name, conn, values=args.values)
+    except _verify.Inconclusive as exc:
+        raise ShmCacheError(f"cannot compare with etcd: {exc}") from None
+    except Exception as exc:
+        if _etcd.is_grpc_error(exc):
+            raise ShmCacheError(f"etcd: {_etcd.describe(exc)}") from None
+        raise
+    finally:
+        conn.close()
+    what = "keys, revisions, versions, leases" + (" and values" if args.values else "")
+    facts = facts + [f"etcd: {res.keys} keys equal at revision {res.revision} ({what}; "
+                     f"{res.etcd_bytes} bytes from etcd in {res.seconds:.2f}s)"]
+    problems = [f"etcd at revision {res.revision}: {m}" for m in res.first]
+    if res.mismatches > len(res.first):
+        problems.append(f"... {res.mismatches - len(res.first)} more difference(s)")
+    return facts, problems
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -338,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", help="verify every segment and invariant of a cache")
     s.add_argument("name")
+    s.add_argument("--against-etcd", action="store_true",
+                   help="also compare the published snapshot with etcd's range at its "
+                        "revision (needs the writer extra)")
+    s.add_argument("--endpoints", default=_defaults.ENDPOINT,
+                   help="etcd endpoints for --against-etcd (comma-separated)")
+    s.add_argument("--values", action="store_true",
+                   help="with --against-etcd, compare values too (they travel from etcd)")
+    s.add_argument("--ca-file", default=None)
+    s.add_argument("--cert-file", default=None)
+    s.add_argument("--key-file", default=None)
+    s.add_argument("--user", default=None, help="etcd user (password: $SHMCACHE_PASSWORD)")
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("rm", help="remove a cache's segments (refused while its writer runs)")

@@ -201,6 +201,13 @@ def _group(v: Any, _file: bool) -> str | int | None:
     return g
 
 
+def _seconds_or_zero(v: Any, file: bool) -> float:
+    if not isinstance(v, bool) and isinstance(v, (int, float, str)) and str(v).strip() in (
+            "0", "0.0"):
+        return 0.0
+    return _seconds(v, file)
+
+
 def _bool(v: Any, _file: bool) -> bool:
     if isinstance(v, bool):
         return v
@@ -265,6 +272,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "seconds between snapshot republishes while keys change", _seconds),
     Setting("snapshot_bytes", None, "republish the snapshot after this many ring bytes "
             "(default: ring_size / 4, at most 16MiB)", _snapshot_bytes),
+    Setting("verify_interval", _defaults.VERIFY_INTERVAL,
+            "seconds between checks of the published snapshot against etcd (0: never)",
+            _seconds_or_zero),
     Setting("mode", _defaults.MODE, "segment mode, octal: 600, 640 or 644", _mode),
     Setting("group", None, "group owning the segments (with mode 640)", _group),
     Setting("remove_on_exit", False, "unlink the cache's segments when the writer stops", _bool),
@@ -295,6 +305,7 @@ class ServeConfig:
     ring_size: int
     snapshot_interval: float
     snapshot_bytes: int | None
+    verify_interval: float
     mode: int
     group: str | int | None
     remove_on_exit: bool

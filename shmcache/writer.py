@@ -23,7 +23,7 @@ import select
 import threading
 from typing import Any
 
-from . import _defaults, _etcd, _shm, _sync, layout
+from . import _defaults, _etcd, _shm, _sync, _verify, layout
 from ._feed import EtcdFeed
 from ._publisher import Publisher
 from ._segments import CacheSegments
@@ -56,6 +56,7 @@ class Writer:
         snapshot_interval: float = _defaults.SNAPSHOT_INTERVAL,
         snapshot_bytes: int | str | None = None,
         progress_interval: float = _defaults.PROGRESS_INTERVAL,
+        verify_interval: float = _defaults.VERIFY_INTERVAL,
         mode: int = _defaults.MODE,
         group: str | int | None = None,
         remove_on_close: bool = False,
@@ -78,6 +79,9 @@ class Writer:
         if mode & 0o022:
             raise ValueError(f"mode {mode:o} lets group or others write the segments")
         self.progress_interval = progress_interval
+        if verify_interval < 0:
+            raise ValueError("verify_interval must be >= 0 (0: never)")
+        self.verify_interval = verify_interval
         self.remove_on_close = remove_on_close
         # A fresh settings object per Writer: nothing the caller holds is shared.
         settings = _etcd.EtcdSettings(
@@ -96,7 +100,10 @@ class Writer:
             # loop making progress" test), the last snapshot's publish time, key
             # count and size: for service.py's metrics.
             "watches": 0, "watch_responses": 0, "snapshot_seconds": 0.0,
-            "snapshot_seconds_total": 0.0, "snapshot_keys": 0, "snapshot_bytes": 0}
+            "snapshot_seconds_total": 0.0, "snapshot_keys": 0, "snapshot_bytes": 0,
+            # The verifier's rounds (checks of the snapshot against etcd, _verify).
+            "verify_rounds": 0, "verify_mismatches": 0, "verify_revision": 0,
+            "verify_seconds": 0.0}
         self._segs = CacheSegments(self.name, self.prefix, mode, group)
         self._pub = Publisher(
             self._segs, ring_size=self.ring_size, snapshot_interval=snapshot_interval,
@@ -197,6 +204,10 @@ class Writer:
                                   describe=_etcd.describe)
             syncer = threading.Thread(target=server.run, name="shmcache-sync", daemon=True)
             syncer.start()
+        if self.verify_interval > 0:
+            verifier = _verify.Verifier(self.name, self.etcd_settings, self.verify_interval,
+                                        self.stats, self._stopped, self._feed.request_relist)
+            threading.Thread(target=verifier.run, name="shmcache-verify", daemon=True).start()
         try:
             why_not = pub.restore() if existed else "first start"
             if why_not is not None and existed:

@@ -269,7 +269,10 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         log(f"  fault: {kind}")
 
     with EtcdServer(binary=etcd_binary) as etcd:
-        writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size)
+        # The writer checks itself against etcd every 2 s meanwhile: under every fault
+        # below it must never report a mismatch (a false alarm would relist for nothing).
+        writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size,
+                               extra=["--verify-interval", "2"])
         stop = ctx.Event()
         counter = ctx.Value("q", 0)
         results = ctx.Queue()
@@ -365,6 +368,11 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
             finally:
                 c.close()
             log(f"  workload wrote {counter.value} operations")
+            with open(writer.log_path, errors="replace") as f:
+                whole_log = f.read()
+            if "verification failed" in whole_log:
+                report.divergences.append("the writer's check against etcd found a mismatch: "
+                                          + whole_log[whole_log.index("verification failed"):][:500])
         finally:
             stop.set()
             for p in procs:
