@@ -140,3 +140,27 @@ def test_compare_reports_differences_and_compaction(tmp_path: Any, cache_name: s
         finally:
             client.close()
             w.close()
+
+
+def test_check_against_etcd_reports_a_difference(
+        etcd_session: EtcdServer, etcd_client: Any, cache_name: str, unique_prefix: bytes) -> None:
+    """A writer that lost an event (fault point) and does not verify itself: the on-demand
+    check finds the key, names it, and exits 1."""
+    p = unique_prefix
+    put(etcd_client, p + b"base", b"0")
+    w = WriterProcess(cache_name, etcd_session.endpoint, p,
+                      extra=["--verify-interval", "0", "--snapshot-interval", "0.3"])
+    w.env["SHMCACHE_FAULT"] = "drop_event"
+    try:
+        w.start()
+        with shmcache.Reader(cache_name) as r:
+            put(etcd_client, p + b"lost", b"1")
+            kept = put(etcd_client, p + b"kept", b"2")
+            assert r.wait(kept, timeout=10)
+            _wait(lambda: r.status().snapshot_revision >= kept, 10, "a snapshot after the loss")
+        bad = run_cli("check", cache_name, "--against-etcd", "--endpoints", etcd_session.endpoint)
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert "VIOLATION: etcd at revision" in bad.stdout
+        assert repr(p + b"lost") in bad.stdout and "is in etcd but not in the cache" in bad.stdout
+    finally:
+        w.close()
