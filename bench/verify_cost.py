@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import shmcache  # noqa: E402
 from shmcache import _etcd, _verify, layout  # noqa: E402
 from tests.etcdserver import EtcdServer  # noqa: E402
 from tests.helpers import WriterProcess  # noqa: E402
@@ -44,8 +45,9 @@ def main() -> None:
         w = WriterProcess("bench-verify", etcd.endpoint, PREFIX, ring_size="64MiB",
                           extra=["--verify-interval", "0"])
         try:
-            w.start()
-            time.sleep(1)
+            w.start(wait=False)
+            w.wait_ready(timeout=600)
+            shmcache.Reader("bench-verify", timeout=600).close()  # the first snapshot is out
             conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[etcd.endpoint]))
             conn.connect()
             out: dict[str, list[tuple[float, float, int]]] = {"verify keys-only": [],
