@@ -75,3 +75,8 @@ def decode(payload: bytes, revision: int, where: str = "") -> list[Event]:
 
 def kv_tuple(kv: Any) -> KVTuple:
     return (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+def key_text(b: bytes) -> str:
+    """Key bytes for a log line or a message: the text itself, not a bytes repr."""
+    return b.decode("utf-8", "backslashreplace")

@@ -49,9 +49,6 @@ class WatchBroken(ShmCacheError):
     """The watch stream ended or was cancelled for a reason other than compaction."""
 
 
-def _text(b: bytes) -> str:
-    return b.decode("utf-8", "backslashreplace")
-
 
 class EtcdFeed:
     """Follow [range_key, range_end) in etcd and feed a sink until ``close()``."""
@@ -171,7 +168,7 @@ class EtcdFeed:
 
     def _list(self, conn: _etcd.Connection, sink: Sink, reason: str) -> None:
         t0 = time.monotonic()
-        log.info("listing %r from etcd (%s)", _text(self.prefix), reason)
+        log.info("listing %r from etcd (%s)", _codec.key_text(self.prefix), reason)
         rev, items = conn.list_range(self.range_key, self.range_end, progress=self.list_progress)
         sink.reset(rev, items, reason)
         log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
@@ -200,7 +197,7 @@ class EtcdFeed:
                 sink.etcd_revision = max(sink.etcd_revision, resp.header.revision)
                 self._healthy = True
                 if resp.created:
-                    log.info("watching %r from revision %d", _text(self.prefix), start)
+                    log.info("watching %r from revision %d", _codec.key_text(self.prefix), start)
                     # Created behind etcd's revision: unsynced until etcd's catch-up
                     # loop has sent the events up to here (see _on_progress).
                     self._watch_created = time.monotonic()

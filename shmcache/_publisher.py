@@ -34,10 +34,6 @@ log = logging.getLogger("shmcache.writer")
 KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
 
 
-def _text(b: bytes) -> str:
-    """Key bytes for a log line: the text itself, not a bytes repr."""
-    return b.decode("utf-8", "backslashreplace")
-
 
 class Publisher:
     """The state of one cache and the segments it is published in."""

@@ -23,9 +23,6 @@ log = logging.getLogger("shmcache.writer")
 KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
 
 
-def _text(b: bytes) -> str:
-    return b.decode("utf-8", "backslashreplace")
-
 
 @dataclass
 class Restored:
@@ -59,7 +56,8 @@ def load(name: str, prefix: bytes, ctl_seg: _shm.Segment) -> Restored | str:
         control.validate_block(b, ctl_seg.name)
         served = control.read_prefix(buf, b.prefix_len)
         if served != prefix:
-            return f"the cache was serving prefix {_text(served)!r}, not {_text(prefix)!r}"
+            return (f"the cache was serving prefix {_codec.key_text(served)!r}, "
+                    f"not {_codec.key_text(prefix)!r}")
         rname = layout.ring_name(name, b.ring_gen)
         opened = _shm.open_writable(rname)
         if opened is None:

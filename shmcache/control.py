@@ -19,8 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _futex, layout
-from .errors import CorruptSegmentError, ShmCacheError, StaleError, VersionMismatchError
+from . import _futex, _shm, layout
+from .errors import (
+    CorruptSegmentError,
+    NotFoundError,
+    ShmCacheError,
+    StaleError,
+    VersionMismatchError,
+)
 from .types import Status
 
 _Q = struct.Struct("<Q")
@@ -215,8 +221,6 @@ class ControlReader:
         is still all zeros (a writer initialising it); bytes that are there but
         wrong raise CorruptSegmentError at once, as they will not fix themselves.
         """
-        from . import _shm
-
         cname = layout.control_name(cache_name)
         deadline = time.monotonic() + timeout
         while True:
@@ -233,8 +237,6 @@ class ControlReader:
                     if time.monotonic() >= deadline or not initialising:
                         raise
             elif time.monotonic() >= deadline:
-                from .errors import NotFoundError
-
                 raise NotFoundError(f"no shmcache named {cache_name!r} on this host "
                                     f"(no segment {cname})", name=cache_name)
             time.sleep(0.02)

@@ -98,7 +98,6 @@ class Reader:
         self._lock = threading.RLock()
         deadline = time.monotonic() + timeout
         self._control = control.ControlReader.open(name, timeout)
-        self._ctl_name = self._control.name
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view moves under self._lock; the hot path reads the copies below
         # (pair, prefix, fast state), each replaced whole after a move.
@@ -202,7 +201,7 @@ class Reader:
                     return
                 if b.seq == self._seq:
                     return
-                control.validate_block(b, self._ctl_name)
+                control.validate_block(b, self._control.name)
                 v = self._v
                 try:
                     v.advance(b)

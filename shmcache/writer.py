@@ -182,8 +182,7 @@ class Writer:
         if self._stop_requested:
             return
         pub = self._pub
-        existed = pub.attach()
-        pub.set_etcd_down_since(None)
+        existed = pub.attach()  # (claim() clears ETCD_DOWN_SINCE)
         ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
         ticker.start()
         server = None
