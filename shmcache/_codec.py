@@ -8,6 +8,7 @@ from typing import Any
 import msgpack
 
 from . import layout
+from ._indexdef import IxVals
 from .errors import CorruptSegmentError
 from .types import Event, KeyValue, kv_new
 
@@ -16,7 +17,8 @@ _DELETE = layout.EVENT_DELETE
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
 KVTuple = tuple[bytes, bytes, int, int, int, int]
-EventTuple = tuple[int, bytes, bytes, int, int, int, int, KVTuple | None]
+# An event of a cache with indexes has two more fields: its IxVals and its prev's.
+EventTuple = tuple[Any, ...]
 
 
 def encode(events: Sequence[EventTuple]) -> bytes:
@@ -30,8 +32,29 @@ def decode(payload: bytes, revision: int, where: str = "") -> list[Event]:
 
     msgpack bounds every length by the input size, so garbage cannot make it
     allocate more than the payload; nothing but ints, bytes, nil and arrays is
-    accepted (no ext types, nothing evaluated).
+    accepted (no ext types, nothing evaluated). Index values, if the record has
+    them, are checked and dropped (``decode_indexed`` keeps them).
     """
+    return [e[0] for e in _decode(payload, revision, where)]
+
+
+def decode_indexed(payload: bytes, revision: int,
+                   where: str = "") -> list[tuple[Event, IxVals | None, IxVals | None]]:
+    """Like ``decode``, with each event's index values and its prev_kv's (None: none)."""
+    return _decode(payload, revision, where)
+
+
+def _check_ix(ix: Any) -> None:
+    if ix is not None:
+        if type(ix) is not tuple:
+            raise ValueError("bad index values")
+        for vs in ix:
+            if type(vs) is not tuple or not all(type(v) is bytes for v in vs):
+                raise ValueError("bad index values")
+
+
+def _decode(payload: bytes, revision: int,
+            where: str) -> list[tuple[Event, IxVals | None, IxVals | None]]:
     try:
         raw = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=True,
                               max_str_len=0, max_map_len=0, max_ext_len=0,
@@ -44,7 +67,16 @@ def decode(payload: bytes, revision: int, where: str = "") -> list[Event]:
                                   segment=where)
     out = []
     try:
-        for typ, key, value, create, mod, version, lease, prev in raw:
+        for t in raw:
+            if type(t) is not tuple:
+                raise ValueError("an event is not an array")
+            if len(t) == 8:
+                typ, key, value, create, mod, version, lease, prev = t
+                ix = pix = None
+            else:
+                typ, key, value, create, mod, version, lease, prev, ix, pix = t
+                _check_ix(ix)
+                _check_ix(pix)
             # Exact types: msgpack true/1.0 compare equal to EVENT_DELETE and
             # false/0.0 to EVENT_PUT, and must not pass for them (tests/test_codec.py).
             if type(typ) is not int or type(key) is not bytes or type(value) is not bytes \
@@ -60,9 +92,9 @@ def decode(payload: bytes, revision: int, where: str = "") -> list[Event]:
                     raise ValueError("bad prev_kv field types")
                 prev = kv_new(KeyValue, prev)
             if typ == _PUT:
-                out.append(kv_new(Event, ("PUT", kv, prev, revision)))
+                out.append((kv_new(Event, ("PUT", kv, prev, revision)), ix, pix))
             elif typ == _DELETE:
-                out.append(kv_new(Event, ("DELETE", kv, prev, revision)))
+                out.append((kv_new(Event, ("DELETE", kv, prev, revision)), ix, pix))
             else:
                 raise ValueError(f"unknown event type {typ!r}")
     except (ValueError, TypeError) as exc:

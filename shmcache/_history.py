@@ -13,7 +13,7 @@ control block, positions); the Reader calls them under its lock.
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _codec, layout, ring
 from .errors import CompactedError, FutureRevisionError
@@ -36,17 +36,18 @@ def check_window(name: str, revision: int, current: int, compact: int) -> None:
 
 
 def changes_after(cache: str, ctl: ControlReader, seg: _shm.Segment, b: Block, start: int,
-                  stop: int, revision: int) -> dict[bytes, KeyValue | None]:
+                  stop: int, revision: int, indexed: bool = False) -> dict[bytes, Any]:
     """key -> its KeyValue (None: absent) at ``revision``, for every key changed after it,
-    from the records in [start, stop). CompactedError if the ring laps them meanwhile."""
-    undo: dict[bytes, KeyValue | None] = {}
+    from the records in [start, stop). CompactedError if the ring laps them meanwhile.
+    ``indexed``: key -> (KeyValue or None, its index values at ``revision``)."""
+    undo: dict[bytes, Any] = {}
     try:
         for _pos, rev, _nxt, payload in ring.iter_records(
                 seg.buf, b.ring_capacity, start, stop, ctl.tail, name=seg.name):
             if rev > revision:
-                for ev in _codec.decode(payload, rev, seg.name):
+                for ev, _ix, pix in _codec.decode_indexed(payload, rev, seg.name):
                     if ev.kv.key not in undo:
-                        undo[ev.kv.key] = ev.prev_kv
+                        undo[ev.kv.key] = (ev.prev_kv, pix) if indexed else ev.prev_kv
     except ring.Lapped:
         b2 = ctl.block() or b
         raise CompactedError(

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 from sortedcontainers import SortedDict
 
 from . import _codec, _faults, _restore, _shm, control, layout, ring, snapshot
+from ._indexer import Indexer
 from ._segments import CacheSegments
-from ._snapbuild import SnapshotBuild, close_all, freeze_gc
+from ._snapbuild import SnapshotBuild, freeze_gc, unmap
 from .errors import CorruptSegmentError
 
 if TYPE_CHECKING:
@@ -39,8 +40,10 @@ class Publisher:
     """The state of one cache and the segments it is published in."""
 
     def __init__(self, segs: CacheSegments, *, ring_size: int, snapshot_interval: float,
-                 snapshot_bytes: int, stats: dict[str, Any]) -> None:
+                 snapshot_bytes: int, stats: dict[str, Any],
+                 indexer: Indexer | None = None) -> None:
         self.segs = segs
+        self.indexer = indexer  # None: the cache has no secondary indexes
         self.name = segs.name
         self.prefix = segs.prefix
         self.ring_size = ring_size
@@ -90,7 +93,7 @@ class Publisher:
         ``ring_size`` is then replaced by one of that size (switch_ring).
         """
         assert self.segs.ctl_seg is not None
-        got = _restore.load(self.name, self.prefix, self.segs.ctl_seg)
+        got = _restore.load(self.name, self.prefix, self.segs.ctl_seg, self.ctl.index_defs)
         if isinstance(got, str):
             return got
         b = got.block
@@ -102,6 +105,8 @@ class Publisher:
         self.delta = got.delta
         self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in got.kv.items())
         self.base = got.base
+        if self.indexer is not None:
+            self.indexer.reset(got.kv.items())
         freeze_gc()
         self.revision = b.revision
         self.epoch = b.epoch
@@ -155,6 +160,8 @@ class Publisher:
         empty ring history."""
         self.etcd_revision = max(self.etcd_revision, revision)
         self.kv = SortedDict(items)  # (its size is counted by the whole-state build below)
+        if self.indexer is not None:
+            self.indexer.reset(self.kv.items())
         freeze_gc()
         self.stats["relists"] += 1
         if self.ring is None:
@@ -243,6 +250,7 @@ class Publisher:
     def _discard_build(self, b: SnapshotBuild) -> None:
         if b.seg is not None:  # (run() has unmapped it)
             _shm.unlink(b.name)
+            _shm.unlink(layout.index_name(self.name, b.seq))
 
     def _drop_build(self) -> None:
         """Wait for a background build and throw it away unpublished."""
@@ -252,19 +260,10 @@ class Publisher:
             self._build = None
 
     def _close_base(self, background: bool = False) -> None:
-        """Unmap the base snapshot; the next build is then a whole-state one (which
-        starts a new delta). ``background``: in a short-lived thread, for a base that
-        may be the last mapping of an unlinked segment, whose pages the unmap frees
-        (70 ms for 377 MB: munmap releases the GIL, but it would hold up this thread)."""
-        if self.base is None:
-            return
-        seg, snap = self.base
-        self.base = None
-        if background:
-            threading.Thread(target=close_all, args=(snap, seg), name="shmcache-unmap",
-                             daemon=True).start()
-        else:
-            close_all(snap, seg)
+        """Unmap the base snapshot (see _snapbuild.unmap); the next build is then a
+        whole-state one (which starts a new delta)."""
+        base, self.base = self.base, None
+        unmap(base, background)
 
     def _publish_build(self, b: SnapshotBuild, extra: dict[int, int] | None = None,
                        prefix: bytes | None = None) -> None:
@@ -290,19 +289,15 @@ class Publisher:
             # frees hundreds of MB with the GIL held (posix_ipc), unmapping does
             # not hold it, so the pages are freed by _close_base below, off this thread.
             _shm.unlink(layout.snapshot_name(self.name, old))
+            _shm.unlink(layout.index_name(self.name, old))
         self._close_base(background=True)
         sseg = _shm.open_readonly(b.name)
         self.segs.track(b.name)
+        if b.pairs is not None:
+            self.segs.track(layout.index_name(self.name, b.seq))
         if sseg is not None:  # (None: removed by hand; the next build is a whole-state one)
             self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
-        # Gauges of the last publish, for the metrics.
-        self.stats["snapshot_seconds"] = b.seconds
-        self.stats["snapshot_seconds_total"] += b.seconds
-        self.stats["snapshot_keys"] = b.plan.count
-        self.stats["snapshot_bytes"] = b.plan.total
-        log.info("snapshot published: revision %d, %d keys, %d bytes, built in %.1f ms (%s)",
-                 b.revision, b.plan.count, b.plan.total, b.seconds * 1000,
-                 "whole state" if b.full else f"{len(b.changes or ())} changes")
+        b.report(self.stats)
 
     # -- applying events -------------------------------------------------------------
 
@@ -324,16 +319,21 @@ class Publisher:
         # which must hold exactly the state at the previous revision.
         if _faults.FAULTS and not (batch := _faults.drop_event(batch)):
             return
-        kv = self.kv
+        kv, ixr = self.kv, self.indexer
         for i, ev in enumerate(batch):
             if ev[7] is None:
                 old = kv.get(ev[1])
                 if old is not None:
-                    batch[i] = (*ev[:7], (ev[1], *old))
+                    batch[i] = ev = (*ev[:7], (ev[1], *old))
+            if ixr is not None:  # index values go into the record beside the event
+                batch[i] = (*ev[:8], (ixr.values(ev[1], ev[2]) or None) if ev[0] == 0 else None,
+                            ixr.current(ev[1]))
         self._append(revision, _codec.encode(batch), len(batch))
         delta = self.delta
         span = snapshot.entry_span
-        for typ, key, value, create, mod, version, lease, _prev in batch:
+        for typ, key, value, create, mod, version, lease, _prev, *ix in batch:
+            if ixr is not None:
+                ixr.commit(key, ix[0])
             old = kv.get(key)
             if old is not None:
                 self.data_len -= span(key, old[0])

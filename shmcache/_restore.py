@@ -37,7 +37,7 @@ class Restored:
     compact: int  # the oldest watchable revision that goes with that tail
 
 
-def load(name: str, prefix: bytes, ctl_seg: _shm.Segment) -> Restored | str:
+def load(name: str, prefix: bytes, ctl_seg: _shm.Segment, index_defs: bytes) -> Restored | str:
     """The state the segments hold, or the reason they cannot be resumed.
 
     Every record a reader can reach, [tail, head), is validated first (stamp,
@@ -58,6 +58,8 @@ def load(name: str, prefix: bytes, ctl_seg: _shm.Segment) -> Restored | str:
         if served != prefix:
             return (f"the cache was serving prefix {_codec.key_text(served)!r}, "
                     f"not {_codec.key_text(prefix)!r}")
+        if control.read_index_defs(buf, b.index_defs_len) != index_defs:
+            return "the index definitions changed (the indexes are rebuilt in a new epoch)"
         rname = layout.ring_name(name, b.ring_gen)
         opened = _shm.open_writable(rname)
         if opened is None:

@@ -151,7 +151,8 @@ class CacheSegments:
         assert self.ctl is not None
         keep = {layout.control_name(self.name),
                 layout.ring_name(self.name, self.ctl.get(layout.B_RING_GEN)),
-                layout.snapshot_name(self.name, self.ctl.get(layout.B_SNAP_SEQ))}
+                layout.snapshot_name(self.name, self.ctl.get(layout.B_SNAP_SEQ)),
+                layout.index_name(self.name, self.ctl.get(layout.B_SNAP_SEQ))}
         for seg in _shm.list_segments(self.name):
             if seg not in keep:
                 _shm.unlink(seg)

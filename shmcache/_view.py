@@ -11,12 +11,15 @@ reads a matching pair; an overlay is never modified while it is the live one.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from sortedcontainers import SortedDict
 
 from . import _codec, _history, _shm, control, layout, ring
+from ._indexq import OverlayIndex
 from .errors import CompactedError, CorruptSegmentError, NotFoundError
+from .indexseg import IndexSegment
 from .snapshot import Snapshot
 from .types import KeyValue
 
@@ -30,6 +33,9 @@ def range_end(prefix: bytes) -> bytes | None:
         return None
     end = layout.prefix_range_end(prefix)
     return None if end == b"\0" else end
+
+
+T = TypeVar("T")
 
 
 class Retry(Exception):
@@ -61,6 +67,42 @@ class View:
         self.rec_revs: list[int] = []
         self.rec_pos: list[int] = []
         self.pos = 0
+        # Secondary indexes: the epoch's definitions, the index segment of the
+        # snapshot (mapped on first use) and the index of the overlay.
+        self.index_defs: tuple[tuple[str, str], ...] = ()
+        self.iseg: IndexSegment | None = None
+        self.ov_index: OverlayIndex | None = None
+
+    def indexes(self) -> IndexSegment:
+        """The index segment of the live snapshot (Retry if it was replaced meanwhile)."""
+        seg = self.iseg
+        if seg is not None and seg.snap_seq == self.snap_seq:
+            return seg
+        b, snap = self.block, self.snap
+        assert b is not None and snap is not None
+        name = layout.index_name(self.cache, self.snap_seq)
+        mapped = _shm.open_readonly(name)
+        if mapped is None:
+            self._missing(b, name)
+        seg = IndexSegment(name, mapped.buf, mapped.size)
+        if (seg.snap_seq, seg.revision, seg.epoch, seg.count) != (
+                self.snap_seq, snap.revision, snap.epoch, len(self.index_defs)):
+            if self.control.block() == b:
+                raise CorruptSegmentError(
+                    f"index segment (snapshot {seg.snap_seq}, revision {seg.revision}, "
+                    f"{seg.count} indexes) does not match its snapshot", segment=name)
+            raise Retry()
+        self.iseg = seg
+        return seg
+
+    def with_retry(self, read: Callable[[], T], refresh: Callable[[], None]) -> T:
+        """``read()``, again after a refresh if the writer replaced what it reads."""
+        for _attempt in range(50):
+            try:
+                return read()
+            except Retry:
+                refresh()
+        raise Retry()
 
     def overlay_slice(self, prefix: bytes, end: bytes | None) -> list[tuple[bytes, KeyValue | None]]:
         """The overlay's entries in [prefix, end), copied (call under the Reader's lock)."""
@@ -73,16 +115,19 @@ class View:
 
     # -- for past-revision reads and watches (under the Reader's lock) ----------
 
-    def changes_after(self, revision: int, current: int) -> dict[bytes, KeyValue | None]:
+    def changes_after(self, revision: int, current: int,
+                      indexed: bool = False) -> dict[bytes, Any]:
         """key -> its KeyValue (None: absent) at ``revision``, for the keys changed since;
-        CompactedError / FutureRevisionError outside the window (see _history)."""
+        CompactedError / FutureRevisionError outside the window (see _history).
+        ``indexed``: key -> (KeyValue or None, its index values then)."""
         b = self.block
         assert b is not None and self.ring is not None
         _history.check_window(self.cache, revision, current, b.compact_revision)
         if revision == current:
             return {}
         return _history.changes_after(self.cache, self.control, self.ring, b,
-                                      self.position_after(revision), self.pos, revision)
+                                      self.position_after(revision), self.pos, revision,
+                                      indexed)
 
     def position_after(self, since: int) -> int:
         """A ring position at or before the first record with revision > since (never after it)."""
@@ -95,7 +140,8 @@ class View:
         """``key`` as etcd had it at ``revision`` (within the window)."""
         undo = self.changes_after(revision, current)
         if key in undo:
-            return undo[key]
+            was: KeyValue | None = undo[key]
+            return was
         overlay, snap = self.pair
         if key in overlay:
             kv: KeyValue | None = overlay[key]
@@ -134,8 +180,11 @@ class View:
             self.snap.close()
         if self.ring is not None:
             self.ring.close()
+        if self.iseg is not None:
+            self.iseg.close()
         self.snap = None
         self.ring = None
+        self.iseg = None
 
     def _open_ring(self, b: control.Block) -> _shm.Segment:
         """The ring segment block ``b`` points at (the one mapped already, if it is that one)."""
@@ -175,9 +224,10 @@ class View:
             raise NotFoundError(f"cache {self.cache!r} has no snapshot yet: its writer is "
                                 f"still loading", name=self.cache,
                                 hint="Pass Reader(name, timeout=...) to wait for it")
-        prefix = self.prefix
+        prefix, defs = self.prefix, self.index_defs
         if b.epoch != self.epoch or b.prefix_len != len(prefix):
             prefix = self.control.prefix(b.prefix_len)
+            defs = self.control.index_defs(b)
         ring_seg = self._open_ring(b)
         fresh = (prefix != self.prefix or b.epoch != self.epoch or ring_seg is not self.ring
                  or b.snap_seq != self.snap_seq or self.snap is None)
@@ -201,6 +251,7 @@ class View:
             start = self.pos
             last_rev = self.rec_revs[-1] if self.rec_revs else snap.revision
         changes: list[tuple[bytes, KeyValue | None]] = []
+        ix_changes: list[tuple[bytes, Any, Any]] = []
         revs: list[int] = []
         positions: list[int] = []
         try:
@@ -208,8 +259,10 @@ class View:
                     ring_seg.buf, b.ring_capacity, start, b.ring_head,
                     self.control.tail, after_revision=last_rev,
                     max_revision=b.revision, name=ring_seg.name):
-                for ev in _codec.decode(payload, rev, ring_seg.name):
+                for ev, ix, pix in _codec.decode_indexed(payload, rev, ring_seg.name):
                     changes.append((ev.kv.key, ev.kv if ev.type == "PUT" else None))
+                    if defs:
+                        ix_changes.append((ev.kv.key, ix, pix))
                 revs.append(rev)
                 positions.append(pos)
         except ring.Lapped:
@@ -228,10 +281,15 @@ class View:
             # The old snapshot is dropped, not closed: a running list() may still hold it.
             self.snap = snap
             self.snap_seq = b.snap_seq
+            self.index_defs = defs
+            self.ov_index = OverlayIndex(len(defs)) if defs else None
         else:
             overlay = self._next_overlay(changes)
             self.rec_revs.extend(revs)
             self.rec_pos.extend(positions)
+        if self.ov_index is not None:
+            for key, ix, pix in ix_changes:
+                self.ov_index.apply(key, ix, pix)
         self.overlay = overlay
         self.pair = (overlay, snap)
         self.pos = b.ring_head

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import _codec, _shm, control, ring
+from ._indexdef import vals
 from ._view import range_end
 from .errors import CompactedError
 from .types import Event
@@ -27,8 +28,11 @@ class Watch:
     A Watch belongs to one thread at a time; ``close()`` may be called from any.
     """
 
-    def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None) -> None:
+    def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None,
+                 index: tuple[str, bytes | str] | None = None) -> None:
         self._reader = reader
+        # (position, value) of the index filter: events whose kv or prev_kv has the value.
+        self._index = reader._index_filter(index)
         self._ctl: control.ControlReader = reader.control
         # Block, ring and position come together from one view of the Reader: a
         # refresh in between would make the watch skip events or read one ring
@@ -81,7 +85,7 @@ class Watch:
         The watch's position moves only if every record read was intact
         (ring.iter_records raises Lapped or CorruptSegmentError otherwise).
         """
-        prefix, end = self.prefix, self._end
+        prefix, end, index = self.prefix, self._end, self._index
         since, last = self._since, self._last_record
         found: list[Event] = []
         for _pos, rev, _nxt, payload in ring.iter_records(
@@ -89,10 +93,18 @@ class Watch:
                 max_revision=max_revision, name=seg.name):
             last = rev
             if rev > since:
-                for ev in _codec.decode(payload, rev, seg.name):
-                    k = ev.kv.key
-                    if k >= prefix and (end is None or k < end):
-                        found.append(ev)
+                if index is None:
+                    for ev in _codec.decode(payload, rev, seg.name):
+                        k = ev.kv.key
+                        if k >= prefix and (end is None or k < end):
+                            found.append(ev)
+                else:
+                    i, value = index
+                    for ev, ix, pix in _codec.decode_indexed(payload, rev, seg.name):
+                        k = ev.kv.key
+                        if k >= prefix and (end is None or k < end) and (
+                                value in vals(ix, i) or value in vals(pix, i)):
+                            found.append(ev)
                 since = rev
         events.extend(found)
         self._pos = max(self._pos, stop)

@@ -139,6 +139,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("ring", f"{st.ring_used} of {st.ring_capacity} bytes used"),
         ("format version", st.format_version),
     ]
+    for iname, spec in st.indexes.items():
+        rows.append((f"index {iname}", spec))
     if unattachable:
         rows.append(("readers", f"cannot attach yet: {unattachable}"))
     width = max(len(k) for k, _ in rows)
@@ -175,14 +177,30 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.continue_token is not None and args.limit is None:
+        raise ValueError("--continue needs --limit (the page size)")
     with _reader(args.name) as r:
-        res = r.list(os.fsencode(args.prefix), limit=args.limit)
+        if args.index is not None:
+            if args.prefix:
+                raise ValueError("give a PREFIX or --index, not both")
+            index, sep, value = args.index.partition("=")
+            if not sep or not index:
+                raise ValueError(f"--index wants NAME=VALUE (e.g. node=node-7), not "
+                                 f"{args.index!r}")
+            res = r.by_index(index, os.fsencode(value), limit=args.limit,
+                             continue_token=args.continue_token)
+        else:
+            res = r.list(os.fsencode(args.prefix), limit=args.limit,
+                         continue_token=args.continue_token)
     if args.json:
-        print(json.dumps({"revision": res.revision, "items": [_kv_json(kv) for kv in res.items]}))
+        print(json.dumps({"revision": res.revision, "items": [_kv_json(kv) for kv in res.items],
+                          "more": res.more, "continue_token": res.continue_token}))
     else:
         for kv in res.items:
             print(f"{_text(kv.key)}\t{_text(kv.value)}")
         print(f"({len(res.items)} keys at revision {res.revision})", file=sys.stderr)
+        if res.continue_token is not None:
+            print(f"(more: --continue {res.continue_token})", file=sys.stderr)
     return 0
 
 
@@ -309,6 +327,9 @@ def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
         if name == "remove_on_exit":
             p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=setting.help)
+        elif name == "indexes":
+            p.add_argument("--index", dest=name, action="append", default=None,
+                           metavar="NAME=SPEC", help=setting.help)
         else:
             p.add_argument(*names, dest=name, default=None,
                            help=f"{setting.help}{shown}".replace("%", "%%"))
@@ -354,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("prefix", nargs="?", default="")
     s.add_argument("--limit", type=_int_at_least(1), default=None,
-                   help="at most N keys (the first in key order)")
+                   help="at most N keys (the first in key order); the next page with --continue")
+    s.add_argument("--continue", dest="continue_token", default=None, metavar="TOKEN",
+                   help="the next page of a --limit listing, at the first page's revision")
+    s.add_argument("--index", default=None, metavar="NAME=VALUE",
+                   help="the keys whose index NAME has VALUE (see `serve --index`)")
     s.add_argument("--json", action="store_true",
                    help="one JSON object; keys and values base64-encoded (as etcdctl)")
     s.set_defaults(func=cmd_list)

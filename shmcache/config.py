@@ -74,6 +74,30 @@ def _nonempty(v: Any, file: bool) -> str:
     return s
 
 
+def _indexes(v: Any, file: bool) -> dict[str, str]:
+    """Secondary indexes: a TOML table name = "spec", or NAME=SPEC strings (a list from
+    repeated --index flags; comma-separated in $SHMCACHE_INDEXES)."""
+    from ._indexdef import make_all, parse_option
+
+    if isinstance(v, dict) and file:
+        if not all(isinstance(x, str) for x in v.values()):
+            raise ValueError("each index is name = \"SPEC\" (a string)")
+        out = dict(v)
+    else:
+        if isinstance(v, str) and not file:
+            v = [x for x in (p.strip() for p in v.split(",")) if x]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ValueError(f"must be a table of name = \"SPEC\", not {_type_name(v)}")
+        out = {}
+        for text in v:
+            name, spec = parse_option(text)
+            if name in out:
+                raise ValueError(f"index {name!r} is given twice")
+            out[name] = spec
+    make_all(out)  # validates every spec
+    return out
+
+
 def _endpoints(v: Any, _file: bool) -> list[str]:
     if isinstance(v, str):
         items = [e.strip() for e in v.split(",")]
@@ -286,6 +310,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("password", None, "etcd password (prefer password_file)", _nonempty, secret=True),
     Setting("password_file", None, "file holding the etcd password (first line)",
             _readable_file),
+    Setting("indexes", {}, "secondary index NAME=SPEC (repeatable): segment:N, "
+            "json:POINTER or json-map:POINTER", _indexes),
     Setting("log_level", "info", "debug, info, warning or error", _log_level),
     Setting("log_format", "plain", "plain or json (one JSON object per line)", _log_format),
     Setting("metrics", None, "serve Prometheus metrics on HOST:PORT", _metrics),
@@ -315,6 +341,7 @@ class ServeConfig:
     user: str | None
     password: str | None
     password_file: str | None
+    indexes: dict[str, str]
     log_level: str
     log_format: str
     metrics: tuple[str, int] | None

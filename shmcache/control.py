@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _futex, _shm, layout
+from ._indexdef import decode_defs
 from .errors import (
     CorruptSegmentError,
     NotFoundError,
@@ -56,6 +57,7 @@ class Block:
     sync_started: int
     sync_done: int
     sync_revision: int
+    index_defs_len: int
 
 
 def check_header(buf: Any, size: int, name: str) -> None:
@@ -92,7 +94,7 @@ def read_block(buf: Any, spins: int = 200) -> Block | None:
             continue
         fields = unpack_block(buf, layout.C_BLOCK)
         if unpack_q(buf, layout.C_SEQ)[0] == s1:
-            return Block(s1, *fields[:17])
+            return Block(s1, *fields)
     return None
 
 
@@ -121,12 +123,21 @@ def validate_block(b: Block, name: str) -> None:
                         f"{b.sync_revision} inconsistent with revision {b.revision}")
     if b.prefix_len > layout.MAX_PREFIX_LEN:
         problems.append(f"prefix length {b.prefix_len} above {layout.MAX_PREFIX_LEN}")
+    if b.index_defs_len > layout.MAX_INDEX_DEFS_LEN:
+        problems.append(f"index definitions length {b.index_defs_len} above "
+                        f"{layout.MAX_INDEX_DEFS_LEN}")
     if problems:
         raise CorruptSegmentError("; ".join(problems), segment=name)
 
 
 def read_prefix(buf: Any, length: int) -> bytes:
     data: bytes = buf[layout.C_PREFIX:layout.C_PREFIX + length]
+    return data
+
+
+def read_index_defs(buf: Any, length: int) -> bytes:
+    """The published index definitions (msgpack; _indexdef.decode_defs reads them)."""
+    data: bytes = buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + length]
     return data
 
 
@@ -270,6 +281,14 @@ class ControlReader:
     def prefix(self, length: int) -> bytes:
         return read_prefix(self.buf, length)
 
+    def index_defs(self, b: Block) -> tuple[tuple[str, str], ...]:
+        """(name, spec) of every secondary index of block ``b``'s epoch."""
+        try:
+            return decode_defs(read_index_defs(self.buf, b.index_defs_len))
+        except ValueError:
+            raise CorruptSegmentError("index definitions do not decode",
+                                      segment=self.name) from None
+
     def writer_identity(self) -> tuple[int, int, int]:
         return writer_identity(self.buf)
 
@@ -293,7 +312,8 @@ class ControlReader:
             oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
             key_count=b.key_count, ring_capacity=b.ring_capacity,
             ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
-            etcd_unreachable_since=self.etcd_down_since() if alive else None, liveness=how)
+            etcd_unreachable_since=self.etcd_down_since() if alive else None, liveness=how,
+            indexes=dict(self.index_defs(b)))
 
     def check_stale(self, cache: str, max_staleness: float) -> None:
         """StaleError if the last heartbeat is older than ``max_staleness`` s or the writer
@@ -329,6 +349,8 @@ class ControlWriter:
             _Q.pack_into(buf, layout.C_SEQ, seq)
         self.seq = seq
         self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
+        # Published with the prefix (each new epoch): _indexdef.encode_defs.
+        self.index_defs = b""
         # The publishing thread and the sync thread both publish.
         self._lock = threading.Lock()
 
@@ -387,6 +409,9 @@ class ControlWriter:
             if prefix is not None:
                 buf[layout.C_PREFIX:layout.C_PREFIX + len(prefix)] = prefix
                 fields[layout.B_PREFIX_LEN] = len(prefix)
+                defs = self.index_defs
+                buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + len(defs)] = defs
+                fields[layout.B_INDEX_DEFS_LEN] = len(defs)
             _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
             self.seq += 1
             _Q.pack_into(buf, layout.C_SEQ, self.seq)

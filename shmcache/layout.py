@@ -16,7 +16,9 @@ import re
 import struct
 from typing import Final
 
-FORMAT_VERSION: Final = 1
+# 2: ring events may carry index values; index segments; index definitions in
+# the control segment (B_INDEX_DEFS_LEN, C_INDEX_DEFS).
+FORMAT_VERSION: Final = 2
 
 # --- names -----------------------------------------------------------------
 
@@ -36,6 +38,11 @@ def snapshot_name(name: str, seq: int) -> str:
     return f"{SEGMENT_PREFIX}{name}.snap.{seq}"
 
 
+def index_name(name: str, seq: int) -> str:
+    """The secondary indexes that go with snapshot ``seq`` (same revision)."""
+    return f"{SEGMENT_PREFIX}{name}.idx.{seq}"
+
+
 def sync_socket_name(name: str) -> str:
     """The consistent-read socket's file next to the segments (in /dev/shm on Linux)."""
     return f"{SEGMENT_PREFIX}{name}.sync"
@@ -48,7 +55,9 @@ HEAD: Final = struct.Struct("<8sII")
 KIND_CONTROL: Final = 1
 KIND_RING: Final = 2
 KIND_SNAPSHOT: Final = 3
-MAGIC: Final = {KIND_CONTROL: b"SHMC.CTL", KIND_RING: b"SHMC.RNG", KIND_SNAPSHOT: b"SHMC.SNP"}
+KIND_INDEX: Final = 4
+MAGIC: Final = {KIND_CONTROL: b"SHMC.CTL", KIND_RING: b"SHMC.RNG", KIND_SNAPSHOT: b"SHMC.SNP",
+                KIND_INDEX: b"SHMC.IDX"}
 
 # --- control segment ---------------------------------------------------------
 
@@ -98,10 +107,14 @@ BLOCK_FIELDS: Final = 18
     B_SYNC_STARTED,  # consistent-read rounds the writer has started (Reader.sync)
     B_SYNC_DONE,  # ... and completed: the cache then held every write up to B_SYNC_REVISION
     B_SYNC_REVISION,
-    B_RESERVED,
+    B_INDEX_DEFS_LEN,  # bytes of index definitions at C_INDEX_DEFS (0: no indexes)
 ) = range(18)
 
 C_PREFIX: Final = 1024  # the key prefix the writer serves, B_PREFIX_LEN bytes
+# The secondary index definitions, msgpack [[name, spec], ...], B_INDEX_DEFS_LEN
+# bytes. Like the prefix they change only with the epoch.
+C_INDEX_DEFS: Final = 3072
+MAX_INDEX_DEFS_LEN: Final = 1024
 FLAG_CLEAN_EXIT: Final = 1
 
 # --- ring segment ------------------------------------------------------------
@@ -131,6 +144,9 @@ REC_CRC_SPAN: Final = 20  # the CRC covers header bytes [0, 20) then the payload
 # Event tuples inside a record payload (msgpack array of these):
 #   [type, key, value, create_revision, mod_revision, version, lease, prev]
 # where prev is nil or [key, value, create_revision, mod_revision, version, lease].
+# A cache with secondary indexes appends [..., ix, prev_ix]: per index (in
+# definition order) the array of the kv's index values, and the same for prev;
+# nil when the key has no value in any index.
 EVENT_PUT: Final = 0
 EVENT_DELETE: Final = 1
 MAX_RECORD_EVENTS: Final = 1 << 24
@@ -187,3 +203,22 @@ def prefix_range_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"
+
+
+# --- index segment -----------------------------------------------------------
+# One per snapshot (index_name(name, seq)), at the snapshot's revision. Header,
+# then per index a directory entry, its value table (sorted by value) and its
+# postings (per value a run of keys, sorted by key); then the value bytes and
+# the key bytes, which table entries address relative to their area's start.
+
+# magic, version, kind, snap_seq, revision, epoch, n_indexes, values_off,
+# values_len, keys_off, keys_len, total_size, body crc32, header crc32
+IDX_HEADER: Final = struct.Struct("<8sIIQQQQQQQQQII")
+IDX_HEADER_CRC_SPAN: Final = IDX_HEADER.size - 4
+IDX_HEADER_SIZE: Final = 128
+IDX_DIR: Final = struct.Struct("<QQQQ")  # value table offset, values, postings offset, postings
+# A value: offset in the value area, length, check, first posting, postings.
+# check = idx_check(value bytes, the other four fields): a flipped bit in the
+# entry or its value is an error, not a wrong answer.
+IDX_VALUE: Final = struct.Struct("<QIIQQ")
+IDX_POSTING: Final = struct.Struct("<QQ")  # key offset in the key area, key length

@@ -19,6 +19,7 @@ from sortedcontainers import SortedDict
 
 from . import _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
+from ._indexq import IndexReads
 from ._view import Retry, View, merge, range_end
 from ._watch import Watch
 from .control import Block, ControlReader
@@ -68,7 +69,7 @@ def _as_key(key: bytes | str) -> bytes:
     raise TypeError(f"keys are bytes or str, not {type(key).__name__}")
 
 
-class Reader:
+class Reader(IndexReads):
     """A read-only attachment to the cache ``name`` on this host.
 
     Concurrency contract: any number of Readers, in any number of processes,
@@ -350,13 +351,16 @@ class Reader:
             res = self.list(prefix, limit=page_size, continue_token=res.continue_token)
             yield from res.items
 
-    def watch(self, prefix: bytes | str = b"", since_revision: int | None = None) -> Watch:
+    def watch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
+              index: tuple[str, bytes | str] | None = None) -> Watch:
         """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.
 
         ``since_revision=None``: from now. Raises CompactedError if those events are
         no longer retained; list again and watch from the list's revision.
+        ``index=(name, value)``: only the events whose kv or prev_kv has ``value`` in
+        that index (so a key moving out of the selection is seen leaving it).
         """
-        return Watch(self, _as_key(prefix), since_revision)
+        return Watch(self, _as_key(prefix), since_revision, index)
 
     def wait(self, revision: int, timeout: float | None = None) -> bool:
         """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's publish."""
@@ -435,8 +439,8 @@ class Reader:
 
     # -- integrations (shmcache/aio.py, shmcache/subscribe.py, imported when used) --
 
-    def awatch(self, prefix: bytes | str = b"",
-               since_revision: int | None = None) -> AsyncWatch:
+    def awatch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
+               index: tuple[str, bytes | str] | None = None) -> AsyncWatch:
         """``watch`` for asyncio: ``async for ev in r.awatch(prefix, since_revision)``.
 
         Returns an AsyncWatch. Woken by the writer's publish through one thread per
@@ -444,7 +448,7 @@ class Reader:
         """
         from .aio import AsyncWatch
 
-        return AsyncWatch(self, prefix, since_revision)
+        return AsyncWatch(self, prefix, since_revision, index=index)
 
     async def await_revision(self, revision: int, timeout: float | None = None) -> bool:
         """``wait`` for asyncio: True once ``revision`` is reached, False after ``timeout`` s."""

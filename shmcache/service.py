@@ -569,7 +569,7 @@ def serve(cfg: ServeConfig, environ: Mapping[str, str] | None = None) -> int:
                         mode=cfg.mode, group=cfg.group,
                         remove_on_close=cfg.remove_on_exit, ca_file=cfg.ca_file,
                         cert_file=cfg.cert_file, key_file=cfg.key_file, user=cfg.user,
-                        password=cfg.password)
+                        password=cfg.password, indexes=cfg.indexes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     svc = _Service(cfg, writer, environ)

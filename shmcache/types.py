@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
 __all__ = ["Event", "KeyValue", "ListResult", "Status"]
@@ -82,6 +82,8 @@ class Status:
     # How writer_alive was judged: "pid" (the writer's pid, seen in /proc: same PID
     # namespace) or "heartbeat" (another PID namespace, e.g. another container).
     liveness: str = "pid"
+    # The secondary indexes the writer publishes: name -> spec (e.g. "json:/spec/nodeName").
+    indexes: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -21,10 +21,12 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _defaults, _etcd, _shm, _sync, _verify, layout
+from . import _defaults, _etcd, _indexdef, _shm, _sync, _verify, layout
 from ._feed import EtcdFeed
+from ._indexer import Indexer as _Indexer
 from ._publisher import Publisher
 from ._segments import CacheSegments
 from ._units import parse_size
@@ -67,6 +69,8 @@ class Writer:
         user: str | None = None,
         password: str | None = None,
         etcd_timeout: float = _defaults.ETCD_TIMEOUT,
+        indexes: Mapping[str, str | Callable[[bytes, bytes], Iterable[bytes | str]]]
+        | None = None,
     ) -> None:
         self.name = _shm.validate_name(name)
         self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
@@ -104,12 +108,20 @@ class Writer:
             # The verifier's rounds (checks of the snapshot against etcd, _verify).
             "verify_rounds": 0, "verify_mismatches": 0, "verify_revision": 0,
             "verify_seconds": 0.0}
+        # Secondary indexes (_indexdef): validated here, published with each epoch.
+        defs = _indexdef.make_all(indexes)
+        self._index_defs = _indexdef.encode_defs(defs) if defs else b""
+        if len(self._index_defs) > layout.MAX_INDEX_DEFS_LEN:
+            raise ValueError(f"the index definitions take {len(self._index_defs)} bytes, "
+                             f"more than the {layout.MAX_INDEX_DEFS_LEN} the cache has room for")
+        self.indexes = {d.name: d.spec for d in defs}
         self._segs = CacheSegments(self.name, self.prefix, mode, group)
         self._pub = Publisher(
             self._segs, ring_size=self.ring_size, snapshot_interval=snapshot_interval,
             snapshot_bytes=(parse_size(snapshot_bytes) if snapshot_bytes is not None
                             else min(self.ring_size // 4, 16 << 20)),
-            stats=self.stats)
+            stats=self.stats,
+            indexer=_Indexer(_indexdef.IndexSet(defs, self.prefix)) if defs else None)
         # etcd rejects an empty key; b"\0" with range end b"\0" means every key.
         self._feed = EtcdFeed(settings, self.prefix, self.prefix or b"\0",
                               layout.prefix_range_end(self.prefix), backoff_max=backoff_max,
@@ -183,6 +195,7 @@ class Writer:
             return
         pub = self._pub
         existed = pub.attach()  # (claim() clears ETCD_DOWN_SINCE)
+        pub.ctl.index_defs = self._index_defs
         ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
         ticker.start()
         server = None

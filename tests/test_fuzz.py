@@ -496,7 +496,7 @@ CTL_FIELDS += [Field(o, 8) for o in range(24, 64, 8)]
 CTL_FIELDS += [Field(layout.C_BLOCK + 8 * i, 8, _CTL_EXTRA) for i in range(layout.BLOCK_FIELDS)]
 CTL_FIELDS += [Field(layout.C_PREFIX, 8)]
 # Bytes whose damage must not change what a reader gets from the block.
-CTL_USED = set(range(24)) | set(range(layout.C_BLOCK, layout.C_BLOCK + 8 * layout.B_RESERVED))
+CTL_USED = set(range(24)) | set(range(layout.C_BLOCK, layout.C_BLOCK + 8 * layout.BLOCK_FIELDS))
 
 
 def read_control(buf: Any, size: int) -> control.Block | None:
@@ -554,7 +554,7 @@ def test_damaged_control(data: st.DataObject, kind: str) -> None:
 @pytest.mark.parametrize("snap_seq", [0, 1])
 def test_zero_ring_capacity(snap_seq: int) -> None:
     """Regression: capacity 0 with a published snapshot is refused (read_record would divide by it)."""
-    b = control.Block(2, 1, 5, 0, 64, 0, 1, 0, snap_seq, 5, 4096, 0, 1, 5, 0, 0, 0, 0)
+    b = control.Block(2, 1, 5, 0, 64, 0, 1, 0, snap_seq, 5, 4096, 0, 1, 5, 0, 0, 0, 0, 0)
     if snap_seq:
         with pytest.raises(CorruptSegmentError, match="capacity"):
             control.validate_block(b, "/ctl")

@@ -238,7 +238,7 @@ def test_block_field_indices() -> None:
             layout.B_SNAP_REVISION, layout.B_SNAP_SIZE, layout.B_SNAP_RING_POS,
             layout.B_KEY_COUNT, layout.B_ETCD_REVISION, layout.B_PREFIX_LEN,
             layout.B_SYNC_STARTED, layout.B_SYNC_DONE, layout.B_SYNC_REVISION,
-            layout.B_RESERVED] == list(range(18))
+            layout.B_INDEX_DEFS_LEN] == list(range(18))
     assert layout.BLOCK.format == "<18Q"
     assert layout.BLOCK_FIELDS == 18 == len(layout.BLOCK.unpack(bytes(layout.BLOCK.size)))
     # The Block dataclass carries seq plus the first 17 fields (all but reserved), in order.
@@ -386,7 +386,7 @@ def test_golden_control_segment() -> None:
         )
         assert m[1024:1030] == b"/app/\0"
         assert m[208:1024] == bytes(816)  # nothing else between the block and the prefix
-        assert control.read_block(m) == control.Block(2, *expected[:17])
+        assert control.read_block(m) == control.Block(2, *expected)
         b = control.read_block(m)
         assert b is not None
         assert (b.prefix_len, b.sync_started, b.sync_done, b.sync_revision) == (5, 15, 16, 17)

@@ -1,0 +1,197 @@
+"""Reads by secondary index: ``Reader.by_index``, ``iter_by_index``, ``index_values``.
+
+An answer at the current revision is the snapshot's run of keys for the value
+(indexseg, a binary search), minus the keys changed since the snapshot, plus
+the changed keys whose current values include it (``OverlayIndex``, kept by
+the View from the index values the writer put into each ring record). A past
+revision takes that answer back with the prev_kv and prev index values of the
+first event after it, as ``list`` does (_history). Nothing here parses JSON or
+runs a user's function: the writer computed every value.
+
+Concurrency contract: everything runs under the owning Reader's lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _pages
+from ._indexdef import IxVals, vals
+from .errors import CorruptSegmentError
+from .types import KeyValue, ListResult
+
+if TYPE_CHECKING:
+    from ._view import View
+
+
+class OverlayIndex:
+    """Per index, for the keys changed since the snapshot: value -> the keys that have it
+    now, and value -> the change of its key count."""
+
+    __slots__ = ("keys", "delta")
+
+    def __init__(self, n: int) -> None:
+        self.keys: list[dict[bytes, set[bytes]]] = [{} for _ in range(n)]
+        self.delta: list[dict[bytes, int]] = [{} for _ in range(n)]
+
+    def apply(self, key: bytes, ix: IxVals | None, pix: IxVals | None) -> None:
+        if not ix and not pix:
+            return
+        for i, (keys, delta) in enumerate(zip(self.keys, self.delta, strict=True)):
+            for v in vals(pix, i):
+                delta[v] = delta.get(v, 0) - 1
+                s = keys.get(v)
+                if s is not None:
+                    s.discard(key)
+            for v in vals(ix, i):
+                delta[v] = delta.get(v, 0) + 1
+                keys.setdefault(v, set()).add(key)
+
+
+def _position(v: View, name: str) -> int:
+    for i, (n, _spec) in enumerate(v.index_defs):
+        if n == name:
+            return i
+    have = ", ".join(n for n, _ in v.index_defs) or "none"
+    raise ValueError(f"cache {v.cache!r} has no index {name!r} (its indexes: {have}; "
+                     f"declare them with `shmcache serve NAME --index NAME=SPEC`)")
+
+
+def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> list[KeyValue]:
+    """The keys with ``value`` in index ``i`` now (above ``after``), at most ``want``."""
+    seg, snap, overlay = v.indexes(), v.snap, v.overlay
+    assert snap is not None and v.ov_index is not None
+    changed = v.ov_index.keys[i].get(value)
+    # Each changed key hides at most one of the run's: read that many more.
+    keys = seg.run_keys(i, value, after, -1 if want < 0 else want + len(overlay))
+    if overlay:
+        keys = [k for k in keys if k not in overlay]
+    if changed:
+        extra = sorted(k for k in changed if after is None or k > after)
+        keys = list(heapq.merge(keys, extra))
+    if want >= 0:
+        keys = keys[:want]
+    get = snap.get
+    out: list[KeyValue] = []
+    for k in keys:
+        kv = overlay[k] if k in overlay else get(k)
+        if kv is None:
+            raise CorruptSegmentError(f"index segment lists key {k!r}, which the cache does "
+                                      f"not hold", segment=seg.name)
+        out.append(kv)
+    return out
+
+
+def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision: int,
+        current: int) -> list[KeyValue]:
+    """As ``_current``, at a past ``revision`` within the window."""
+    undo: dict[bytes, tuple[KeyValue | None, IxVals | None]] = v.changes_after(
+        revision, current, indexed=True)
+    now = _current(v, i, value, after, want if want < 0 else want + len(undo))
+    items = {kv.key: kv for kv in now if kv.key not in undo}
+    for k, (kv, pix) in undo.items():
+        if kv is not None and value in vals(pix, i) and (after is None or k > after):
+            items[k] = kv
+    out = [items[k] for k in sorted(items)]
+    return out if want < 0 else out[:want]
+
+
+def _page_prefix(index: str, value: bytes) -> bytes:
+    """What a by_index continue token is bound to (a list's token holds its prefix)."""
+    return b"\0index\0" + index.encode() + b"\0" + value
+
+
+def _as_value(value: bytes | str) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"an index value is bytes or str, not {type(value).__name__}")
+
+
+class IndexReads:
+    """The Reader's reads by secondary index (mixed into Reader)."""
+
+    name: str
+    _lock: threading.RLock
+    _v: View
+    _revision: int
+
+    def _refresh(self) -> None: ...  # (Reader's)
+    def _wait_min(self, min_revision: int | None, timeout: float | None) -> None: ...
+
+    def by_index(self, index: str, value: bytes | str, *, revision: int | None = None,
+                 limit: int | None = None, continue_token: str | None = None,
+                 min_revision: int | None = None, timeout: float | None = None) -> ListResult:
+        """The KeyValues whose ``index`` values include ``value``, sorted by key, exact at
+        the returned ``.revision``: a lookup in the index, not a scan.
+
+        ``revision``, ``limit``, ``continue_token``, ``min_revision``/``timeout``: as
+        for ``list`` (a page continues at the first page's revision). ValueError
+        for an index the cache does not have.
+        """
+        value = _as_value(value)
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        if continue_token is not None and revision is not None:
+            raise ValueError("pass continue_token or revision, not both (a token carries its "
+                             "revision)")
+        if min_revision is not None:
+            self._wait_min(min_revision, timeout)
+        want = -1 if limit is None else limit + 1
+        bound = _page_prefix(index, value)
+        with self._lock:
+            self._refresh()
+            v = self._v
+            i = _position(v, index)
+            after = None
+            if continue_token is not None:
+                revision, after = _pages.decode(continue_token, self.name, bound, v.epoch)
+            if revision is None or revision == self._revision:
+                revision = self._revision
+                items = v.with_retry(lambda: _current(v, i, value, after, want), self._refresh)
+            else:
+                rev = revision
+                items = v.with_retry(lambda: _at(v, i, value, after, want, rev, self._revision),
+                                     self._refresh)
+            return _pages.page(items, limit, revision, self.name, v.epoch, bound)
+
+    def iter_by_index(self, index: str, value: bytes | str,
+                      page_size: int = 1000) -> Iterator[KeyValue]:
+        """``by_index`` page by page at the first page's revision (memory O(page))."""
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        res = self.by_index(index, value, limit=page_size)
+        yield from res.items
+        while res.continue_token is not None:
+            res = self.by_index(index, value, limit=page_size, continue_token=res.continue_token)
+            yield from res.items
+
+    def index_values(self, index: str) -> dict[bytes, int]:
+        """Every value of ``index`` now, with the number of keys that have it, sorted by value."""
+        with self._lock:
+            self._refresh()
+            v = self._v
+            i = _position(v, index)
+
+            def read() -> dict[bytes, int]:
+                assert v.ov_index is not None
+                counts = dict(v.indexes().values(i))
+                for val, d in v.ov_index.delta[i].items():
+                    counts[val] = counts.get(val, 0) + d
+                return {k: counts[k] for k in sorted(counts) if counts[k] > 0}
+
+            return v.with_retry(read, self._refresh)
+
+    def _index_filter(self, index: Any) -> tuple[int, bytes] | None:
+        """``watch(..., index=(name, value))`` -> (position, value) in the current epoch."""
+        if index is None:
+            return None
+        if not isinstance(index, tuple) or len(index) != 2:
+            raise ValueError("index= takes a (name, value) pair")
+        with self._lock:
+            self._refresh()
+            return _position(self._v, index[0]), _as_value(index[1])
