@@ -60,11 +60,12 @@ def parse_option(text: str) -> tuple[str, str]:
     return name, spec
 
 
-def _pointer(ptr: str) -> tuple[str, ...]:
+def _pointer(name: str, ptr: str) -> tuple[str, ...]:
     if ptr == "":
         return ()
     if not ptr.startswith("/"):
-        raise ValueError(f"JSON pointer {ptr!r} must be empty or start with '/' (RFC 6901)")
+        raise ValueError(f"index {name!r}: JSON pointer {ptr!r} must be empty or start with "
+                         f"'/' (RFC 6901)")
     return tuple(t.replace("~1", "/").replace("~0", "~") for t in ptr[1:].split("/"))
 
 
@@ -87,7 +88,7 @@ def make(name: str, spec: str | ValueFn) -> IndexDef:
         if not arg.isdigit():
             raise ValueError(f"index {name!r}: segment:N needs a number N >= 0, not {arg!r}")
         return IndexDef(name, spec, kind, int(arg))
-    return IndexDef(name, spec, kind, _pointer(arg))
+    return IndexDef(name, spec, kind, _pointer(name, arg))
 
 
 def make_all(indexes: Mapping[str, str | ValueFn] | None) -> tuple[IndexDef, ...]:

@@ -9,9 +9,10 @@ what is answered, and nobody parses JSON: the writer computed the values.
 
 Concurrency contract: like a snapshot, the writer fills a new segment before the
 control segment points at the snapshot it goes with, and never writes it again.
-Every offset and length read from it is bounded before use; value entries carry
-a check word; a posting whose key the snapshot lacks, or a run out of key order,
-is reported as corruption.
+Every offset and length read from it is bounded before use; the header's CRC
+covers the directory, value entries carry a check word and postings their key's
+CRC; a posting whose key the snapshot lacks, or a run out of key order, is
+reported as corruption.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
             first = len(posts) // 2
             for _v, key in group:
                 posts.append(len(kbytes))
-                posts.append(len(key))
+                posts.append(len(key) | _crc32(key) << 32)
                 kbytes += key
             count = len(posts) // 2 - first
             voff = len(vbytes)
@@ -95,7 +96,7 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
         _HDR.pack_into(header, 0, layout.MAGIC[layout.KIND_INDEX], layout.FORMAT_VERSION,
                        layout.KIND_INDEX, snap_seq, revision, epoch, n, values_off, len(vbytes),
                        keys_off, len(kbytes), total, _crc32(body), 0)
-        hcrc = _crc32(memoryview(header)[:layout.IDX_HEADER_CRC_SPAN])
+        hcrc = _crc32(directory, _crc32(memoryview(header)[:layout.IDX_HEADER_CRC_SPAN]))
         header[layout.IDX_HEADER_CRC_SPAN:_HDR.size] = hcrc.to_bytes(4, "little")
         buf[0:HEADER_SIZE] = header
 
@@ -120,12 +121,14 @@ class IndexSegment:
                 f"index segment has format version {version}, this shmcache reads version "
                 f"{layout.FORMAT_VERSION}", segment=name, found=version,
                 expected=layout.FORMAT_VERSION)
-        if _crc32(self._view[:layout.IDX_HEADER_CRC_SPAN]) != hcrc:
-            raise self._corrupt("index segment header checksum mismatch")
         if (total != size or n > 64 or HEADER_SIZE + _DIR.size * n > values_off
                 or values_off + values_len > keys_off or keys_off + keys_len != total):
             raise self._corrupt(f"inconsistent index segment header (indexes={n}, "
                                 f"total={total}, size={size})")
+        dir_end = HEADER_SIZE + _DIR.size * n
+        if _crc32(self._view[HEADER_SIZE:dir_end],
+                  _crc32(self._view[:layout.IDX_HEADER_CRC_SPAN])) != hcrc:
+            raise self._corrupt("index segment header checksum mismatch")
         self.snap_seq, self.revision, self.epoch, self.count = snap_seq, revision, epoch, n
         self.values_off, self.values_end = values_off, values_off + values_len
         self.keys_off, self.keys_end = keys_off, keys_off + keys_len
@@ -176,11 +179,13 @@ class IndexSegment:
 
     def key(self, i: int, p: int) -> bytes:
         """The key of posting ``p`` of index ``i``."""
-        koff, klen = _POST.unpack_from(self.buf, self.dirs[i][2] + _POST.size * p)
+        koff, klen, kcrc = _POST.unpack_from(self.buf, self.dirs[i][2] + _POST.size * p)
         start = self.keys_off + koff
         if start + klen > self.keys_end:
             raise self._corrupt(f"index {i} posting {p} points outside the key area")
         k: bytes = self.buf[start:start + klen]
+        if _crc32(k) != kcrc:
+            raise self._corrupt(f"index {i} posting {p} or its key fails its checksum")
         return k
 
     def run_keys(self, i: int, value: bytes, after: bytes | None, limit: int) -> list[bytes]:
@@ -205,11 +210,14 @@ class IndexSegment:
         base = self.dirs[i][2]
         buf, koff0, kend = self.buf, self.keys_off, self.keys_end
         keys = []
-        for koff, klen in _POST.iter_unpack(self._view[base + 16 * lo:base + 16 * end]):
+        for koff, klen, kcrc in _POST.iter_unpack(self._view[base + 16 * lo:base + 16 * end]):
             start = koff0 + koff
             if start + klen > kend:
                 raise self._corrupt(f"index {i} posting points outside the key area")
-            keys.append(buf[start:start + klen])
+            k = buf[start:start + klen]
+            if _crc32(k) != kcrc:
+                raise self._corrupt(f"index {i} posting or key fails its checksum")
+            keys.append(k)
         prev = after
         for k in keys:  # strictly increasing, or the postings are damaged
             if prev is not None and k <= prev:

@@ -212,7 +212,8 @@ def prefix_range_end(prefix: bytes) -> bytes:
 # the key bytes, which table entries address relative to their area's start.
 
 # magic, version, kind, snap_seq, revision, epoch, n_indexes, values_off,
-# values_len, keys_off, keys_len, total_size, body crc32, header crc32
+# values_len, keys_off, keys_len, total_size, body crc32, header crc32 (which
+# covers the directory too: the bytes [IDX_HEADER_SIZE, values table of index 0))
 IDX_HEADER: Final = struct.Struct("<8sIIQQQQQQQQQII")
 IDX_HEADER_CRC_SPAN: Final = IDX_HEADER.size - 4
 IDX_HEADER_SIZE: Final = 128
@@ -221,4 +222,6 @@ IDX_DIR: Final = struct.Struct("<QQQQ")  # value table offset, values, postings 
 # check = idx_check(value bytes, the other four fields): a flipped bit in the
 # entry or its value is an error, not a wrong answer.
 IDX_VALUE: Final = struct.Struct("<QIIQQ")
-IDX_POSTING: Final = struct.Struct("<QQ")  # key offset in the key area, key length
+# A posting: key offset in the key area, key length, crc32 of the key (a damaged
+# posting or key byte is an error, not another key).
+IDX_POSTING: Final = struct.Struct("<QII")

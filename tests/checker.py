@@ -3,7 +3,8 @@
 A workload process writes random puts, deletes, range deletes, multi-op
 transactions and leases (expiring and revoked) with values from empty to 1 MiB
 and binary keys. Reader processes loop list -> watch -> get -> past-revision
-list -> sync, and verify every answer against etcd: the list against etcd's
+list -> sync, and verify every answer against etcd: the list (and a by_index read, now or
+at a past revision, of the ``top=segment:0`` index) against etcd's
 Range at the revision the cache reported, the watch event by event against
 etcd's own watch from the same start, the get against etcd at the reader's
 revision, and that a reader's revision never goes backwards within an epoch.
@@ -50,6 +51,7 @@ class Report:
     lists_verified: int = 0
     gets_verified: int = 0
     past_reads_verified: int = 0
+    index_reads_verified: int = 0
     syncs_verified: int = 0
     explicit_errors: int = 0
     faults: dict[str, int] = field(default_factory=dict)
@@ -59,7 +61,8 @@ class Report:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
         return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
                 f"lists verified {self.lists_verified}, gets verified {self.gets_verified}, "
-                f"past-revision reads verified {self.past_reads_verified}, syncs verified "
+                f"past-revision reads verified {self.past_reads_verified}, by_index reads "
+                f"verified {self.index_reads_verified}, syncs verified "
                 f"{self.syncs_verified}, explicit errors {self.explicit_errors}; faults "
                 f"injected: {faults}; divergences {len(self.divergences)}")
 
@@ -130,7 +133,8 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     rnd = random.Random(seed * 1000 + idx)
     host, port = endpoint.rsplit(":", 1)
     client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
-    counts = {"events": 0, "lists": 0, "gets": 0, "past": 0, "syncs": 0, "explicit": 0}
+    counts = {"events": 0, "lists": 0, "gets": 0, "past": 0, "syncs": 0, "explicit": 0,
+              "indexed": 0}
     problems: list[str] = []
     last_seen: dict[int, int] = {}  # epoch -> highest revision reported
 
@@ -190,7 +194,23 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                             problems.append(f"reader {idx}: get {k!r} at {after}: {kv} != "
                                             f"{want_kv}")
                         counts["gets"] += 1
+            # The index (--index top=segment:0): a by_index answer, now or at a past
+            # revision, equals etcd's range at that revision filtered by the segment.
+            top = rnd.choice([b"sub", b"bin", b"k007"])
             st = r.status()
+            at = rnd.choice([None, rnd.randrange(st.oldest_watchable_revision,
+                                                 st.revision + 1)])
+            try:
+                ires = r.by_index("top", top, revision=at)
+                want = etcd_call(etcd_range, client, PREFIX, ires.revision)
+                if want is not UNVERIFIABLE:
+                    want = [kv for kv in want if kv.key[len(PREFIX):].split(b"/")[0] == top]
+                    if ires.items != want:
+                        problems.append(f"reader {idx}: by_index top={top!r} at "
+                                        f"{ires.revision} differs from etcd")
+                    counts["indexed"] += 1
+            except shmcache.CompactedError:
+                counts["explicit"] += 1
             if st.revision > st.oldest_watchable_revision:
                 past = rnd.randrange(st.oldest_watchable_revision, st.revision + 1)
                 try:
@@ -272,7 +292,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         # The writer checks itself against etcd every 2 s meanwhile: under every fault
         # below it must never report a mismatch (a false alarm would relist for nothing).
         writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size,
-                               extra=["--verify-interval", "2"])
+                               extra=["--verify-interval", "2", "--index", "top=segment:0"])
         stop = ctx.Event()
         counter = ctx.Value("q", 0)
         results = ctx.Queue()
@@ -394,5 +414,6 @@ def _collect(results: Any, report: Report) -> None:
         report.gets_verified += counts["gets"]
         report.past_reads_verified += counts["past"]
         report.syncs_verified += counts["syncs"]
+        report.index_reads_verified += counts["indexed"]
         report.explicit_errors += counts["explicit"]
         report.divergences.extend(problems)
