@@ -328,7 +328,7 @@ def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=setting.help)
         elif name == "indexes":
-            p.add_argument("--index", dest=name, action="append", default=None,
+            p.add_argument(*names, dest=name, action="append", default=None,
                            metavar="NAME=SPEC", help=setting.help)
         else:
             p.add_argument(*names, dest=name, default=None,

@@ -44,6 +44,7 @@ class Setting:
     # from the environment and flags, TOML types from the file.
     parse: Callable[[Any, bool], Any]
     secret: bool = False
+    flag_name: str | None = None  # the CLI flag, if not --NAME (--index, repeated)
 
     @property
     def env(self) -> str:
@@ -51,7 +52,7 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.flag_name or "--" + self.name.replace("_", "-")
 
 
 # -- value parsers --------------------------------------------------------------
@@ -311,7 +312,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("password_file", None, "file holding the etcd password (first line)",
             _readable_file),
     Setting("indexes", {}, "secondary index NAME=SPEC (repeatable): segment:N, "
-            "json:POINTER or json-map:POINTER", _indexes),
+            "json:POINTER or json-map:POINTER", _indexes, flag_name="--index"),
     Setting("log_level", "info", "debug, info, warning or error", _log_level),
     Setting("log_format", "plain", "plain or json (one JSON object per line)", _log_format),
     Setting("metrics", None, "serve Prometheus metrics on HOST:PORT", _metrics),

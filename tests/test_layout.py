@@ -241,21 +241,23 @@ def test_block_field_indices() -> None:
             layout.B_INDEX_DEFS_LEN] == list(range(18))
     assert layout.BLOCK.format == "<18Q"
     assert layout.BLOCK_FIELDS == 18 == len(layout.BLOCK.unpack(bytes(layout.BLOCK.size)))
-    # The Block dataclass carries seq plus the first 17 fields (all but reserved), in order.
+    # The Block dataclass carries seq plus all 18 fields, in order.
     names = list(control.Block.__dataclass_fields__)
-    assert names[0] == "seq" and len(names) == 18
+    assert names[0] == "seq" and len(names) == 19
     assert names[1 + layout.B_RING_TAIL] == "ring_tail"
     assert names[1 + layout.B_PREFIX_LEN] == "prefix_len"
-    assert names[1 + layout.B_SYNC_STARTED:] == ["sync_started", "sync_done", "sync_revision"]
+    assert names[1 + layout.B_SYNC_STARTED:] == ["sync_started", "sync_done", "sync_revision",
+                                                 "index_defs_len"]
 
 
 def test_magics_and_kinds() -> None:
     """Each segment kind has its own 8-byte magic."""
-    assert layout.MAGIC == {1: b"SHMC.CTL", 2: b"SHMC.RNG", 3: b"SHMC.SNP"}
-    assert (layout.KIND_CONTROL, layout.KIND_RING, layout.KIND_SNAPSHOT) == (1, 2, 3)
+    assert layout.MAGIC == {1: b"SHMC.CTL", 2: b"SHMC.RNG", 3: b"SHMC.SNP", 4: b"SHMC.IDX"}
+    assert (layout.KIND_CONTROL, layout.KIND_RING, layout.KIND_SNAPSHOT,
+            layout.KIND_INDEX) == (1, 2, 3, 4)
     assert (layout.REC_KIND_EVENTS, layout.REC_KIND_PAD) == (1, 2)
     assert (layout.EVENT_PUT, layout.EVENT_DELETE) == (0, 1)
-    assert layout.FORMAT_VERSION == 1
+    assert layout.FORMAT_VERSION == 2
 
 
 # --------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def test_golden_ring_header_and_record() -> None:
     w.write(w.place(5), 0x1122, b"hello")
     assert buf[:layout.RING_DATA].hex() == (
         "53484d432e524e47"  # magic "SHMC.RNG"
-        "01000000"  # format version 1
+        "02000000"  # format version 2
         "02000000"  # kind: ring
         "0700000000000000"  # generation 7
         "0001000000000000"  # capacity 256
@@ -300,7 +302,7 @@ def test_golden_snapshot() -> None:
     fill(buf)
     assert buf[:128].hex() == (
         "53484d432e534e50"  # magic "SHMC.SNP"
-        "01000000"  # format version 1
+        "02000000"  # format version 2
         "03000000"  # kind: snapshot
         "0900000000000000"  # revision 9
         "0200000000000000"  # epoch 2
@@ -312,7 +314,7 @@ def test_golden_snapshot() -> None:
         "3800000000000000"  # data_len 56
         "4001000000000000"  # total_size 320
         "dd5f2369"  # body crc32 (data, then index, then hash table)
-        "b1628b2e"  # header crc32 of bytes [0, 92)
+        "e0838fc0"  # header crc32 of bytes [0, 92)
         + "00" * 32  # unused up to HEADER_SIZE
     )
     assert buf[128:136].hex() == "0801000000000000"  # index[0] -> the entry at 264
@@ -348,7 +350,7 @@ def test_golden_snapshot() -> None:
     assert zlib.crc32(bytes(buf[268:314])) == 0x304516B2
     body = zlib.crc32(table, zlib.crc32(bytes(buf[128:136]), zlib.crc32(bytes(buf[264:320]))))
     assert body == 0x69235FDD  # data area, then index, then hash table
-    assert zlib.crc32(bytes(buf[:92])) == 0x2E8B62B1
+    assert zlib.crc32(bytes(buf[:92])) == 0xC08F83E0
 
 
 def test_golden_control_segment() -> None:
@@ -356,7 +358,7 @@ def test_golden_control_segment() -> None:
     m = mmap.mmap(-1, layout.CONTROL_SIZE)
     try:
         control.ControlWriter.initialise(m, b"/app/")
-        assert m[:16].hex() == "53484d432e43544c" "01000000" "01000000"  # "SHMC.CTL", v1, control
+        assert m[:16].hex() == "53484d432e43544c" "02000000" "01000000"  # "SHMC.CTL", v2, control
         assert m[64:208] == bytes(13 * 8) + b"\x05" + bytes(4 * 8 + 7)  # only PREFIX_LEN is set
         cw = control.ControlWriter(m)
         cw.publish({i: i + 1 for i in range(18) if i != layout.B_PREFIX_LEN})
@@ -382,7 +384,7 @@ def test_golden_control_segment() -> None:
             "0f00000000000000"  # 176 SYNC_STARTED
             "1000000000000000"  # 184 SYNC_DONE
             "1100000000000000"  # 192 SYNC_REVISION
-            "1200000000000000"  # 200 reserved
+            "1200000000000000"  # 200 INDEX_DEFS_LEN (no prefix passed: the defs are not written)
         )
         assert m[1024:1030] == b"/app/\0"
         assert m[208:1024] == bytes(816)  # nothing else between the block and the prefix
