@@ -69,20 +69,21 @@ def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> l
     keys = seg.run_keys(i, value, after, -1 if want < 0 else want + len(overlay))
     if overlay:
         keys = [k for k in keys if k not in overlay]
-    if changed:
-        extra = sorted(k for k in changed if after is None or k > after)
+    extra = sorted(k for k in changed if after is None or k > after) if changed else None
+    out: list[KeyValue | None]
+    if extra:  # keys changed since the snapshot that have the value now: from the overlay
         keys = list(heapq.merge(keys, extra))
-    if want >= 0:
-        keys = keys[:want]
-    get = snap.get
-    out: list[KeyValue] = []
-    for k in keys:
-        kv = overlay[k] if k in overlay else get(k)
-        if kv is None:
-            raise CorruptSegmentError(f"index segment lists key {k!r}, which the cache does "
-                                      f"not hold", segment=seg.name)
-        out.append(kv)
-    return out
+        if want >= 0:
+            keys = keys[:want]
+        from_snap = iter(snap.get_many([k for k in keys if k not in overlay]))
+        out = [overlay[k] if k in overlay else next(from_snap) for k in keys]
+    else:
+        out = snap.get_many(keys if want < 0 else keys[:want])
+    if None in out:
+        k = keys[out.index(None)]
+        raise CorruptSegmentError(f"index segment lists key {k!r}, which the cache does "
+                                  f"not hold", segment=seg.name)
+    return out  # type: ignore[return-value]
 
 
 def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision: int,

@@ -138,40 +138,47 @@ static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t n
     return get_impl(gargs);
 }
 
-static PyObject *get_impl(PyObject *const *fargs) {
-    PyObject *args[7];
-    args[1] = fargs[0];
-    args[0] = PyTuple_GET_ITEM(fargs[1], 0);
-    for (int j = 1; j < 6; j++) args[j + 1] = PyTuple_GET_ITEM(fargs[1], j);
-    PyObject *key = args[1];
-    if (!PyBytes_Check(key)) {
-        PyErr_SetString(PyExc_TypeError, "key must be bytes");
-        return NULL;
-    }
-    uint64_t hash_off = PyLong_AsUnsignedLongLong(args[2]);
-    uint64_t slots = PyLong_AsUnsignedLongLong(args[3]);
-    uint64_t data_off = PyLong_AsUnsignedLongLong(args[4]);
-    uint64_t data_end = PyLong_AsUnsignedLongLong(args[5]);
-    if (PyErr_Occurred()) return NULL;
-    if (!PyType_Check(args[6])) {
+typedef struct {
+    const unsigned char *buf;
+    uint64_t size, hash_off, slots, data_off, data_end;
+    PyTypeObject *kvtype;
+} geom_t;
+
+/* Parse (buf, hash_off, slots, data_off, data_end, kvtype) and take the buffer. */
+static int geom_open(PyObject *params, geom_t *g, Py_buffer *view) {
+    PyObject *args[6];
+    for (int j = 0; j < 6; j++) args[j] = PyTuple_GET_ITEM(params, j);
+    g->hash_off = PyLong_AsUnsignedLongLong(args[1]);
+    g->slots = PyLong_AsUnsignedLongLong(args[2]);
+    g->data_off = PyLong_AsUnsignedLongLong(args[3]);
+    g->data_end = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred()) return -1;
+    if (!PyType_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError, "kvtype must be a type");
-        return NULL;
+        return -1;
     }
-    PyTypeObject *kvtype = (PyTypeObject *)args[6];
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *buf = (const unsigned char *)view.buf;
-    uint64_t size = (uint64_t)view.len;
-    PyObject *result = NULL;
+    g->kvtype = (PyTypeObject *)args[5];
+    if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0) return -1;
+    g->buf = (const unsigned char *)view->buf;
+    g->size = (uint64_t)view->len;
+    if (g->slots == 0 || (g->slots & (g->slots - 1)) || g->hash_off > g->size
+        || g->slots > (g->size - g->hash_off) / 16 || g->data_end > g->size
+        || g->data_off > g->data_end) {
+        corrupt("snapshot geometry out of bounds (slots %llu, data end %llu)",
+                (unsigned long long)g->slots, (unsigned long long)g->data_end);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* The entry of ``key`` (a bytes object) as a new KeyValue, Py_None (new ref) or NULL. */
+static PyObject *lookup(const geom_t *g, PyObject *key) {
+    const unsigned char *buf = g->buf;
+    uint64_t hash_off = g->hash_off, slots = g->slots, data_off = g->data_off,
+             data_end = g->data_end;
     const unsigned char *k = (const unsigned char *)PyBytes_AS_STRING(key);
     uint64_t klen_want = (uint64_t)PyBytes_GET_SIZE(key);
-
-    if (slots == 0 || (slots & (slots - 1)) || hash_off > size || slots > (size - hash_off) / 16
-        || data_end > size || data_off > data_end) {
-        result = corrupt("snapshot geometry out of bounds (slots %llu, data end %llu)",
-                         (unsigned long long)slots, (unsigned long long)data_end);
-        goto done;
-    }
     uint64_t mask = slots - 1;
     uint32_t h = crc(k, klen_want);
     uint64_t i = h & mask;
@@ -179,53 +186,86 @@ static PyObject *get_impl(PyObject *const *fargs) {
         const unsigned char *slot = buf + hash_off + 16 * i;
         uint64_t word = rd64(slot), off = rd64(slot + 8);
         if (off == 0) {
-            if (word != 0) {
-                result = corrupt("hash slot %llu is damaged (empty with a hash)",
-                                 (unsigned long long)i);
-                goto done;
-            }
+            if (word != 0)
+                return corrupt("hash slot %llu is damaged (empty with a hash)",
+                               (unsigned long long)i);
             Py_INCREF(Py_None);
-            result = Py_None;
-            goto done;
+            return Py_None;
         }
         uint32_t sh = (uint32_t)word;
         uint32_t check = (sh ^ (uint32_t)off ^ (uint32_t)(off >> 32) ^ 0x5BD1E995u) * 0x9E3779B1u;
-        if ((uint32_t)(word >> 32) != check) {
-            result = corrupt("hash slot %llu fails its check", (unsigned long long)i);
-            goto done;
-        }
+        if ((uint32_t)(word >> 32) != check)
+            return corrupt("hash slot %llu fails its check", (unsigned long long)i);
         if (sh == h) {
             if (data_end - data_off < ENTRY_SIZE || off < data_off
-                || off > data_end - ENTRY_SIZE || (off & 7)) {
-                result = corrupt("hash slot %llu points outside the data area (%llu)",
-                                 (unsigned long long)i, (unsigned long long)off);
-                goto done;
-            }
+                || off > data_end - ENTRY_SIZE || (off & 7))
+                return corrupt("hash slot %llu points outside the data area (%llu)",
+                               (unsigned long long)i, (unsigned long long)off);
             const unsigned char *e = buf + off;
             uint64_t klen = rd32(e + 4), vlen = rd32(e + 8);
             if (klen == klen_want && klen <= data_end - off - ENTRY_SIZE
                 && memcmp(e + ENTRY_SIZE, k, klen) == 0) {
                 uint64_t stop = off + ENTRY_SIZE + klen + vlen; /* < 2**65: no wrap in u64 */
-                if (stop > data_end) {
-                    result = corrupt("entry at %llu claims %llu+%llu bytes past the data area",
-                                     (unsigned long long)off, (unsigned long long)klen,
-                                     (unsigned long long)vlen);
-                    goto done;
-                }
-                if (crc(e + 4, stop - off - 4) != rd32(e)) {
-                    result = corrupt("entry at %llu fails its checksum", (unsigned long long)off);
-                    goto done;
-                }
-                result = make_kv(kvtype, key, e, e + ENTRY_SIZE + klen, vlen);
-                goto done;
+                if (stop > data_end)
+                    return corrupt("entry at %llu claims %llu+%llu bytes past the data area",
+                                   (unsigned long long)off, (unsigned long long)klen,
+                                   (unsigned long long)vlen);
+                if (crc(e + 4, stop - off - 4) != rd32(e))
+                    return corrupt("entry at %llu fails its checksum", (unsigned long long)off);
+                return make_kv(g->kvtype, key, e, e + ENTRY_SIZE + klen, vlen);
             }
         }
         i = (i + 1) & mask;
     }
-    result = corrupt("hash table has no empty slot");
-done:
+    return corrupt("hash table has no empty slot");
+}
+
+static PyObject *get_impl(PyObject *const *fargs) {
+    PyObject *key = fargs[0];
+    if (!PyBytes_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "key must be bytes");
+        return NULL;
+    }
+    geom_t g;
+    Py_buffer view;
+    if (geom_open(fargs[1], &g, &view) < 0) return NULL;
+    PyObject *result = lookup(&g, key);
     PyBuffer_Release(&view);
     return result;
+}
+
+/* get_many(keys, params) -> list of KeyValue | None: get() of each key of a list of
+ * bytes, with the parameters parsed and the buffer taken once (by_index's lookups). */
+static PyObject *snapshot_get_many(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(fargs[0]) || !PyTuple_Check(fargs[1])
+        || PyTuple_GET_SIZE(fargs[1]) != 6) {
+        PyErr_SetString(PyExc_TypeError, "get_many() takes a list of keys and a 6-tuple");
+        return NULL;
+    }
+    PyObject *keys = fargs[0];
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        if (!PyBytes_Check(PyList_GET_ITEM(keys, j))) {
+            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
+            return NULL;
+        }
+    }
+    geom_t g;
+    Py_buffer view;
+    if (geom_open(fargs[1], &g, &view) < 0) return NULL;
+    PyObject *out = PyList_New(n);
+    if (out != NULL) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            PyObject *kv = lookup(&g, PyList_GET_ITEM(keys, j));
+            if (kv == NULL) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, j, kv);
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
 }
 
 /* Lexicographic comparison of two byte strings, like bytes' < / ==. */
@@ -628,6 +668,8 @@ done:
 static PyMethodDef methods[] = {
     {"get", (PyCFunction)(void (*)(void))snapshot_get, METH_FASTCALL,
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
+    {"get_many", (PyCFunction)(void (*)(void))snapshot_get_many, METH_FASTCALL,
+     "get_many(keys, params) -> [KeyValue | None]: get() of each key"},
     {"walk", (PyCFunction)(void (*)(void))snapshot_walk, METH_FASTCALL,
      "walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,

@@ -18,6 +18,7 @@ reported as corruption.
 from __future__ import annotations
 
 import itertools
+import operator
 import struct
 import zlib
 from array import array
@@ -208,21 +209,18 @@ class IndexSegment:
         if limit >= 0:
             end = min(end, lo + limit)
         base = self.dirs[i][2]
-        buf, koff0, kend = self.buf, self.keys_off, self.keys_end
-        keys = []
-        for koff, klen, kcrc in _POST.iter_unpack(self._view[base + 16 * lo:base + 16 * end]):
-            start = koff0 + koff
-            if start + klen > kend:
-                raise self._corrupt(f"index {i} posting points outside the key area")
-            k = buf[start:start + klen]
-            if _crc32(k) != kcrc:
-                raise self._corrupt(f"index {i} posting or key fails its checksum")
-            keys.append(k)
-        prev = after
-        for k in keys:  # strictly increasing, or the postings are damaged
-            if prev is not None and k <= prev:
-                raise self._corrupt(f"index {i} run of {value!r} is out of key order")
-            prev = k
+        buf, koff0 = self.buf, self.keys_off
+        posts = list(_POST.iter_unpack(self._view[base + 16 * lo:base + 16 * end]))
+        if posts and max(o + n for o, n, _c in posts) > self.keys_end - koff0:
+            raise self._corrupt(f"index {i} posting points outside the key area")
+        keys = [buf[koff0 + o:koff0 + o + n] for o, n, _c in posts]
+        # Each key against its posting's CRC, and strictly increasing: a damaged
+        # posting or key byte is an error, never another key. (map/zip: C loops.)
+        if list(map(_crc32, keys)) != [c for _o, _n, c in posts]:
+            raise self._corrupt(f"index {i} posting or key fails its checksum")
+        if keys and ((after is not None and keys[0] <= after)
+                     or not all(map(operator.lt, keys, itertools.islice(keys, 1, None)))):
+            raise self._corrupt(f"index {i} run of {value!r} is out of key order")
         return keys
 
     def values(self, i: int) -> Iterator[tuple[bytes, int]]:
