@@ -282,6 +282,107 @@ static int bcmp3(const unsigned char *a, uint64_t alen, const unsigned char *b, 
  * and each following one right after the previous (build() lays them out back
  * to back in key order), and keys must strictly increase.
  */
+/* index_run(ibuf, posts_off, lo, hi, keys_off, keys_end, after, limit, skip, params)
+ *   -> list of KeyValue
+ *
+ * by_index's common path in one call: postings [lo, hi) of an index segment
+ * (16 bytes each: key offset in the key area, key length, crc32 of the key),
+ * each key checked against its CRC and for strictly increasing order (after
+ * ``after``, None for none), keys found in the dict ``skip`` (the overlay:
+ * changed since the snapshot) left out, the others looked up in the snapshot
+ * (``params`` as for get()); at most ``limit`` results (-1: all). A key the
+ * snapshot lacks raises ValueError, like every other damage.
+ */
+static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 10 || !PyTuple_Check(a[9]) || PyTuple_GET_SIZE(a[9]) != 6
+        || (a[6] != Py_None && !PyBytes_Check(a[6])) || (a[8] != Py_None && !PyDict_Check(a[8]))) {
+        PyErr_SetString(PyExc_TypeError, "index_run() takes 10 arguments");
+        return NULL;
+    }
+    uint64_t posts_off = PyLong_AsUnsignedLongLong(a[1]);
+    uint64_t lo = PyLong_AsUnsignedLongLong(a[2]);
+    uint64_t hi = PyLong_AsUnsignedLongLong(a[3]);
+    uint64_t keys_off = PyLong_AsUnsignedLongLong(a[4]);
+    uint64_t keys_end = PyLong_AsUnsignedLongLong(a[5]);
+    long long limit = PyLong_AsLongLong(a[7]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *skip = a[8] == Py_None ? NULL : a[8];
+    Py_buffer iv;
+    if (PyObject_GetBuffer(a[0], &iv, PyBUF_SIMPLE) < 0) return NULL;
+    geom_t g;
+    Py_buffer sv;
+    if (geom_open(a[9], &g, &sv) < 0) {
+        PyBuffer_Release(&iv);
+        return NULL;
+    }
+    const unsigned char *ib = (const unsigned char *)iv.buf;
+    uint64_t isize = (uint64_t)iv.len;
+    PyObject *out = PyList_New(0);
+    const unsigned char *prev = NULL;
+    uint64_t prevlen = 0;
+    if (a[6] != Py_None) {
+        prev = (const unsigned char *)PyBytes_AS_STRING(a[6]);
+        prevlen = (uint64_t)PyBytes_GET_SIZE(a[6]);
+    }
+    if (out == NULL) goto fail;
+    if (lo > hi || keys_off > keys_end || keys_end > isize || posts_off > isize
+        || hi > (isize - posts_off) / 16) {
+        corrupt("index run out of bounds");
+        goto fail;
+    }
+    for (uint64_t p = lo; p < hi; p++) {
+        if (limit >= 0 && (long long)PyList_GET_SIZE(out) >= limit) break;
+        const unsigned char *post = ib + posts_off + 16 * p;
+        uint64_t koff = rd64(post), klen = rd32(post + 8);
+        uint32_t kcrc = rd32(post + 12);
+        if (koff > keys_end - keys_off || klen > keys_end - keys_off - koff) {
+            corrupt("index posting %llu points outside the key area", (unsigned long long)p);
+            goto fail;
+        }
+        const unsigned char *k = ib + keys_off + koff;
+        if (crc(k, klen) != kcrc) {
+            corrupt("index posting %llu or its key fails its checksum", (unsigned long long)p);
+            goto fail;
+        }
+        if (prev != NULL && bcmp3(prev, prevlen, k, klen) >= 0) {
+            corrupt("index run is out of key order at posting %llu", (unsigned long long)p);
+            goto fail;
+        }
+        prev = k;
+        prevlen = klen;
+        PyObject *key = PyBytes_FromStringAndSize((const char *)k, (Py_ssize_t)klen);
+        if (key == NULL) goto fail;
+        if (skip != NULL) {
+            int in = PyDict_Contains(skip, key);
+            if (in != 0) {
+                Py_DECREF(key);
+                if (in < 0) goto fail;
+                continue;
+            }
+        }
+        PyObject *kv = lookup(&g, key);
+        Py_DECREF(key);
+        if (kv == NULL) goto fail;
+        if (kv == Py_None) {
+            Py_DECREF(kv);
+            corrupt("index posting %llu names a key the snapshot does not hold",
+                    (unsigned long long)p);
+            goto fail;
+        }
+        int rc = PyList_Append(out, kv);
+        Py_DECREF(kv);
+        if (rc < 0) goto fail;
+    }
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&iv);
+    return out;
+fail:
+    Py_XDECREF(out);
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&iv);
+    return NULL;
+}
+
 static PyObject *snapshot_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 9) {
         PyErr_SetString(PyExc_TypeError, "walk() takes 9 arguments");
@@ -670,6 +771,8 @@ static PyMethodDef methods[] = {
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
     {"get_many", (PyCFunction)(void (*)(void))snapshot_get_many, METH_FASTCALL,
      "get_many(keys, params) -> [KeyValue | None]: get() of each key"},
+    {"index_run", (PyCFunction)(void (*)(void))index_run, METH_FASTCALL,
+     "index_run(...) -> [KeyValue]: by_index's run of keys, looked up in the snapshot"},
     {"walk", (PyCFunction)(void (*)(void))snapshot_walk, METH_FASTCALL,
      "walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,

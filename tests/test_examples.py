@@ -8,13 +8,17 @@ nothing in examples/ goes untested.
 from __future__ import annotations
 
 import ast
+import json
 import queue
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +199,62 @@ def test_every_example_is_run_by_a_test_and_says_how_to_run_it() -> None:
         else:
             assert f'Example("{name}"' in here, f"no test runs examples/{name}"
             assert source.startswith("#!/usr/bin/env python3\n"), name
+
+
+def _pod(node: str | None) -> bytes:
+    spec = {"nodeName": node} if node is not None else {}
+    return json.dumps({"metadata": {}, "spec": spec}).encode()
+
+
+def _http(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_node_index_app(etcd_session: Any, etcd_client: Any, cache_name: str,
+                        unique_prefix: bytes) -> None:
+    """The pre-fork index app answers "pods on node X" (pages at one revision), the node
+    counts and a watch of one node (a pod moving away is DELETED there) equal to etcd's,
+    and stops every worker on SIGTERM."""
+    p = unique_prefix
+    for i in range(5):
+        put(etcd_client, p + b"default/web-%d" % i, _pod("node-7" if i < 3 else "node-1"))
+    put(etcd_client, p + b"default/pending", _pod(None))
+    put(etcd_client, p + b"default/not-json", b"{")
+    w = WriterProcess(cache_name, etcd_session.endpoint, p,
+                      extra=["--index", "node=json:/spec/nodeName"]).start()
+    ex = Example("node_index_app.py", "--cache", cache_name, "--port", "0", "--workers", "2")
+    try:
+        port = int(ex.wait_for(r"^serving cache .* on http://127\.0\.0\.1:(\d+) with 2 workers")[1])
+        ex.wait_for(r"^worker \d+ attached")
+        status, body = _http(port, "/nodes")
+        assert status == 200 and body["nodes"] == {"node-7": 3, "node-1": 2}, body
+        status, page = _http(port, "/nodes/node-7/pods?limit=2")
+        assert status == 200 and page["continue"], page
+        added = put(etcd_client, p + b"default/web-9", _pod("node-7"))  # after page 1
+        status, rest = _http(port, f"/nodes/node-7/pods?limit=2&continue={page['continue']}")
+        assert status == 200 and rest["continue"] is None and rest["revision"] == page["revision"]
+        names = [x["name"] for x in page["pods"] + rest["pods"]]
+        assert names == ["web-0", "web-1", "web-2"]  # the first page's revision: no web-9
+        since = page["revision"]
+        moved = put(etcd_client, p + b"default/web-0", _pod("node-1"))
+        gone = delete(etcd_client, p + b"default/web-1")
+        status, body = _http(port, f"/nodes/node-7/watch?since={since}&timeout=5")
+        assert status == 200, body
+        seen = [(e["type"], e["pod"]["name"], e["revision"]) for e in body["events"]]
+        want = [("ADDED", "web-9", added), ("DELETED", "web-0", moved),
+                ("DELETED", "web-1", gone)]
+        assert seen == want[:len(seen)] and seen, seen  # one poll may end before all
+        status, body = _http(port, f"/nodes?min_revision={gone}")
+        assert status == 200 and body["nodes"] == {"node-7": 2, "node-1": 3}, body
+        status, body = _http(port, "/nodes/node-7/pods?continue=garbage")
+        assert status == 400, body
+        ex.proc.send_signal(signal.SIGTERM)
+        out = ex.finish()
+        assert "stopped: every worker has exited (0 needed SIGKILL)" in out
+    finally:
+        ex.kill()
+        w.close()
