@@ -1,19 +1,23 @@
-"""Watch: an ordered stream of a Reader's events under a prefix, read straight from the ring."""
+"""Watch: an ordered stream of a Reader's events under a prefix, read from the ring."""
 
 from __future__ import annotations
 
 import collections
+import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from . import _codec, _shm, control, ring
+from . import _codec, _demux
+from ._cursor import Record, RingCursor
 from ._indexdef import vals
 from ._view import range_end
-from .errors import CompactedError
 from .types import Event
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .reader import Reader
 
 __all__ = ["Watch"]
@@ -26,6 +30,13 @@ class Watch:
     repeats or reorders an event: if the writer overwrote events this watch had
     not read yet, or reset its history, the next read raises CompactedError.
     A Watch belongs to one thread at a time; ``close()`` may be called from any.
+
+    How it reads: first on its own, from its start revision up to what the
+    writer has published (catching up); then it joins its Reader's
+    demultiplexer (shmcache/_demux.py), which decodes each new record once for
+    every watch of the process and queues this watch's events for it. A watch
+    whose queued events grow past the ring's capacity in bytes without being
+    read gets CompactedError, as if the ring had lapped it.
     """
 
     def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None,
@@ -33,17 +44,23 @@ class Watch:
         self._reader = reader
         # (position, value) of the index filter: events whose kv or prev_kv has the value.
         self._index = reader._index_filter(index)
-        self._ctl: control.ControlReader = reader.control
         # Block, ring and position come together from one view of the Reader: a
         # refresh in between would make the watch skip events or read one ring
         # at a position meant for another.
-        self.prefix, b, self._ring, self._pos, since = reader._watch_start(prefix, since_revision)
+        self.prefix, b, seg, pos, since = reader._watch_start(prefix, since_revision)
         self._end = range_end(self.prefix)
-        self._epoch = b.epoch
-        self._ring_gen = b.ring_gen
-        self._cap = b.ring_capacity
-        self._since = since
-        self._last_record = 0  # revision of the last record read, for order checks
+        # Reading on its own: this cursor. Joined: None, and the fields below.
+        self._cursor: RingCursor | None = RingCursor(reader, b, seg, pos, since)
+        self._demux: _demux.Demux | None = None
+        # Guarded by the demux's lock (see shmcache/_demux.py).
+        self._q: list[Event] = []
+        self._qbytes = 0
+        self._qcap = b.ring_capacity
+        self._error: BaseException | None = None
+        self._after = 0  # events at or below this revision were read before joining
+        self._saved: RingCursor | None = None  # the position after the last take
+        self._async: list[asyncio.Future[None]] = []
+        self._ready = threading.Event()
         self.revision = max(since, 0)
         self._pending: collections.deque[Event] = collections.deque()
         self._closed = False
@@ -56,11 +73,20 @@ class Watch:
 
     def close(self) -> None:
         self._closed = True
+        d = self._demux
+        if d is not None and d.pid == os.getpid():
+            d.leave(self)
+        self._ready.set()  # a poll waiting in another thread returns
 
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called (the Reader's close ends reads with an error)."""
         return self._closed
+
+    @property
+    def joined(self) -> bool:
+        """True once this watch is fed by its Reader's demultiplexer (it has caught up)."""
+        return self._demux is not None
 
     def __iter__(self) -> Iterator[Event]:
         while not self._closed:
@@ -69,136 +95,89 @@ class Watch:
                 continue
             yield self._pending.popleft()
 
-    def _lapped(self, b: control.Block | None = None) -> CompactedError:
-        b = b or self._ctl.block()
-        compact = b.compact_revision if b is not None else self._since + 1
-        return CompactedError(
-            f"watch on cache {self._reader.name!r} fell behind: events after revision "
-            f"{self._since} were overwritten before it read them",
-            compact_revision=max(compact, self._since + 1),
-            hint="Use a larger --ring-size, or list again and watch from the list's revision")
-
-    def _collect(self, seg: _shm.Segment, cap: int, stop: int, tail: Callable[[], int],
-                 max_revision: int | None, events: list[Event]) -> None:
-        """Append the matching events of the records from ``self._pos`` to ``stop``; commit.
-
-        The watch's position moves only if every record read was intact
-        (ring.iter_records raises Lapped or CorruptSegmentError otherwise).
-        """
+    def _matching(self, records: list[Record], where: str) -> list[Event]:
+        """This watch's events in ``records`` (reading on its own)."""
         prefix, end, index = self.prefix, self._end, self._index
-        since, last = self._since, self._last_record
         found: list[Event] = []
-        for _pos, rev, _nxt, payload in ring.iter_records(
-                seg.buf, cap, self._pos, stop, tail, after_revision=last,
-                max_revision=max_revision, name=seg.name):
-            last = rev
-            if rev > since:
-                if index is None:
-                    for ev in _codec.decode(payload, rev, seg.name):
-                        k = ev.kv.key
-                        if k >= prefix and (end is None or k < end):
-                            found.append(ev)
-                else:
-                    i, value = index
-                    for ev, ix, pix in _codec.decode_indexed(payload, rev, seg.name):
-                        k = ev.kv.key
-                        if k >= prefix and (end is None or k < end) and (
-                                value in vals(ix, i) or value in vals(pix, i)):
-                            found.append(ev)
-                since = rev
-        events.extend(found)
-        self._pos = max(self._pos, stop)
-        self._last_record = last
-        self._since = since
+        for rev, payload in records:
+            if index is None:
+                for ev in _codec.decode(payload, rev, where):
+                    k = ev.kv.key
+                    if k >= prefix and (end is None or k < end):
+                        found.append(ev)
+            else:
+                i, value = index
+                for ev, ix, pix in _codec.decode_indexed(payload, rev, where):
+                    k = ev.kv.key
+                    if k >= prefix and (end is None or k < end) and (
+                            value in vals(ix, i) or value in vals(pix, i)):
+                        found.append(ev)
+        return found
 
-    def _follow_ring(self, b: control.Block, events: list[Event]) -> None:
-        """The writer moved to a new ring in the same epoch (it grew, or a restart resized it).
+    def _rejoin(self) -> None:
+        """In a child forked after this watch joined: read on alone from the last take.
 
-        Read on to the end of the old ring (the writer sealed it, see
-        ring.read_seal; this watch's mapping of it stays valid), then continue
-        at the start of the new one, whose history begins at
-        ``b.compact_revision``. No event is lost or repeated; a watch that cannot
-        reach that revision (the old ring lapped it, or was not sealed) gets
-        CompactedError.
+        The queued events were not handed out yet; they are read again from the
+        ring, so none is lost or repeated.
         """
-        name = self._reader.name
-        if self._since < b.compact_revision:
-            seal = ring.read_seal(self._ring.buf)
-            if seal is None:
-                raise CompactedError(
-                    f"cache {name!r} replaced its ring log; events after revision "
-                    f"{self._since} are not all available", compact_revision=b.compact_revision)
-            s_tail, s_head, s_revision = seal
-            try:
-                self._collect(self._ring, self._cap, s_head, lambda: s_tail, s_revision, events)
-            except ring.Lapped:
-                raise self._lapped(b) from None
-            self._since = max(self._since, s_revision)
-            if self._since < b.compact_revision:  # a second new ring came meanwhile
-                raise CompactedError(
-                    f"cache {name!r} replaced its ring log twice while this watch read; "
-                    f"events after revision {self._since} are not all available",
-                    compact_revision=b.compact_revision)
-        rb, seg = self._reader._current_ring()
-        if rb.epoch != self._epoch or self._since < rb.compact_revision:
-            raise CompactedError(
-                f"cache {name!r} replaced its ring log again while this watch read; events "
-                f"after revision {self._since} are not all available",
-                compact_revision=rb.compact_revision)
-        # A new ring's first record is at position 0; if it has lapped already, the
-        # read that follows says so.
-        self._ring, self._ring_gen, self._cap = seg, rb.ring_gen, rb.ring_capacity
-        self._pos = 0
-        self._last_record = self._since
+        saved = self._saved
+        self._demux = None
+        self._q, self._qbytes, self._async = [], 0, []
+        self._ready = threading.Event()
+        if self._error is not None:
+            return
+        assert saved is not None
+        c = saved.copy()
+        c.since = max(c.since, self._after)
+        c.revision = max(c.revision, c.since)
+        self._cursor = c
 
-    def _read_available(self) -> list[Event]:
+    def _read(self) -> list[Event]:
         self._reader._check_read()
-        ctl = self._ctl
-        b = ctl.block()
-        if b is None:
-            return []
-        if b.epoch != self._epoch:
-            raise CompactedError(
-                f"cache {self._reader.name!r} reset its history (epoch {self._epoch} -> "
-                f"{b.epoch}); events after revision {self._since} are not all available",
-                compact_revision=b.compact_revision)
-        control.validate_block(b, ctl.name)
-        events: list[Event] = []
-        if b.ring_gen != self._ring_gen:
-            self._follow_ring(b, events)
-            b = ctl.block()
-            if b is None or b.ring_gen != self._ring_gen:
-                return events  # moved on again: the next read follows it
-            control.validate_block(b, ctl.name)
-        try:
-            self._collect(self._ring, self._cap, b.ring_head, ctl.tail, b.revision, events)
-        except ring.Lapped:
-            if events:
-                return events  # delivered first; the next read reports the lap
-            raise self._lapped() from None
-        self.revision = max(self.revision, b.revision)
+        d = self._demux
+        if d is not None:
+            if d.pid == os.getpid():
+                return d.take(self)
+            self._rejoin()
+            if self._error is not None:
+                raise self._error
+        c = self._cursor
+        assert c is not None
+        records = c.read()
+        events = self._matching(records, c.ring.name) if records else []
+        self.revision = max(self.revision, c.revision)
+        if not self._closed:
+            d = _demux.demux_of(self._reader)
+            if d.join(self, c):
+                self._cursor = None
+                self._demux = d
         return events
 
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
         """Events available now, waiting up to ``timeout`` seconds for the first; [] on timeout.
 
-        Waiting sleeps on the writer's futex word: no CPU while idle, woken by the
-        publish that brings new events.
+        Waiting costs no CPU: on its own, the watch sleeps on the writer's futex
+        word; joined, on an event the demultiplexer sets when it queues events
+        for this watch.
         """
         if self._pending:
             out = list(self._pending)
             self._pending.clear()
             return out
         r = self._reader
+        ctl = r.control
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._closed:
             r._check_open()  # a closed Reader has unmapped the word waited on
-            word = self._ctl.word()
-            events = self._read_available()
+            word = ctl.word()
+            events = self._read()
             if events:
                 return events
             remaining = 0.5 if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            self._ctl.wait(word, min(remaining, 0.5))
+            if self._demux is not None:
+                self._ready.wait(min(remaining, 0.5))
+            else:
+                ctl.wait(word, min(remaining, 0.5))
         return []

@@ -339,5 +339,35 @@ class AsyncWatch:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return []
-            await _wait_change(r, seen, remaining, self._waiting)
+            if self._watch.joined:
+                await self._wait_queued(remaining)
+            else:  # still catching up on its own: woken by the writer's publish
+                await _wait_change(r, seen, remaining, self._waiting)
         return []
+
+    async def _wait_queued(self, timeout: float | None) -> None:
+        """Until the demultiplexer queues events (or an error) for this watch, or ``timeout``.
+
+        It resolves the future from its thread with one call_soon_threadsafe per
+        event loop and batch, however many watches of the loop got events.
+        """
+        import asyncio
+
+        w = self._watch
+        d = w._demux
+        if d is None:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if not d.add_async(w, fut):
+            return  # something is queued already
+        timer = loop.call_later(max(timeout, 0.0), _resolve, fut) if timeout is not None \
+            else None
+        self._waiting.append(fut)
+        try:
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiting.remove(fut)
+            d.discard_async(w, fut)

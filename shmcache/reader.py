@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _pages, _shm, _sync, control, layout
+from . import _demux, _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._indexq import IndexReads
 from ._view import Retry, View, merge, range_end
@@ -170,6 +170,7 @@ class Reader(IndexReads):
             self._sync_client.close()
         self._v.close()
         self._control.close()
+        _demux.wake_all(self)  # joined watches waiting in other threads see the close at once
 
     def __repr__(self) -> str:
         return f"<shmcache.Reader {self.name!r} revision={self._revision}>"

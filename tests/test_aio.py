@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _futex, _shm, aio, layout
+from shmcache import _demux, _futex, _shm, aio, layout
 from shmcache.control import ControlReader
 from tests.etcdserver import free_port
 from tests.helpers import (
@@ -56,9 +56,16 @@ def _writes(client: Any, p: bytes, out: list[int]) -> None:
 def _no_waker_threads(timeout: float = 3.0) -> None:
     """Until the waker threads of earlier tests' Readers have exited (they linger <= 1 s)."""
     deadline = time.monotonic() + timeout
-    while any(t.name.startswith("shmcache-aio-") for t in threading.enumerate()):
+    while any(t.name.startswith(("shmcache-aio-", "shmcache-watch-"))
+              for t in threading.enumerate()):
         assert time.monotonic() < deadline, "a waker thread outlived its Reader"
         time.sleep(0.05)
+
+
+def _waiters(r: shmcache.Reader) -> int:
+    """asyncio waiters registered anywhere: the waker (await_revision, a watch catching up)
+    and the watch demultiplexer (joined watches)."""
+    return aio._waker_for(r).waiter_count() + _demux.demux_of(r).async_waiter_count()
 
 
 def _wait_thread_gone(r: shmcache.Reader, timeout: float = 3.0) -> None:
@@ -205,9 +212,9 @@ def test_awatch_events_equal_etcd(etcd_session: Any, etcd_client: Any,
 
 def test_200_watchers_share_one_thread_and_one_call_per_publish(
         etcd_session: Any, etcd_client: Any, reader: shmcache.Reader, sub_prefix: bytes) -> None:
-    """200 awatch coroutines in one loop: one extra thread in all, at most one
-    call_soon_threadsafe per observed publish, every coroutine gets etcd's events; the thread
-    exits once nobody waits."""
+    """200 awatch coroutines in one loop: one extra thread in all (the Reader's watch
+    demultiplexer), each record decoded once, at most one call_soon_threadsafe per batch of
+    records, every coroutine gets etcd's events; the thread exits once no watch is left."""
     p = sub_prefix
     n = 200
     _no_waker_threads()
@@ -226,26 +233,32 @@ def test_200_watchers_share_one_thread_and_one_call_per_publish(
 
         tasks = [asyncio.create_task(watcher(i)) for i in range(n)]
         await asyncio.sleep(0.2)
-        waker = aio._waker_for(reader)
-        assert waker.waiter_count() == n
+        demux = _demux.demux_of(reader)
+        assert demux.joined_count() == n
+        assert demux.async_waiter_count() == n
         assert threading.active_count() == threads_before + 1
-        calls_before, changes_before = waker.loop_calls, waker.changes
+        calls_before, records_before = demux.loop_calls, demux.records
+        delivered_before = demux.delivered
         writes = _in_thread(_writes, etcd_client, p, last)
         async with asyncio.timeout(20):
             await asyncio.gather(*tasks)
         extra = threading.active_count() - threads_before
         writes.join()
-        assert extra <= 2  # the waker, and the writes thread if it has not quite finished
-        calls = waker.loop_calls - calls_before
-        changes = waker.changes - changes_before
-        assert 0 < calls <= changes
+        assert extra <= 2  # the demultiplexer, and the writes thread if not quite finished
+        calls = demux.loop_calls - calls_before
+        records = demux.records - records_before
+        assert 0 < calls <= records  # one wake-up of the loop per batch, not per watch
+        assert demux.delivered - delivered_before == n * 17
         return since, got, last[0], extra
 
     since, got, last, _ = asyncio.run(main())
     want = etcd_events(etcd_session.endpoint, p, since, last)
-    assert all(g == want for g in got)
-    _wait_thread_gone(reader)
-    assert aio._waker_for(reader).waiter_count() == 0
+    assert len(want) == 17 and all(g == want for g in got)
+    deadline = time.monotonic() + 3
+    while _demux.demux_of(reader).thread() is not None:
+        assert time.monotonic() < deadline, "demultiplexer thread still running without watches"
+        time.sleep(0.05)
+    assert _demux.demux_of(reader).joined_count() == 0
 
 
 def test_cancellation_and_timeouts_leave_no_waiter(
@@ -255,7 +268,6 @@ def test_cancellation_and_timeouts_leave_no_waiter(
     p = sub_prefix
 
     async def main() -> None:
-        waker = aio._waker_for(reader)
         # Cancel a task blocked in async for.
         w = reader.awatch(p)
         started = asyncio.Event()
@@ -268,11 +280,11 @@ def test_cancellation_and_timeouts_leave_no_waiter(
         task = asyncio.create_task(consume())
         await started.wait()
         await asyncio.sleep(0.05)
-        assert waker.waiter_count() == 1
+        assert _waiters(reader) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert waker.waiter_count() == 0
+        assert _waiters(reader) == 0
         # The watch is still usable after its consumer was cancelled.
         rev = await asyncio.to_thread(put, etcd_client, p + b"k", b"after-cancel")
         events = await w.poll(timeout=10)
@@ -286,16 +298,16 @@ def test_cancellation_and_timeouts_leave_no_waiter(
             async with asyncio.timeout(0.2):
                 await reader.await_revision(far)
         assert 0.15 < time.monotonic() - t0 < 1.0
-        assert waker.waiter_count() == 0
+        assert _waiters(reader) == 0
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.awatch(p).poll(None), 0.2)
-        assert waker.waiter_count() == 0
+        assert _waiters(reader) == 0
         # The timeout arguments of their own.
         t0 = time.monotonic()
         assert await reader.await_revision(far, timeout=0.2) is False
         assert await reader.awatch(p).poll(timeout=0.2) == []
         assert 0.3 < time.monotonic() - t0 < 1.5
-        assert waker.waiter_count() == 0
+        assert _waiters(reader) == 0
         assert await reader.await_revision(reader.revision, timeout=0) is True
 
     asyncio.run(main())

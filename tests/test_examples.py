@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+import shmcache
 from tests.helpers import WriterProcess, delete, etcd_range, put
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +35,12 @@ RUN_ELSEWHERE = {"wsgi_app.py": "tests/test_forking.py", "asgi_app.py": "tests/t
 
 @pytest.fixture
 def sub_prefix(writer: tuple[WriterProcess, bytes], etcd_client: Any) -> bytes:
-    """A fresh sub-prefix holding 10 keys."""
+    """A fresh sub-prefix holding 10 keys, published by the writer."""
     p = writer[1] + secrets.token_hex(4).encode() + b"/"
     for i in range(10):
-        put(etcd_client, p + b"k%02d" % i, b"value-%d" % i)
+        rev = put(etcd_client, p + b"k%02d" % i, b"value-%d" % i)
+    with shmcache.Reader(writer[0].name) as r:  # or an example may list before the last put
+        assert r.wait(rev, timeout=15)
     return p
 
 

@@ -1,0 +1,403 @@
+"""The per-process watch demultiplexer: each ring record decoded once, each watch handed its events.
+
+Without it every Watch walks and decodes every record itself, so a process with
+N watches pays N times per event (and N threads wake on every publish). A
+Reader has one Demux per process. Watches join it once they have caught up on
+their own (shmcache/_watch.py); from then on one RingCursor reads each new
+record, decodes it once, and appends each event to the queues of the watches
+it matches, found through an index of watches by prefix (one dict lookup per
+distinct prefix length) and by (secondary index, value). Only the watches that
+got events are woken.
+
+Who advances it: a daemon thread per (Reader, process), asleep on the writer's
+futex word while watches are joined (it exits about 0.5 s after the last one
+leaves), and any ``Watch.poll`` that finds the word moved, so that a poll right
+after ``Reader.wait(rev)`` sees the events up to ``rev`` without waiting for
+the thread.
+
+Semantics are those of a Watch reading the ring itself: events in order, none
+skipped or repeated. A watch that does not read its events gets
+CompactedError once they exceed the ring's capacity in bytes, without holding
+back the others; a lap of the demultiplexer itself, or a history reset, ends
+every joined watch with CompactedError after the events queued before it.
+
+Concurrency contract: every field of the Demux, and the queue fields of its
+watches (``_q``, ``_qbytes``, ``_error``, ``_async``), are guarded by
+``Demux.lock``; wake-ups go through each watch's ``threading.Event`` and, for
+asyncio, one ``call_soon_threadsafe`` per event loop per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import _codec
+from ._cursor import Record, RingCursor
+from ._indexdef import vals
+from .errors import CompactedError, ShmCacheError
+from .types import Event
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._watch import Watch
+    from .reader import Reader
+
+__all__ = ["Demux", "demux_of", "wake_all"]
+
+# FUTEX_WAIT slice of the thread: bounds how long a missed wake or a closed
+# Reader goes unnoticed.
+_SLICE = 0.5
+# The thread exits after this long without joined watches.
+_IDLE_EXIT = 0.5
+# Accounted per queued event on top of its key and value bytes (the objects).
+_EVENT_OVERHEAD = 200
+
+
+def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+
+
+class Demux:
+    """Reads each record once for every joined Watch of one Reader in one process."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self._reader = reader
+        self._ctl = reader.control
+        self._name = reader.name
+        self.cursor: RingCursor | None = None
+        self._seen = -1  # futex word before the last advance
+        # prefix length -> prefix -> watches; (index position, value) -> watches. Weak
+        # references: a watch dropped without close() (a loop left with break) is
+        # forgotten, not fed forever; the thread sweeps the dead ones out.
+        self._by_len: dict[int, dict[bytes, list[weakref.ref[Watch]]]] = {}
+        self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Watch]]] = {}
+        self._count = 0
+        self._thread: threading.Thread | None = None
+        # Counters, for tests and the curious: records decoded, events handed out.
+        self.records = 0
+        self.delivered = 0
+        self.loop_calls = 0
+
+    # -- joining and leaving (a Watch, under no lock of its own) --------------------
+
+    def join(self, w: Watch, cursor: RingCursor) -> bool:
+        """Register ``w``, whose own ``cursor`` has read everything up to its revision.
+
+        True if it joined: from now on it receives every matching event above
+        ``cursor.revision``. False if the demultiplexer has already passed
+        events ``w`` has not read: it reads on by itself and tries again.
+        """
+        with self.lock:
+            if self.cursor is None:
+                self.cursor = cursor.copy()
+                self._seen = -1
+            else:
+                self._advance()
+                c = self.cursor
+                if c is None or c.epoch != cursor.epoch or c.revision > cursor.revision:
+                    return False  # (None: the advance failed every watch; retry afresh)
+            w._after = cursor.revision
+            w._qcap = cursor.cap
+            w._saved = cursor
+            ref = weakref.ref(w)
+            if w._index is None:
+                self._by_len.setdefault(len(w.prefix), {}).setdefault(w.prefix, []).append(ref)
+            else:
+                self._by_ix.setdefault(w._index, []).append(ref)
+            self._count += 1
+            if self._thread is None:
+                t = threading.Thread(target=self._run, daemon=True,
+                                     name=f"shmcache-watch-{self._name}")
+                self._thread = t
+                t.start()
+            return True
+
+    def leave(self, w: Watch) -> None:
+        with self.lock:
+            self._remove(w)
+
+    def _remove(self, w: Watch) -> None:
+        if w._index is None:
+            table = self._by_len.get(len(w.prefix))
+            refs = table.get(w.prefix) if table is not None else None
+        else:
+            refs = self._by_ix.get(w._index)
+        for ref in refs or ():
+            if ref() is w:
+                refs.remove(ref)  # type: ignore[union-attr]
+                self._count -= 1
+                break
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drop dead references and empty entries."""
+        for length, table in list(self._by_len.items()):
+            for prefix, refs in list(table.items()):
+                live = [r for r in refs if r() is not None]
+                self._count -= len(refs) - len(live)
+                if live:
+                    table[prefix] = live
+                else:
+                    del table[prefix]
+            if not table:
+                del self._by_len[length]
+        for key, refs in list(self._by_ix.items()):
+            live = [r for r in refs if r() is not None]
+            self._count -= len(refs) - len(live)
+            if live:
+                self._by_ix[key] = live
+            else:
+                del self._by_ix[key]
+
+    def _watches(self) -> list[Watch]:
+        refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
+        refs += [r for rs in self._by_ix.values() for r in rs]
+        return [w for w in (r() for r in refs) if w is not None]
+
+    def joined_count(self) -> int:
+        """Watches joined now (those dropped without close() count until swept)."""
+        with self.lock:
+            return self._count
+
+    def async_waiter_count(self) -> int:
+        """asyncio futures waiting for a joined watch's events."""
+        with self.lock:
+            return sum(len(w._async) for w in self._watches())
+
+    def thread(self) -> threading.Thread | None:
+        with self.lock:
+            return self._thread
+
+    # -- a joined Watch's reads ---------------------------------------------------------
+
+    def take(self, w: Watch) -> list[Event]:
+        """The events queued for ``w`` (advancing first if the writer published); [] if none.
+
+        Raises the watch's error (CompactedError...) once its queue is empty.
+        """
+        with self.lock:
+            if self._ctl.word() != self._seen:
+                self._advance()
+            if w._q:
+                out = w._q
+                w._q = []
+                w._qbytes = 0
+            else:
+                if w._error is not None:
+                    raise w._error
+                out = []
+            w._ready.clear()
+            c = self.cursor
+            if c is not None and w._error is None:
+                w.revision = max(w.revision, c.revision)
+                w._saved = c.copy()  # where to resume in a forked child (Watch._rejoin)
+            return out
+
+    def add_async(self, w: Watch, fut: asyncio.Future[None]) -> bool:
+        """Resolve ``fut`` when ``w`` has events or an error; False if it has some already."""
+        with self.lock:
+            if w._q or w._error is not None:
+                return False
+            w._async.append(fut)
+            return True
+
+    def discard_async(self, w: Watch, fut: asyncio.Future[None]) -> None:
+        with self.lock:
+            if fut in w._async:
+                w._async.remove(fut)
+
+    def wake_all(self) -> None:
+        """Wake every joined watch (its Reader is closing: the next read raises)."""
+        with self.lock:
+            self._notify(self._watches())
+
+    # -- reading and handing out --------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Read what the writer published and queue each event for its watches (under lock)."""
+        c = self.cursor
+        if c is None:
+            return
+        self._seen = self._ctl.word()
+        try:
+            records = c.read()
+            if records:
+                self._dispatch(records, c.ring.name)
+        except ShmCacheError as exc:
+            # A lap of our own cursor, a history reset, damage: every joined watch
+            # gets the error once it has read what was queued before it.
+            watches = self._watches()
+            for w in watches:
+                w._error = exc
+            self._by_len.clear()
+            self._by_ix.clear()
+            self._count = 0
+            self.cursor = None
+            self._notify(watches)
+
+    def _dispatch(self, records: list[Record], where: str) -> None:
+        by_len = list(self._by_len.items())
+        by_ix = self._by_ix
+        touched: dict[int, Watch] = {}
+        n = 0
+        for rev, payload in records:
+            if by_ix:
+                decoded: Iterable[tuple[Event, Any, Any]] = _codec.decode_indexed(
+                    payload, rev, where)
+            else:
+                decoded = [(ev, None, None) for ev in _codec.decode(payload, rev, where)]
+            self.records += 1
+            for ev, ix, pix in decoded:
+                key = ev.kv.key
+                for length, table in by_len:
+                    refs = table.get(key[:length])
+                    if refs is not None:
+                        for ref in refs:
+                            w = ref()
+                            if w is not None and rev > w._after:
+                                self._queue(w, ev, touched)
+                                n += 1
+                if by_ix:
+                    n += self._dispatch_indexed(ev, key, rev, ix, pix, touched)
+        self.delivered += n
+        over = [w for w in touched.values() if w._qbytes > w._qcap]
+        for w in over:
+            # It did not read its events while they grew past what the ring holds:
+            # as if the ring had lapped it. The others go on.
+            w._q = []
+            w._qbytes = 0
+            w._error = w._saved.lapped() if w._saved is not None else CompactedError(
+                f"watch on cache {self._name!r} fell behind", compact_revision=0)
+            self._remove(w)
+        self._notify(list(touched.values()))
+
+    def _dispatch_indexed(self, ev: Event, key: bytes, rev: int, ix: Any, pix: Any,
+                          touched: dict[int, Watch]) -> int:
+        n = 0
+        seen: set[int] = set()
+        for (i, value), refs in self._by_ix.items():
+            if value in vals(ix, i) or value in vals(pix, i):
+                for ref in refs:
+                    w = ref()
+                    if w is not None and rev > w._after and key.startswith(w.prefix) \
+                            and id(w) not in seen:
+                        seen.add(id(w))
+                        self._queue(w, ev, touched)
+                        n += 1
+        return n
+
+    @staticmethod
+    def _queue(w: Watch, ev: Event, touched: dict[int, Watch]) -> None:
+        w._q.append(ev)
+        kv, prev = ev.kv, ev.prev_kv
+        w._qbytes += len(kv.key) + len(kv.value) + _EVENT_OVERHEAD + (
+            len(prev.value) if prev is not None else 0)
+        touched[id(w)] = w
+
+    def _notify(self, watches: list[Watch]) -> None:
+        by_loop: dict[Any, list[asyncio.Future[None]]] = {}
+        for w in watches:
+            w._ready.set()
+            if w._async:
+                for fut in w._async:
+                    by_loop.setdefault(fut.get_loop(), []).append(fut)
+                w._async = []
+        for loop, futs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, futs)
+                self.loop_calls += 1
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits there any more
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ctl = self._ctl
+        view: memoryview | None = None
+        try:
+            if ctl.closed:
+                return
+            # The pin keeps the control mapping alive: Reader.close() cannot unmap it
+            # under our FUTEX_WAIT; we unmap it ourselves below once closed.
+            view = ctl.pin()
+            idle_since: float | None = None
+            pruned = time.monotonic()
+            while True:
+                with self.lock:
+                    if ctl.closed:
+                        self._thread = None
+                        self._notify(self._watches())
+                        return
+                    now = time.monotonic()
+                    if now - pruned >= _SLICE:
+                        pruned = now
+                        self._prune()  # watches dropped without close()
+                    if not self._count:
+                        idle_since = idle_since or now
+                        if now - idle_since >= _IDLE_EXIT:
+                            self._thread = None  # under the lock: a join starts another
+                            return
+                    else:
+                        idle_since = None
+                    word = ctl.word()
+                    if word != self._seen:
+                        self._advance()
+                    word = self._seen
+                ctl.wait(word, _SLICE)
+        except Exception:
+            if ctl.closed:
+                return  # closed under us: not an error
+            raise
+        finally:
+            with self.lock:
+                if self._thread is threading.current_thread():
+                    # An unexpected error: the joined watches still advance when they
+                    # poll (take); wake them so that they do.
+                    self._thread = None
+                    self._notify(self._watches())
+            if view is not None:
+                view.release()
+                if ctl.closed:
+                    ctl.close()  # the deferred unmap
+
+
+_registry_lock = threading.Lock()
+_demuxes: weakref.WeakKeyDictionary[Reader, Demux] = weakref.WeakKeyDictionary()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's demultiplexer threads do not exist in the child, and the lock may
+    # have been held by one of them at fork time.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _demuxes.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def demux_of(reader: Reader) -> Demux:
+    """The demultiplexer of ``reader``'s watches in this process (made on first use)."""
+    with _registry_lock:
+        d = _demuxes.get(reader)
+        if d is None or d.pid != os.getpid():
+            d = _demuxes[reader] = Demux(reader)
+        return d
+
+
+def wake_all(reader: Reader) -> None:
+    """Wake the joined watches of ``reader`` (it is closing: their next read raises)."""
+    with _registry_lock:
+        d = _demuxes.get(reader)
+    if d is not None and d.pid == os.getpid():
+        d.wake_all()
