@@ -47,8 +47,11 @@ def _check_block(name: str, seg: _shm.Segment, b: control.Block) -> tuple[list[s
     problems: list[str] = []
     _check_ring(name, seg, b, facts, problems)
     _check_snapshot(name, b, facts, problems)
+    if b.ovl_seq:
+        _check_snapshot(name, b, facts, problems, overlay=True)
     known = {layout.control_name(name), layout.ring_name(name, b.ring_gen),
-             layout.snapshot_name(name, b.snap_seq)}
+             layout.snapshot_name(name, b.snap_seq), layout.index_name(name, b.snap_seq),
+             layout.overlay_name(name, b.ovl_seq)}
     strays = [s for s in _shm.list_segments(name) if s not in known]
     if control.writer_alive(seg.buf):
         # A live writer creates the next snapshot (or ring generation) before it
@@ -72,6 +75,8 @@ def _check_block(name: str, seg: _shm.Segment, b: control.Block) -> tuple[list[s
 def _generation(name: str, seg_name: str, b: control.Block) -> int:
     """+1: a snapshot or ring newer than the published one; -1: older; 0: neither."""
     for base, current in ((layout.snapshot_name(name, 0)[:-1], b.snap_seq),
+                          (layout.index_name(name, 0)[:-1], b.snap_seq),
+                          (layout.overlay_name(name, 0)[:-1], b.ovl_seq),
                           (layout.ring_name(name, 0)[:-1], b.ring_gen)):
         tail = seg_name[len(base):]
         if seg_name.startswith(base) and tail.isdigit():
@@ -119,25 +124,32 @@ def _check_ring(name: str, seg: _shm.Segment, b: control.Block, facts: list[str]
         rseg.close()
 
 
-def _check_snapshot(name: str, b: control.Block, facts: list[str], problems: list[str]) -> None:
-    if b.snap_seq == 0:
+def _check_snapshot(name: str, b: control.Block, facts: list[str], problems: list[str],
+                    overlay: bool = False) -> None:
+    """The snapshot segment, or (``overlay``) the overlay segment, against the block."""
+    what, seq, revision, size = (("overlay segment", b.ovl_seq, b.ovl_revision, b.ovl_size)
+                                 if overlay else
+                                 ("snapshot", b.snap_seq, b.snap_revision, b.snap_size))
+    if seq == 0:
         problems.append("no snapshot published yet")
         return
-    sseg = _shm.open_readonly(layout.snapshot_name(name, b.snap_seq))
+    sseg = _shm.open_readonly((layout.overlay_name if overlay else layout.snapshot_name)(
+        name, seq))
     if sseg is None:
-        problems.append(f"snapshot segment #{b.snap_seq} is missing")
+        problems.append(f"{what} #{seq} is missing")
         return
     try:
-        snap = Snapshot(sseg.name, sseg.buf, sseg.size)
+        snap = Snapshot(sseg.name, sseg.buf, sseg.size,
+                        layout.KIND_OVERLAY if overlay else layout.KIND_SNAPSHOT)
         found = []
-        if snap.revision != b.snap_revision or snap.epoch != b.epoch:
-            found.append(f"snapshot says revision {snap.revision} epoch {snap.epoch}, "
-                         f"control says {b.snap_revision} epoch {b.epoch}")
+        if snap.revision != revision or snap.epoch != b.epoch or sseg.size != size:
+            found.append(f"{what} says revision {snap.revision} epoch {snap.epoch} size "
+                         f"{sseg.size}, control says {revision} epoch {b.epoch} size {size}")
         found.extend(snap.check())
         if found:
-            problems.extend(found)
-        else:  # only a snapshot that passed every check is reported as verified
-            facts.append(f"snapshot: {snap.count} keys verified (CRCs, order, index, hash table)")
+            problems.extend(f"{what} #{seq}: {x}" if overlay else x for x in found)
+        else:  # only a segment that passed every check is reported as verified
+            facts.append(f"{what}: {snap.count} keys verified (CRCs, order, index, hash table)")
         snap.close()
     except ShmCacheError as exc:
         problems.append(str(exc))

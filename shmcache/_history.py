@@ -72,17 +72,19 @@ def position_after(ctl: ControlReader, seg: _shm.Segment, b: Block, rec_revs: li
                    rec_pos: list[int], pos: int, since: int) -> int:
     """A ring position at or before the first record with revision > ``since`` (never after).
 
-    From ``rec_revs``/``rec_pos`` (the records after the snapshot, which the
-    Reader has read and checked) when ``since`` is at or after the snapshot;
-    otherwise by walking record headers from the tail. Headers are only a hint
-    there: the Watch validates every record it reads.
+    From ``rec_revs``/``rec_pos`` (the records the Reader has read and checked:
+    those after the overlay segment, or after the snapshot without one) when
+    ``since`` is at or after their start; otherwise by walking record headers,
+    from the snapshot's position when ``since`` is at or after the snapshot (the
+    writer keeps those records intact), else from the tail. Headers are only a
+    hint there: the Watch validates every record it reads.
     """
-    if since >= b.snap_revision:
+    if since >= (b.ovl_revision if b.ovl_seq else b.snap_revision):
         i = bisect.bisect_right(rec_revs, since)
         return rec_pos[i] if i < len(rec_pos) else pos
     for _attempt in range(10):
         tail = ctl.tail()
-        p = tail
+        p = max(tail, b.snap_ring_pos) if since >= b.snap_revision else tail
         try:
             while p < b.ring_head:
                 kind, rev, nxt = ring.peek_revision(seg.buf, b.ring_capacity, p)

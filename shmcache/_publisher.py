@@ -23,6 +23,8 @@ from sortedcontainers import SortedDict
 
 from . import _codec, _faults, _restore, _shm, control, layout, ring, snapshot
 from ._indexer import Indexer
+from ._overlays import NONE as NO_OVERLAY
+from ._overlays import TOMBSTONE, Overlays
 from ._segments import CacheSegments
 from ._snapbuild import SnapshotBuild, freeze_gc, unmap
 from .errors import CorruptSegmentError
@@ -69,6 +71,9 @@ class Publisher:
         self.last_snapshot = 0.0
         self._head_unpublished = False
         self.revision_moved = threading.Condition()
+        # Overlay segments (not with secondary indexes: readers build the overlay
+        # index from ring records); made by attach().
+        self.overlays: Overlays | None = None
 
     @property
     def ctl(self) -> control.ControlWriter:
@@ -84,44 +89,14 @@ class Publisher:
         # control segment (and attached readers) still point at.
         self.snap_seq = self.ctl.get(layout.B_SNAP_SEQ)
         self.segs.apply_permissions()
+        if self.indexer is None:
+            self.overlays = Overlays(self.segs, self.stats)
         return existed
 
     def restore(self) -> str | None:
-        """Resume from the segments a previous writer left; None if it did, else why not.
-
-        See _restore.load for what is validated. A ring of another size than
-        ``ring_size`` is then replaced by one of that size (switch_ring).
-        """
-        assert self.segs.ctl_seg is not None
-        got = _restore.load(self.name, self.prefix, self.segs.ctl_seg, self.ctl.index_defs)
-        if isinstance(got, str):
-            return got
-        b = got.block
-        self._ring_seg = got.ring_seg
-        self.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
-        self.ring.restore(b.ring_head, got.tail)
-        self.segs.track(got.ring_seg.name)
-        self.kv = got.kv
-        self.delta = got.delta
-        self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in got.kv.items())
-        self.base = got.base
-        if self.indexer is not None:
-            self.indexer.reset(got.kv.items())
-        freeze_gc()
-        self.revision = b.revision
-        self.epoch = b.epoch
-        self.snap_seq = b.snap_seq
-        self.snap_ring_pos = b.snap_ring_pos
-        self.last_snapshot = time.monotonic()
-        if got.tail != b.ring_tail:
-            self.ctl.publish({layout.B_RING_TAIL: got.tail,
-                              layout.B_COMPACT_REVISION: got.compact}, wake=False)
-        log.info("resumed cache %r at revision %d (epoch %d, %d keys)", self.name,
-                 self.revision, self.epoch, len(got.kv))
-        if self.ring.capacity != self.ring_size:
-            self.switch_ring(self.ring_size, f"the ring size setting is {self.ring_size} bytes")
-        self.ctl.publish({})  # wake readers: the writer is back
-        return None
+        """Resume from the segments a previous writer left; None if it did, else why not
+        (see _restore.resume)."""
+        return _restore.resume(self)
 
     # -- rings and epochs ----------------------------------------------------------
 
@@ -210,7 +185,19 @@ class Publisher:
         self._publish_build(b, extra, prefix)
 
     def maybe_snapshot(self) -> None:
-        """Publish a finished background build; start one when the cadence says so."""
+        """Publish a finished background build; start one when the cadence says so. Then
+        the same for the overlay segment."""
+        self._maybe_snapshot()
+        ov = self.overlays
+        if ov is not None and self.ring is not None:
+            updates = ov.maybe_publish(self.revision, self.epoch, self.ring.head)
+            if updates:
+                updates[layout.B_RING_HEAD] = self.ring.head  # (as with a snapshot)
+                updates[layout.B_REVISION] = self.revision
+                self.ctl.publish(updates, wake=False)
+                ov.after_publish()
+
+    def _maybe_snapshot(self) -> None:
         if self._build is not None:
             self._finish_build(self._build)
             return
@@ -276,10 +263,12 @@ class Publisher:
         updates = {layout.B_SNAP_SEQ: b.seq, layout.B_SNAP_REVISION: b.revision,
                    layout.B_SNAP_SIZE: b.plan.total, layout.B_SNAP_RING_POS: b.ring_pos,
                    layout.B_KEY_COUNT: len(self.kv), layout.B_RING_HEAD: self.ring.head,
-                   layout.B_REVISION: self.revision}
+                   layout.B_REVISION: self.revision, **NO_OVERLAY}
         if extra:
             updates.update(extra)
         self.ctl.publish(updates, prefix=prefix)
+        if self.overlays is not None:  # changes after the snapshot: those since its start
+            self.overlays.restart(b.seq, self.delta, self.bytes_since_snapshot)
         self.snap_seq = b.seq
         self.snap_ring_pos = b.ring_pos
         self.stats["snapshots"] += 1
@@ -330,6 +319,7 @@ class Publisher:
                             ixr.current(ev[1]))
         self._append(revision, _codec.encode(batch), len(batch))
         delta = self.delta
+        ovc = self.overlays.changes if self.overlays is not None else {}
         span = snapshot.entry_span
         for typ, key, value, create, mod, version, lease, _prev, *ix in batch:
             if ixr is not None:
@@ -338,11 +328,12 @@ class Publisher:
             if old is not None:
                 self.data_len -= span(key, old[0])
             if typ == 0:
-                kv[key] = delta[key] = (value, create, mod, version, lease)
+                kv[key] = delta[key] = ovc[key] = (value, create, mod, version, lease)
                 self.data_len += span(key, value)
             elif old is not None:
                 del kv[key]
                 delta[key] = None
+                ovc[key] = TOMBSTONE
 
     def _append(self, revision: int, payload: bytes, n_events: int) -> None:
         assert self.ring is not None
@@ -377,6 +368,8 @@ class Publisher:
         _faults.point("append")  # the record is complete but not published
         self.revision = revision
         self.bytes_since_snapshot += len(payload)
+        if self.overlays is not None:
+            self.overlays.bytes_since += len(payload)
         self.stats["events"] += n_events
         self.stats["records"] += 1
         self.stats["bytes"] += len(payload)
@@ -430,6 +423,8 @@ class Publisher:
         """
         self._drop_build()  # unpublished: of no use to the next writer
         self._close_base()
+        if self.overlays is not None:
+            self.overlays.close()
         if removed_under_us:
             self.segs.unlink_own()
         if self._ring_seg is not None:

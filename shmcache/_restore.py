@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
 from . import _codec, _shm, control, layout, ring, snapshot
+from ._overlays import NONE as NO_OVERLAY
+from ._overlays import OVERLAY_BYTES
+from ._snapbuild import freeze_gc
 from .errors import CorruptSegmentError
+
+if TYPE_CHECKING:
+    from ._publisher import Publisher
 
 log = logging.getLogger("shmcache.writer")
 
@@ -118,3 +126,49 @@ def _rebuild(b: control.Block, rseg: _shm.Segment, snap: snapshot.Snapshot,
                 kv.pop(ev.kv.key, None)
                 delta[ev.kv.key] = None
     return kv, delta, tail, compact
+
+
+def resume(p: Publisher) -> str | None:
+    """Make publisher ``p`` continue from the segments a previous writer left; None if it
+    did, else why not.
+
+    ``load`` says what is validated. A ring of another size than ``p.ring_size`` is
+    then replaced by one of that size (switch_ring). The previous writer's overlay
+    segment is not trusted: it is withdrawn (readers decode the records since the
+    snapshot meanwhile) and a new one is built from the restored changes at once.
+    """
+    assert p.segs.ctl_seg is not None
+    got = load(p.name, p.prefix, p.segs.ctl_seg, p.ctl.index_defs)
+    if isinstance(got, str):
+        return got
+    b = got.block
+    p._ring_seg = got.ring_seg
+    p.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
+    p.ring.restore(b.ring_head, got.tail)
+    p.segs.track(got.ring_seg.name)
+    p.kv = got.kv
+    p.delta = got.delta
+    p.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in got.kv.items())
+    p.base = got.base
+    if p.indexer is not None:
+        p.indexer.reset(got.kv.items())
+    freeze_gc()
+    p.revision = b.revision
+    p.epoch = b.epoch
+    p.snap_seq = b.snap_seq
+    p.snap_ring_pos = b.snap_ring_pos
+    p.last_snapshot = time.monotonic()
+    updates = dict(NO_OVERLAY)
+    if got.tail != b.ring_tail:
+        updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
+    p.ctl.publish(updates, wake=False)
+    if b.ovl_seq:
+        _shm.unlink(layout.overlay_name(p.name, b.ovl_seq))
+    if p.overlays is not None:
+        p.overlays.restart(b.snap_seq, got.delta, OVERLAY_BYTES)
+    log.info("resumed cache %r at revision %d (epoch %d, %d keys)", p.name,
+             p.revision, p.epoch, len(got.kv))
+    if p.ring.capacity != p.ring_size:
+        p.switch_ring(p.ring_size, f"the ring size setting is {p.ring_size} bytes")
+    p.ctl.publish({})  # wake readers: the writer is back
+    return None

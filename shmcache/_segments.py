@@ -152,7 +152,8 @@ class CacheSegments:
         keep = {layout.control_name(self.name),
                 layout.ring_name(self.name, self.ctl.get(layout.B_RING_GEN)),
                 layout.snapshot_name(self.name, self.ctl.get(layout.B_SNAP_SEQ)),
-                layout.index_name(self.name, self.ctl.get(layout.B_SNAP_SEQ))}
+                layout.index_name(self.name, self.ctl.get(layout.B_SNAP_SEQ)),
+                layout.overlay_name(self.name, self.ctl.get(layout.B_OVL_SEQ))}
         for seg in _shm.list_segments(self.name):
             if seg not in keep:
                 _shm.unlink(seg)

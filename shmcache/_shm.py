@@ -22,7 +22,7 @@ from .errors import (
 )
 
 SHM_DIR = "/dev/shm"
-_SUFFIX_RE = re.compile(r"ctl|ring\.[0-9]+|snap\.[0-9]+|idx\.[0-9]+")
+_SUFFIX_RE = re.compile(r"ctl|ring\.[0-9]+|snap\.[0-9]+|idx\.[0-9]+|ovl\.[0-9]+")
 
 
 def validate_name(name: str) -> str:

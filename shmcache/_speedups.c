@@ -90,16 +90,19 @@ static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t
 /* reader_get(key, state) -> KeyValue | None | state[6]
  *
  * Reader.get's common case in one call: state is the tuple
- * (control mmap, seq, stuck_seq, prefix, overlay, params, SLOW) that the Reader
- * rebuilds whenever its view changes. Returns SLOW (the sentinel) whenever the
+ * (control mmap, seq, stuck_seq, prefix, overlay, params, SLOW, ovl_params) that
+ * the Reader rebuilds whenever its view changes. The key is looked up in the
+ * private overlay (a dict), then in the overlay segment (ovl_params, or None
+ * without one; an entry of version 0 there is a deletion), then in the
+ * snapshot. Returns SLOW (the sentinel) whenever the
  * Reader must do more than answer from its current view: a key that is not
  * exactly bytes or is outside the prefix, a control segment whose SEQ moved
  * (the writer published), or a closed mapping. The view is the state's own,
  * so a concurrent refresh in another thread cannot mix two views.
  */
 static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != 7) {
-        PyErr_SetString(PyExc_TypeError, "reader_get() takes a key and a 7-tuple");
+    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != 8) {
+        PyErr_SetString(PyExc_TypeError, "reader_get() takes a key and an 8-tuple");
         return NULL;
     }
     PyObject *key = fargs[0], *st = fargs[1];
@@ -132,6 +135,23 @@ static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t n
     PyObject *hit = PyDict_GetItemWithError(overlay, key);
     if (hit != NULL) return Py_NewRef(hit);
     if (PyErr_Occurred()) return NULL;
+    PyObject *ovl = PyTuple_GET_ITEM(st, 7);
+    if (ovl != Py_None) {
+        if (!PyTuple_Check(ovl) || PyTuple_GET_SIZE(ovl) != 6) return Py_NewRef(slow);
+        PyObject *oargs[2] = {key, ovl};
+        PyObject *changed = get_impl(oargs);
+        if (changed != Py_None) {
+            if (changed == NULL) return NULL;
+            /* KeyValue(key, value, create, mod, version, lease): version 0 = deleted */
+            if (PyLong_AsLongLong(PyTuple_GET_ITEM(changed, 4)) == 0) {
+                Py_DECREF(changed);
+                if (PyErr_Occurred()) return NULL;
+                Py_RETURN_NONE;
+            }
+            return changed;
+        }
+        Py_DECREF(changed);
+    }
     PyObject *params = PyTuple_GET_ITEM(st, 5);
     if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != 6) return Py_NewRef(slow);
     PyObject *gargs[2] = {key, params};

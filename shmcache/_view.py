@@ -1,16 +1,22 @@
-"""What one Reader sees of a cache: the live snapshot, mapped in place, plus an overlay.
+"""What one Reader sees of a cache: the live snapshot and overlay segment, mapped in place,
+plus a private overlay.
 
-The overlay holds the events published since the snapshot (ring records
-[SNAP_RING_POS, RING_HEAD)), bounded by the writer's snapshot cadence and ring
-size, not by the number of keys (docs/design.md, "The reader's view").
+The overlay segment, when the writer has published one, holds every key changed
+after the snapshot up to its revision; the private overlay holds the events
+published after it (ring records [OVL_RING_POS, RING_HEAD), or [SNAP_RING_POS,
+RING_HEAD) without one). So what a Reader decodes and keeps is bounded by the
+writer's overlay cadence, not by the write history or the number of keys
+(docs/design.md, "The reader's view").
 
 Concurrency contract: ``advance`` runs under the owning Reader's lock; ``pair``
-(overlay, snapshot) is replaced whole, so a lock-free ``get`` in another thread
-reads a matching pair; an overlay is never modified while it is the live one.
+(overlay, snapshot, overlay segment) is replaced whole, so a lock-free ``get`` in
+another thread reads a matching set; an overlay is never modified while it is
+the live one.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -36,6 +42,28 @@ def range_end(prefix: bytes) -> bytes | None:
 
 
 T = TypeVar("T")
+_MISSING: Any = object()
+
+
+def _first(item: tuple[bytes, Any]) -> bytes:
+    return item[0]
+
+
+def lookup(pair: tuple[SortedDict, Snapshot | None, Snapshot | None],
+            key: bytes) -> KeyValue | None:
+    """``key`` now, in a view's (overlay, snapshot, overlay segment): the private overlay
+    first, then the overlay segment (an entry of version 0 there is a deletion), then
+    the snapshot."""
+    overlay, snap, ovl = pair
+    kv: KeyValue | None = overlay.get(key, _MISSING)
+    if kv is not _MISSING:
+        return kv
+    if ovl is not None:
+        kv = ovl.get(key)
+        if kv is not None:
+            return kv if kv.version else None
+    assert snap is not None
+    return snap.get(key)
 
 
 class Retry(Exception):
@@ -56,12 +84,15 @@ class View:
         self.ring_gen = -1
         self.snap: Snapshot | None = None
         self.snap_seq = 0
+        self.ovl: Snapshot | None = None  # the overlay segment (KIND_OVERLAY), if any
+        self.ovl_seq = 0
         self.overlay: SortedDict = SortedDict()
         # The overlay is double-buffered (see _next_overlay): the spare and the
         # changes it lacks.
         self.spare: SortedDict | None = None
         self.spare_pending: list[tuple[bytes, KeyValue | None]] = []
-        self.pair: tuple[SortedDict, Snapshot | None] = (self.overlay, None)
+        self.pair: tuple[SortedDict, Snapshot | None, Snapshot | None] = (
+            self.overlay, None, None)
         # Revision and position of every record after the snapshot (for watches
         # and past-revision reads), and the position read up to.
         self.rec_revs: list[int] = []
@@ -105,13 +136,26 @@ class View:
         raise Retry()
 
     def overlay_slice(self, prefix: bytes, end: bytes | None) -> list[tuple[bytes, KeyValue | None]]:
-        """The overlay's entries in [prefix, end), copied (call under the Reader's lock)."""
+        """Every key in [prefix, end) changed since the snapshot, with its KeyValue now (None:
+        deleted), in key order: the overlay segment's, then the private overlay's over
+        them (call under the Reader's lock)."""
         overlay = self.overlay
         if end is None:
             keys = list(overlay.irange(minimum=prefix))
         else:
             keys = list(overlay.irange(prefix, end, inclusive=(True, False)))
-        return [(k, overlay[k]) for k in keys]
+        mine = [(k, overlay[k]) for k in keys]
+        if self.ovl is None:
+            return mine
+        shared = [(kv.key, kv if kv.version else None)
+                  for kv in self.ovl.range_list(prefix, end, -1)]
+        if not mine:
+            return shared
+        if not shared:
+            return mine
+        newer = dict(mine)
+        return list(heapq.merge([(k, v) for k, v in shared if k not in newer], mine,
+                                key=_first))
 
     # -- for past-revision reads and watches (under the Reader's lock) ----------
 
@@ -142,12 +186,7 @@ class View:
         if key in undo:
             was: KeyValue | None = undo[key]
             return was
-        overlay, snap = self.pair
-        if key in overlay:
-            kv: KeyValue | None = overlay[key]
-            return kv
-        assert snap is not None
-        return snap.get(key)
+        return lookup(self.pair, key)
 
     def items_at(self, start: bytes, end: bytes | None, limit: int, revision: int,
                  current: int) -> list[KeyValue]:
@@ -178,6 +217,9 @@ class View:
     def close(self) -> None:
         if self.snap is not None:
             self.snap.close()
+        if self.ovl is not None:
+            self.ovl.close()
+            self.ovl = None
         if self.ring is not None:
             self.ring.close()
         if self.iseg is not None:
@@ -228,28 +270,28 @@ class View:
         if b.epoch != self.epoch or b.prefix_len != len(prefix):
             prefix = self.control.prefix(b.prefix_len)
             defs = self.control.index_defs(b)
+        if b.ovl_seq and defs:
+            # The overlay index (by_index) is built from ring records; a writer with
+            # secondary indexes publishes no overlay segments.
+            raise CorruptSegmentError("overlay segment in a cache with secondary indexes",
+                                      segment=self.control.name)
         ring_seg = self._open_ring(b)
         fresh = (prefix != self.prefix or b.epoch != self.epoch or ring_seg is not self.ring
                  or b.snap_seq != self.snap_seq or self.snap is None)
-        if fresh:
-            name = layout.snapshot_name(self.cache, b.snap_seq)
-            seg = _shm.open_readonly(name)
-            if seg is None:
-                self._missing(b, name)
-            snap = Snapshot(name, seg.buf, seg.size)
-            if snap.revision != b.snap_revision or snap.epoch != b.epoch or seg.size != b.snap_size:
-                snap.close()
-                if self.control.block() == b:
-                    raise CorruptSegmentError(
-                        f"snapshot revision {snap.revision}/epoch {snap.epoch}/size {seg.size} "
-                        f"does not match the control segment ({b.snap_revision}/{b.epoch}/"
-                        f"{b.snap_size})", segment=name)
-                raise Retry()
-            start, last_rev = b.snap_ring_pos, b.snap_revision
+        snap = self._open_snapshot(b) if fresh else self.snap
+        assert snap is not None
+        # A new overlay segment (or a new snapshot) starts the private overlay afresh:
+        # it holds only the records after that segment.
+        restart = fresh or b.ovl_seq != self.ovl_seq
+        ovl = self.ovl
+        if restart:
+            ovl = self._open_overlay(b) if b.ovl_seq else None
+            start = b.ovl_ring_pos if b.ovl_seq else b.snap_ring_pos
+            last_rev = b.ovl_revision if b.ovl_seq else b.snap_revision
         else:
-            snap = self.snap  # type: ignore[assignment]
             start = self.pos
-            last_rev = self.rec_revs[-1] if self.rec_revs else snap.revision
+            last_rev = self.rec_revs[-1] if self.rec_revs else (
+                b.ovl_revision if b.ovl_seq else snap.revision)
         changes: list[tuple[bytes, KeyValue | None]] = []
         ix_changes: list[tuple[bytes, Any, Any]] = []
         revs: list[int] = []
@@ -268,12 +310,14 @@ class View:
         except ring.Lapped:
             raise Retry() from None
         # Everything read is intact: commit.
-        if fresh:
+        if restart:
             overlay: SortedDict = SortedDict()
             for key, kv in changes:
                 overlay[key] = kv
             self.spare, self.spare_pending = None, []
             self.rec_revs, self.rec_pos = revs, positions
+            self.ovl, self.ovl_seq = ovl, b.ovl_seq
+        if fresh:
             self.prefix = prefix
             self.prefix_end = range_end(prefix)
             self.ring = ring_seg  # the old mapping is dropped, not closed: a Watch may hold it
@@ -283,7 +327,7 @@ class View:
             self.snap_seq = b.snap_seq
             self.index_defs = defs
             self.ov_index = OverlayIndex(len(defs)) if defs else None
-        else:
+        elif not restart:
             overlay = self._next_overlay(changes)
             self.rec_revs.extend(revs)
             self.rec_pos.extend(positions)
@@ -291,9 +335,33 @@ class View:
             for key, ix, pix in ix_changes:
                 self.ov_index.apply(key, ix, pix)
         self.overlay = overlay
-        self.pair = (overlay, snap)
+        self.pair = (overlay, snap, ovl)
         self.pos = b.ring_head
         self.epoch = b.epoch
+
+    def _open_snapshot(self, b: control.Block) -> Snapshot:
+        name = layout.snapshot_name(self.cache, b.snap_seq)
+        return self._open_layer(b, name, layout.KIND_SNAPSHOT, b.snap_revision, b.snap_size)
+
+    def _open_overlay(self, b: control.Block) -> Snapshot:
+        name = layout.overlay_name(self.cache, b.ovl_seq)
+        return self._open_layer(b, name, layout.KIND_OVERLAY, b.ovl_revision, b.ovl_size)
+
+    def _open_layer(self, b: control.Block, name: str, kind: int, revision: int,
+                    size: int) -> Snapshot:
+        """Map the snapshot or overlay segment block ``b`` names and check it against ``b``."""
+        seg = _shm.open_readonly(name)
+        if seg is None:
+            self._missing(b, name)
+        layer = Snapshot(name, seg.buf, seg.size, kind)
+        if layer.revision != revision or layer.epoch != b.epoch or seg.size != size:
+            layer.close()
+            if self.control.block() == b:
+                raise CorruptSegmentError(
+                    f"revision {layer.revision}/epoch {layer.epoch}/size {seg.size} does not "
+                    f"match the control segment ({revision}/{b.epoch}/{size})", segment=name)
+            raise Retry()
+        return layer
 
     def _next_overlay(self, changes: list[tuple[bytes, KeyValue | None]]) -> SortedDict:
         """The live overlay with ``changes`` applied, built aside from the one readers use.

@@ -58,6 +58,10 @@ class Block:
     sync_done: int
     sync_revision: int
     index_defs_len: int
+    ovl_seq: int
+    ovl_revision: int
+    ovl_size: int
+    ovl_ring_pos: int
 
 
 def check_header(buf: Any, size: int, name: str) -> None:
@@ -114,6 +118,11 @@ def validate_block(b: Block, name: str) -> None:
         problems.append(f"bad ring capacity {b.ring_capacity}")
     if b.snap_seq and b.snap_ring_pos > b.ring_head:
         problems.append(f"snapshot ring position {b.snap_ring_pos} above head {b.ring_head}")
+    if b.ovl_seq and not (b.snap_revision <= b.ovl_revision <= b.revision
+                          and b.snap_ring_pos <= b.ovl_ring_pos <= b.ring_head):
+        problems.append(f"overlay segment at revision {b.ovl_revision}, ring position "
+                        f"{b.ovl_ring_pos} outside the snapshot's {b.snap_revision}/"
+                        f"{b.snap_ring_pos} .. {b.revision}/{b.ring_head}")
     if b.snap_revision > b.revision:
         problems.append(f"snapshot revision {b.snap_revision} above revision {b.revision}")
     if b.compact_revision > b.revision:

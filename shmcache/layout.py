@@ -18,7 +18,10 @@ from typing import Final
 
 # 2: ring events may carry index values; index segments; index definitions in
 # the control segment (B_INDEX_DEFS_LEN, C_INDEX_DEFS).
-FORMAT_VERSION: Final = 2
+# 3: overlay segments (the keys changed since the snapshot, B_OVL_*), so a reader
+# decodes only the ring records after the overlay segment; the block grew to 22
+# words and the two fixed words after it moved.
+FORMAT_VERSION: Final = 3
 
 # --- names -----------------------------------------------------------------
 
@@ -36,6 +39,11 @@ def ring_name(name: str, generation: int) -> str:
 
 def snapshot_name(name: str, seq: int) -> str:
     return f"{SEGMENT_PREFIX}{name}.snap.{seq}"
+
+
+def overlay_name(name: str, seq: int) -> str:
+    """The keys changed since the live snapshot, at B_OVL_REVISION (see B_OVL_SEQ)."""
+    return f"{SEGMENT_PREFIX}{name}.ovl.{seq}"
 
 
 def index_name(name: str, seq: int) -> str:
@@ -56,8 +64,9 @@ KIND_CONTROL: Final = 1
 KIND_RING: Final = 2
 KIND_SNAPSHOT: Final = 3
 KIND_INDEX: Final = 4
+KIND_OVERLAY: Final = 5
 MAGIC: Final = {KIND_CONTROL: b"SHMC.CTL", KIND_RING: b"SHMC.RNG", KIND_SNAPSHOT: b"SHMC.SNP",
-                KIND_INDEX: b"SHMC.IDX"}
+                KIND_INDEX: b"SHMC.IDX", KIND_OVERLAY: b"SHMC.OVL"}
 
 # --- control segment ---------------------------------------------------------
 
@@ -75,20 +84,20 @@ C_CREATED: Final = 48  # CLOCK_REALTIME ns when the segment was created
 C_FLAGS: Final = 56  # bit 0: the writer closed cleanly
 # CLOCK_REALTIME ns since which the writer has failed to reach etcd; 0 while it
 # is connected (or never tried). A single word outside the seqlock, like the
-# heartbeat; it lies in space version 1 left zero, so older readers ignore it.
-C_ETCD_DOWN_SINCE: Final = 208
+# heartbeat.
+C_ETCD_DOWN_SINCE: Final = 240
 # Inode of the writer's PID namespace (/proc/self/ns/pid), 0 if unknown. A reader
 # in another PID namespace (another container) cannot see the writer's pid in
-# /proc and judges it by its heartbeat instead. Space version 1 left zero.
-C_WRITER_PIDNS: Final = 216
+# /proc and judges it by its heartbeat instead.
+C_WRITER_PIDNS: Final = 248
 # A writer whose heartbeat (every 0.25 s) is older than this counts as gone, for
 # readers that cannot see its pid.
 HEARTBEAT_DEAD_SECONDS: Final = 2.0
 
 # The published block, read as one unit between two reads of SEQ.
 C_BLOCK: Final = 64
-BLOCK: Final = struct.Struct("<18Q")
-BLOCK_FIELDS: Final = 18
+BLOCK: Final = struct.Struct("<22Q")
+BLOCK_FIELDS: Final = 22
 (
     B_EPOCH,
     B_REVISION,
@@ -108,7 +117,13 @@ BLOCK_FIELDS: Final = 18
     B_SYNC_DONE,  # ... and completed: the cache then held every write up to B_SYNC_REVISION
     B_SYNC_REVISION,
     B_INDEX_DEFS_LEN,  # bytes of index definitions at C_INDEX_DEFS (0: no indexes)
-) = range(18)
+    # The overlay segment: every key changed after the live snapshot, up to
+    # B_OVL_REVISION (0: none; the changes are all in the ring after SNAP_RING_POS).
+    B_OVL_SEQ,
+    B_OVL_REVISION,
+    B_OVL_SIZE,
+    B_OVL_RING_POS,  # ring head when it was built: the records after it are newer
+) = range(22)
 
 C_PREFIX: Final = 1024  # the key prefix the writer serves, B_PREFIX_LEN bytes
 # The secondary index definitions, msgpack [[name, spec], ...], B_INDEX_DEFS_LEN

@@ -1,7 +1,7 @@
 """Reader: attach read-only to a cache and answer get, list and watch from shared memory.
 
-The view (the live snapshot plus a private overlay of the events after it) is
-here; reads at a past revision are in _history, watches in _watch, the control
+The view (the live snapshot and overlay segment plus a private overlay of the
+events after them) is in _view; reads at a past revision are in _history, watches in _watch, the control
 segment's reader in control.ControlReader. Never imports etcd, grpc or protobuf.
 """
 
@@ -20,7 +20,7 @@ from sortedcontainers import SortedDict
 from . import _demux, _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._indexq import IndexReads
-from ._view import Retry, View, merge, range_end
+from ._view import Retry, View, lookup, merge, range_end
 from ._watch import Watch
 from .control import Block, ControlReader
 from .errors import (
@@ -82,9 +82,10 @@ class Reader(IndexReads):
     there.
 
     Every answer is exact at a revision: ``list`` returns it, ``revision`` tells
-    it. The Reader keeps a private overlay of the events published since the
-    live snapshot (bounded by the writer's snapshot cadence and ring size, not
-    by the number of keys) and otherwise reads the snapshot in place.
+    it. The Reader reads the snapshot and the overlay segment (the keys changed
+    since the snapshot) in place, and keeps a private overlay of the events
+    published after the overlay segment only (bounded by the writer's overlay
+    cadence, not by the write history or the number of keys).
 
     ``max_staleness`` (seconds): reads raise StaleError when the writer's last
     heartbeat is older, or the writer is dead. ``timeout``: how long to wait for a
@@ -107,7 +108,7 @@ class Reader(IndexReads):
         self._stuck_seq = -1
         self._sync_client: _sync.Client | None = None
         self._prefix = b""
-        self._view: tuple[SortedDict, Snapshot | None] = self._v.pair
+        self._view: tuple[SortedDict, Snapshot | None, Snapshot | None] = self._v.pair
         self._fast_state: tuple[Any, ...] | None = None
         self._revision = 0
         _readers.add(self)
@@ -142,12 +143,12 @@ class Reader(IndexReads):
         One immutable tuple, replaced whole, so a get in another thread sees either
         the old view or the new one. None: every get takes the Python path.
         """
-        overlay, snap = self._view
+        overlay, snap, ovl = self._view
         if self._checks or _reader_get is None or snap is None or not snapshot_mod.USE_SPEEDUPS:
             self._fast_state = None
         else:
             self._fast_state = (self._cbuf, self._seq, self._stuck_seq, self._prefix, overlay,
-                                snap.params, _SLOW)
+                                snap.params, _SLOW, ovl.params if ovl is not None else None)
 
     def __reduce__(self) -> Any:
         raise TypeError("a shmcache.Reader cannot be pickled: pass the cache name to the "
@@ -282,20 +283,19 @@ class Reader(IndexReads):
                 self._refresh()
         if not key.startswith(self._prefix):
             self._check_key_range(key, "key")
-        # (overlay, snapshot) are read as one tuple: a concurrent refresh replaces
-        # them as a pair, and only ever adds newer events to an overlay in place.
-        overlay, snap = self._view
+        # One tuple, replaced whole by a refresh (which only adds newer events to an overlay).
+        pair = self._view
+        overlay, snap, ovl = pair
+        if ovl is not None or _fast_get is None or not snapshot_mod.USE_SPEEDUPS:
+            return lookup(pair, key)
         ov = overlay.get(key, _MISSING)
         if ov is not _MISSING:
             return ov  # type: ignore[no-any-return]
         assert snap is not None
-        if _fast_get is not None and snapshot_mod.USE_SPEEDUPS:
-            # The C lookup straight from here: this is every reader's hot path.
-            try:
-                return _fast_get(key, snap.params)  # type: ignore[no-any-return]
-            except ValueError as exc:
-                raise snap._corrupt(str(exc)) from None
-        return snap.get(key)
+        try:  # the C lookup straight from here: this is every reader's hot path
+            return _fast_get(key, snap.params)  # type: ignore[no-any-return]
+        except ValueError as exc:
+            raise snap._corrupt(str(exc)) from None
 
     def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
              revision: int | None = None, min_revision: int | None = None,

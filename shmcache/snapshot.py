@@ -73,14 +73,16 @@ Item = tuple[bytes, tuple[bytes, int, int, int, int]]
 
 def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
           values: list[tuple[bytes, int, int, int, int] | None],
-          base: Snapshot | None = None) -> None:
+          base: Snapshot | None = None, kind: int = layout.KIND_SNAPSHOT) -> None:
     """Fill a new segment with ``base``'s entries overlaid with ``keys``/``values``.
 
     ``keys`` are sorted and unique; each value is ``(value, create, mod,
     version, lease)`` or None for a key that is gone (absent from ``base`` is
     fine). ``plan`` must give the exact count and data size of the result: the
     writer tracks both as it applies events, so a build needs no sizing pass.
-    Without ``base`` the lists are the whole state.
+    Without ``base`` the lists are the whole state. ``kind`` KIND_OVERLAY writes an
+    overlay segment: the same layout, whose tombstones are entries with version 0
+    (written as such: pass ``(b"", 0, 0, 0, 0)``, not None).
 
     Concurrency contract: the caller owns ``buf`` (a segment nobody maps yet)
     and the lists, which must not change during the call; ``base`` is an
@@ -106,8 +108,8 @@ def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
         body_crc = _fill(buf, plan, items)  # type: ignore[arg-type]
     header = bytearray(HEADER_SIZE)
     layout.SNAP_HEADER.pack_into(
-        header, 0, layout.MAGIC[layout.KIND_SNAPSHOT], layout.FORMAT_VERSION,
-        layout.KIND_SNAPSHOT, revision, epoch, plan.count, plan.index_off, plan.hash_off,
+        header, 0, layout.MAGIC[kind], layout.FORMAT_VERSION, kind, revision, epoch,
+        plan.count, plan.index_off, plan.hash_off,
         plan.slots, plan.data_off, plan.data_len, plan.total, body_crc, 0)
     hcrc = _crc32(memoryview(header)[:layout.SNAP_HEADER_CRC_SPAN])
     header[layout.SNAP_HEADER_CRC_SPAN:layout.SNAP_HEADER.size] = hcrc.to_bytes(4, "little")
@@ -214,18 +216,22 @@ class Snapshot:
     """Read-only view of one snapshot segment. Every offset and length read from it is bounded."""
 
     __slots__ = ("name", "buf", "size", "revision", "epoch", "count", "index_off", "hash_off",
-                 "slots", "mask", "data_off", "data_end", "body_crc", "_view", "params")
+                 "slots", "mask", "data_off", "data_end", "body_crc", "_view", "params", "kind")
 
-    def __init__(self, name: str, buf: Any, size: int) -> None:
+    def __init__(self, name: str, buf: Any, size: int,
+                 kind: int = layout.KIND_SNAPSHOT) -> None:
+        """``kind`` KIND_OVERLAY reads an overlay segment (same layout; see write)."""
         self.name = name
         self.buf = buf
         self.size = size
         if size < HEADER_SIZE:
             raise self._corrupt(f"segment is {size} bytes, smaller than a header")
-        (magic, version, kind, revision, epoch, count, index_off, hash_off, slots, data_off,
+        (magic, version, found_kind, revision, epoch, count, index_off, hash_off, slots, data_off,
          data_len, total, body_crc, hcrc) = layout.SNAP_HEADER.unpack_from(buf, 0)
-        if magic != layout.MAGIC[layout.KIND_SNAPSHOT] or kind != layout.KIND_SNAPSHOT:
-            raise self._corrupt(f"bad snapshot magic {magic!r}")
+        if magic != layout.MAGIC[kind] or found_kind != kind:
+            raise self._corrupt(f"bad {'overlay' if kind == layout.KIND_OVERLAY else 'snapshot'}"
+                                f" magic {magic!r}")
+        self.kind = kind
         if version != layout.FORMAT_VERSION:
             raise VersionMismatchError(
                 f"snapshot has format version {version}, this shmcache reads version "

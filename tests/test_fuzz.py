@@ -554,7 +554,8 @@ def test_damaged_control(data: st.DataObject, kind: str) -> None:
 @pytest.mark.parametrize("snap_seq", [0, 1])
 def test_zero_ring_capacity(snap_seq: int) -> None:
     """Regression: capacity 0 with a published snapshot is refused (read_record would divide by it)."""
-    b = control.Block(2, 1, 5, 0, 64, 0, 1, 0, snap_seq, 5, 4096, 0, 1, 5, 0, 0, 0, 0, 0)
+    b = control.Block(2, 1, 5, 0, 64, 0, 1, 0, snap_seq, 5, 4096, 0, 1, 5, 0, 0, 0, 0, 0,
+                      0, 0, 0, 0)
     if snap_seq:
         with pytest.raises(CorruptSegmentError, match="capacity"):
             control.validate_block(b, "/ctl")

@@ -209,7 +209,7 @@ def test_struct_sizes() -> None:
     assert layout.SNAP_INDEX_ENTRY.size == 8
     assert layout.SNAP_HEADER.size == 96 <= snapshot.HEADER_SIZE == 128
     assert layout.SNAP_HEADER_CRC_SPAN == 92
-    assert layout.BLOCK.size == 18 * 8 == 144
+    assert layout.BLOCK.size == 22 * 8 == 176
     assert layout.CONTROL_SIZE == 4096
 
 
@@ -238,26 +238,29 @@ def test_block_field_indices() -> None:
             layout.B_SNAP_REVISION, layout.B_SNAP_SIZE, layout.B_SNAP_RING_POS,
             layout.B_KEY_COUNT, layout.B_ETCD_REVISION, layout.B_PREFIX_LEN,
             layout.B_SYNC_STARTED, layout.B_SYNC_DONE, layout.B_SYNC_REVISION,
-            layout.B_INDEX_DEFS_LEN] == list(range(18))
-    assert layout.BLOCK.format == "<18Q"
-    assert layout.BLOCK_FIELDS == 18 == len(layout.BLOCK.unpack(bytes(layout.BLOCK.size)))
-    # The Block dataclass carries seq plus all 18 fields, in order.
+            layout.B_INDEX_DEFS_LEN, layout.B_OVL_SEQ, layout.B_OVL_REVISION,
+            layout.B_OVL_SIZE, layout.B_OVL_RING_POS] == list(range(22))
+    assert layout.BLOCK.format == "<22Q"
+    assert layout.BLOCK_FIELDS == 22 == len(layout.BLOCK.unpack(bytes(layout.BLOCK.size)))
+    # The Block dataclass carries seq plus all 22 fields, in order.
     names = list(control.Block.__dataclass_fields__)
-    assert names[0] == "seq" and len(names) == 19
+    assert names[0] == "seq" and len(names) == 23
     assert names[1 + layout.B_RING_TAIL] == "ring_tail"
     assert names[1 + layout.B_PREFIX_LEN] == "prefix_len"
     assert names[1 + layout.B_SYNC_STARTED:] == ["sync_started", "sync_done", "sync_revision",
-                                                 "index_defs_len"]
+                                                 "index_defs_len", "ovl_seq", "ovl_revision",
+                                                 "ovl_size", "ovl_ring_pos"]
 
 
 def test_magics_and_kinds() -> None:
     """Each segment kind has its own 8-byte magic."""
-    assert layout.MAGIC == {1: b"SHMC.CTL", 2: b"SHMC.RNG", 3: b"SHMC.SNP", 4: b"SHMC.IDX"}
+    assert layout.MAGIC == {1: b"SHMC.CTL", 2: b"SHMC.RNG", 3: b"SHMC.SNP", 4: b"SHMC.IDX",
+                            5: b"SHMC.OVL"}
     assert (layout.KIND_CONTROL, layout.KIND_RING, layout.KIND_SNAPSHOT,
-            layout.KIND_INDEX) == (1, 2, 3, 4)
+            layout.KIND_INDEX, layout.KIND_OVERLAY) == (1, 2, 3, 4, 5)
     assert (layout.REC_KIND_EVENTS, layout.REC_KIND_PAD) == (1, 2)
     assert (layout.EVENT_PUT, layout.EVENT_DELETE) == (0, 1)
-    assert layout.FORMAT_VERSION == 2
+    assert layout.FORMAT_VERSION == 3
 
 
 # --------------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ def test_golden_ring_header_and_record() -> None:
     w.write(w.place(5), 0x1122, b"hello")
     assert buf[:layout.RING_DATA].hex() == (
         "53484d432e524e47"  # magic "SHMC.RNG"
-        "02000000"  # format version 2
+        "03000000"  # format version 3
         "02000000"  # kind: ring
         "0700000000000000"  # generation 7
         "0001000000000000"  # capacity 256
@@ -302,7 +305,7 @@ def test_golden_snapshot() -> None:
     fill(buf)
     assert buf[:128].hex() == (
         "53484d432e534e50"  # magic "SHMC.SNP"
-        "02000000"  # format version 2
+        "03000000"  # format version 3
         "03000000"  # kind: snapshot
         "0900000000000000"  # revision 9
         "0200000000000000"  # epoch 2
@@ -314,7 +317,7 @@ def test_golden_snapshot() -> None:
         "3800000000000000"  # data_len 56
         "4001000000000000"  # total_size 320
         "dd5f2369"  # body crc32 (data, then index, then hash table)
-        "e0838fc0"  # header crc32 of bytes [0, 92)
+        "2f238c9a"  # header crc32 of bytes [0, 92)
         + "00" * 32  # unused up to HEADER_SIZE
     )
     assert buf[128:136].hex() == "0801000000000000"  # index[0] -> the entry at 264
@@ -350,7 +353,7 @@ def test_golden_snapshot() -> None:
     assert zlib.crc32(bytes(buf[268:314])) == 0x304516B2
     body = zlib.crc32(table, zlib.crc32(bytes(buf[128:136]), zlib.crc32(bytes(buf[264:320]))))
     assert body == 0x69235FDD  # data area, then index, then hash table
-    assert zlib.crc32(bytes(buf[:92])) == 0xC08F83E0
+    assert zlib.crc32(bytes(buf[:92])) == 0x9A8C232F
 
 
 def test_golden_control_segment() -> None:
@@ -358,15 +361,15 @@ def test_golden_control_segment() -> None:
     m = mmap.mmap(-1, layout.CONTROL_SIZE)
     try:
         control.ControlWriter.initialise(m, b"/app/")
-        assert m[:16].hex() == "53484d432e43544c" "02000000" "01000000"  # "SHMC.CTL", v2, control
-        assert m[64:208] == bytes(13 * 8) + b"\x05" + bytes(4 * 8 + 7)  # only PREFIX_LEN is set
+        assert m[:16].hex() == "53484d432e43544c" "03000000" "01000000"  # "SHMC.CTL", v3, control
+        assert m[64:240] == bytes(13 * 8) + b"\x05" + bytes(8 * 8 + 7)  # only PREFIX_LEN is set
         cw = control.ControlWriter(m)
-        cw.publish({i: i + 1 for i in range(18) if i != layout.B_PREFIX_LEN})
+        cw.publish({i: i + 1 for i in range(22) if i != layout.B_PREFIX_LEN})
         assert m[layout.C_SEQ:layout.C_SEQ + 8].hex() == "0200000000000000"  # even: published once
-        expected = [i + 1 for i in range(18)]
+        expected = [i + 1 for i in range(22)]
         expected[layout.B_PREFIX_LEN] = 5  # set by initialise(), kept by publish()
-        assert m[64:208].hex() == "".join(v.to_bytes(8, "little").hex() for v in expected)
-        assert m[64:208].hex() == (
+        assert m[64:240].hex() == "".join(v.to_bytes(8, "little").hex() for v in expected)
+        assert m[64:240].hex() == (
             "0100000000000000"  # 64  EPOCH, first, at C_BLOCK
             "0200000000000000"  # 72  REVISION
             "0300000000000000"  # 80  COMPACT_REVISION
@@ -385,9 +388,13 @@ def test_golden_control_segment() -> None:
             "1000000000000000"  # 184 SYNC_DONE
             "1100000000000000"  # 192 SYNC_REVISION
             "1200000000000000"  # 200 INDEX_DEFS_LEN (no prefix passed: the defs are not written)
+            "1300000000000000"  # 208 OVL_SEQ
+            "1400000000000000"  # 216 OVL_REVISION
+            "1500000000000000"  # 224 OVL_SIZE
+            "1600000000000000"  # 232 OVL_RING_POS
         )
         assert m[1024:1030] == b"/app/\0"
-        assert m[208:1024] == bytes(816)  # nothing else between the block and the prefix
+        assert m[240:1024] == bytes(784)  # nothing else between the block and the prefix
         assert control.read_block(m) == control.Block(2, *expected)
         b = control.read_block(m)
         assert b is not None

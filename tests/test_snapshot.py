@@ -235,10 +235,10 @@ def test_header_validation() -> None:
     with pytest.raises(CorruptSegmentError, match="inconsistent"):
         Snapshot("s", raw[:-8], len(raw) - 8)
     bad = bytearray(raw)
-    struct.pack_into("<I", bad, 8, 3)
+    struct.pack_into("<I", bad, 8, 2)
     with pytest.raises(VersionMismatchError) as info:
         Snapshot("s", bytes(bad), len(bad))
-    assert (info.value.found, info.value.expected) == (3, 2)
+    assert (info.value.found, info.value.expected) == (2, 3)
     assert isinstance(info.value, CorruptSegmentError)
     # Unused header bytes [96, 128) are not covered by anything: changing them is harmless.
     ok = raw[:100] + b"\xaa" * 28 + raw[128:]
