@@ -295,146 +295,19 @@ static int bcmp3(const unsigned char *a, uint64_t alen, const unsigned char *b, 
     return alen < blen ? -1 : (alen > blen ? 1 : 0);
 }
 
-/* walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list
- *
- * Entries i, i+1, ... in index order while key < end (end None: no bound) and
- * fewer than limit (-1: no limit) were taken. Entry i must start at `expected`
- * and each following one right after the previous (build() lays them out back
- * to back in key order), and keys must strictly increase.
- */
-/* index_run(ibuf, posts_off, lo, hi, keys_off, keys_end, after, limit, skip, params)
- *   -> list of KeyValue
- *
- * by_index's common path in one call: postings [lo, hi) of an index segment
- * (16 bytes each: key offset in the key area, key length, crc32 of the key),
- * each key checked against its CRC and for strictly increasing order (after
- * ``after``, None for none), keys found in the dict ``skip`` (the overlay:
- * changed since the snapshot) left out, the others looked up in the snapshot
- * (``params`` as for get()); at most ``limit`` results (-1: all). A key the
- * snapshot lacks raises ValueError, like every other damage.
- */
-static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 10 || !PyTuple_Check(a[9]) || PyTuple_GET_SIZE(a[9]) != 6
-        || (a[6] != Py_None && !PyBytes_Check(a[6])) || (a[8] != Py_None && !PyDict_Check(a[8]))) {
-        PyErr_SetString(PyExc_TypeError, "index_run() takes 10 arguments");
-        return NULL;
-    }
-    uint64_t posts_off = PyLong_AsUnsignedLongLong(a[1]);
-    uint64_t lo = PyLong_AsUnsignedLongLong(a[2]);
-    uint64_t hi = PyLong_AsUnsignedLongLong(a[3]);
-    uint64_t keys_off = PyLong_AsUnsignedLongLong(a[4]);
-    uint64_t keys_end = PyLong_AsUnsignedLongLong(a[5]);
-    long long limit = PyLong_AsLongLong(a[7]);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *skip = a[8] == Py_None ? NULL : a[8];
-    Py_buffer iv;
-    if (PyObject_GetBuffer(a[0], &iv, PyBUF_SIMPLE) < 0) return NULL;
-    geom_t g;
-    Py_buffer sv;
-    if (geom_open(a[9], &g, &sv) < 0) {
-        PyBuffer_Release(&iv);
-        return NULL;
-    }
-    const unsigned char *ib = (const unsigned char *)iv.buf;
-    uint64_t isize = (uint64_t)iv.len;
-    PyObject *out = PyList_New(0);
-    const unsigned char *prev = NULL;
-    uint64_t prevlen = 0;
-    if (a[6] != Py_None) {
-        prev = (const unsigned char *)PyBytes_AS_STRING(a[6]);
-        prevlen = (uint64_t)PyBytes_GET_SIZE(a[6]);
-    }
-    if (out == NULL) goto fail;
-    if (lo > hi || keys_off > keys_end || keys_end > isize || posts_off > isize
-        || hi > (isize - posts_off) / 16) {
-        corrupt("index run out of bounds");
-        goto fail;
-    }
-    for (uint64_t p = lo; p < hi; p++) {
-        if (limit >= 0 && (long long)PyList_GET_SIZE(out) >= limit) break;
-        const unsigned char *post = ib + posts_off + 16 * p;
-        uint64_t koff = rd64(post), klen = rd32(post + 8);
-        uint32_t kcrc = rd32(post + 12);
-        if (koff > keys_end - keys_off || klen > keys_end - keys_off - koff) {
-            corrupt("index posting %llu points outside the key area", (unsigned long long)p);
-            goto fail;
-        }
-        const unsigned char *k = ib + keys_off + koff;
-        if (crc(k, klen) != kcrc) {
-            corrupt("index posting %llu or its key fails its checksum", (unsigned long long)p);
-            goto fail;
-        }
-        if (prev != NULL && bcmp3(prev, prevlen, k, klen) >= 0) {
-            corrupt("index run is out of key order at posting %llu", (unsigned long long)p);
-            goto fail;
-        }
-        prev = k;
-        prevlen = klen;
-        PyObject *key = PyBytes_FromStringAndSize((const char *)k, (Py_ssize_t)klen);
-        if (key == NULL) goto fail;
-        if (skip != NULL) {
-            int in = PyDict_Contains(skip, key);
-            if (in != 0) {
-                Py_DECREF(key);
-                if (in < 0) goto fail;
-                continue;
-            }
-        }
-        PyObject *kv = lookup(&g, key);
-        Py_DECREF(key);
-        if (kv == NULL) goto fail;
-        if (kv == Py_None) {
-            Py_DECREF(kv);
-            corrupt("index posting %llu names a key the snapshot does not hold",
-                    (unsigned long long)p);
-            goto fail;
-        }
-        int rc = PyList_Append(out, kv);
-        Py_DECREF(kv);
-        if (rc < 0) goto fail;
-    }
-    PyBuffer_Release(&sv);
-    PyBuffer_Release(&iv);
-    return out;
-fail:
-    Py_XDECREF(out);
-    PyBuffer_Release(&sv);
-    PyBuffer_Release(&iv);
-    return NULL;
-}
-
-static PyObject *snapshot_walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "walk() takes 9 arguments");
-        return NULL;
-    }
-    uint64_t index_off = PyLong_AsUnsignedLongLong(args[1]);
-    uint64_t i = PyLong_AsUnsignedLongLong(args[2]);
-    uint64_t count = PyLong_AsUnsignedLongLong(args[3]);
-    uint64_t expected = PyLong_AsUnsignedLongLong(args[4]);
-    uint64_t data_end = PyLong_AsUnsignedLongLong(args[5]);
-    long long limit = PyLong_AsLongLong(args[7]);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *end = args[6];
-    if (end != Py_None && !PyBytes_Check(end)) {
-        PyErr_SetString(PyExc_TypeError, "end must be bytes or None");
-        return NULL;
-    }
-    if (!PyType_Check(args[8])) {
-        PyErr_SetString(PyExc_TypeError, "kvtype must be a type");
-        return NULL;
-    }
-    PyTypeObject *kvtype = (PyTypeObject *)args[8];
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *buf = (const unsigned char *)view.buf;
-    uint64_t size = (uint64_t)view.len;
-    PyObject *out = PyList_New(0);
-    if (out == NULL) goto fail;
+/* Entries i, i+1, ... of a snapshot mapped at buf (size bytes) in index order,
+ * appended to out while key < end (end None: no bound) and fewer than limit (-1:
+ * no limit) were taken. Entry i must start at `expected` and each following one
+ * right after the previous (build() lays them out back to back in key order), and
+ * keys must strictly increase. Returns -1 with an exception set on damage or
+ * failure. */
+static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uint64_t index_off,
+                     uint64_t i, uint64_t count, uint64_t expected, uint64_t data_end,
+                     PyObject *end, long long limit, PyTypeObject *kvtype) {
     if (data_end > size || index_off > size || count > (size - index_off) / 8) {
         corrupt("snapshot geometry out of bounds (count %llu, data end %llu)",
                 (unsigned long long)count, (unsigned long long)data_end);
-        goto fail;
+        return -1;
     }
     const unsigned char *prev = NULL;
     uint64_t prev_len = 0;
@@ -444,7 +317,7 @@ static PyObject *snapshot_walk(PyObject *self, PyObject *const *args, Py_ssize_t
             corrupt("sorted index is out of order: entry %llu points at %llu, expected %llu",
                     (unsigned long long)i, (unsigned long long)off,
                     (unsigned long long)expected);
-            goto fail;
+            return -1;
         }
         const unsigned char *e = buf + off;
         uint64_t klen = rd32(e + 4), vlen = rd32(e + 8);
@@ -452,12 +325,12 @@ static PyObject *snapshot_walk(PyObject *self, PyObject *const *args, Py_ssize_t
         if (stop > data_end) {
             corrupt("entry at %llu claims %llu+%llu bytes past the data area",
                     (unsigned long long)off, (unsigned long long)klen, (unsigned long long)vlen);
-            goto fail;
+            return -1;
         }
         const unsigned char *k = e + ENTRY_SIZE;
         if (prev != NULL && bcmp3(k, klen, prev, prev_len) <= 0) {
             corrupt("sorted index is out of order at entry %llu", (unsigned long long)i);
-            goto fail;
+            return -1;
         }
         prev = k;
         prev_len = klen;
@@ -467,23 +340,96 @@ static PyObject *snapshot_walk(PyObject *self, PyObject *const *args, Py_ssize_t
             break;
         if (crc(e + 4, stop - off - 4) != rd32(e)) {
             corrupt("entry at %llu fails its checksum", (unsigned long long)off);
-            goto fail;
+            return -1;
         }
         PyObject *key = PyBytes_FromStringAndSize((const char *)k, (Py_ssize_t)klen);
-        if (key == NULL) goto fail;
+        if (key == NULL) return -1;
         PyObject *kv = make_kv(kvtype, key, e, k + klen, vlen);
         Py_DECREF(key);
-        if (kv == NULL) goto fail;
+        if (kv == NULL) return -1;
         int rc = PyList_Append(out, kv);
         Py_DECREF(kv);
-        if (rc < 0) goto fail;
+        if (rc < 0) return -1;
     }
+    return 0;
+}
+
+/* range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list
+ *
+ * list()'s snapshot part in one call: a binary search of the sorted index for the
+ * first key >= start (every entry it reads bounds-checked), the offset that entry
+ * must have (right after entry i-1, or data_off), then walk_into() from there.
+ */
+static PyObject *snapshot_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9 || !PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "range() takes 9 arguments, start bytes");
+        return NULL;
+    }
+    uint64_t index_off = PyLong_AsUnsignedLongLong(args[1]);
+    uint64_t count = PyLong_AsUnsignedLongLong(args[2]);
+    uint64_t data_off = PyLong_AsUnsignedLongLong(args[3]);
+    uint64_t data_end = PyLong_AsUnsignedLongLong(args[4]);
+    long long limit = PyLong_AsLongLong(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *end = args[6];
+    if ((end != Py_None && !PyBytes_Check(end)) || !PyType_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError, "end must be bytes or None, kvtype a type");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *buf = (const unsigned char *)view.buf;
+    uint64_t size = (uint64_t)view.len;
+    const unsigned char *start = (const unsigned char *)PyBytes_AS_STRING(args[5]);
+    uint64_t slen = (uint64_t)PyBytes_GET_SIZE(args[5]);
+    PyObject *out = NULL;
+    if (data_end > size || data_off > data_end || index_off > size
+        || count > (size - index_off) / 8 || data_end - data_off < ENTRY_SIZE * (count ? 1 : 0)) {
+        corrupt("snapshot geometry out of bounds (count %llu, data end %llu)",
+                (unsigned long long)count, (unsigned long long)data_end);
+        goto done;
+    }
+    uint64_t lo = 0, hi = count;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        uint64_t off = rd64(buf + index_off + 8 * mid);
+        if (off < data_off || off > data_end - ENTRY_SIZE) {
+            corrupt("sorted index entry %llu points outside the data area",
+                    (unsigned long long)mid);
+            goto done;
+        }
+        uint64_t klen = rd32(buf + off + 4);
+        if (klen > data_end - off - ENTRY_SIZE) {
+            corrupt("entry at %llu claims a key past the data area", (unsigned long long)off);
+            goto done;
+        }
+        if (bcmp3(buf + off + ENTRY_SIZE, klen, start, slen) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    uint64_t expected = data_off;
+    if (lo > 0) {
+        uint64_t poff = rd64(buf + index_off + 8 * (lo - 1));
+        if (poff < data_off || poff > data_end - ENTRY_SIZE) {
+            corrupt("sorted index entry %llu points outside the data area",
+                    (unsigned long long)(lo - 1));
+            goto done;
+        }
+        uint64_t span = ENTRY_SIZE + (uint64_t)rd32(buf + poff + 4) + rd32(buf + poff + 8);
+        if (span > data_end - poff) {
+            corrupt("entry at %llu claims bytes past the data area", (unsigned long long)poff);
+            goto done;
+        }
+        expected = (poff + span + 7) & ~(uint64_t)7;
+    }
+    out = PyList_New(0);
+    if (out != NULL && walk_into(out, buf, size, index_off, lo, count, expected, data_end, end,
+                                 limit, (PyTypeObject *)args[8]) < 0)
+        Py_CLEAR(out);
+done:
     PyBuffer_Release(&view);
     return out;
-fail:
-    Py_XDECREF(out);
-    PyBuffer_Release(&view);
-    return NULL;
 }
 
 
@@ -791,10 +737,8 @@ static PyMethodDef methods[] = {
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
     {"get_many", (PyCFunction)(void (*)(void))snapshot_get_many, METH_FASTCALL,
      "get_many(keys, params) -> [KeyValue | None]: get() of each key"},
-    {"index_run", (PyCFunction)(void (*)(void))index_run, METH_FASTCALL,
-     "index_run(...) -> [KeyValue]: by_index's run of keys, looked up in the snapshot"},
-    {"walk", (PyCFunction)(void (*)(void))snapshot_walk, METH_FASTCALL,
-     "walk(buf, index_off, i, count, expected, data_end, end, limit, kvtype) -> list"},
+    {"range", (PyCFunction)(void (*)(void))snapshot_range, METH_FASTCALL,
+     "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,
      "reader_get(key, state) -> KeyValue | None | state[6] (see reader.py)"},
     {"build", (PyCFunction)(void (*)(void))snapshot_build, METH_FASTCALL,

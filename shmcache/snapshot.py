@@ -383,10 +383,10 @@ class Snapshot:
                     break
                 out.append(kv)
             return out
-        i, expected = self._walk_start(start)
         try:
-            found: list[KeyValue] = _speedups.walk(self.buf, self.index_off, i, self.count,
-                                                   expected, self.data_end, end, limit, KeyValue)
+            found: list[KeyValue] = _speedups.range(self.buf, self.index_off, self.count,
+                                                    self.data_off, self.data_end, start, end,
+                                                    limit, KeyValue)
             return found
         except ValueError as exc:
             raise self._corrupt(str(exc)) from None
