@@ -11,9 +11,9 @@ shared-memory format must match), then:
    the writer runs, so they reach it as watch events through the ring, as in
    production; as soon as a Reader sees the last revision,
 2. --processes fresh processes attach one after the other; each times
-   ``Reader(name)`` plus its first ``get`` (CLOCK_MONOTONIC inside the process:
-   interpreter start-up and imports are not counted) and the growth of its
-   unique memory (USS, psutil) across them;
+   ``Reader(name)`` plus its first ``get`` (perf_counter inside the process, after
+   ``import shmcache``: interpreter start-up and imports are not counted) and the
+   growth of its unique memory (USS, psutil) across them;
 3. burst: --burst-mib MiB of changes (1 KiB values over random existing keys),
    then the same fresh processes again.
 
@@ -45,11 +45,11 @@ NAME = "bench-attach"
 CHILD = r"""
 import gc, json, sys, time
 import psutil
+import shmcache  # imports are start-up, not attach: outside the measurement
 proc = psutil.Process()
 gc.collect()
 u0 = proc.memory_full_info().uss
 t0 = time.perf_counter()
-import shmcache
 r = shmcache.Reader(sys.argv[1])
 kv = r.get(sys.argv[2].encode())
 t1 = time.perf_counter()
@@ -169,9 +169,8 @@ def main() -> int:
             big = b"b" * 1024
             n = int(args.burst_mib * 2**20 / (1024 + 30))
             for start in range(0, n, 64):
-                ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
-                    key=key(rng.randrange(args.keys)), value=big))
-                    for _ in range(min(64, n - start))]
+                ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key(i), value=big))
+                       for i in rng.sample(range(args.keys), min(64, n - start))]
                 rev = client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 30,
                                         metadata=client.metadata).header.revision
             wait_revision(tree, rev)

@@ -31,15 +31,139 @@ static uint64_t rd64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); ret
 static uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static int64_t rds64(const unsigned char *p) { int64_t v; memcpy(&v, p, 8); return v; }
 
-static uint32_t crc(const unsigned char *p, uint64_t n) {
-    uLong c = crc32(0L, Z_NULL, 0);
+/* CRC-32 (zlib's, IEEE 802.3 reflected) continued from ``c``, by zlib. */
+static uint32_t crc_zlib(uint32_t c, const unsigned char *p, uint64_t n) {
+    uLong v = c;
     while (n > 0) { /* zlib takes uInt lengths */
         uInt chunk = n > 0x40000000u ? 0x40000000u : (uInt)n;
-        c = crc32(c, p, chunk);
+        v = crc32(v, p, chunk);
         p += chunk;
         n -= chunk;
     }
-    return (uint32_t)c;
+    return (uint32_t)v;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_CLMUL_CRC 1
+/* The same CRC-32 by carry-less multiplication (PCLMULQDQ), folding 64 then 16
+ * bytes at a time: "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ
+ * Instruction" (Gopal et al., Intel, 2009), with the reflected CRC-32 constants
+ * that Linux (arch/x86/crypto/crc32-pclmul_asm.S) and Chromium's zlib use. zlib
+ * 1.2.13's table-driven crc32 takes ~110 ns for a 260-byte snapshot entry here,
+ * more than half of what list() pays per entry; this takes a fraction of that.
+ * ``len`` is a multiple of 16 and at least 64; ``crc`` is the raw register (the
+ * complement of the running CRC), as is the result. tests/test_snapshot.py
+ * compares it with zlib.crc32 at every length and alignment up to 1 KiB. */
+__attribute__((target("pclmul,sse4.1")))
+static uint32_t crc_clmul_blocks(uint32_t crc, const unsigned char *buf, uint64_t len) {
+    const __m128i k1k2 = _mm_set_epi64x(0x01c6e41596LL, 0x0154442bd4LL);
+    const __m128i k3k4 = _mm_set_epi64x(0x00ccaa009eLL, 0x01751997d0LL);
+    const __m128i k5k0 = _mm_set_epi64x(0, 0x0163cd6124LL);
+    const __m128i poly = _mm_set_epi64x(0x01f7011641LL, 0x01db710641LL);
+    __m128i x0, x1, x2, x3, x4, x5, x6, x7, x8;
+    x1 = _mm_loadu_si128((const __m128i *)(buf + 0x00));
+    x2 = _mm_loadu_si128((const __m128i *)(buf + 0x10));
+    x3 = _mm_loadu_si128((const __m128i *)(buf + 0x20));
+    x4 = _mm_loadu_si128((const __m128i *)(buf + 0x30));
+    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)crc));
+    x0 = k1k2;
+    buf += 64;
+    len -= 64;
+    while (len >= 64) { /* fold four lanes of 16 bytes in parallel */
+        x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+        x6 = _mm_clmulepi64_si128(x2, x0, 0x00);
+        x7 = _mm_clmulepi64_si128(x3, x0, 0x00);
+        x8 = _mm_clmulepi64_si128(x4, x0, 0x00);
+        x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+        x2 = _mm_clmulepi64_si128(x2, x0, 0x11);
+        x3 = _mm_clmulepi64_si128(x3, x0, 0x11);
+        x4 = _mm_clmulepi64_si128(x4, x0, 0x11);
+        x1 = _mm_xor_si128(_mm_xor_si128(x1, x5), _mm_loadu_si128((const __m128i *)(buf + 0x00)));
+        x2 = _mm_xor_si128(_mm_xor_si128(x2, x6), _mm_loadu_si128((const __m128i *)(buf + 0x10)));
+        x3 = _mm_xor_si128(_mm_xor_si128(x3, x7), _mm_loadu_si128((const __m128i *)(buf + 0x20)));
+        x4 = _mm_xor_si128(_mm_xor_si128(x4, x8), _mm_loadu_si128((const __m128i *)(buf + 0x30)));
+        buf += 64;
+        len -= 64;
+    }
+    x0 = k3k4; /* fold the four lanes into one */
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x3), x5);
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x4), x5);
+    while (len >= 16) { /* then 16 bytes at a time */
+        x2 = _mm_loadu_si128((const __m128i *)buf);
+        x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+        x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+        x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+        buf += 16;
+        len -= 16;
+    }
+    /* 128 bits to 64, then Barrett reduction to 32 */
+    x2 = _mm_clmulepi64_si128(x1, x0, 0x10);
+    x3 = _mm_setr_epi32(~0, 0, ~0, 0);
+    x1 = _mm_srli_si128(x1, 8);
+    x1 = _mm_xor_si128(x1, x2);
+    x0 = k5k0;
+    x2 = _mm_srli_si128(x1, 4);
+    x1 = _mm_and_si128(x1, x3);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_xor_si128(x1, x2);
+    x0 = poly;
+    x2 = _mm_and_si128(x1, x3);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x10);
+    x2 = _mm_and_si128(x2, x3);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x00);
+    x1 = _mm_xor_si128(x1, x2);
+    return (uint32_t)_mm_extract_epi32(x1, 1);
+}
+
+static int clmul_ok = -1; /* -1: not asked yet */
+#endif
+
+/* CRC-32 of p[0, n) continued from c (c = 0 to start), as zlib.crc32(data, c). */
+static uint32_t crc_from(uint32_t c, const unsigned char *p, uint64_t n) {
+#ifdef HAVE_CLMUL_CRC
+    if (n >= 64) {
+        if (clmul_ok < 0) {
+            __builtin_cpu_init();
+            clmul_ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+        }
+        if (clmul_ok) {
+            uint64_t blocks = n & ~(uint64_t)15;
+            c = ~crc_clmul_blocks(~c, p, blocks);
+            p += blocks;
+            n -= blocks;
+        }
+    }
+#endif
+    return n ? crc_zlib(c, p, n) : c;
+}
+
+static uint32_t crc(const unsigned char *p, uint64_t n) { return crc_from(0, p, n); }
+
+/* crc32(data, value=0) -> int: zlib.crc32, as the reader computes it (tests compare). */
+static PyObject *py_crc32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "crc32() takes data and an optional start value");
+        return NULL;
+    }
+    uint32_t start = 0;
+    if (nargs == 2) {
+        unsigned long v = PyLong_AsUnsignedLongMask(args[1]);
+        if (PyErr_Occurred()) return NULL;
+        start = (uint32_t)v;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint32_t c = crc_from(start, (const unsigned char *)view.buf, (uint64_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(c);
 }
 
 static PyObject *corrupt(const char *fmt, ...) {
@@ -737,6 +861,8 @@ static PyMethodDef methods[] = {
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
     {"get_many", (PyCFunction)(void (*)(void))snapshot_get_many, METH_FASTCALL,
      "get_many(keys, params) -> [KeyValue | None]: get() of each key"},
+    {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_FASTCALL,
+     "crc32(data, value=0) -> int: zlib.crc32(data, value), with PCLMULQDQ where the CPU has it"},
     {"range", (PyCFunction)(void (*)(void))snapshot_range, METH_FASTCALL,
      "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,

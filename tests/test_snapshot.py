@@ -616,3 +616,21 @@ def test_write_checks_the_plan_and_the_order() -> None:
     with pytest.raises(ValueError, match="sorted"):
         snapshot.write(bytearray(plan.total), plan, 1, 1, [b"b", b"a"],
                        [meta(b"b", b"1"), meta(b"a", b"1")])
+
+
+def test_c_crc32_equals_zlib_at_every_length_alignment_and_start() -> None:
+    """The C speedups' CRC-32 (PCLMULQDQ folding where the CPU has it, zlib for the
+    rest) equals zlib.crc32 for every length up to 1 KiB, three alignments, and a
+    continued CRC; and for 1 MiB."""
+    if snapshot._speedups is None:
+        pytest.skip("shmcache._speedups was not built")
+    c_crc = snapshot._speedups.crc32
+    data = bytes((i * 131 + 7) % 251 for i in range(1100))
+    for n in range(0, 1025):
+        for off in range(3):
+            b = data[off:off + n]
+            assert c_crc(b) == zlib.crc32(b), (n, off)
+            assert c_crc(b, 0xDEADBEEF) == zlib.crc32(b, 0xDEADBEEF), (n, off)
+    big = bytes(range(256)) * 4096
+    assert c_crc(big) == zlib.crc32(big)
+    assert c_crc(memoryview(big)[5:]) == zlib.crc32(big[5:])
