@@ -1,4 +1,4 @@
-"""The ``shmcache`` command: serve, status, get, list, watch, check, rm, demo."""
+"""The ``shmcache`` command: serve, status, get, list, watch, check, rm, demo, bench."""
 
 from __future__ import annotations
 
@@ -285,6 +285,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, readers=args.readers, keys=args.keys)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    if args.json not in (None, "-"):
+        _bench.check_json_path(args.json)
+    plan = _bench.Plan(name=args.name, op=args.op, readers=args.readers, seconds=args.seconds,
+                       prefix=None if args.prefix is None else os.fsencode(args.prefix),
+                       list_size=args.list_size, sample=args.sample, seed=args.seed)
+    doc = _bench.run(plan, _bench.Progress(sys.stderr))
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
+        return 0
+    for line in _bench.table(doc):
+        print(line)
+    if args.json is not None:
+        _bench.write_json(args.json, doc)
+        print(f"(results written to {args.json})", file=sys.stderr)
+    return 0
+
+
+def _reader_counts(text: str) -> list[int]:
+    """``--readers 1,2,4,8``: positive integers, comma-separated; sorted, without repeats."""
+    from ._bench import MAX_READERS
+
+    try:
+        counts = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}") from None
+    if counts[0] < 1 or counts[-1] > MAX_READERS:
+        raise argparse.ArgumentTypeError(f"reader counts must be 1..{MAX_READERS}, not {text}")
+    return counts
+
+
 def _int_at_least(lo: int) -> Callable[[str], int]:
     """An argparse ``type=``: an integer >= ``lo`` (argparse turns the error into usage, exit 2)."""
     def parse(text: str) -> int:
@@ -423,6 +457,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keys", type=_int_at_least(100), default=10_000,
                    help="keys to load, at least 100 (default 10000)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "bench", help="measure multi-reader throughput of a live cache on this host",
+        description="Spawn reader processes that read the live cache NAME (never writing to "
+                    "etcd or the cache) and print, per reader count, total and per-reader "
+                    "ops/s, p50/p99 latency, CPU time per op, cores used and the scaling "
+                    "against one reader. See docs/operations.md, 'Benchmark on your host'.")
+    s.add_argument("name")
+    s.add_argument("--readers", type=_reader_counts, default=[1, 2, 4], metavar="N,N,...",
+                   help="reader process counts to measure, e.g. 1,2,4,8 (default 1,2,4)")
+    s.add_argument("--op", choices=("get", "list", "watch"), default="get",
+                   help="get a sampled key, list a prefix of about --list-size keys, or "
+                        "watch the prefix and count events (default get)")
+    s.add_argument("--seconds", type=_positive_seconds, default=5.0,
+                   help="measuring time per reader count (default 5)")
+    s.add_argument("--prefix", default=None,
+                   help="sample keys and watch under this prefix (default: the whole cache)")
+    s.add_argument("--list-size", type=_int_at_least(1), default=100,
+                   help="keys per list for --op list (default 100)")
+    s.add_argument("--sample", type=_int_at_least(1), default=100_000,
+                   help="keys sampled from the cache for get and list (default 100000)")
+    s.add_argument("--seed", type=int, default=1, help="seed of the key sample (default 1)")
+    s.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the results as JSON to FILE ('-': JSON on stdout "
+                        "instead of the table)")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
