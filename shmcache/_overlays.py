@@ -13,12 +13,18 @@ segments").
 A new overlay segment is the previous one merged with the changes since it
 (``snapshot.write`` with the previous one as its base: entries are copied as
 they are, in C without the GIL), built in a thread beside the watch loop, and
-published by the watch thread once done, if the snapshot it belongs to is
-still the live one. A snapshot publish resets the set (the control block's
-overlay fields go to 0 in the same publish).
+published by that thread as soon as it is done, if the snapshot it belongs to
+is still the live one: so a fresh Reader benefits at once, even when no more
+events come to wake the watch loop. A snapshot publish resets the set (the
+control block's overlay fields go to 0 in the same publish).
 
-Concurrency contract: every method runs on the writer's watch thread; a build
-touches only its frozen inputs and its own new segment.
+Concurrency contract: ``lock`` orders the two publishers of overlay fields: a
+build thread publishes its segment under it, and the watch thread publishes a
+snapshot (with the overlay fields at 0) under it (``switch``), so no reader sees
+a snapshot paired with an overlay segment of another. ``changes`` and
+``bytes_since`` belong to the watch thread; a running build reads only its
+frozen inputs, its base (never unmapped while a build uses it) and its own new
+segment.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _shm, layout, snapshot
@@ -44,16 +51,19 @@ OVERLAY_BYTES = 128 << 10
 
 
 class OverlayBuild:
-    """One overlay segment in the making: the previous one plus ``changes``."""
+    """One overlay segment in the making: the previous one plus ``changes``; made under
+    ``Overlays.lock`` on the watch thread, run in its own thread."""
 
     def __init__(self, ov: Overlays, revision: int, epoch: int, ring_pos: int) -> None:
+        self.ov = ov
         self.seq = ov.seq + 1
+        ov.seq = self.seq  # numbers are never reused, even by a build thrown away
         self.name = layout.overlay_name(ov.cache, self.seq)
         self.mode, self.group = ov.segs.mode, ov.segs.group
         self.revision, self.epoch, self.ring_pos = revision, epoch, ring_pos
         self.snap_seq = ov.snap_seq
         self.changes = ov.changes
-        self.base = ov.base[1] if ov.base is not None else None
+        self.base = ov.base
         # The result's size: every key changed since the snapshot, with its span.
         spans, data_len = ov.spans, ov.data_len
         for key, kv in self.changes.items():
@@ -62,26 +72,29 @@ class OverlayBuild:
             spans[key] = new
         ov.data_len = data_len
         self.plan = snapshot.Plan.of(len(spans), data_len)
-        self.seg: _shm.Segment | None = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0
         self.done = threading.Event()
 
     def run(self) -> None:
         t0 = time.monotonic()
+        error: BaseException | None = None
+        created = False
         try:
             _shm.unlink(self.name)
-            self.seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
-            keys = sorted(self.changes)
-            values: list[KV5 | None] = [self.changes[k] for k in keys]
-            snapshot.write(self.seg.buf, self.plan, self.revision, self.epoch, keys, values,
-                           self.base, kind=layout.KIND_OVERLAY)
-        except Exception as exc:  # reported by the watch thread (Overlays.maybe_publish)
-            self.error = exc
+            seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
+            created = True
+            try:
+                keys = sorted(self.changes)
+                values: list[KV5 | None] = [self.changes[k] for k in keys]
+                snapshot.write(seg.buf, self.plan, self.revision, self.epoch, keys, values,
+                               self.base[1] if self.base is not None else None,
+                               kind=layout.KIND_OVERLAY)
+            finally:
+                seg.close()
+        except Exception as exc:
+            error = exc
+        try:
+            self.ov.finish(self, error, time.monotonic() - t0, created)
         finally:
-            if self.seg is not None:
-                self.seg.close()
-            self.seconds = time.monotonic() - t0
             self.done.set()
 
 
@@ -94,9 +107,10 @@ class Overlays:
         self.stats = stats
         assert segs.ctl is not None
         self.ctl = segs.ctl
+        self.lock = threading.Lock()
         self.seq = self.ctl.get(layout.B_OVL_SEQ)  # numbering continues across writers
-        self.published = self.seq if self.ctl.get(layout.B_OVL_SEQ) else 0
-        self.snap_seq = 0  # the snapshot the changes below are relative to
+        self.published = self.seq
+        self.snap_seq = 0  # the snapshot the changes below are relative to (-1: none now)
         # The keys changed since the last build started (or the snapshot), and the
         # span of every key changed since the snapshot as the next segment holds it.
         self.changes: dict[bytes, KV5] = {}
@@ -105,101 +119,105 @@ class Overlays:
         self.bytes_since = 0
         self.base: tuple[_shm.Segment, snapshot.Snapshot] | None = None
         self.build: OverlayBuild | None = None
-        self._pending_unlink = 0
+        self._retired: list[tuple[_shm.Segment, snapshot.Snapshot]] = []
 
-    # -- the watch thread's hooks -------------------------------------------------------
+    # -- the watch thread ---------------------------------------------------------------
 
-    def restart(self, snap_seq: int, since_snapshot: dict[bytes, KV5 | None],
-                bytes_since: int) -> None:
-        """The live snapshot is now ``snap_seq``; ``since_snapshot`` the changes after it.
+    def switch(self, publish: Callable[[], None], snap_seq: int,
+               since_snapshot: dict[bytes, KV5 | None], bytes_since: int) -> None:
+        """Run ``publish`` (a snapshot publish that sets the overlay fields to 0) and start
+        over from snapshot ``snap_seq``, whose changes since are ``since_snapshot``.
 
-        Call right after publishing a snapshot (whose publish zeroed the overlay
-        fields) or after resuming: the next segment is built from these alone.
+        A build still running belongs to the old snapshot: it throws its result away.
         """
-        self._drop_build()
-        self._unmap_base()
-        if self.published and self.ctl.get(layout.B_OVL_SEQ) != self.published:
-            _shm.unlink(layout.overlay_name(self.cache, self.published))
-            self.published = 0
-        self.snap_seq = snap_seq
-        self.changes = {k: (v if v is not None else TOMBSTONE) for k, v in since_snapshot.items()}
-        self.spans, self.data_len = {}, 0
-        self.bytes_since = bytes_since
-
-    def maybe_publish(self, revision: int, epoch: int, ring_head: int) -> dict[int, int] | None:
-        """Finish a done build (its block fields, to publish) or start one when due."""
-        b = self.build
-        if b is not None:
-            if not b.done.is_set():
-                return None
-            self.build = None
-            if b.error is not None or b.snap_seq != self.snap_seq:
-                self._discard(b)
-                if b.error is not None and b.snap_seq == self.snap_seq:
-                    # Its changes would be lost from the next build: none until the next
-                    # snapshot (readers read the records after the last one published).
-                    log.warning("overlay segment build at revision %d failed: %s; none "
-                                "until the next snapshot", b.revision, b.error)
-                    self.snap_seq = -1
-                return None
-            return self._published(b)
-        if self.bytes_since >= OVERLAY_BYTES and self.changes and self.snap_seq >= 0:
-            self.bytes_since = 0
-            self.build = OverlayBuild(self, revision, epoch, ring_head)
-            self.changes = {}
-            threading.Thread(target=self.build.run, name="shmcache-overlay",
-                             daemon=True).start()
-        return None
-
-    def _published(self, b: OverlayBuild) -> dict[int, int]:
-        """Make ``b`` the base of the next build; the block fields that publish it.
-
-        The caller publishes them (with the ring head), then calls ``after_publish``.
-        """
-        self._unmap_base()
-        sseg = _shm.open_readonly(b.name)
-        if sseg is not None:  # (None: removed by hand; the next build starts over)
-            self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size,
-                                                 layout.KIND_OVERLAY))
-        else:
+        with self.lock:
+            publish()
+            old, self.published = self.published, 0
+            self.snap_seq = snap_seq
+            self._retire_base()
+            self.changes = {k: (v if v is not None else TOMBSTONE)
+                            for k, v in since_snapshot.items()}
             self.spans, self.data_len = {}, 0
-        self.segs.track(b.name)
-        self.seq = b.seq
-        self.stats["overlays"] = self.stats.get("overlays", 0) + 1
-        self._pending_unlink = self.published
-        self.published = b.seq
-        log.debug("overlay segment %d published: revision %d, %d keys, %d bytes, %.1f ms",
-                  b.seq, b.revision, b.plan.count, b.plan.total, b.seconds * 1000)
-        return {layout.B_OVL_SEQ: b.seq, layout.B_OVL_REVISION: b.revision,
-                layout.B_OVL_SIZE: b.plan.total, layout.B_OVL_RING_POS: b.ring_pos}
-
-    def after_publish(self) -> None:
-        """Unlink the overlay segment the last publish replaced (readers keep their maps)."""
-        old, self._pending_unlink = self._pending_unlink, 0
+            self.bytes_since = bytes_since
         if old:
             _shm.unlink(layout.overlay_name(self.cache, old))
 
+    def maybe_build(self, revision: int, epoch: int, ring_head: int) -> None:
+        """Start a build once ``OVERLAY_BYTES`` of records came since the last one; call
+        after the head is published (the build is exact at ``revision``)."""
+        if self.bytes_since < OVERLAY_BYTES or not self.changes:
+            return
+        with self.lock:
+            if self.build is not None or self.snap_seq < 0:
+                return
+            b = self.build = OverlayBuild(self, revision, epoch, ring_head)
+            self.changes, self.bytes_since = {}, 0
+        threading.Thread(target=b.run, name="shmcache-overlay", daemon=True).start()
+
     def close(self) -> None:
-        self._drop_build()
-        self._unmap_base()
+        with self.lock:
+            self.snap_seq = -1  # a running build throws its result away
+            b = self.build
+        if b is not None:
+            b.done.wait()
+        with self.lock:
+            self._retire_base()
+            self._close_retired()
 
-    # -- internals ------------------------------------------------------------------------
+    # -- the build thread ----------------------------------------------------------------
 
-    def _discard(self, b: OverlayBuild) -> None:
-        if b.seg is not None:
-            _shm.unlink(b.name)
-
-    def _drop_build(self) -> None:
-        if self.build is not None:
-            self.build.done.wait()
-            self._discard(self.build)
+    def finish(self, b: OverlayBuild, error: BaseException | None, seconds: float,
+               created: bool) -> None:
+        """Publish build ``b`` if its snapshot is still the live one; else throw it away."""
+        old = 0
+        with self.lock:
             self.build = None
+            if error is not None or b.snap_seq != self.snap_seq:
+                if created:
+                    _shm.unlink(b.name)
+                if error is not None and b.snap_seq == self.snap_seq:
+                    # Its changes are gone from ``changes``: none until the next snapshot
+                    # (readers decode the records after the last one published).
+                    log.warning("overlay segment build at revision %d failed: %s; none "
+                                "until the next snapshot", b.revision, error)
+                    self.snap_seq = -1
+                self._close_retired()
+                return
+            sseg = _shm.open_readonly(b.name)
+            if sseg is None:  # removed by hand: publish nothing, start over
+                self.spans, self.data_len = {}, 0
+                self._retire_base()
+            else:
+                self.ctl.publish({layout.B_OVL_SEQ: b.seq, layout.B_OVL_REVISION: b.revision,
+                                  layout.B_OVL_SIZE: b.plan.total,
+                                  layout.B_OVL_RING_POS: b.ring_pos}, wake=False)
+                self.segs.track(b.name)
+                old, self.published = self.published, b.seq
+                self._retire_base()
+                self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size,
+                                                     layout.KIND_OVERLAY))
+                self.stats["overlays"] = self.stats.get("overlays", 0) + 1
+            self._close_retired()
+        if old:
+            _shm.unlink(layout.overlay_name(self.cache, old))  # readers keep their maps
+        log.debug("overlay segment %d published: revision %d, %d keys, %d bytes, %.1f ms",
+                  b.seq, b.revision, b.plan.count, b.plan.total, seconds * 1000)
 
-    def _unmap_base(self) -> None:
-        base, self.base = self.base, None
-        if base is not None:
-            base[1].close()
-            base[0].close()
+    # -- internals (under the lock) -------------------------------------------------------
+
+    def _retire_base(self) -> None:
+        """Drop the base: unmapped at once, or once the running build no longer reads it."""
+        if self.base is not None:
+            self._retired.append(self.base)
+            self.base = None
+        if self.build is None:
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        for seg, snap in self._retired:
+            snap.close()
+            seg.close()
+        self._retired = []
 
 
 # The block fields that say "no overlay segment", published with every snapshot.

@@ -188,14 +188,8 @@ class Publisher:
         """Publish a finished background build; start one when the cadence says so. Then
         the same for the overlay segment."""
         self._maybe_snapshot()
-        ov = self.overlays
-        if ov is not None and self.ring is not None:
-            updates = ov.maybe_publish(self.revision, self.epoch, self.ring.head)
-            if updates:
-                updates[layout.B_RING_HEAD] = self.ring.head  # (as with a snapshot)
-                updates[layout.B_REVISION] = self.revision
-                self.ctl.publish(updates, wake=False)
-                ov.after_publish()
+        if self.overlays is not None and self.ring is not None and not self._head_unpublished:
+            self.overlays.maybe_build(self.revision, self.epoch, self.ring.head)
 
     def _maybe_snapshot(self) -> None:
         if self._build is not None:
@@ -266,9 +260,14 @@ class Publisher:
                    layout.B_REVISION: self.revision, **NO_OVERLAY}
         if extra:
             updates.update(extra)
-        self.ctl.publish(updates, prefix=prefix)
-        if self.overlays is not None:  # changes after the snapshot: those since its start
-            self.overlays.restart(b.seq, self.delta, self.bytes_since_snapshot)
+        if self.overlays is None:
+            stale = self.ctl.get(layout.B_OVL_SEQ)  # a writer without indexes left one
+            self.ctl.publish(updates, prefix=prefix)
+            if stale:
+                _shm.unlink(layout.overlay_name(self.name, stale))
+        else:  # the changes after the snapshot are those since its build started
+            self.overlays.switch(lambda: self.ctl.publish(updates, prefix=prefix), b.seq,
+                                 self.delta, self.bytes_since_snapshot)
         self.snap_seq = b.seq
         self.snap_ring_pos = b.ring_pos
         self.stats["snapshots"] += 1

@@ -161,11 +161,13 @@ def resume(p: Publisher) -> str | None:
     updates = dict(NO_OVERLAY)
     if got.tail != b.ring_tail:
         updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
-    p.ctl.publish(updates, wake=False)
-    if b.ovl_seq:
-        _shm.unlink(layout.overlay_name(p.name, b.ovl_seq))
-    if p.overlays is not None:
-        p.overlays.restart(b.snap_seq, got.delta, OVERLAY_BYTES)
+    if p.overlays is not None:  # (which unlinks the old overlay segment)
+        p.overlays.switch(lambda: p.ctl.publish(updates, wake=False), b.snap_seq, got.delta,
+                          OVERLAY_BYTES)
+    else:
+        p.ctl.publish(updates, wake=False)
+        if b.ovl_seq:
+            _shm.unlink(layout.overlay_name(p.name, b.ovl_seq))
     log.info("resumed cache %r at revision %d (epoch %d, %d keys)", p.name,
              p.revision, p.epoch, len(got.kv))
     if p.ring.capacity != p.ring_size:
