@@ -124,11 +124,16 @@ class Overlays:
     # -- the watch thread ---------------------------------------------------------------
 
     def switch(self, publish: Callable[[], None], snap_seq: int,
-               since_snapshot: dict[bytes, KV5 | None], bytes_since: int) -> None:
+               since_snapshot: dict[bytes, KV5 | None], bytes_since: int,
+               at: tuple[int, int, int]) -> None:
         """Run ``publish`` (a snapshot publish that sets the overlay fields to 0) and start
         over from snapshot ``snap_seq``, whose changes since are ``since_snapshot``.
 
         A build still running belongs to the old snapshot: it throws its result away.
+        The first segment of the new snapshot is started at once, at ``at`` (revision,
+        epoch, ring head: what ``publish`` publishes), rather than at the next watch
+        response: a large snapshot takes seconds to build, and the changes meanwhile
+        would otherwise be decoded by every Reader that attaches until then.
         """
         with self.lock:
             publish()
@@ -141,6 +146,7 @@ class Overlays:
             self.bytes_since = bytes_since
         if old:
             _shm.unlink(layout.overlay_name(self.cache, old))
+        self.maybe_build(*at)
 
     def maybe_build(self, revision: int, epoch: int, ring_head: int) -> None:
         """Start a build once ``OVERLAY_BYTES`` of records came since the last one; call

@@ -267,7 +267,8 @@ class Publisher:
                 _shm.unlink(layout.overlay_name(self.name, stale))
         else:  # the changes after the snapshot are those since its build started
             self.overlays.switch(lambda: self.ctl.publish(updates, prefix=prefix), b.seq,
-                                 self.delta, self.bytes_since_snapshot)
+                                 self.delta, self.bytes_since_snapshot,
+                                 (self.revision, self.epoch, self.ring.head))
         self.snap_seq = b.seq
         self.snap_ring_pos = b.ring_pos
         self.stats["snapshots"] += 1

@@ -163,7 +163,7 @@ def resume(p: Publisher) -> str | None:
         updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
     if p.overlays is not None:  # (which unlinks the old overlay segment)
         p.overlays.switch(lambda: p.ctl.publish(updates, wake=False), b.snap_seq, got.delta,
-                          OVERLAY_BYTES)
+                          OVERLAY_BYTES, (b.revision, b.epoch, b.ring_head))
     else:
         p.ctl.publish(updates, wake=False)
         if b.ovl_seq:
