@@ -488,7 +488,7 @@ def run(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
                                                                    plan.list_size)
                 if plan.op == "list":
                     doc["list_prefixes"] = len(work)
-            progress.line(f"starting {max(plan.readers)} reader processes")
+            progress.line(f"starting {max(plan.readers)} reader process(es)")
             pool = _Pool(max(plan.readers), (plan.name, plan.op, work, prefix, plan.list_size),
                          plan.seed)
             pool.wait_ready(60.0)
