@@ -4,14 +4,21 @@ python-etcd3 0.12 is used for its channel, credentials and generated protobufs,
 but not for watching: its watcher ignores non-compaction cancels, re-opens
 streams without backoff and cannot send progress requests (docs/design.md). The
 stream here is a raw bidirectional gRPC call whose lifecycle the writer owns.
+
+Most of the writer's CPU per revision went to gRPC's and protobuf's Python
+machinery (docs/benchmarks.md, "Writer CPU per revision"): the stream is driven
+by the thread that reads it, on a completion queue of its own (``_DirectCall``;
+``_ThreadedCall``, the public API, is the fallback), and its responses are
+decoded by hand into the publisher's event tuples (``decode_watch_response``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -21,6 +28,7 @@ import grpc
 from etcd3.etcdrpc import rpc_pb2
 
 from . import _defaults
+from ._codec import EventTuple
 
 log = logging.getLogger("shmcache.writer")
 
@@ -170,50 +178,401 @@ class Connection:
         return list(resp.kvs), bool(resp.more), resp.ByteSize()
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
-        return WatchStream(self, key, range_end, start_revision)
+        """A watch stream yielding protobuf ``WatchResponse`` messages (tools and tests)."""
+        return WatchStream(self, key, range_end, start_revision,
+                           rpc_pb2.WatchResponse.FromString)
+
+    def watch_decoded(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
+        """A watch stream yielding ``decode_watch_response`` tuples (the writer's feed)."""
+        return WatchStream(self, key, range_end, start_revision, decode_watch_response)
 
 
 class WatchStream:
     """One gRPC Watch call with a single watcher on [key, range_end) from ``start_revision``.
 
-    Iterating yields raw ``WatchResponse`` messages in order. ``request_progress``
-    and ``close`` may be called from any thread.
+    Iterating yields the responses in order, each passed through ``decode``.
+    ``request_progress`` and ``close`` may be called from any thread; a stream is
+    iterated by one thread. A failed call raises a ``grpc.RpcError``.
     """
 
-    def __init__(self, conn: Connection, key: bytes, range_end: bytes, start_revision: int) -> None:
-        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    def __init__(self, conn: Connection, key: bytes, range_end: bytes, start_revision: int,
+                 decode: Callable[[bytes], Any]) -> None:
         create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision, prev_kv=True,
-            progress_notify=True))
-        self._requests.put(create.SerializeToString())
-        method = conn.client.channel.stream_stream(
-            "/etcdserverpb.Watch/Watch", request_serializer=None,
-            response_deserializer=rpc_pb2.WatchResponse.FromString)
+            progress_notify=True)).SerializeToString()
+        self._decode = decode
         self._lock = threading.Lock()
         self._closed = False
-        self._call = method(self._request_iter(), metadata=conn.client.metadata)
-
-    def _request_iter(self) -> Iterator[bytes]:
-        while True:
-            item = self._requests.get()
-            if item is None:
-                return
-            yield item
+        channel = conn.client.channel
+        metadata = tuple(conn.client.metadata or ())
+        call: _DirectCall | _ThreadedCall
+        if _DirectCall.usable(channel):
+            call = _DirectCall(channel, WATCH_METHOD, metadata, create)
+        else:
+            call = _ThreadedCall(channel, WATCH_METHOD, metadata, create)
+        self._call = call
 
     def request_progress(self) -> None:
         if not self._closed:
-            self._requests.put(PROGRESS_REQUEST)
+            self._call.send(PROGRESS_REQUEST)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._call)
+        decode = self._decode
+        for data in self._call.messages():
+            yield decode(data)
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        self._call.cancel()
+
+
+WATCH_METHOD = "/etcdserverpb.Watch/Watch"
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class CallError(grpc.RpcError):  # type: ignore[misc]  # (grpc has no type stubs)
+    """A ``_DirectCall`` ended with a status other than OK (the public API's RpcError shape)."""
+
+    def __init__(self, code: int, details: str) -> None:
+        super().__init__(details)
+        self._code = _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _DirectCall:
+    """A bidirectional call on a completion queue of its own, driven by the reading thread.
+
+    gRPC's public stream API hands every message from its channel-spin thread to
+    the reader through a condition variable (several thread switches and Python
+    lock operations per message). This is the segregated call underneath grpc's
+    own single-threaded unary-stream calls (``grpc.experimental.ChannelOptions.
+    SingleThreadedUnaryStream``), made bidirectional: ``messages()`` keeps one
+    receive started and waits for completions in the calling thread, GIL released.
+    It is grpcio's internal API: ``usable`` checks for it, and the stream falls
+    back to ``_ThreadedCall`` without it (or with ``SHMCACHE_GRPC_THREADED=1``).
+
+    Sends from other threads start at once, or wait while one is in flight (one
+    outstanding send per call) until its completion arrives. grpc destroys the
+    completion queue once every started batch has completed, so ``next_event``
+    is called exactly once per started batch (``_outstanding``, under ``_ops``).
+    """
+
+    _SEND, _RECV, _OTHER = "send", "recv", "other"
+
+    @staticmethod
+    def usable(channel: Any) -> bool:
+        if os.environ.get("SHMCACHE_GRPC_THREADED"):
+            return False
+        try:
+            from grpc._cython import cygrpc
+        except ImportError:
+            return False
+        return (hasattr(getattr(channel, "_channel", None), "segregated_call")
+                and hasattr(cygrpc, "SegregatedCall"))
+
+    def __init__(self, channel: Any, method: str, metadata: tuple[tuple[str, str], ...],
+                 first: bytes) -> None:
+        from grpc._cython import cygrpc
+
+        self._cygrpc = cygrpc
+        self._ops = threading.Lock()
+        self._pending: list[bytes] = []
+        self._sending = True
+        self._status: tuple[int, str] | None = None
+        cc = channel._channel
+        name = method.encode()
+        batches = (
+            ((cygrpc.SendInitialMetadataOperation(metadata, 0),
+              cygrpc.SendMessageOperation(first, 0)), self._SEND),
+            ((cygrpc.ReceiveInitialMetadataOperation(0),), self._OTHER),
+            ((cygrpc.ReceiveStatusOnClientOperation(0),), self._OTHER),
+        )
+        # (flags, method, host, deadline, metadata, call credentials, batches): what older
+        # grpcio releases take; newer ones add optional arguments (census context,
+        # registered call handle).
+        self._call = cc.segregated_call(cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS,
+                                        name, None, None, metadata, None, batches)
+        self._outstanding = len(batches)
+        self._recv = (cygrpc.ReceiveMessageOperation(0),)
+        self._start(self._recv, self._RECV)
+
+    def _start(self, ops: tuple[Any, ...], tag: str) -> bool:
+        """Start a batch (``_ops`` held); False once the call has ended."""
+        if self._call.operate(ops, tag):
+            self._outstanding += 1
+            return True
+        return False
+
+    def send(self, data: bytes) -> None:
+        with self._ops:
+            if self._sending:
+                self._pending.append(data)
+            elif self._outstanding:
+                self._sending = self._start((self._cygrpc.SendMessageOperation(data, 0),),
+                                            self._SEND)
+
+    def messages(self) -> Iterator[bytes]:
+        """The response messages; raises CallError unless the call ends with OK."""
+        try:
+            while self._outstanding:  # (only this thread lowers it, other threads raise it
+                data = self._complete()  # only while it is above zero)
+                if data is not None:
+                    yield data
+        finally:
+            if self._outstanding:  # left early: cancel, and complete what was started
+                self.cancel()
+                while self._outstanding:
+                    self._complete()
+        code, details = self._status or (self._cygrpc.StatusCode.unknown, "no status")
+        if code != self._cygrpc.StatusCode.ok:
+            raise CallError(code, details)
+
+    def _complete(self) -> bytes | None:
+        """Wait for the next completion and account for it; the message it received, if any."""
+        try:
+            event = self._call.next_event()
+        except BaseException:  # (a signal handler's exception): grpc has released the call
+            self._outstanding = 0
+            raise
+        with self._ops:
+            self._outstanding -= 1
+            if event.tag == self._RECV:
+                data: bytes | None = event.batch_operations[0].message()
+                if data is not None:  # receive the next message while this one is processed
+                    self._start(self._recv, self._RECV)
+                return data
+            if event.tag == self._SEND:
+                self._sending = False
+                if self._pending and self._outstanding:
+                    self._sending = self._start(
+                        (self._cygrpc.SendMessageOperation(self._pending.pop(0), 0),), self._SEND)
+            for op in event.batch_operations:
+                if op.type() == self._cygrpc.OperationType.receive_status_on_client:
+                    self._status = (op.code(), op.details())
+        return None
+
+    def cancel(self) -> None:
+        self._call.cancel(self._cygrpc.StatusCode.cancelled, "cancelled by shmcache")
+
+
+class _ThreadedCall:
+    """The call through gRPC's public API: the fallback when ``_DirectCall`` is not usable."""
+
+    def __init__(self, channel: Any, method: str, metadata: tuple[tuple[str, str], ...],
+                 first: bytes) -> None:
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._requests.put(first)
+        stream = channel.stream_stream(method, request_serializer=None,
+                                       response_deserializer=None)
+        self._call = stream(self._request_iter(), metadata=metadata)
+
+    def _request_iter(self) -> Iterator[bytes]:
+        while (item := self._requests.get()) is not None:
+            yield item
+
+    def send(self, data: bytes) -> None:
+        self._requests.put(data)
+
+    def messages(self) -> Iterator[bytes]:
+        return iter(self._call)
+
+    def cancel(self) -> None:
         self._requests.put(None)
         self._call.cancel()
+
+
+# -- WatchResponse, decoded by hand ---------------------------------------------------------
+# WatchResponse {ResponseHeader header = 1 (revision = 3); bool created = 3; bool canceled = 4;
+#   int64 compact_revision = 5; string cancel_reason = 6; repeated Event events = 11}
+# Event {type = 1 (PUT 0, DELETE 1); KeyValue kv = 2; KeyValue prev_kv = 3}; KeyValue {bytes
+#   key = 1; int64 create_revision = 2, mod_revision = 3, version = 4; bytes value = 5; int64
+#   lease = 6}. Unknown fields are skipped, as protobuf does; tests/test_watch_stream.py holds
+# this to protobuf's own decoding. (Pure-Python protobuf 3.20, which python-etcd3 needs, took
+# ~20 µs per one-event response here, building message objects; this takes ~5 µs.)
+
+WatchResponse = tuple[int, bool, bool, int, str, list[EventTuple]]
+"""(header.revision, created, canceled, compact_revision, cancel_reason, events): each event
+``(type, key, value, create, mod, version, lease, prev)``, ``prev`` None or ``(key, value,
+create, mod, version, lease)``; a DELETE's value, create, version and lease are zero."""
+
+_SIGN, _MASK = 1 << 63, (1 << 64) - 1
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``b[i]`` as an int64 (its low 64 bits, as protobuf), and the index after."""
+    x = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        x |= (c & 0x7F) << shift
+        if c < 0x80:
+            if x >= _SIGN:
+                x &= _MASK
+                x = x - _MASK - 1 if x >= _SIGN else x
+            return x, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _skip(b: bytes, i: int, tag: int) -> int:
+    """Skip the value of an unknown field whose tag byte was ``b[i - 1]``."""
+    if tag & 0x80:
+        tag, i = _varint(b, i - 1)
+    wire = tag & 7
+    if wire == 0:
+        return _varint(b, i)[1]
+    if wire == 2:
+        n, i = _varint(b, i)
+        if n < 0:
+            raise ValueError("negative length")
+        return i + n
+    if wire == 1:
+        return i + 8
+    if wire == 5:
+        return i + 4
+    raise ValueError(f"unsupported wire type {wire}")
+
+
+def _length(b: bytes, i: int) -> tuple[int, int]:
+    """A length prefix at ``b[i]`` and the index after it."""
+    n = b[i]
+    if n < 0x80:
+        return n, i + 1
+    n, i = _varint(b, i)
+    if n < 0:
+        raise ValueError("negative length")
+    return n, i
+
+
+def _key_value(b: bytes, i: int, end: int) -> tuple[bytes, bytes, int, int, int, int]:
+    key = value = b""
+    create = mod = version = lease = 0
+    while i < end:
+        tag = b[i]
+        i += 1
+        if tag == 0x0A or tag == 0x2A:  # key, value
+            n = b[i]
+            if n < 0x80:
+                i += 1
+            else:
+                n, i = _length(b, i)
+            if tag == 0x0A:
+                key = b[i:i + n]
+            else:
+                value = b[i:i + n]
+            i += n
+        elif tag == 0x18 or tag == 0x10 or tag == 0x20 or tag == 0x30:
+            x = b[i]
+            if x < 0x80:
+                i += 1
+            else:
+                x, i = _varint(b, i)
+            if tag == 0x18:
+                mod = x
+            elif tag == 0x10:
+                create = x
+            elif tag == 0x20:
+                version = x
+            else:
+                lease = x
+        else:
+            i = _skip(b, i, tag)
+    if i != end:
+        raise ValueError("KeyValue overruns its length")
+    return key, value, create, mod, version, lease
+
+
+def _event(b: bytes, i: int, end: int) -> EventTuple:
+    typ = 0
+    kv = prev = None
+    while i < end:
+        tag = b[i]
+        i += 1
+        if tag == 0x12 or tag == 0x1A:  # kv, prev_kv
+            n = b[i]
+            if n < 0x80:
+                i += 1
+            else:
+                n, i = _length(b, i)
+            if tag == 0x12:
+                kv = _key_value(b, i, i + n)
+            else:
+                prev = _key_value(b, i, i + n)
+            i += n
+        elif tag == 0x08:
+            typ = b[i]
+            if typ < 0x80:
+                i += 1
+            else:
+                typ, i = _varint(b, i)
+        else:
+            i = _skip(b, i, tag)
+    if i != end:
+        raise ValueError("Event overruns its length")
+    if kv is None:
+        kv = (b"", b"", 0, 0, 0, 0)
+    if typ == 0:
+        return (0, *kv, prev)
+    return (1, kv[0], b"", 0, kv[3], 0, 0, prev)
+
+
+def decode_watch_response(data: bytes) -> WatchResponse:
+    """Decode a serialized etcd WatchResponse; ValueError if it is malformed."""
+    b = bytes(data)
+    try:
+        revision = compact = 0
+        created = canceled = False
+        reason = ""
+        events: list[EventTuple] = []
+        i, end = 0, len(b)
+        while i < end:
+            tag = b[i]
+            i += 1
+            if tag == 0x5A:  # events
+                n, i = _length(b, i)
+                events.append(_event(b, i, i + n))
+                i += n
+            elif tag == 0x0A:  # header
+                n, i = _length(b, i)
+                h_end = i + n
+                while i < h_end:
+                    t = b[i]
+                    i += 1
+                    if t == 0x18:
+                        revision, i = _varint(b, i)
+                    else:
+                        i = _skip(b, i, t)
+                if i != h_end:
+                    raise ValueError("header overruns its length")
+            elif tag == 0x18 or tag == 0x20 or tag == 0x28:
+                x, i = _varint(b, i)
+                if tag == 0x28:
+                    compact = x
+                elif tag == 0x18:
+                    created = x != 0
+                else:
+                    canceled = x != 0
+            elif tag == 0x32:
+                n, i = _length(b, i)
+                reason = b[i:i + n].decode("utf-8", "replace")
+                i += n
+            else:
+                i = _skip(b, i, tag)
+        if i != end:
+            raise ValueError("a field overruns the message")
+    except IndexError:
+        raise ValueError("truncated WatchResponse") from None
+    return revision, created, canceled, compact, reason, events
 
 
 def is_grpc_error(exc: BaseException) -> bool:

@@ -4,7 +4,7 @@ It turns etcd's answers into plain calls on a sink (the Publisher):
 ``reset(revision, items, reason)`` after a list, ``apply([(revision, [event
 tuples])])`` per watch response, ``progress(revision)`` for a progress
 revision it has checked against etcd, and ``maybe_snapshot()`` after each
-response. Protobuf types never leave this module and _etcd.
+response. Protobuf types and wire bytes never leave _etcd.
 
 Concurrency contract: ``run()`` runs on the writer's thread. ``close()``,
 ``request_progress()``, ``request_progress_if_idle()`` and
@@ -176,54 +176,57 @@ class EtcdFeed:
 
     def _watch(self, conn: _etcd.Connection, sink: Sink) -> None:
         start = sink.revision + 1
-        stream = conn.watch(self.range_key, self.range_end, start)
+        stream = conn.watch_decoded(self.range_key, self.range_end, start)
         self.stream = stream
         self.stats["watches"] += 1
         self._progress_candidate = None
         self._progress_outstanding = False
+        stats, stopped = self.stats, self.stopped
         try:
-            for resp in stream:
-                self.stats["watch_responses"] += 1
-                if self.stopped.is_set():
+            # Responses arrive decoded (_etcd.decode_watch_response): (revision, created,
+            # canceled, compact_revision, cancel_reason, event tuples).
+            for revision, created, canceled, compact, cancel_reason, events in stream:
+                stats["watch_responses"] += 1
+                if stopped.is_set():
                     return
-                reason, self._relist_reason = self._relist_reason, None
-                if reason is not None:
+                if self._relist_reason is not None:
+                    reason, self._relist_reason = self._relist_reason, None
                     raise Relist(reason)
-                if resp.compact_revision:
-                    raise Relist(f"etcd compacted to revision {resp.compact_revision}, past the "
+                if compact:
+                    raise Relist(f"etcd compacted to revision {compact}, past the "
                                  f"cache's {sink.revision}")
-                if resp.canceled:
-                    raise WatchBroken(f"etcd cancelled the watch: {resp.cancel_reason or '?'}")
-                sink.etcd_revision = max(sink.etcd_revision, resp.header.revision)
+                if canceled:
+                    raise WatchBroken(f"etcd cancelled the watch: {cancel_reason or '?'}")
+                if revision > sink.etcd_revision:
+                    sink.etcd_revision = revision
                 self._healthy = True
-                if resp.created:
+                if created:
                     log.info("watching %r from revision %d", _codec.key_text(self.prefix), start)
                     # Created behind etcd's revision: unsynced until etcd's catch-up
                     # loop has sent the events up to here (see _on_progress).
                     self._watch_created = time.monotonic()
-                    created_at = int(resp.header.revision)
-                    self._unsynced_until = created_at if created_at >= start else 0
+                    self._unsynced_until = revision if revision >= start else 0
                     continue
-                if resp.events:
-                    if self._unsynced_until and resp.header.revision >= self._unsynced_until:
+                if events:
+                    if self._unsynced_until and revision >= self._unsynced_until:
                         self._unsynced_until = 0
                     if self._progress_candidate is not None and any(
-                            ev.kv.mod_revision <= self._progress_candidate for ev in resp.events):
+                            ev[4] <= self._progress_candidate for ev in events):
                         self._progress_candidate = None  # it overtook events: not truthful
-                        self.stats["progress_anomalies"] += 1
-                    self._apply_events(sink, resp.events)
+                        stats["progress_anomalies"] += 1
+                    self._apply_events(sink, events)
                 else:
-                    self._on_progress(sink, int(resp.header.revision))
+                    self._on_progress(sink, revision)
                 sink.maybe_snapshot()
-            if not self.stopped.is_set():
+            if not stopped.is_set():
                 raise WatchBroken("etcd closed the watch stream")
         finally:
             self.stream = None
             stream.close()
 
     @staticmethod
-    def batches(events: Any, after: int) -> tuple[list[tuple[int, list[_codec.EventTuple]]],
-                                                  Relist | None]:
+    def batches(events: list[_codec.EventTuple], after: int,
+                ) -> tuple[list[tuple[int, list[_codec.EventTuple]]], Relist | None]:
         """A watch response's events as one batch per revision, and a Relist if a revision
         is at or below ``after`` or not increasing (the batches before it are valid).
 
@@ -232,30 +235,24 @@ class EtcdFeed:
         complete. A missing prev_kv is passed on as None (Publisher.apply fills it
         from the state).
         """
+        first = events[0][4]
+        if first > after and (len(events) == 1 or all(ev[4] == first for ev in events)):
+            return [(first, events)], None  # the common case: one revision per response
         out: list[tuple[int, list[_codec.EventTuple]]] = []
         batch: list[_codec.EventTuple] = []
         last = after
         for ev in events:
-            e = ev.kv
-            rev = e.mod_revision
+            rev = ev[4]
             if rev != last or not out:
                 if rev <= last:
                     return out, Relist(f"etcd sent revision {rev} after the cache reached {last}")
                 batch = []
                 out.append((rev, batch))
                 last = rev
-            if ev.HasField("prev_kv"):
-                p = ev.prev_kv
-                prev = (p.key, p.value, p.create_revision, p.mod_revision, p.version, p.lease)
-            else:
-                prev = None
-            if ev.type == 0:
-                batch.append((0, e.key, e.value, e.create_revision, rev, e.version, e.lease, prev))
-            else:
-                batch.append((1, e.key, b"", 0, rev, 0, 0, prev))
+            batch.append(ev)
         return out, None
 
-    def _apply_events(self, sink: Sink, events: Any) -> None:
+    def _apply_events(self, sink: Sink, events: list[_codec.EventTuple]) -> None:
         out, relist = self.batches(events, sink.revision)
         if out:
             sink.apply(out)
