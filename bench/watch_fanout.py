@@ -25,7 +25,9 @@ was put under its prefix.
 
 ``--baseline-tree DIR`` also runs every case with the shmcache package of
 another checkout (e.g. a git worktree of the commit before a change), in the
-same rounds, against the same writer (the format must be the same).
+same rounds, against a writer of that checkout (its shared-memory format may
+differ) that follows the same etcd prefix: both writers run throughout, so
+every case sees the same load.
 
 The JSON is written only if every step succeeded (a temporary file, renamed).
 """
@@ -46,6 +48,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, ROOT)
+if os.environ.get("FANOUT_TREE"):  # a child of --baseline-tree: that checkout's package first
+    sys.path.insert(0, os.environ["FANOUT_TREE"])
 
 PREFIX = b"/bench/fanout/"
 NAME = "bench-fanout"
@@ -53,12 +57,12 @@ NAME = "bench-fanout"
 
 # -- the child: watches in one process ------------------------------------------------------
 
-def _child(kind: str, n: int, expect_writes: bool) -> None:
+def _child(kind: str, n: int, name: str) -> None:
     """Runs in a fresh interpreter (its shmcache from PYTHONPATH). Protocol on stdin/stdout:
     prints "ready", waits for "go", measures until "stop", prints one JSON line."""
     import shmcache
 
-    r = shmcache.Reader(NAME)
+    r = shmcache.Reader(name)
     lat: list[int] = []
     counts = [0] * n
     wrong = [0]
@@ -106,11 +110,12 @@ def _child(kind: str, n: int, expect_writes: bool) -> None:
         async def main() -> None:
             loop_box.append(asyncio.get_running_loop())
 
+            watches = [r.awatch(prefix_of(i)) for i in range(n)]
+            loop_box.append(watches)
+
             async def one(i: int) -> None:
-                async with r.awatch(prefix_of(i)) as w:
-                    while not stop.is_set():
-                        for ev in await w.poll(timeout=0.5):
-                            record(i, ev)
+                async for ev in watches[i]:  # as users write it; ends at close()
+                    record(i, ev)
 
             tasks = [asyncio.create_task(one(i)) for i in range(n)]
             await asyncio.sleep(0.5)
@@ -131,6 +136,9 @@ def _child(kind: str, n: int, expect_writes: bool) -> None:
     time.sleep(0.3)  # the last events in flight
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     stop.set()
+    if runner is not None:
+        for w in loop_box[1]:
+            w.close()
     with lock:
         out = {"cpu_s": cpu, "wall_s": wall, "events": sum(counts), "wrong": wrong[0],
                "lat_ns": sorted(lat)}
@@ -141,11 +149,11 @@ def _child(kind: str, n: int, expect_writes: bool) -> None:
 # -- the parent ---------------------------------------------------------------------------------
 
 class Child:
-    def __init__(self, kind: str, n: int, tree: str | None) -> None:
+    def __init__(self, kind: str, n: int, tree: str | None, name: str) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([tree or ROOT, ROOT])
+        env["FANOUT_TREE"] = tree or ""
         self.p = subprocess.Popen(
-            [sys.executable, __file__, "--child", kind, "--n", str(n)],
+            [sys.executable, __file__, "--child", kind, "--n", str(n), "--name", name],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree or ROOT)
         assert self.p.stdout is not None
         line = self.p.stdout.readline().strip()
@@ -163,6 +171,30 @@ class Child:
         line = self.p.stdout.readline()
         self.p.wait(30)
         return dict(json.loads(line))
+
+
+class Writer:
+    """``shmcache serve`` of a checkout (its own package: run from its directory)."""
+
+    def __init__(self, name: str, endpoint: str, tree: str | None) -> None:
+        self.name = name
+        env = dict(os.environ)
+        env["PYTHONPATH"] = tree or ROOT
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "shmcache", "serve", name, "--endpoints", endpoint,
+             "--prefix", PREFIX.decode(), "--ring-size", "64MiB", "--remove-on-exit"],
+            cwd=tree or ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)
+        if self.p.poll() is not None:
+            raise RuntimeError(f"writer {name} exited with {self.p.returncode}")
+
+    def close(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(15)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
 
 
 def _loader(client: Any, n: int, rate: int, seconds: float) -> int:
@@ -184,26 +216,32 @@ def _loader(client: Any, n: int, rate: int, seconds: float) -> int:
 
 
 def run_case(client: Any, kind: str, n: int, rate: int, seconds: float, writes: bool,
-             tree: str | None) -> dict[str, Any]:
-    child = Child(kind, n, tree)
+             tree: str | None, name: str) -> dict[str, Any]:
+    child = Child(kind, n, tree, name)
     try:
         child.send("go")
+        t0 = time.perf_counter()
         if writes:
             sent = _loader(client, n if kind != "1 watch" else 1, rate, seconds)
+            put_rate = sent / (time.perf_counter() - t0)
         else:
             time.sleep(seconds)
-            sent = 0
+            sent, put_rate = 0, 0.0
         child.send("stop")
         res = child.result()
     finally:
         if child.p.poll() is None:
             child.p.kill()
             child.p.wait()
-    if res["wrong"] or (writes and res["events"] != sent):
+    # Fewer events than were put: the watches fell behind (reported as "undelivered");
+    # more, or any to the wrong watch, is a bug.
+    if res["wrong"] or res["events"] > sent:
         raise RuntimeError(f"{kind}: delivered {res['events']} events of {sent}, "
                            f"{res['wrong']} to the wrong watch")
+    res["undelivered"] = sent - res["events"]
     lat = res.pop("lat_ns")
     res["sent"] = sent
+    res["put_rate"] = put_rate if writes else 0.0
     res["core_share"] = res["cpu_s"] / res["wall_s"]
     if lat:
         res["delay_ms"] = {p: lat[min(len(lat) - 1, int(len(lat) * p / 100))] / 1e6
@@ -217,6 +255,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--name", help=argparse.SUPPRESS)
     ap.add_argument("--watches", type=int, default=100)
     ap.add_argument("--coroutines", type=int, default=1000)
     ap.add_argument("--rate", type=int, default=1000, help="puts per second")
@@ -227,12 +266,11 @@ def main() -> int:
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args()
     if args.child:
-        _child(args.child, args.n, True)
+        _child(args.child, args.n, args.name)
         return 0
 
     from bench._common import grpc_options, stamp
     from tests.etcdserver import EtcdServer
-    from tests.helpers import WriterProcess
 
     trees: list[tuple[str, str | None]] = [("this tree", None)]
     if args.baseline_tree:
@@ -242,30 +280,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = EtcdServer(data_dir=os.path.join(tmp, "etcd"), extra_args=["--unsafe-no-fsync"])
         server.start()
-        w = WriterProcess(NAME, server.endpoint, PREFIX, ring_size="64MiB")
+        writers = [Writer(f"{NAME}-{i}", server.endpoint, tree)
+                   for i, (_label, tree) in enumerate(trees)]
         try:
-            w.start()
             import etcd3
 
             host, port = server.endpoint.split("//")[-1].split(":")
             client = etcd3.client(host=host, port=int(port), grpc_options=grpc_options())
             for rnd in range(args.rounds):
-                for tree_label, tree in trees:
+                for (tree_label, tree), w in zip(trees, writers, strict=True):
                     for kind, n in cases:
                         for writes in (True, False):
                             label = f"{tree_label} | {kind} x{n} | " + (
                                 f"{args.rate} puts/s" if writes else "idle")
                             res = run_case(client, kind, n, args.rate, args.seconds, writes,
-                                           tree)
+                                           tree, w.name)
                             results.setdefault(label, []).append(res)
                             print(f"round {rnd + 1}: {label}: {res['core_share']:.1%} of a "
-                                  f"core, {res['events']} events"
+                                  f"core, {res['events']} events ({res['undelivered']} not "
+                                  f"delivered in time), {res['put_rate']:.0f} puts/s"
                                   + (f", delay p50 {res['delay_ms'][50]:.2f} ms p99 "
                                      f"{res['delay_ms'][99]:.2f} ms" if "delay_ms" in res
                                      else ""), flush=True)
             client.close()
         finally:
-            w.close()
+            for w in writers:
+                w.close()
             server.close()
 
     def med(rows: list[dict[str, Any]], f: Any) -> float:

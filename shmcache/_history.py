@@ -84,7 +84,8 @@ def position_after(ctl: ControlReader, seg: _shm.Segment, b: Block, rec_revs: li
         return rec_pos[i] if i < len(rec_pos) else pos
     for _attempt in range(10):
         tail = ctl.tail()
-        p = max(tail, b.snap_ring_pos) if since >= b.snap_revision else tail
+        start = max(tail, b.snap_ring_pos) if since >= b.snap_revision else tail
+        p = start
         try:
             while p < b.ring_head:
                 kind, rev, nxt = ring.peek_revision(seg.buf, b.ring_capacity, p)
@@ -93,6 +94,9 @@ def position_after(ctl: ControlReader, seg: _shm.Segment, b: Block, rec_revs: li
                 p = nxt
         except ring.TornRecord:
             continue
-        if ctl.tail() <= tail:
+        # The headers read are intact if the tail did not pass where the walk began (in a
+        # full ring the tail moves with every write: comparing it with the tail read
+        # before would fail the walk whenever the writer is busy).
+        if ctl.tail() <= start:
             return p
     return ctl.tail()

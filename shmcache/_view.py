@@ -135,10 +135,12 @@ class View:
                 refresh()
         raise Retry()
 
-    def overlay_slice(self, prefix: bytes, end: bytes | None) -> list[tuple[bytes, KeyValue | None]]:
-        """Every key in [prefix, end) changed since the snapshot, with its KeyValue now (None:
-        deleted), in key order: the overlay segment's, then the private overlay's over
-        them (call under the Reader's lock)."""
+    def overlay_slice(self, prefix: bytes, end: bytes | None,
+                      want: int = -1) -> list[tuple[bytes, KeyValue | None]]:
+        """The keys in [prefix, end) changed since the snapshot, with their KeyValue now
+        (None: deleted), in key order: the overlay segment's, then the private overlay's
+        over them (call under the Reader's lock). ``want`` >= 0: only as many as a merge
+        that returns ``want`` keys needs (see _changed_in_segment)."""
         overlay = self.overlay
         if end is None:
             keys = list(overlay.irange(minimum=prefix))
@@ -147,15 +149,38 @@ class View:
         mine = [(k, overlay[k]) for k in keys]
         if self.ovl is None:
             return mine
-        shared = [(kv.key, kv if kv.version else None)
-                  for kv in self.ovl.range_list(prefix, end, -1)]
+        newer = dict(mine)
+        shared = self._changed_in_segment(self.ovl, prefix, end, want, newer)
         if not mine:
             return shared
-        if not shared:
-            return mine
-        newer = dict(mine)
         return list(heapq.merge([(k, v) for k, v in shared if k not in newer], mine,
                                 key=_first))
+
+    @staticmethod
+    def _changed_in_segment(ovl: Snapshot, start: bytes, end: bytes | None, want: int,
+                            newer: dict[bytes, Any]) -> list[tuple[bytes, KeyValue | None]]:
+        """The overlay segment's entries from ``start``: all of them, or with ``want`` >= 0,
+        chunk by chunk until ``want`` live ones (not hidden by ``newer``) were read.
+
+        Then the ``want`` first keys of the merged listing all lie at or before the
+        last entry read, so every change among them has been read: a page of a large
+        range costs O(page), not O(keys changed under the prefix).
+        """
+        out: list[tuple[bytes, KeyValue | None]] = []
+        chunk = want + len(newer) + 16
+        live = 0
+        while True:
+            got = ovl.range_list(start, end, chunk if want >= 0 else -1)
+            for kv in got:
+                if kv.version:
+                    out.append((kv.key, kv))
+                    live += kv.key not in newer
+                else:
+                    out.append((kv.key, None))
+            if want < 0 or len(got) < chunk or live >= want:
+                return out
+            start = got[-1].key + b"\0"
+            chunk *= 2
 
     # -- for past-revision reads and watches (under the Reader's lock) ----------
 
@@ -196,8 +221,8 @@ class View:
         undo = {k: v for k, v in self.changes_after(revision, current).items()
                 if k >= start and (end is None or k < end)}
         assert self.snap is not None
-        now = merge(self.snap, start, end, self.overlay_slice(start, end),
-                    limit if limit < 0 else limit + len(undo))
+        want = limit if limit < 0 else limit + len(undo)
+        now = merge(self.snap, start, end, self.overlay_slice(start, end, want), want)
         out = _history.apply_undo({kv.key: kv for kv in now}, undo, start, end)
         return out if limit < 0 else out[:limit]
 

@@ -332,7 +332,7 @@ class Reader(IndexReads):
             if revision is None or revision == self._revision:
                 snap, revision = v.snap, self._revision
                 assert snap is not None
-                ov_items = v.overlay_slice(start, end)
+                ov_items = v.overlay_slice(start, end, want)
             else:
                 items = v.items_at(start, end, want, revision, self._revision)
                 return _pages.page(items, limit, revision, self.name, v.epoch, prefix)
