@@ -71,7 +71,8 @@ def main() -> int:
                 client = server.client()
                 load_etcd(client, PREFIX, n)
                 client.close()
-                w.start()
+                w.start(wait=False)
+                w.wait_ready(timeout=900)  # a 1M-key list takes minutes here
                 r = shmcache.Reader(w.name)
                 assert r.wait(1, 5)
                 while r.status().key_count < n:

@@ -50,6 +50,32 @@ TOMBSTONE: KV5 = (b"", 0, 0, 0, 0)
 OVERLAY_BYTES = 128 << 10
 
 
+def plan_of(changes: dict[bytes, KV5], spans: dict[bytes, int],
+            data_len: int) -> tuple[snapshot.Plan, int]:
+    """The plan of the segment holding ``spans``'s keys updated by ``changes`` (``spans``
+    is updated in place), and its data length."""
+    for key, kv in changes.items():
+        new = snapshot.entry_span(key, kv[0])
+        data_len += new - spans.get(key, 0)
+        spans[key] = new
+    return snapshot.Plan.of(len(spans), data_len), data_len
+
+
+def write_segment(name: str, plan: snapshot.Plan, revision: int, epoch: int,
+                  changes: dict[bytes, KV5], base: snapshot.Snapshot | None, mode: int,
+                  group: int | str | None) -> None:
+    """Create overlay segment ``name``: ``base``'s entries with ``changes`` over them."""
+    _shm.unlink(name)
+    seg = _shm.create(name, plan.total, mode, group)
+    try:
+        keys = sorted(changes)
+        values: list[KV5 | None] = [changes[k] for k in keys]
+        snapshot.write(seg.buf, plan, revision, epoch, keys, values, base,
+                       kind=layout.KIND_OVERLAY)
+    finally:
+        seg.close()
+
+
 class OverlayBuild:
     """One overlay segment in the making: the previous one plus ``changes``; made under
     ``Overlays.lock`` on the watch thread, run in its own thread."""
@@ -64,36 +90,20 @@ class OverlayBuild:
         self.snap_seq = ov.snap_seq
         self.changes = ov.changes
         self.base = ov.base
-        # The result's size: every key changed since the snapshot, with its span.
-        spans, data_len = ov.spans, ov.data_len
-        for key, kv in self.changes.items():
-            new = snapshot.entry_span(key, kv[0])
-            data_len += new - spans.get(key, 0)
-            spans[key] = new
-        ov.data_len = data_len
-        self.plan = snapshot.Plan.of(len(spans), data_len)
+        self.plan, ov.data_len = plan_of(self.changes, ov.spans, ov.data_len)
         self.done = threading.Event()
 
     def run(self) -> None:
         t0 = time.monotonic()
         error: BaseException | None = None
-        created = False
         try:
-            _shm.unlink(self.name)
-            seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
-            created = True
-            try:
-                keys = sorted(self.changes)
-                values: list[KV5 | None] = [self.changes[k] for k in keys]
-                snapshot.write(seg.buf, self.plan, self.revision, self.epoch, keys, values,
-                               self.base[1] if self.base is not None else None,
-                               kind=layout.KIND_OVERLAY)
-            finally:
-                seg.close()
+            write_segment(self.name, self.plan, self.revision, self.epoch, self.changes,
+                          self.base[1] if self.base is not None else None, self.mode,
+                          self.group)
         except Exception as exc:
             error = exc
         try:
-            self.ov.finish(self, error, time.monotonic() - t0, created)
+            self.ov.finish(self, error, time.monotonic() - t0)
         finally:
             self.done.set()
 
@@ -123,27 +133,57 @@ class Overlays:
 
     # -- the watch thread ---------------------------------------------------------------
 
-    def switch(self, publish: Callable[[], None], snap_seq: int,
+    def switch(self, publish: Callable[[dict[int, int]], None], snap_seq: int,
                since_snapshot: dict[bytes, KV5 | None], bytes_since: int,
                at: tuple[int, int, int]) -> None:
-        """Run ``publish`` (a snapshot publish that sets the overlay fields to 0) and start
-        over from snapshot ``snap_seq``, whose changes since are ``since_snapshot``.
+        """Publish a new snapshot, ``snap_seq``, with the first overlay segment of its own,
+        and start over from it.
 
-        A build still running belongs to the old snapshot: it throws its result away.
-        The first segment of the new snapshot is started at once, at ``at`` (revision,
-        epoch, ring head: what ``publish`` publishes), rather than at the next watch
-        response: a large snapshot takes seconds to build, and the changes meanwhile
-        would otherwise be decoded by every Reader that attaches until then.
+        ``publish(extra)`` publishes the snapshot's block fields updated with
+        ``extra``: the first overlay segment's fields, or 0s. That segment holds
+        ``since_snapshot`` (the changes made while the snapshot was built, at
+        ``at`` = revision, epoch, ring head: what ``publish`` publishes) and is
+        built here, before the publish, when they are at least ``OVERLAY_BYTES``
+        of records: a large snapshot takes seconds to build, and without it every
+        Reader attaching meanwhile would decode those records. (It costs the watch
+        loop the build, once per snapshot: a copy in C without the GIL.) A build
+        still running belongs to the old snapshot: it throws its result away.
         """
+        changes = {k: (v if v is not None else TOMBSTONE) for k, v in since_snapshot.items()}
+        spans: dict[bytes, int] = {}
+        first: tuple[int, snapshot.Plan] | None = None
+        if bytes_since >= OVERLAY_BYTES and changes:
+            with self.lock:
+                self.seq += 1
+                seq = self.seq
+            plan, data_len = plan_of(changes, spans, 0)
+            name = layout.overlay_name(self.cache, seq)
+            try:
+                write_segment(name, plan, at[0], at[1], changes, None, self.segs.mode,
+                              self.segs.group)
+                first = (seq, plan)
+                self.segs.track(name)
+            except Exception as exc:  # the snapshot goes out without one
+                _shm.unlink(name)
+                log.warning("overlay segment build at revision %d failed: %s", at[0], exc)
         with self.lock:
-            publish()
-            old, self.published = self.published, 0
+            if first is None:
+                publish(dict(NONE))
+            else:
+                publish({layout.B_OVL_SEQ: first[0], layout.B_OVL_REVISION: at[0],
+                         layout.B_OVL_SIZE: first[1].total, layout.B_OVL_RING_POS: at[2]})
+            old, self.published = self.published, first[0] if first else 0
             self.snap_seq = snap_seq
             self._retire_base()
-            self.changes = {k: (v if v is not None else TOMBSTONE)
-                            for k, v in since_snapshot.items()}
             self.spans, self.data_len = {}, 0
-            self.bytes_since = bytes_since
+            self.changes, self.bytes_since = changes, bytes_since
+            if first is not None:
+                sseg = _shm.open_readonly(layout.overlay_name(self.cache, first[0]))
+                if sseg is not None:
+                    self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size,
+                                                         layout.KIND_OVERLAY))
+                    self.spans, self.data_len = spans, data_len
+                    self.changes, self.bytes_since = {}, 0
         if old:
             _shm.unlink(layout.overlay_name(self.cache, old))
         self.maybe_build(*at)
@@ -172,15 +212,13 @@ class Overlays:
 
     # -- the build thread ----------------------------------------------------------------
 
-    def finish(self, b: OverlayBuild, error: BaseException | None, seconds: float,
-               created: bool) -> None:
+    def finish(self, b: OverlayBuild, error: BaseException | None, seconds: float) -> None:
         """Publish build ``b`` if its snapshot is still the live one; else throw it away."""
         old = 0
         with self.lock:
             self.build = None
             if error is not None or b.snap_seq != self.snap_seq:
-                if created:
-                    _shm.unlink(b.name)
+                _shm.unlink(b.name)  # (made or half made; nothing if creating it failed)
                 if error is not None and b.snap_seq == self.snap_seq:
                     # Its changes are gone from ``changes``: none until the next snapshot
                     # (readers decode the records after the last one published).

@@ -266,7 +266,8 @@ class Publisher:
             if stale:
                 _shm.unlink(layout.overlay_name(self.name, stale))
         else:  # the changes after the snapshot are those since its build started
-            self.overlays.switch(lambda: self.ctl.publish(updates, prefix=prefix), b.seq,
+            self.overlays.switch(lambda ovl: self.ctl.publish({**updates, **ovl}, prefix=prefix),
+                                 b.seq,
                                  self.delta, self.bytes_since_snapshot,
                                  (self.revision, self.epoch, self.ring.head))
         self.snap_seq = b.seq

@@ -162,7 +162,8 @@ def resume(p: Publisher) -> str | None:
     if got.tail != b.ring_tail:
         updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
     if p.overlays is not None:  # (which unlinks the old overlay segment)
-        p.overlays.switch(lambda: p.ctl.publish(updates, wake=False), b.snap_seq, got.delta,
+        p.overlays.switch(lambda ovl: p.ctl.publish({**updates, **ovl}, wake=False),
+                          b.snap_seq, got.delta,
                           OVERLAY_BYTES, (b.revision, b.epoch, b.ring_head))
     else:
         p.ctl.publish(updates, wake=False)
