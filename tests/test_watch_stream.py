@@ -1,6 +1,6 @@
 """The writer's watch path: the hand decoder of WatchResponse and both stream transports.
 
-``_etcd.decode_watch_response`` is held to protobuf's own decoding of the same
+``_watchpb.decode_watch_response`` is held to protobuf's own decoding of the same
 bytes (random messages, unknown fields, negative and large integers, truncated
 input). ``_DirectCall`` (grpc's segregated call, driven by the reading thread)
 and ``_ThreadedCall`` (the public API, its fallback) are run against a real
@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmcache
-from shmcache import _etcd, layout
+from shmcache import _etcd, _watchpb, layout
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_range, put
 
@@ -58,7 +58,7 @@ def responses(draw: Any) -> rpc_pb2.WatchResponse:
     return resp
 
 
-def expected(resp: rpc_pb2.WatchResponse) -> _etcd.WatchResponse:
+def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse:
     """What the feed used to build from protobuf's decoding (docs/design.md, step 4)."""
     events = []
     for ev in resp.events:
@@ -79,12 +79,12 @@ def expected(resp: rpc_pb2.WatchResponse) -> _etcd.WatchResponse:
 @given(responses(), st.binary(max_size=30))
 def test_decoder_equals_protobuf(resp: rpc_pb2.WatchResponse, junk: bytes) -> None:
     data = resp.SerializeToString()
-    assert _etcd.decode_watch_response(data) == expected(resp)
+    assert _watchpb.decode_watch_response(data) == expected(resp)
     # Unknown fields (a newer etcd's) are skipped: field 12 as bytes, 13 as a varint,
     # 14 as fixed64, 15 as fixed32, 100 (a two-byte tag) as bytes.
     extra = (b"\x62" + bytes([len(junk)]) + junk + b"\x68\xff\xff\x03" + b"\x71" + b"\0" * 8
              + b"\x7d" + b"\1" * 4 + b"\xa2\x06\x01x")
-    assert _etcd.decode_watch_response(data + extra) == expected(
+    assert _watchpb.decode_watch_response(data + extra) == expected(
         rpc_pb2.WatchResponse.FromString(data + extra))
 
 
@@ -99,11 +99,11 @@ def test_truncated_or_damaged_input_raises_value_error(resp: rpc_pb2.WatchRespon
             rpc_pb2.WatchResponse.FromString(raw[:cut])
         except Exception:
             with pytest.raises(ValueError):
-                _etcd.decode_watch_response(raw[:cut])
+                _watchpb.decode_watch_response(raw[:cut])
         else:  # a prefix protobuf accepts (it ended between fields): so must the decoder
-            _etcd.decode_watch_response(raw[:cut])
+            _watchpb.decode_watch_response(raw[:cut])
     with pytest.raises(ValueError):
-        _etcd.decode_watch_response(raw + b"\x5a\x05\x12")  # an event longer than the rest
+        _watchpb.decode_watch_response(raw + b"\x5a\x05\x12")  # an event longer than the rest
 
 
 def test_a_delete_and_a_put_of_a_real_response() -> None:
@@ -115,7 +115,7 @@ def test_a_delete_and_a_put_of_a_real_response() -> None:
     ev.prev_kv.key, ev.prev_kv.value, ev.prev_kv.mod_revision = b"/a", b"v" * 200, 5
     ev = resp.events.add()
     ev.kv.key, ev.kv.value, ev.kv.mod_revision, ev.kv.lease = b"/b", b"w", 7_000_000_000, -1
-    got = _etcd.decode_watch_response(resp.SerializeToString())
+    got = _watchpb.decode_watch_response(resp.SerializeToString())
     assert got == (7_000_000_000, False, False, 0, "", [
         (1, b"/a", b"", 0, 7_000_000_000, 0, 0, (b"/a", b"v" * 200, 0, 5, 0, 0)),
         (0, b"/b", b"w", 0, 7_000_000_000, 0, -1, None)])
