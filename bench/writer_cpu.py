@@ -486,6 +486,17 @@ def window(cons: Consumer, etcd: Any, client: Any, load: Load, seconds: float,
 
 # -- profile --------------------------------------------------------------------------------
 
+def tree_version(path: str) -> str:
+    """The tree's commit, and the files that differ from it (a 'before' tree may be a
+    commit with some files taken from an older one)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=path, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "HEAD") or path
+    changed = git("status", "--porcelain", "--", "shmcache").splitlines()
+    return head + (f" with changes: {', '.join(ln[3:] for ln in changed)}" if changed else "")
+
+
 def writers(args: Any) -> list[Consumer]:
     if not args.tree:
         return [WriterConsumer("writer", C.ROOT)]
@@ -535,10 +546,11 @@ def profile(args: Any, etcd: Any, client: Any, etcdctl: str) -> None:
             shutil.copy(raw + ".perf", args.keep_raw)
         os.unlink(raw + ".perf")
     if os.path.exists(raw):
-        print(summarize_raw(raw, top=40))
         if args.keep_raw:
             shutil.copy(raw, args.keep_raw)
+        summary = summarize_raw(raw, top=40)
         os.unlink(raw)
+        print(summary)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -560,11 +572,54 @@ def plot(results: dict[str, Any], path: str) -> bool:
     ax.set_ylabel("lag (revisions behind etcd)")
     ax.set_yscale("symlog", linthresh=10)
     ax.set_ylim(bottom=0)
-    ax.set_title("Lag behind etcd under the load (median round per consumer)")
+    st = results["settings"]
+    what = (f"{st['rate']:.0f} puts/s" if st["rate"] else "puts as fast as etcd takes them")
+    if st["backlog"]:
+        what += ", each consumer stopped during the load"
+    ax.set_title(f"Lag behind etcd, {what} (median round)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
+
+
+def report(paths: list[str]) -> None:
+    """Markdown tables of results files: medians (and range) per consumer, then lag over time."""
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        st = res["settings"]
+        load = (f"{st['rate']:.0f} puts/s" if st["rate"] else "as fast as etcd takes them")
+        print(f"\n{os.path.basename(path)}: load {load}, {st['load_procs']} load processes, "
+              f"{st['rounds']} rounds of {st['seconds']:.0f} s{', backlog' if st['backlog'] else ''}"
+              f"; {res['when']}, load average {res['load_average'][0]:.1f}\n")
+        print("| consumer | CPU µs/revision (range) | revisions/s received | load revisions/s | "
+              "revisions/response | switches/revision | max lag |")
+        print("|---|---|---|---|---|---|---|")
+        for label, r in res["consumers"].items():
+            m, rs = r["median"], r["rounds"]
+            lo = min(x["cpu_us_per_rev"] for x in rs)
+            hi = max(x["cpu_us_per_rev"] for x in rs)
+            def f(x: float) -> str:
+                return f"{x:.1f}" if x < 20 else f"{x:.0f}"
+
+            print(f"| {label} | **{m['cpu_us_per_rev']:.1f}** ({f(lo)}–{f(hi)}) | "
+                  f"{m['received_rate']:,.0f} | {m['load_rate']:,.0f} | "
+                  f"{m['revs_per_response'] or 0:.2f} | {m['switches_per_rev']:.2f} | "
+                  f"{m['max_lag']:,.0f} |")
+        times = [1.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+        print("\n| lag (revisions) at | " + " | ".join(f"{t:.0f} s" for t in times)
+              + " | caught up after |")
+        print("|---|" + "---|" * (len(times) + 1))
+        for label, r in res["consumers"].items():
+            rs = sorted(r["rounds"], key=lambda x: x["cpu_us_per_rev"])
+            mid = rs[len(rs) // 2]
+            cells = []
+            for t in times:
+                near = [v for (ts, v) in mid["lag"] if abs(ts - t) < 0.26]
+                cells.append(f"{near[0]:,}" if near else "–")
+            print(f"| {label} | " + " | ".join(cells)
+                  + f" | {mid['load_seconds'] + mid['catch_up_seconds']:.1f} s |")
 
 
 def main() -> int:
@@ -589,8 +644,16 @@ def main() -> int:
     ap.add_argument("--keep-raw", help="with --profile: keep py-spy's raw output here")
     ap.add_argument("--stream-tree", metavar="DIR",
                     help="also run shmcache's watch stream alone (no publishing) from DIR")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="print markdown tables of results files and exit")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        for path in args.report if args.png else []:
+            with open(path) as f:
+                plot(json.load(f), path.removesuffix(".json") + "-lag.png")
+        return 0
     if args.child:
         child_main(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])
         return 0
@@ -636,9 +699,7 @@ def main() -> int:
         benchmark="writer CPU per revision", etcd=etcd_version,
         nproc=os.cpu_count(), load_average=os.getloadavg(),
         settings={k: v for k, v in vars(args).items() if k not in ("child",)},
-        trees={label: subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True,
-                                     text=True).stdout.strip() or path
-               for label, path in (t.split("=", 1) for t in args.tree)},
+        trees={label: tree_version(path) for label, path in (t.split("=", 1) for t in args.tree)},
         seconds=round(time.monotonic() - t_start, 1),
         consumers={label: {
             "median": {k: med(label, k) for k in (
