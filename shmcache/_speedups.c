@@ -478,6 +478,137 @@ static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uin
     return 0;
 }
 
+/* index_run(buf, vtab_off, nvals, posts_off, npost, values_off, values_end, keys_off,
+ *           keys_end, value, after, limit) -> list of bytes
+ *
+ * by_index's read of an index segment in one call (indexseg.IndexSegment.run_keys is
+ * the reference): a binary search of the index's value table for ``value`` (each
+ * entry read is bounded and checked against its check word), then of its run of
+ * postings for the first key above ``after`` (None: from the start), then at most
+ * ``limit`` keys (-1: all), each checked against its posting's CRC and for strictly
+ * increasing order. [] if the value has no keys.
+ */
+static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 12 || !PyBytes_Check(a[9]) || (a[10] != Py_None && !PyBytes_Check(a[10]))) {
+        PyErr_SetString(PyExc_TypeError, "index_run() takes 12 arguments");
+        return NULL;
+    }
+    uint64_t g[8];
+    for (int j = 0; j < 8; j++) g[j] = PyLong_AsUnsignedLongLong(a[j + 1]);
+    long long limit = PyLong_AsLongLong(a[11]);
+    if (PyErr_Occurred()) return NULL;
+    uint64_t vtab = g[0], nvals = g[1], posts = g[2], npost = g[3], voff = g[4], vend = g[5],
+             koff = g[6], kend = g[7];
+    Py_buffer view;
+    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *buf = (const unsigned char *)view.buf;
+    uint64_t size = (uint64_t)view.len;
+    const unsigned char *want = (const unsigned char *)PyBytes_AS_STRING(a[9]);
+    uint64_t wlen = (uint64_t)PyBytes_GET_SIZE(a[9]);
+    PyObject *out = NULL;
+    if (vtab > size || nvals > (size - vtab) / 32 || posts > size || npost > (size - posts) / 16
+        || voff > vend || vend > size || koff > kend || kend > size) {
+        corrupt("index segment geometry out of bounds");
+        goto done;
+    }
+    uint64_t lo = 0, hi = nvals, first = 0, count = 0;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        const unsigned char *e = buf + vtab + 32 * mid;
+        uint64_t off = rd64(e), f = rd64(e + 16), n = rd64(e + 24);
+        uint32_t vlen = rd32(e + 8), check = rd32(e + 12);
+        if (off > vend - voff || vlen > vend - voff - off || f > npost || n > npost - f
+            || n == 0) {
+            corrupt("index value %llu points outside the segment", (unsigned long long)mid);
+            goto done;
+        }
+        const unsigned char *v = buf + voff + off;
+        unsigned char packed[28];
+        memcpy(packed, &off, 8);
+        memcpy(packed + 8, &vlen, 4);
+        memcpy(packed + 12, &f, 8);
+        memcpy(packed + 20, &n, 8);
+        if (crc_from(crc(packed, 28), v, vlen) != check) {
+            corrupt("index value %llu fails its check", (unsigned long long)mid);
+            goto done;
+        }
+        int c = bcmp3(v, vlen, want, wlen);
+        if (c < 0) {
+            lo = mid + 1;
+        } else if (c > 0) {
+            hi = mid;
+        } else {
+            first = f;
+            count = n;
+            break;
+        }
+    }
+    out = PyList_New(0);
+    if (out == NULL || count == 0) goto done;
+    uint64_t p = first, end = first + count;
+#define POST_KEY(idx, kp, kl)                                                                 \
+    do {                                                                                      \
+        const unsigned char *pe = buf + posts + 16 * (idx);                                   \
+        uint64_t o = rd64(pe);                                                                \
+        kl = rd32(pe + 8);                                                                    \
+        if (o > kend - koff || kl > kend - koff - o) {                                        \
+            corrupt("index posting %llu points outside the key area", (unsigned long long)(idx)); \
+            Py_CLEAR(out);                                                                    \
+            goto done;                                                                        \
+        }                                                                                     \
+        kp = buf + koff + o;                                                                  \
+        if (crc(kp, kl) != rd32(pe + 12)) {                                                   \
+            corrupt("index posting %llu or its key fails its checksum", (unsigned long long)(idx)); \
+            Py_CLEAR(out);                                                                    \
+            goto done;                                                                        \
+        }                                                                                     \
+    } while (0)
+    const unsigned char *kp;
+    uint64_t kl;
+    if (a[10] != Py_None) {
+        const unsigned char *af = (const unsigned char *)PyBytes_AS_STRING(a[10]);
+        uint64_t alen = (uint64_t)PyBytes_GET_SIZE(a[10]);
+        uint64_t l2 = p, h2 = end;
+        while (l2 < h2) {
+            uint64_t mid = l2 + (h2 - l2) / 2;
+            POST_KEY(mid, kp, kl);
+            if (bcmp3(kp, kl, af, alen) <= 0)
+                l2 = mid + 1;
+            else
+                h2 = mid;
+        }
+        p = l2;
+    }
+    const unsigned char *prev = NULL;
+    uint64_t prevlen = 0;
+    if (a[10] != Py_None) {
+        prev = (const unsigned char *)PyBytes_AS_STRING(a[10]);
+        prevlen = (uint64_t)PyBytes_GET_SIZE(a[10]);
+    }
+    for (; p < end && (limit < 0 || (long long)PyList_GET_SIZE(out) < limit); p++) {
+        POST_KEY(p, kp, kl);
+        if (prev != NULL && bcmp3(prev, prevlen, kp, kl) >= 0) {
+            corrupt("index run is out of key order at posting %llu", (unsigned long long)p);
+            Py_CLEAR(out);
+            goto done;
+        }
+        prev = kp;
+        prevlen = kl;
+        PyObject *k = PyBytes_FromStringAndSize((const char *)kp, (Py_ssize_t)kl);
+        if (k == NULL || PyList_Append(out, k) < 0) {
+            Py_XDECREF(k);
+            Py_CLEAR(out);
+            goto done;
+        }
+        Py_DECREF(k);
+    }
+#undef POST_KEY
+done:
+    PyBuffer_Release(&view);
+    return out;
+}
+
+
 /* range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list
  *
  * list()'s snapshot part in one call: a binary search of the sorted index for the
@@ -863,6 +994,8 @@ static PyMethodDef methods[] = {
      "get_many(keys, params) -> [KeyValue | None]: get() of each key"},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_FASTCALL,
      "crc32(data, value=0) -> int: zlib.crc32(data, value), with PCLMULQDQ where the CPU has it"},
+    {"index_run", (PyCFunction)(void (*)(void))index_run, METH_FASTCALL,
+     "index_run(...) -> [bytes]: by_index's value lookup and run of keys (see indexseg.py)"},
     {"range", (PyCFunction)(void (*)(void))snapshot_range, METH_FASTCALL,
      "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,

@@ -100,7 +100,16 @@ def _segment(pairs: list[list[tuple[bytes, bytes]]]) -> indexseg.IndexSegment:
     return indexseg.IndexSegment("/t", bytes(buf), size)  # (slices of bytes, as of a mapping)
 
 
-def test_index_segment_round_trip_and_pages() -> None:
+@pytest.fixture(params=["c", "python"])
+def run_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """run_keys through the C speedups (_speedups.index_run) and through pure Python."""
+    if request.param == "c" and indexseg._speedups is None:
+        pytest.skip("shmcache._speedups was not built")
+    monkeypatch.setattr(indexseg, "USE_SPEEDUPS", request.param == "c")
+    return str(request.param)
+
+
+def test_index_segment_round_trip_and_pages(run_path: str) -> None:
     rnd = random.Random(5)
     pairs = sorted({(b"v%d" % rnd.randrange(20), b"k%05d" % rnd.randrange(5000))
                     for _ in range(3000)})
@@ -119,7 +128,7 @@ def test_index_segment_round_trip_and_pages() -> None:
     assert list(seg.values(1)) == []
 
 
-def test_index_segment_damage_is_an_error_not_a_wrong_answer() -> None:
+def test_index_segment_damage_is_an_error_not_a_wrong_answer(run_path: str) -> None:
     """Every single-bit flip anywhere is caught by a check or changes nothing a reader
     sees (flips in padding or unread fields), and ``check()`` finds each in the body."""
     pairs = [[(b"a", b"k1"), (b"a", b"k2"), (b"b", b"k3"), (b"c", b"k1")]]
