@@ -142,10 +142,20 @@ class View:
         over them (call under the Reader's lock). ``want`` >= 0: only as many as a merge
         that returns ``want`` keys needs (see _changed_in_segment)."""
         overlay = self.overlay
-        if end is None:
-            keys = list(overlay.irange(minimum=prefix))
-        else:
-            keys = list(overlay.irange(prefix, end, inclusive=(True, False)))
+        keys = (overlay.irange(minimum=prefix) if end is None
+                else overlay.irange(prefix, end, inclusive=(True, False)))
+        if self.ovl is None and want >= 0:
+            # All the changes (a cache with secondary indexes has no overlay segment):
+            # as far as ``want`` live keys, as _changed_in_segment does.
+            out: list[tuple[bytes, KeyValue | None]] = []
+            live = 0
+            for k in keys:
+                if live >= want:
+                    break
+                kv = overlay[k]
+                out.append((k, kv))
+                live += kv is not None
+            return out
         mine = [(k, overlay[k]) for k in keys]
         if self.ovl is None:
             return mine
