@@ -33,12 +33,12 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _codec
 from ._cursor import Record, RingCursor
 from ._indexdef import vals
+from ._perprocess import PerReader
 from .errors import CompactedError, ShmCacheError
 from .types import Event
 
@@ -251,11 +251,8 @@ class Demux:
         touched: dict[int, Watch] = {}
         n = 0
         for rev, payload in records:
-            if by_ix:
-                decoded: Iterable[tuple[Event, Any, Any]] = _codec.decode_indexed(
-                    payload, rev, where)
-            else:
-                decoded = [(ev, None, None) for ev in _codec.decode(payload, rev, where)]
+            # (decode_indexed: decode() would strip the same tuples of their index values)
+            decoded = _codec.decode_indexed(payload, rev, where)
             self.records += 1
             for ev, ix, pix in decoded:
                 key = ev.kv.key
@@ -371,33 +368,16 @@ class Demux:
                     ctl.close()  # the deferred unmap
 
 
-_registry_lock = threading.Lock()
-_demuxes: weakref.WeakKeyDictionary[Reader, Demux] = weakref.WeakKeyDictionary()
-
-
-def _after_fork_in_child() -> None:
-    # The parent's demultiplexer threads do not exist in the child, and the lock may
-    # have been held by one of them at fork time.
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    _demuxes.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_DEMUXES: PerReader[Demux] = PerReader(Demux)
 
 
 def demux_of(reader: Reader) -> Demux:
     """The demultiplexer of ``reader``'s watches in this process (made on first use)."""
-    with _registry_lock:
-        d = _demuxes.get(reader)
-        if d is None or d.pid != os.getpid():
-            d = _demuxes[reader] = Demux(reader)
-        return d
+    return _DEMUXES.get(reader)
 
 
 def wake_all(reader: Reader) -> None:
     """Wake the joined watches of ``reader`` (it is closing: their next read raises)."""
-    with _registry_lock:
-        d = _demuxes.get(reader)
-    if d is not None and d.pid == os.getpid():
+    d = _DEMUXES.peek(reader)
+    if d is not None:
         d.wake_all()

@@ -25,6 +25,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Self
 
 from . import layout
+from ._perprocess import PerReader
 
 if TYPE_CHECKING:
     import asyncio
@@ -194,28 +195,11 @@ class _Waker:
                     reader.control.close()  # the deferred unmap
 
 
-_registry_lock = threading.Lock()
-_wakers: weakref.WeakKeyDictionary[Reader, _Waker] = weakref.WeakKeyDictionary()
-
-
-def _after_fork_in_child() -> None:
-    # The parent's waker threads do not exist in the child, and the registry lock
-    # may have been held by one of them at fork time.
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    _wakers.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_WAKERS: PerReader[_Waker] = PerReader(_Waker)
 
 
 def _waker_for(reader: Reader) -> _Waker:
-    with _registry_lock:
-        w = _wakers.get(reader)
-        if w is None or w.pid != os.getpid():
-            w = _Waker(reader)
-            _wakers[reader] = w
-        return w
+    return _WAKERS.get(reader)
 
 
 async def _wait_change(reader: Reader, seen: int, timeout: float | None,
