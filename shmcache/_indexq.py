@@ -14,13 +14,16 @@ Concurrency contract: everything runs under the owning Reader's lock.
 from __future__ import annotations
 
 import heapq
+import itertools
+import operator
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from sortedcontainers import SortedSet
 
 from . import _pages
 from ._indexdef import IxVals, vals
-from .errors import CorruptSegmentError
 from .types import KeyValue, ListResult
 
 if TYPE_CHECKING:
@@ -34,7 +37,7 @@ class OverlayIndex:
     __slots__ = ("keys", "delta")
 
     def __init__(self, n: int) -> None:
-        self.keys: list[dict[bytes, set[bytes]]] = [{} for _ in range(n)]
+        self.keys: list[dict[bytes, SortedSet]] = [{} for _ in range(n)]
         self.delta: list[dict[bytes, int]] = [{} for _ in range(n)]
 
     def apply(self, key: bytes, ix: IxVals | None, pix: IxVals | None) -> None:
@@ -48,7 +51,13 @@ class OverlayIndex:
                     s.discard(key)
             for v in vals(ix, i):
                 delta[v] = delta.get(v, 0) + 1
-                keys.setdefault(v, set()).add(key)
+                s = keys.get(v)
+                if s is None:
+                    s = keys[v] = SortedSet()
+                s.add(key)
+
+
+_key = operator.itemgetter(0)
 
 
 def _position(v: View, name: str) -> int:
@@ -61,29 +70,24 @@ def _position(v: View, name: str) -> int:
 
 
 def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> list[KeyValue]:
-    """The keys with ``value`` in index ``i`` now (above ``after``), at most ``want``."""
-    seg, snap, overlay = v.indexes(), v.snap, v.overlay
+    """The keys with ``value`` in index ``i`` now (above ``after``), at most ``want``: the
+    snapshot's run without the keys changed since, merged with the changed keys that have
+    the value now. O(log run + want + changed keys passed over), whatever the offset."""
+    snap, overlay = v.snap, v.overlay
     assert snap is not None and v.ov_index is not None
+    items = v.indexes().run_items(i, value, after, want, overlay, snap)
     changed = v.ov_index.keys[i].get(value)
-    # Each changed key hides at most one of the run's: read that many more.
-    keys = seg.run_keys(i, value, after, -1 if want < 0 else want + len(overlay))
-    if overlay:
-        keys = [k for k in keys if k not in overlay]
-    extra = sorted(k for k in changed if after is None or k > after) if changed else None
-    out: list[KeyValue | None]
-    if extra:  # keys changed since the snapshot that have the value now: from the overlay
-        keys = list(heapq.merge(keys, extra))
+    if changed:
+        keys: Iterable[bytes] = (changed if after is None
+                                 else changed.irange(after, inclusive=(False, False)))
         if want >= 0:
-            keys = keys[:want]
-        from_snap = iter(snap.get_many([k for k in keys if k not in overlay]))
-        out = [overlay[k] if k in overlay else next(from_snap) for k in keys]
-    else:
-        out = snap.get_many(keys if want < 0 else keys[:want])
-    if None in out:
-        k = keys[out.index(None)]
-        raise CorruptSegmentError(f"index segment lists key {k!r}, which the cache does "
-                                  f"not hold", segment=seg.name)
-    return out  # type: ignore[return-value]
+            keys = itertools.islice(keys, want)
+        extra = [overlay[k] for k in keys]
+        if extra:
+            items = list(heapq.merge(items, extra, key=_key))
+            if want >= 0:
+                del items[want:]
+    return items
 
 
 def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision: int,

@@ -317,14 +317,13 @@ static int geom_open(PyObject *params, geom_t *g, Py_buffer *view) {
 }
 
 /* The entry of ``key`` (a bytes object) as a new KeyValue, Py_None (new ref) or NULL. */
-static PyObject *lookup(const geom_t *g, PyObject *key) {
+static PyObject *lookup_hashed(const geom_t *g, PyObject *key, uint32_t h) {
     const unsigned char *buf = g->buf;
     uint64_t hash_off = g->hash_off, slots = g->slots, data_off = g->data_off,
              data_end = g->data_end;
     const unsigned char *k = (const unsigned char *)PyBytes_AS_STRING(key);
     uint64_t klen_want = (uint64_t)PyBytes_GET_SIZE(key);
     uint64_t mask = slots - 1;
-    uint32_t h = crc(k, klen_want);
     uint64_t i = h & mask;
     for (uint64_t n = 0; n < slots; n++) {
         const unsigned char *slot = buf + hash_off + 16 * i;
@@ -362,6 +361,12 @@ static PyObject *lookup(const geom_t *g, PyObject *key) {
         i = (i + 1) & mask;
     }
     return corrupt("hash table has no empty slot");
+}
+
+/* The snapshot hashes a key by its CRC-32 (zlib's). */
+static PyObject *lookup(const geom_t *g, PyObject *key) {
+    return lookup_hashed(g, key, crc((const unsigned char *)PyBytes_AS_STRING(key),
+                                     (uint64_t)PyBytes_GET_SIZE(key)));
 }
 
 static PyObject *get_impl(PyObject *const *fargs) {
@@ -479,18 +484,45 @@ static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uin
 }
 
 /* index_run(buf, vtab_off, nvals, posts_off, npost, values_off, values_end, keys_off,
- *           keys_end, value, after, limit) -> list of bytes
+ *           keys_end, value, after, limit[, skip, snap]) -> list of bytes | of KeyValue
  *
- * by_index's read of an index segment in one call (indexseg.IndexSegment.run_keys is
- * the reference): a binary search of the index's value table for ``value`` (each
- * entry read is bounded and checked against its check word), then of its run of
- * postings for the first key above ``after`` (None: from the start), then at most
- * ``limit`` keys (-1: all), each checked against its posting's CRC and for strictly
- * increasing order. [] if the value has no keys.
+ * by_index's read of an index segment in one call (indexseg.IndexSegment.run_keys and
+ * run_items are the reference): a binary search of the index's value table for
+ * ``value`` (each entry read is bounded and checked against its check word), then of
+ * its run of postings for the first key above ``after`` (None: from the start), then
+ * at most ``limit`` keys (-1: all), each checked against its posting's CRC and for
+ * strictly increasing order. [] if the value has no keys.
+ *
+ * With ``snap`` (a snapshot's 6-tuple of get() parameters), the keys' KeyValues from
+ * that snapshot instead, probed with the posting's CRC as the hash (the snapshot
+ * hashes keys by the same CRC); keys in the dict ``skip`` (the changes since the
+ * snapshot) are passed over and do not count towards ``limit``. A key the snapshot
+ * lacks is damage: ValueError starting "missing:"; a snapshot's own damage starts
+ * "snapshot:".
  */
+#define INDEX_BATCH 32
+
 static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 12 || !PyBytes_Check(a[9]) || (a[10] != Py_None && !PyBytes_Check(a[10]))) {
-        PyErr_SetString(PyExc_TypeError, "index_run() takes 12 arguments");
+    if ((nargs != 12 && nargs != 14) || !PyBytes_Check(a[9])
+        || (a[10] != Py_None && !PyBytes_Check(a[10]))
+        || (nargs == 14 && ((a[12] != Py_None && !PyDict_Check(a[12]))
+                            || (a[13] != Py_None && (!PyTuple_Check(a[13])
+                                                     || PyTuple_GET_SIZE(a[13]) != 6))))) {
+        PyErr_SetString(PyExc_TypeError, "index_run() takes 12 or 14 arguments");
+        return NULL;
+    }
+    PyObject *batch[INDEX_BATCH];
+    uint32_t hashes[INDEX_BATCH];
+    int nb = 0;
+    PyObject *skip = nargs == 14 && a[12] != Py_None ? a[12] : NULL;
+    PyObject *snapp = nargs == 14 && a[13] != Py_None ? a[13] : NULL;
+    geom_t sg;
+    Py_buffer sview;
+    if (snapp != NULL && geom_open(snapp, &sg, &sview) < 0) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_Format(PyExc_ValueError, "snapshot: %S", v ? v : Py_None);
+        Py_XDECREF(t); Py_XDECREF(v); Py_XDECREF(tb);
         return NULL;
     }
     uint64_t g[8];
@@ -500,7 +532,10 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
     uint64_t vtab = g[0], nvals = g[1], posts = g[2], npost = g[3], voff = g[4], vend = g[5],
              koff = g[6], kend = g[7];
     Py_buffer view;
-    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0) {
+        if (snapp != NULL) PyBuffer_Release(&sview);
+        return NULL;
+    }
     const unsigned char *buf = (const unsigned char *)view.buf;
     uint64_t size = (uint64_t)view.len;
     const unsigned char *want = (const unsigned char *)PyBytes_AS_STRING(a[9]);
@@ -553,14 +588,12 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
         kl = rd32(pe + 8);                                                                    \
         if (o > kend - koff || kl > kend - koff - o) {                                        \
             corrupt("index posting %llu points outside the key area", (unsigned long long)(idx)); \
-            Py_CLEAR(out);                                                                    \
-            goto done;                                                                        \
+            goto fail;                                                                        \
         }                                                                                     \
         kp = buf + koff + o;                                                                  \
         if (crc(kp, kl) != rd32(pe + 12)) {                                                   \
             corrupt("index posting %llu or its key fails its checksum", (unsigned long long)(idx)); \
-            Py_CLEAR(out);                                                                    \
-            goto done;                                                                        \
+            goto fail;                                                                        \
         }                                                                                     \
     } while (0)
     const unsigned char *kp;
@@ -585,26 +618,90 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
         prev = (const unsigned char *)PyBytes_AS_STRING(a[10]);
         prevlen = (uint64_t)PyBytes_GET_SIZE(a[10]);
     }
-    for (; p < end && (limit < 0 || (long long)PyList_GET_SIZE(out) < limit); p++) {
-        POST_KEY(p, kp, kl);
-        if (prev != NULL && bcmp3(prev, prevlen, kp, kl) >= 0) {
-            corrupt("index run is out of key order at posting %llu", (unsigned long long)p);
-            Py_CLEAR(out);
-            goto done;
+    /* With a snapshot, keys are probed in batches: first every key's hash slot is
+     * prefetched, then every candidate entry, then each is looked up for real. The
+     * run's keys are scattered over the snapshot, so each lookup would otherwise
+     * wait for two cache misses in turn; batched, the misses overlap. (Prefetches
+     * are hints only: the lookup checks everything itself.) */
+    for (;;) {
+        int more = p < end && (limit < 0 || (long long)PyList_GET_SIZE(out) + nb < limit);
+        if (more) {
+            POST_KEY(p, kp, kl);
+            if (prev != NULL && bcmp3(prev, prevlen, kp, kl) >= 0) {
+                corrupt("index run is out of key order at posting %llu", (unsigned long long)p);
+                goto fail;
+            }
+            prev = kp;
+            prevlen = kl;
+            PyObject *k = PyBytes_FromStringAndSize((const char *)kp, (Py_ssize_t)kl);
+            if (k == NULL) goto fail;
+            uint32_t h = rd32(buf + posts + 16 * p + 12);
+            p++;
+            if (snapp == NULL) {
+                int rc = PyList_Append(out, k);
+                Py_DECREF(k);
+                if (rc < 0) goto fail;
+                continue;
+            }
+            int skipped = skip != NULL ? PyDict_Contains(skip, k) : 0;
+            if (skipped != 0) {
+                Py_DECREF(k);
+                if (skipped < 0) goto fail;
+                continue;
+            }
+            uint64_t slot = sg.hash_off + 16 * (h & (sg.slots - 1));
+            __builtin_prefetch(sg.buf + slot);
+            batch[nb] = k;
+            hashes[nb++] = h;
+            if (nb < INDEX_BATCH) continue;
         }
-        prev = kp;
-        prevlen = kl;
-        PyObject *k = PyBytes_FromStringAndSize((const char *)kp, (Py_ssize_t)kl);
-        if (k == NULL || PyList_Append(out, k) < 0) {
-            Py_XDECREF(k);
-            Py_CLEAR(out);
-            goto done;
+        if (nb == 0) break;
+        for (int j = 0; j < nb; j++) { /* the first candidate entry of each key */
+            const unsigned char *slot = sg.buf + sg.hash_off + 16 * (hashes[j] & (sg.slots - 1));
+            uint64_t off = rd64(slot + 8);
+            if ((uint32_t)rd64(slot) == hashes[j] && off >= sg.data_off) {
+                /* the entry's first lines: header, key, and the value's start */
+                for (uint64_t line = 0; line < 256 && off + line < sg.data_end; line += 64)
+                    __builtin_prefetch(sg.buf + off + line);
+            }
         }
-        Py_DECREF(k);
+        for (int j = 0; j < nb; j++) {
+            PyObject *kv = lookup_hashed(&sg, batch[j], hashes[j]);
+            if (kv == NULL || kv == Py_None) {
+                if (kv == NULL) {
+                    PyObject *t, *v, *tb;
+                    PyErr_Fetch(&t, &v, &tb);
+                    PyErr_Format(PyExc_ValueError, "snapshot: %S", v ? v : Py_None);
+                    Py_XDECREF(t); Py_XDECREF(v); Py_XDECREF(tb);
+                } else {
+                    Py_DECREF(kv);
+                    corrupt("missing: index posting of key %R names a key the snapshot lacks",
+                            batch[j]);
+                }
+                for (int m = 0; m < nb; m++) Py_DECREF(batch[m]);
+                nb = 0;
+                goto fail;
+            }
+            int rc = PyList_Append(out, kv);
+            Py_DECREF(kv);
+            if (rc < 0) {
+                for (int m = 0; m < nb; m++) Py_DECREF(batch[m]);
+                nb = 0;
+                goto fail;
+            }
+        }
+        for (int m = 0; m < nb; m++) Py_DECREF(batch[m]);
+        nb = 0;
+        if (!more) break;
     }
+    goto done;
+fail:
+    for (int m = 0; m < nb; m++) Py_DECREF(batch[m]);
+    Py_CLEAR(out);
 #undef POST_KEY
 done:
     PyBuffer_Release(&view);
+    if (snapp != NULL) PyBuffer_Release(&sview);
     return out;
 }
 

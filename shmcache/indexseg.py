@@ -4,7 +4,8 @@ searched in place.
 Per index, a value table sorted by value bytes (binary search: a lookup, not a
 scan) whose entries each point at a run of postings, the keys with that value
 sorted by key. Readers take a run's keys and read their entries from the
-snapshot of the same revision (a hash probe each), so nothing is decoded but
+snapshot of the same revision (a hash probe each, batched so that their cache
+misses overlap: see _speedups.index_run), so nothing is decoded but
 what is answered, and nobody parses JSON: the writer computed the values.
 
 Concurrency contract: like a snapshot, the writer fills a new segment before the
@@ -27,7 +28,8 @@ from typing import Any
 
 from . import layout
 from .errors import CorruptSegmentError, VersionMismatchError
-from .snapshot import USE_SPEEDUPS, _speedups
+from .snapshot import USE_SPEEDUPS, Snapshot, _speedups
+from .types import KeyValue
 
 _HDR = layout.IDX_HEADER
 _DIR = layout.IDX_DIR
@@ -233,6 +235,48 @@ class IndexSegment:
                      or not all(map(operator.lt, keys, itertools.islice(keys, 1, None)))):
             raise self._corrupt(f"index {i} run of {value!r} is out of key order")
         return keys
+
+    def run_items(self, i: int, value: bytes, after: bytes | None, limit: int,
+                  skip: dict[bytes, Any], snap: Snapshot) -> list[KeyValue]:
+        """The KeyValues in ``snap`` (this segment's snapshot) of the keys with ``value`` in
+        index ``i`` above ``after``, passing over the keys in ``skip`` (changed since the
+        snapshot), in key order, at most ``limit`` (-1: all).
+
+        Each skipped key costs one more posting, not a re-read: a page costs
+        O(log run + page + skipped keys in it). With the C speedups, one call
+        (index_run with a snapshot): it probes the snapshot with the postings'
+        CRCs, which the snapshot's hash is. A key the snapshot lacks is damage.
+        """
+        if USE_SPEEDUPS:
+            try:
+                voff, nvals, poff, npost = self.dirs[i]
+                items: list[KeyValue] = _speedups.index_run(
+                    self.buf, voff, nvals, poff, npost, self.values_off, self.values_end,
+                    self.keys_off, self.keys_end, value, after, limit, skip, snap.params)
+                return items
+            except ValueError as exc:
+                msg = str(exc)
+                if msg.startswith("snapshot: "):
+                    raise snap._corrupt(msg[10:]) from None
+                raise self._corrupt(f"index {i}: {msg.removeprefix('missing: ')}") from None
+        out: list[KeyValue] = []
+        chunk = limit + 16
+        while limit < 0 or len(out) < limit:
+            keys = self.run_keys(i, value, after, -1 if limit < 0 else chunk)
+            for k in keys:
+                if k in skip:
+                    continue
+                kv = snap.get(k)
+                if kv is None:
+                    raise self._corrupt(f"index {i}: index posting names key {k!r}, which "
+                                        f"the snapshot lacks")
+                out.append(kv)
+                if len(out) == limit:
+                    break
+            if limit < 0 or len(keys) < chunk:
+                break
+            after, chunk = keys[-1], chunk * 2
+        return out
 
     def values(self, i: int) -> Iterator[tuple[bytes, int]]:
         """Every (value, key count) of index ``i``, in value order."""

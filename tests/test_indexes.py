@@ -128,6 +128,38 @@ def test_index_segment_round_trip_and_pages(run_path: str) -> None:
     assert list(seg.values(1)) == []
 
 
+def test_run_items_reads_the_snapshot_skipping_changed_keys(run_path: str) -> None:
+    """run_items: the run's KeyValues from the snapshot, passing over the keys in ``skip``
+    without counting them towards the limit, from above ``after``; a posting whose key
+    the snapshot lacks is corruption, never a silent gap."""
+    from shmcache import snapshot
+
+    rnd = random.Random(8)
+    keys = sorted({b"k%05d" % rnd.randrange(100_000) for _ in range(2000)})
+    items = [(k, (b"val-" + k, 1, 2, 1, 0)) for k in keys]
+    size, fill = snapshot.build(items, len(items), 7, 1)
+    sbuf = bytearray(size)
+    fill(sbuf)
+    snap = snapshot.Snapshot("/s", bytes(sbuf), size)
+    pairs = sorted((b"v%d" % (i % 7), k) for i, k in enumerate(keys))
+    seg = _segment([pairs])
+    run = [k for v, k in pairs if v == b"v3"]
+    skip = {k: None for k in rnd.sample(run, len(run) // 3)}
+    left = [k for k in run if k not in skip]
+    for after, limit in [(None, -1), (None, 10), (run[40], 25), (run[-2], 5), (None, 0),
+                         (run[10], len(run))]:
+        got = seg.run_items(0, b"v3", after, limit, skip, snap)
+        want = [k for k in left if after is None or k > after]
+        want = want if limit < 0 else want[:limit]
+        assert [kv.key for kv in got] == want, (after, limit)
+        assert all(kv.value == b"val-" + kv.key for kv in got)
+    assert seg.run_items(0, b"absent", None, -1, {}, snap) == []
+    # An index segment naming a key its snapshot lacks.
+    bad = _segment([[(b"v3", b"zz-not-in-snapshot")] + [p for p in pairs if p[0] == b"v4"]])
+    with pytest.raises(shmcache.CorruptSegmentError, match="lacks"):
+        bad.run_items(0, b"v3", None, -1, {}, snap)
+
+
 def test_index_segment_damage_is_an_error_not_a_wrong_answer(run_path: str) -> None:
     """Every single-bit flip anywhere is caught by a check or changes nothing a reader
     sees (flips in padding or unread fields), and ``check()`` finds each in the body."""
