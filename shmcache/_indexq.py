@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedSet
 
-from . import _pages
+from . import _history, _pages
 from ._indexdef import IxVals, vals
 from .types import KeyValue, ListResult
 
@@ -92,16 +92,11 @@ def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> l
 
 def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision: int,
         current: int) -> list[KeyValue]:
-    """As ``_current``, at a past ``revision`` within the window."""
-    undo: dict[bytes, tuple[KeyValue | None, IxVals | None]] = v.changes_after(
-        revision, current, indexed=True)
-    now = _current(v, i, value, after, want if want < 0 else want + len(undo))
-    items = {kv.key: kv for kv in now if kv.key not in undo}
-    for k, (kv, pix) in undo.items():
-        if kv is not None and value in vals(pix, i) and (after is None or k > after):
-            items[k] = kv
-    out = [items[k] for k in sorted(items)]
-    return out if want < 0 else out[:want]
+    """As ``_current``, at a past ``revision`` within the window (_history.past_page)."""
+    u = v.undo(revision, current)
+    start = b"" if after is None else after + b"\0"
+    return _history.past_page(lambda n: _current(v, i, value, after, n), u,
+                              lambda last: u.keys_with(i, value, start, last), want)
 
 
 def _page_prefix(index: str, value: bytes) -> bytes:

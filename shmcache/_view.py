@@ -17,7 +17,7 @@ the live one.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 from sortedcontainers import SortedDict
@@ -43,6 +43,8 @@ def range_end(prefix: bytes) -> bytes | None:
 
 T = TypeVar("T")
 _MISSING: Any = object()
+# Undos (what changed after a revision) a View keeps: a few listings paged at once.
+_UNDOS = 4
 
 
 def _first(item: tuple[bytes, Any]) -> bytes:
@@ -103,6 +105,8 @@ class View:
         self.index_defs: tuple[tuple[str, str], ...] = ()
         self.iseg: IndexSegment | None = None
         self.ov_index: OverlayIndex | None = None
+        # What changed after the revisions recently read at (pages of a listing).
+        self.undos: list[_history.Undo] = []
 
     def indexes(self) -> IndexSegment:
         """The index segment of the live snapshot (Retry if it was replaced meanwhile)."""
@@ -194,19 +198,27 @@ class View:
 
     # -- for past-revision reads and watches (under the Reader's lock) ----------
 
-    def changes_after(self, revision: int, current: int,
-                      indexed: bool = False) -> dict[bytes, Any]:
-        """key -> its KeyValue (None: absent) at ``revision``, for the keys changed since;
-        CompactedError / FutureRevisionError outside the window (see _history).
-        ``indexed``: key -> (KeyValue or None, its index values then)."""
+    def undo(self, revision: int, current: int) -> _history.Undo:
+        """What changed after ``revision`` (see _history.Undo), read up to the view's
+        position; CompactedError / FutureRevisionError outside the window. The last
+        few are kept, so the pages of one listing decode each record once."""
         b = self.block
         assert b is not None and self.ring is not None
         _history.check_window(self.cache, revision, current, b.compact_revision)
-        if revision == current:
-            return {}
-        return _history.changes_after(self.cache, self.control, self.ring, b,
-                                      self.position_after(revision), self.pos, revision,
-                                      indexed)
+        undos = self.undos
+        for u in undos:
+            if (u.revision, u.ring_gen, u.epoch) == (revision, self.ring_gen, self.epoch):
+                undos.remove(u)
+                break
+        else:
+            u = _history.Undo(revision, self.ring_gen, self.epoch, self.pos if revision == current
+                              else self.position_after(revision))
+        # Most recent last; the ones left behind by the window or by a new ring go first.
+        undos[:] = [x for x in undos[-(_UNDOS - 1):] if x.revision >= b.compact_revision
+                    and (x.ring_gen, x.epoch) == (self.ring_gen, self.epoch)]
+        u.extend(self.cache, self.control, self.ring, b, self.pos)
+        undos.append(u)
+        return u
 
     def position_after(self, since: int) -> int:
         """A ring position at or before the first record with revision > since (never after it)."""
@@ -217,24 +229,26 @@ class View:
 
     def get_at(self, key: bytes, revision: int, current: int) -> KeyValue | None:
         """``key`` as etcd had it at ``revision`` (within the window)."""
-        undo = self.changes_after(revision, current)
-        if key in undo:
-            was: KeyValue | None = undo[key]
-            return was
+        was = self.undo(revision, current).prev.get(key, _MISSING)
+        if was is not _MISSING:
+            return was[0]  # type: ignore[no-any-return]
         return lookup(self.pair, key)
 
     def items_at(self, start: bytes, end: bytes | None, limit: int, revision: int,
                  current: int) -> list[KeyValue]:
         """The keys in [start, end) as etcd had them at ``revision``, at most ``limit`` (-1:
-        all). Reads the current range only as far as it must: each key changed since
-        ``revision`` hides or adds at most one."""
-        undo = {k: v for k, v in self.changes_after(revision, current).items()
-                if k >= start and (end is None or k < end)}
-        assert self.snap is not None
-        want = limit if limit < 0 else limit + len(undo)
-        now = merge(self.snap, start, end, self.overlay_slice(start, end, want), want)
-        out = _history.apply_undo({kv.key: kv for kv in now}, undo, start, end)
-        return out if limit < 0 else out[:limit]
+        all): O(limit + changes among them) once the Undo of ``revision`` is read."""
+        u = self.undo(revision, current)
+        snap = self.snap
+        assert snap is not None
+
+        def now(n: int) -> list[KeyValue]:
+            return merge(snap, start, end, self.overlay_slice(start, end, n), n)
+
+        def added(last: bytes | None) -> Iterator[bytes]:
+            return u.keys_in(start, last, end)
+
+        return _history.past_page(now, u, added, limit)
 
     def watch_start(self, since: int | None) -> tuple[control.Block, _shm.Segment, int, int]:
         """(block, ring, position, since) for a watch from ``since`` (None: from now)."""

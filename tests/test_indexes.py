@@ -345,6 +345,49 @@ def test_by_index_pages_stay_at_the_first_pages_revision(etcd_client: Any, write
             r.watch(p, index=("nope", "x"))
 
 
+def test_by_index_pages_after_heavy_change(etcd_client: Any, writer: Any,
+                                           sub_prefix: bytes) -> None:
+    """Between by_index pages, most keys of the run still to come move to another node,
+    are deleted, or are rewritten, and keys join the node (more than a page of each):
+    every page equals etcd's range at the first page's revision, filtered; the run now
+    equals etcd's now."""
+    w, _prefix = writer
+    p = sub_prefix
+    node = "heavy-" + p.decode()[-9:-1]
+    for i in range(0, 300, 50):
+        txn(etcd_client, [("put", p + b"k%03d" % j, _pod(node if j % 2 else "other"))
+                          for j in range(i, i + 50)])
+    with shmcache.Reader(w.name) as r:
+        rev0 = put(etcd_client, p + b"start", b"x")
+        assert r.wait(rev0, timeout=10)
+        first = r.by_index("node", node, limit=15)
+        rev = first.revision
+        ops: list[tuple[str, bytes, bytes]] = []
+        for j in range(40, 300):
+            if j % 4 == 1:
+                ops.append(("put", p + b"k%03d" % j, _pod("moved")))
+            elif j % 4 == 3:
+                ops.append(("delete", p + b"k%03d" % j, b""))
+            elif j % 4 == 2:
+                ops.append(("put", p + b"k%03d" % j, _pod(node)))  # joins the node
+            if j % 7 == 0:
+                ops.append(("put", p + b"k%03dx" % j, _pod(node)))
+        end = 0
+        for i in range(0, len(ops), 40):
+            end = txn(etcd_client, ops[i:i + 40])
+        assert r.wait(end, timeout=10)
+        pages = [first]
+        while pages[-1].more:
+            pages.append(r.by_index("node", node, limit=15,
+                                    continue_token=pages[-1].continue_token))
+        assert {pg.revision for pg in pages} == {rev}
+        mine = [kv for pg in pages for kv in pg if kv.key.startswith(p)]
+        assert mine == _filter(etcd_range(etcd_client, p, rev), node.encode())
+        now = [kv for kv in r.iter_by_index("node", node, page_size=11)
+               if kv.key.startswith(p)]
+        assert now == _filter(etcd_range(etcd_client, p, end), node.encode())
+
+
 def test_cli_list_by_index_and_pages(etcd_client: Any, writer: Any, sub_prefix: bytes) -> None:
     w, _prefix = writer
     p = sub_prefix

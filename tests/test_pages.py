@@ -120,3 +120,89 @@ def test_a_page_whose_revision_left_the_window_is_compacted(
                 r.list(p, limit=5, continue_token=first.continue_token)
     finally:
         w.close()
+
+
+# -- pages at a past revision: past_page's merge (pure), and heavy change (etcd) ----
+
+
+def test_past_page_equals_the_state_at_the_revision_at_every_offset() -> None:
+    """_history.past_page against a brute-force answer: random current ranges, random
+    changes after the revision (keys added, removed, rewritten; more of them hidden in
+    a page than the page holds), every offset and page size."""
+    import random
+
+    from shmcache import _history
+    from shmcache.types import KeyValue
+
+    rnd = random.Random(3)
+
+    def kv(k: bytes, tag: bytes) -> KeyValue:
+        return KeyValue(k, tag, 1, 1, 1, 0)
+
+    for _trial in range(60):
+        universe = [b"k%03d" % i for i in range(rnd.randrange(1, 120))]
+        then = {k: kv(k, b"then") for k in universe if rnd.random() < 0.6}
+        u = _history.Undo(5, 0, 0, 0)
+        now_state = dict(then)
+        for k in rnd.sample(universe, rnd.randrange(len(universe) + 1)):
+            u.prev[k] = (then.get(k), None)  # its first event after revision 5
+            if rnd.random() < 0.5:
+                now_state.pop(k, None)
+            else:
+                now_state[k] = kv(k, b"now")
+        current = [now_state[k] for k in sorted(now_state)]
+        want_all = [then[k] for k in sorted(then)]
+        for start in (b"", b"k010", b"k050", b"k2"):
+            cur = [x for x in current if x.key >= start]
+            for want in (-1, 0, 1, 3, 17, 200):
+                got = _history.past_page(
+                    lambda n, cur=cur: cur if n < 0 else cur[:n], u,
+                    lambda last, start=start, u=u: u.keys_in(start, last, None), want)
+                expect = [x for x in want_all if x.key >= start]
+                assert got == (expect if want < 0 else expect[:want]), (start, want)
+
+
+def test_pages_after_heavy_change_and_one_decode_per_record(
+        etcd_client: Any, writer: tuple[WriterProcess, bytes], sub_prefix: bytes,
+        reader: shmcache.Reader, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between pages, most of the keys still to come are deleted, rewritten or joined
+    by new ones (many more than a page): every page equals etcd's range at the first
+    page's revision, and paging on decodes each ring record once, not once per page."""
+    from shmcache import _codec, _history
+
+    p = sub_prefix
+    assert reader.wait(_load(etcd_client, p, 400), timeout=10)
+    first = reader.list(p, limit=20)
+    rev = first.revision
+    ops: list[tuple[str, bytes, bytes]] = []
+    for j in range(20, 400):
+        if j % 3 == 0:
+            ops.append(("delete", p + b"k%04d" % j, b""))
+        elif j % 3 == 1:
+            ops.append(("put", p + b"k%04d" % j, b"rewritten"))
+        if j % 5 == 0:
+            ops.append(("put", p + b"k%04da" % j, b"new"))
+    end = 0
+    for i in range(0, len(ops), 50):
+        end = txn(etcd_client, ops[i:i + 50])
+    for i in range(30):  # and single revisions
+        end = put(etcd_client, p + b"k%04d" % (100 + i), b"again")
+    assert reader.wait(end, timeout=10)
+    decoded: list[int] = []
+    real = _codec.decode_indexed
+
+    def counting(payload: Any, revision: int, segment: str) -> Any:
+        decoded.append(revision)
+        return real(payload, revision, segment)
+
+    monkeypatch.setattr(_history._codec, "decode_indexed", counting)
+    pages = [first]
+    while pages[-1].more:
+        pages.append(reader.list(p, limit=20, continue_token=pages[-1].continue_token))
+    assert [kv for pg in pages for kv in pg] == etcd_range(etcd_client, p, rev)
+    assert all(pg.revision == rev for pg in pages) and len(pages) == 20
+    # One decode per record after the first page's revision, for all 19 pages.
+    assert sorted(decoded) == sorted(set(decoded)) and decoded, decoded[:20]
+    assert max(decoded) == end and min(decoded) > rev
+    # The listing at the end revision, paged, equals etcd too.
+    assert list(reader.iter_list(p, page_size=13)) == etcd_range(etcd_client, p, end)
