@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import _codec, _shm, control, layout, ring
 from .errors import CorruptSegmentError, ShmCacheError
+from .indexseg import IndexSegment
 from .snapshot import Snapshot
 
 
@@ -49,6 +50,8 @@ def _check_block(name: str, seg: _shm.Segment, b: control.Block) -> tuple[list[s
     _check_snapshot(name, b, facts, problems)
     if b.ovl_seq:
         _check_snapshot(name, b, facts, problems, overlay=True)
+    if b.index_defs_len:
+        _check_indexes(name, seg, b, facts, problems)
     known = {layout.control_name(name), layout.ring_name(name, b.ring_gen),
              layout.snapshot_name(name, b.snap_seq), layout.index_name(name, b.snap_seq),
              layout.overlay_name(name, b.ovl_seq)}
@@ -155,3 +158,47 @@ def _check_snapshot(name: str, b: control.Block, facts: list[str], problems: lis
         problems.append(str(exc))
     finally:
         sseg.close()
+
+
+def _check_indexes(name: str, seg: _shm.Segment, b: control.Block, facts: list[str],
+                   problems: list[str]) -> None:
+    """The index segment of the published snapshot: it matches the snapshot and the
+    definitions, passes ``IndexSegment.check``, and every posting's key is in the
+    snapshot (a run read through the snapshot, as by_index reads it)."""
+    iname = layout.index_name(name, b.snap_seq)
+    iseg = _shm.open_readonly(iname)
+    if iseg is None:
+        problems.append(f"index segment #{b.snap_seq} is missing")
+        return
+    sseg = _shm.open_readonly(layout.snapshot_name(name, b.snap_seq))
+    try:
+        defs = control.ControlReader(seg).index_defs(b)
+        ix = IndexSegment(iname, iseg.buf, iseg.size)
+        if (ix.snap_seq, ix.revision, ix.epoch, ix.count) != (
+                b.snap_seq, b.snap_revision, b.epoch, len(defs)):
+            problems.append(f"index segment says snapshot #{ix.snap_seq}, revision "
+                            f"{ix.revision}, epoch {ix.epoch}, {ix.count} indexes; control "
+                            f"says #{b.snap_seq}, {b.snap_revision}, {b.epoch}, {len(defs)}")
+            return
+        found = ix.check()
+        postings = 0
+        if not found and sseg is not None:
+            snap = Snapshot(sseg.name, sseg.buf, sseg.size)
+            try:
+                for i in range(ix.count):
+                    for value, _count in ix.values(i):
+                        postings += len(ix.run_items(i, value, None, -1, {}, snap))
+            except CorruptSegmentError as exc:
+                found.append(str(exc))
+            snap.close()
+        problems.extend(f"index segment #{b.snap_seq}: {x}" for x in found)
+        if not found:
+            facts.append(f"indexes: {', '.join(n for n, _ in defs)}: {postings} postings "
+                         f"verified (checks, order, keys in the snapshot)")
+        ix.close()
+    except ShmCacheError as exc:
+        problems.append(str(exc))
+    finally:
+        iseg.close()
+        if sseg is not None:
+            sseg.close()

@@ -489,3 +489,43 @@ def test_index_segment_goes_with_each_snapshot_and_leaves_no_strays(
         assert [s.replace(".snap.", ".idx.") for s in snaps] == idxs
         seq = r.control.block().snap_seq  # type: ignore[union-attr]
         assert idxs == [layout.index_name(w.name, seq)]
+
+
+def test_check_verifies_the_index_segment(etcd_session: Any, etcd_client: Any,
+                                          cache_name: str, unique_prefix: bytes) -> None:
+    """`shmcache check` verifies the published index segment (checks, order, every key in
+    the snapshot) and reports a damaged posting as a violation, not "ok"."""
+    import mmap
+    import os
+
+    import posix_ipc
+
+    p = unique_prefix
+    txn(etcd_client, [("put", p + b"ns%d/pod%d" % (i % 3, i), _pod(f"node-{i % 4}"))
+                      for i in range(40)])
+    w = WriterProcess(cache_name, etcd_session.endpoint, p, extra=INDEXES)
+    try:
+        w.start()
+        cli = [sys.executable, "-m", "shmcache", "check", cache_name]
+        out = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ok: indexes: node, ns, label: 80 postings verified" in out.stdout
+        with shmcache.Reader(cache_name) as r:
+            seq = r.control.block().snap_seq  # type: ignore[union-attr]
+        shm = posix_ipc.SharedMemory(layout.index_name(cache_name, seq), flags=0, size=0)
+        try:
+            m = mmap.mmap(shm.fd, os.fstat(shm.fd).st_size, flags=mmap.MAP_SHARED)
+        finally:
+            shm.close_fd()
+        try:  # one byte of a key in the postings' key area (the index segment keeps keys)
+            pos = m.rfind(p + b"ns1/pod")
+            assert pos > 0
+            m[pos + len(p) + 2] ^= 0x01
+        finally:
+            m.close()
+        out = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1, out.stdout
+        assert "VIOLATION: index segment" in out.stdout
+        assert "ok: indexes" not in out.stdout
+    finally:
+        w.close()
