@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -86,6 +87,9 @@ class Status:
     indexes: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly: ``prefix`` as text (undecodable bytes as ``\\xNN`` escapes, which
+        a prefix containing a backslash makes ambiguous), ``prefix_base64`` exact."""
         d = asdict(self)
         d["prefix"] = self.prefix.decode("utf-8", "backslashreplace")
+        d["prefix_base64"] = base64.b64encode(self.prefix).decode("ascii")
         return d

@@ -252,6 +252,20 @@ def test_status_shows_etcd_reachable(writer: tuple[WriterProcess, bytes]) -> Non
     assert rows["etcd"] == "reachable" and rows["writer"] == f"pid {writer[0].pid} alive"
     doc = json.loads(_run("status", writer[0].name, "--json").stdout)
     assert "etcd_unreachable_since" in doc and doc["etcd_unreachable_since"] is None
+    assert base64.b64decode(doc["prefix_base64"]) == writer[1]
+
+
+def test_status_json_gives_a_non_utf8_prefix_exactly() -> None:
+    """``prefix`` shows undecodable bytes as escapes; ``prefix_base64`` is exact."""
+    from shmcache.types import Status
+
+    fields = {f: 0 for f in Status.__dataclass_fields__}
+    fields.update(name="x", prefix=b"/a\\xff/\xff/", heartbeat_age=None, liveness="pid",
+                  indexes={}, etcd_unreachable_since=None, writer_alive=True)
+    d = Status(**fields).as_dict()
+    assert d["prefix"] == "/a\\xff/\\xff/"  # ambiguous: a backslash, or an escape
+    assert base64.b64decode(d["prefix_base64"]) == b"/a\\xff/\xff/"
+    json.dumps(d)
 
 
 # -- item 16: check --------------------------------------------------------------------------
