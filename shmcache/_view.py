@@ -16,8 +16,11 @@ the live one.
 
 from __future__ import annotations
 
+import bisect
 import heapq
-from collections.abc import Callable, Iterator
+import itertools
+import operator
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
 from sortedcontainers import SortedDict
@@ -49,6 +52,9 @@ _UNDOS = 4
 
 def _first(item: tuple[bytes, Any]) -> bytes:
     return item[0]
+
+
+_key0: Any = operator.itemgetter(0)  # (a KeyValue's key, at C speed)
 
 
 def lookup(pair: tuple[SortedDict, Snapshot | None, Snapshot | None],
@@ -139,62 +145,54 @@ class View:
                 refresh()
         raise Retry()
 
-    def overlay_slice(self, prefix: bytes, end: bytes | None,
-                      want: int = -1) -> list[tuple[bytes, KeyValue | None]]:
-        """The keys in [prefix, end) changed since the snapshot, with their KeyValue now
-        (None: deleted), in key order: the overlay segment's, then the private overlay's
-        over them (call under the Reader's lock). ``want`` >= 0: only as many as a merge
-        that returns ``want`` keys needs (see _changed_in_segment)."""
+    def changed(self, start: bytes, end: bytes | None,
+                n: int) -> list[tuple[bytes, KeyValue | None]]:
+        """The first ``n`` (-1: all) keys in [start, end) changed since the snapshot, with
+        their KeyValue now (None: deleted), in key order: the overlay segment's, and the
+        private overlay's over them. O(log + n). Call under the Reader's lock."""
         overlay = self.overlay
-        keys = (overlay.irange(minimum=prefix) if end is None
-                else overlay.irange(prefix, end, inclusive=(True, False)))
-        if self.ovl is None and want >= 0:
-            # All the changes (a cache with secondary indexes has no overlay segment):
-            # as far as ``want`` live keys, as _changed_in_segment does.
-            out: list[tuple[bytes, KeyValue | None]] = []
-            live = 0
-            for k in keys:
-                if live >= want:
-                    break
-                kv = overlay[k]
-                out.append((k, kv))
-                live += kv is not None
-            return out
+        keys: Iterable[bytes] = (overlay.irange(minimum=start) if end is None
+                                 else overlay.irange(start, end, inclusive=(True, False)))
+        if n >= 0:
+            keys = itertools.islice(keys, n)
         mine = [(k, overlay[k]) for k in keys]
         if self.ovl is None:
             return mine
+        shared = [(kv.key, kv if kv.version else None)
+                  for kv in self.ovl.range_list(start, end, n)]
+        if not mine or not shared:
+            return mine or shared
         newer = dict(mine)
-        shared = self._changed_in_segment(self.ovl, prefix, end, want, newer)
-        if not mine:
-            return shared
-        return list(heapq.merge([(k, v) for k, v in shared if k not in newer], mine,
-                                key=_first))
+        out = list(heapq.merge([x for x in shared if x[0] not in newer], mine, key=_first))
+        return out if n < 0 else out[:n]
 
-    @staticmethod
-    def _changed_in_segment(ovl: Snapshot, start: bytes, end: bytes | None, want: int,
-                            newer: dict[bytes, Any]) -> list[tuple[bytes, KeyValue | None]]:
-        """The overlay segment's entries from ``start``: all of them, or with ``want`` >= 0,
-        chunk by chunk until ``want`` live ones (not hidden by ``newer``) were read.
+    def page(self, start: bytes, end: bytes | None, want: int) -> list[KeyValue]:
+        """The first ``want`` (-1: all) KeyValues in [start, end) now. Call under the
+        Reader's lock.
 
-        Then the ``want`` first keys of the merged listing all lie at or before the
-        last entry read, so every change among them has been read: a page of a large
-        range costs O(page), not O(keys changed under the prefix).
+        Two sorted streams, the snapshot's entries and the changes since it, each
+        read in chunks of ``want + 16``: the merge is exact up to the smaller of
+        the two last keys read, so the stream that ends first is read further
+        (doubling) until the merge holds ``want`` keys. A page costs O(want +
+        the changes among its keys + log), however many keys changed elsewhere.
         """
-        out: list[tuple[bytes, KeyValue | None]] = []
-        chunk = want + len(newer) + 16
-        live = 0
+        snap = self.snap
+        assert snap is not None
+        n = m = -1 if want < 0 else want + 16
         while True:
-            got = ovl.range_list(start, end, chunk if want >= 0 else -1)
-            for kv in got:
-                if kv.version:
-                    out.append((kv.key, kv))
-                    live += kv.key not in newer
-                else:
-                    out.append((kv.key, None))
-            if want < 0 or len(got) < chunk or live >= want:
-                return out
-            start = got[-1].key + b"\0"
-            chunk *= 2
+            base = snap.range_list(start, end, n)
+            ch = self.changed(start, end, m)
+            b_last = None if n < 0 or len(base) < n else base[-1].key
+            c_last = None if m < 0 or len(ch) < m else ch[-1][0]
+            bound = (c_last if b_last is None else b_last if c_last is None
+                     else min(b_last, c_last))
+            out = apply_changes(base, ch, bound)
+            if bound is None or len(out) >= want:
+                return out if want < 0 else out[:want]
+            if b_last is not None and (c_last is None or b_last <= c_last):
+                n *= 2
+            if c_last is not None and (b_last is None or c_last <= b_last):
+                m *= 2
 
     # -- for past-revision reads and watches (under the Reader's lock) ----------
 
@@ -239,16 +237,8 @@ class View:
         """The keys in [start, end) as etcd had them at ``revision``, at most ``limit`` (-1:
         all): O(limit + changes among them) once the Undo of ``revision`` is read."""
         u = self.undo(revision, current)
-        snap = self.snap
-        assert snap is not None
-
-        def now(n: int) -> list[KeyValue]:
-            return merge(snap, start, end, self.overlay_slice(start, end, n), n)
-
-        def added(last: bytes | None) -> Iterator[bytes]:
-            return u.keys_in(start, last, end)
-
-        return _history.past_page(now, u, added, limit)
+        return _history.past_page(lambda n: self.page(start, end, n), u,
+                                  lambda last: u.keys_in(start, last, end), limit)
 
     def watch_start(self, since: int | None) -> tuple[control.Block, _shm.Segment, int, int]:
         """(block, ring, position, since) for a watch from ``since`` (None: from now)."""
@@ -436,41 +426,29 @@ class View:
         return spare
 
 
-def merge(snap: Snapshot, prefix: bytes, end: bytes | None,
-          ov_items: list[tuple[bytes, KeyValue | None]], limit: int | None) -> list[KeyValue]:
-    """The snapshot's entries in [prefix, end) with the overlay slice ``ov_items`` applied
-    (overlay wins, tombstones hide), in key order, at most ``limit``."""
-    want = limit if limit is not None else -1
-    n_ov = len(ov_items)
-    if not n_ov:
-        return snap.range_list(prefix, end, want)
-    # Each overlay entry hides at most one snapshot entry: limit + n_ov
-    # snapshot entries are enough to fill ``limit`` answers.
-    base = snap.range_list(prefix, end, -1 if want < 0 else want + n_ov)
-    items: list[KeyValue] = []
-    oi = 0
-    for kv in base:
-        k = kv.key
-        while oi < n_ov and ov_items[oi][0] <= k:
-            ok, ov = ov_items[oi]
-            oi += 1
-            if ov is not None:
-                if len(items) == want:
-                    return items
-                items.append(ov)
-            if ok == k:
-                break
-        else:
-            if len(items) == want:
-                return items
-            items.append(kv)
-            continue
-        # k was shadowed by an overlay entry (already handled above)
-    while oi < n_ov:
-        ov = ov_items[oi][1]
-        oi += 1
-        if ov is not None:
-            if len(items) == want:
-                break
-            items.append(ov)
-    return items
+def apply_changes(base: list[KeyValue], changes: list[tuple[bytes, KeyValue | None]],
+                  bound: bytes | None) -> list[KeyValue]:
+    """``base`` (sorted KeyValues) with ``changes`` (sorted (key, KeyValue or None)) applied:
+    a change replaces the entry of its key or adds one, None removes it; only keys up to
+    ``bound`` (None: all). O(len(base)) at C speed plus O(log) per change."""
+    keys: list[bytes] = list(map(_key0, base))
+    if bound is not None:
+        cut = bisect.bisect_right(keys, bound)
+        if cut < len(keys):
+            del keys[cut:]
+            base = base[:cut]
+        changes = changes[:bisect.bisect_right(changes, bound, key=_first)]
+    if not changes:
+        return base
+    out: list[KeyValue] = []
+    pos = 0
+    for k, kv in changes:
+        i = bisect.bisect_left(keys, k, pos)
+        out.extend(base[pos:i])
+        if i < len(keys) and keys[i] == k:
+            i += 1  # replaced (or removed)
+        if kv is not None:
+            out.append(kv)
+        pos = i
+    out.extend(base[pos:])
+    return out

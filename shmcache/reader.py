@@ -20,7 +20,7 @@ from sortedcontainers import SortedDict
 from . import _demux, _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._indexq import IndexReads
-from ._view import Retry, View, lookup, merge, range_end
+from ._view import Retry, View, lookup, range_end
 from ._watch import Watch
 from .control import Block, ControlReader
 from .errors import (
@@ -329,16 +329,16 @@ class Reader(IndexReads):
                 revision, last = _pages.decode(continue_token, self.name, prefix, v.epoch)
                 if last is not None:
                     start = last + b"\0"
-            if revision is None or revision == self._revision:
-                snap, revision = v.snap, self._revision
-                assert snap is not None
-                ov_items = v.overlay_slice(start, end, want)
-            else:
+            if revision is not None and revision != self._revision:
                 items = v.items_at(start, end, want, revision, self._revision)
                 return _pages.page(items, limit, revision, self.name, v.epoch, prefix)
-            epoch = v.epoch
-        # The snapshot walk runs outside the lock: other threads' lists go on meanwhile.
-        return _pages.page(merge(snap, start, end, ov_items, want), limit, revision, self.name,
+            snap, revision, epoch = v.snap, self._revision, v.epoch
+            assert snap is not None
+            if v.changed(start, end, 1):
+                return _pages.page(v.page(start, end, want), limit, revision, self.name,
+                                   epoch, prefix)
+        # Nothing in the range changed since the snapshot: its walk alone, outside the lock.
+        return _pages.page(snap.range_list(start, end, want), limit, revision, self.name,
                            epoch, prefix)
 
     def iter_list(self, prefix: bytes | str = b"", page_size: int = 1000) -> Iterator[KeyValue]:

@@ -206,3 +206,65 @@ def test_pages_after_heavy_change_and_one_decode_per_record(
     assert max(decoded) == end and min(decoded) > rev
     # The listing at the end revision, paged, equals etcd too.
     assert list(reader.iter_list(p, page_size=13)) == etcd_range(etcd_client, p, end)
+
+
+def test_view_page_equals_the_merged_state_at_every_start_and_size() -> None:
+    """View.page (the current list's merge of the snapshot with the changes since it,
+    read only as far as the page needs) against a brute-force merge: random snapshots,
+    an overlay segment and a private overlay over it (puts, deletes, new keys, dense and
+    sparse), every start and page size."""
+    import random
+
+    from sortedcontainers import SortedDict
+
+    from shmcache import layout, snapshot
+    from shmcache._view import View
+    from shmcache.types import KeyValue
+
+    rnd = random.Random(4)
+
+    def segment(items: dict[bytes, tuple[bytes, int, int, int, int]], kind: int) -> Any:
+        keys = sorted(items)
+        vals = [items[k] for k in keys]
+        plan = snapshot.Plan.of(len(keys), sum(snapshot.entry_span(k, v[0])
+                                               for k, v in zip(keys, vals, strict=True)))
+        buf = bytearray(plan.total)
+        snapshot.write(buf, plan, 9, 1, keys, vals, kind=kind)  # type: ignore[arg-type]
+        return snapshot.Snapshot("/t", bytes(buf), plan.total, kind)
+
+    for _trial in range(40):
+        universe = [b"k%04d" % i for i in range(rnd.randrange(1, 400))]
+        state = {k: (b"snap", 1, 2, 1, 0) for k in universe if rnd.random() < 0.7}
+        v = View.__new__(View)
+        v.snap = segment(state, layout.KIND_SNAPSHOT)
+        want_state = {k: KeyValue(k, *x) for k, x in state.items()}
+        density = rnd.choice([0.01, 0.1, 0.6])
+        v.ovl = None
+        if rnd.random() < 0.5:  # an overlay segment (version 0: deleted)
+            seg: dict[bytes, tuple[bytes, int, int, int, int]] = {}
+            for k in universe:
+                if rnd.random() < density:
+                    seg[k] = (b"", 0, 0, 0, 0) if rnd.random() < 0.4 else (b"seg", 1, 3, 2, 0)
+            v.ovl = segment(seg, layout.KIND_OVERLAY)
+            for k, x in seg.items():
+                if x[3]:
+                    want_state[k] = KeyValue(k, *x)
+                else:
+                    want_state.pop(k, None)
+        v.overlay = SortedDict()
+        for k in universe:
+            if rnd.random() < density:
+                kv = None if rnd.random() < 0.4 else KeyValue(k, b"mine", 1, 4, 3, 0)
+                v.overlay[k] = kv
+                if kv is None:
+                    want_state.pop(k, None)
+                else:
+                    want_state[k] = kv
+        expect_all = [want_state[k] for k in sorted(want_state)]
+        for start in (b"", b"k0050", b"k0199x", b"k9"):
+            for end in (None, b"k0300"):
+                exp = [kv for kv in expect_all
+                       if kv.key >= start and (end is None or kv.key < end)]
+                for want in (-1, 0, 1, 5, 40, 500):
+                    got = v.page(start, end, want)
+                    assert got == (exp if want < 0 else exp[:want]), (start, end, want)
