@@ -170,10 +170,11 @@ class View:
         """The first ``want`` (-1: all) KeyValues in [start, end) now. Call under the
         Reader's lock.
 
-        Two sorted streams, the snapshot's entries and the changes since it, each
-        read in chunks of ``want + 16``: the merge is exact up to the smaller of
-        the two last keys read, so the stream that ends first is read further
-        (doubling) until the merge holds ``want`` keys. A page costs O(want +
+        Two sorted streams, the snapshot's entries and the changes since it (those
+        up to the last snapshot key read), each read in chunks of ``want + 16``:
+        the merge is exact up to the smaller of the two last keys read, so the
+        stream that ends first is read further (doubling) until the merge holds
+        ``want`` keys. A page costs O(want +
         the changes among its keys + log), however many keys changed elsewhere.
         """
         snap = self.snap
@@ -181,8 +182,9 @@ class View:
         n = m = -1 if want < 0 else want + 16
         while True:
             base = snap.range_list(start, end, n)
-            ch = self.changed(start, end, m)
             b_last = None if n < 0 or len(base) < n else base[-1].key
+            # Only the changes up to the last snapshot key read can be placed.
+            ch = self.changed(start, end if b_last is None else b_last + b"\0", m)
             c_last = None if m < 0 or len(ch) < m else ch[-1][0]
             bound = (c_last if b_last is None else b_last if c_last is None
                      else min(b_last, c_last))
