@@ -706,6 +706,116 @@ done:
 }
 
 
+/* Growable byte buffer for index_table. */
+typedef struct { unsigned char *p; size_t len, cap; } gbuf_t;
+
+static int gbuf_put(gbuf_t *g, const void *src, size_t n) {
+    if (g->len + n > g->cap) {
+        size_t cap = g->cap ? g->cap : 4096;
+        while (cap < g->len + n) cap *= 2;
+        unsigned char *q = PyMem_Realloc(g->p, cap);
+        if (q == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        g->p = q;
+        g->cap = cap;
+    }
+    memcpy(g->p + g->len, src, n);
+    g->len += n;
+    return 0;
+}
+
+/* index_table(pairs, kbase, vbase) -> (value_table, postings, nvals, value_bytes, key_bytes)
+ *
+ * The per-posting part of indexseg.build for one index, which is the reference (and
+ * the fallback without the speedups): ``pairs`` is a list of (value, key) bytes
+ * tuples sorted by value then key. Each run of one value becomes a value entry
+ * (offset kbase/vbase-relative as build() places them, length, check word, first
+ * posting, count) and each key a posting (offset into the key bytes, length, CRC).
+ * Bytes out, little-endian, in IDX_VALUE / IDX_POSTING layout.
+ */
+static PyObject *index_table(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(a[0])) {
+        PyErr_SetString(PyExc_TypeError, "index_table(pairs: list, kbase, vbase)");
+        return NULL;
+    }
+    uint64_t kbase = PyLong_AsUnsignedLongLong(a[1]), vbase = PyLong_AsUnsignedLongLong(a[2]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *pairs = a[0];
+    Py_ssize_t n = PyList_GET_SIZE(pairs);
+    gbuf_t vtab = {0}, posts = {0}, vb = {0}, kb = {0};
+    PyObject *result = NULL;
+    uint64_t nvals = 0, npost = 0;
+    Py_ssize_t j = 0;
+    while (j < n) {
+        PyObject *first_pair = PyList_GET_ITEM(pairs, j);
+        if (!PyTuple_Check(first_pair) || PyTuple_GET_SIZE(first_pair) != 2
+            || !PyBytes_Check(PyTuple_GET_ITEM(first_pair, 0))) {
+            PyErr_SetString(PyExc_TypeError, "pairs must be (bytes, bytes) tuples");
+            goto done;
+        }
+        PyObject *value = PyTuple_GET_ITEM(first_pair, 0);
+        const char *vp = PyBytes_AS_STRING(value);
+        Py_ssize_t vl = PyBytes_GET_SIZE(value);
+        uint64_t first = npost;
+        for (; j < n; j++) {
+            PyObject *pr = PyList_GET_ITEM(pairs, j);
+            if (!PyTuple_Check(pr) || PyTuple_GET_SIZE(pr) != 2
+                || !PyBytes_Check(PyTuple_GET_ITEM(pr, 0))
+                || !PyBytes_Check(PyTuple_GET_ITEM(pr, 1))) {
+                PyErr_SetString(PyExc_TypeError, "pairs must be (bytes, bytes) tuples");
+                goto done;
+            }
+            PyObject *v = PyTuple_GET_ITEM(pr, 0);
+            if (v != value && (PyBytes_GET_SIZE(v) != vl
+                               || memcmp(PyBytes_AS_STRING(v), vp, (size_t)vl) != 0))
+                break;
+            PyObject *key = PyTuple_GET_ITEM(pr, 1);
+            const unsigned char *kp = (const unsigned char *)PyBytes_AS_STRING(key);
+            uint64_t kl = (uint64_t)PyBytes_GET_SIZE(key);
+            if (kl > 0xFFFFFFFFu) {
+                PyErr_SetString(PyExc_ValueError, "key too long");
+                goto done;
+            }
+            uint64_t off = kbase + kb.len;
+            uint32_t l32 = (uint32_t)kl, c32 = crc(kp, kl);
+            unsigned char post[16];
+            memcpy(post, &off, 8);
+            memcpy(post + 8, &l32, 4);
+            memcpy(post + 12, &c32, 4);
+            if (gbuf_put(&posts, post, 16) < 0 || gbuf_put(&kb, kp, kl) < 0) goto done;
+            npost++;
+        }
+        uint64_t count = npost - first, voff = vbase + vb.len;
+        uint32_t vlen = (uint32_t)vl;
+        unsigned char packed[28];
+        memcpy(packed, &voff, 8);
+        memcpy(packed + 8, &vlen, 4);
+        memcpy(packed + 12, &first, 8);
+        memcpy(packed + 20, &count, 8);
+        uint32_t check = crc_from(crc(packed, 28), (const unsigned char *)vp, (uint64_t)vl);
+        unsigned char entry[32];
+        memcpy(entry, &voff, 8);
+        memcpy(entry + 8, &vlen, 4);
+        memcpy(entry + 12, &check, 4);
+        memcpy(entry + 16, &first, 8);
+        memcpy(entry + 24, &count, 8);
+        if (gbuf_put(&vtab, entry, 32) < 0 || gbuf_put(&vb, vp, (size_t)vl) < 0) goto done;
+        nvals++;
+    }
+    result = Py_BuildValue("(y#y#Ky#y#)", vtab.p ? (const char *)vtab.p : "", (Py_ssize_t)vtab.len,
+                           posts.p ? (const char *)posts.p : "", (Py_ssize_t)posts.len,
+                           (unsigned long long)nvals, vb.p ? (const char *)vb.p : "",
+                           (Py_ssize_t)vb.len, kb.p ? (const char *)kb.p : "", (Py_ssize_t)kb.len);
+done:
+    PyMem_Free(vtab.p);
+    PyMem_Free(posts.p);
+    PyMem_Free(vb.p);
+    PyMem_Free(kb.p);
+    return result;
+}
+
 /* range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list
  *
  * list()'s snapshot part in one call: a binary search of the sorted index for the
@@ -1093,6 +1203,8 @@ static PyMethodDef methods[] = {
      "crc32(data, value=0) -> int: zlib.crc32(data, value), with PCLMULQDQ where the CPU has it"},
     {"index_run", (PyCFunction)(void (*)(void))index_run, METH_FASTCALL,
      "index_run(...) -> [bytes]: by_index's value lookup and run of keys (see indexseg.py)"},
+    {"index_table", (PyCFunction)(void (*)(void))index_table, METH_FASTCALL,
+     "index_table(pairs, kbase, vbase) -> (value_table, postings, nvals, values, keys)"},
     {"range", (PyCFunction)(void (*)(void))snapshot_range, METH_FASTCALL,
      "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,

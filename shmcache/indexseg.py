@@ -49,13 +49,22 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
     """Lay out the segment of ``pairs`` (per index, (value, key) sorted and unique);
     returns ``(size, fill)`` where ``fill(buf)`` writes it, header last.
 
-    Pure Python, O(postings): the writer runs it in the snapshot build thread.
+    O(postings), the per-posting part in C with the speedups (index_table; pure
+    Python otherwise): the writer runs it in the snapshot build thread.
     """
     n = len(pairs)
     vbytes = bytearray()
     kbytes = bytearray()
-    tables: list[tuple[bytearray, array[int], int, int]] = []
+    tables: list[tuple[bytes | bytearray, bytes, int, int]] = []
     for ipairs in pairs:
+        if USE_SPEEDUPS:  # the same tables, in C (_speedups.index_table): ~8x faster
+            vtab_c, posts_c, nvals, vpart, kpart = _speedups.index_table(
+                ipairs if isinstance(ipairs, list) else list(ipairs), len(kbytes),
+                len(vbytes))
+            vbytes += vpart
+            kbytes += kpart
+            tables.append((vtab_c, posts_c, nvals, len(posts_c) // _POST.size))
+            continue
         vtab = bytearray()
         posts: array[int] = array("Q")
         nvals = 0
@@ -71,16 +80,17 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
             vtab += _VAL.pack(voff, len(value), value_check(value, voff, len(value), first,
                                                                count), first, count)
             nvals += 1
-        tables.append((vtab, posts, nvals, len(posts) // 2))
+        # native order: little-endian on every platform we run on
+        tables.append((vtab, posts.tobytes(), nvals, len(posts) // 2))
     off = HEADER_SIZE + _DIR.size * n
     directory = bytearray()
     placed = []
-    for vtab, posts, nvals, npost in tables:
+    for table, raw, count, npost in tables:
         voff = off
-        poff = voff + len(vtab)
-        off = poff + 8 * len(posts)
-        directory += _DIR.pack(voff, nvals, poff, npost)
-        placed.append((voff, vtab, poff, posts))
+        poff = voff + len(table)
+        off = poff + len(raw)
+        directory += _DIR.pack(voff, count, poff, npost)
+        placed.append((voff, table, poff, raw))
     values_off = off
     keys_off = layout.align8(values_off + len(vbytes))
     total = keys_off + len(kbytes)
@@ -89,9 +99,8 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
         body = bytearray(total - HEADER_SIZE)
         b0 = HEADER_SIZE
         body[0:len(directory)] = directory
-        for voff, vtab, poff, posts in placed:
+        for voff, vtab, poff, raw in placed:
             body[voff - b0:voff - b0 + len(vtab)] = vtab
-            raw = posts.tobytes()  # native order: little-endian on every platform we run on
             body[poff - b0:poff - b0 + len(raw)] = raw
         body[values_off - b0:values_off - b0 + len(vbytes)] = vbytes
         body[keys_off - b0:] = kbytes
