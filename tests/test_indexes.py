@@ -178,8 +178,16 @@ def test_run_items_reads_the_snapshot_skipping_changed_keys(run_path: str) -> No
     assert seg.run_items(0, b"absent", None, -1, {}, snap) == []
     # An index segment naming a key its snapshot lacks.
     bad = _segment([[(b"v3", b"zz-not-in-snapshot")] + [p for p in pairs if p[0] == b"v4"]])
-    with pytest.raises(shmcache.CorruptSegmentError, match="lacks"):
+    with pytest.raises(shmcache.CorruptSegmentError, match="lacks") as exc:
         bad.run_items(0, b"v3", None, -1, {}, snap)
+    assert exc.value.segment == "/t"
+    # A damaged snapshot entry of the run: the snapshot's corruption, named as such.
+    damaged = bytearray(sbuf)
+    damaged[damaged.find(b"val-" + run[7]) + 5] ^= 1
+    dsnap = snapshot.Snapshot("/s", bytes(damaged), size)
+    with pytest.raises(shmcache.CorruptSegmentError, match="checksum") as exc:
+        seg.run_items(0, b"v3", None, -1, {}, dsnap)
+    assert exc.value.segment == "/s"
 
 
 def test_index_segment_damage_is_an_error_not_a_wrong_answer(run_path: str) -> None:
