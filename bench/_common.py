@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -390,3 +391,17 @@ def sleep_until(t: float) -> None:
 __all__ = [name for name in dir() if not name.startswith("_") and name not in
            ("annotations", "Any", "importlib", "os", "platform", "re", "shutil", "signal",
             "socket", "subprocess", "sys", "tempfile", "time", "urllib")]
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """Write obj to path via a temporary file and a rename: a failed or interrupted run
+    never leaves a half-written results file, nor replaces committed results."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -152,15 +152,6 @@ class CpuMeter:
         return round(other / wall, 2) if wall > 0 else 0.0
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write obj to path via a temporary file and a rename (never a half-written file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def library_facts() -> dict[str, Any]:
     """Which shmcache this process measures: its directory, a digest of its Python and C
     sources and of the built C extension, and whether the C speedups are in use.

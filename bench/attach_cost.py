@@ -128,7 +128,7 @@ def main() -> int:
 
     from etcd3.etcdrpc import rpc_pb2
 
-    from bench._common import grpc_options, stamp
+    from bench._common import grpc_options, stamp, write_json
     from tests.etcdserver import EtcdServer
 
     result: dict[str, Any] = {"args": vars(args)}
@@ -185,10 +185,7 @@ def main() -> int:
             server.close()
     result["stamp"] = stamp()
     if args.json:
-        tmpf = args.json + ".tmp"
-        with open(tmpf, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        os.replace(tmpf, args.json)
+        write_json(args.json, result, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -61,7 +61,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import shmcache  # noqa: E402
-from bench._common import grpc_options, pct, range_all, stamp  # noqa: E402
+from bench._common import grpc_options, pct, range_all, stamp, write_json  # noqa: E402
 from bench._pods import (  # noqa: E402
     CpuMeter,
     group_prefix,
@@ -71,7 +71,6 @@ from bench._pods import (  # noqa: E402
     node_of,
     pod_key,
     timed,
-    write_json,
 )
 from shmcache.layout import prefix_range_end  # noqa: E402
 from tests.etcdserver import EtcdServer  # noqa: E402

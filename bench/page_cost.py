@@ -71,7 +71,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import shmcache  # noqa: E402
-from bench._common import pct, stamp  # noqa: E402
+from bench._common import pct, stamp, write_json  # noqa: E402
 from bench._pods import (  # noqa: E402
     NAMESPACES,
     CpuMeter,
@@ -81,7 +81,6 @@ from bench._pods import (  # noqa: E402
     pod_value,
     put_each,
     timed,
-    write_json,
 )
 from tests.etcdserver import EtcdServer  # noqa: E402
 from tests.helpers import WriterProcess  # noqa: E402

@@ -21,7 +21,6 @@ JSON is written only if every step succeeded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -54,7 +53,7 @@ def main() -> int:
     from sortedcontainers import SortedDict
 
     import shmcache
-    from bench._common import key, load_etcd, stamp, value
+    from bench._common import key, load_etcd, stamp, value, write_json
     from tests.etcdserver import EtcdServer
     from tests.helpers import WriterProcess
 
@@ -136,10 +135,8 @@ def main() -> int:
                 w.close()
                 server.close()
     if args.json:
-        tmpf = args.json + ".tmp"
-        with open(tmpf, "w") as f:
-            json.dump({"stamp": stamp(), "args": vars(args), "results": results}, f, indent=1)
-        os.replace(tmpf, args.json)
+        write_json(args.json, {"stamp": stamp(), "args": vars(args), "results": results},
+                   indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -269,7 +269,7 @@ def main() -> int:
         _child(args.child, args.n, args.name)
         return 0
 
-    from bench._common import grpc_options, stamp
+    from bench._common import grpc_options, stamp, write_json
     from tests.etcdserver import EtcdServer
 
     trees: list[tuple[str, str | None]] = [("this tree", None)]
@@ -325,10 +325,7 @@ def main() -> int:
               f"{s['delay_p50_ms']:7.2f} {s['delay_p99_ms']:7.2f} {s['delay_max_ms']:7.2f}")
     if args.json:
         doc = {"stamp": stamp(), "args": vars(args), "summary": summary, "rounds": results}
-        tmpf = args.json + ".tmp"
-        with open(tmpf, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        os.replace(tmpf, args.json)
+        write_json(args.json, doc, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -714,10 +714,7 @@ def main() -> int:
               f"{m['received_rate']:10.0f} {m['max_lag']:8.0f} {m['revs_per_response'] or '-'!s:>9}")
     outdir = os.path.join(HERE, "results")
     path = os.path.join(outdir, f"{args.tag}.json")
-    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=f".{args.tag}-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    C.write_json(path, results, indent=1)
     print(f"wrote {path}")
     if args.png and plot(results, os.path.join(outdir, f"{args.tag}-lag.png")):
         print(f"wrote {os.path.join(outdir, args.tag + '-lag.png')}")
