@@ -174,8 +174,8 @@ class View:
         up to the last snapshot key read), each read in chunks of ``want + 16``:
         the merge is exact up to the smaller of the two last keys read, so the
         stream that ends first is read further (doubling) until the merge holds
-        ``want`` keys. A page costs O(want +
-        the changes among its keys + log), however many keys changed elsewhere.
+        ``want`` keys. A page costs O(want + the changes among its keys + log),
+        however many keys changed elsewhere.
         """
         snap = self.snap
         assert snap is not None

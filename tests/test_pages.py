@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from tests.helpers import WriterProcess, delete, etcd_range, put, txn
+from tests.helpers import WriterProcess, delete, etcd_get, etcd_range, put, txn
 
 
 def _load(client: Any, p: bytes, n: int) -> int:
@@ -268,3 +268,18 @@ def test_view_page_equals_the_merged_state_at_every_start_and_size() -> None:
                 for want in (-1, 0, 1, 5, 40, 500):
                     got = v.page(start, end, want)
                     assert got == (exp if want < 0 else exp[:want]), (start, end, want)
+
+
+def test_a_reader_keeps_at_most_four_undo_maps(
+        etcd_client: Any, writer: tuple[WriterProcess, bytes], sub_prefix: bytes,
+        reader: shmcache.Reader) -> None:
+    """Past reads at many revisions: the Reader keeps the undo maps of the last four, the
+    most recent last, and every answer still equals etcd's."""
+    p = sub_prefix
+    revs = [put(etcd_client, p + b"k%d" % (i % 3), b"v%d" % i) for i in range(8)]
+    assert reader.wait(revs[-1], timeout=10)
+    for rev in revs[:-1]:
+        assert reader.list(p, revision=rev).items == etcd_range(etcd_client, p, rev)
+        assert reader.get(p + b"k1", revision=rev) == etcd_get(etcd_client, p + b"k1", rev)
+    kept = [u.revision for u in reader._v.undos]
+    assert kept == revs[-5:-1]
