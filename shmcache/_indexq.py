@@ -149,7 +149,7 @@ class IndexReads:
             i = _position(v, index)
             after = None
             if continue_token is not None:
-                revision, after = _pages.decode(continue_token, self.name, bound, v.epoch)
+                revision, after = v.decode_token(continue_token, bound)
             if revision is None or revision == self._revision:
                 revision = self._revision
                 items = v.with_retry(lambda: _current(v, i, value, after, want), self._refresh)

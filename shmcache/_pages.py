@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from .errors import ExpiredTokenError
 from .types import KeyValue, ListResult
 
 _VERSION = 1
@@ -25,8 +26,10 @@ def encode(cache: str, epoch: int, revision: int, prefix: bytes, last: bytes | N
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
-def decode(token: str, cache: str, prefix: bytes, epoch: int) -> tuple[int, bytes | None]:
-    """(revision, last key) of a token for this cache, prefix and epoch; ValueError otherwise."""
+def decode(token: str, cache: str, prefix: bytes, epoch: int,
+           compact_revision: int) -> tuple[int, bytes | None]:
+    """(revision, last key) of a token for this cache, prefix and epoch; ValueError otherwise
+    (ExpiredTokenError, also a CompactedError, for an epoch the cache has left)."""
     if not isinstance(token, str) or not token:
         raise ValueError("continue_token must be a token from ListResult.continue_token")
     try:
@@ -45,8 +48,10 @@ def decode(token: str, cache: str, prefix: bytes, epoch: int) -> tuple[int, byte
         raise ValueError(f"continue_token belongs to a listing of prefix {t_prefix!r}, "
                          f"not {prefix!r}")
     if t_epoch != epoch:
-        raise ValueError(f"continue_token belongs to epoch {t_epoch} of cache {cache!r}, which "
-                         f"has reset its history since (now epoch {epoch}): list again")
+        raise ExpiredTokenError(
+            f"continue_token belongs to epoch {t_epoch} of cache {cache!r}, which has reset "
+            f"its history since (now epoch {epoch}): list again",
+            compact_revision=compact_revision)
     return revision, last
 
 

@@ -25,7 +25,7 @@ from typing import Any, NoReturn, TypeVar
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _history, _shm, control, layout, ring
+from . import _codec, _history, _pages, _shm, control, layout, ring
 from ._indexq import OverlayIndex
 from .errors import CompactedError, CorruptSegmentError, NotFoundError
 from .indexseg import IndexSegment
@@ -135,6 +135,12 @@ class View:
             raise Retry()
         self.iseg = seg
         return seg
+
+    def decode_token(self, token: str, bound: bytes) -> tuple[int, bytes | None]:
+        """(revision, last key) of a continue token of this cache, epoch and listing
+        (``bound``: its prefix); ValueError otherwise (see _pages.decode)."""
+        assert self.block is not None
+        return _pages.decode(token, self.cache, bound, self.epoch, self.block.compact_revision)
 
     def with_retry(self, read: Callable[[], T], refresh: Callable[[], None]) -> T:
         """``read()``, again after a refresh if the writer replaced what it reads."""

@@ -69,6 +69,15 @@ class CompactedError(ShmCacheError):
         super().__init__(message, hint=hint)
 
 
+class ExpiredTokenError(CompactedError, ValueError):
+    """A continue token of an epoch the cache has left (its writer relisted, resetting the
+    history): the revision it continues is gone. A CompactedError (list again, as for a
+    token whose revision left the window) and, like every token a cache cannot
+    continue, a ValueError."""
+
+    hint = "List again from the first page"
+
+
 class CorruptSegmentError(ShmCacheError, ValueError):
     """Bytes in a shared-memory segment violate the format; nothing from them was returned."""
 

@@ -326,7 +326,7 @@ class Reader(IndexReads):
             self._check_key_range(prefix, "prefix")
             v, start, end = self._v, prefix, range_end(prefix)
             if continue_token is not None:
-                revision, last = _pages.decode(continue_token, self.name, prefix, v.epoch)
+                revision, last = v.decode_token(continue_token, prefix)
                 if last is not None:
                     start = last + b"\0"
             if revision is not None and revision != self._revision:

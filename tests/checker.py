@@ -2,9 +2,10 @@
 
 A workload process writes random puts, deletes, range deletes, multi-op
 transactions and leases (expiring and revoked) with values from empty to 1 MiB
-and binary keys. Reader processes loop list -> watch -> get -> past-revision
-list -> sync, and verify every answer against etcd: the list (and a by_index read, now or
-at a past revision, of the ``top=segment:0`` index) against etcd's
+and binary keys. Reader processes loop list -> watch -> get -> paginated listing ->
+past-revision list -> sync, and verify every answer against etcd: the list (and a
+by_index read, now or at a past revision, of the ``top=segment:0`` index, and the pages
+of a list or by_index read while writes go on, together) against etcd's
 Range at the revision the cache reported, the watch event by event against
 etcd's own watch from the same start, the get against etcd at the reader's
 revision, and that a reader's revision never goes backwards within an epoch.
@@ -52,6 +53,7 @@ class Report:
     gets_verified: int = 0
     past_reads_verified: int = 0
     index_reads_verified: int = 0
+    paged_listings_verified: int = 0
     syncs_verified: int = 0
     explicit_errors: int = 0
     faults: dict[str, int] = field(default_factory=dict)
@@ -62,7 +64,8 @@ class Report:
         return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
                 f"lists verified {self.lists_verified}, gets verified {self.gets_verified}, "
                 f"past-revision reads verified {self.past_reads_verified}, by_index reads "
-                f"verified {self.index_reads_verified}, syncs verified "
+                f"verified {self.index_reads_verified}, paginated listings verified "
+                f"{self.paged_listings_verified}, syncs verified "
                 f"{self.syncs_verified}, explicit errors {self.explicit_errors}; faults "
                 f"injected: {faults}; divergences {len(self.divergences)}")
 
@@ -134,7 +137,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     host, port = endpoint.rsplit(":", 1)
     client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
     counts = {"events": 0, "lists": 0, "gets": 0, "past": 0, "syncs": 0, "explicit": 0,
-              "indexed": 0}
+              "indexed": 0, "paged": 0}
     problems: list[str] = []
     last_seen: dict[int, int] = {}  # epoch -> highest revision reported
 
@@ -211,6 +214,42 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                     counts["indexed"] += 1
             except shmcache.CompactedError:
                 counts["explicit"] += 1
+            if rnd.random() < 0.5:
+                # A paginated listing (list, or by_index of the index): small pages read
+                # while the workload writes on and faults strike, so the pages after the
+                # first are reads at the first page's revision; together they equal etcd's
+                # range at that revision.
+                size = rnd.choice([1, 3, 7, 40])
+                top = rnd.choice([b"sub", b"bin", b"k007", None])
+                def read(tok: str | None, r: shmcache.Reader = r, size: int = size,
+                         top: bytes | None = top) -> shmcache.ListResult:
+                    if top is None:
+                        return r.list(PREFIX, limit=size, continue_token=tok)
+                    return r.by_index("top", top, limit=size, continue_token=tok)
+                try:
+                    page = read(None)
+                    first_rev, items = page.revision, list(page.items)
+                    while page.continue_token is not None and not stop.is_set():
+                        time.sleep(rnd.choice([0, 0, 0.01, 0.05]))
+                        page = read(page.continue_token)
+                        if page.revision != first_rev:
+                            problems.append(f"reader {idx}: a page at {page.revision}, the "
+                                            f"first at {first_rev}")
+                        items.extend(page.items)
+                    if page.continue_token is None:
+                        want = etcd_call(etcd_range, client, PREFIX, first_rev)
+                        if want is not UNVERIFIABLE:
+                            if top is not None:
+                                want = [kv for kv in want
+                                        if kv.key[len(PREFIX):].split(b"/")[0] == top]
+                            if items != want:
+                                problems.append(
+                                    f"reader {idx}: pages of {size} ({'list' if top is None else top}"
+                                    f") at {first_rev} differ from etcd ({len(items)} vs "
+                                    f"{len(want)} keys)")
+                            counts["paged"] += 1
+                except shmcache.CompactedError:
+                    counts["explicit"] += 1
             if st.revision > st.oldest_watchable_revision:
                 past = rnd.randrange(st.oldest_watchable_revision, st.revision + 1)
                 try:
@@ -415,5 +454,6 @@ def _collect(results: Any, report: Report) -> None:
         report.past_reads_verified += counts["past"]
         report.syncs_verified += counts["syncs"]
         report.index_reads_verified += counts["indexed"]
+        report.paged_listings_verified += counts["paged"]
         report.explicit_errors += counts["explicit"]
         report.divergences.extend(problems)

@@ -266,7 +266,7 @@ def test_checker_finds_no_divergence_under_faults(binary: Any) -> None:
     print(report.summary())
     assert not report.divergences, "\n".join(report.divergences[:10])
     assert report.events_verified > 500 and report.lists_verified > 20
-    assert report.index_reads_verified > 10
+    assert report.index_reads_verified > 10 and report.paged_listings_verified > 5
     assert report.gets_verified > 50 and report.past_reads_verified > 10
     assert report.syncs_verified > 3
     assert sum(report.faults.values()) >= 8

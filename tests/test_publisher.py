@@ -179,5 +179,18 @@ def test_a_token_from_an_earlier_epoch_is_a_value_error(pub: Publisher, cache_na
         assert tok is not None
         assert len(r.list(P, limit=2, continue_token=tok)) == 2
         pub.reset(9, [(P + b"k0", (b"v", 5, 5, 1, 0))], "a relist")
-        with pytest.raises(ValueError, match="epoch .* list again"):
+        with pytest.raises(ValueError, match="epoch .* list again") as exc:
             r.list(P, limit=2, continue_token=tok)
+        # Also a CompactedError: a relist during an iter_list is "list again", not a bug.
+        assert isinstance(exc.value, shmcache.ExpiredTokenError)
+        assert isinstance(exc.value, shmcache.CompactedError)
+        assert exc.value.compact_revision == r.status().oldest_watchable_revision
+        assert [kv.key for kv in r.iter_list(P, page_size=1)] == [P + b"k0"]
+        # An iter_list across a relist ends in CompactedError, the remedy it documents.
+        pub.reset(12, [(P + b"k%d" % i, (b"v", 5, 5, 1, 0)) for i in range(3)], "a relist")
+        it = r.iter_list(P, page_size=1)
+        assert next(it).key == P + b"k0"
+        pub.reset(15, [(P + b"k%d" % i, (b"v", 5, 5, 1, 0)) for i in range(3)], "a relist")
+        with pytest.raises(shmcache.CompactedError):
+            next(it)
+
