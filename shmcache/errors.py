@@ -73,7 +73,7 @@ class ExpiredTokenError(CompactedError, ValueError):
     """A continue token of an epoch the cache has left (its writer relisted, resetting the
     history): the revision it continues is gone. A CompactedError (list again, as for a
     token whose revision left the window) and, like every token a cache cannot
-    continue, a ValueError."""
+    continue, a ValueError. Not exported: callers catch it as either (docs/api.md)."""
 
     hint = "List again from the first page"
 
