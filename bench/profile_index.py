@@ -6,7 +6,7 @@ The data and writer of bench/index_cost.py (``--index node=json:/spec/nodeName``
 each node value holding 100 keys spread over the range). In this one process,
 each step of ``Reader.by_index("node", X)`` is timed alone with the reader's own
 objects (internal API: IndexSegment.lookup, IndexSegment.run_keys,
-Snapshot.get_many, IndexSegment.run_items), beside ``Reader.list(prefix of 100)`` and the snapshot's C
+IndexSegment.run_items), beside ``Reader.list(prefix of 100)`` and the snapshot's C
 range call. CPU time (time.process_time) per call over --calls calls, median of
 5 repetitions. Prints only; the figures go to docs/benchmarks.md by hand.
 """
@@ -78,7 +78,6 @@ def main() -> int:
                     0, rnd.choice(names)),
                 "  IndexSegment.run_keys (lookup + 100 postings, keys, CRCs, order)":
                     lambda: seg.run_keys(0, rnd.choice(names), None, -1),
-                "  Snapshot.get_many (100 hash probes, C)": lambda: snap.get_many(keys),
                 "  IndexSegment.run_items (lookup, run, 100 snapshot probes: one C call)":
                     lambda: seg.run_items(0, rnd.choice(names), None, -1, v.overlay, snap),
                 "(random.choice, included above)": lambda: rnd.choice(names),

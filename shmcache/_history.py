@@ -19,7 +19,7 @@ import bisect
 import heapq
 import operator
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedList
 
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .control import Block, ControlReader
     from .types import KeyValue
 
-_key = operator.itemgetter(0)
+# The key of a KeyValue or of a (key, value) pair, at C speed (sort and merge keys).
+key_of: Any = operator.itemgetter(0)
 
 
 def check_window(name: str, revision: int, current: int, compact: int) -> None:
@@ -140,7 +141,7 @@ def past_page(now: Callable[[int], list[KeyValue]], undo: Undo,
         last = None if complete else cur[-1].key
         keep = [kv for kv in cur if kv.key not in prev]
         old = [kv for kv in (prev[k][0] for k in added(last)) if kv is not None]
-        out = list(heapq.merge(keep, old, key=_key)) if old else keep
+        out = list(heapq.merge(keep, old, key=key_of)) if old else keep
         if complete or len(out) >= want:
             return out if want < 0 else out[:want]
         n *= 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import operator
 import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -57,9 +56,6 @@ class OverlayIndex:
                 s.add(key)
 
 
-_key = operator.itemgetter(0)
-
-
 def _position(v: View, name: str) -> int:
     for i, (n, _spec) in enumerate(v.index_defs):
         if n == name:
@@ -84,7 +80,7 @@ def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> l
             keys = itertools.islice(keys, want)
         extra = [overlay[k] for k in keys]
         if extra:
-            items = list(heapq.merge(items, extra, key=_key))
+            items = list(heapq.merge(items, extra, key=_history.key_of))
             if want >= 0:
                 del items[want:]
     return items

@@ -39,6 +39,7 @@ from . import _shm, layout, snapshot
 
 if TYPE_CHECKING:
     from ._segments import CacheSegments
+    from .control import ControlWriter
 
 log = logging.getLogger("shmcache.writer")
 
@@ -267,3 +268,21 @@ class Overlays:
 # The block fields that say "no overlay segment", published with every snapshot.
 NONE: dict[int, int] = {layout.B_OVL_SEQ: 0, layout.B_OVL_REVISION: 0, layout.B_OVL_SIZE: 0,
                         layout.B_OVL_RING_POS: 0}
+
+
+def publish_snapshot(overlays: Overlays | None, ctl: ControlWriter, cache: str,
+                     updates: dict[int, int], snap_seq: int,
+                     changes: dict[bytes, KV5 | None], bytes_since: int,
+                     at: tuple[int, int, int], **publish_kw: Any) -> None:
+    """Publish a snapshot's block fields ``updates`` (NONE's zeros among them): with its
+    first overlay segment (``Overlays.switch``: ``changes``, ``bytes_since`` and ``at``
+    as it takes them), or, for a writer without overlay segments (one with secondary
+    indexes), as they are, unlinking the overlay segment a previous writer left."""
+    if overlays is not None:
+        overlays.switch(lambda ovl: ctl.publish({**updates, **ovl}, **publish_kw), snap_seq,
+                        changes, bytes_since, at)
+        return
+    stale = ctl.get(layout.B_OVL_SEQ)
+    ctl.publish(updates, **publish_kw)
+    if stale:
+        _shm.unlink(layout.overlay_name(cache, stale))

@@ -24,7 +24,7 @@ from sortedcontainers import SortedDict
 from . import _codec, _faults, _restore, _shm, control, layout, ring, snapshot
 from ._indexer import Indexer
 from ._overlays import NONE as NO_OVERLAY
-from ._overlays import TOMBSTONE, Overlays
+from ._overlays import TOMBSTONE, Overlays, publish_snapshot
 from ._segments import CacheSegments
 from ._snapbuild import SnapshotBuild, freeze_gc, unmap
 from .errors import CorruptSegmentError
@@ -260,16 +260,10 @@ class Publisher:
                    layout.B_REVISION: self.revision, **NO_OVERLAY}
         if extra:
             updates.update(extra)
-        if self.overlays is None:
-            stale = self.ctl.get(layout.B_OVL_SEQ)  # a writer without indexes left one
-            self.ctl.publish(updates, prefix=prefix)
-            if stale:
-                _shm.unlink(layout.overlay_name(self.name, stale))
-        else:  # the changes after the snapshot are those since its build started
-            self.overlays.switch(lambda ovl: self.ctl.publish({**updates, **ovl}, prefix=prefix),
-                                 b.seq,
-                                 self.delta, self.bytes_since_snapshot,
-                                 (self.revision, self.epoch, self.ring.head))
+        # The changes after the snapshot are those since its build started.
+        publish_snapshot(self.overlays, self.ctl, self.name, updates, b.seq, self.delta,
+                         self.bytes_since_snapshot, (self.revision, self.epoch, self.ring.head),
+                         prefix=prefix)
         self.snap_seq = b.seq
         self.snap_ring_pos = b.ring_pos
         self.stats["snapshots"] += 1

@@ -19,7 +19,7 @@ from sortedcontainers import SortedDict
 
 from . import _codec, _shm, control, layout, ring, snapshot
 from ._overlays import NONE as NO_OVERLAY
-from ._overlays import OVERLAY_BYTES
+from ._overlays import OVERLAY_BYTES, publish_snapshot
 from ._snapbuild import freeze_gc
 from .errors import CorruptSegmentError
 
@@ -161,14 +161,8 @@ def resume(p: Publisher) -> str | None:
     updates = dict(NO_OVERLAY)
     if got.tail != b.ring_tail:
         updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
-    if p.overlays is not None:  # (which unlinks the old overlay segment)
-        p.overlays.switch(lambda ovl: p.ctl.publish({**updates, **ovl}, wake=False),
-                          b.snap_seq, got.delta,
-                          OVERLAY_BYTES, (b.revision, b.epoch, b.ring_head))
-    else:
-        p.ctl.publish(updates, wake=False)
-        if b.ovl_seq:
-            _shm.unlink(layout.overlay_name(p.name, b.ovl_seq))
+    publish_snapshot(p.overlays, p.ctl, p.name, updates, b.snap_seq, got.delta, OVERLAY_BYTES,
+                     (b.revision, b.epoch, b.ring_head), wake=False)
     log.info("resumed cache %r at revision %d (epoch %d, %d keys)", p.name,
              p.revision, p.epoch, len(got.kv))
     if p.ring.capacity != p.ring_size:

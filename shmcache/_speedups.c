@@ -383,40 +383,6 @@ static PyObject *get_impl(PyObject *const *fargs) {
     return result;
 }
 
-/* get_many(keys, params) -> list of KeyValue | None: get() of each key of a list of
- * bytes, with the parameters parsed and the buffer taken once (by_index's lookups). */
-static PyObject *snapshot_get_many(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyList_Check(fargs[0]) || !PyTuple_Check(fargs[1])
-        || PyTuple_GET_SIZE(fargs[1]) != 6) {
-        PyErr_SetString(PyExc_TypeError, "get_many() takes a list of keys and a 6-tuple");
-        return NULL;
-    }
-    PyObject *keys = fargs[0];
-    Py_ssize_t n = PyList_GET_SIZE(keys);
-    for (Py_ssize_t j = 0; j < n; j++) {
-        if (!PyBytes_Check(PyList_GET_ITEM(keys, j))) {
-            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
-            return NULL;
-        }
-    }
-    geom_t g;
-    Py_buffer view;
-    if (geom_open(fargs[1], &g, &view) < 0) return NULL;
-    PyObject *out = PyList_New(n);
-    if (out != NULL) {
-        for (Py_ssize_t j = 0; j < n; j++) {
-            PyObject *kv = lookup(&g, PyList_GET_ITEM(keys, j));
-            if (kv == NULL) {
-                Py_CLEAR(out);
-                break;
-            }
-            PyList_SET_ITEM(out, j, kv);
-        }
-    }
-    PyBuffer_Release(&view);
-    return out;
-}
-
 /* Lexicographic comparison of two byte strings, like bytes' < / ==. */
 static int bcmp3(const unsigned char *a, uint64_t alen, const unsigned char *b, uint64_t blen) {
     int c = memcmp(a, b, alen < blen ? alen : blen);
@@ -483,6 +449,30 @@ static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uin
     return 0;
 }
 
+/* An index value entry's check word (indexseg.value_check): the CRC-32 of its fields
+ * packed as "<QIQQ" (offset, length, first posting, count), continued over its bytes. */
+static uint32_t value_check(uint64_t voff, uint32_t vlen, uint64_t first, uint64_t count,
+                            const unsigned char *value) {
+    unsigned char packed[28];
+    memcpy(packed, &voff, 8);
+    memcpy(packed + 8, &vlen, 4);
+    memcpy(packed + 12, &first, 8);
+    memcpy(packed + 20, &count, 8);
+    return crc_from(crc(packed, 28), value, vlen);
+}
+
+/* The pending exception, a snapshot's damage seen from index_run, as ValueError
+ * "snapshot: <message>" (indexseg.run_items reports it against the snapshot). */
+static PyObject *snapshot_error(void) {
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_Format(PyExc_ValueError, "snapshot: %S", v ? v : Py_None);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return NULL;
+}
+
 /* index_run(buf, vtab_off, nvals, posts_off, npost, values_off, values_end, keys_off,
  *           keys_end, value, after, limit[, skip, snap]) -> list of bytes | of KeyValue
  *
@@ -518,13 +508,7 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
     PyObject *snapp = nargs == 14 && a[13] != Py_None ? a[13] : NULL;
     geom_t sg;
     Py_buffer sview;
-    if (snapp != NULL && geom_open(snapp, &sg, &sview) < 0) {
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        PyErr_Format(PyExc_ValueError, "snapshot: %S", v ? v : Py_None);
-        Py_XDECREF(t); Py_XDECREF(v); Py_XDECREF(tb);
-        return NULL;
-    }
+    if (snapp != NULL && geom_open(snapp, &sg, &sview) < 0) return snapshot_error();
     uint64_t g[8];
     for (int j = 0; j < 8; j++) g[j] = PyLong_AsUnsignedLongLong(a[j + 1]);
     long long limit = PyLong_AsLongLong(a[11]);
@@ -558,12 +542,7 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
             goto done;
         }
         const unsigned char *v = buf + voff + off;
-        unsigned char packed[28];
-        memcpy(packed, &off, 8);
-        memcpy(packed + 8, &vlen, 4);
-        memcpy(packed + 12, &f, 8);
-        memcpy(packed + 20, &n, 8);
-        if (crc_from(crc(packed, 28), v, vlen) != check) {
+        if (value_check(off, vlen, f, n, v) != check) {
             corrupt("index value %llu fails its check", (unsigned long long)mid);
             goto done;
         }
@@ -669,10 +648,7 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
             PyObject *kv = lookup_hashed(&sg, batch[j], hashes[j]);
             if (kv == NULL || kv == Py_None) {
                 if (kv == NULL) {
-                    PyObject *t, *v, *tb;
-                    PyErr_Fetch(&t, &v, &tb);
-                    PyErr_Format(PyExc_ValueError, "snapshot: %S", v ? v : Py_None);
-                    Py_XDECREF(t); Py_XDECREF(v); Py_XDECREF(tb);
+                    snapshot_error();
                 } else {
                     Py_DECREF(kv);
                     corrupt("missing: index posting of key %R names a key the snapshot lacks",
@@ -789,12 +765,7 @@ static PyObject *index_table(PyObject *self, PyObject *const *a, Py_ssize_t narg
         }
         uint64_t count = npost - first, voff = vbase + vb.len;
         uint32_t vlen = (uint32_t)vl;
-        unsigned char packed[28];
-        memcpy(packed, &voff, 8);
-        memcpy(packed + 8, &vlen, 4);
-        memcpy(packed + 12, &first, 8);
-        memcpy(packed + 20, &count, 8);
-        uint32_t check = crc_from(crc(packed, 28), (const unsigned char *)vp, (uint64_t)vl);
+        uint32_t check = value_check(voff, vlen, first, count, (const unsigned char *)vp);
         unsigned char entry[32];
         memcpy(entry, &voff, 8);
         memcpy(entry + 8, &vlen, 4);
@@ -1197,8 +1168,6 @@ done:
 static PyMethodDef methods[] = {
     {"get", (PyCFunction)(void (*)(void))snapshot_get, METH_FASTCALL,
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
-    {"get_many", (PyCFunction)(void (*)(void))snapshot_get_many, METH_FASTCALL,
-     "get_many(keys, params) -> [KeyValue | None]: get() of each key"},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_FASTCALL,
      "crc32(data, value=0) -> int: zlib.crc32(data, value), with PCLMULQDQ where the CPU has it"},
     {"index_run", (PyCFunction)(void (*)(void))index_run, METH_FASTCALL,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import operator
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
@@ -48,13 +47,6 @@ T = TypeVar("T")
 _MISSING: Any = object()
 # Undos (what changed after a revision) a View keeps: a few listings paged at once.
 _UNDOS = 4
-
-
-def _first(item: tuple[bytes, Any]) -> bytes:
-    return item[0]
-
-
-_key0: Any = operator.itemgetter(0)  # (a KeyValue's key, at C speed)
 
 
 def lookup(pair: tuple[SortedDict, Snapshot | None, Snapshot | None],
@@ -169,7 +161,7 @@ class View:
         if not mine or not shared:
             return mine or shared
         newer = dict(mine)
-        out = list(heapq.merge([x for x in shared if x[0] not in newer], mine, key=_first))
+        out = list(heapq.merge([x for x in shared if x[0] not in newer], mine, key=_history.key_of))
         return out if n < 0 else out[:n]
 
     def page(self, start: bytes, end: bytes | None, want: int) -> list[KeyValue]:
@@ -439,13 +431,13 @@ def apply_changes(base: list[KeyValue], changes: list[tuple[bytes, KeyValue | No
     """``base`` (sorted KeyValues) with ``changes`` (sorted (key, KeyValue or None)) applied:
     a change replaces the entry of its key or adds one, None removes it; only keys up to
     ``bound`` (None: all). O(len(base)) at C speed plus O(log) per change."""
-    keys: list[bytes] = list(map(_key0, base))
+    keys: list[bytes] = list(map(_history.key_of, base))
     if bound is not None:
         cut = bisect.bisect_right(keys, bound)
         if cut < len(keys):
             del keys[cut:]
             base = base[:cut]
-        changes = changes[:bisect.bisect_right(changes, bound, key=_first)]
+        changes = changes[:bisect.bisect_right(changes, bound, key=_history.key_of)]
     if not changes:
         return base
     out: list[KeyValue] = []

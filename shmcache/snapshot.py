@@ -308,16 +308,6 @@ class Snapshot:
                 raise self._corrupt(str(exc)) from None
         return self.py_get(key)
 
-    def get_many(self, keys: list[bytes]) -> list[KeyValue | None]:
-        """``get`` of each of ``keys`` (bytes), in one call of the C lookup."""
-        if USE_SPEEDUPS:
-            try:
-                found: list[KeyValue | None] = _speedups.get_many(keys, self.params)
-                return found
-            except ValueError as exc:
-                raise self._corrupt(str(exc)) from None
-        return [self.py_get(k) for k in keys]
-
     def py_get(self, key: bytes) -> KeyValue | None:
         """Reference implementation of ``get`` in pure Python.
 
