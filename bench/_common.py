@@ -405,3 +405,23 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def cpu_sample() -> tuple[float, float, float]:
+    """(wall, CPU seconds of the whole machine, CPU seconds of this process tree): two
+    samples give the cores used by processes outside the benchmark (a shared machine)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + \
+        getattr(t, "nice", 0)
+    me = psutil.Process()
+    ct = me.cpu_times()
+    ours = ct.user + ct.system + ct.children_user + ct.children_system
+    for c in me.children(recursive=True):
+        try:
+            cc = c.cpu_times()
+            ours += cc.user + cc.system
+        except psutil.Error:
+            pass
+    return time.monotonic(), busy, ours

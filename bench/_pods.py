@@ -15,6 +15,8 @@ import os
 import time
 from typing import Any
 
+from bench._common import cpu_sample
+
 NAMESPACES = 10
 
 
@@ -125,28 +127,10 @@ class CpuMeter:
     """Cores used by processes outside this benchmark's tree (the machine may be shared)."""
 
     def __init__(self) -> None:
-        self.t0 = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        import psutil
-
-        t = psutil.cpu_times()
-        busy = t.user + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + \
-            getattr(t, "nice", 0)
-        me = psutil.Process()
-        ct = me.cpu_times()
-        ours = ct.user + ct.system + ct.children_user + ct.children_system
-        for c in me.children(recursive=True):
-            try:
-                cc = c.cpu_times()
-                ours += cc.user + cc.system
-            except psutil.Error:
-                pass
-        return time.monotonic(), busy, ours
+        self.t0 = cpu_sample()
 
     def foreign_cores(self) -> float:
-        now = self._sample()
+        now = cpu_sample()
         wall = now[0] - self.t0[0]
         other = max(0.0, (now[1] - self.t0[1]) - (now[2] - self.t0[2]))
         return round(other / wall, 2) if wall > 0 else 0.0

@@ -189,28 +189,9 @@ class Bench:
         except OSError:
             return {}
 
-    @staticmethod
-    def cpu_sample() -> tuple[float, float, float]:
-        """(wall, CPU seconds of the whole machine, CPU seconds of this process tree)."""
-        import psutil
-
-        t = psutil.cpu_times()
-        busy = t.user + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + \
-            getattr(t, "nice", 0)
-        me = psutil.Process()
-        ct = me.cpu_times()
-        ours = ct.user + ct.system + ct.children_user + ct.children_system
-        for c in me.children(recursive=True):
-            try:
-                cc = c.cpu_times()
-                ours += cc.user + cc.system
-            except psutil.Error:
-                pass
-        return time.monotonic(), busy, ours
-
     def foreign_cpu(self, since: tuple[float, float, float], label: str) -> None:
         """Cores used by processes outside the benchmark (the machine may be shared)."""
-        now = self.cpu_sample()
+        now = C.cpu_sample()
         wall = now[0] - since[0]
         other = max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall if wall else 0.0
         self.res.setdefault("foreign_cpu_cores", {})[label] = round(other, 2)
@@ -658,7 +639,7 @@ class Bench:
         return [k for k in self.cfg["alt_ks"] if cap is None or k <= cap]
 
     def size(self, n: int) -> None:
-        cpu0 = self.cpu_sample()
+        cpu0 = C.cpu_sample()
         try:
             self._size(n)
         finally:
