@@ -214,3 +214,8 @@ def txn(client: Any, ops: list[tuple[str, bytes, bytes]]) -> int:
                              metadata=client.metadata)
     assert resp.succeeded
     return int(resp.header.revision)
+
+
+def wait_rev(r: Any, rev: int) -> None:
+    """Until Reader ``r`` has reached ``rev`` (15 s at most)."""
+    assert r.wait(rev, timeout=15), f"reader stuck at {r.revision} < {rev}"

@@ -69,9 +69,10 @@ def _waiters(r: shmcache.Reader) -> int:
 
 
 def _wait_thread_gone(r: shmcache.Reader, timeout: float = 3.0) -> None:
+    """Until the watch demultiplexer's thread has ended (it has no watches left)."""
     deadline = time.monotonic() + timeout
-    while aio._waker_for(r).thread() is not None:
-        assert time.monotonic() < deadline, "waker thread still running without waiters"
+    while _demux.demux_of(r).thread() is not None:
+        assert time.monotonic() < deadline, "demultiplexer thread still running without watches"
         time.sleep(0.05)
 
 
@@ -254,10 +255,7 @@ def test_200_watchers_share_one_thread_and_one_call_per_publish(
     since, got, last, _ = asyncio.run(main())
     want = etcd_events(etcd_session.endpoint, p, since, last)
     assert len(want) == 17 and all(g == want for g in got)
-    deadline = time.monotonic() + 3
-    while _demux.demux_of(reader).thread() is not None:
-        assert time.monotonic() < deadline, "demultiplexer thread still running without watches"
-        time.sleep(0.05)
+    _wait_thread_gone(reader)
     assert _demux.demux_of(reader).joined_count() == 0
 
 

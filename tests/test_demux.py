@@ -17,11 +17,7 @@ import pytest
 
 import shmcache
 from shmcache import _demux
-from tests.helpers import WriterProcess, delete, drain, etcd_events, put, txn
-
-
-def _wait_rev(r: shmcache.Reader, rev: int) -> None:
-    assert r.wait(rev, timeout=15), f"reader stuck at {r.revision} < {rev}"
+from tests.helpers import WriterProcess, delete, drain, etcd_events, put, txn, wait_rev
 
 
 @pytest.fixture
@@ -99,7 +95,7 @@ def test_a_watch_from_the_past_catches_up_then_joins(
     assert live.joined
     for i in range(30):
         put(etcd_client, p + b"k%d" % (i % 4), b"%d" % i)
-    _wait_rev(r, r.sync())
+    wait_rev(r, r.sync())
     live.poll(0)
     old = r.watch(p, since_revision=since)
     assert not old.joined
@@ -171,14 +167,14 @@ def test_a_lap_of_the_demultiplexer_ends_every_joined_watch(
     a = r.watch(p, since_revision=since)
     a.poll(0)
     first = put(etcd_client, p + b"a", b"1")
-    _wait_rev(r, first)
+    wait_rev(r, first)
     time.sleep(0.3)  # the demultiplexer's thread queues it
     d = _demux.demux_of(r)
     with d.lock:
         last = first
         for i in range(200):
             last = put(etcd_client, p + b"k%d" % (i % 5), b"y" * 2000)
-        _wait_rev(r, last)
+        wait_rev(r, last)
     assert [e.revision for e in a.poll(0)] == [first]
     with pytest.raises(shmcache.CompactedError):
         a.poll(0)
@@ -207,7 +203,7 @@ def test_a_history_reset_ends_joined_watches(etcd_session: Any, etcd_client: Any
                            extra=["--index", "first=segment:0"]).start()
         try:
             rev = put(etcd_client, p + b"x/1", b"v")
-            _wait_rev(r, rev)
+            wait_rev(r, rev)
             assert r.status().epoch > epoch
             with pytest.raises(shmcache.CompactedError):
                 a.poll(timeout=2)
@@ -235,7 +231,7 @@ def test_a_joined_watch_continues_in_a_forked_child(etcd_session: Any, etcd_clie
     got = drain(wt, first)
     assert wt.joined
     queued = put(etcd_client, p + b"b", b"2")  # queued in the parent, not read there
-    _wait_rev(r, queued)
+    wait_rev(r, queued)
     time.sleep(0.3)
     rfd, wfd = os.pipe()
     pid = os.fork()

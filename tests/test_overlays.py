@@ -16,11 +16,7 @@ import pytest
 
 import shmcache
 from shmcache import _overlays, layout
-from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn
-
-
-def _wait(r: shmcache.Reader, rev: int) -> None:
-    assert r.wait(rev, timeout=15), f"reader stuck at {r.revision} < {rev}"
+from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn, wait_rev
 
 
 def _churn(client: Any, p: bytes, rng: random.Random, n: int, keys: int = 200) -> int:
@@ -58,7 +54,7 @@ def test_a_fresh_reader_decodes_only_the_records_after_the_overlay_segment(
     w, p = cache
     rev = _churn(etcd_client, p, random.Random(1), 700)
     with shmcache.Reader(w.name) as r:
-        _wait(r, rev)
+        wait_rev(r, rev)
         b = r.control.block()
         assert b is not None and b.snap_seq == 1, "a snapshot came: the test needs none"
         assert b.ovl_seq >= 3 and b.snap_revision < b.ovl_revision <= b.revision
@@ -100,7 +96,7 @@ def test_answers_equal_etcd_across_overlay_and_snapshot_switches(
             last = _churn(etcd_client, p, rng, 150)
             got.extend(watch.poll(0))
             with shmcache.Reader(w.name) as fresh:
-                _wait(fresh, last)
+                wait_rev(fresh, last)
                 b = fresh.control.block()
                 assert b is not None
                 seen_ovl.add((b.snap_seq, b.ovl_seq))
@@ -114,7 +110,7 @@ def test_answers_equal_etcd_across_overlay_and_snapshot_switches(
                     if past >= b.compact_revision:
                         assert fresh.list(p, revision=past).items == etcd_range(
                             etcd_client, p, past), past
-            _wait(old, last)
+            wait_rev(old, last)
             res = old.list(p)
             assert res.items == etcd_range(etcd_client, p, res.revision)
         got.extend(drain(watch, last))
@@ -132,7 +128,7 @@ def test_a_watch_from_before_the_overlay_segment(etcd_session: Any, etcd_client:
         since = r.revision
         mid = _churn(etcd_client, p, random.Random(3), 60)
         last = _churn(etcd_client, p, random.Random(4), 400)
-        _wait(r, last)
+        wait_rev(r, last)
         b = r.control.block()
         assert b is not None and b.ovl_seq and b.snap_revision <= mid < b.ovl_revision
         for start in (since, mid):
@@ -147,14 +143,14 @@ def test_a_restarted_writer_withdraws_the_overlay_segment_and_builds_a_new_one(
     w, p = cache
     rev = _churn(etcd_client, p, random.Random(5), 500)
     with shmcache.Reader(w.name) as r:
-        _wait(r, rev)
+        wait_rev(r, rev)
         before = r.control.block()
         assert before is not None and before.ovl_seq
     w.terminate()
     w.start()
     rev = put(etcd_client, p + b"after-restart", b"1")
     with shmcache.Reader(w.name) as r:
-        _wait(r, rev)
+        wait_rev(r, rev)
         # Built in the background from the first response on, published with the next
         # one (or the idle writer's progress check, once a second).
         deadline = time.monotonic() + 10
@@ -176,7 +172,7 @@ def test_a_damaged_overlay_segment_is_an_error_not_a_wrong_answer(
     w, p = cache
     rev = _churn(etcd_client, p, random.Random(6), 400)
     with shmcache.Reader(w.name) as r:
-        _wait(r, rev)
+        wait_rev(r, rev)
         b = r.control.block()
         assert b is not None and b.ovl_seq
     w.terminate()  # nothing republishes while we damage it
@@ -209,7 +205,7 @@ def test_pure_python_and_c_readers_agree(etcd_client: Any, cache: Any) -> None:
     w, p = cache
     rev = _churn(etcd_client, p, random.Random(8), 500)
     with shmcache.Reader(w.name) as r:
-        _wait(r, rev)
+        wait_rev(r, rev)
         assert r.control.block().ovl_seq  # type: ignore[union-attr]
         keys = [p + b"k%04d" % i for i in range(200)]
         here = [r.get(k) for k in keys]

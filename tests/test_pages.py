@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
 import shmcache
+from shmcache.types import KeyValue
 from tests.helpers import WriterProcess, delete, etcd_get, etcd_range, put, txn
 
 
@@ -129,10 +131,7 @@ def test_past_page_equals_the_state_at_the_revision_at_every_offset() -> None:
     """_history.past_page against a brute-force answer: random current ranges, random
     changes after the revision (keys added, removed, rewritten; more of them hidden in
     a page than the page holds), every offset and page size."""
-    import random
-
     from shmcache import _history
-    from shmcache.types import KeyValue
 
     rnd = random.Random(3)
 
@@ -213,13 +212,11 @@ def test_view_page_equals_the_merged_state_at_every_start_and_size() -> None:
     read only as far as the page needs) against a brute-force merge: random snapshots,
     an overlay segment and a private overlay over it (puts, deletes, new keys, dense and
     sparse), every start and page size."""
-    import random
 
     from sortedcontainers import SortedDict
 
     from shmcache import layout, snapshot
     from shmcache._view import View
-    from shmcache.types import KeyValue
 
     rnd = random.Random(4)
 

@@ -158,7 +158,7 @@ def test_events_progress_and_close(transport: str, conn: _etcd.Connection, etcd_
         for i in range(50):
             put(etcd_client, p + b"k%d" % (i % 7), b"%d" % i)
         while len(revs) < 51:
-            rev, _created, canceled, compact, _reason, events = next(it)
+            _rev, _created, canceled, compact, _reason, events = next(it)
             assert not canceled and not compact and events
             revs += [ev[4] for ev in events]
         assert revs == list(range(first, first + 51))
