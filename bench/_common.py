@@ -388,10 +388,6 @@ def sleep_until(t: float) -> None:
         time.sleep(min(d, 0.05))
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in
-           ("annotations", "Any", "importlib", "os", "platform", "re", "shutil", "signal",
-            "socket", "subprocess", "sys", "tempfile", "time", "urllib")]
-
 
 def write_json(path: str, obj: Any, indent: int = 2) -> None:
     """Write obj to path via a temporary file and a rename: a failed or interrupted run
@@ -425,3 +421,8 @@ def cpu_sample() -> tuple[float, float, float]:
         except psutil.Error:
             pass
     return time.monotonic(), busy, ours
+
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in
+           ("annotations", "Any", "importlib", "json", "os", "platform", "re", "shutil", "signal",
+            "socket", "subprocess", "sys", "tempfile", "time", "urllib")]

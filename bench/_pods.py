@@ -96,12 +96,6 @@ def timed(fn: Any, n: int) -> tuple[list[float], float]:
     return [w * 1e6 for w in walls], cpu
 
 
-def uss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_full_info().uss)
-
-
 def memory() -> dict[str, int]:
     """This process's USS, and the part of it that is pages of shmcache's segments.
 

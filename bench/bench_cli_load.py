@@ -16,6 +16,7 @@ itself never writes; this script is the write load beside it.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import sys
@@ -23,30 +24,9 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-VALUE_SIZE = 256
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def key(prefix: bytes, i: int) -> bytes:
-    return prefix + b"k/%07d" % i
-
-
-def load(client: Any, prefix: bytes, n: int) -> int:
-    """Put keys 0..n-1 with VALUE_SIZE-byte values; returns the last revision."""
-    from etcd3.etcdrpc import rpc_pb2
-
-    stub, md = client.kvstub, client.metadata
-    inflight: list[Any] = []
-    rev = 0
-    for start in range(0, n, 100):
-        ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
-            key=key(prefix, i), value=(b"%010d|" % i).ljust(VALUE_SIZE, b"v")))
-            for i in range(start, min(n, start + 100))]
-        inflight.append(stub.Txn.future(rpc_pb2.TxnRequest(success=ops), 60, metadata=md))
-        if len(inflight) >= 8:
-            rev = max(rev, inflight.pop(0).result().header.revision)
-    for f in inflight:
-        rev = max(rev, f.result().header.revision)
-    return int(rev)
+from _common import VALUE_SIZE, key, load_etcd  # noqa: E402  (the same keys as bench/run.py)
 
 
 def write_load(client: Any, prefix: bytes, n: int, rate: float, seconds: float | None) -> None:
@@ -107,7 +87,7 @@ def main() -> int:
     prefix = args.prefix.encode()
     if not args.skip_load:
         t0 = time.monotonic()
-        rev = load(client, prefix, args.keys)
+        rev = load_etcd(client, prefix, args.keys)
         print(f"loaded {args.keys:,} keys under {args.prefix} in {time.monotonic() - t0:.1f} s "
               f"(revision {rev})", file=sys.stderr, flush=True)
     if args.rate > 0:

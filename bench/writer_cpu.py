@@ -273,9 +273,10 @@ class WriterConsumer(Consumer):
     def start(self, etcd: Any, start: int) -> None:
         import shmcache
         from shmcache import _shm
+        from shmcache._demo_etcd import free_port
 
         _shm.remove_cache(self.name, force=True)
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "PYTHONPATH": self.tree}
         self.log = open(f"/tmp/shmcache-wcpu-{self.name}.log", "ab")
         self.proc = subprocess.Popen(
@@ -384,14 +385,6 @@ class EtcdctlConsumer(Consumer):
     def stop(self) -> None:
         super().stop()
         self.thread.join(5)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- one window -----------------------------------------------------------------------------
@@ -508,8 +501,7 @@ def writers(args: Any) -> list[Consumer]:
 
 
 def profile(args: Any, etcd: Any, client: Any, etcdctl: str) -> None:
-    sys.path.insert(0, HERE)
-    from profile_writer import summarize_raw
+    from profile_writer import summarize_raw  # (bench/ is on sys.path, see the top)
 
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     found = [w for w in writers(args) if w.label == args.profile] or writers(args)[:1]
