@@ -13,12 +13,63 @@ import fcntl
 import grp
 import logging
 import os
+import pwd
 import stat
 
 from . import _shm, control, layout, ring
-from .errors import CacheExistsError, CorruptSegmentError, WriterError
+from .errors import CacheExistsError, CorruptSegmentError, SegmentPermissionError, WriterError
 
 log = logging.getLogger("shmcache.writer")
+
+
+def usable_gid(group: str | int) -> int:
+    """The id of ``group`` if this process may give its segments that group, else an error.
+
+    Changing a file's group needs membership in it (the effective or a supplementary
+    group) or CAP_CHOWN: checked here, at start, so a writer that could not apply
+    ``--group`` says so in one line instead of failing on its first segment.
+    ValueError for a group that does not exist, SegmentPermissionError otherwise.
+    """
+    if isinstance(group, int):
+        if not 0 <= group < 2**32 - 1:
+            raise ValueError(f"group id {group} is out of range")
+        gid = group
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"no group named {group!r} on this host") from None
+    groups = {os.getegid(), *os.getgroups()}
+    if gid in groups or _has_cap_chown():
+        return gid
+    euid = os.geteuid()
+    try:
+        user = pwd.getpwuid(euid).pw_name
+    except KeyError:
+        user = str(euid)
+    try:
+        gname = grp.getgrgid(gid).gr_name
+    except KeyError:
+        gname = str(gid)
+    raise SegmentPermissionError(
+        f"cannot give the segments {_shm.group_text(gid)}: this writer runs as "
+        f"{_shm.user_text(euid)}, which is not a member (gids "
+        f"{', '.join(map(str, sorted(groups)))}) and lacks CAP_CHOWN", gid=gid,
+        hint=f"Add the writer's user to the group (`usermod -aG {gname} {user}`, or "
+             f"SupplementaryGroups={gname} in its systemd unit) and restart it, or pass "
+             f"--group with a group it is in")
+
+
+def _has_cap_chown() -> bool:
+    """Whether this process may change a file's group to any group (CAP_CHOWN, bit 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
 
 
 def inode(seg_name: str) -> int:
@@ -30,13 +81,18 @@ def inode(seg_name: str) -> int:
 
 
 class CacheSegments:
-    """Create, lock, track and remove the segments of cache ``name``."""
+    """Create, lock, track and remove the segments of cache ``name``.
+
+    Construction checks that ``group`` can be applied (``usable_gid``), so a writer
+    fails before it touches /dev/shm or etcd.
+    """
 
     def __init__(self, name: str, prefix: bytes, mode: int, group: str | int | None) -> None:
         self.name = name
         self.prefix = prefix
         self.mode = mode
         self.group = group
+        self._gid = None if group is None else usable_gid(group)
         self.ctl: control.ControlWriter | None = None
         self.ctl_seg: _shm.Segment | None = None
         self._lock_fd: int | None = None
@@ -109,9 +165,8 @@ class CacheSegments:
         self._own[seg_name] = inode(seg_name)
 
     def gid(self) -> int | None:
-        if self.group is None:
-            return None
-        return self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
+        """The segments' group id (checked usable at construction), None for the writer's own."""
+        return self._gid
 
     def track_sync_socket(self) -> None:
         self._sync_ino = inode(layout.sync_socket_name(self.name))

@@ -7,6 +7,7 @@ import fcntl
 import grp
 import mmap
 import os
+import pwd
 import re
 import stat
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ class Segment:
 
 
 def open_readonly(name: str) -> Segment | None:
-    """Map an existing segment read-only; None if it does not exist.
+    """Map an existing segment read-only; None if it does not exist, SegmentPermissionError
+    (see ``read_denied``) if this process may not read it.
 
     ``size=0`` matters: if a size is passed and ftruncate fails, posix_ipc closes
     *and unlinks* the segment by name, even one it only opened (docs/design.md, "Facts
@@ -59,6 +61,8 @@ def open_readonly(name: str) -> Segment | None:
         shm = posix_ipc.SharedMemory(name, flags=0, read_only=True, size=0)
     except posix_ipc.ExistentialError:
         return None
+    except posix_ipc.PermissionsError:
+        raise read_denied(name) from None
     try:
         size = os.fstat(shm.fd).st_size
         if size == 0:
@@ -116,17 +120,23 @@ def open_writable(name: str) -> tuple[Segment, int] | None:
         shm = posix_ipc.SharedMemory(name, flags=0, size=0)
     except posix_ipc.ExistentialError:
         return None
+    except posix_ipc.PermissionsError:
+        # Not ours and not writable by us: the same refusal as for one we could open.
+        try:
+            st = os.stat(SHM_DIR + name)
+        except OSError:
+            return None  # removed meanwhile
+        raise _not_owner(name, st) from None
     fd = shm.fd
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
         shm.close_fd()
-        raise SegmentPermissionError(
-            f"{name} is owned by uid {st.st_uid}, not by this writer (uid {os.geteuid()})",
-            hint="Run the writer as the segment's owner or remove it with `shmcache rm`")
+        raise _not_owner(name, st)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         shm.close_fd()
         raise SegmentPermissionError(
-            f"{name} has mode {stat.S_IMODE(st.st_mode):o}, writable by group or others",
+            f"{name} has mode {stat.S_IMODE(st.st_mode):03o}, writable by group or others",
+            segment=name, uid=st.st_uid, gid=st.st_gid, mode=stat.S_IMODE(st.st_mode),
             hint="Remove it with `shmcache rm NAME`; shmcache never creates such segments")
     size = st.st_size
     if size == 0:
@@ -135,6 +145,57 @@ def open_writable(name: str) -> tuple[Segment, int] | None:
                                   segment=name)
     buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return Segment(name, buf, size), fd
+
+
+def user_text(uid: int) -> str:
+    """``user shmcache (uid 998)``, or ``uid 998`` for an id with no name on this host."""
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def group_text(gid: int) -> str:
+    """``group shmcache-readers (gid 997)``, or ``gid 997`` for an id with no name here."""
+    try:
+        return f"group {grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def read_denied(name: str) -> SegmentPermissionError:
+    """The error for a segment this process may not read: who owns it, with which mode,
+    who this process is, and the writer setting that would let it read."""
+    try:
+        st = os.stat(SHM_DIR + name)  # needs no access to the segment, only to /dev/shm
+    except OSError:
+        return SegmentPermissionError(
+            f"cannot read segment {name}: permission denied", segment=name,
+            hint="The writer grants read access with --mode 640 --group GROUP or --mode 644")
+    mode = stat.S_IMODE(st.st_mode)
+    groups = sorted({os.getegid(), *os.getgroups()})
+    message = (f"cannot read segment {name}: owned by {user_text(st.st_uid)} and "
+               f"{group_text(st.st_gid)} with mode {mode:03o}; this process runs as "
+               f"{user_text(os.geteuid())} in gids {', '.join(map(str, groups))}")
+    if mode & stat.S_IRGRP:
+        hint = (f"Add this process's user to {group_text(st.st_gid)} and restart the process "
+                f"(a running process keeps its groups), or start the writer with --mode 644 "
+                f"to let every user read")
+    else:
+        hint = ("Start the writer with --mode 640 --group GROUP (a group of this process's "
+                "user) or --mode 644 (every user); see docs/operations.md, "
+                "'Grant readers access'")
+    return SegmentPermissionError(message, segment=name, uid=st.st_uid, gid=st.st_gid,
+                                  mode=mode, hint=hint)
+
+
+def _not_owner(name: str, st: os.stat_result) -> SegmentPermissionError:
+    mode = stat.S_IMODE(st.st_mode)
+    return SegmentPermissionError(
+        f"{name} is owned by {user_text(st.st_uid)} with mode {mode:03o}, not by this writer "
+        f"({user_text(os.geteuid())})", segment=name, uid=st.st_uid, gid=st.st_gid, mode=mode,
+        hint="Run the writer as the segment's owner, or remove the cache's segments with "
+             "`shmcache rm NAME` as root or as their owner")
 
 
 def unlink(name: str) -> bool:

@@ -124,7 +124,22 @@ class CacheExistsError(WriterError):
 
 
 class SegmentPermissionError(ShmCacheError, builtins.PermissionError):
-    """A segment has an owner or mode the writer refuses to trust."""
+    """A segment's owner, group or mode keeps this process out: a reader without read
+    access, a writer that cannot give its segments the group it was asked for, or a
+    writer refusing a segment it did not create (it could have been planted).
+
+    ``segment`` names the segment (empty when there is none yet); ``uid``, ``gid`` and
+    ``mode`` are its owner, group and permission bits as found (None when unknown).
+    """
+
+    def __init__(self, message: str, *, segment: str = "", uid: int | None = None,
+                 gid: int | None = None, mode: int | None = None,
+                 hint: str | None = None) -> None:
+        self.segment = segment
+        self.uid = uid
+        self.gid = gid
+        self.mode = mode
+        super().__init__(message, hint=hint)
 
 
 class WriterRunningError(ShmCacheError):
