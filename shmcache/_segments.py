@@ -39,7 +39,7 @@ def usable_gid(group: str | int) -> int:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError(f"no group named {group!r} on this host") from None
-    groups = {os.getegid(), *os.getgroups()}
+    groups = _shm.process_gids()
     if gid in groups or _has_cap_chown():
         return gid
     euid = os.geteuid()
@@ -54,7 +54,7 @@ def usable_gid(group: str | int) -> int:
     raise SegmentPermissionError(
         f"cannot give the segments {_shm.group_text(gid)}: this writer runs as "
         f"{_shm.user_text(euid)}, which is not a member (gids "
-        f"{', '.join(map(str, sorted(groups)))}) and lacks CAP_CHOWN", gid=gid,
+        f"{', '.join(map(str, groups))}) and lacks CAP_CHOWN", gid=gid,
         hint=f"Add the writer's user to the group (`usermod -aG {gname} {user}`, or "
              f"SupplementaryGroups={gname} in its systemd unit) and restart it, or pass "
              f"--group with a group it is in")

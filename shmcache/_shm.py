@@ -51,7 +51,7 @@ class Segment:
 
 def open_readonly(name: str) -> Segment | None:
     """Map an existing segment read-only; None if it does not exist, SegmentPermissionError
-    (see ``read_denied``) if this process may not read it.
+    (see ``_read_denied``) if this process may not read it.
 
     ``size=0`` matters: if a size is passed and ftruncate fails, posix_ipc closes
     *and unlinks* the segment by name, even one it only opened (docs/design.md, "Facts
@@ -62,7 +62,7 @@ def open_readonly(name: str) -> Segment | None:
     except posix_ipc.ExistentialError:
         return None
     except posix_ipc.PermissionsError:
-        raise read_denied(name) from None
+        raise _read_denied(name) from None
     try:
         size = os.fstat(shm.fd).st_size
         if size == 0:
@@ -147,6 +147,11 @@ def open_writable(name: str) -> tuple[Segment, int] | None:
     return Segment(name, buf, size), fd
 
 
+def process_gids() -> list[int]:
+    """This process's effective and supplementary group ids, sorted."""
+    return sorted({os.getegid(), *os.getgroups()})
+
+
 def user_text(uid: int) -> str:
     """``user shmcache (uid 998)``, or ``uid 998`` for an id with no name on this host."""
     try:
@@ -163,7 +168,7 @@ def group_text(gid: int) -> str:
         return f"gid {gid}"
 
 
-def read_denied(name: str) -> SegmentPermissionError:
+def _read_denied(name: str) -> SegmentPermissionError:
     """The error for a segment this process may not read: who owns it, with which mode,
     who this process is, and the writer setting that would let it read."""
     try:
@@ -173,10 +178,9 @@ def read_denied(name: str) -> SegmentPermissionError:
             f"cannot read segment {name}: permission denied", segment=name,
             hint="The writer grants read access with --mode 640 --group GROUP or --mode 644")
     mode = stat.S_IMODE(st.st_mode)
-    groups = sorted({os.getegid(), *os.getgroups()})
     message = (f"cannot read segment {name}: owned by {user_text(st.st_uid)} and "
                f"{group_text(st.st_gid)} with mode {mode:03o}; this process runs as "
-               f"{user_text(os.geteuid())} in gids {', '.join(map(str, groups))}")
+               f"{user_text(os.geteuid())} in gids {', '.join(map(str, process_gids()))}")
     if mode & stat.S_IRGRP:
         hint = (f"Add this process's user to {group_text(st.st_gid)} and restart the process "
                 f"(a running process keeps its groups), or start the writer with --mode 644 "

@@ -333,6 +333,17 @@ def test_non_root_writer_refuses_a_group_it_is_not_in(
                                 f"usermod -aG {accounts.readers} {accounts.outsider.name}")
 
 
+def test_writer_rejects_a_group_that_does_not_exist(cache_name: str) -> None:
+    """A ValueError naming the group at construction (it used to be a KeyError from the
+    first segment's creation, inside run())."""
+    from shmcache import Writer
+
+    missing = f"shmt-none-{secrets.token_hex(3)}"
+    with pytest.raises(ValueError, match=f"no group named '{missing}'"):
+        Writer(cache_name, "http://127.0.0.1:9", mode=0o640, group=missing)
+    assert _shm.list_segments(cache_name) == []
+
+
 def test_non_root_writer_in_the_group_serves_it(
         accounts: Accounts, etcd_session: EtcdServer) -> None:
     """As the systemd unit runs it: a system user in the readers' group. Its segments are
