@@ -44,15 +44,21 @@ CHILD_ENV = {**os.environ, "HOME": "/", "PYTHONDONTWRITEBYTECODE": "1"}
 
 @dataclass(frozen=True)
 class Account:
-    name: str
+    name: str  # empty for ids with no entry in /etc/passwd (as in a container)
     uid: int
     gid: int
-    init_groups: bool  # False: no supplementary groups at all
+    init_groups: bool  # the groups /etc/group gives ``name``; else ``groups``
+    groups: tuple[int, ...] = ()
 
     def argv(self, *args: str) -> list[str]:
         """``args`` run through setpriv as this account."""
-        groups = "--init-groups" if self.init_groups else "--clear-groups"
-        return ["setpriv", "--reuid", str(self.uid), "--regid", str(self.gid), groups, *args]
+        if self.init_groups:
+            groups = ["--init-groups"]
+        elif self.groups:
+            groups = ["--groups", ",".join(map(str, self.groups))]
+        else:
+            groups = ["--clear-groups"]
+        return ["setpriv", "--reuid", str(self.uid), "--regid", str(self.gid), *groups, *args]
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ def _serve(etcd: EtcdServer, mode: str, extra: list[str], as_user: Account | Non
     w = WriterProcess(name, etcd.endpoint, prefix, extra=["--mode", mode, *extra])
     if as_user is not None:
         w.args = as_user.argv(*w.args)
+        w.env = {"HOME": "/", "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         rev = put(client, prefix + b"k1", b"v1")
         w.start()
@@ -358,6 +365,33 @@ def test_non_root_writer_in_the_group_serves_it(
         res = _api(accounts.outsider, c.name, c.key)
         assert res["type"] == "SegmentPermissionError", res
         assert f"owned by user {member.name} (uid {member.uid})" in str(res["message"])
+
+
+def _unnamed_ids(count: int) -> list[int]:
+    """``count`` ids that name no user and no group here."""
+    import grp
+    import pwd
+
+    taken = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    base = 61000 + secrets.randbelow(3000)
+    return [i for i in range(base, base + 100) if i not in taken][:count]
+
+
+def test_numeric_group_without_a_name_as_in_kubernetes(
+        accounts: Accounts, etcd_session: EtcdServer) -> None:
+    """The pod examples: uids and a shared gid (fsGroup) that /etc has no names for. A
+    non-root writer with that gid as a supplementary group serves ``--group GID``; a
+    reader with it reads; one without is told the gid."""
+    uid_w, uid_r, uid_o, shared = _unnamed_ids(4)
+    writer = Account("", uid_w, uid_w, False, (shared,))
+    with _serve(etcd_session, "640", ["--group", str(shared)], as_user=writer) as c:
+        assert _api(Account("", uid_r, uid_r, False, (shared,)), c.name, c.key) == {
+            "value": "v1"}
+        res = _api(Account("", uid_o, uid_o, False), c.name, c.key)
+        assert res["type"] == "SegmentPermissionError", res
+        assert (res["uid"], res["gid"], res["mode"]) == (uid_w, shared, 0o640), res
+        assert (f"owned by uid {uid_w} and gid {shared} with mode 640; this process runs as "
+                f"uid {uid_o} in gids {uid_o}.") in str(res["message"]), res
 
 
 # -- the systemd example -------------------------------------------------------------------
