@@ -181,7 +181,11 @@ def _read_denied(name: str) -> SegmentPermissionError:
     message = (f"cannot read segment {name}: owned by {user_text(st.st_uid)} and "
                f"{group_text(st.st_gid)} with mode {mode:03o}; this process runs as "
                f"{user_text(os.geteuid())} in gids {', '.join(map(str, process_gids()))}")
-    if mode & stat.S_IRGRP:
+    if mode & stat.S_IROTH:
+        hint = ("The mode lets every user read: something other than the mode refuses "
+                "access (a security module such as SELinux or AppArmor, or how /dev/shm "
+                "is mounted)")
+    elif mode & stat.S_IRGRP:
         hint = (f"Add this process's user to {group_text(st.st_gid)} and restart the process "
                 f"(a running process keeps its groups), or start the writer with --mode 644 "
                 f"to let every user read")

@@ -129,7 +129,8 @@ class SegmentPermissionError(ShmCacheError, builtins.PermissionError):
     writer refusing a segment it did not create (it could have been planted).
 
     ``segment`` names the segment (empty when there is none yet); ``uid``, ``gid`` and
-    ``mode`` are its owner, group and permission bits as found (None when unknown).
+    ``mode`` are its owner, group and permission bits as found, ``gid`` the group asked
+    for when the writer cannot apply it (None when unknown).
     """
 
     def __init__(self, message: str, *, segment: str = "", uid: int | None = None,

@@ -316,6 +316,21 @@ def test_mode_644_any_user_reads(accounts: Accounts, cache_644: Cache) -> None:
     assert (out.returncode, out.stdout) == (0, f"{c.key.decode()}\tv1\n"), out.stderr
 
 
+def test_a_refusal_despite_mode_644_blames_something_else(cache_name: str) -> None:
+    """Mode 644 and still refused (a security module, a mount): the hint does not tell the
+    operator to set the mode the segment already has. (The refusal itself cannot be made
+    here: the message is built from a real segment's stat.)"""
+    seg_name = layout.control_name(cache_name)
+    seg = _shm.create(seg_name, 4096, 0o644)
+    try:
+        exc = _shm._read_denied(seg_name)
+    finally:
+        seg.close()
+        _shm.unlink(seg_name)
+    assert exc.mode == 0o644 and "with mode 644" in str(exc)
+    assert "--mode" not in str(exc) and "security module" in str(exc), str(exc)
+
+
 # -- a writer that is not root -------------------------------------------------------------
 
 
