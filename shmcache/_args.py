@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["as_bytes", "count", "page_args", "read_args", "revision", "seconds"]
+__all__ = ["as_bytes", "count", "opt_revision", "opt_seconds", "page_args", "read_args",
+           "revision", "seconds"]
 
 
 def _kind(value: Any) -> str:
@@ -35,13 +36,16 @@ def _int(value: Any, name: str, what: str) -> int:
     return value
 
 
-def revision(value: Any, name: str, optional: bool = True) -> int | None:
-    """None (if ``optional``), or a revision: an int >= 0."""
-    if value is None and optional:
-        return None
+def revision(value: Any, name: str) -> int:
+    """A revision: an int >= 0."""
     if _int(value, name, "a revision") < 0:
         raise ValueError(f"{name} must be a revision >= 0, not {value}")
     return int(value)
+
+
+def opt_revision(value: Any, name: str) -> int | None:
+    """None, or a revision."""
+    return None if value is None else revision(value, name)
 
 
 def count(value: Any, name: str, minimum: int = 0) -> int | None:
@@ -53,10 +57,8 @@ def count(value: Any, name: str, minimum: int = 0) -> int | None:
     return int(value)
 
 
-def seconds(value: Any, name: str, optional: bool = True) -> float | None:
-    """None (if ``optional``), or a finite number of seconds >= 0."""
-    if value is None and optional:
-        return None
+def seconds(value: Any, name: str) -> float:
+    """A finite number of seconds >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {_kind(value)}")
     if not (value >= 0 and math.isfinite(value)):
@@ -64,11 +66,16 @@ def seconds(value: Any, name: str, optional: bool = True) -> float | None:
     return float(value)
 
 
+def opt_seconds(value: Any, name: str) -> float | None:
+    """None, or a number of seconds."""
+    return None if value is None else seconds(value, name)
+
+
 def read_args(rev: Any, min_revision: Any, timeout: Any) -> None:
     """``revision``, ``min_revision`` and ``timeout`` of a read (get, list, by_index)."""
-    revision(rev, "revision")
-    revision(min_revision, "min_revision")
-    seconds(timeout, "timeout")
+    opt_revision(rev, "revision")
+    opt_revision(min_revision, "min_revision")
+    opt_seconds(timeout, "timeout")
 
 
 def page_args(limit: Any, rev: Any, continue_token: Any, min_revision: Any,

@@ -89,9 +89,8 @@ class Reader(IndexReads):
         self.name = _shm.validate_name(name)
         self._closed = False
         self.max_staleness = max_staleness
-        _args.seconds(timeout, "timeout", optional=False)
         self._lock = threading.RLock()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _args.seconds(timeout, "timeout")
         self._control = control.ControlReader.open(name, timeout)
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view moves under self._lock; the hot path reads the copies below
@@ -124,7 +123,7 @@ class Reader(IndexReads):
 
     @max_staleness.setter
     def max_staleness(self, value: float | None) -> None:
-        self._max_staleness = _args.seconds(value, "max_staleness")
+        self._max_staleness = _args.opt_seconds(value, "max_staleness")
         # True when get() must take the slow path every time (staleness checks, closed).
         self._checks = value is not None or self._closed
         if hasattr(self, "_view"):
@@ -351,12 +350,11 @@ class Reader(IndexReads):
         that index (so a key moving out of the selection is seen leaving it).
         """
         return Watch(self, _args.as_bytes(prefix, "prefix"),
-                     _args.revision(since_revision, "since_revision"), index)
+                     _args.opt_revision(since_revision, "since_revision"), index)
 
     def wait(self, revision: int, timeout: float | None = None) -> bool:
         """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's publish."""
-        _args.revision(revision, "revision", optional=False)
-        _args.seconds(timeout, "timeout")
+        _args.read_args(_args.revision(revision, "revision"), None, timeout)
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -379,7 +377,7 @@ class Reader(IndexReads):
         Raises TimeoutError if the writer cannot confirm within ``timeout``
         seconds, or at once if no writer is running.
         """
-        _args.seconds(timeout, "timeout", optional=False)
+        _args.seconds(timeout, "timeout")
         self._check_open()
         with self._lock:
             if self._sync_client is None:

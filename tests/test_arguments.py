@@ -107,6 +107,7 @@ def test_writer_prefix_must_be_bytes_or_str() -> None:
 def test_helpers_refuse_bool_and_accept_zero() -> None:
     """Pure logic of shmcache._args: bool is not an int here; 0 is a valid revision."""
     assert _args.revision(0, "r") == 0 and _args.seconds(0, "t") == 0.0
+    assert _args.opt_revision(None, "r") is None and _args.opt_seconds(None, "t") is None
     assert _args.count(None, "limit") is None
     with pytest.raises(TypeError, match="^r must be a revision"):
         _args.revision(True, "r")
