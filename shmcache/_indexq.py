@@ -95,11 +95,6 @@ def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision:
                               lambda last: u.keys_with(i, value, start, last), want)
 
 
-def _page_prefix(index: str, value: bytes) -> bytes:
-    """What a by_index continue token is bound to (a list's token holds its prefix)."""
-    return b"\0index\0" + index.encode() + b"\0" + value
-
-
 class IndexReads:
     """The Reader's reads by secondary index (mixed into Reader)."""
 
@@ -126,7 +121,7 @@ class IndexReads:
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         want = -1 if limit is None else limit + 1
-        bound = _page_prefix(index, value)
+        bound = _pages.index_bound(index, value)
         with self._lock:
             self._refresh()
             v = self._v
