@@ -87,9 +87,12 @@ def test_missing_metrics_extra_is_one_line() -> None:
     assert out.returncode == 2 and "pip install 'shmcache[metrics]'" in line
 
 
-def test_check_user_without_password_is_one_line() -> None:
+def test_check_user_without_password_is_one_line(writer: tuple[WriterProcess, bytes],
+                                                  etcd_session: Any) -> None:
+    """A user and no password: refused in one line before etcd is asked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHMCACHE_")}
-    out = subprocess.run([*CLI, "check", "t-nopw", "--against-etcd", "--user", "u"],
+    out = subprocess.run([*CLI, "check", writer[0].name, "--against-etcd", "--user", "u",
+                          "--endpoints", etcd_session.endpoint],
                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     line = _one_line(out, "check")
     assert out.returncode == 2 and "needs password or password_file" in line
