@@ -87,6 +87,7 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
     prev_int = signal.signal(signal.SIGINT, lambda *_: stop_evt.set())
     prev_term = signal.signal(signal.SIGTERM, lambda *_: stop_evt.set())
     writer = None
+    died = False
     procs: list[Any] = []
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -147,6 +148,7 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
                       f"{prop:>20}  {lag:>6} rev  {st.revision:>8}", flush=True)
                 if any(not p.is_alive() for p in procs) or writer.poll() is not None:
                     print("  a demo process died; stopping", file=sys.stderr)
+                    died = True
                     break
                 if duration is not None and now - start >= duration:
                     break
@@ -164,4 +166,4 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
     left = _shm.list_segments(name)
     print(f"shmcache demo: stopped; etcd, writer and readers ended, "
           f"{plural(len(left), 'shared-memory segment')} left")
-    return 0 if not left else 1
+    return 1 if left or died else 0

@@ -80,6 +80,13 @@ def test_missing_writer_extra_is_one_line(args: list[str]) -> None:
     assert "starting etcd" not in out.stdout  # demo: refused before it starts anything
 
 
+def test_demo_without_an_etcd_binary_is_one_line() -> None:
+    out = _run("demo", "--duration", "1", env={"SHMCACHE_ETCD_BINARY": "/nonexistent/etcd"})
+    line = _one_line(out, "demo")
+    assert out.returncode == 2 and "SHMCACHE_ETCD_BINARY" in line
+    assert "starting etcd" not in out.stdout
+
+
 def test_missing_metrics_extra_is_one_line() -> None:
     out = _run_without(METRICS_EXTRA, "serve", "t-noextra", "--metrics", "127.0.0.1:0",
                        "--check-config")
