@@ -294,6 +294,16 @@ def test_bad_json_pointer_escape_is_refused() -> None:
     assert out.returncode == 2 and "invalid escape" in line and "~0" in line
 
 
+def test_json_pointer_escapes() -> None:
+    """RFC 6901: ~0 is '~', ~1 is '/' (~01 is '~1', not '/'); any other '~' is an error."""
+    from shmcache._indexdef import make
+
+    assert make("n", "json:/a~1b/~0/~01").arg == ("a/b", "~", "~1")
+    for bad in ("/~", "/a~", "/~2x", "/~~1", "/~~01", "/x/~a"):
+        with pytest.raises(ValueError, match="invalid escape"):
+            make("n", "json:" + bad)
+
+
 # -- docs and examples ---------------------------------------------------------------------------
 
 def test_operations_md_lists_every_setting_and_metric() -> None:
