@@ -208,10 +208,18 @@ def test_list_json_is_etcdctl_json(writer: tuple[WriterProcess, bytes], sub_pref
     if etcdctl is None:
         pytest.skip("no etcdctl binary")
     lease = etcd_client.lease(600)
+    try:
+        _compare_with_etcdctl(etcdctl, writer[0].name, sub_prefix, etcd_client, etcd_session,
+                              lease)
+    finally:
+        lease.revoke()
+
+
+def _compare_with_etcdctl(etcdctl: str, name: str, sub_prefix: bytes, etcd_client: Any,
+                          etcd_session: Any, lease: Any) -> None:
     put(etcd_client, sub_prefix + b"a", b"\xff\x00binary")
     put(etcd_client, sub_prefix + b"a", b"twice")
     rev = put(etcd_client, sub_prefix + b"b\n", b"leased", lease=lease)
-    name = writer[0].name
     with shmcache.Reader(name) as r:
         assert r.wait(rev, timeout=15)
     ours = json.loads(_run("list", name, sub_prefix.decode(), "--json").stdout)
