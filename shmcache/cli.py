@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from . import _shm
@@ -18,6 +18,7 @@ from ._output import kv_json as _kv_json
 from ._output import plural as _plural
 from ._output import range_json as _range_json
 from ._output import text as _text
+from .config import ETCD_SETTINGS, SETTINGS, ServeConfig
 from .errors import NotFoundError, ShmCacheError
 
 log = logging.getLogger("shmcache")
@@ -25,7 +26,7 @@ log = logging.getLogger("shmcache")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Settings from flags > SHMCACHE_* environment > --config file > defaults (config.py)."""
-    from .config import SETTINGS, ConfigError, load
+    from .config import ConfigError, load
     from .service import serve
 
     flags = {name: getattr(args, name, None) for name in SETTINGS}
@@ -198,16 +199,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _check_etcd_config(args: argparse.Namespace) -> Any:
+def _check_etcd_config(args: argparse.Namespace) -> ServeConfig | None:
     """The etcd settings for ``--against-etcd``, as ``serve`` reads them (flags >
     SHMCACHE_* environment > --config file; config.ETCD_SETTINGS), checked before
     anything runs; None without ``--against-etcd``, whose flags are then refused."""
-    from .config import ETCD_SETTINGS, load
+    from .config import load
 
     flags = {n: getattr(args, n) for n in ETCD_SETTINGS if getattr(args, n, None) is not None}
     if not args.against_etcd:
-        given = [f"--{n.replace('_', '-')}" for n in ("values", "config") if getattr(args, n)]
-        given += [_flag_of(n) for n in flags]
+        given = [f"--{n}" for n in ("values", "config") if getattr(args, n)]
+        given += [SETTINGS[n].flag for n in flags]
         if given:
             raise ValueError(f"{', '.join(given)} only "
                              f"{'applies' if len(given) == 1 else 'apply'} with --against-etcd")
@@ -217,13 +218,7 @@ def _check_etcd_config(args: argparse.Namespace) -> Any:
     return load(args.name, flags, config_file=args.config, only=ETCD_SETTINGS)
 
 
-def _flag_of(setting: str) -> str:
-    from .config import SETTINGS
-
-    return SETTINGS[setting].flag
-
-
-def _check_against_etcd(args: argparse.Namespace, cfg: Any,
+def _check_against_etcd(args: argparse.Namespace, cfg: ServeConfig,
                         facts: list[str]) -> tuple[list[str], list[str]]:
     """The live snapshot against etcd's range at its revision (the writer's verifier, once)."""
     from . import _etcd, _verify
@@ -343,11 +338,9 @@ _ALIASES = {"ca_file": ["--cacert"], "cert_file": ["--cert"], "key_file": ["--ke
 _HIDDEN_ALIASES = {"ca_file": "--ca-cert", "cert_file": "--cert-cert", "key_file": "--cert-key"}
 
 
-def _setting_flags(p: argparse.ArgumentParser, names: Any = None) -> None:
+def _setting_flags(p: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
     """One flag per setting of config.SETTINGS (or of ``names``); None (not given) lets
     lower sources speak."""
-    from .config import SETTINGS
-
     for name, setting in SETTINGS.items():
         if names is not None and name not in names:
             continue
@@ -361,15 +354,15 @@ def _setting_flags(p: argparse.ArgumentParser, names: Any = None) -> None:
         elif name in ("snapshot_interval", "verify_interval"):
             default = f"{default:g}s"
         shown = "" if default in (None, "", False) else f" (default {default})"
-        names_ = [setting.flag, *_ALIASES.get(name, [])]
+        option_strings = [setting.flag, *_ALIASES.get(name, [])]
         if name == "remove_on_exit":
-            p.add_argument(*names_, dest=name, action=argparse.BooleanOptionalAction,
+            p.add_argument(*option_strings, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=setting.help)
         elif name == "indexes":
-            p.add_argument(*names_, dest=name, action="append", default=None,
+            p.add_argument(*option_strings, dest=name, action="append", default=None,
                            metavar="NAME=SPEC", help=setting.help)
         else:
-            p.add_argument(*names_, dest=name, default=None,
+            p.add_argument(*option_strings, dest=name, default=None,
                            help=f"{setting.help}{shown}".replace("%", "%%"))
         if name in _HIDDEN_ALIASES:
             p.add_argument(_HIDDEN_ALIASES[name], dest=name, default=None,
@@ -456,8 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, metavar="FILE",
                    help="with --against-etcd: the writer's TOML settings file, for its etcd "
                         "settings (default: $SHMCACHE_CONFIG if set)")
-    from .config import ETCD_SETTINGS
-
     _setting_flags(s, ETCD_SETTINGS)
     s.set_defaults(func=cmd_check)
 
