@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from .types import KeyValue, ListResult
+
 __all__ = ["kv_json", "plural", "range_json", "text"]
 
 _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -45,17 +47,18 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
 
-def kv_json(kv: Any) -> dict[str, Any]:
+def kv_json(kv: KeyValue) -> dict[str, Any]:
     """A KeyValue as ``etcdctl -w json`` writes one: its fields in its order, key and value
     standard base64, ``lease`` left out when 0 (etcd's JSON omits empty fields)."""
-    d = {"key": _b64(kv.key), "create_revision": kv.create_revision,
-         "mod_revision": kv.mod_revision, "version": kv.version, "value": _b64(kv.value)}
+    d: dict[str, Any] = {"key": _b64(kv.key), "create_revision": kv.create_revision,
+                         "mod_revision": kv.mod_revision, "version": kv.version,
+                         "value": _b64(kv.value)}
     if kv.lease:
         d["lease"] = kv.lease
     return d
 
 
-def range_json(res: Any) -> dict[str, Any]:
+def range_json(res: ListResult) -> dict[str, Any]:
     """A ListResult as ``etcdctl get --prefix -w json`` writes a range response: ``header``
     (its ``revision`` only), ``kvs``, ``count`` and ``more``, each left out when empty as
     etcd leaves them out, plus ``continue_token`` for the next page (shmcache's own).
