@@ -258,7 +258,8 @@ class Reader(IndexReads):
                 return kv  # type: ignore[no-any-return]
         if type(key) is not bytes:
             key = _args.as_bytes(key, "key")
-        _args.read_args(revision, min_revision, timeout)
+        if revision is not None or min_revision is not None:  # (not on the plain get path)
+            _args.read_args(revision, min_revision, timeout)
         if revision is not None:
             if min_revision is not None:
                 self._wait_min(min_revision, timeout)
