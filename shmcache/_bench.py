@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, TextIO
 
 from . import __version__
+from ._output import plural
 from .errors import CompactedError, ShmCacheError
 
 OPS = ("get", "list", "watch")
@@ -476,7 +477,7 @@ def run(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
             }
             work: list[bytes] = []
             if plan.op != "watch":
-                progress.line(f"sampling up to {plan.sample:,} keys under {_text(prefix)!r} "
+                progress.line(f"sampling up to {plural(plan.sample, 'key')} under {_text(prefix)!r} "
                               f"of cache {plan.name!r}")
                 keys, under = sample_keys(r, prefix, plan.sample, plan.seed, progress,
                                           st.key_count)
@@ -488,7 +489,7 @@ def run(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
                                                                    plan.list_size)
                 if plan.op == "list":
                     doc["list_prefixes"] = len(work)
-            progress.line(f"starting {max(plan.readers)} reader process(es)")
+            progress.line(f"starting {plural(max(plan.readers), 'reader process', 'reader processes')}")
             pool = _Pool(max(plan.readers), (plan.name, plan.op, work, prefix, plan.list_size),
                          plan.seed)
             pool.wait_ready(60.0)
@@ -525,12 +526,12 @@ def table(doc: dict[str, Any]) -> list[str]:
             "watch": "watch of the prefix; an op is an event delivered to a reader"}[op]
     lines = [
         f"shmcache bench: {op}, {doc['seconds']:g} s per reader count, cache {c['name']!r} "
-        f"({c['keys']:,} keys at revision {c['revision']}), prefix {doc['prefix']!r}",
+        f"({plural(c['keys'], 'key')} at revision {c['revision']}), prefix {doc['prefix']!r}",
         f"machine: {m['cpu_model']}, {m['cpu_count']} cores ({m['usable_cpus']} usable), "
         f"{m['python']}, shmcache {m['shmcache']}"
         f"{'' if m['speedups'] else ' (pure Python)'}, load average "
         f"{m['load_average'][0]:.2f} at start",
-        f"op: {what}" + (f"; {doc['sampled_keys']:,} keys sampled of "
+        f"op: {what}" + (f"; {plural(doc['sampled_keys'], 'key')} sampled of "
                          f"{doc['keys_under_prefix']:,}" if "sampled_keys" in doc else ""),
         f"latency: {doc['latency']}",
         "",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from . import _codec, _shm, control, layout, ring
-from .errors import CorruptSegmentError, ShmCacheError
+from ._output import plural
+from .errors import CorruptSegmentError, NotFoundError, ShmCacheError
 from .indexseg import IndexSegment
 from .snapshot import Snapshot
 
 
 def check_cache(name: str) -> tuple[list[str], list[str]]:
     """Returns ``(facts, problems)``: what was verified, and every violation found.
+    NotFoundError if there is no cache ``name`` (not a violation: nothing to check).
 
     Runs against a live writer too: when a check finds a problem and the
     control block has moved meanwhile (a snapshot replaced, the ring lapped
@@ -20,7 +22,8 @@ def check_cache(name: str) -> tuple[list[str], list[str]]:
     cname = layout.control_name(name)
     seg = _shm.open_readonly(cname)
     if seg is None:
-        return [], [f"no control segment {cname}: no cache named {name!r}"]
+        raise NotFoundError(f"no shmcache named {name!r} on this host (no segment {cname})",
+                            name=name)
     try:
         for _attempt in range(5):
             try:
@@ -120,7 +123,7 @@ def _check_ring(name: str, seg: _shm.Segment, b: control.Block, facts: list[str]
                     b.snap_ring_pos not in boundaries:
                 problems.append(f"snapshot ring position {b.snap_ring_pos} is not a record "
                                 f"boundary")
-            facts.append(f"ring: {n} records verified (stamps, CRCs, order, payloads)")
+            facts.append(f"ring: {plural(n, 'record')} verified (stamps, CRCs, order, payloads)")
     except ShmCacheError as exc:
         problems.append(str(exc))
     finally:
@@ -152,7 +155,7 @@ def _check_snapshot(name: str, b: control.Block, facts: list[str], problems: lis
         if found:
             problems.extend(f"{what} #{seq}: {x}" if overlay else x for x in found)
         else:  # only a segment that passed every check is reported as verified
-            facts.append(f"{what}: {snap.count} keys verified (CRCs, order, index, hash table)")
+            facts.append(f"{what}: {plural(snap.count, 'key')} verified (CRCs, order, index, hash table)")
         snap.close()
     except ShmCacheError as exc:
         problems.append(str(exc))
@@ -193,8 +196,8 @@ def _check_indexes(name: str, seg: _shm.Segment, b: control.Block, facts: list[s
             snap.close()
         problems.extend(f"index segment #{b.snap_seq}: {x}" for x in found)
         if not found:
-            facts.append(f"indexes: {', '.join(n for n, _ in defs)}: {postings} postings "
-                         f"verified (checks, order, keys in the snapshot)")
+            facts.append(f"indexes: {', '.join(n for n, _ in defs)}: "
+                         f"{plural(postings, 'posting')} verified (checks, order, keys in the snapshot)")
         ix.close()
     except ShmCacheError as exc:
         problems.append(str(exc))

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from . import _shm
+from ._output import plural
 
 PREFIX = "/demo/"
 
@@ -79,12 +80,14 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
     from ._demo_etcd import DemoEtcd
 
     name = f"demo-{os.getpid()}"
-    print(f"shmcache demo: starting etcd, loading {keys} keys, cache {name!r}, "
-          f"{readers} reader processes" + (f", {duration:.0f}s" if duration else ", Ctrl-C to stop"))
+    readers_text = plural(readers, "reader process", "reader processes")
+    print(f"shmcache demo: starting etcd, loading {keys} keys, cache {name!r}, {readers_text}"
+          + (f", {duration:.0f}s" if duration else ", Ctrl-C to stop"))
     stop_evt = threading.Event()
     prev_int = signal.signal(signal.SIGINT, lambda *_: stop_evt.set())
     prev_term = signal.signal(signal.SIGTERM, lambda *_: stop_evt.set())
     writer = None
+    died = False
     procs: list[Any] = []
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -145,6 +148,7 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
                       f"{prop:>20}  {lag:>6} rev  {st.revision:>8}", flush=True)
                 if any(not p.is_alive() for p in procs) or writer.poll() is not None:
                     print("  a demo process died; stopping", file=sys.stderr)
+                    died = True
                     break
                 if duration is not None and now - start >= duration:
                     break
@@ -161,5 +165,5 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
         signal.signal(signal.SIGTERM, prev_term)
     left = _shm.list_segments(name)
     print(f"shmcache demo: stopped; etcd, writer and readers ended, "
-          f"{len(left)} shared-memory segments left")
-    return 0 if not left else 1
+          f"{plural(len(left), 'shared-memory segment')} left")
+    return 1 if left or died else 0

@@ -60,13 +60,23 @@ def parse_option(text: str) -> tuple[str, str]:
     return name, spec
 
 
+_BAD_ESCAPE = re.compile("~(?![01])")
+
+
 def _pointer(name: str, ptr: str) -> tuple[str, ...]:
     if ptr == "":
         return ()
     if not ptr.startswith("/"):
         raise ValueError(f"index {name!r}: JSON pointer {ptr!r} must be empty or start with "
                          f"'/' (RFC 6901)")
-    return tuple(t.replace("~1", "/").replace("~0", "~") for t in ptr[1:].split("/"))
+    tokens = ptr[1:].split("/")
+    for t in tokens:
+        # RFC 6901: "~" only as "~0" (a tilde) or "~1" (a slash); "~2" or a lone "~" is an
+        # error, not a key spelled with a tilde.
+        if _BAD_ESCAPE.search(t):
+            raise ValueError(f"index {name!r}: JSON pointer {ptr!r} has an invalid escape in "
+                             f"{t!r} (write a '~' as ~0 and a '/' as ~1)")
+    return tuple(t.replace("~1", "/").replace("~0", "~") for t in tokens)
 
 
 def make(name: str, spec: str | ValueFn) -> IndexDef:

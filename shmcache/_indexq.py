@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedSet
 
-from . import _history, _pages
+from . import _args, _history, _pages
 from ._indexdef import IxVals, vals
 from .types import KeyValue, ListResult
 
@@ -95,19 +95,6 @@ def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision:
                               lambda last: u.keys_with(i, value, start, last), want)
 
 
-def _page_prefix(index: str, value: bytes) -> bytes:
-    """What a by_index continue token is bound to (a list's token holds its prefix)."""
-    return b"\0index\0" + index.encode() + b"\0" + value
-
-
-def _as_value(value: bytes | str) -> bytes:
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"an index value is bytes or str, not {type(value).__name__}")
-
-
 class IndexReads:
     """The Reader's reads by secondary index (mixed into Reader)."""
 
@@ -129,16 +116,12 @@ class IndexReads:
         for ``list`` (a page continues at the first page's revision). ValueError
         for an index the cache does not have.
         """
-        value = _as_value(value)
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
-        if continue_token is not None and revision is not None:
-            raise ValueError("pass continue_token or revision, not both (a token carries its "
-                             "revision)")
+        value = _args.as_bytes(value, "value")
+        _args.page_args(limit, revision, continue_token, min_revision, timeout)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         want = -1 if limit is None else limit + 1
-        bound = _page_prefix(index, value)
+        bound = _pages.index_bound(index, value)
         with self._lock:
             self._refresh()
             v = self._v
@@ -158,8 +141,7 @@ class IndexReads:
     def iter_by_index(self, index: str, value: bytes | str,
                       page_size: int = 1000) -> Iterator[KeyValue]:
         """``by_index`` page by page at the first page's revision (memory O(page))."""
-        if page_size < 1:
-            raise ValueError("page_size must be >= 1")
+        _args.count(page_size, "page_size", minimum=1)
         res = self.by_index(index, value, limit=page_size)
         yield from res.items
         while res.continue_token is not None:
@@ -190,4 +172,4 @@ class IndexReads:
             raise ValueError("index= takes a (name, value) pair")
         with self._lock:
             self._refresh()
-            return _position(self._v, index[0]), _as_value(index[1])
+            return _position(self._v, index[0]), _args.as_bytes(index[1], "index value")

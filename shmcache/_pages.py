@@ -45,14 +45,30 @@ def decode(token: str, cache: str, prefix: bytes, epoch: int,
     if t_cache != cache:
         raise ValueError(f"continue_token belongs to cache {t_cache!r}, not {cache!r}")
     if t_prefix != prefix:
-        raise ValueError(f"continue_token belongs to a listing of prefix {t_prefix!r}, "
-                         f"not {prefix!r}")
+        raise ValueError(f"continue_token belongs to {_listing(t_prefix)}, not to "
+                         f"{_listing(prefix)}")
     if t_epoch != epoch:
         raise ExpiredTokenError(
             f"continue_token belongs to epoch {t_epoch} of cache {cache!r}, which has reset "
             f"its history since (now epoch {epoch}): list again",
             compact_revision=compact_revision)
     return revision, last
+
+
+_INDEX = b"\0index\0"
+
+
+def index_bound(index: str, value: bytes) -> bytes:
+    """What a by_index token is bound to, in place of a list's prefix."""
+    return _INDEX + index.encode() + b"\0" + value
+
+
+def _listing(bound: bytes) -> str:
+    """A token's bound as the user wrote the call, not as the token encodes it."""
+    if bound.startswith(_INDEX):
+        index, _, value = bound[len(_INDEX):].partition(b"\0")
+        return f"by_index({index.decode(errors='replace')!r}, {value!r})"
+    return f"the listing of prefix {bound!r}"
 
 
 def page(items: list[KeyValue], limit: int | None, revision: int, cache: str, epoch: int,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import math
@@ -11,62 +10,23 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
-from . import _defaults, _shm
-from .errors import ShmCacheError
+from . import _shm
+from ._output import kv_json as _kv_json
+from ._output import plural as _plural
+from ._output import range_json as _range_json
+from ._output import text as _text
+from .config import ETCD_SETTINGS, SETTINGS, ServeConfig
+from .errors import NotFoundError, ShmCacheError
 
 log = logging.getLogger("shmcache")
 
 
-_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _text(b: bytes) -> str:
-    """Key or value bytes for text output, unambiguous and on one line.
-
-    Valid printable UTF-8 is shown as itself. A backslash becomes ``\\\\``, newline,
-    CR and tab ``\\n \\r \\t``, other control or non-printable characters ``\\xNN``
-    (ASCII) or ``\\uNNNN``/``\\UNNNNNNNN``, and a byte that is not UTF-8 ``\\xNN``
-    (always 80-ff: a code point there is written ``\\u00NN``). So the byte ``\\xff``
-    and the four characters ``\\xff`` print differently, and no value splits a line.
-    ``--json`` and ``get --raw`` give the exact bytes.
-    """
-    s = b.decode("utf-8", "surrogateescape")
-    if s.isprintable() and "\\" not in s:
-        return s
-    out = []
-    for c in s:
-        o = ord(c)
-        if c in _NAMED_ESCAPES:
-            out.append(_NAMED_ESCAPES[c])
-        elif 0xDC80 <= o <= 0xDCFF:  # an undecodable byte (surrogateescape)
-            out.append(f"\\x{o - 0xDC00:02x}")
-        elif c.isprintable():
-            out.append(c)
-        elif o < 0x80:
-            out.append(f"\\x{o:02x}")
-        elif o <= 0xFFFF:
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(f"\\U{o:08x}")
-    return "".join(out)
-
-
-def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode("ascii")
-
-
-def _kv_json(kv: Any) -> dict[str, Any]:
-    """A KeyValue as etcdctl's JSON writes one: key and value standard base64, the rest numbers."""
-    return {"key": _b64(kv.key), "value": _b64(kv.value), "create_revision": kv.create_revision,
-            "mod_revision": kv.mod_revision, "version": kv.version, "lease": kv.lease}
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Settings from flags > SHMCACHE_* environment > --config file > defaults (config.py)."""
-    from .config import SETTINGS, ConfigError, load
+    from .config import ConfigError, load
     from .service import serve
 
     flags = {name: getattr(args, name, None) for name in SETTINGS}
@@ -193,12 +153,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             res = r.list(os.fsencode(args.prefix), limit=args.limit,
                          continue_token=args.continue_token)
     if args.json:
-        print(json.dumps({"revision": res.revision, "items": [_kv_json(kv) for kv in res.items],
-                          "more": res.more, "continue_token": res.continue_token}))
+        print(json.dumps(_range_json(res)))
     else:
         for kv in res.items:
             print(f"{_text(kv.key)}\t{_text(kv.value)}")
-        print(f"({len(res.items)} keys at revision {res.revision})", file=sys.stderr)
+        print(f"({_plural(len(res.items), 'key')} at revision {res.revision})", file=sys.stderr)
         if res.continue_token is not None:
             print(f"(more: --continue {res.continue_token})", file=sys.stderr)
     return 0
@@ -224,28 +183,49 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0: every invariant holds; 1: violations found (listed); 2: the check could not
+    run (no such cache, a bad flag, etcd unreachable)."""
     from ._check import check_cache
 
+    cfg = _check_etcd_config(args)
     facts, problems = check_cache(args.name)
-    if args.against_etcd and not problems:
-        facts, problems = _check_against_etcd(args, facts)
+    if cfg is not None and not problems:
+        facts, problems = _check_against_etcd(args, cfg, facts)
     for f in facts:
         print(f"ok: {f}")
     for p in problems:
         print(f"VIOLATION: {p}")
-    print(f"{args.name}: {'OK' if not problems else f'{len(problems)} violation(s)'}")
+    print(f"{args.name}: {'OK' if not problems else _plural(len(problems), 'violation')}")
     return 1 if problems else 0
 
 
-def _check_against_etcd(args: argparse.Namespace,
+def _check_etcd_config(args: argparse.Namespace) -> ServeConfig | None:
+    """The etcd settings for ``--against-etcd``, as ``serve`` reads them (flags >
+    SHMCACHE_* environment > --config file; config.ETCD_SETTINGS), checked before
+    anything runs; None without ``--against-etcd``, whose flags are then refused."""
+    from .config import load
+
+    flags = {n: getattr(args, n) for n in ETCD_SETTINGS if getattr(args, n, None) is not None}
+    if not args.against_etcd:
+        given = [f"--{n}" for n in ("values", "config") if getattr(args, n)]
+        given += [SETTINGS[n].flag for n in flags]
+        if given:
+            raise ValueError(f"{', '.join(given)} only "
+                             f"{'applies' if len(given) == 1 else 'apply'} with --against-etcd")
+        return None
+    from . import _etcd  # noqa: F401  (the writer extra: fail before reading anything)
+
+    return load(args.name, flags, config_file=args.config, only=ETCD_SETTINGS)
+
+
+def _check_against_etcd(args: argparse.Namespace, cfg: ServeConfig,
                         facts: list[str]) -> tuple[list[str], list[str]]:
     """The live snapshot against etcd's range at its revision (the writer's verifier, once)."""
     from . import _etcd, _verify
 
     settings = _etcd.EtcdSettings(
-        endpoints=[e.strip() for e in args.endpoints.split(",") if e.strip()],
-        ca_cert=args.ca_file, cert_cert=args.cert_file, cert_key=args.key_file,
-        user=args.user, password=os.environ.get("SHMCACHE_PASSWORD") or None)
+        endpoints=list(cfg.endpoints), ca_cert=cfg.ca_file, cert_cert=cfg.cert_file,
+        cert_key=cfg.key_file, user=cfg.user, password=cfg.password)
     conn = _etcd.Connection(settings)
     try:
         conn.connect()
@@ -259,8 +239,8 @@ def _check_against_etcd(args: argparse.Namespace,
     finally:
         conn.close()
     what = "keys, revisions, versions, leases" + (" and values" if args.values else "")
-    facts = facts + [f"etcd: {res.keys} keys equal at revision {res.revision} ({what}; "
-                     f"{res.etcd_bytes} bytes from etcd in {res.seconds:.2f}s)"]
+    facts = facts + [f"etcd: {_plural(res.keys, 'key')} equal at revision {res.revision} "
+                     f"({what}; {res.etcd_bytes} bytes from etcd in {res.seconds:.2f}s)"]
     problems = [f"etcd at revision {res.revision}: {m}" for m in res.first]
     if res.mismatches > len(res.first):
         problems.append(f"... {res.mismatches - len(res.first)} more difference(s)")
@@ -271,17 +251,23 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from . import reader  # noqa: F401  (validates the name the same way)
 
     removed = _shm.remove_cache(_shm.validate_name(args.name), force=args.force)
+    if not removed:
+        raise NotFoundError(f"no shmcache named {args.name!r} on this host (no segments)",
+                            name=args.name, hint="")
     for seg in removed:
         print(f"removed {seg}")
-    if not removed:
-        print(f"no segments for cache {args.name!r}", file=sys.stderr)
-        return 1
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import _etcd  # noqa: F401  (the writer extra: before etcd starts)
     from ._demo import run_demo
+    from ._demo_etcd import find_etcd_binary
 
+    try:
+        find_etcd_binary()
+    except RuntimeError as exc:  # no etcd binary: how to install one
+        raise ShmCacheError(str(exc)) from None
     return run_demo(duration=args.duration, readers=args.readers, keys=args.keys)
 
 
@@ -334,21 +320,30 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def _positive_seconds(text: str) -> float:
+    """A duration as config.py reads one (``30s``, ``5m``, ``250ms``, or seconds), > 0."""
+    from ._units import parse_seconds
+
     try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        x = parse_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not (x > 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return x
 
 
-def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per setting of config.SETTINGS; None (not given) lets lower sources speak."""
-    from .config import SETTINGS
+# etcdctl's spellings of the TLS flags, as aliases. The first spellings, after
+# python-etcd3's arguments (--ca-cert, --cert-cert, --cert-key), keep working unlisted.
+_ALIASES = {"ca_file": ["--cacert"], "cert_file": ["--cert"], "key_file": ["--key"]}
+_HIDDEN_ALIASES = {"ca_file": "--ca-cert", "cert_file": "--cert-cert", "key_file": "--cert-key"}
 
-    aliases = {"ca_file": ["--ca-cert"], "cert_file": ["--cert-cert"], "key_file": ["--cert-key"]}
+
+def _setting_flags(p: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """One flag per setting of config.SETTINGS (or of ``names``); None (not given) lets
+    lower sources speak."""
     for name, setting in SETTINGS.items():
+        if names is not None and name not in names:
+            continue
         default = setting.default
         if name == "mode":
             default = f"{default:o}"
@@ -356,21 +351,32 @@ def _serve_setting_flags(p: argparse.ArgumentParser) -> None:
             default = f"{default >> 20}MiB" if default % (1 << 20) == 0 else str(default)
         elif name == "endpoints":
             default = ",".join(default)
+        elif name in ("snapshot_interval", "verify_interval"):
+            default = f"{default:g}s"
         shown = "" if default in (None, "", False) else f" (default {default})"
-        names = [setting.flag, *aliases.get(name, [])]
+        option_strings = [setting.flag, *_ALIASES.get(name, [])]
         if name == "remove_on_exit":
-            p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction,
+            p.add_argument(*option_strings, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=setting.help)
         elif name == "indexes":
-            p.add_argument(*names, dest=name, action="append", default=None,
+            p.add_argument(*option_strings, dest=name, action="append", default=None,
                            metavar="NAME=SPEC", help=setting.help)
         else:
-            p.add_argument(*names, dest=name, default=None,
+            p.add_argument(*option_strings, dest=name, default=None,
                            help=f"{setting.help}{shown}".replace("%", "%%"))
+        if name in _HIDDEN_ALIASES:
+            p.add_argument(_HIDDEN_ALIASES[name], dest=name, default=None,
+                           help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shmcache", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="shmcache",
+        description="Serve an etcd key range from shared memory on this host (serve) and "
+                    "read it (status, get, list, watch); verify (check), remove (rm), try "
+                    "(demo) and measure (bench) it. Exit codes: 0 done, 1 a negative answer "
+                    "(no such key, violations found, not ready), 2 an error. See "
+                    "docs/operations.md.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(
@@ -384,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML file of settings (default: $SHMCACHE_CONFIG if set)")
     s.add_argument("--check-config", action="store_true",
                    help="print the effective settings and where each came from, then exit")
-    _serve_setting_flags(s)
+    _setting_flags(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("status", help="show a cache's and its writer's state")
@@ -427,19 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object per event; keys and values base64-encoded (as etcdctl)")
     s.set_defaults(func=cmd_watch)
 
-    s = sub.add_parser("check", help="verify every segment and invariant of a cache")
+    s = sub.add_parser(
+        "check", help="verify every segment and invariant of a cache",
+        description="Verify every segment and invariant of cache NAME; with --against-etcd "
+                    "also compare the published snapshot with etcd. The etcd settings are "
+                    "read as `serve` reads them: flags, SHMCACHE_* environment, --config "
+                    "file. Exit 0: all hold; 1: violations (listed); 2: the check could "
+                    "not run.")
     s.add_argument("name")
     s.add_argument("--against-etcd", action="store_true",
                    help="also compare the published snapshot with etcd's range at its "
                         "revision (needs the writer extra)")
-    s.add_argument("--endpoints", default=_defaults.ENDPOINT,
-                   help="etcd endpoints for --against-etcd (comma-separated)")
     s.add_argument("--values", action="store_true",
                    help="with --against-etcd, compare values too (they travel from etcd)")
-    s.add_argument("--ca-file", default=None)
-    s.add_argument("--cert-file", default=None)
-    s.add_argument("--key-file", default=None)
-    s.add_argument("--user", default=None, help="etcd user (password: $SHMCACHE_PASSWORD)")
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="with --against-etcd: the writer's TOML settings file, for its etcd "
+                        "settings (default: $SHMCACHE_CONFIG if set)")
+    _setting_flags(s, ETCD_SETTINGS)
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("rm", help="remove a cache's segments (refused while its writer runs)")
@@ -450,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run etcd, a writer and reader processes on this machine")
     s.add_argument("--duration", type=_positive_seconds, default=None,
-                   help="stop after S seconds (default: at Ctrl-C)")
+                   help="stop after this long: seconds, or 30s, 5m (default: at Ctrl-C)")
     s.add_argument("--readers", type=_int_at_least(1), default=3,
                    help="reader processes (default 3)")
     # Each demo reader lists 100-key ranges: fewer than 100 keys leave nothing to list.
@@ -471,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="get a sampled key, list a prefix of about --list-size keys, or "
                         "watch the prefix and count events (default get)")
     s.add_argument("--seconds", type=_positive_seconds, default=5.0,
-                   help="measuring time per reader count (default 5)")
+                   help="measuring time per reader count: seconds, or 500ms, 1m (default 5)")
     s.add_argument("--prefix", default=None,
                    help="sample keys and watch under this prefix (default: the whole cache)")
     s.add_argument("--list-size", type=_int_at_least(1), default=100,
@@ -498,6 +508,20 @@ def _os_error(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+# The optional dependencies (pyproject.toml) by their top-level module: what to install.
+_EXTRA_OF = {"etcd3": "writer", "grpc": "writer", "google": "writer",
+             "prometheus_client": "metrics"}
+
+
+def _missing_extra(exc: ImportError) -> str:
+    """``pip install 'shmcache[writer]'`` for a module of an extra; anything else re-raised."""
+    extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+    if extra is None:
+        raise exc
+    return f"needs the {extra} extra, which is not installed ({exc}): pip install " \
+           f"'shmcache[{extra}]'"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every error ends in one line ``shmcache COMMAND: message`` on stderr and exit 2."""
     args = build_parser().parse_args(argv)
@@ -513,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+    except ImportError as exc:
+        message = _missing_extra(exc)
     except ShmCacheError as exc:
         message = str(exc)
     except ValueError as exc:  # e.g. a key or prefix outside the cache's range

@@ -14,7 +14,7 @@ import grp
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from . import _defaults, layout
 from .errors import ShmCacheError
 
-__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "load"]
+__all__ = ["ETCD_SETTINGS", "SETTINGS", "ConfigError", "ServeConfig", "load"]
 
 ENV_PREFIX = "SHMCACHE_"
 # SHMCACHE_* variables that are not settings of `serve` (not warned about): the
@@ -163,14 +163,14 @@ def _snapshot_bytes(v: Any, file: bool) -> int | None:
 
 
 def _seconds(v: Any, _file: bool) -> float:
+    from ._units import parse_seconds
+
     if isinstance(v, bool):
-        raise ValueError("expected a number of seconds, got a boolean")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number of seconds, got {v!r}") from None
+        raise ValueError("expected a duration such as \"30s\" or a number of seconds, got a "
+                         "boolean")
+    f = parse_seconds(v)  # ValueError says how to write a duration
     if not 0 < f < 86400 * 365:
-        raise ValueError("must be a positive number of seconds")
+        raise ValueError("must be a positive number of seconds (below a year)")
     return f
 
 
@@ -227,9 +227,14 @@ def _group(v: Any, _file: bool) -> str | int | None:
 
 
 def _seconds_or_zero(v: Any, file: bool) -> float:
-    if not isinstance(v, bool) and isinstance(v, (int, float, str)) and str(v).strip() in (
-            "0", "0.0"):
-        return 0.0
+    from ._units import parse_seconds
+
+    if not isinstance(v, bool) and isinstance(v, (int, float, str)):
+        try:
+            if parse_seconds(v) == 0:
+                return 0.0
+        except ValueError:
+            pass  # (_seconds says why)
     return _seconds(v, file)
 
 
@@ -294,11 +299,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("prefix", "", "key prefix to cache (empty: every key)", _prefix),
     Setting("ring_size", _defaults.RING_SIZE, "ring log size, e.g. 64MiB", _ring_size),
     Setting("snapshot_interval", _defaults.SNAPSHOT_INTERVAL,
-            "seconds between snapshot republishes while keys change", _seconds),
+            "time between snapshot republishes while keys change (seconds, or 30s, 5m)",
+            _seconds),
     Setting("snapshot_bytes", None, "republish the snapshot after this many ring bytes "
             "(default: ring_size / 4, at most 16MiB)", _snapshot_bytes),
     Setting("verify_interval", _defaults.VERIFY_INTERVAL,
-            "seconds between checks of the published snapshot against etcd (0: never)",
+            "time between checks of the published snapshot against etcd (0: never)",
             _seconds_or_zero),
     Setting("mode", _defaults.MODE, "segment mode, octal: 600, 640 or 644", _mode),
     Setting("group", None, "group owning the segments (with mode 640)", _group),
@@ -320,6 +326,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 
 # The two forms of the password are one setting for precedence.
 _PASSWORD_FORMS = ("password", "password_file")
+# What connecting to etcd takes (`shmcache check --against-etcd` reads only these).
+ETCD_SETTINGS = ("endpoints", "ca_file", "cert_file", "key_file", "user", *_PASSWORD_FORMS)
 
 
 @dataclass
@@ -400,12 +408,14 @@ def _read_file(path: str) -> dict[str, Any]:
 
 def load(name: str, flags: Mapping[str, Any] | None = None,
          environ: Mapping[str, str] | None = None,
-         config_file: str | None = None) -> ServeConfig:
+         config_file: str | None = None,
+         only: Collection[str] | None = None) -> ServeConfig:
     """The effective settings for cache ``name``.
 
     ``flags`` maps setting names to the strings given on the command line (None
     or absent: not given). ``environ`` defaults to ``os.environ``; a config file
     is read from ``config_file``, else from ``$SHMCACHE_CONFIG`` if set.
+    ``only``: read just these settings (the others keep their defaults).
     Raises ``ConfigError`` on the first bad setting.
     """
     from . import _shm
@@ -446,6 +456,8 @@ def load(name: str, flags: Mapping[str, Any] | None = None,
     values: dict[str, Any] = {n: s.default for n, s in SETTINGS.items()}
     sources: dict[str, str] = {}
     for origin, layer, from_file in layers:
+        if only is not None:
+            layer = {k: v for k, v in layer.items() if k in only}
         both = [k for k in _PASSWORD_FORMS if k in layer]
         if len(both) == 2:
             raise ConfigError(f"password and password_file are both set (in the {origin}); "

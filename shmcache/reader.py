@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _demux, _pages, _shm, _sync, control, layout
+from . import _args, _demux, _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._indexq import IndexReads
 from ._view import Retry, View, lookup, range_end
@@ -61,14 +61,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _as_key(key: bytes | str) -> bytes:
-    if isinstance(key, str):
-        return key.encode("utf-8")
-    if isinstance(key, (bytes, bytearray, memoryview)):
-        return bytes(key)
-    raise TypeError(f"keys are bytes or str, not {type(key).__name__}")
-
-
 class Reader(IndexReads):
     """A read-only attachment to the cache ``name`` on this host.
 
@@ -98,7 +90,7 @@ class Reader(IndexReads):
         self._closed = False
         self.max_staleness = max_staleness
         self._lock = threading.RLock()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _args.seconds(timeout, "timeout")
         self._control = control.ControlReader.open(name, timeout)
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view moves under self._lock; the hot path reads the copies below
@@ -131,7 +123,7 @@ class Reader(IndexReads):
 
     @max_staleness.setter
     def max_staleness(self, value: float | None) -> None:
-        self._max_staleness = value
+        self._max_staleness = _args.opt_seconds(value, "max_staleness")
         # True when get() must take the slow path every time (staleness checks, closed).
         self._checks = value is not None or self._closed
         if hasattr(self, "_view"):
@@ -265,7 +257,9 @@ class Reader(IndexReads):
             if kv is not _SLOW:
                 return kv  # type: ignore[no-any-return]
         if type(key) is not bytes:
-            key = _as_key(key)
+            key = _args.as_bytes(key, "key")
+        if revision is not None or min_revision is not None:  # (not on the plain get path)
+            _args.read_args(revision, min_revision, timeout)
         if revision is not None:
             if min_revision is not None:
                 self._wait_min(min_revision, timeout)
@@ -310,12 +304,8 @@ class Reader(IndexReads):
         (see ``get``). ``min_revision``/``timeout``: wait for the cache to reach a
         revision first.
         """
-        prefix = _as_key(prefix)
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
-        if continue_token is not None and revision is not None:
-            raise ValueError("pass continue_token or revision, not both (a token carries its "
-                             "revision)")
+        prefix = _args.as_bytes(prefix, "prefix")
+        _args.page_args(limit, revision, continue_token, min_revision, timeout)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         want = -1 if limit is None else limit + 1  # one more: whether keys remain
@@ -344,8 +334,7 @@ class Reader(IndexReads):
     def iter_list(self, prefix: bytes | str = b"", page_size: int = 1000) -> Iterator[KeyValue]:
         """Every KeyValue under ``prefix`` at the first page's revision, ``page_size`` at a
         time (memory O(page)); CompactedError if the cache stops holding that revision."""
-        if page_size < 1:
-            raise ValueError("page_size must be >= 1")
+        _args.count(page_size, "page_size", minimum=1)
         res = self.list(prefix, limit=page_size)
         yield from res.items
         while res.continue_token is not None:
@@ -361,10 +350,12 @@ class Reader(IndexReads):
         ``index=(name, value)``: only the events whose kv or prev_kv has ``value`` in
         that index (so a key moving out of the selection is seen leaving it).
         """
-        return Watch(self, _as_key(prefix), since_revision, index)
+        return Watch(self, _args.as_bytes(prefix, "prefix"),
+                     _args.opt_revision(since_revision, "since_revision"), index)
 
     def wait(self, revision: int, timeout: float | None = None) -> bool:
         """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's publish."""
+        _args.read_args(_args.revision(revision, "revision"), None, timeout)
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -387,6 +378,7 @@ class Reader(IndexReads):
         Raises TimeoutError if the writer cannot confirm within ``timeout``
         seconds, or at once if no writer is running.
         """
+        _args.seconds(timeout, "timeout")
         self._check_open()
         with self._lock:
             if self._sync_client is None:

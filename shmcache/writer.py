@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _defaults, _etcd, _indexdef, _shm, _sync, _verify, layout
+from . import _args, _defaults, _etcd, _indexdef, _shm, _sync, _verify, layout
 from ._feed import EtcdFeed
 from ._indexer import Indexer as _Indexer
 from ._publisher import Publisher
@@ -73,7 +73,7 @@ class Writer:
         | None = None,
     ) -> None:
         self.name = _shm.validate_name(name)
-        self.prefix = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        self.prefix = _args.as_bytes(prefix, "prefix")  # (not bytes(5): five NUL bytes)
         if len(self.prefix) > layout.MAX_PREFIX_LEN:
             raise ValueError(f"prefix longer than {layout.MAX_PREFIX_LEN} bytes")
         self.ring_size = layout.align8(parse_size(ring_size))

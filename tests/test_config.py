@@ -196,3 +196,37 @@ def test_serve_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("shmcache serve: ring_size = 'lots' (from config file")
     assert "cannot parse size" in lines[0]
+
+
+def test_durations_take_units_in_every_source(tmp_path: Path) -> None:
+    """Seconds settings take `30s`, `5m`, `250ms`, `1h` or a number, in the file, the
+    environment and flags alike; `0s` disables verification as `0` does."""
+    from shmcache._units import parse_seconds
+
+    path = _file(tmp_path, 'snapshot_interval = "5m"\nverify_interval = "0s"\n')
+    cfg = load("c1", {}, environ={}, config_file=path)
+    assert (cfg.snapshot_interval, cfg.verify_interval) == (300.0, 0.0)
+    cfg = load("c1", {"snapshot_interval": "250ms"},
+               environ={"SHMCACHE_VERIFY_INTERVAL": "1h"}, config_file=path)
+    assert (cfg.snapshot_interval, cfg.verify_interval) == (0.25, 3600.0)
+    assert parse_seconds("1.5m") == 90.0 and parse_seconds("30 S") == 30.0
+    assert parse_seconds(7) == 7.0 and parse_seconds("2") == 2.0
+    for bad in ("", "s", "1d", "1m30s", "nan", "fast", "-"):
+        with pytest.raises(ValueError, match=r"cannot parse duration .* \(use e.g. 30s, 5m"):
+            parse_seconds(bad)
+    with pytest.raises(ConfigError, match="snapshot_interval = '1d' .*cannot parse duration"):
+        load("c1", {"snapshot_interval": "1d"}, environ={})
+
+
+def test_only_the_etcd_settings() -> None:
+    """``load(only=ETCD_SETTINGS)`` (check --against-etcd) reads the connection settings and
+    leaves the writer's other settings alone, a bad one included."""
+    from shmcache.config import ETCD_SETTINGS
+
+    env = {"SHMCACHE_ENDPOINTS": "http://10.0.0.9:2379", "SHMCACHE_RING_SIZE": "nonsense",
+           "SHMCACHE_USER": "u", "SHMCACHE_PASSWORD": "p"}
+    cfg = load("c1", {}, environ=env, only=ETCD_SETTINGS)
+    assert cfg.endpoints == ["http://10.0.0.9:2379"] and (cfg.user, cfg.password) == ("u", "p")
+    assert cfg.ring_size == 64 << 20
+    with pytest.raises(ConfigError, match="user = 'u' .*needs password or password_file"):
+        load("c1", {"user": "u"}, environ={}, only=ETCD_SETTINGS)

@@ -433,11 +433,11 @@ def test_cli_list_by_index_and_pages(etcd_client: Any, writer: Any, sub_prefix: 
     out = cli("list", w.name, "--index", f"node={node}", "--limit", "3", "--json")
     assert out.returncode == 0, out.stderr
     page = json.loads(out.stdout)
-    assert len(page["items"]) == 3 and page["more"] and page["continue_token"]
+    assert len(page["kvs"]) == 3 and page["more"] and page["continue_token"]
     out2 = cli("list", w.name, "--index", f"node={node}", "--limit", "3", "--continue",
                page["continue_token"], "--json")
     assert out2.returncode == 0, out2.stderr
-    assert len(json.loads(out2.stdout)["items"]) == 2
+    assert len(json.loads(out2.stdout)["kvs"]) == 2
     text = cli("list", w.name, "--index", f"node={node}")
     assert text.returncode == 0 and text.stdout.count("\n") == 5
     bad = cli("list", w.name, "--index", "nope=x")

@@ -223,7 +223,7 @@ def test_cli_reader_commands(cache: WriterProcess, unique_prefix: bytes) -> None
     missing = run("get", cache.name, (unique_prefix + b"nope").decode())
     assert missing.returncode == 1 and "not found" in missing.stderr
     listed = json.loads(run("list", cache.name, unique_prefix.decode(), "--json").stdout)
-    assert len(listed["items"]) == 20 and base64.b64decode(listed["items"][0]["value"]) == b"value-0"
+    assert len(listed["kvs"]) == 20 and base64.b64decode(listed["kvs"][0]["value"]) == b"value-0"
     proc = subprocess.Popen([sys.executable, "-m", "shmcache", "watch", cache.name,
                              unique_prefix.decode(), "--since", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
