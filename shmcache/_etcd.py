@@ -192,7 +192,10 @@ class WatchStream:
 
     Iterating yields the responses in order, each passed through ``decode``.
     ``request_progress`` and ``close`` may be called from any thread; a stream is
-    iterated by one thread. A failed call raises a ``grpc.RpcError``.
+    iterated by one thread. A failed call raises a ``grpc.RpcError``, a message
+    ``decode`` refuses ``UndecodableResponse``. A first direct call that fails is
+    replaced by a public-API one (``DirectPath``); a progress request sent just
+    then may be lost (the feed asks again after 5 s).
     """
 
     def __init__(self, conn: Connection, key: bytes, range_end: bytes, start_revision: int,
