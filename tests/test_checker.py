@@ -90,8 +90,9 @@ def test_a_fault_step_that_overruns_is_a_finding_and_the_log_is_kept() -> None:
         assert report.kept_log is not None and f"kept at {report.kept_log}" in report.summary()
         with open(report.kept_log) as f:
             log = f.read()
-        # Each step's writer and its replacement started.
-        assert log.count("settings from") >= 2 * len(report.findings) + 1, log[-3000:]
+        # The first writer and each replacement started (a writer killed at its step's
+        # deadline may not have logged yet on a loaded machine).
+        assert log.count("settings from") >= len(report.findings) + 1, log[-3000:]
     finally:
         if report.kept_log is not None and os.path.exists(report.kept_log):
             os.unlink(report.kept_log)
