@@ -192,7 +192,10 @@ class WatchStream:
 
     Iterating yields the responses in order, each passed through ``decode``.
     ``request_progress`` and ``close`` may be called from any thread; a stream is
-    iterated by one thread. A failed call raises a ``grpc.RpcError``.
+    iterated by one thread. A failed call raises a ``grpc.RpcError``, a message
+    ``decode`` refuses ``UndecodableResponse``. A first direct call that fails is
+    replaced by a public-API one (``DirectPath``); a progress request sent just
+    then may be lost (the feed asks again after 5 s).
     """
 
     def __init__(self, conn: Connection, key: bytes, range_end: bytes, start_revision: int,
@@ -203,23 +206,60 @@ class WatchStream:
         self._decode = decode
         self._lock = threading.Lock()
         self._closed = False
-        channel = conn.client.channel
-        metadata = tuple(conn.client.metadata or ())
-        call: _DirectCall | _ThreadedCall
-        if _DirectCall.usable(channel):
-            call = _DirectCall(channel, WATCH_METHOD, metadata, create)
-        else:
-            call = _ThreadedCall(channel, WATCH_METHOD, metadata, create)
-        self._call = call
+        self._channel = conn.client.channel
+        self._metadata = tuple(conn.client.metadata or ())
+        self._create = create
+        call: _DirectCall | _ThreadedCall | None = None
+        if DIRECT_PATH.usable(self._channel):
+            try:
+                call = _DirectCall(self._channel, WATCH_METHOD, self._metadata, create)
+            except Exception as exc:
+                DIRECT_PATH.give_up(exc)
+        self._call = call or _ThreadedCall(self._channel, WATCH_METHOD, self._metadata, create)
 
     def request_progress(self) -> None:
         if not self._closed:
             self._call.send(PROGRESS_REQUEST)
 
     def __iter__(self) -> Iterator[Any]:
+        """The decoded responses; a message ``decode`` refuses raises UndecodableResponse."""
         decode = self._decode
-        for data in self._call.messages():
-            yield decode(data)
+        for data in self._messages():
+            try:
+                resp = decode(data)
+            except ValueError as exc:
+                raise UndecodableResponse(f"{exc} (a {len(data)}-byte message)") from exc
+            yield resp
+
+    def _messages(self) -> Iterator[bytes]:
+        """The call's messages; the first call on the direct path is a trial (DirectPath)."""
+        call = self._call
+        if not (isinstance(call, _DirectCall) and DIRECT_PATH.on_trial()):
+            yield from call.messages()
+            return
+        it = call.messages()
+        try:
+            first = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if self._closed:
+                raise
+            DIRECT_PATH.give_up(exc)
+            try:
+                call.cancel()  # (best effort: the call may be in any state)
+            except Exception:
+                pass
+            with self._lock:
+                if self._closed:
+                    raise
+                self._call = _ThreadedCall(self._channel, WATCH_METHOD, self._metadata,
+                                           self._create)
+            yield from self._call.messages()
+            return
+        DIRECT_PATH.proven()
+        yield first
+        yield from it
 
     def close(self) -> None:
         with self._lock:
@@ -227,6 +267,55 @@ class WatchStream:
                 return
             self._closed = True
         self._call.cancel()
+
+
+class UndecodableResponse(Exception):
+    """A watch response the decoder refused: what etcd sent cannot be read exactly (an
+    event type other than PUT and DELETE, a damaged message). The stream is broken."""
+
+
+class DirectPath:
+    """Whether this process drives watch streams with ``_DirectCall`` (grpcio's internal API).
+
+    Its use is a trial until a call on it has delivered its first message. Any
+    error constructing a call, or before that first message, gives it up for the
+    process, logged once: the stream that failed, and every later one, uses the
+    public API (``_ThreadedCall``), so a grpcio whose internals changed costs speed,
+    never the writer. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "trial"  # -> "proven" or "off"
+
+    def usable(self, channel: Any) -> bool:
+        if self._state == "off" or os.environ.get("SHMCACHE_GRPC_THREADED"):
+            return False
+        try:
+            from grpc._cython import cygrpc
+        except ImportError:
+            return False
+        return (hasattr(getattr(channel, "_channel", None), "segregated_call")
+                and hasattr(cygrpc, "SegregatedCall"))
+
+    def on_trial(self) -> bool:
+        return self._state == "trial"
+
+    def proven(self) -> None:
+        with self._lock:
+            if self._state == "trial":
+                self._state = "proven"
+
+    def give_up(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._state == "off":
+                return
+            self._state = "off"
+        log.warning("grpcio %s: the direct watch call failed (%s); using grpc's public stream "
+                    "API for the rest of this process", grpc.__version__, describe(exc))
+
+
+DIRECT_PATH = DirectPath()
 
 
 WATCH_METHOD = "/etcdserverpb.Watch/Watch"
@@ -257,8 +346,9 @@ class _DirectCall:
     own single-threaded unary-stream calls (``grpc.experimental.ChannelOptions.
     SingleThreadedUnaryStream``), made bidirectional: ``messages()`` keeps one
     receive started and waits for completions in the calling thread, GIL released.
-    It is grpcio's internal API: ``usable`` checks for it, and the stream falls
-    back to ``_ThreadedCall`` without it (or with ``SHMCACHE_GRPC_THREADED=1``).
+    It is grpcio's internal API: ``DirectPath`` checks for it and gives it up for
+    the process when a first call fails, and the stream then uses ``_ThreadedCall``
+    (as it does with ``SHMCACHE_GRPC_THREADED=1``).
 
     Sends from other threads start at once, or wait while one is in flight (one
     outstanding send per call) until its completion arrives. grpc destroys the
@@ -267,17 +357,6 @@ class _DirectCall:
     """
 
     _SEND, _RECV, _OTHER = "send", "recv", "other"
-
-    @staticmethod
-    def usable(channel: Any) -> bool:
-        if os.environ.get("SHMCACHE_GRPC_THREADED"):
-            return False
-        try:
-            from grpc._cython import cygrpc
-        except ImportError:
-            return False
-        return (hasattr(getattr(channel, "_channel", None), "segregated_call")
-                and hasattr(cygrpc, "SegregatedCall"))
 
     def __init__(self, channel: Any, method: str, metadata: tuple[tuple[str, str], ...],
                  first: bytes) -> None:
@@ -365,7 +444,8 @@ class _DirectCall:
 
 
 class _ThreadedCall:
-    """The call through gRPC's public API: the fallback when ``_DirectCall`` is not usable."""
+    """The call through gRPC's public API: the fallback when ``_DirectCall`` is not usable
+    or has failed (DirectPath)."""
 
     def __init__(self, channel: Any, method: str, metadata: tuple[tuple[str, str], ...],
                  first: bytes) -> None:

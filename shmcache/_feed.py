@@ -49,6 +49,10 @@ class WatchBroken(ShmCacheError):
     """The watch stream ended or was cancelled for a reason other than compaction."""
 
 
+class WatchUndecodable(WatchBroken):
+    """A watch response could not be decoded exactly (_etcd.UndecodableResponse): the
+    stream is broken, and watched again from the cache's revision; nothing is guessed."""
+
 
 class EtcdFeed:
     """Follow [range_key, range_end) in etcd and feed a sink until ``close()``."""
@@ -64,6 +68,7 @@ class EtcdFeed:
         self.range_end = range_end
         self.backoff_max = backoff_max
         self.stats = stats
+        stats.setdefault("watch_decode_errors", 0)  # (shmcache_watch_decode_errors_total)
         self.stopped = threading.Event()
         self.conn: _etcd.Connection | None = None
         self.stream: _etcd.WatchStream | None = None
@@ -135,7 +140,8 @@ class EtcdFeed:
                         backoff = 0.1  # the last watch worked: start over from short waits
                         self._healthy = False
                     self.stats["reconnects"] += 1
-                    self._unreachable(_etcd.describe(exc))
+                    if not isinstance(exc, WatchUndecodable):  # (etcd did answer)
+                        self._unreachable(_etcd.describe(exc))
                     log.warning("etcd error (%s); retrying in %.1fs", _etcd.describe(exc), backoff)
                     self.stopped.wait(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
@@ -220,6 +226,11 @@ class EtcdFeed:
                 sink.maybe_snapshot()
             if not stopped.is_set():
                 raise WatchBroken("etcd closed the watch stream")
+        except _etcd.UndecodableResponse as exc:
+            stats["watch_decode_errors"] += 1
+            self._healthy = False  # the same message may come again: back off meanwhile
+            raise WatchUndecodable(f"a watch response after revision {sink.revision} could "
+                                   f"not be decoded: {exc}") from exc
         finally:
             self.stream = None
             stream.close()

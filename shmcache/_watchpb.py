@@ -5,7 +5,9 @@ protobuf python-etcd3's generated modules load with, and no compiled build of
 it exists for CPython 3.11) spent ~20 µs building message objects for a
 one-event response here; this builds the publisher's event tuples directly in
 ~4 µs. Unknown fields are skipped, as protobuf does; tests/test_watch_stream.py
-holds it to protobuf's own decoding.
+holds it to protobuf's own decoding. What it cannot read exactly (an event type
+other than PUT and DELETE, an event without its key-value) is a ValueError, never
+a guess: the feed counts it and watches again (docs/design.md, step 6).
 
     WatchResponse {ResponseHeader header = 1 (int64 revision = 3); bool created = 3;
         bool canceled = 4; int64 compact_revision = 5; string cancel_reason = 6;
@@ -145,10 +147,12 @@ def _event(b: bytes, i: int, end: int) -> EventTuple:
     if i != end:
         raise ValueError("Event overruns its length")
     if kv is None:
-        kv = (b"", b"", 0, 0, 0, 0)
+        raise ValueError("an event without its key-value")
     if typ == 0:
         return (0, *kv, prev)
-    return (1, kv[0], b"", 0, kv[3], 0, 0, prev)
+    if typ == 1:
+        return (1, kv[0], b"", 0, kv[3], 0, 0, prev)
+    raise ValueError(f"unknown event type {typ}")
 
 
 def decode_watch_response(data: bytes) -> WatchResponse:

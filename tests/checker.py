@@ -15,6 +15,8 @@ ring holds, etcd SIGKILL + restart, etcd unreachable (SIGSTOP), compaction past
 the writer's revision while it is down, a reader killed mid-read, readers
 attaching and detaching. Every interruption must be seamless or an explicit
 error (CompactedError, StaleError, TimeoutError); anything else is a divergence.
+A fault step that overruns its time (a loaded machine) is a finding: reported
+with the writer's log kept, and the run goes on.
 
 Run a short check from pytest (tests/test_consistency.py::
 test_checker_finds_no_divergence_under_faults) or a soak from the shell:
@@ -27,7 +29,9 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import shutil
 import signal
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -58,16 +62,23 @@ class Report:
     explicit_errors: int = 0
     faults: dict[str, int] = field(default_factory=dict)
     divergences: list[str] = field(default_factory=list)
+    # What went wrong in the harness rather than the cache (a fault step that overran its
+    # time): reported, not a divergence; the writer's log is then kept at ``kept_log``.
+    findings: list[str] = field(default_factory=list)
+    kept_log: str | None = None
 
     def summary(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
+        findings = "".join(f"\n  finding: {f}" for f in self.findings)
+        kept = f"\n  writer log kept at {self.kept_log}" if self.kept_log else ""
         return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
                 f"lists verified {self.lists_verified}, gets verified {self.gets_verified}, "
                 f"past-revision reads verified {self.past_reads_verified}, by_index reads "
                 f"verified {self.index_reads_verified}, paginated listings verified "
                 f"{self.paged_listings_verified}, syncs verified "
                 f"{self.syncs_verified}, explicit errors {self.explicit_errors}; faults "
-                f"injected: {faults}; divergences {len(self.divergences)}")
+                f"injected: {faults}; divergences {len(self.divergences)}; findings "
+                f"{len(self.findings)}{findings}{kept}")
 
 
 def _value(rnd: random.Random) -> bytes:
@@ -166,11 +177,11 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 r = shmcache.Reader(name, timeout=30)
             res = r.list(PREFIX)
             monotonic(r, res.revision)
-            want = etcd_call(etcd_range, client, PREFIX, res.revision)
-            if want is not UNVERIFIABLE:
-                if res.items != want:
+            at_start = etcd_call(etcd_range, client, PREFIX, res.revision)
+            if at_start is not UNVERIFIABLE:
+                if res.items != at_start:
                     problems.append(f"reader {idx}: list at {res.revision} differs from etcd "
-                                    f"({len(res.items)} vs {len(want)} keys)")
+                                    f"({len(res.items)} vs {len(at_start)} keys)")
                 counts["lists"] += 1
             with r.watch(PREFIX, since_revision=res.revision) as w:
                 got: list[shmcache.Event] = []
@@ -178,11 +189,11 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 while time.monotonic() < deadline and not stop.is_set():
                     got.extend(w.poll(timeout=0.1))
                 if got:
-                    want_ev = etcd_call(etcd_events, endpoint, PREFIX, res.revision,
-                                        got[-1].revision)
-                    if want_ev is not UNVERIFIABLE:
-                        if got != want_ev:
-                            problems.append(_diff_events(idx, res.revision, got, want_ev))
+                    problem = verify_watch(idx, endpoint, res.revision, got, at_start,
+                                           etcd_call)
+                    if problem is not UNVERIFIABLE:
+                        if problem is not None:
+                            problems.append(str(problem))
                         counts["events"] += len(got)
             for _ in range(5):
                 k = rnd.choice(KEYS)
@@ -289,6 +300,53 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     client.close()
 
 
+def verify_watch(idx: int, endpoint: str, since: int, got: list[shmcache.Event],
+                 at_start: Any, etcd_call: Any) -> str | None | object:
+    """The cache's watch events from ``since`` against etcd's own watch from there: a
+    divergence, None if equal, or UNVERIFIABLE when etcd no longer has what it takes.
+
+    ``at_start`` is etcd's range at ``since`` (or UNVERIFIABLE); ``etcd_call(fn, *args)``
+    calls etcd, UNVERIFIABLE once it compacted that history.
+    """
+    want = etcd_call(etcd_events, endpoint, PREFIX, since, got[-1].revision)
+    if want is UNVERIFIABLE:
+        return UNVERIFIABLE
+    want = fill_omitted_prev_kvs(want, None if at_start is UNVERIFIABLE else at_start)
+    if want is UNVERIFIABLE:
+        return UNVERIFIABLE
+    return None if got == want else _diff_events(idx, since, got, want)
+
+
+def fill_omitted_prev_kvs(events: list[shmcache.Event],
+                          at_start: list[shmcache.KeyValue] | None) -> list[shmcache.Event] | object:
+    """etcd's watch events, each prev_kv that etcd left out filled in from its range at the
+    watch's start (``at_start``) and the events before; UNVERIFIABLE without that range.
+
+    etcd reads an event's prev_kv at the revision before the event and sends the
+    event without it once compaction has passed that revision: the first event of
+    a watch from the compact revision, and events still queued for a watch when a
+    compaction overtakes them. The writer fills such a prev_kv from its state,
+    which holds it exactly (Publisher.apply), so a watch from the cache rightly
+    has a prev_kv etcd's lacks. The previous value is etcd's all the same, read
+    from etcd's answers here; a prev_kv etcd did send is compared as sent.
+    """
+    state = {kv.key: kv for kv in at_start} if at_start is not None else None
+    out = []
+    for ev in events:
+        # A DELETE always has a previous value, a PUT unless it created the key.
+        if ev.prev_kv is None and (ev.type == "DELETE" or ev.kv.version > 1):
+            if state is None:
+                return UNVERIFIABLE
+            ev = ev._replace(prev_kv=state.get(ev.kv.key))
+        if state is not None:
+            if ev.type == "PUT":
+                state[ev.kv.key] = ev.kv
+            else:
+                state.pop(ev.kv.key, None)
+        out.append(ev)
+    return out
+
+
 def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
     for i, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
@@ -315,9 +373,26 @@ def victim_reader(name: str) -> None:
             r.get(k)
 
 
+class StepOverrun(Exception):
+    """A fault step took longer than the run's ``step_limit``."""
+
+
+FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
+          "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach"]
+
+
 def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
-        etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print) -> Report:
-    """Run the workload, the readers and the fault injector; return what was verified."""
+        etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print,
+        faults: list[str] | None = None, fault_points: tuple[str, ...] = ("append", "snapshot"),
+        step_limit: float = 30.0) -> Report:
+    """Run the workload, the readers and the fault injector; return what was verified.
+
+    ``faults``: the kinds to draw from (default FAULTS); ``fault_points``: where a
+    ``writer_fault_point`` writer kills itself (shmcache/_faults.py). A fault step
+    that takes longer than ``step_limit`` seconds (a writer that has not reached its
+    fault point, or not become ready, on a loaded machine) is a finding: the writer
+    is restarted without faults and the run goes on.
+    """
     rnd = random.Random(seed)
     report = Report(seed=seed, seconds=seconds)
     ctx = mp.get_context("spawn")
@@ -346,27 +421,35 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                                 args=(name, etcd.endpoint, seed, stop, results, i))
                 p.start()
                 procs.append(p)
-            t_end = time.monotonic() + seconds
-            faults = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
-                      "etcd_unreachable", "compact_while_down", "reader_killed",
-                      "readers_attach_detach"]
-            while time.monotonic() < t_end:
-                time.sleep(rnd.uniform(0.5, fault_every))
-                kind = rnd.choice(faults)
-                fault(kind)
+            def start_writer() -> None:
+                writer.start(wait=False)
+                try:
+                    writer.wait_ready(timeout=step_limit)
+                except RuntimeError:
+                    assert writer.proc is not None
+                    if writer.proc.poll() is not None:
+                        raise  # it exited: the run ends with its log kept
+                    raise StepOverrun(f"the writer was not ready after {step_limit:.0f}s") from None
+
+            def inject(kind: str) -> None:
                 if kind == "writer_kill":
                     writer.kill()
                     time.sleep(rnd.uniform(0, 1))
-                    writer.start()
+                    start_writer()
                 elif kind == "writer_fault_point":
                     # Let the writer SIGKILL itself inside an append or a snapshot publish.
                     writer.kill()
-                    point = rnd.choice(["append", "snapshot"])
+                    point = rnd.choice(fault_points)
                     writer.env = {"SHMCACHE_FAULT": f"{point}:0.05"}
                     writer.start(wait=False)
-                    writer.proc.wait(timeout=30)  # dies at the fault point
+                    assert writer.proc is not None
+                    try:
+                        writer.proc.wait(timeout=step_limit)  # dies at the fault point
+                    except subprocess.TimeoutExpired:
+                        raise StepOverrun(f"the writer had not reached fault point {point!r} "
+                                          f"after {step_limit:.0f}s") from None
                     writer.env = {}
-                    writer.start()
+                    start_writer()
                 elif kind == "writer_stop_long":
                     os.kill(writer.pid, signal.SIGSTOP)
                     time.sleep(rnd.uniform(1, 3))  # the workload overruns the small ring
@@ -387,7 +470,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                         c.compact(etcd_current_revision(c), physical=True)
                     finally:
                         c.close()
-                    writer.start()
+                    start_writer()
                 elif kind == "reader_killed":
                     v = ctx.Process(target=victim_reader, args=(name,))
                     v.start()
@@ -398,6 +481,27 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     for _ in range(10):
                         with shmcache.Reader(name, timeout=30) as r:
                             r.list(PREFIX)
+
+            t_end = time.monotonic() + seconds
+            kinds = faults or FAULTS
+            while time.monotonic() < t_end:
+                time.sleep(rnd.uniform(0.5, fault_every))
+                kind = rnd.choice(kinds)
+                fault(kind)
+                t0 = time.monotonic()
+                try:
+                    inject(kind)
+                except StepOverrun as exc:
+                    report.findings.append(f"fault {kind} overran: {exc}; the writer was "
+                                           "restarted without faults")
+                    writer.kill()
+                    writer.env = {}
+                    writer.start()
+                else:
+                    took = time.monotonic() - t0
+                    if took > step_limit:
+                        report.findings.append(f"fault {kind} took {took:.0f}s, more than "
+                                               f"{step_limit:.0f}s")
                 _collect(results, report)
             stop.set()
             for p in procs:
@@ -432,12 +536,18 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
             if "verification failed" in whole_log:
                 report.divergences.append("the writer's check against etcd found a mismatch: "
                                           + whole_log[whole_log.index("verification failed"):][:500])
+        except Exception:  # (a writer that exited, etcd that would not restart): report it
+            report.divergences.append(f"the run aborted: {traceback.format_exc(limit=4)}")
         finally:
             stop.set()
             for p in procs:
                 if p.is_alive():
                     p.kill()
                     p.join()
+            if report.findings or report.divergences:
+                # (writer.close() deletes the log)
+                report.kept_log = f"/tmp/shmcache-checker-{name}.log"
+                shutil.copyfile(writer.log_path, report.kept_log)
             writer.close()
     return report
 

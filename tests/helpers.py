@@ -144,6 +144,8 @@ def etcd_events(endpoint: str, prefix: bytes, since: int, until: int,
         if until <= since:
             return out
         for resp in stream:
+            if resp.compact_revision:  # (etcd cancelled the watch: no history from `since`)
+                raise AssertionError(f"etcd compacted to revision {resp.compact_revision}")
             for ev in resp.events:
                 kv = ev.kv
                 p = ev.prev_kv if ev.HasField("prev_kv") else None
@@ -158,10 +160,10 @@ def etcd_events(endpoint: str, prefix: bytes, since: int, until: int,
                     out.append(shmcache.Event("DELETE", k, prev, kv.mod_revision))
             if out and out[-1].revision >= until:
                 break
-    except Exception:
+    except Exception as exc:
         if not out or out[-1].revision < until:
             raise AssertionError(f"etcd's watch did not reach revision {until} "
-                                 f"(got {len(out)} events)") from None
+                                 f"(got {len(out)} events): {exc}") from None
     finally:
         timer.cancel()
         stream.close()

@@ -10,9 +10,12 @@ an error status as a ``grpc.RpcError`` the feed recognises.
 
 from __future__ import annotations
 
+import os
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,8 +26,9 @@ from hypothesis import strategies as st
 
 import shmcache
 from shmcache import _etcd, _watchpb, layout
-from tests.etcdserver import EtcdServer
+from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, etcd_range, put
+from tests.test_service import _scrape
 
 # -- the decoder -------------------------------------------------------------------------
 
@@ -50,7 +54,8 @@ def responses(draw: Any) -> rpc_pb2.WatchResponse:
         resp.header.raft_term = draw(st.integers(min_value=0, max_value=2**64 - 1))
     for _ in range(draw(st.integers(min_value=0, max_value=4))):
         ev = resp.events.add()
-        ev.type = draw(st.sampled_from([0, 1]))
+        # Mostly PUT and DELETE; now and then a type this etcd API does not have.
+        ev.type = draw(st.sampled_from([0, 1] * 8 + [2, 7, -1, 2**31 - 1]))
         if draw(st.booleans()):
             ev.kv.CopyFrom(draw(key_values()))
         if draw(st.booleans()):
@@ -58,10 +63,13 @@ def responses(draw: Any) -> rpc_pb2.WatchResponse:
     return resp
 
 
-def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse:
-    """What the feed used to build from protobuf's decoding (docs/design.md, step 4)."""
+def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse | None:
+    """What the feed used to build from protobuf's decoding (docs/design.md, step 4); None
+    where the decoder must refuse (an unknown event type, an event without its key-value)."""
     events = []
     for ev in resp.events:
+        if ev.type not in (0, 1) or not ev.HasField("kv"):
+            return None
         e = ev.kv
         p = ev.prev_kv
         prev = ((p.key, p.value, p.create_revision, p.mod_revision, p.version, p.lease)
@@ -79,13 +87,17 @@ def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse:
 @given(responses(), st.binary(max_size=30))
 def test_decoder_equals_protobuf(resp: rpc_pb2.WatchResponse, junk: bytes) -> None:
     data = resp.SerializeToString()
-    assert _watchpb.decode_watch_response(data) == expected(resp)
     # Unknown fields (a newer etcd's) are skipped: field 12 as bytes, 13 as a varint,
     # 14 as fixed64, 15 as fixed32, 100 (a two-byte tag) as bytes.
     extra = (b"\x62" + bytes([len(junk)]) + junk + b"\x68\xff\xff\x03" + b"\x71" + b"\0" * 8
              + b"\x7d" + b"\1" * 4 + b"\xa2\x06\x01x")
-    assert _watchpb.decode_watch_response(data + extra) == expected(
-        rpc_pb2.WatchResponse.FromString(data + extra))
+    for raw in (data, data + extra):
+        want = expected(rpc_pb2.WatchResponse.FromString(raw))
+        if want is None:
+            with pytest.raises(ValueError):
+                _watchpb.decode_watch_response(raw)
+        else:
+            assert _watchpb.decode_watch_response(raw) == want
 
 
 @settings(max_examples=200, deadline=None)
@@ -101,9 +113,33 @@ def test_truncated_or_damaged_input_raises_value_error(resp: rpc_pb2.WatchRespon
             with pytest.raises(ValueError):
                 _watchpb.decode_watch_response(raw[:cut])
         else:  # a prefix protobuf accepts (it ended between fields): so must the decoder
-            _watchpb.decode_watch_response(raw[:cut])
+            want = expected(rpc_pb2.WatchResponse.FromString(raw[:cut]))
+            if want is None:  # (unless an event in it is one the decoder refuses)
+                with pytest.raises(ValueError):
+                    _watchpb.decode_watch_response(raw[:cut])
+            else:
+                assert _watchpb.decode_watch_response(raw[:cut]) == want
     with pytest.raises(ValueError):
         _watchpb.decode_watch_response(raw + b"\x5a\x05\x12")  # an event longer than the rest
+
+
+@pytest.mark.parametrize(("event", "error"), [
+    (b"\x08\x02\x12\x04\x0a\x02/a", "unknown event type 2"),  # type 2, kv {key "/a"}
+    (b"\x08\x07\x12\x04\x0a\x02/a", "unknown event type 7"),
+    (b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01\x12\x00", "unknown event type -1"),
+    (b"\x08\x01", "without its key-value"),  # a DELETE of no key
+    (b"", "without its key-value"),  # a PUT of no key
+], ids=["type-2", "type-7", "type-minus-1", "delete-without-kv", "put-without-kv"])
+def test_an_event_it_cannot_decode_exactly_is_an_error(event: bytes, error: str) -> None:
+    """Crafted events are refused, never guessed (an unknown type once read as DELETE), even
+    after a valid event in the same response."""
+    good = b"\x12\x06\x0a\x02/b\x18\x05"  # PUT /b at revision 5
+    data = b"\x0a\x02\x18\x05" + b"\x5a" + bytes([len(good)]) + good + b"\x5a" + bytes(
+        [len(event)]) + event
+    with pytest.raises(ValueError, match=error):
+        _watchpb.decode_watch_response(data)
+    assert _watchpb.decode_watch_response(data[:4 + 2 + len(good)]) == (
+        5, False, False, 0, "", [(0, b"/b", b"", 0, 5, 0, 0, None)])
 
 
 def test_a_delete_and_a_put_of_a_real_response() -> None:
@@ -232,5 +268,178 @@ def test_writer_on_the_threaded_fallback(etcd_session: EtcdServer, etcd_client: 
             assert r.wait(last, timeout=20)
             assert r.list(p).items == etcd_range(etcd_client, p, r.revision)
             r.sync(timeout=10)  # progress requests go through the fallback's send path
+    finally:
+        w.close()
+
+
+# -- degraded, never lying: a message the writer cannot decode, a broken direct path ---------
+
+def _writer_with(tmp_path: Path, code: str, name: str, endpoint: str, prefix: bytes,
+                 extra: list[str] | None = None) -> WriterProcess:
+    """A writer process that runs ``code`` at interpreter start (a sitecustomize module)."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(code))
+    w = WriterProcess(name, endpoint, prefix, extra=extra)
+    w.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path),
+                                                        os.environ.get("PYTHONPATH")]))
+    return w
+
+
+# etcd sending an event of a type this API does not have: the writer's decoder is handed the
+# first response that holds an event of the key .../victim with every event's type set to 7.
+_UNKNOWN_EVENT_TYPE = """
+    from etcd3.etcdrpc import rpc_pb2
+    import shmcache._etcd as etcd
+
+    real, done = etcd.decode_watch_response, []
+
+    def decode(data):
+        resp = rpc_pb2.WatchResponse.FromString(bytes(data))
+        if not done and any(ev.kv.key.endswith(b"/victim") for ev in resp.events):
+            done.append(1)
+            for ev in resp.events:
+                ev.type = 7
+            data = resp.SerializeToString()
+        return real(data)
+
+    etcd.decode_watch_response = decode
+"""
+
+
+def test_a_response_the_writer_cannot_decode_is_watched_again(
+        tmp_path: Path, etcd_session: EtcdServer, etcd_client: Any, cache_name: str,
+        unique_prefix: bytes) -> None:
+    """An event of an unknown type breaks the stream (counted, logged) and the writer watches
+    again from its revision: the cache ends equal to etcd, the key never guessed deleted."""
+    p = unique_prefix
+    put(etcd_client, p + b"victim", b"before")
+    port = free_port()
+    w = _writer_with(tmp_path, _UNKNOWN_EVENT_TYPE, cache_name, etcd_session.endpoint, p,
+                     extra=["--metrics", f"127.0.0.1:{port}"])
+    w.start()
+    try:
+        with shmcache.Reader(cache_name) as r:
+            assert _scrape(port)[f"shmcache_watch_decode_errors_total{{{cache_name}}}"] == 0
+            put(etcd_client, p + b"victim", b"after")  # the response the decoder refuses
+            last = 0
+            for i in range(20):
+                last = put(etcd_client, p + b"k%d" % (i % 5), b"%d" % i)
+            assert r.wait(last, timeout=30), w.log()
+            assert r.list(p).items == etcd_range(etcd_client, p, r.revision)
+            assert r.get(p + b"victim") is not None and r.get(p + b"victim").value == b"after"
+        assert _scrape(port)[f"shmcache_watch_decode_errors_total{{{cache_name}}}"] == 1
+        log = w.log()
+        assert "could not be decoded: unknown event type 7" in log, log
+    finally:
+        w.close()
+
+
+# grpcio's internals changed under _DirectCall: "construct" breaks the segregated call's
+# signature, "complete" the completion events of a call that started.
+_BROKEN_DIRECT_PATH = """
+    import grpc._channel
+
+    MODE = {mode!r}
+
+    class BrokenCall:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def next_event(self):
+            self._inner.next_event()
+            raise AttributeError("'BatchOperationEvent' object has no attribute 'tag'")
+
+    class BrokenChannel:
+        calls = 0
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def segregated_call(self, *args):
+            if args[1] != b"/etcdserverpb.Watch/Watch":  # (grpc's own blocking unary calls)
+                return self._inner.segregated_call(*args)
+            BrokenChannel.calls += 1
+            if MODE == "construct":
+                raise TypeError("segregated_call() takes exactly 9 positional arguments (7 given)")
+            return BrokenCall(self._inner.segregated_call(*args))
+
+    def break_direct_path(channel):
+        channel._channel = BrokenChannel(channel._channel)
+        return channel
+
+    if MODE != "in-process":
+        init = grpc._channel.Channel.__init__
+
+        def patched_init(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            break_direct_path(self)
+
+        grpc._channel.Channel.__init__ = patched_init
+"""
+
+
+@pytest.mark.parametrize("mode", ["construct", "complete"])
+def test_a_broken_direct_path_falls_back_for_the_process(
+        mode: str, etcd_session: EtcdServer, etcd_client: Any, unique_prefix: bytes,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A direct call that fails to start or to complete its first message: the same stream
+    continues on the public API, so do later ones (the direct path is not tried again),
+    and the switch is logged once."""
+    monkeypatch.delenv("SHMCACHE_GRPC_THREADED", raising=False)
+    monkeypatch.setattr(_etcd, "DIRECT_PATH", _etcd.DirectPath())
+    broken: dict[str, Any] = {}
+    exec(textwrap.dedent(_BROKEN_DIRECT_PATH.format(mode=mode)).replace(
+        "MODE != \"in-process\"", "False"), broken)
+    c = _etcd.Connection(_etcd.EtcdSettings(endpoints=[etcd_session.endpoint]))
+    c.connect()
+    broken["break_direct_path"](c.client.channel)
+    p = unique_prefix
+    try:
+        for n in range(3):
+            rev = put(etcd_client, p + b"k", b"%d" % n)
+            stream = c.watch_decoded(p, layout.prefix_range_end(p), rev)
+            try:
+                it = iter(stream)
+                assert next(it)[1]  # created
+                assert [ev[4] for ev in next(it)[5]] == [rev]
+                assert _kind(stream) == "threaded"
+            finally:
+                stream.close()
+    finally:
+        c.close()
+    assert broken["BrokenChannel"].calls == 1
+    warnings = [rec.getMessage() for rec in caplog.records
+                if "the direct watch call failed" in rec.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert ("9 positional arguments" if mode == "construct" else "no attribute 'tag'") in warnings[0]
+
+
+@pytest.mark.parametrize("mode", ["construct", "complete"])
+def test_a_writer_whose_direct_path_breaks_serves(
+        mode: str, tmp_path: Path, etcd_session: EtcdServer, etcd_client: Any, cache_name: str,
+        unique_prefix: bytes) -> None:
+    """A writer process on a grpcio whose internals changed serves through the public API:
+    it follows etcd, answers consistent reads, and says so once in its log."""
+    p = unique_prefix
+    w = _writer_with(tmp_path, _BROKEN_DIRECT_PATH.format(mode=mode), cache_name,
+                     etcd_session.endpoint, p)
+    w.start()
+    try:
+        last = 0
+        for i in range(100):
+            last = put(etcd_client, p + b"k%03d" % (i % 30), b"%d" % i)
+        with shmcache.Reader(cache_name) as r:
+            assert r.wait(last, timeout=30), w.log()
+            assert r.list(p).items == etcd_range(etcd_client, p, r.revision)
+            assert r.sync(timeout=10) >= last  # progress requests on the public API
+        assert w.proc is not None and w.proc.poll() is None
+        log = w.log()
+        assert log.count("the direct watch call failed") == 1, log
+        assert "Traceback" not in log, log
     finally:
         w.close()
