@@ -9,8 +9,11 @@
  * The segment is untrusted input: every offset and length read from it is
  * checked against the buffer before use, all arithmetic is done in 64-bit
  * unsigned integers that cannot overflow for lengths bounded by the buffer,
- * and corruption raises ValueError (snapshot.py turns it into
- * CorruptSegmentError with the segment's name). The layout is little-endian;
+ * and corruption raises ValueError (snapshot.py and indexseg.py turn it into
+ * CorruptSegmentError with the segment's name; the hash lookups, which the
+ * reader calls directly, raise CorruptSegmentError naming their segment
+ * themselves: named_damage). Every key a read compares is in an entry whose
+ * checksum was verified first (entry_check). The layout is little-endian;
  * so is every host this builds on (checked below).
  */
 #define PY_SSIZE_T_CLEAN
