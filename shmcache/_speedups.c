@@ -9,8 +9,11 @@
  * The segment is untrusted input: every offset and length read from it is
  * checked against the buffer before use, all arithmetic is done in 64-bit
  * unsigned integers that cannot overflow for lengths bounded by the buffer,
- * and corruption raises ValueError (snapshot.py turns it into
- * CorruptSegmentError with the segment's name). The layout is little-endian;
+ * and corruption raises ValueError (snapshot.py and indexseg.py turn it into
+ * CorruptSegmentError with the segment's name; the hash lookups, which the
+ * reader calls directly, raise CorruptSegmentError naming their segment
+ * themselves: named_damage). Every key a read compares is in an entry whose
+ * checksum was verified first (entry_check). The layout is little-endian;
  * so is every host this builds on (checked below).
  */
 #define PY_SSIZE_T_CLEAN
@@ -174,6 +177,35 @@ static PyObject *corrupt(const char *fmt, ...) {
     return NULL;
 }
 
+/* shmcache.errors.CorruptSegmentError, taken at import. */
+static PyObject *CorruptSegmentError;
+
+/* The pending ValueError (damage a lookup found) as CorruptSegmentError naming
+ * ``segment``, as Snapshot._corrupt makes it: a lookup in the overlay segment
+ * reports the overlay segment, one in the snapshot the snapshot, whoever called.
+ * Any other exception passes unchanged. Returns NULL. */
+static PyObject *named_damage(PyObject *segment) {
+    if (!PyErr_ExceptionMatches(PyExc_ValueError) || PyErr_ExceptionMatches(CorruptSegmentError))
+        return NULL;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    PyObject *msg = v != NULL ? PyObject_Str(v) : NULL;
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    if (msg == NULL) return NULL;
+    PyObject *args = PyTuple_Pack(1, msg);
+    PyObject *kw = Py_BuildValue("{sO}", "segment", segment);
+    PyObject *exc = args != NULL && kw != NULL ? PyObject_Call(CorruptSegmentError, args, kw) : NULL;
+    if (exc != NULL) PyErr_SetObject(CorruptSegmentError, exc);
+    Py_XDECREF(exc);
+    Py_XDECREF(args);
+    Py_XDECREF(kw);
+    Py_DECREF(msg);
+    return NULL;
+}
+
 /* A KeyValue (a tuple subclass) from an entry already validated. */
 static PyObject *make_kv(PyTypeObject *kvtype, PyObject *key, const unsigned char *e,
                          const unsigned char *value, uint64_t vlen) {
@@ -199,13 +231,15 @@ static PyObject *make_kv(PyTypeObject *kvtype, PyObject *key, const unsigned cha
 }
 
 /* get(key, params) -> KeyValue | None, where params is the tuple
- * (buf, hash_off, slots, data_off, data_end, kvtype) a Snapshot prepares once:
- * one tuple instead of six arguments keeps the reader's per-call cost down. */
+ * (buf, hash_off, slots, data_off, data_end, kvtype, segment name) a Snapshot
+ * prepares once: one tuple instead of seven arguments keeps the reader's per-call
+ * cost down. Damage raises CorruptSegmentError naming the segment. */
+#define PARAMS_LEN 7
 static PyObject *get_impl(PyObject *const *fargs);
 
 static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != 6) {
-        PyErr_SetString(PyExc_TypeError, "get() takes a key and a 6-tuple of parameters");
+    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != PARAMS_LEN) {
+        PyErr_SetString(PyExc_TypeError, "get() takes a key and a 7-tuple of parameters");
         return NULL;
     }
     return get_impl(fargs);
@@ -261,7 +295,7 @@ static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t n
     if (PyErr_Occurred()) return NULL;
     PyObject *ovl = PyTuple_GET_ITEM(st, 7);
     if (ovl != Py_None) {
-        if (!PyTuple_Check(ovl) || PyTuple_GET_SIZE(ovl) != 6) return Py_NewRef(slow);
+        if (!PyTuple_Check(ovl) || PyTuple_GET_SIZE(ovl) != PARAMS_LEN) return Py_NewRef(slow);
         PyObject *oargs[2] = {key, ovl};
         PyObject *changed = get_impl(oargs);
         if (changed != Py_None) {
@@ -277,7 +311,7 @@ static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t n
         Py_DECREF(changed);
     }
     PyObject *params = PyTuple_GET_ITEM(st, 5);
-    if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != 6) return Py_NewRef(slow);
+    if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != PARAMS_LEN) return Py_NewRef(slow);
     PyObject *gargs[2] = {key, params};
     return get_impl(gargs);
 }
@@ -288,7 +322,7 @@ typedef struct {
     PyTypeObject *kvtype;
 } geom_t;
 
-/* Parse (buf, hash_off, slots, data_off, data_end, kvtype) and take the buffer. */
+/* Parse (buf, hash_off, slots, data_off, data_end, kvtype, name) and take the buffer. */
 static int geom_open(PyObject *params, geom_t *g, Py_buffer *view) {
     PyObject *args[6];
     for (int j = 0; j < 6; j++) args[j] = PyTuple_GET_ITEM(params, j);
@@ -313,6 +347,34 @@ static int geom_open(PyObject *params, geom_t *g, Py_buffer *view) {
         PyBuffer_Release(view);
         return -1;
     }
+    return 0;
+}
+
+/* The entry at ``off`` in the data area [data_off, data_end), after its bounds and its
+ * checksum: 0 with its key length and end (``stop``: before the padding) set, or -1
+ * with ValueError set. Every key a read compares is read through here first, so a
+ * damaged key is an error, never a wrong turn of a comparison. */
+static int entry_check(const unsigned char *buf, uint64_t data_off, uint64_t data_end,
+                       uint64_t off, uint64_t *klen, uint64_t *stop) {
+    if (data_end - data_off < ENTRY_SIZE || off < data_off || off > data_end - ENTRY_SIZE
+        || (off & 7)) {
+        corrupt("entry offset %llu outside the data area", (unsigned long long)off);
+        return -1;
+    }
+    const unsigned char *e = buf + off;
+    uint64_t kl = rd32(e + 4), vl = rd32(e + 8);
+    uint64_t end = off + ENTRY_SIZE + kl + vl; /* < 2**65: no wrap in u64 */
+    if (end > data_end) {
+        corrupt("entry at %llu claims %llu+%llu bytes past the data area",
+                (unsigned long long)off, (unsigned long long)kl, (unsigned long long)vl);
+        return -1;
+    }
+    if (crc(e + 4, end - off - 4) != rd32(e)) {
+        corrupt("entry at %llu fails its checksum", (unsigned long long)off);
+        return -1;
+    }
+    *klen = kl;
+    *stop = end;
     return 0;
 }
 
@@ -344,19 +406,15 @@ static PyObject *lookup_hashed(const geom_t *g, PyObject *key, uint32_t h) {
                 || off > data_end - ENTRY_SIZE || (off & 7))
                 return corrupt("hash slot %llu points outside the data area (%llu)",
                                (unsigned long long)i, (unsigned long long)off);
+            /* The entry's checksum before its key is compared: a damaged key that no
+             * longer equals ``key`` is an error, not a miss. (A key with the same
+             * hash, a real collision, passes and the probe goes on: a rare CRC.) */
+            uint64_t klen, stop;
+            if (entry_check(buf, data_off, data_end, off, &klen, &stop) < 0) return NULL;
             const unsigned char *e = buf + off;
-            uint64_t klen = rd32(e + 4), vlen = rd32(e + 8);
-            if (klen == klen_want && klen <= data_end - off - ENTRY_SIZE
-                && memcmp(e + ENTRY_SIZE, k, klen) == 0) {
-                uint64_t stop = off + ENTRY_SIZE + klen + vlen; /* < 2**65: no wrap in u64 */
-                if (stop > data_end)
-                    return corrupt("entry at %llu claims %llu+%llu bytes past the data area",
-                                   (unsigned long long)off, (unsigned long long)klen,
-                                   (unsigned long long)vlen);
-                if (crc(e + 4, stop - off - 4) != rd32(e))
-                    return corrupt("entry at %llu fails its checksum", (unsigned long long)off);
-                return make_kv(g->kvtype, key, e, e + ENTRY_SIZE + klen, vlen);
-            }
+            if (klen == klen_want && memcmp(e + ENTRY_SIZE, k, klen) == 0)
+                return make_kv(g->kvtype, key, e, e + ENTRY_SIZE + klen,
+                               stop - off - ENTRY_SIZE - klen);
         }
         i = (i + 1) & mask;
     }
@@ -377,9 +435,11 @@ static PyObject *get_impl(PyObject *const *fargs) {
     }
     geom_t g;
     Py_buffer view;
-    if (geom_open(fargs[1], &g, &view) < 0) return NULL;
+    PyObject *segment = PyTuple_GET_ITEM(fargs[1], PARAMS_LEN - 1);
+    if (geom_open(fargs[1], &g, &view) < 0) return named_damage(segment);
     PyObject *result = lookup(&g, key);
     PyBuffer_Release(&view);
+    if (result == NULL) named_damage(segment);
     return result;
 }
 
@@ -393,37 +453,35 @@ static int bcmp3(const unsigned char *a, uint64_t alen, const unsigned char *b, 
 /* Entries i, i+1, ... of a snapshot mapped at buf (size bytes) in index order,
  * appended to out while key < end (end None: no bound) and fewer than limit (-1:
  * no limit) were taken. Entry i must start at `expected` and each following one
- * right after the previous (build() lays them out back to back in key order), and
- * keys must strictly increase. Returns -1 with an exception set on damage or
- * failure. */
+ * right after the previous (build() lays them out back to back in key order); each
+ * passes its checksum before its key is compared; keys must strictly increase from
+ * `prev` (NULL: entry i is the first) and entry i's must be >= `start` (where the
+ * search put it); a walk that runs out of entries must end at data_end. Returns -1
+ * with an exception set on damage or failure. */
 static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uint64_t index_off,
                      uint64_t i, uint64_t count, uint64_t expected, uint64_t data_end,
-                     PyObject *end, long long limit, PyTypeObject *kvtype) {
+                     const unsigned char *start, uint64_t slen, const unsigned char *prev,
+                     uint64_t prev_len, PyObject *end, long long limit, PyTypeObject *kvtype) {
     if (data_end > size || index_off > size || count > (size - index_off) / 8) {
         corrupt("snapshot geometry out of bounds (count %llu, data end %llu)",
                 (unsigned long long)count, (unsigned long long)data_end);
         return -1;
     }
-    const unsigned char *prev = NULL;
-    uint64_t prev_len = 0;
+    uint64_t first = i;
     for (; i < count && (limit < 0 || (long long)PyList_GET_SIZE(out) < limit); i++) {
         uint64_t off = rd64(buf + index_off + 8 * i);
-        if (off != expected || data_end < ENTRY_SIZE || off > data_end - ENTRY_SIZE) {
+        if (off != expected) {
             corrupt("sorted index is out of order: entry %llu points at %llu, expected %llu",
                     (unsigned long long)i, (unsigned long long)off,
                     (unsigned long long)expected);
             return -1;
         }
+        uint64_t klen, stop;
+        if (entry_check(buf, 0, data_end, off, &klen, &stop) < 0) return -1;
         const unsigned char *e = buf + off;
-        uint64_t klen = rd32(e + 4), vlen = rd32(e + 8);
-        uint64_t stop = off + ENTRY_SIZE + klen + vlen;
-        if (stop > data_end) {
-            corrupt("entry at %llu claims %llu+%llu bytes past the data area",
-                    (unsigned long long)off, (unsigned long long)klen, (unsigned long long)vlen);
-            return -1;
-        }
         const unsigned char *k = e + ENTRY_SIZE;
-        if (prev != NULL && bcmp3(k, klen, prev, prev_len) <= 0) {
+        if ((prev != NULL && bcmp3(k, klen, prev, prev_len) <= 0)
+            || (i == first && bcmp3(k, klen, start, slen) < 0)) {
             corrupt("sorted index is out of order at entry %llu", (unsigned long long)i);
             return -1;
         }
@@ -432,19 +490,20 @@ static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uin
         expected = (stop + 7) & ~(uint64_t)7;
         if (end != Py_None && bcmp3(k, klen, (const unsigned char *)PyBytes_AS_STRING(end),
                                     (uint64_t)PyBytes_GET_SIZE(end)) >= 0)
-            break;
-        if (crc(e + 4, stop - off - 4) != rd32(e)) {
-            corrupt("entry at %llu fails its checksum", (unsigned long long)off);
-            return -1;
-        }
+            return 0;
         PyObject *key = PyBytes_FromStringAndSize((const char *)k, (Py_ssize_t)klen);
         if (key == NULL) return -1;
-        PyObject *kv = make_kv(kvtype, key, e, k + klen, vlen);
+        PyObject *kv = make_kv(kvtype, key, e, k + klen, stop - off - ENTRY_SIZE - klen);
         Py_DECREF(key);
         if (kv == NULL) return -1;
         int rc = PyList_Append(out, kv);
         Py_DECREF(kv);
         if (rc < 0) return -1;
+    }
+    if (i == count && expected != data_end) {
+        corrupt("sorted index ends at %llu, before the data area's end %llu",
+                (unsigned long long)expected, (unsigned long long)data_end);
+        return -1;
     }
     return 0;
 }
@@ -461,18 +520,6 @@ static uint32_t value_check(uint64_t voff, uint32_t vlen, uint64_t first, uint64
     return crc_from(crc(packed, 28), value, vlen);
 }
 
-/* The pending exception, a snapshot's damage seen from index_run, as ValueError
- * "snapshot: <message>" (indexseg.run_items reports it against the snapshot). */
-static PyObject *snapshot_error(void) {
-    PyObject *t, *v, *tb;
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_Format(PyExc_ValueError, "snapshot: %S", v ? v : Py_None);
-    Py_XDECREF(t);
-    Py_XDECREF(v);
-    Py_XDECREF(tb);
-    return NULL;
-}
-
 /* index_run(buf, vtab_off, nvals, posts_off, npost, values_off, values_end, keys_off,
  *           keys_end, value, after, limit[, skip, snap]) -> list of bytes | of KeyValue
  *
@@ -483,12 +530,12 @@ static PyObject *snapshot_error(void) {
  * at most ``limit`` keys (-1: all), each checked against its posting's CRC and for
  * strictly increasing order. [] if the value has no keys.
  *
- * With ``snap`` (a snapshot's 6-tuple of get() parameters), the keys' KeyValues from
+ * With ``snap`` (a snapshot's 7-tuple of get() parameters), the keys' KeyValues from
  * that snapshot instead, probed with the posting's CRC as the hash (the snapshot
  * hashes keys by the same CRC); keys in the dict ``skip`` (the changes since the
  * snapshot) are passed over and do not count towards ``limit``. A key the snapshot
- * lacks is damage: ValueError starting "missing:"; a snapshot's own damage starts
- * "snapshot:".
+ * lacks is damage: ValueError starting "missing:"; a snapshot's own damage is
+ * CorruptSegmentError naming the snapshot.
  */
 #define INDEX_BATCH 32
 
@@ -497,7 +544,7 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
         || (a[10] != Py_None && !PyBytes_Check(a[10]))
         || (nargs == 14 && ((a[12] != Py_None && !PyDict_Check(a[12]))
                             || (a[13] != Py_None && (!PyTuple_Check(a[13])
-                                                     || PyTuple_GET_SIZE(a[13]) != 6))))) {
+                                                     || PyTuple_GET_SIZE(a[13]) != PARAMS_LEN))))) {
         PyErr_SetString(PyExc_TypeError, "index_run() takes 12 or 14 arguments");
         return NULL;
     }
@@ -508,7 +555,8 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
     PyObject *snapp = nargs == 14 && a[13] != Py_None ? a[13] : NULL;
     geom_t sg;
     Py_buffer sview;
-    if (snapp != NULL && geom_open(snapp, &sg, &sview) < 0) return snapshot_error();
+    if (snapp != NULL && geom_open(snapp, &sg, &sview) < 0)
+        return named_damage(PyTuple_GET_ITEM(snapp, PARAMS_LEN - 1));
     uint64_t g[8];
     for (int j = 0; j < 8; j++) g[j] = PyLong_AsUnsignedLongLong(a[j + 1]);
     long long limit = PyLong_AsLongLong(a[11]);
@@ -648,7 +696,7 @@ static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs)
             PyObject *kv = lookup_hashed(&sg, batch[j], hashes[j]);
             if (kv == NULL || kv == Py_None) {
                 if (kv == NULL) {
-                    snapshot_error();
+                    named_damage(PyTuple_GET_ITEM(snapp, PARAMS_LEN - 1));
                 } else {
                     Py_DECREF(kv);
                     corrupt("missing: index posting of key %R names a key the snapshot lacks",
@@ -841,24 +889,30 @@ static PyObject *snapshot_range(PyObject *self, PyObject *const *args, Py_ssize_
         else
             hi = mid;
     }
+    /* The search compared keys it did not verify (a checksum per step would cost an
+     * entry's CRC, value included, at each of ~log2(count) steps). Its answer is
+     * verified instead: entry lo-1 passes its checksum and its key is below start,
+     * and walk_into checks that entry lo follows it, passes its own and is not below
+     * start (or that lo-1 is the last entry). A damaged key or index entry on the
+     * way can misdirect the search, never the listing. */
     uint64_t expected = data_off;
+    const unsigned char *prev = NULL;
+    uint64_t prev_len = 0;
     if (lo > 0) {
-        uint64_t poff = rd64(buf + index_off + 8 * (lo - 1));
-        if (poff < data_off || poff > data_end - ENTRY_SIZE) {
-            corrupt("sorted index entry %llu points outside the data area",
-                    (unsigned long long)(lo - 1));
+        uint64_t poff = rd64(buf + index_off + 8 * (lo - 1)), stop;
+        if (entry_check(buf, data_off, data_end, poff, &prev_len, &stop) < 0) goto done;
+        prev = buf + poff + ENTRY_SIZE;
+        if (bcmp3(prev, prev_len, start, slen) >= 0) {
+            corrupt("sorted index is out of order: the search ended after entry %llu, "
+                    "whose key is not below its start", (unsigned long long)(lo - 1));
             goto done;
         }
-        uint64_t span = ENTRY_SIZE + (uint64_t)rd32(buf + poff + 4) + rd32(buf + poff + 8);
-        if (span > data_end - poff) {
-            corrupt("entry at %llu claims bytes past the data area", (unsigned long long)poff);
-            goto done;
-        }
-        expected = (poff + span + 7) & ~(uint64_t)7;
+        expected = (stop + 7) & ~(uint64_t)7;
     }
     out = PyList_New(0);
-    if (out != NULL && walk_into(out, buf, size, index_off, lo, count, expected, data_end, end,
-                                 limit, (PyTypeObject *)args[8]) < 0)
+    if (out != NULL && walk_into(out, buf, size, index_off, lo, count, expected, data_end,
+                                 start, slen, prev, prev_len, end, limit,
+                                 (PyTypeObject *)args[8]) < 0)
         Py_CLEAR(out);
 done:
     PyBuffer_Release(&view);
@@ -1190,6 +1244,11 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
+    PyObject *errors = PyImport_ImportModule("shmcache.errors");
+    if (errors == NULL) return NULL;
+    CorruptSegmentError = PyObject_GetAttrString(errors, "CorruptSegmentError");
+    Py_DECREF(errors);
+    if (CorruptSegmentError == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "CONTROL_SEQ_OFF", CONTROL_SEQ_OFF) < 0) {
         Py_DECREF(m);

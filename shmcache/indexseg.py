@@ -263,11 +263,10 @@ class IndexSegment:
                     self.buf, voff, nvals, poff, npost, self.values_off, self.values_end,
                     self.keys_off, self.keys_end, value, after, limit, skip, snap.params)
                 return items
+            except CorruptSegmentError:
+                raise  # the snapshot's damage, named by its lookup
             except ValueError as exc:
-                msg = str(exc)
-                if msg.startswith("snapshot: "):
-                    raise snap._corrupt(msg[10:]) from None
-                raise self._corrupt(f"index {i}: {msg.removeprefix('missing: ')}") from None
+                raise self._corrupt(f"index {i}: {str(exc).removeprefix('missing: ')}") from None
         out: list[KeyValue] = []
         chunk = limit + 16
         while limit < 0 or len(out) < limit:

@@ -250,10 +250,7 @@ class Reader(IndexReads):
         """
         st = self._fast_state
         if st is not None and revision is None and min_revision is None:
-            try:
-                kv = _reader_get(key, st)  # type: ignore[misc]
-            except ValueError as exc:
-                raise self._view[1]._corrupt(str(exc)) from None  # type: ignore[union-attr]
+            kv = _reader_get(key, st)  # type: ignore[misc]  # (names the damaged segment)
             if kv is not _SLOW:
                 return kv  # type: ignore[no-any-return]
         if type(key) is not bytes:
@@ -286,10 +283,8 @@ class Reader(IndexReads):
         if ov is not _MISSING:
             return ov  # type: ignore[no-any-return]
         assert snap is not None
-        try:  # the C lookup straight from here: this is every reader's hot path
-            return _fast_get(key, snap.params)  # type: ignore[no-any-return]
-        except ValueError as exc:
-            raise snap._corrupt(str(exc)) from None
+        # The C lookup straight from here: this is every reader's hot path.
+        return _fast_get(key, snap.params)  # type: ignore[no-any-return]
 
     def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
              revision: int | None = None, min_revision: int | None = None,

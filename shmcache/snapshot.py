@@ -2,7 +2,10 @@
 
 A snapshot has a key-sorted index (for ``list(prefix)``: binary search to the first
 key, then a sequential walk) and an open-addressing hash table keyed by
-crc32(key) (for ``get``: no scan). Entries carry their own CRC. A reader maps the
+crc32(key) (for ``get``: no scan). Entries carry their own CRC, and every key a
+read compares is in an entry whose CRC was checked first (the binary search's
+answer is verified rather than each step: see ``_walk_start``), so a flipped byte
+is CorruptSegmentError, never a miss or a short list. A reader maps the
 segment read-only and decodes only the entries it touches, so its memory does
 not grow with the number of keys.
 
@@ -256,8 +259,9 @@ class Snapshot:
         self.data_end = data_off + data_len
         self.body_crc = body_crc
         self._view = memoryview(buf)
-        # The arguments of _speedups.get after the key, bundled once.
-        self.params = (buf, hash_off, slots, data_off, self.data_end, KeyValue)
+        # The arguments of _speedups.get after the key, bundled once (the name: the C
+        # lookups raise CorruptSegmentError naming this segment, whoever calls them).
+        self.params = (buf, hash_off, slots, data_off, self.data_end, KeyValue, name)
 
     def _corrupt(self, message: str) -> CorruptSegmentError:
         return CorruptSegmentError(message, segment=self.name)
@@ -284,15 +288,20 @@ class Snapshot:
         return kv_new(KeyValue, (buf[start:start + klen], buf[start + klen:end],
                                  create, mod, version, lease))
 
-    def _key_at(self, off: int) -> bytes:
+    def _checked(self, off: int) -> tuple[bytes, int]:
+        """The key of the entry at ``off`` and the entry's end (before its padding), after
+        its bounds and its CRC: what a comparison may use."""
         if off < self.data_off or off + _ENTRY_SIZE > self.data_end or off & 7:
             raise self._corrupt(f"entry offset {off} outside the data area")
-        _crc, klen, vlen, *_ = _ENTRY_UNPACK(self.buf, off)
+        crc, klen, vlen, *_ = _ENTRY_UNPACK(self.buf, off)
         start = off + _ENTRY_SIZE
-        if start + klen + vlen > self.data_end:
+        stop = start + klen + vlen
+        if stop > self.data_end:
             raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
+        if _crc32(self._view[off + 4:stop]) != crc:
+            raise self._corrupt(f"entry at {off} fails its checksum")
         key: bytes = self.buf[start:start + klen]
-        return key
+        return key, stop
 
     def offset(self, i: int) -> int:
         off: int = _Q_UNPACK(self.buf, self.index_off + 8 * i)[0]
@@ -301,19 +310,17 @@ class Snapshot:
     def get(self, key: bytes) -> KeyValue | None:
         """The entry for ``key`` or None: a hash probe, never a scan."""
         if USE_SPEEDUPS and type(key) is bytes:
-            try:
-                kv: KeyValue | None = _speedups.get(key, self.params)
-                return kv
-            except ValueError as exc:
-                raise self._corrupt(str(exc)) from None
+            kv: KeyValue | None = _speedups.get(key, self.params)  # (names its damage)
+            return kv
         return self.py_get(key)
 
     def py_get(self, key: bytes) -> KeyValue | None:
         """Reference implementation of ``get`` in pure Python.
 
         The hot path of every reader, hence written out flat: every offset read
-        from the table is bounds-checked before use and the entry's CRC is
-        verified before its value is returned.
+        from the table is bounds-checked before use, and an entry whose hash
+        matches has its CRC verified before its key is compared (a damaged key is
+        an error, not a miss; a real crc32 collision passes and the probe goes on).
         """
         h = _crc32(key)
         mask = self.mask
@@ -339,30 +346,52 @@ class Snapshot:
                     raise self._corrupt(f"hash slot {i} points outside the data area ({off})")
                 crc, klen, vlen, _flags, create, mod, version, lease = _ENTRY_UNPACK(buf, off)
                 start = off + _ENTRY_SIZE
+                stop = start + klen + vlen
+                if stop > last_entry + _ENTRY_SIZE:
+                    raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past "
+                                        f"the data area")
+                if _crc32(self._view[off + 4:stop]) != crc:
+                    raise self._corrupt(f"entry at {off} fails its checksum")
                 if klen == klen_want and buf[start:start + klen] == key:
-                    stop = start + klen + vlen
-                    if stop > last_entry + _ENTRY_SIZE:
-                        raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past "
-                                            f"the data area")
-                    if _crc32(self._view[off + 4:stop]) != crc:
-                        raise self._corrupt(f"entry at {off} fails its checksum")
                     return kv_new(KeyValue, (key, buf[start + klen:stop], create, mod, version,
                                              lease))
             i = (i + 1) & mask
         raise self._corrupt("hash table has no empty slot")
 
-    def bisect(self, key: bytes) -> int:
-        """Index of the first entry whose key is >= ``key``."""
+    def _search(self, key: bytes) -> int:
+        """Where a binary search of the sorted index puts ``key``, unverified: its steps
+        compare keys without their CRCs (one entry CRC, value included, per step would
+        cost more than the search). ``_walk_start`` verifies the answer."""
         lo, hi = 0, self.count
-        key_at = self._key_at
-        offset = self.offset
+        buf, index_off, data_off, data_end = self.buf, self.index_off, self.data_off, self.data_end
         while lo < hi:
             mid = (lo + hi) >> 1
-            if key_at(offset(mid)) < key:
+            off = _Q_UNPACK(buf, index_off + 8 * mid)[0]
+            if off < data_off or off + _ENTRY_SIZE > data_end:
+                raise self._corrupt(f"entry offset {off} outside the data area")
+            klen = _ENTRY_UNPACK(buf, off)[1]
+            start = off + _ENTRY_SIZE
+            if start + klen > data_end:
+                raise self._corrupt(f"entry at {off} claims a key past the data area")
+            if buf[start:start + klen] < key:
                 lo = mid + 1
             else:
                 hi = mid
         return lo
+
+    def bisect(self, key: bytes) -> int:
+        """Index of the first entry whose key is >= ``key``, verified as ``range`` verifies
+        where it starts."""
+        i, expected, _prev = self._walk_start(key)
+        if i == self.count:
+            if expected != self.data_end:
+                raise self._corrupt(f"sorted index ends at {expected}, before the data "
+                                    f"area's end {self.data_end}")
+            return i
+        off = self.offset(i)
+        if off != expected or self._checked(off)[0] < key:
+            raise self._corrupt(f"sorted index is out of order at entry {i}")
+        return i
 
     def range_list(self, start: bytes, end: bytes | None, limit: int = -1) -> list[KeyValue]:
         """Entries with ``start <= key < end`` in key order, at most ``limit`` (-1: all)."""
@@ -381,25 +410,34 @@ class Snapshot:
         except ValueError as exc:
             raise self._corrupt(str(exc)) from None
 
-    def _walk_start(self, start: bytes) -> tuple[int, int]:
-        """Index of the first key >= start, and the offset its entry must have."""
-        i = self.bisect(start)
-        if i > 0:
-            poff = self.offset(i - 1)
-            self._key_at(poff)  # bounds-checks the entry
-            _c, pk, pv, *_ = _ENTRY_UNPACK(self.buf, poff)
-            return i, poff + ((_ENTRY_SIZE + pk + pv + 7) & ~7)
-        return i, self.data_off
+    def _walk_start(self, start: bytes) -> tuple[int, int, bytes | None]:
+        """Index of the first key >= start, the offset its entry must have, and the key
+        before it (None at index 0).
+
+        The search's answer stands only if entry i - 1 passes its CRC and its key is
+        below ``start``; the walk then checks that entry i follows it, passes its own
+        CRC and is not below ``start`` (or, at the end, that i - 1 was the last
+        entry). So a damaged key or index offset can misdirect the search, never the
+        listing: two entry CRCs per listing instead of one per search step.
+        """
+        i = self._search(start)
+        if i == 0:
+            return 0, self.data_off, None
+        prev, stop = self._checked(self.offset(i - 1))
+        if prev >= start:
+            raise self._corrupt(f"sorted index is out of order: the search ended after entry "
+                                f"{i - 1}, whose key is not below its start")
+        return i, (stop + 7) & ~7, prev
 
     def range(self, start: bytes, end: bytes | None) -> Iterator[KeyValue]:
         """Entries with ``start <= key < end`` in key order (end None: no upper bound)."""
         # build() lays entries out back to back in key order, so every index
         # offset is predictable from the entry before it: a damaged index cannot
         # make a listing skip or repeat keys without this check failing.
-        i, expected = self._walk_start(start)
+        i, expected, prev = self._walk_start(start)
+        first = i
         n = self.count
         buf = self.buf
-        prev = b""
         view = self._view
         index_off = self.index_off
         data_end = self.data_end
@@ -415,19 +453,24 @@ class Snapshot:
             stop = vstart + vlen
             if stop > data_end:
                 raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
+            # The CRC before the key is compared: a damaged key sorting past ``end``
+            # would otherwise end the listing early.
+            if _crc32(view[off + 4:stop]) != crc:
+                raise self._corrupt(f"entry at {off} fails its checksum")
             key = buf[kstart:vstart]
             # Keys must strictly increase: a damaged index offset that points at
             # another (valid) entry breaks the order, and is caught here.
-            if key <= prev and i:
+            if (prev is not None and key <= prev) or (i == first and key < start):
                 raise self._corrupt(f"sorted index is out of order at entry {i}")
             prev = key
             expected = (stop + 7) & ~7
             if end is not None and key >= end:
                 return
-            if _crc32(view[off + 4:stop]) != crc:
-                raise self._corrupt(f"entry at {off} fails its checksum")
             yield kv_new(KeyValue, (key, buf[vstart:stop], create, mod, version, lease))
             i += 1
+        if expected != data_end:
+            raise self._corrupt(f"sorted index ends at {expected}, before the data area's "
+                                f"end {data_end}")
 
     def check(self) -> list[str]:
         """Verify every invariant (body CRC, order, index, hash table); returns the violations."""
