@@ -21,6 +21,7 @@ import pytest
 
 import shmcache
 from shmcache import _demux, _futex, _shm, aio, layout
+from shmcache._lifetime import Lifetime
 from shmcache.control import ControlReader
 from tests.etcdserver import free_port
 from tests.helpers import (
@@ -84,7 +85,11 @@ class _FakeReader:
     def __init__(self) -> None:
         self._cbuf = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: shared futex ops work
         self._futex_addr = _futex.address_of(self._cbuf, layout.C_SEQ)
-        self.control = ControlReader(_shm.Segment("fake", self._cbuf, 4096))
+        self._life = Lifetime(lambda: None, lambda: shmcache.ShmCacheError("closed"))
+        self.control = ControlReader(_shm.Segment("fake", self._cbuf, 4096), self._life)
+
+    def _word(self) -> int:
+        return self.control.word()
 
     def publish(self) -> None:
         seq = struct.unpack_from("<Q", self._cbuf, layout.C_SEQ)[0]
@@ -106,7 +111,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     async def wait_once(seen: int) -> float:
         t0 = time.monotonic()
         async with asyncio.timeout(2.0):
-            while aio._word(fake._cbuf) == seen:  # wake-ups may be spurious
+            while fake._word() == seen:  # wake-ups may be spurious
                 await aio._wait_change(fake, seen, None)  # type: ignore[arg-type]
         return time.monotonic() - t0
 
@@ -123,7 +128,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
         worst = 0.0
         waker = aio._waker_for(fake)  # type: ignore[arg-type]
         for _ in range(200):
-            seen = aio._word(fake._cbuf)
+            seen = fake._word()
             go.set()
             worst = max(worst, await wait_once(seen))
             if restart:
@@ -158,7 +163,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     async def many() -> None:
         worst = 0.0
         for _ in range(300):
-            worst = max(worst, await wait_once(aio._word(fake._cbuf)))
+            worst = max(worst, await wait_once(fake._word()))
         slowest.append(worst)
 
     pub = threading.Thread(target=stream, daemon=True)
@@ -177,8 +182,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     assert waker.waiter_count() == 0 and waker._error is None
     # Stop the waker thread now rather than after its 3 s slice.
     thread = waker.thread()
-    fake.control.closed = True
-    fake.publish()
+    fake._life.close(wake=fake.control.wake)
     if thread is not None:
         thread.join(5)
         assert not thread.is_alive()
