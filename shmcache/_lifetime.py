@@ -43,6 +43,11 @@ class Lifetime:
             self.exit()
             raise self._error()
 
+    def check(self) -> None:
+        """Raise ``error()`` if the owner is closed."""
+        if self.closed:
+            raise self._error()
+
     def exit(self) -> None:
         self._users.pop()
         if self.closed and not self._users:
@@ -84,3 +89,5 @@ class Lifetime:
     def forget_users(self) -> None:
         """In a forked child: the threads that were inside a use do not exist there."""
         self._users = []
+        if self.closed:
+            self._finish()

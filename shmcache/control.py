@@ -301,6 +301,11 @@ class ControlReader:
         with life:
             _futex.wait(self.addr, word, timeout)
 
+    def check_open(self) -> None:
+        """Raise the owner's closed error once it is closed (a loop that does not wait)."""
+        if self._life is not None:
+            self._life.check()
+
     def wake(self) -> None:
         """Wake every thread asleep in ``wait`` on this cache's word, in every process
         (the others see nothing new and sleep again). One syscall and no lock: safe in
