@@ -90,7 +90,6 @@ class _Waits:
     def _refresh(self) -> None: ...  # (Reader's)
     def _check_open(self) -> None: ...
 
-
     def wait(self, revision: int, timeout: float | None = None) -> bool:
         """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's
         publish, and by close() (then raises ShmCacheError)."""
@@ -127,7 +126,6 @@ class _Waits:
                 if client is None:
                     client = self._sync_client = _sync.Client(self.name)
             return client.confirm(self._control, reached, timeout)
-
 
     # -- integrations (shmcache/aio.py, shmcache/subscribe.py, imported when used) --
 
