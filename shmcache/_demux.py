@@ -23,8 +23,12 @@ every joined watch with CompactedError after the events queued before it.
 
 Concurrency contract: every field of the Demux, and the queue fields of its
 watches (``_q``, ``_qbytes``, ``_error``, ``_async``), are guarded by
-``Demux.lock``; wake-ups go through each watch's ``threading.Event`` and, for
-asyncio, one ``call_soon_threadsafe`` per event loop per batch.
+``Demux.lock``; wake-ups go through each watch's Bell (_futex) and, for
+asyncio, one ``call_soon_threadsafe`` per event loop per batch. ``leave_soon``
+never waits for the lock (``Watch.close`` may run in a signal handler that
+interrupted its holder): a closed watch it could not remove is skipped and
+dropped by the next sweep. The thread counts itself in its Reader's uses
+(_lifetime) while it runs, and ends when the Reader closes.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
     from ._watch import Watch
     from .reader import Reader
 
-__all__ = ["Demux", "demux_of", "wake_all"]
+__all__ = ["Demux", "demux_of"]
 
 # FUTEX_WAIT slice of the thread: bounds how long a missed wake or a closed
 # Reader goes unnoticed.
@@ -126,6 +130,14 @@ class Demux:
         with self.lock:
             self._remove(w)
 
+    def leave_soon(self, w: Watch) -> None:
+        """``leave`` if the lock is free now; otherwise the next sweep drops ``w`` (closed)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._remove(w)
+            finally:
+                self.lock.release()
+
     def _remove(self, w: Watch) -> None:
         if w._index is None:
             table = self._by_len.get(len(w.prefix))
@@ -140,10 +152,10 @@ class Demux:
         self._prune()
 
     def _prune(self) -> None:
-        """Drop dead references and empty entries."""
+        """Drop dead references, closed watches and empty entries."""
         for length, table in list(self._by_len.items()):
             for prefix, refs in list(table.items()):
-                live = [r for r in refs if r() is not None]
+                live = [r for r in refs if _open(r)]
                 self._count -= len(refs) - len(live)
                 if live:
                     table[prefix] = live
@@ -152,7 +164,7 @@ class Demux:
             if not table:
                 del self._by_len[length]
         for key, refs in list(self._by_ix.items()):
-            live = [r for r in refs if r() is not None]
+            live = [r for r in refs if _open(r)]
             self._count -= len(refs) - len(live)
             if live:
                 self._by_ix[key] = live
@@ -216,11 +228,6 @@ class Demux:
             if fut in w._async:
                 w._async.remove(fut)
 
-    def wake_all(self) -> None:
-        """Wake every joined watch (its Reader is closing: the next read raises)."""
-        with self.lock:
-            self._notify(self._watches())
-
     # -- reading and handing out --------------------------------------------------------
 
     def _advance(self) -> None:
@@ -261,7 +268,7 @@ class Demux:
                     if refs is not None:
                         for ref in refs:
                             w = ref()
-                            if w is not None and rev > w._after:
+                            if w is not None and rev > w._after and not w._closed:
                                 self._queue(w, ev, touched)
                                 n += 1
                 if by_ix:
@@ -287,7 +294,7 @@ class Demux:
                 for ref in refs:
                     w = ref()
                     if w is not None and rev > w._after and key.startswith(w.prefix) \
-                            and id(w) not in seen:
+                            and id(w) not in seen and not w._closed:
                         seen.add(id(w))
                         self._queue(w, ev, touched)
                         n += 1
@@ -304,7 +311,7 @@ class Demux:
     def _notify(self, watches: list[Watch]) -> None:
         by_loop: dict[Any, list[asyncio.Future[None]]] = {}
         for w in watches:
-            w._ready.set()
+            w._ready.ring()
             if w._async:
                 for fut in w._async:
                     by_loop.setdefault(fut.get_loop(), []).append(fut)
@@ -319,26 +326,23 @@ class Demux:
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        ctl = self._ctl
-        view: memoryview | None = None
+        ctl, life = self._ctl, self._reader._life
         try:
-            if ctl.closed:
-                return
-            # The pin keeps the control mapping alive: Reader.close() cannot unmap it
-            # under our FUTEX_WAIT; we unmap it ourselves below once closed.
-            view = ctl.pin()
+            life.enter()  # the mappings stay while this thread reads and sleeps
+        except ShmCacheError:
+            self._stopped()  # closed before it started
+            return
+        try:
             idle_since: float | None = None
             pruned = time.monotonic()
             while True:
                 with self.lock:
-                    if ctl.closed:
-                        self._thread = None
-                        self._notify(self._watches())
-                        return
+                    if life.closed:
+                        return  # woken by close(): every joined watch's next read raises
                     now = time.monotonic()
                     if now - pruned >= _SLICE:
                         pruned = now
-                        self._prune()  # watches dropped without close()
+                        self._prune()  # watches dropped without close(), or closed
                     if not self._count:
                         idle_since = idle_since or now
                         if now - idle_since >= _IDLE_EXIT:
@@ -351,33 +355,30 @@ class Demux:
                         self._advance()
                     word = self._seen
                 ctl.wait(word, _SLICE)
-        except Exception:
-            if ctl.closed:
-                return  # closed under us: not an error
-            raise
+        except ShmCacheError:
+            if not life.closed:
+                raise
         finally:
-            with self.lock:
-                if self._thread is threading.current_thread():
-                    # An unexpected error: the joined watches still advance when they
-                    # poll (take); wake them so that they do.
-                    self._thread = None
-                    self._notify(self._watches())
-            if view is not None:
-                view.release()
-                if ctl.closed:
-                    ctl.close()  # the deferred unmap
+            self._stopped()
+            life.exit()  # the last use out after close() unmaps
+
+    def _stopped(self) -> None:
+        """The thread ends (closed Reader, or an unexpected error): the joined watches
+        still advance when they poll (take); wake them so that they do, or raise."""
+        with self.lock:
+            if self._thread is threading.current_thread():
+                self._thread = None
+                self._notify(self._watches())
 
 
 _DEMUXES: PerReader[Demux] = PerReader(Demux)
 
 
+def _open(ref: weakref.ref[Watch]) -> bool:
+    w = ref()
+    return w is not None and not w._closed
+
+
 def demux_of(reader: Reader) -> Demux:
     """The demultiplexer of ``reader``'s watches in this process (made on first use)."""
     return _DEMUXES.get(reader)
-
-
-def wake_all(reader: Reader) -> None:
-    """Wake the joined watches of ``reader`` (it is closing: their next read raises)."""
-    d = _DEMUXES.peek(reader)
-    if d is not None:
-        d.wake_all()

@@ -11,7 +11,7 @@ import os
 import platform
 from typing import Any
 
-__all__ = ["address_of", "wait", "wake_all"]
+__all__ = ["Bell", "address_of", "wait", "wake_all"]
 
 # Shared (non-private) ops on purpose.  The *_PRIVATE variants (op | 128) key the
 # wait queue on (mm, virtual address), so they only match threads of one process.
@@ -20,6 +20,8 @@ __all__ = ["address_of", "wait", "wake_all"]
 # whatever address and with whatever protection it mapped it.
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+# For a word in this process's private memory (Bell): no page lookup, no shared key.
+_PRIVATE = 128
 _INT_MAX = 2**31 - 1
 
 # Longest timeout handed to the kernel; anything above it (including +inf) is
@@ -148,7 +150,7 @@ def _check_supported() -> int:
     return _SYS_FUTEX
 
 
-def wait(addr: int, expected: int, timeout: float | None) -> bool:
+def wait(addr: int, expected: int, timeout: float | None, private: bool = False) -> bool:
     """Block until the u32 at ``addr`` may differ from ``expected``, a wake arrives, or timeout.
 
     Returns True when woken, when the word already differed from ``expected``
@@ -170,7 +172,8 @@ def wait(addr: int, expected: int, timeout: float | None) -> bool:
     works on a PROT_READ mapping: for FUTEX_WAIT the kernel first tries a
     writable page lookup and, on EFAULT, falls back to a read-only one (it only
     needs to read the word), and the shared key is the same as the writer's.
-    The GIL is released while blocked.
+    The GIL is released while blocked. ``private``: ``addr`` is in this process's
+    own memory (a Bell), never shared with another process.
     """
     sys_futex = _check_supported()
     if timeout is not None and math.isnan(timeout):
@@ -187,7 +190,7 @@ def wait(addr: int, expected: int, timeout: float | None) -> bool:
     rc = _syscall(
         ctypes.c_long(sys_futex),
         ctypes.c_void_p(addr),
-        ctypes.c_long(_FUTEX_WAIT),
+        ctypes.c_long(_FUTEX_WAIT | (_PRIVATE if private else 0)),
         ctypes.c_long(expected & 0xFFFFFFFF),
         ts_ptr,
         ctypes.c_void_p(None),
@@ -203,7 +206,7 @@ def wait(addr: int, expected: int, timeout: float | None) -> bool:
     raise OSError(err, f"futex wait at 0x{addr:x}: {os.strerror(err)}")
 
 
-def wake_all(addr: int) -> int:
+def wake_all(addr: int, private: bool = False) -> int:
     """Wake every process blocked in wait() on the word at ``addr``; return how many woke.
 
     One FUTEX_WAKE syscall regardless of the number of waiters.  Call it after
@@ -217,7 +220,7 @@ def wake_all(addr: int) -> int:
     rc = _syscall(
         ctypes.c_long(sys_futex),
         ctypes.c_void_p(addr),
-        ctypes.c_long(_FUTEX_WAKE),
+        ctypes.c_long(_FUTEX_WAKE | (_PRIVATE if private else 0)),
         ctypes.c_long(_INT_MAX),
         ctypes.c_void_p(None),
         ctypes.c_void_p(None),
@@ -227,3 +230,47 @@ def wake_all(addr: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"futex wake at 0x{addr:x}: {os.strerror(err)}")
     return int(rc)
+
+
+class Bell:
+    """A wake-up one thread waits on and any thread, or a signal handler, rings, taking no lock.
+
+    ``threading.Event.set`` takes the event's lock: called from a signal handler
+    that interrupted a thread inside that same event's ``wait`` or ``clear``, it
+    would deadlock. A Bell is a counter in private memory and a FUTEX_WAKE.
+
+    Concurrency contract: one thread at a time waits (``clear`` then ``wait``);
+    ``ring`` may be called from anywhere. A ring after the last ``clear`` makes
+    ``wait`` return at once (as ``Event.set`` after ``clear``). Two rings racing
+    with each other may count once, which still wakes the waiter.
+    """
+
+    __slots__ = ("_word", "_addr", "_seen", "_waiting")
+
+    def __init__(self) -> None:
+        self._word = ctypes.c_uint32(0)
+        self._addr = ctypes.addressof(self._word)
+        self._seen = 0
+        self._waiting = False
+
+    def ring(self) -> None:
+        self._word.value = (self._word.value + 1) & 0xFFFFFFFF
+        # Stored first, read second: a waiter that sets _waiting after this read
+        # finds the word changed when the kernel compares it, and returns.
+        if self._waiting:
+            wake_all(self._addr, private=True)
+
+    def clear(self) -> None:
+        self._seen = self._word.value
+
+    def is_set(self) -> bool:
+        """Rung since the last ``clear``."""
+        return bool(self._word.value != self._seen)
+
+    def wait(self, timeout: float | None) -> None:
+        """Until rung since the last ``clear`` (returns at once if it was), or ``timeout``."""
+        self._waiting = True
+        try:
+            wait(self._addr, self._seen, timeout, private=True)
+        finally:
+            self._waiting = False

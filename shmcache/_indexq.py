@@ -8,7 +8,8 @@ revision takes that answer back with the prev_kv and prev index values of the
 first event after it, as ``list`` does (_history). Nothing here parses JSON or
 runs a user's function: the writer computed every value.
 
-Concurrency contract: everything runs under the owning Reader's lock.
+Concurrency contract: everything runs under the owning Reader's lock, counted in its
+uses (a close() meanwhile leaves the mappings until it returns).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ._indexdef import IxVals, vals
 from .types import KeyValue, ListResult
 
 if TYPE_CHECKING:
+    from ._lifetime import Lifetime
     from ._view import View
 
 
@@ -99,6 +101,7 @@ class IndexReads:
     """The Reader's reads by secondary index (mixed into Reader)."""
 
     name: str
+    _life: Lifetime
     _lock: threading.RLock
     _v: View
     _revision: int
@@ -122,7 +125,7 @@ class IndexReads:
             self._wait_min(min_revision, timeout)
         want = -1 if limit is None else limit + 1
         bound = _pages.index_bound(index, value)
-        with self._lock:
+        with self._life, self._lock:
             self._refresh()
             v = self._v
             i = _position(v, index)
@@ -150,7 +153,7 @@ class IndexReads:
 
     def index_values(self, index: str) -> dict[bytes, int]:
         """Every value of ``index`` now, with the number of keys that have it, sorted by value."""
-        with self._lock:
+        with self._life, self._lock:
             self._refresh()
             v = self._v
             i = _position(v, index)

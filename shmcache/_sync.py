@@ -128,10 +128,13 @@ class Client:
     def confirm(self, ctl: ControlReader, reached: Callable[[], int], timeout: float) -> int:
         """One consistent read (Reader.sync): request a round, wait until a round that
         started after the request is done and ``reached()`` (the reader's revision
-        after a refresh) is at its revision; returns that revision."""
+        after a refresh) is at its revision; returns that revision. The caller is
+        counted in the uses of ``ctl``'s owner (a Reader): a close() meanwhile wakes
+        the wait here, which then raises the closed error."""
         deadline = time.monotonic() + timeout
         b = ctl.block()
         while b is None:  # the writer is inside a publish (or stopped in one)
+            ctl.check_open()
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"the writer of cache {self.name!r} is stuck inside a "
                                    f"publish; cannot confirm a consistent read")

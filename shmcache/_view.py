@@ -11,7 +11,11 @@ writer's overlay cadence, not by the write history or the number of keys
 Concurrency contract: ``advance`` runs under the owning Reader's lock; ``pair``
 (overlay, snapshot, overlay segment) is replaced whole, so a lock-free ``get`` in
 another thread reads a matching set; an overlay is never modified while it is
-the live one.
+the live one. ``close`` unmaps every segment the View ever mapped that is still
+mapped (old rings that watches read, old snapshots a list still walks): the
+owning Reader calls it once no call is in flight (_lifetime). A child forked
+while another thread was inside ``advance`` calls ``reset`` (the half-moved
+view is thrown away and rebuilt from the block at the next refresh).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, TypeVar
 
@@ -105,6 +110,8 @@ class View:
         self.ov_index: OverlayIndex | None = None
         # What changed after the revisions recently read at (pages of a listing).
         self.undos: list[_history.Undo] = []
+        # Every mapping and buffer export made, weakly: close() unmaps what is left.
+        self._mapped: list[weakref.ref[Any]] = []
 
     def indexes(self) -> IndexSegment:
         """The index segment of the live snapshot (Retry if it was replaced meanwhile)."""
@@ -114,10 +121,13 @@ class View:
         b, snap = self.block, self.snap
         assert b is not None and snap is not None
         name = layout.index_name(self.cache, self.snap_seq)
-        mapped = _shm.open_readonly(name)
-        if mapped is None:
-            self._missing(b, name)
-        seg = IndexSegment(name, mapped.buf, mapped.size)
+        mapped = self._map(b, name)
+        try:
+            seg = IndexSegment(name, mapped.buf, mapped.size)
+        except BaseException:
+            mapped.close()
+            raise
+        self._track(seg._view)
         if (seg.snap_seq, seg.revision, seg.epoch, seg.count) != (
                 self.snap_seq, snap.revision, snap.epoch, len(self.index_defs)):
             if self.control.block() == b:
@@ -254,28 +264,60 @@ class View:
         return b, seg, self.position_after(since), since
 
     def close(self) -> None:
-        if self.snap is not None:
-            self.snap.close()
-        if self.ovl is not None:
-            self.ovl.close()
-            self.ovl = None
-        if self.ring is not None:
-            self.ring.close()
-        if self.iseg is not None:
-            self.iseg.close()
-        self.snap = None
+        """Unmap every segment still mapped. Call only once nothing reads them (their
+        buffer exports first: a mapping with an export cannot be closed)."""
+        refs, self._mapped = self._mapped, []
+        live = [x for x in (r() for r in refs) if x is not None]
+        for x in live:
+            if isinstance(x, memoryview):
+                try:
+                    x.release()
+                except (BufferError, ValueError):
+                    pass  # a slice of it is still alive somewhere: unmapped when it dies
+        for x in live:
+            if not isinstance(x, memoryview):
+                try:
+                    x.close()
+                except (BufferError, ValueError):
+                    pass
+        self.snap = self.ovl = self.iseg = None
         self.ring = None
-        self.iseg = None
+        self.pair = (self.overlay, None, None)
+
+    def reset(self) -> None:
+        """Forget the position and the layers (kept mapped until dropped): the next
+        ``advance`` rebuilds the whole view from its block."""
+        self.epoch = -1
+        self.snap_seq = self.ovl_seq = 0
+        self.ring_gen = -1
+        self.spare, self.spare_pending = None, []
+        self.undos = []
+
+    def _track(self, x: Any) -> None:
+        mapped = self._mapped
+        if len(mapped) >= 64:  # drop the references to what was collected meanwhile
+            mapped[:] = [r for r in mapped if r() is not None]
+        mapped.append(weakref.ref(x))
+
+    def _map(self, b: control.Block, name: str) -> _shm.Segment:
+        """Map segment ``name`` that block ``b`` points at (Retry or an error if it is gone)."""
+        seg = _shm.open_readonly(name)
+        if seg is None:
+            self._missing(b, name)
+        self._track(seg.buf)
+        return seg
 
     def _open_ring(self, b: control.Block) -> _shm.Segment:
         """The ring segment block ``b`` points at (the one mapped already, if it is that one)."""
         if b.ring_gen == self.ring_gen and self.ring is not None:
             return self.ring
         name = layout.ring_name(self.cache, b.ring_gen)
-        seg = _shm.open_readonly(name)
-        if seg is None:
-            self._missing(b, name)
-        ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
+        seg = self._map(b, name)
+        try:
+            ring.check_ring_header(seg.buf, seg.size, name, b.ring_gen, b.ring_capacity)
+        except BaseException:
+            seg.close()
+            raise
         return seg
 
     def _missing(self, b: control.Block, name: str) -> NoReturn:
@@ -307,8 +349,10 @@ class View:
                                 hint="Pass Reader(name, timeout=...) to wait for it")
         prefix, defs = self.prefix, self.index_defs
         if b.epoch != self.epoch or b.prefix_len != len(prefix):
-            prefix = self.control.prefix(b.prefix_len)
-            defs = self.control.index_defs(b)
+            found = self.control.definitions(b)
+            if found is None:
+                raise Retry()  # published meanwhile: they may be another epoch's
+            prefix, defs = found
         if b.ovl_seq and defs:
             # The overlay index (by_index) is built from ring records; a writer with
             # secondary indexes publishes no overlay segments.
@@ -389,10 +433,13 @@ class View:
     def _open_layer(self, b: control.Block, name: str, kind: int, revision: int,
                     size: int) -> Snapshot:
         """Map the snapshot or overlay segment block ``b`` names and check it against ``b``."""
-        seg = _shm.open_readonly(name)
-        if seg is None:
-            self._missing(b, name)
-        layer = Snapshot(name, seg.buf, seg.size, kind)
+        seg = self._map(b, name)
+        try:
+            layer = Snapshot(name, seg.buf, seg.size, kind)
+        except BaseException:
+            seg.close()
+            raise
+        self._track(layer._view)  # (its export: the mapping cannot close before it)
         if layer.revision != revision or layer.epoch != b.epoch or seg.size != size:
             layer.close()
             if self.control.block() == b:

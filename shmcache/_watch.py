@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from . import _codec, _demux
 from ._cursor import Record, RingCursor
+from ._futex import Bell
 from ._indexdef import vals
 from ._view import range_end
 from .types import Event
@@ -29,7 +29,10 @@ class Watch:
     Iterate it (blocks until events arrive) or ``poll(timeout)``. Never skips,
     repeats or reorders an event: if the writer overwrote events this watch had
     not read yet, or reset its history, the next read raises CompactedError.
-    A Watch belongs to one thread at a time; ``close()`` may be called from any.
+    A Watch belongs to one thread at a time; ``close()`` may be called from any
+    thread or a signal handler (it takes no lock): a ``poll`` waiting in another
+    thread returns at once. Closing its Reader makes every read raise
+    ShmCacheError("Reader for NAME is closed").
 
     How it reads: first on its own, from its start revision up to what the
     writer has published (catching up); then it joins its Reader's
@@ -60,7 +63,7 @@ class Watch:
         self._after = 0  # events at or below this revision were read before joining
         self._saved: RingCursor | None = None  # the position after the last take
         self._async: list[asyncio.Future[None]] = []
-        self._ready = threading.Event()
+        self._ready = Bell()  # rung by the demultiplexer (joined) and by close()
         self.revision = max(since, 0)
         self._pending: collections.deque[Event] = collections.deque()
         self._closed = False
@@ -72,11 +75,13 @@ class Watch:
         self.close()
 
     def close(self) -> None:
+        """Stop. Idempotent; any thread, or a signal handler: takes no lock (the
+        demultiplexer drops a closed watch itself when its lock is busy)."""
         self._closed = True
         d = self._demux
         if d is not None and d.pid == os.getpid():
-            d.leave(self)
-        self._ready.set()  # a poll waiting in another thread returns
+            d.leave_soon(self)
+        self._ready.ring()  # a poll waiting in another thread returns
 
     @property
     def closed(self) -> bool:
@@ -123,7 +128,7 @@ class Watch:
         saved = self._saved
         self._demux = None
         self._q, self._qbytes, self._async = [], 0, []
-        self._ready = threading.Event()
+        self._ready = Bell()
         if self._error is not None:
             return
         assert saved is not None
@@ -167,17 +172,21 @@ class Watch:
         r = self._reader
         ctl = r.control
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed:
-            r._check_open()  # a closed Reader has unmapped the word waited on
-            word = ctl.word()
-            events = self._read()
-            if events:
-                return events
-            remaining = 0.5 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            if self._demux is not None:
-                self._ready.wait(min(remaining, 0.5))
-            else:
-                ctl.wait(word, min(remaining, 0.5))
-        return []
+        life = r._life
+        life.enter()  # the ring and the word stay mapped until this poll returns
+        try:
+            while not self._closed:
+                word = ctl.word()
+                events = self._read()
+                if events:
+                    return events
+                remaining = 0.5 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                if self._demux is not None:
+                    self._ready.wait(min(remaining, 0.5))
+                else:
+                    ctl.wait(word, min(remaining, 0.5))
+            return []
+        finally:
+            life.exit()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import collections
 import os
-import struct
 import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Self
 
-from . import layout
 from ._perprocess import PerReader
+from .errors import ShmCacheError
 
 if TYPE_CHECKING:
     import asyncio
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncWatch", "await_revision"]
 
-_unpack_q = struct.Struct("<Q").unpack_from
-_SEQ = layout.C_SEQ
 # FUTEX_WAIT slice of the waker thread: bounds how long a missed wake (a writer
 # that died between bumping SEQ and waking) or a closed Reader goes unnoticed.
 _SLICE = 0.5
@@ -44,11 +41,6 @@ _SLICE = 0.5
 # events an awatch loop briefly has no waiter registered, and restarting a
 # thread for every event would cost more than the wait.
 _IDLE_EXIT = 0.5
-
-
-def _word(buf: Any) -> int:
-    """The futex word: the low 32 bits of SEQ (little-endian, so the word at C_SEQ itself)."""
-    return int(_unpack_q(buf, _SEQ)[0]) & 0xFFFFFFFF
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -141,21 +133,26 @@ class _Waker:
 
     def _run(self, last: int) -> None:
         reader = self._reader()
-        view: memoryview | None = None
+        life = None
         try:
-            if reader is None or reader.control.closed:
+            if reader is None:
                 return
             ctl = reader.control
-            # The pin keeps the control mapping alive: Reader.close() cannot unmap
-            # it under our FUTEX_WAIT; we unmap it ourselves below once closed.
-            view = ctl.pin()
+            try:
+                # Counted in the Reader's uses: the word stays mapped while we sleep on
+                # it; the last use out after close() unmaps.
+                reader._life.enter()
+                life = reader._life
+            except ShmCacheError:
+                return  # closed already: finally wakes every waiter
+            del reader  # (no strong reference while asleep: the Reader may be dropped)
             idle_since: float | None = None
-            word = _word(view)
+            word = ctl.word()
             while True:
                 if word == last:
                     ctl.wait(last, _SLICE)
-                    word = _word(view)
-                closed = ctl.closed
+                    word = ctl.word()
+                closed = life.closed
                 with self._lock:
                     if closed:
                         return  # finally: fire every waiter; they see the closed Reader
@@ -174,10 +171,10 @@ class _Waker:
                     self.changes += 1
                     last = word
                 self._schedule(loops)
-                word = _word(view)
+                word = ctl.word()
         except Exception as exc:
-            if reader is not None and reader.control.closed:
-                return  # closed under us (between the check and the view): not an error
+            if life is not None and life.closed:
+                return  # closed under us (ctl.wait raises then): not an error
             with self._lock:
                 self._error = exc
             raise
@@ -189,10 +186,8 @@ class _Waker:
                     self._thread = None
                 loops = self._due()
             self._schedule(loops)
-            if view is not None:
-                view.release()
-                if reader is not None and reader.control.closed:
-                    reader.control.close()  # the deferred unmap
+            if life is not None:
+                life.exit()
 
 
 _WAKERS: PerReader[_Waker] = PerReader(_Waker)
@@ -220,7 +215,7 @@ async def _wait_change(reader: Reader, seen: int, timeout: float | None,
         # Registered first, then re-checked: a publish between the caller's read
         # of the word and the registration is seen here, one after it by the
         # thread (which compares against the word it saw last).
-        if reader.control.word() != seen:
+        if reader._word() != seen:
             return
         if timeout is not None:
             timer = loop.call_later(max(timeout, 0.0), _resolve, fut)
@@ -240,8 +235,7 @@ async def await_revision(reader: Reader, revision: int, timeout: float | None = 
     """``Reader.wait`` for asyncio: True once ``reader.revision >= revision``, False on timeout."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        reader._check_open()
-        seen = reader.control.word()
+        seen = reader._word()  # (ShmCacheError once the Reader is closed)
         if reader.revision >= revision:
             return True
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -315,8 +309,7 @@ class AsyncWatch:
         r = self._reader
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.closed:
-            r._check_open()
-            seen = r.control.word()
+            seen = r._word()  # (ShmCacheError once the Reader is closed)
             events = self._watch.poll(0)
             if events:
                 return events

@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _futex, _shm, layout
 from ._indexdef import decode_defs
@@ -29,6 +29,9 @@ from .errors import (
     VersionMismatchError,
 )
 from .types import Status
+
+if TYPE_CHECKING:
+    from ._lifetime import Lifetime
 
 _Q = struct.Struct("<Q")
 _BLOCK = layout.BLOCK
@@ -219,22 +222,30 @@ def etcd_down_since(buf: Any) -> float | None:
 class ControlReader:
     """A reader's read-only handle on a control segment: the block, the tail, the futex word.
 
-    Concurrency contract: every method may be called from any thread. ``close()``
-    unmaps the segment; a thread that sleeps in ``wait()`` meanwhile must hold a
-    ``pin()`` (a memoryview that keeps the mapping alive until released), as the
-    asyncio waker thread does. After ``close()``, ``closed`` is True and the
-    other methods must not be called (Reader checks first).
+    Concurrency contract: every method may be called from any thread. Given its
+    owner's ``life`` (a Reader's _lifetime.Lifetime), ``wait`` counts itself in
+    for the whole sleep, so the word it sleeps on stays mapped, and ``closed``
+    is the owner's state; the owner calls ``close()`` (the unmap) only once no
+    use is in flight, and the other methods must not be called after it.
     """
 
-    def __init__(self, seg: Any) -> None:
+    def __init__(self, seg: Any, life: Lifetime | None = None) -> None:
         self._seg = seg
         self.name: str = seg.name
         self.buf: Any = seg.buf
         self.addr = _futex.address_of(seg.buf, layout.C_SEQ)
-        self.closed = False
+        self._life = life
+        self._unmapped = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the owner is closed (the mapping may still be in use by calls in flight)."""
+        life = self._life
+        return life.closed if life is not None else self._unmapped
 
     @classmethod
-    def open(cls, cache_name: str, timeout: float = 0.0) -> ControlReader:
+    def open(cls, cache_name: str, timeout: float = 0.0,
+             life: Lifetime | None = None) -> ControlReader:
         """Map cache ``cache_name``'s control segment read-only and check its header.
 
         Waits up to ``timeout`` seconds for a segment that does not exist yet or
@@ -248,7 +259,7 @@ class ControlReader:
             if seg is not None:
                 try:
                     check_header(seg.buf, seg.size, cname)
-                    return cls(seg)
+                    return cls(seg, life)
                 except CorruptSegmentError:
                     # Decided before close(): the map is gone after.
                     initialising = seg.size >= layout.CONTROL_SIZE and \
@@ -280,20 +291,50 @@ class ControlReader:
         return read_block(self.buf, spins)
 
     def wait(self, word: int, timeout: float | None) -> None:
-        """Sleep until the writer publishes (SEQ's word differs from ``word``) or ``timeout``."""
-        _futex.wait(self.addr, word, timeout)
+        """Sleep until the writer publishes (SEQ's word differs from ``word``), ``wake()``
+        or ``timeout``. Counted in the owner's uses while asleep: the word stays mapped;
+        raises the owner's closed error if it is closed already."""
+        life = self._life
+        if life is None:
+            _futex.wait(self.addr, word, timeout)
+            return
+        with life:
+            _futex.wait(self.addr, word, timeout)
 
-    def pin(self) -> memoryview:
-        """A view that keeps the mapping alive across ``close()`` until released."""
-        return memoryview(self.buf)
+    def check_open(self) -> None:
+        """Raise the owner's closed error once it is closed (a loop that does not wait)."""
+        if self._life is not None:
+            self._life.check()
+
+    def wake(self) -> None:
+        """Wake every thread asleep in ``wait`` on this cache's word, in every process
+        (the others see nothing new and sleep again). One syscall and no lock: safe in
+        a signal handler."""
+        _futex.wake_all(self.addr)
 
     def prefix(self, length: int) -> bytes:
+        """The prefix bytes now (see ``definitions`` for the prefix of a given block)."""
         return read_prefix(self.buf, length)
 
     def index_defs(self, b: Block) -> tuple[tuple[str, str], ...]:
-        """(name, spec) of every secondary index of block ``b``'s epoch."""
+        """(name, spec) of every secondary index, read now (see ``definitions``)."""
         try:
             return decode_defs(read_index_defs(self.buf, b.index_defs_len))
+        except ValueError:
+            raise CorruptSegmentError("index definitions do not decode",
+                                      segment=self.name) from None
+
+    def definitions(self, b: Block) -> tuple[bytes, tuple[tuple[str, str], ...]] | None:
+        """Block ``b``'s prefix and index definitions, read as part of ``b``: None if the
+        writer has published since ``b`` (the bytes may belong to another epoch: read
+        the block again). They lie outside the block, and the writer changes them only
+        under the seqlock, so SEQ unchanged since ``b`` vouches for them."""
+        prefix = read_prefix(self.buf, b.prefix_len)
+        raw = read_index_defs(self.buf, b.index_defs_len)
+        if self.seq() != b.seq:
+            return None
+        try:
+            return prefix, decode_defs(raw)
         except ValueError:
             raise CorruptSegmentError("index definitions do not decode",
                                       segment=self.name) from None
@@ -309,20 +350,28 @@ class ControlReader:
 
     def status(self, cache: str, fallback: Block | None) -> Status:
         """Reader.status(): the block now (or ``fallback`` while a publish is stuck)."""
-        b = self.block() or fallback
-        if b is None:
+        for _attempt in range(50):
+            b = self.block()
+            defs = self.definitions(b) if b is not None else None
+            if defs is not None:
+                break
+        else:
+            b = fallback
+            defs = (read_prefix(self.buf, b.prefix_len), ()) if b is not None else None
+        if b is None or defs is None:
             raise ShmCacheError(f"cache {cache!r} has not published its state yet")
+        prefix, index_defs = defs
         pid, _start, hb = self.writer_identity()
         alive, how = writer_liveness(self.buf)
         return Status(
-            name=cache, prefix=self.prefix(b.prefix_len), writer_pid=pid, writer_alive=alive,
+            name=cache, prefix=prefix, writer_pid=pid, writer_alive=alive,
             heartbeat_age=(time.monotonic_ns() - hb) / 1e9 if hb else None,
             revision=b.revision, etcd_revision=b.etcd_revision, epoch=b.epoch,
             oldest_watchable_revision=b.compact_revision, snapshot_revision=b.snap_revision,
             key_count=b.key_count, ring_capacity=b.ring_capacity,
             ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
             etcd_unreachable_since=self.etcd_down_since() if alive else None, liveness=how,
-            indexes=dict(self.index_defs(b)))
+            indexes=dict(index_defs))
 
     def check_stale(self, cache: str, max_staleness: float) -> None:
         """StaleError if the last heartbeat is older than ``max_staleness`` s or the writer
@@ -337,8 +386,8 @@ class ControlReader:
                 f"last heartbeat {age:.1f}s ago (max_staleness={max_staleness}s)", age=age)
 
     def close(self) -> None:
-        """Mark closed and unmap (deferred while a pin exists; call again once it is released)."""
-        self.closed = True
+        """Unmap (the owner's release: nothing uses the mapping any more)."""
+        self._unmapped = True
         self._seg.close()
 
 

@@ -13,13 +13,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sortedcontainers import SortedDict
 
-from . import _args, _demux, _pages, _shm, _sync, control, layout
+from . import _args, _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._indexq import IndexReads
+from ._lifetime import Lifetime
 from ._view import Retry, View, lookup, range_end
 from ._watch import Watch
 from .control import Block, ControlReader
@@ -52,16 +53,109 @@ _readers: weakref.WeakSet[Reader] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # A lock held by another thread at fork time would stay held forever in the
-    # child; the mappings themselves are inherited and stay valid.
+    # The mappings are inherited and stay valid. A lock held by another thread at
+    # fork time would stay held forever in the child, and that thread's uses would
+    # never end; the view it was moving (View.advance) is half-moved: rebuilt.
     for r in list(_readers):
-        r._lock = threading.RLock()
+        r._forked()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Reader(IndexReads):
+class _NoState(ShmCacheError):
+    """No block could be read yet: the writer stopped inside a publish (SEQ odd)."""
+
+
+class _Waits:
+    """The Reader's waits and integrations (mixed into Reader): the calls that block for the
+    writer, and the asyncio and callback front-ends. Each counts itself in the Reader's uses
+    (see Reader, "Lifetime")."""
+
+    name: str
+    _life: Lifetime
+    _lock: threading.RLock
+    _control: ControlReader
+    _sync_client: _sync.Client | None
+    _revision: int
+
+    def _refresh(self) -> None: ...  # (Reader's)
+    def _check_open(self) -> None: ...
+
+    def wait(self, revision: int, timeout: float | None = None) -> bool:
+        """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's
+        publish, and by close() (then raises ShmCacheError)."""
+        _args.read_args(_args.revision(revision, "revision"), None, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._life:
+            while True:
+                self._check_open()
+                word = self._control.word()
+                self._refresh()
+                if self._revision >= revision:
+                    return True
+                remaining = 1.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._control.wait(word, min(remaining, 1.0))
+
+    def sync(self, timeout: float = 5.0) -> int:
+        """Wait until the cache reflects every etcd write that completed before this call.
+
+        Returns the revision the Reader's answers are now exact at (at least
+        etcd's revision when sync() was called). Asks the writer, which reads
+        etcd's current revision and confirms its watch has reached it (see
+        docs/design.md, "Consistent reads"); concurrent calls share rounds.
+        Raises TimeoutError if the writer cannot confirm within ``timeout``
+        seconds, or at once if no writer is running.
+        """
+        _args.seconds(timeout, "timeout")
+
+        def reached() -> int:
+            self._refresh()
+            return self._revision
+
+        with self._life:
+            with self._lock:
+                client = self._sync_client
+                if client is None:
+                    client = self._sync_client = _sync.Client(self.name)
+            return client.confirm(self._control, reached, timeout)
+
+    # -- integrations (shmcache/aio.py, shmcache/subscribe.py, imported when used) --
+
+    def awatch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
+               index: tuple[str, bytes | str] | None = None) -> AsyncWatch:
+        """``watch`` for asyncio: ``async for ev in r.awatch(prefix, since_revision)``.
+
+        Returns an AsyncWatch. Woken by the writer's publish through one thread per
+        Reader and process, whatever the number of watches (shmcache/aio.py).
+        """
+        from .aio import AsyncWatch
+
+        return AsyncWatch(cast("Reader", self), prefix, since_revision, index=index)
+
+    async def await_revision(self, revision: int, timeout: float | None = None) -> bool:
+        """``wait`` for asyncio: True once ``revision`` is reached, False after ``timeout`` s."""
+        from .aio import await_revision
+
+        return await await_revision(cast("Reader", self), revision, timeout)
+
+    def subscribe(self, prefix: bytes | str, callback: Callable[[Event], object], *,
+                  since_revision: int | None = None,
+                  on_reset: Callable[[ListResult], object] | None = None,
+                  on_error: Callable[[BaseException], object] | None = None) -> Subscription:
+        """Call ``callback(event)`` for every change under ``prefix`` from a background thread.
+
+        Returns a running Subscription (``close()`` stops it); see shmcache/subscribe.py.
+        """
+        from .subscribe import Subscription
+
+        return Subscription(cast("Reader", self), prefix, callback, since_revision=since_revision,
+                            on_reset=on_reset, on_error=on_error)
+
+
+class Reader(IndexReads, _Waits):
     """A read-only attachment to the cache ``name`` on this host.
 
     Concurrency contract: any number of Readers, in any number of processes,
@@ -72,6 +166,12 @@ class Reader(IndexReads):
     keeps working in the child (its mappings are inherited; its lock is
     re-created); it cannot be pickled: pass the cache name to workers and attach
     there.
+
+    Lifetime: ``close()`` may be called from any thread or a signal handler (it
+    takes no lock). Every call in flight or made after it, on the Reader and on
+    its watches and subscriptions, raises ShmCacheError("Reader for NAME is
+    closed"); calls waiting for the writer wake at once. The segments are
+    unmapped when the last call in flight returns.
 
     Every answer is exact at a revision: ``list`` returns it, ``revision`` tells
     it. The Reader reads the snapshot and the overlay segment (the keys changed
@@ -87,11 +187,13 @@ class Reader(IndexReads):
     def __init__(self, name: str, *, max_staleness: float | None = None,
                  timeout: float = 0.0) -> None:
         self.name = _shm.validate_name(name)
-        self._closed = False
+        # Every call that touches a mapping counts itself in (_lifetime): close()
+        # unmaps only once the last one has left.
+        self._life = Lifetime(self._release, self._closed_error)
         self.max_staleness = max_staleness
         self._lock = threading.RLock()
         deadline = time.monotonic() + _args.seconds(timeout, "timeout")
-        self._control = control.ControlReader.open(name, timeout)
+        self._control = control.ControlReader.open(name, timeout, self._life)
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view moves under self._lock; the hot path reads the copies below
         # (pair, prefix, fast state), each replaced whole after a move.
@@ -104,15 +206,18 @@ class Reader(IndexReads):
         self._fast_state: tuple[Any, ...] | None = None
         self._revision = 0
         _readers.add(self)
-        while True:
-            try:
-                self._refresh()
-                break
-            except NotFoundError:
-                if time.monotonic() >= deadline:
-                    self.close()
-                    raise
-                time.sleep(0.02)
+        try:
+            while True:
+                try:
+                    self._refresh()
+                    break
+                except (NotFoundError, _NoState):
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.02)
+        except BaseException:
+            self.close()  # (unmapped now, not whenever the traceback is dropped)
+            raise
 
     # -- plumbing ------------------------------------------------------------
 
@@ -125,7 +230,7 @@ class Reader(IndexReads):
     def max_staleness(self, value: float | None) -> None:
         self._max_staleness = _args.opt_seconds(value, "max_staleness")
         # True when get() must take the slow path every time (staleness checks, closed).
-        self._checks = value is not None or self._closed
+        self._checks = value is not None or self._life.closed
         if hasattr(self, "_view"):
             self._set_fast()
 
@@ -153,32 +258,62 @@ class Reader(IndexReads):
         self.close()
 
     def close(self) -> None:
-        """Detach. Idempotent. Values already returned stay valid (they are copies)."""
-        if self._closed:
+        """Detach. Idempotent; from any thread or a signal handler (no lock is taken).
+
+        Calls in flight in other threads raise ShmCacheError("... is closed"),
+        waiting ones at once (one FUTEX_WAKE on the cache's word); the segments are
+        unmapped when the last of them returns (here, if none is in flight).
+        Values already returned stay valid (they are copies).
+        """
+        if self._life.closed:
             return
-        self._closed = True
         self._checks = True
-        self._fast_state = None
-        if self._sync_client is not None:
-            self._sync_client.close()
+        self._fast_state = None  # every get from now on takes the counted path
+        self._life.close(wake=self._control.wake)
+
+    def _release(self) -> None:
+        """Unmap everything; the Lifetime runs it once, after close(), when no call is in
+        flight (in the thread that leaves last, perhaps a signal handler: no lock)."""
+        client, self._sync_client = self._sync_client, None
+        if client is not None:
+            client.close()
         self._v.close()
         self._control.close()
-        _demux.wake_all(self)  # joined watches waiting in other threads see the close at once
+
+    def _closed_error(self) -> ShmCacheError:
+        return ShmCacheError(f"Reader for {self.name!r} is closed")
+
+    def _forked(self) -> None:
+        """In a forked child (see _after_fork_in_child)."""
+        lock = self._lock
+        moving = not lock.acquire(blocking=False)  # held by a thread the child lacks
+        if not moving:
+            lock.release()
+        self._lock = threading.RLock()
+        self._life.forget_users()
+        if moving:
+            self._v.reset()
+            self._seq = self._stuck_seq = -1
+            self._fast_state = None
 
     def __repr__(self) -> str:
         return f"<shmcache.Reader {self.name!r} revision={self._revision}>"
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise ShmCacheError(f"Reader for {self.name!r} is closed")
+        if self._life.closed:
+            raise self._closed_error()
+
+    def _word(self) -> int:
+        """The futex word now (counted in: raises once closed)."""
+        with self._life:
+            return self._control.word()
 
     def _check_stale(self) -> None:
         self._control.check_stale(self.name, self.max_staleness)  # type: ignore[arg-type]
 
     def _refresh(self) -> None:
-        """Bring the view up to the writer's latest published block."""
-        if self._closed:
-            self._check_open()
+        """Bring the view up to the writer's latest published block. Callers are counted
+        in (self._life): the mappings stay."""
         if self.max_staleness is not None:
             self._check_stale()
         seq = _unpack_q(self._cbuf, _SEQ)[0]
@@ -188,6 +323,12 @@ class Reader(IndexReads):
             for _attempt in range(50):
                 b = self._control.block()
                 if b is None:
+                    if self._v.block is None:
+                        raise _NoState(
+                            f"cache {self.name!r} has no consistent state to read: its writer "
+                            f"stopped inside a publish (SEQ {seq} stays odd)",
+                            hint="Start or restart its writer (`shmcache serve NAME ...`); "
+                                 "Reader(name, timeout=...) waits for it")
                     # The writer stopped (died, or SIGSTOP) inside a publish. The
                     # view we have is still exact at its revision: keep serving it,
                     # and do not spin again until SEQ moves.
@@ -228,14 +369,16 @@ class Reader(IndexReads):
     @property
     def revision(self) -> int:
         """The revision the cache has caught up to: every answer reflects exactly it."""
-        self._refresh()
-        return self._revision
+        with self._life:
+            self._refresh()
+            return self._revision
 
     @property
     def prefix(self) -> bytes:
         """The key prefix the writer serves (b"" = the whole keyspace)."""
-        self._refresh()
-        return self._prefix
+        with self._life:
+            self._refresh()
+            return self._prefix
 
     def get(self, key: bytes | str, *, revision: int | None = None,
             min_revision: int | None = None,
@@ -250,9 +393,25 @@ class Reader(IndexReads):
         """
         st = self._fast_state
         if st is not None and revision is None and min_revision is None:
-            kv = _reader_get(key, st)  # type: ignore[misc]  # (names the damaged segment)
+            # Not counted in: the call holds the GIL and its buffers throughout, so a
+            # close() cannot unmap under it; one that came first makes it fail here.
+            try:
+                kv = _reader_get(key, st)  # type: ignore[misc]  # (names the damaged segment)
+            except ValueError:
+                self._check_open()  # (a closed mapping fails as ValueError too)
+                raise
             if kv is not _SLOW:
                 return kv  # type: ignore[no-any-return]
+        life = self._life
+        life.enter()
+        try:
+            return self._get(key, revision, min_revision, timeout)
+        finally:
+            life.exit()
+
+    def _get(self, key: bytes | str, revision: int | None, min_revision: int | None,
+             timeout: float | None) -> KeyValue | None:
+        """get() past the C fast path (counted in)."""
         if type(key) is not bytes:
             key = _args.as_bytes(key, "key")
         if revision is not None or min_revision is not None:  # (not on the plain get path)
@@ -266,7 +425,7 @@ class Reader(IndexReads):
                 return self._v.get_at(key, revision, self._revision)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
-        if self._checks:  # staleness checks, or closed (then _refresh raises)
+        if self._checks:  # staleness checks
             self._refresh()
         else:
             seq = _unpack_q(self._cbuf, _SEQ)[0]
@@ -301,30 +460,31 @@ class Reader(IndexReads):
         """
         prefix = _args.as_bytes(prefix, "prefix")
         _args.page_args(limit, revision, continue_token, min_revision, timeout)
-        if min_revision is not None:
-            self._wait_min(min_revision, timeout)
-        want = -1 if limit is None else limit + 1  # one more: whether keys remain
-        with self._lock:
-            self._refresh()
-            if not prefix:
-                prefix = self._prefix
-            self._check_key_range(prefix, "prefix")
-            v, start, end = self._v, prefix, range_end(prefix)
-            if continue_token is not None:
-                revision, last = v.decode_token(continue_token, prefix)
-                if last is not None:
-                    start = last + b"\0"
-            if revision is not None and revision != self._revision:
-                items = v.items_at(start, end, want, revision, self._revision)
-                return _pages.page(items, limit, revision, self.name, v.epoch, prefix)
-            snap, revision, epoch = v.snap, self._revision, v.epoch
-            assert snap is not None
-            if v.changed(start, end, 1):
-                return _pages.page(v.page(start, end, want), limit, revision, self.name,
-                                   epoch, prefix)
-        # Nothing in the range changed since the snapshot: its walk alone, outside the lock.
-        return _pages.page(snap.range_list(start, end, want), limit, revision, self.name,
-                           epoch, prefix)
+        with self._life:
+            if min_revision is not None:
+                self._wait_min(min_revision, timeout)
+            want = -1 if limit is None else limit + 1  # one more: whether keys remain
+            with self._lock:
+                self._refresh()
+                if not prefix:
+                    prefix = self._prefix
+                self._check_key_range(prefix, "prefix")
+                v, start, end = self._v, prefix, range_end(prefix)
+                if continue_token is not None:
+                    revision, last = v.decode_token(continue_token, prefix)
+                    if last is not None:
+                        start = last + b"\0"
+                if revision is not None and revision != self._revision:
+                    items = v.items_at(start, end, want, revision, self._revision)
+                    return _pages.page(items, limit, revision, self.name, v.epoch, prefix)
+                snap, revision, epoch = v.snap, self._revision, v.epoch
+                assert snap is not None
+                if v.changed(start, end, 1):
+                    return _pages.page(v.page(start, end, want), limit, revision, self.name,
+                                       epoch, prefix)
+            # Nothing in the range changed since the snapshot: its walk alone, outside the lock.
+            return _pages.page(snap.range_list(start, end, want), limit, revision, self.name,
+                               epoch, prefix)
 
     def iter_list(self, prefix: bytes | str = b"", page_size: int = 1000) -> Iterator[KeyValue]:
         """Every KeyValue under ``prefix`` at the first page's revision, ``page_size`` at a
@@ -345,50 +505,14 @@ class Reader(IndexReads):
         ``index=(name, value)``: only the events whose kv or prev_kv has ``value`` in
         that index (so a key moving out of the selection is seen leaving it).
         """
-        return Watch(self, _args.as_bytes(prefix, "prefix"),
-                     _args.opt_revision(since_revision, "since_revision"), index)
-
-    def wait(self, revision: int, timeout: float | None = None) -> bool:
-        """Block until ``self.revision >= revision``; False on timeout. Woken by the writer's publish."""
-        _args.read_args(_args.revision(revision, "revision"), None, timeout)
-        self._check_open()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._check_open()  # (close() from another thread unmaps the control word)
-            word = self._control.word()
-            if self.revision >= revision:
-                return True
-            remaining = 1.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._control.wait(word, min(remaining, 1.0))
-
-    def sync(self, timeout: float = 5.0) -> int:
-        """Wait until the cache reflects every etcd write that completed before this call.
-
-        Returns the revision the Reader's answers are now exact at (at least
-        etcd's revision when sync() was called). Asks the writer, which reads
-        etcd's current revision and confirms its watch has reached it (see
-        docs/design.md, "Consistent reads"); concurrent calls share rounds.
-        Raises TimeoutError if the writer cannot confirm within ``timeout``
-        seconds, or at once if no writer is running.
-        """
-        _args.seconds(timeout, "timeout")
-        self._check_open()
-        with self._lock:
-            if self._sync_client is None:
-                self._sync_client = _sync.Client(self.name)
-
-        def reached() -> int:
-            self._refresh()
-            return self._revision
-
-        return self._sync_client.confirm(self._control, reached, timeout)
+        with self._life:
+            return Watch(self, _args.as_bytes(prefix, "prefix"),
+                         _args.opt_revision(since_revision, "since_revision"), index)
 
     def status(self) -> Status:
         """The cache's and its writer's state, read without waiting."""
-        self._check_open()
-        return self._control.status(self.name, self._v.block)
+        with self._life:
+            return self._control.status(self.name, self._v.block)
 
     # -- for Watch (shmcache/_watch.py) ----------------------------------------
 
@@ -402,8 +526,8 @@ class Reader(IndexReads):
 
     def _check_read(self) -> None:
         """Raise if the Reader is closed or (with max_staleness) the writer is stale."""
-        if self._closed:
-            self._check_open()
+        if self._life.closed:
+            raise self._closed_error()
         if self.max_staleness is not None:
             self._check_stale()
 
@@ -424,35 +548,3 @@ class Reader(IndexReads):
             b, seg = self._v.block, self._v.ring
         assert b is not None and seg is not None
         return b, seg
-
-    # -- integrations (shmcache/aio.py, shmcache/subscribe.py, imported when used) --
-
-    def awatch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
-               index: tuple[str, bytes | str] | None = None) -> AsyncWatch:
-        """``watch`` for asyncio: ``async for ev in r.awatch(prefix, since_revision)``.
-
-        Returns an AsyncWatch. Woken by the writer's publish through one thread per
-        Reader and process, whatever the number of watches (shmcache/aio.py).
-        """
-        from .aio import AsyncWatch
-
-        return AsyncWatch(self, prefix, since_revision, index=index)
-
-    async def await_revision(self, revision: int, timeout: float | None = None) -> bool:
-        """``wait`` for asyncio: True once ``revision`` is reached, False after ``timeout`` s."""
-        from .aio import await_revision
-
-        return await await_revision(self, revision, timeout)
-
-    def subscribe(self, prefix: bytes | str, callback: Callable[[Event], object], *,
-                  since_revision: int | None = None,
-                  on_reset: Callable[[ListResult], object] | None = None,
-                  on_error: Callable[[BaseException], object] | None = None) -> Subscription:
-        """Call ``callback(event)`` for every change under ``prefix`` from a background thread.
-
-        Returns a running Subscription (``close()`` stops it); see shmcache/subscribe.py.
-        """
-        from .subscribe import Subscription
-
-        return Subscription(self, prefix, callback, since_revision=since_revision,
-                            on_reset=on_reset, on_error=on_error)

@@ -21,6 +21,7 @@ import pytest
 
 import shmcache
 from shmcache import _demux, _futex, _shm, aio, layout
+from shmcache._lifetime import Lifetime
 from shmcache.control import ControlReader
 from tests.etcdserver import free_port
 from tests.helpers import (
@@ -84,7 +85,11 @@ class _FakeReader:
     def __init__(self) -> None:
         self._cbuf = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: shared futex ops work
         self._futex_addr = _futex.address_of(self._cbuf, layout.C_SEQ)
-        self.control = ControlReader(_shm.Segment("fake", self._cbuf, 4096))
+        self._life = Lifetime(lambda: None, lambda: shmcache.ShmCacheError("closed"))
+        self.control = ControlReader(_shm.Segment("fake", self._cbuf, 4096), self._life)
+
+    def _word(self) -> int:
+        return self.control.word()
 
     def publish(self) -> None:
         seq = struct.unpack_from("<Q", self._cbuf, layout.C_SEQ)[0]
@@ -106,7 +111,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     async def wait_once(seen: int) -> float:
         t0 = time.monotonic()
         async with asyncio.timeout(2.0):
-            while aio._word(fake._cbuf) == seen:  # wake-ups may be spurious
+            while fake._word() == seen:  # wake-ups may be spurious
                 await aio._wait_change(fake, seen, None)  # type: ignore[arg-type]
         return time.monotonic() - t0
 
@@ -123,7 +128,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
         worst = 0.0
         waker = aio._waker_for(fake)  # type: ignore[arg-type]
         for _ in range(200):
-            seen = aio._word(fake._cbuf)
+            seen = fake._word()
             go.set()
             worst = max(worst, await wait_once(seen))
             if restart:
@@ -158,7 +163,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     async def many() -> None:
         worst = 0.0
         for _ in range(300):
-            worst = max(worst, await wait_once(aio._word(fake._cbuf)))
+            worst = max(worst, await wait_once(fake._word()))
         slowest.append(worst)
 
     pub = threading.Thread(target=stream, daemon=True)
@@ -177,8 +182,7 @@ def test_waker_loses_no_wakeup_under_racing_publishes(monkeypatch: pytest.Monkey
     assert waker.waiter_count() == 0 and waker._error is None
     # Stop the waker thread now rather than after its 3 s slice.
     thread = waker.thread()
-    fake.control.closed = True
-    fake.publish()
+    fake._life.close(wake=fake.control.wake)
     if thread is not None:
         thread.join(5)
         assert not thread.is_alive()
@@ -295,7 +299,7 @@ def test_cancellation_and_timeouts_leave_no_waiter(
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.2):
                 await reader.await_revision(far)
-        assert 0.15 < time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 >= 0.15  # (an upper bound: asyncio.timeout's own)
         assert _waiters(reader) == 0
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.awatch(p).poll(None), 0.2)
@@ -304,7 +308,7 @@ def test_cancellation_and_timeouts_leave_no_waiter(
         t0 = time.monotonic()
         assert await reader.await_revision(far, timeout=0.2) is False
         assert await reader.awatch(p).poll(timeout=0.2) == []
-        assert 0.3 < time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 >= 0.3
         assert _waiters(reader) == 0
         assert await reader.await_revision(reader.revision, timeout=0) is True
 
@@ -312,9 +316,13 @@ def test_cancellation_and_timeouts_leave_no_waiter(
 
 
 def test_await_revision_is_woken_by_the_publish(etcd_client: Any, reader: shmcache.Reader,
-                                                sub_prefix: bytes) -> None:
+                                                sub_prefix: bytes,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """await_revision returns as soon as the writer publishes the revision (no polling
-    interval to wait out), and other coroutines keep running meanwhile."""
+    interval to wait out), and other coroutines keep running meanwhile. The waker's own
+    FUTEX_WAIT slice is raised above the waits' timeout, so only a wake-up can end them
+    in time, however loaded the machine."""
+    monkeypatch.setattr(aio, "_SLICE", 120.0)
     p = sub_prefix
 
     async def main() -> list[float]:
@@ -328,7 +336,7 @@ def test_await_revision_is_woken_by_the_publish(etcd_client: Any, reader: shmcac
                 box.append((put(etcd_client, p + b"k", b"%d" % i), time.perf_counter()))
 
             th = _in_thread(write)
-            assert await reader.await_revision(expected, timeout=10)
+            assert await reader.await_revision(expected, timeout=60)
             woke = time.perf_counter()
             th.join()
             if box[0][0] == expected:  # another test's write could have taken the revision
@@ -336,7 +344,7 @@ def test_await_revision_is_woken_by_the_publish(etcd_client: Any, reader: shmcac
 
         # The loop keeps running while a coroutine waits. The put comes 300 ms after the
         # wait starts, so a waiter that blocked the loop would leave the ticker at most one
-        # tick; a free loop ticks every millisecond or so (>= 30 even on a loaded machine).
+        # tick; a free loop ticks every millisecond or so (a few at least, however loaded).
         ticks = 0
 
         async def ticker() -> None:
@@ -351,14 +359,15 @@ def test_await_revision_is_woken_by_the_publish(etcd_client: Any, reader: shmcac
 
         t = asyncio.create_task(ticker())
         th = _in_thread(late_write)
-        assert await reader.await_revision(etcd_current_revision(etcd_client) + 1, timeout=10)
+        assert await reader.await_revision(etcd_current_revision(etcd_client) + 1, timeout=60)
         th.join()
         t.cancel()
-        assert ticks >= 30, ticks
+        assert ticks >= 3, ticks
         return delays
 
-    delays = asyncio.run(main())
-    assert delays and sorted(delays)[len(delays) // 2] < 0.1, delays
+    delays = sorted(asyncio.run(main()))
+    assert delays
+    print(f"\nput -> await_revision: median {delays[len(delays) // 2] * 1e3:.1f} ms")
 
 
 def test_awatch_raises_compacted_error(etcd_session: Any, etcd_client: Any, cache_name: str,
@@ -403,10 +412,8 @@ def test_close_ends_iteration_and_closed_reader_raises(writer: tuple[WriterProce
 
         task = asyncio.create_task(consume())
         await asyncio.sleep(0.1)
-        t0 = time.monotonic()
-        w.close()
-        assert await asyncio.wait_for(task, 1) == []
-        assert time.monotonic() - t0 < 0.5
+        w.close()  # (the async for waits with no timeout: only the close can end it)
+        assert await asyncio.wait_for(task, 30) == []
 
         pending = asyncio.create_task(r.await_revision(r.revision + 10**9))
         await asyncio.sleep(0.1)
@@ -414,13 +421,17 @@ def test_close_ends_iteration_and_closed_reader_raises(writer: tuple[WriterProce
         assert thread is not None
         r.close()
         with pytest.raises(shmcache.ShmCacheError, match="closed"):
-            await asyncio.wait_for(pending, 2)
+            await asyncio.wait_for(pending, 30)
         return thread
 
     thread = asyncio.run(main())
-    thread.join(3)
+    thread.join(30)
     assert not thread.is_alive()
-    assert r._cbuf.closed  # the control mapping the waker pinned is released too
+    # The control mapping is unmapped once the last thread using it has left.
+    deadline = time.monotonic() + 30
+    while not r._cbuf.closed:
+        assert time.monotonic() < deadline, "the control segment is still mapped"
+        time.sleep(0.01)
 
 
 def _child_awaits(ready: Any, go: Any, q: Any) -> None:

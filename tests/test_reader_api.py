@@ -202,7 +202,7 @@ def test_watch_from_now_and_poll_timeout(cache: WriterProcess, etcd_client: Any,
     with shmcache.Reader(cache.name) as r, r.watch(unique_prefix) as w:
         t0 = time.monotonic()
         assert w.poll(timeout=0.3) == []
-        assert 0.25 <= time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 >= 0.25  # (it waited; nothing but the timeout ends it)
         rev = put(etcd_client, unique_prefix + b"new", b"1")
         evs = w.poll(timeout=5)
         assert [(e.type, e.kv.key, e.revision) for e in evs] == [("PUT", unique_prefix + b"new",
@@ -224,14 +224,11 @@ def test_cli_reader_commands(cache: WriterProcess, unique_prefix: bytes) -> None
     assert missing.returncode == 1 and "not found" in missing.stderr
     listed = json.loads(run("list", cache.name, unique_prefix.decode(), "--json").stdout)
     assert len(listed["kvs"]) == 20 and base64.b64decode(listed["kvs"][0]["value"]) == b"value-0"
-    proc = subprocess.Popen([sys.executable, "-m", "shmcache", "watch", cache.name,
-                             unique_prefix.decode(), "--since", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    proc.terminate()
-    out, err = proc.communicate(timeout=10)
-    # since 0 is older than the cache's history: an explicit CompactedError, exit 2.
-    assert proc.returncode == 2 and "CompactedError" not in err and "no longer holds" in err
+    # since 0 is older than the cache's history: an explicit CompactedError, exit 2, on its
+    # own (no signal: one sent before the command is up would decide the exit code instead).
+    watch = run("watch", cache.name, unique_prefix.decode(), "--since", "0", timeout=60)
+    assert watch.returncode == 2 and "CompactedError" not in watch.stderr \
+        and "no longer holds" in watch.stderr
     assert run("check", cache.name).returncode == 0
     bad = run("status", "no-such-cache-here")
     assert bad.returncode == 2 and "no shmcache named" in bad.stderr
