@@ -92,7 +92,7 @@ class SnapshotBuild:
         try:
             _shm.unlink(self.name)
             self.seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
-            _faults.point("snapshot")  # created, not filled: a stray for the next writer
+            _faults.point("snapshot")  # created, not filled (the publisher unlinks it)
             if self.changes is not None:
                 self.keys = sorted(self.changes)
                 self.values = [self.changes[k] for k in self.keys]
@@ -116,6 +116,7 @@ class SnapshotBuild:
         size, fill = indexseg.build(self.pairs, self.seq, self.revision, self.epoch)
         seg = _shm.create(name, size, self.mode, self.group)
         try:
+            _faults.point("index")  # created, not filled
             fill(seg.buf)
         finally:
             seg.close()

@@ -63,13 +63,18 @@ def append(w: RingWriter, model: Model, rev: int, payload: bytes) -> ring.Placem
         assert pl.pad_at == (w.head if room >= REC.size else None)
     assert pl.end == pl.start + size
     # Eviction: exactly the records whose first byte is about to be overwritten, and
-    # compact_revision is the revision of the last of them.
+    # compact_revision is the revision of the last of them. Placing is a plan only:
+    # the records go when the record is written.
     low = pl.end - cap
     evicted = [r for r in before if r[0] < low]
-    assert list(w.records) == before[len(evicted):]
+    assert pl.evict == len(evicted)
+    assert list(w.records) == before
     evicted_events = [r for r in evicted if r[1]]  # revision 0: a padding/skip entry
     assert pl.compact_revision == (evicted_events[-1][1] if evicted_events else None)
+    head = w.head
     w.write(pl, rev, payload)
+    skip = [(head, 0)] if pl.start != head else []
+    assert list(w.records) == before[len(evicted):] + skip + [(pl.start, rev)]
     model.appended.append((pl.start, rev, payload))
     if pl.start != model.boundaries[-1]:
         model.boundaries.append(pl.start)  # after a pad or an end-of-lap skip
@@ -507,3 +512,30 @@ def test_walk_is_bounded_on_a_self_consistent_loop() -> None:
     assert w.head == cap
     with pytest.raises(CorruptSegmentError):
         list(ring.walk(buf, cap, 0, 10 * cap))
+
+
+def test_a_write_that_fails_changes_nothing_and_the_plan_is_placed_again() -> None:
+    """Placing is a plan: a record whose write fails (a fault point raising after its
+    payload or after its header) leaves head, tail and the records as they were, and
+    the retry writes the same record at the same place."""
+    buf, w = make_ring(256)
+    for rev in range(1, 4):
+        w.write(w.place(40), rev, payload_of(rev, 40))
+    before = (w.head, w.tail, list(w.records))
+    pl = w.place(100)  # overwrites the oldest records
+    assert (pl.evict, pl.compact_revision) == (2, 2)
+
+    def boom() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        w.write(pl, 4, payload_of(4, 100), hook=boom)
+    assert (w.head, w.tail, list(w.records)) == before
+    assert w.place(100) == pl
+    w.drop(pl)  # the tail was published: the overwritten records go, the rest stays
+    assert w.tail == pl.new_tail and w.head == before[0]
+    w.drop(pl)  # (idempotent)
+    w.write(pl, 4, payload_of(4, 100))
+    assert w.records[-1] == (pl.start, 4) and w.head == pl.end
+    assert [r for _k, r, _p, _n in ring.walk(buf, 256, w.tail, w.head) if r] == [
+        r for _p, r in w.records if r]

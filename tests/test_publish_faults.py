@@ -1,0 +1,397 @@
+"""Publishing is a transaction: every step fails whole (ENOSPC, or an unexpected error) and recovers.
+
+The publisher is driven with synthetic batches over real /dev/shm segments
+(as in test_publisher.py). At each fault point (shmcache._faults) a step is made
+to raise, once with ``OSError(ENOSPC)`` (a full /dev/shm) and once with a
+``RuntimeError`` (a bug); then, fault cleared, the publisher is called again
+with what it has not applied yet (batches above ``Publisher.revision``). Real
+Readers, in this process and in a child, must meanwhile and afterwards see a
+consistent cache: watches from every revision the cache advertises receive
+exactly the events after it, get/list equal the expected state, ``shmcache check``
+is clean, and no segment is left over.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+import shmcache
+from shmcache import _check, _codec, _faults, _indexdef, _shm, control, layout, ring
+from shmcache._codec import EventTuple
+from shmcache._indexer import Indexer
+from shmcache._publisher import Publisher
+from shmcache._segments import CacheSegments
+from tests.test_publisher import P, _stats, delete, put
+
+ACTIONS = {"enospc": OSError, "error": RuntimeError}
+
+
+@pytest.fixture(autouse=True)
+def _no_faults_after() -> Iterator[None]:
+    yield
+    _faults.configure("")
+
+
+def make(name: str, ring_size: int = 64 << 10, snapshot_bytes: int = 1 << 30,
+         indexed: bool = False) -> Publisher:
+    segs = CacheSegments(name, P, 0o600, None)
+    indexer = None
+    if indexed:
+        indexer = Indexer(_indexdef.IndexSet((_indexdef.make("i", "segment:0"),), P))
+    p = Publisher(segs, ring_size=ring_size, snapshot_interval=3600.0,
+                  snapshot_bytes=snapshot_bytes, stats=_stats(), indexer=indexer)
+    p.attach()
+    if indexed:
+        p.ctl.index_defs = _indexdef.encode_defs(indexer.iset.defs)  # type: ignore[union-attr]
+    return p
+
+
+@dataclass
+class Model:
+    """What etcd would hold: the state now and every revision's events since ``base``."""
+
+    base: int = 0  # the revision the history starts at (the last reset's)
+    state: dict[bytes, bytes] = field(default_factory=dict)
+    events: list[tuple[int, str, bytes, bytes]] = field(default_factory=list)
+
+    def reset(self, revision: int, items: dict[bytes, bytes]) -> None:
+        self.base, self.state, self.events = revision, dict(items), []
+
+    def batch(self, revision: int, n_keys: int = 3, size: int = 2000,
+              deletes: bool = True) -> tuple[int, list[EventTuple]]:
+        """Put into a few keys (and delete one now and then): the batch for ``revision``."""
+        evs: list[EventTuple] = []
+        for i in range(n_keys):
+            key = P + b"k%02d" % ((revision * 7 + i) % 23)
+            if deletes and i == 0 and revision % 5 == 0 and key in self.state:
+                evs.append(delete(key, revision))
+            else:
+                value = b"%d:" % revision + b"x" * size
+                evs.append(put(key, value, revision))
+        return revision, evs
+
+    def applied(self, batches: list[tuple[int, list[EventTuple]]]) -> None:
+        for revision, evs in batches:
+            for ev in evs:
+                if ev[0] == 0:
+                    self.state[ev[1]] = ev[2]
+                    self.events.append((revision, "PUT", ev[1], ev[2]))
+                else:
+                    self.state.pop(ev[1], None)
+                    self.events.append((revision, "DELETE", ev[1], b""))
+
+
+def apply_all(p: Publisher, model: Model, batches: list[tuple[int, list[EventTuple]]]) -> None:
+    """Apply ``batches`` as the writer loop does: what is above ``p.revision``."""
+    p.apply([b for b in batches if b[0] > p.revision])
+    p.maybe_snapshot()
+    model.applied(batches)
+
+
+def expected_segments(name: str) -> set[str]:
+    seg = _shm.open_readonly(layout.control_name(name))
+    assert seg is not None
+    try:
+        b = control.read_block(seg.buf)
+        assert b is not None
+    finally:
+        seg.close()
+    out = {layout.control_name(name), layout.ring_name(name, b.ring_gen),
+           layout.snapshot_name(name, b.snap_seq)}
+    if b.index_defs_len:
+        out.add(layout.index_name(name, b.snap_seq))
+    if b.ovl_seq:
+        out.add(layout.overlay_name(name, b.ovl_seq))
+    return out
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def verify(p: Publisher, name: str, model: Model, revision: int | None = None) -> None:
+    """Readers see exactly the model at ``revision`` (default: the publisher's), from every
+    advertised revision; check is clean; the segments are exactly those published."""
+    revision = p.revision if revision is None else revision
+    with shmcache.Reader(name) as r:
+        assert r.revision == revision
+        assert {kv.key: kv.value for kv in r.list(P)} == model.state
+        for key in list(model.state)[:5]:
+            got = r.get(key)
+            assert got is not None and got.value == model.state[key]
+        st = r.status()
+        assert model.base <= st.oldest_watchable_revision <= revision
+        for since in range(st.oldest_watchable_revision, revision + 1):
+            w = r.watch(P, since_revision=since)
+            got_events = [(e.revision, e.type, e.kv.key, e.kv.value if e.type == "PUT" else b"")
+                          for e in drain_all(w, revision)]
+            assert got_events == [e for e in model.events if e[0] > since], (
+                f"watch from {since}")
+            w.close()
+    facts, problems = _check.check_cache(name)
+    assert problems == [], problems
+    wait_for(lambda: set(_shm.list_segments(name)) == expected_segments(name),
+             f"only published segments: {_shm.list_segments(name)}")
+
+
+def drain_all(w: shmcache.Watch, until: int) -> list[shmcache.Event]:
+    out: list[shmcache.Event] = []
+    deadline = time.monotonic() + 15
+    while w.revision < until:
+        assert time.monotonic() < deadline, f"watch stuck at {w.revision} < {until}"
+        out.extend(w.poll(timeout=0.5))
+    return out
+
+
+def child_reads(name: str) -> tuple[int, int]:
+    """A reader in another process: (revision, number of keys)."""
+    code = ("import shmcache, sys; r = shmcache.Reader(sys.argv[1]); "
+            "print(r.revision, len(r.list(b'/p/')))")
+    out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def fail(spec: str, call: Callable[[], object]) -> None:
+    """Configure fault ``POINT:1:ACTION``, expect ``call`` to raise it, clear the fault."""
+    action = spec.rsplit(":", 1)[1]
+    _faults.configure(spec)
+    with pytest.raises(ACTIONS[action]) as exc:
+        call()
+    _faults.configure("")
+    if action == "enospc":
+        assert exc.value.errno == errno.ENOSPC  # type: ignore[union-attr]
+
+
+# -- one scenario per fault point ------------------------------------------------------
+#
+# Each starts from a cache with some history, fails the step once, checks what readers
+# see right then (the last published state), recovers and checks again.
+
+
+def _prime(p: Publisher, model: Model, first: int, n: int) -> int:
+    model.reset(first, {P + b"init": b"0"})
+    p.reset(first, [(P + b"init", (b"0", first, first, 1, 0))], "test")
+    for rev in range(first + 1, first + 1 + n):
+        apply_all(p, model, [model.batch(rev)])
+    return first + n
+
+
+def _steps_until(p: Publisher, model: Model, rev: int, cond: Callable[[], bool]) -> int:
+    """Apply revisions after ``rev`` until ``cond()``; the last revision applied."""
+    for _ in range(500):
+        if cond():
+            return rev
+        rev += 1
+        apply_all(p, model, [model.batch(rev)])
+    raise AssertionError("condition never met")
+
+
+def _next_placement(p: Publisher, model: Model) -> ring.Placement:
+    assert p.ring is not None
+    return p.ring.place(len(_codec.encode(model.batch(p.revision + 1)[1])))
+
+
+def _would_evict(p: Publisher, model: Model) -> bool:
+    return _next_placement(p, model).evict > 0
+
+
+def _would_force_a_snapshot(p: Publisher, model: Model) -> bool:
+    """The next append overwrites records (dropping history) and records newer than the
+    live snapshot (forcing one)."""
+    pl = _next_placement(p, model)
+    assert p.ring is not None
+    return pl.evict > 0 and pl.end - p.ring.capacity > p.snap_ring_pos
+
+
+def scenario_append(p: Publisher, name: str, model: Model, action: str) -> None:
+    rev = _prime(p, model, 10, 5)
+    batch = model.batch(rev + 1)
+    fail("append:1:" + action, lambda: p.apply([batch]))
+    assert p.revision == rev == p.published_revision()
+    verify(p, name, model)
+    apply_all(p, model, [batch])
+    apply_all(p, model, [model.batch(rev + 2)])
+    verify(p, name, model)
+
+
+def scenario_tail(p: Publisher, name: str, model: Model, action: str) -> None:
+    rev = _prime(p, model, 10, 3)
+    rev = _steps_until(p, model, rev, lambda: _would_evict(p, model))
+    batch = model.batch(rev + 1)
+    fail("tail:1:" + action, lambda: p.apply([batch]))
+    assert p.revision == rev
+    verify(p, name, model)
+    apply_all(p, model, [batch])
+    rev += 1
+    for r in range(rev + 1, rev + 40):  # lap the ring again
+        apply_all(p, model, [model.batch(r)])
+    verify(p, name, model)
+
+
+def scenario_head(p: Publisher, name: str, model: Model, action: str) -> None:
+    rev = _prime(p, model, 10, 5)
+    batches = [model.batch(rev + 1), model.batch(rev + 2)]
+    published = p.published_revision()
+    fail("head:1:" + action, lambda: p.apply(batches))
+    # Appended and applied, not published: readers stay at the previous revision.
+    assert p.revision == rev + 2 and p.published_revision() == published == rev
+    verify(p, name, model, revision=rev)
+    apply_all(p, model, batches)  # nothing left to append: publishes the head
+    assert p.published_revision() == rev + 2
+    apply_all(p, model, [model.batch(rev + 3)])
+    verify(p, name, model)
+
+
+def scenario_progress(p: Publisher, name: str, model: Model, action: str) -> None:
+    rev = _prime(p, model, 10, 5)
+    fail("progress:1:" + action, lambda: p.progress(rev + 4))
+    assert p.revision == rev == p.published_revision()
+    verify(p, name, model)
+    p.progress(rev + 4)
+    apply_all(p, model, [model.batch(rev + 5)])
+    verify(p, name, model)
+
+
+def scenario_forced_snapshot(point: str) -> Callable[[Publisher, str, Model, str], None]:
+    """The ring must overwrite records newer than the live snapshot: the forced snapshot
+    (``snapshot`` / ``index`` / ``snapshot_publish``) fails, and nothing of the append
+    happens; the issue's silent skip was the records dropped before it."""
+    def run(p: Publisher, name: str, model: Model, action: str) -> None:
+        rev = _prime(p, model, 1, 0)
+        assert p.ring is not None
+        rev = _steps_until(p, model, rev, lambda: _would_force_a_snapshot(p, model))
+        batch = model.batch(rev + 1)
+        snaps = p.stats["snapshots"]
+        fail(f"{point}:1:{action}", lambda: p.apply([batch]))
+        assert p.stats["snapshots"] == snaps and p.revision == rev
+        verify(p, name, model)
+        assert child_reads(name) == (rev, len(model.state))
+        apply_all(p, model, [batch])
+        for r in range(rev + 2, rev + 30):
+            apply_all(p, model, [model.batch(r)])
+        verify(p, name, model)
+    return run
+
+
+def scenario_overlay(p: Publisher, name: str, model: Model, action: str) -> None:
+    """A background overlay build fails: nothing is published or left; the next call of
+    maybe_snapshot builds it again, with the changes the failed one had."""
+    rev = _prime(p, model, 10, 0)
+    assert p.overlays is not None
+    _faults.configure(f"overlay:1:{action}")
+    seq = p.ctl.get(layout.B_OVL_SEQ)
+    while p.overlays.build is None and p.overlays.failed is None:
+        rev += 1
+        apply_all(p, model, [model.batch(rev, size=8000)])
+    wait_for(lambda: p.overlays is not None and p.overlays.failed is not None,
+             "the overlay build to fail")
+    _faults.configure("")
+    assert p.ctl.get(layout.B_OVL_SEQ) == seq
+    verify(p, name, model)
+    p.maybe_snapshot()  # retries
+    wait_for(lambda: p.ctl.get(layout.B_OVL_SEQ) > seq, "the overlay segment")
+    for r in range(rev + 1, rev + 5):
+        apply_all(p, model, [model.batch(r, size=8000)])
+    verify(p, name, model)
+
+
+def scenario_ring_switch(p: Publisher, name: str, model: Model, action: str) -> None:
+    """Two revisions in one call, the second too large for the ring: the first is
+    published, the second's ring growth fails whole and ``revision`` says where to go on."""
+    rev = _prime(p, model, 10, 5)
+    small = model.batch(rev + 1)
+    big = model.batch(rev + 2, n_keys=400, size=200)  # ~90 KB: larger than half the ring
+    gen = p.ctl.get(layout.B_RING_GEN)
+    fail(f"ring_switch:1:{action}", lambda: p.apply([small, big]))
+    model.applied([small])
+    assert p.ctl.get(layout.B_RING_GEN) == gen and p.revision == rev + 1
+    assert p.published_revision() == rev + 1
+    verify(p, name, model)
+    apply_all(p, model, [big])
+    assert p.ctl.get(layout.B_RING_GEN) == gen + 1
+    apply_all(p, model, [model.batch(rev + 3)])
+    verify(p, name, model)
+
+
+def scenario_epoch(p: Publisher, name: str, model: Model, action: str) -> None:
+    rev = _prime(p, model, 10, 5)
+    items = {P + b"a": b"1", P + b"b": b"2"}
+    kvs = [(k, (v, 30, 30, 1, 0)) for k, v in items.items()]
+    epoch = p.epoch
+    fail(f"epoch:1:{action}", lambda: p.reset(30, kvs, "test"))
+    assert (p.epoch, p.revision) == (epoch, rev) == (p.ctl.get(layout.B_EPOCH),
+                                                     p.published_revision())
+    verify(p, name, model)
+    apply_all(p, model, [model.batch(rev + 1)])  # the old epoch goes on meanwhile
+    verify(p, name, model)
+    p.reset(30, kvs, "test")
+    model.reset(30, items)
+    apply_all(p, model, [model.batch(31)])
+    verify(p, name, model)
+
+
+def scenario_restore(p: Publisher, name: str, model: Model, action: str) -> None:
+    try:
+        rev = _prime(p, model, 10, 5)
+    finally:
+        p.close(removed_under_us=False, remove=False)
+    q = make(name)
+    try:
+        fail(f"restore:1:{action}", q.restore)
+        assert q.ring is None and q.base is None
+        verify(q, name, model, revision=rev)
+        assert q.restore() is None
+        apply_all(q, model, [model.batch(rev + 1)])
+        verify(q, name, model)
+    finally:
+        q.close(removed_under_us=False, remove=True)
+
+
+SCENARIOS: dict[str, Callable[[Publisher, str, Model, str], None]] = {
+    "append": scenario_append,
+    "tail": scenario_tail,
+    "head": scenario_head,
+    "progress": scenario_progress,
+    "snapshot": scenario_forced_snapshot("snapshot"),
+    "index": scenario_forced_snapshot("index"),
+    "snapshot_publish": scenario_forced_snapshot("snapshot_publish"),
+    "overlay": scenario_overlay,
+    "ring_switch": scenario_ring_switch,
+    "epoch": scenario_epoch,
+    "restore": scenario_restore,
+}
+
+
+@pytest.mark.parametrize("action", ["enospc", "error"])
+@pytest.mark.parametrize("point", sorted(SCENARIOS))
+def test_a_step_that_fails_leaves_the_last_published_state_and_recovers(
+        cache_name: str, point: str, action: str) -> None:
+    p = make(cache_name, ring_size=(1 << 20) if point == "overlay" else 64 << 10,
+             indexed=point == "index")
+    try:
+        SCENARIOS[point](p, cache_name, model := Model(), action)
+    finally:
+        _faults.configure("")
+        if point != "restore":  # (closes its own publishers)
+            p.close(removed_under_us=False, remove=True)
+    assert _shm.list_segments(cache_name) == []
+    assert model.events or model.state
+
+
+def test_every_fault_point_has_a_scenario() -> None:
+    import re
+    doc = _faults.__doc__ or ""
+    points = set(re.findall(r"^- ``(\w+)``", doc, re.M)) - {"drop_event"}
+    assert points == set(SCENARIOS)
