@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import shmcache
-from shmcache import _check, _codec, _faults, _indexdef, _shm, control, layout, ring
+from shmcache import _check, _codec, _faults, _indexdef, _shm, control, layout
 from shmcache._codec import EventTuple
 from shmcache._indexer import Indexer
 from shmcache._publisher import Publisher
@@ -198,21 +198,29 @@ def _steps_until(p: Publisher, model: Model, rev: int, cond: Callable[[], bool])
     raise AssertionError("condition never met")
 
 
-def _next_placement(p: Publisher, model: Model) -> ring.Placement:
-    assert p.ring is not None
-    return p.ring.place(len(_codec.encode(model.batch(p.revision + 1)[1])))
+def _next_end(p: Publisher, model: Model) -> int:
+    """Where the next revision's record would end in the ring (RingWriter.place's
+    arithmetic, spelled out so that it does not depend on the code under test)."""
+    rw = p.ring
+    assert rw is not None
+    batch = [ev if ev[1] not in p.kv else (*ev[:7], (ev[1], *p.kv[ev[1]]))  # prev_kv filled
+             for ev in model.batch(p.revision + 1)[1]]
+    size = rw.record_size(len(_codec.encode(batch)))
+    room = rw.capacity - rw.head % rw.capacity
+    return rw.head + (room if size > room else 0) + size
 
 
 def _would_evict(p: Publisher, model: Model) -> bool:
-    return _next_placement(p, model).evict > 0
+    assert p.ring is not None
+    return bool(p.ring.records) and p.ring.records[0][0] < _next_end(p, model) - p.ring.capacity
 
 
 def _would_force_a_snapshot(p: Publisher, model: Model) -> bool:
     """The next append overwrites records (dropping history) and records newer than the
     live snapshot (forcing one)."""
-    pl = _next_placement(p, model)
     assert p.ring is not None
-    return pl.evict > 0 and pl.end - p.ring.capacity > p.snap_ring_pos
+    return (_would_evict(p, model)
+            and _next_end(p, model) - p.ring.capacity > p.snap_ring_pos)
 
 
 def scenario_append(p: Publisher, name: str, model: Model, action: str) -> None:
@@ -395,3 +403,104 @@ def test_every_fault_point_has_a_scenario() -> None:
     doc = _faults.__doc__ or ""
     points = set(re.findall(r"^- ``(\w+)``", doc, re.M)) - {"drop_event"}
     assert points == set(SCENARIOS)
+
+
+# -- the issue's reproductions ------------------------------------------------------------
+
+
+def test_a_failed_forced_snapshot_drops_no_history_silently(cache_name: str) -> None:
+    """Issue 18's silent skip: a 64 KiB ring, ENOSPC creating the snapshot forced by the
+    ring about to overwrite. The records it would overwrite were dropped before the
+    snapshot, and the next append moved the tail past them with COMPACT_REVISION left
+    at 1: a watch from 1 started at 4 where 2 was due. Nothing may go before the
+    snapshot and the tail are published together with the revision they drop."""
+    p = make(cache_name)
+    model = Model()
+    try:
+        rev = _prime(p, model, 1, 0)
+        rev = _steps_until(p, model, rev, lambda: _would_force_a_snapshot(p, model))
+        batch = model.batch(rev + 1)
+        fail("snapshot:1:enospc", lambda: p.apply([batch]))
+        apply_all(p, model, [batch])  # space is back
+        with shmcache.Reader(cache_name) as r:
+            oldest = r.status().oldest_watchable_revision
+            first = r.watch(P, since_revision=oldest).poll(timeout=1)[0].revision
+            assert first == oldest + 1
+        verify(p, cache_name, model)
+    finally:
+        p.close(removed_under_us=False, remove=True)
+
+
+@pytest.mark.parametrize("point", ["snapshot", "snapshot_publish"])
+def test_a_ring_growth_whose_snapshot_fails_leaves_readers_on_the_old_ring(
+        cache_name: str, point: str) -> None:
+    """Issue 18: 64 KiB ring, a ~2 MB transaction, room for the new ring but not its
+    snapshot. Readers must keep attaching and reading the old state (no "ring head -
+    tail exceeds capacity"), and once space is back the growth completes and watches
+    from every advertised revision receive the transaction. (A watch joined before the
+    growth is item 8's: the demultiplexer's charge for large transactions.)"""
+    p = make(cache_name)
+    model = Model()
+    try:
+        rev = _prime(p, model, 10, 5)
+        big = model.batch(rev + 1, n_keys=1000, size=2000)  # ~2 MB
+        with shmcache.Reader(cache_name) as r:
+            for _ in range(3):  # retried while the fault lasts: each time whole or nothing
+                fail(f"{point}:1:enospc", lambda: p.apply([big]))
+                assert p.revision == rev and p.ctl.get(layout.B_RING_GEN) == 1
+                assert r.get(P + b"init").value == b"0" and r.revision == rev
+                assert child_reads(cache_name) == (rev, len(model.state))
+                verify(p, cache_name, model)
+            apply_all(p, model, [big])
+            apply_all(p, model, [model.batch(rev + 2)])
+            assert p.ctl.get(layout.B_RING_GEN) == 2 and p.ring is not None
+            assert p.ring.capacity > 2 << 20
+            assert r.revision == rev + 2 and len(r.list(P)) == len(model.state)
+        assert child_reads(cache_name) == (rev + 2, len(model.state))
+        verify(p, cache_name, model)
+        with shmcache.Reader(cache_name) as r:
+            assert r.status().oldest_watchable_revision == rev  # the transaction is history
+    finally:
+        p.close(removed_under_us=False, remove=True)
+
+
+def test_a_background_snapshot_that_fails_is_reported_and_retried(cache_name: str) -> None:
+    """A snapshot built beside the watch loop fails (ENOSPC): maybe_snapshot raises it,
+    its half-made segment is gone, its changes are kept, and the next call builds again."""
+    p = make(cache_name, ring_size=1 << 20, snapshot_bytes=32 << 10)
+    model = Model()
+    try:
+        rev = _prime(p, model, 10, 0)
+        _faults.configure("snapshot:1:enospc")
+        seq = p.ctl.get(layout.B_SNAP_SEQ)
+        started = False
+        for _ in range(100):
+            rev += 1
+            batch = model.batch(rev)
+            p.apply([batch])
+            model.applied([batch])
+            if p._build is not None:  # started by the last maybe_snapshot, in a thread
+                started = True
+                p._build.done.wait()
+            try:
+                p.maybe_snapshot()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+        else:
+            raise AssertionError("the failed build was never reported")
+        assert started
+        _faults.configure("")
+        assert p.ctl.get(layout.B_SNAP_SEQ) == seq
+        verify(p, cache_name, model)
+        for _ in range(50):
+            if p.ctl.get(layout.B_SNAP_SEQ) > seq:
+                break
+            rev += 1
+            apply_all(p, model, [model.batch(rev)])
+            if p._build is not None:
+                p._build.done.wait()
+        assert p.ctl.get(layout.B_SNAP_SEQ) > seq
+        verify(p, cache_name, model)
+    finally:
+        p.close(removed_under_us=False, remove=True)
