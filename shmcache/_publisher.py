@@ -43,18 +43,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _faults, _restore, _shm, control, layout, ring, snapshot
+from . import _codec, _faults, _restore, _shm, layout, ring, snapshot
 from ._indexer import Indexer
-from ._overlays import NONE as NO_OVERLAY
-from ._overlays import TOMBSTONE, Overlays, publish_snapshot
+from ._overlays import TOMBSTONE, Overlays
 from ._segments import CacheSegments
-from ._snapbuild import SnapshotBuild, freeze_gc, unmap
-from .errors import CorruptSegmentError
+from ._snapbuild import SnapshotBuild, SnapshotPublishing, freeze_gc
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -65,7 +62,7 @@ KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, v
 
 
 
-class Publisher:
+class Publisher(SnapshotPublishing):
     """The state of one cache and the segments it is published in."""
 
     def __init__(self, segs: CacheSegments, *, ring_size: int, snapshot_interval: float,
@@ -102,11 +99,6 @@ class Publisher:
         # Overlay segments (not with secondary indexes: readers build the overlay
         # index from ring records); made by attach().
         self.overlays: Overlays | None = None
-
-    @property
-    def ctl(self) -> control.ControlWriter:
-        assert self.segs.ctl is not None
-        return self.segs.ctl
 
     # -- starting ------------------------------------------------------------------
 
@@ -214,30 +206,6 @@ class Publisher:
 
     # -- snapshots -------------------------------------------------------------------
 
-    def _publish_snapshot(self, extra: dict[int, int] | None = None,
-                          prefix: bytes | None = None, fault: str = "snapshot_publish") -> None:
-        """Build a snapshot of the current state now and point the control segment at it.
-
-        For the paths that cannot wait (a new epoch, a new ring, the ring about
-        to overwrite events newer than the live snapshot): a build already
-        running in the background is finished first, then a new one runs in
-        this thread. On failure nothing is published and the build's changes
-        stay in the delta.
-        """
-        if self._build is not None:
-            self._finish_build(self._build, wait=True)
-        b = SnapshotBuild(self)
-        b.run()
-        if b.error is not None and not b.full:
-            self._build_failed(b, b.error)
-            self._close_base()
-            b = SnapshotBuild(self)  # from the whole state
-            b.run()
-        if b.error is not None:
-            self._build_failed(b, b.error)
-            raise b.error
-        self._publish_build(b, extra, prefix, fault)
-
     def maybe_snapshot(self) -> None:
         """Publish a finished background build (raising its error if it failed: the next
         call retries); start one when the cadence says so. Then the same for the overlay
@@ -256,113 +224,6 @@ class Publisher:
         except BaseException:
             self._resize_to = size
             raise
-
-    def _maybe_snapshot(self) -> None:
-        if self._build is not None:
-            self._finish_build(self._build, raise_error=True)
-            return
-        if self.bytes_since_snapshot and (
-                self.bytes_since_snapshot >= self.snapshot_bytes
-                or time.monotonic() - self.last_snapshot >= self.snapshot_interval):
-            if self.base is None:
-                self._publish_snapshot()  # a whole-state build: no base to start from
-                return
-            self._build = SnapshotBuild(self)
-            threading.Thread(target=self._build.run, name="shmcache-snapshot",
-                             daemon=True).start()
-
-    def _finish_build(self, b: SnapshotBuild, wait: bool = False,
-                      raise_error: bool = False) -> None:
-        """Publish the background build if it is done (or wait for it). A failed one is
-        dropped (and its error raised with ``raise_error``)."""
-        if wait:
-            b.done.wait()
-        elif not b.done.is_set():
-            return
-        self._build = None
-        if b.error is not None:
-            self._build_failed(b, b.error)
-            if raise_error:
-                raise b.error
-        else:
-            self._publish_build(b)
-
-    def _build_failed(self, b: SnapshotBuild, error: BaseException) -> None:
-        """Drop a failed build; its changes go back to the delta (the base is unchanged)."""
-        self._discard_build(b)
-        log.warning("snapshot build at revision %d failed: %s", b.revision, error)
-        if b.changes is not None:
-            b.changes.update(self.delta)
-            self.delta = b.changes
-        self.bytes_since_snapshot += b.bytes_since
-        if isinstance(error, CorruptSegmentError):
-            self._close_base()  # the next build starts from the whole state
-
-    def _discard_build(self, b: SnapshotBuild) -> None:
-        if b.seg is not None:  # (run() has unmapped it)
-            _shm.unlink(b.name)
-            _shm.unlink(layout.index_name(self.name, b.seq))
-
-    def _drop_build(self) -> None:
-        """Wait for a background build and throw it away unpublished."""
-        if self._build is not None:
-            self._build.done.wait()
-            self._discard_build(self._build)
-            self._build = None
-
-    def _close_base(self, background: bool = False) -> None:
-        """Unmap the base snapshot (see _snapbuild.unmap); the next build is then a
-        whole-state one (which starts a new delta)."""
-        base, self.base = self.base, None
-        unmap(base, background)
-
-    def _publish_build(self, b: SnapshotBuild, extra: dict[int, int] | None = None,
-                       prefix: bytes | None = None, fault: str = "snapshot_publish") -> None:
-        """Point the control segment at a finished snapshot and make it the next base.
-
-        Whatever fails before the control segment is written drops the build
-        (``_build_failed``) and raises; nothing after it raises.
-        """
-        assert self.ring is not None and b.seg is not None
-        old = self.snap_seq
-        # The head goes out with the snapshot: records appended but not yet
-        # published (mid-response) are part of the state the snapshot holds.
-        updates = {layout.B_SNAP_SEQ: b.seq, layout.B_SNAP_REVISION: b.revision,
-                   layout.B_SNAP_SIZE: b.plan.total, layout.B_SNAP_RING_POS: b.ring_pos,
-                   layout.B_KEY_COUNT: len(self.kv), layout.B_RING_HEAD: self.ring.head,
-                   layout.B_REVISION: self.revision, **NO_OVERLAY}
-        if extra:
-            updates.update(extra)
-        try:
-            _faults.point(fault)  # filled, not published
-            # The changes after the snapshot are those since its build started.
-            publish_snapshot(self.overlays, self.ctl, self.name, updates, b.seq, self.delta,
-                             self.bytes_since_snapshot,
-                             (self.revision, self.epoch, self.ring.head), prefix=prefix)
-        except BaseException as exc:
-            self._build_failed(b, exc)
-            raise
-        self.snap_seq = b.seq
-        self.snap_ring_pos = b.ring_pos
-        self.stats["snapshots"] += 1
-        if old and old != b.seq:
-            # Readers that mapped it keep their mapping; new readers use the new one.
-            # Unlinked while the base still maps it: unlinking the last reference
-            # frees hundreds of MB with the GIL held (posix_ipc), unmapping does
-            # not hold it, so the pages are freed by _close_base below, off this thread.
-            _shm.unlink(layout.snapshot_name(self.name, old))
-            _shm.unlink(layout.index_name(self.name, old))
-        self._close_base(background=True)
-        self.segs.track(b.name)
-        if b.pairs is not None:
-            self.segs.track(layout.index_name(self.name, b.seq))
-        try:
-            sseg = _shm.open_readonly(b.name)
-            if sseg is not None:  # (None: removed by hand; the next build is a whole-state one)
-                self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
-        except Exception as exc:  # published all the same: the next build is a whole-state one
-            log.warning("cannot map the snapshot just published as the next base: %s", exc)
-        b.report(self.stats)
 
     # -- applying events -------------------------------------------------------------
 
