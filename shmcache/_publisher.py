@@ -169,8 +169,10 @@ class Publisher(SnapshotPublishing):
         """Start a new epoch at ``revision`` holding ``items`` (a relist): fresh snapshot,
         empty ring history. If it raises, the previous epoch goes on as it was."""
         self.etcd_revision = max(self.etcd_revision, revision)
-        if self.ring is None:
+        first_ring = self.ring is None
+        if first_ring:
             self._ring_seg, self.ring = self._new_ring(self.ring_size)  # published below
+        assert self.ring is not None and self._ring_seg is not None
         self._drop_build()  # of the old epoch: never to be published
         self._close_base()
         before = self.kv, self.revision, self.epoch
@@ -195,6 +197,10 @@ class Publisher(SnapshotPublishing):
             self.kv, self.revision, self.epoch = before
             if self.indexer is not None:
                 self.indexer.reset(self.kv.items())
+            if first_ring:  # never published: not left behind
+                self._ring_seg.close()
+                _shm.unlink(self._ring_seg.name)
+                self._ring_seg = self.ring = None
             raise
         self.ring.forget_history()
         self._head_unpublished = False

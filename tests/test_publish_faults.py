@@ -504,3 +504,23 @@ def test_a_background_snapshot_that_fails_is_reported_and_retried(cache_name: st
         verify(p, cache_name, model)
     finally:
         p.close(removed_under_us=False, remove=True)
+
+
+@pytest.mark.parametrize("action", ["enospc", "error"])
+def test_a_first_epoch_that_cannot_be_published_leaves_no_ring(cache_name: str,
+                                                                action: str) -> None:
+    """The very first reset fails: no reader can attach yet, and the ring made for it is
+    not left in /dev/shm; the next reset publishes the cache."""
+    p = make(cache_name)
+    try:
+        fail(f"snapshot:1:{action}", lambda: p.reset(5, [(P + b"a", (b"1", 5, 5, 1, 0))], "t"))
+        assert _shm.list_segments(cache_name) == [layout.control_name(cache_name)]
+        with pytest.raises(shmcache.ShmCacheError):
+            shmcache.Reader(cache_name)
+        p.reset(5, [(P + b"a", (b"1", 5, 5, 1, 0))], "t")
+        model = Model()
+        model.reset(5, {P + b"a": b"1"})
+        apply_all(p, model, [model.batch(6)])
+        verify(p, cache_name, model)
+    finally:
+        p.close(removed_under_us=False, remove=True)
