@@ -11,32 +11,7 @@ snapshot builds it starts on their own threads (see _snapbuild). Threads that
 wait for the published revision to move (consistent reads) wait on
 ``revision_moved``.
 
-Failure contract (docs/design.md, "Publishing is a transaction"): any method
-that writes shared memory or creates a segment (``apply``, ``publish_head``,
-``progress``, ``reset``, ``switch_ring``, ``maybe_snapshot``, ``restore``) may
-raise: OSError (ENOSPC: /dev/shm is full) or anything unexpected. When it does,
-readers see the last state published before the failure, nothing half made is
-visible or left in /dev/shm, and the publisher's own state is consistent:
-
-- ``revision``: every batch at or below it is appended to the ring and applied
-  to the state, none above it is touched. ``apply`` works in whole revisions:
-  after it raises, call it again with the batches above ``revision``. Before
-  raising it publishes what it appended (if that publish fails too, the next
-  successful ``apply``/``publish_head``/``progress`` publishes it);
-  ``published_revision()`` is what readers see. Never call ``progress`` with a
-  revision whose events were not applied.
-- ``reset`` raising leaves the previous epoch (state, revision, segments)
-  as it was: relist again later. ``restore`` raising leaves nothing adopted:
-  call it again, or relist. ``switch_ring`` (called by ``apply`` when a revision
-  does not fit the ring) raising leaves readers on the old ring; the next
-  ``apply`` of that revision tries again.
-- ``maybe_snapshot`` raises the error of a snapshot build that failed; the
-  build is dropped (its changes kept) and the next call retries when the
-  cadence says so. Overlay segment builds that fail are retried at the next
-  call. A failed build of either kind unlinks what it made.
-
-Each step has a fault point (_faults), and tests/test_publish_faults.py fails
-each one with ENOSPC and with an unexpected error.
+The failure contract is in the Publisher docstring.
 """
 
 from __future__ import annotations
@@ -63,7 +38,37 @@ KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, v
 
 
 class Publisher(SnapshotPublishing):
-    """The state of one cache and the segments it is published in."""
+    """The state of one cache and the segments it is published in.
+
+    Failure contract (docs/design.md, "Publishing is a transaction"): any method
+    that writes shared memory or creates a segment (``apply``, ``publish_head``,
+    ``progress``, ``reset``, ``switch_ring``, ``maybe_snapshot``, ``restore``) may
+    raise: OSError (ENOSPC: /dev/shm is full) or anything unexpected. When it does,
+    readers see the last state published before the failure, nothing half made is
+    visible or left in /dev/shm, and the publisher's own state is consistent:
+
+    - ``revision``: every batch at or below it is appended to the ring and applied
+      to the state, none above it is touched. ``apply`` works in whole revisions:
+      after it raises, call it again with the batches above ``revision``. Before
+      raising it publishes what it appended (if that publish fails too, the next
+      successful ``apply``/``publish_head``/``progress`` publishes it);
+      ``published_revision()`` is what readers see. Never call ``progress`` with a
+      revision whose events were not applied.
+    - ``reset`` raising leaves the previous epoch (state, revision, segments)
+      as it was: relist again later. ``restore`` raising leaves nothing adopted:
+      call it again, or relist (a ring resize it cannot do after resuming is
+      logged and retried by ``maybe_snapshot``, which raises its error).
+      ``switch_ring`` (called by ``apply`` when a revision does not fit the ring)
+      raising leaves readers on the old ring; the next ``apply`` of that revision
+      tries again.
+    - ``maybe_snapshot`` raises the error of a snapshot build that failed; the
+      build is dropped (its changes kept) and the next call retries when the
+      cadence says so. Overlay segment builds that fail are retried at the next
+      call. A failed build of either kind unlinks what it made.
+
+    Each step has a fault point (_faults), and tests/test_publish_faults.py fails
+    each one with ENOSPC and with an unexpected error.
+    """
 
     def __init__(self, segs: CacheSegments, *, ring_size: int, snapshot_interval: float,
                  snapshot_bytes: int, stats: dict[str, Any],

@@ -524,3 +524,32 @@ def test_a_first_epoch_that_cannot_be_published_leaves_no_ring(cache_name: str,
         verify(p, cache_name, model)
     finally:
         p.close(removed_under_us=False, remove=True)
+
+
+def test_a_ring_resize_at_restart_that_fails_is_retried(cache_name: str) -> None:
+    """A restart with another ring size resumes on the old ring when the new one cannot
+    be made (ENOSPC): readers keep reading, and maybe_snapshot switches once it can."""
+    p = make(cache_name)
+    model = Model()
+    try:
+        rev = _prime(p, model, 10, 5)
+    finally:
+        p.close(removed_under_us=False, remove=False)
+    q = make(cache_name, ring_size=128 << 10)
+    try:
+        _faults.configure("ring_switch:1:enospc")
+        assert q.restore() is None  # resumed; the resize waits
+        assert q.ring is not None and q.ring.capacity == 64 << 10
+        batches = [model.batch(rev + 1)]
+        q.apply(batches)
+        model.applied(batches)
+        with pytest.raises(OSError):
+            q.maybe_snapshot()
+        _faults.configure("")
+        verify(q, cache_name, model)
+        q.maybe_snapshot()
+        assert q.ring.capacity == 128 << 10 and q.ctl.get(layout.B_RING_GEN) == 2
+        apply_all(q, model, [model.batch(rev + 2)])
+        verify(q, cache_name, model)
+    finally:
+        q.close(removed_under_us=False, remove=True)
