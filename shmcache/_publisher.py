@@ -245,7 +245,7 @@ class Publisher(SnapshotPublishing):
         A missing prev_kv (etcd leaves it out when it can no longer read the
         revision before the event, compacted while the watch caught up) is
         filled from the state, which holds that value exactly; past-revision
-        reads depend on it. On failure (see the module docstring) the revisions
+        reads depend on it. On failure (see the class docstring) the revisions
         appended before it are published and ``revision`` is the last of them.
         """
         try:

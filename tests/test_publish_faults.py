@@ -14,6 +14,7 @@ is clean, and no segment is left over.
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import time
@@ -553,3 +554,25 @@ def test_a_ring_resize_at_restart_that_fails_is_retried(cache_name: str) -> None
         verify(q, cache_name, model)
     finally:
         q.close(removed_under_us=False, remove=True)
+
+
+def test_fault_syntax_kills_by_default_and_names_the_action() -> None:
+    assert _faults.parse("append:0.05, snapshot::enospc,ring_switch:0.5:error,head") == {
+        "append": (0.05, "kill"), "snapshot": (1.0, "enospc"),
+        "ring_switch": (0.5, "error"), "head": (1.0, "kill")}
+    with pytest.raises(ValueError, match="unknown action 'boom'"):
+        _faults.parse("append:1:boom")
+
+
+def test_a_kill_point_still_kills_the_writer(cache_name: str) -> None:
+    """``SHMCACHE_FAULT=snapshot`` (kill, as the fault checker uses points): the process
+    dies by SIGKILL at the point, a snapshot segment created and not filled."""
+    code = ("import sys; from tests.test_publish_faults import make; "
+            "p = make(sys.argv[1]); p.reset(1, [], 'test'); print('survived')")
+    env = {**os.environ, "SHMCACHE_FAULT": "snapshot"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, cache_name], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == -9 and "survived" not in proc.stdout
+    finally:
+        _shm.remove_cache(cache_name, force=True)
