@@ -16,6 +16,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 
 from . import layout
 from .errors import CorruptSegmentError, VersionMismatchError
@@ -244,34 +245,36 @@ class RingWriter:
         end = start + size
         low = end - self.capacity  # bytes below this logical position get overwritten
         compact = None
-        records = self.records
         n = 0
-        for pos, revision in records:
+        # The tail always lands on a tracked position (a record, a padding record
+        # or an end-of-lap skip), so a snapshot's ring position, which is some
+        # earlier head, is never strictly between two valid positions.
+        for pos, revision in self.records:
             if pos >= low:
+                new_tail = pos
                 break
             n += 1
             if revision:
                 compact = revision
-        # The tail always lands on a tracked position (a record, a padding record
-        # or an end-of-lap skip), so a snapshot's ring position, which is some
-        # earlier head, is never strictly between two valid positions.
-        new_tail = records[n][0] if n < len(records) else head
-        return Placement(start, end, pad_at, max(new_tail, self.tail), compact, n)
+        else:
+            new_tail = head
+        if new_tail < self.tail:
+            new_tail = self.tail
+        return Placement(start, end, pad_at, new_tail, compact, n)
 
     def drop(self, placement: Placement) -> None:
-        """Forget the records ``placement`` overwrites; call once its tail is published."""
-        low = placement.end - self.capacity
-        records = self.records
-        while records and records[0][0] < low:
-            records.popleft()
-        self.tail = max(self.tail, placement.new_tail)
+        """Forget the records ``placement`` overwrites: once, after publishing its tail."""
+        popleft = self.records.popleft
+        for _ in repeat(None, placement.evict):
+            popleft()
+        self.tail = placement.new_tail
 
     def write(self, placement: Placement, revision: int, payload: bytes,
               hook: Callable[[], None] | None = None) -> None:
         """Write the padding (if any) and the record bytes, then take the record into the
-        bookkeeping (``drop`` first if the caller has not); the caller publishes the head
-        after. ``hook`` (a fault point) runs after the payload and after the header,
-        before the bookkeeping changes."""
+        bookkeeping; the caller has ``drop``ped what it overwrites first, and publishes
+        the head after. ``hook`` (a fault point) runs after the payload and after the
+        header, before the bookkeeping changes."""
         buf = self.buf
         cap = self.capacity
         if placement.pad_at is not None:
@@ -298,13 +301,10 @@ class RingWriter:
         buf[base:base + _REC_SIZE] = hdr  # type: ignore[index]
         if hook is not None:
             hook()
-        if placement.evict:
-            self.drop(placement)
         if placement.start != self.head:
             self.records.append((self.head, 0))  # the padding / end-of-lap skip
         self.records.append((pos, revision))
         self.head = placement.end
-        self.tail = max(self.tail, placement.new_tail)
 
     def forget_history(self) -> None:
         """No record before the head is history any more (a new epoch: tail = head)."""
