@@ -183,7 +183,8 @@ class SnapshotPublishing:
             self._finish_build(self._build, wait=True)
         b = SnapshotBuild(self)
         b.run()
-        if b.error is not None and not b.full:
+        if b.error is not None and not b.full and not isinstance(b.error, OSError):
+            # (Not for an OSError: a full /dev/shm fails a whole-state build as well.)
             self._build_failed(b, b.error)
             self._close_base()
             b = SnapshotBuild(self)  # from the whole state
