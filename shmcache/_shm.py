@@ -41,9 +41,8 @@ class Segment:
 
     def close(self) -> None:
         """Unmap. Idempotent; afterwards ``buf`` raises ValueError like a closed mmap."""
-        buf = self.buf
         try:
-            buf.close()
+            self.buf.close()
         except BufferError:
             # A memoryview over the map is still alive somewhere (a caller kept a
             # value slice). The segment lets go of the map, so it is unmapped when
