@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _shm, layout, snapshot
+from . import _faults, _shm, layout, snapshot
 
 if TYPE_CHECKING:
     from ._segments import CacheSegments
@@ -69,6 +69,7 @@ def write_segment(name: str, plan: snapshot.Plan, revision: int, epoch: int,
     _shm.unlink(name)
     seg = _shm.create(name, plan.total, mode, group)
     try:
+        _faults.point("overlay")  # created, not filled
         keys = sorted(changes)
         values: list[KV5 | None] = [changes[k] for k in keys]
         snapshot.write(seg.buf, plan, revision, epoch, keys, values, base,
@@ -90,6 +91,7 @@ class OverlayBuild:
         self.revision, self.epoch, self.ring_pos = revision, epoch, ring_pos
         self.snap_seq = ov.snap_seq
         self.changes = ov.changes
+        self.bytes_since = ov.bytes_since
         self.base = ov.base
         self.plan, ov.data_len = plan_of(self.changes, ov.spans, ov.data_len)
         self.done = threading.Event()
@@ -130,6 +132,8 @@ class Overlays:
         self.bytes_since = 0
         self.base: tuple[_shm.Segment, snapshot.Snapshot] | None = None
         self.build: OverlayBuild | None = None
+        # A build that failed: its changes go back into ``changes`` on the watch thread.
+        self.failed: OverlayBuild | None = None
         self._retired: list[tuple[_shm.Segment, snapshot.Snapshot]] = []
 
     # -- the watch thread ---------------------------------------------------------------
@@ -175,6 +179,7 @@ class Overlays:
                          layout.B_OVL_SIZE: first[1].total, layout.B_OVL_RING_POS: at[2]})
             old, self.published = self.published, first[0] if first else 0
             self.snap_seq = snap_seq
+            self.failed = None  # its changes are in the snapshot
             self._retire_base()
             self.spans, self.data_len = {}, 0
             self.changes, self.bytes_since = changes, bytes_since
@@ -191,7 +196,14 @@ class Overlays:
 
     def maybe_build(self, revision: int, epoch: int, ring_head: int) -> None:
         """Start a build once ``OVERLAY_BYTES`` of records came since the last one; call
-        after the head is published (the build is exact at ``revision``)."""
+        after the head is published (the build is exact at ``revision``). A build that
+        failed is retried: its changes come back first."""
+        if self.failed is not None:
+            with self.lock:
+                f, self.failed = self.failed, None
+            if f is not None:
+                f.changes.update(self.changes)  # (later changes win)
+                self.changes, self.bytes_since = f.changes, self.bytes_since + f.bytes_since
         if self.bytes_since < OVERLAY_BYTES or not self.changes:
             return
         with self.lock:
@@ -221,11 +233,10 @@ class Overlays:
             if error is not None or b.snap_seq != self.snap_seq:
                 _shm.unlink(b.name)  # (made or half made; nothing if creating it failed)
                 if error is not None and b.snap_seq == self.snap_seq:
-                    # Its changes are gone from ``changes``: none until the next snapshot
-                    # (readers decode the records after the last one published).
-                    log.warning("overlay segment build at revision %d failed: %s; none "
-                                "until the next snapshot", b.revision, error)
-                    self.snap_seq = -1
+                    # Readers decode the records after the last one published meanwhile.
+                    log.warning("overlay segment build at revision %d failed: %s; retrying",
+                                b.revision, error)
+                    self.failed = b
                 self._close_retired()
                 return
             sseg = _shm.open_readonly(b.name)

@@ -10,24 +10,23 @@ except ``published_revision()`` and ``set_etcd_down_since()`` (any thread) and t
 snapshot builds it starts on their own threads (see _snapbuild). Threads that
 wait for the published revision to move (consistent reads) wait on
 ``revision_moved``.
+
+The failure contract is in the Publisher docstring.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _faults, _restore, _shm, control, layout, ring, snapshot
+from . import _codec, _faults, _restore, _shm, layout, ring, snapshot
 from ._indexer import Indexer
-from ._overlays import NONE as NO_OVERLAY
-from ._overlays import TOMBSTONE, Overlays, publish_snapshot
+from ._overlays import TOMBSTONE, Overlays
 from ._segments import CacheSegments
-from ._snapbuild import SnapshotBuild, freeze_gc, unmap
-from .errors import CorruptSegmentError
+from ._snapbuild import SnapshotBuild, SnapshotPublishing, freeze_gc
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -38,8 +37,38 @@ KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, v
 
 
 
-class Publisher:
-    """The state of one cache and the segments it is published in."""
+class Publisher(SnapshotPublishing):
+    """The state of one cache and the segments it is published in.
+
+    Failure contract (docs/design.md, "Publishing is a transaction"): any method
+    that writes shared memory or creates a segment (``apply``, ``publish_head``,
+    ``progress``, ``reset``, ``switch_ring``, ``maybe_snapshot``, ``restore``) may
+    raise: OSError (ENOSPC: /dev/shm is full) or anything unexpected. When it does,
+    readers see the last state published before the failure, nothing half made is
+    visible or left in /dev/shm, and the publisher's own state is consistent:
+
+    - ``revision``: every batch at or below it is appended to the ring and applied
+      to the state, none above it is touched. ``apply`` works in whole revisions:
+      after it raises, call it again with the batches above ``revision``. Before
+      raising it publishes what it appended (if that publish fails too, the next
+      successful ``apply``/``publish_head``/``progress`` publishes it);
+      ``published_revision()`` is what readers see. Never call ``progress`` with a
+      revision whose events were not applied.
+    - ``reset`` raising leaves the previous epoch (state, revision, segments)
+      as it was: relist again later. ``restore`` raising leaves nothing adopted:
+      call it again, or relist (a ring resize it cannot do after resuming is
+      logged and retried by ``maybe_snapshot``, which raises its error).
+      ``switch_ring`` (called by ``apply`` when a revision does not fit the ring)
+      raising leaves readers on the old ring; the next ``apply`` of that revision
+      tries again.
+    - ``maybe_snapshot`` raises the error of a snapshot build that failed; the
+      build is dropped (its changes kept) and the next call retries when the
+      cadence says so. Overlay segment builds that fail are retried at the next
+      call. A failed build of either kind unlinks what it made.
+
+    Each step has a fault point (_faults), and tests/test_publish_faults.py fails
+    each one with ENOSPC and with an unexpected error.
+    """
 
     def __init__(self, segs: CacheSegments, *, ring_size: int, snapshot_interval: float,
                  snapshot_bytes: int, stats: dict[str, Any],
@@ -70,15 +99,11 @@ class Publisher:
         self.bytes_since_snapshot = 0
         self.last_snapshot = 0.0
         self._head_unpublished = False
+        self._resize_to: int | None = None  # a ring size restore() could not switch to
         self.revision_moved = threading.Condition()
         # Overlay segments (not with secondary indexes: readers build the overlay
         # index from ring records); made by attach().
         self.overlays: Overlays | None = None
-
-    @property
-    def ctl(self) -> control.ControlWriter:
-        assert self.segs.ctl is not None
-        return self.segs.ctl
 
     # -- starting ------------------------------------------------------------------
 
@@ -95,66 +120,96 @@ class Publisher:
 
     def restore(self) -> str | None:
         """Resume from the segments a previous writer left; None if it did, else why not
-        (see _restore.resume)."""
-        return _restore.resume(self)
+        (see _restore.resume). Then switch to a ring of ``ring_size`` if it has another
+        size; if that fails, ``maybe_snapshot`` tries again."""
+        why_not = _restore.resume(self)
+        if why_not is None and self.ring is not None and self.ring.capacity != self.ring_size:
+            try:
+                self._resize(self.ring_size)
+            except Exception as exc:
+                log.warning("cannot switch to a ring of %d bytes now (%s); will retry",
+                            self.ring_size, exc)
+        return why_not
 
     # -- rings and epochs ----------------------------------------------------------
 
-    def _new_ring(self, capacity: int) -> None:
-        gen = self.ctl.get(layout.B_RING_GEN) + 1
-        old = self._ring_seg
-        self._ring_seg, self.ring = self.segs.create_ring(gen, capacity)
-        if old is not None:
-            old.close()
+    def _new_ring(self, capacity: int) -> tuple[_shm.Segment, ring.RingWriter]:
+        """Create (not publish) the next ring generation."""
+        return self.segs.create_ring(self.ctl.get(layout.B_RING_GEN) + 1, capacity)
 
     def switch_ring(self, capacity: int, reason: str) -> None:
         """Continue in a new ring generation of ``capacity`` bytes, in the same epoch.
 
-        The old ring is sealed at its head first (ring.RingWriter.seal): watches
-        that still read it finish it and continue in the new one, so no watch
-        loses an event. The new ring's history begins at the current revision:
-        a snapshot of the current state is published with it.
+        The old ring is sealed at its head (ring.RingWriter.seal): watches that
+        still read it finish it and continue in the new one, so no watch loses
+        an event. The new ring's history begins at the current revision: a
+        snapshot of the current state is published with it. If the new ring or
+        its snapshot cannot be made, nothing is published, the new segment is
+        unlinked, the seal withdrawn, and the writer goes on with the old ring.
         """
-        assert self.ring is not None
+        assert self.ring is not None and self._ring_seg is not None
         if self._build is not None:
             self._finish_build(self._build, wait=True)  # it points into the old ring
-        old, old_gen = self.ring, self.ring.generation
-        old.seal(self.revision)
-        self._new_ring(capacity)
-        assert self.ring is not None
-        self._publish_snapshot({
-            layout.B_RING_TAIL: 0, layout.B_RING_GEN: self.ring.generation,
-            layout.B_RING_CAPACITY: capacity, layout.B_COMPACT_REVISION: self.revision})
-        _shm.unlink(layout.ring_name(self.name, old_gen))
+        old, old_seg = self.ring, self._ring_seg
+        seg, self.ring = self._new_ring(capacity)
+        self._ring_seg = seg
+        old.seal(self.revision)  # read only once the control segment points past it
+        try:
+            self._publish_snapshot({
+                layout.B_RING_TAIL: 0, layout.B_RING_GEN: self.ring.generation,
+                layout.B_RING_CAPACITY: capacity, layout.B_COMPACT_REVISION: self.revision})
+        except BaseException:
+            old.unseal()
+            self.ring, self._ring_seg = old, old_seg
+            seg.close()
+            _shm.unlink(seg.name)
+            raise
+        old_seg.close()
+        _shm.unlink(old_seg.name)
         log.info("ring log replaced at revision %d: generation %d -> %d, %d -> %d bytes; "
-                 "watches continue into it (%s)", self.revision, old_gen,
+                 "watches continue into it (%s)", self.revision, old.generation,
                  self.ring.generation, old.capacity, capacity, reason)
 
     def reset(self, revision: int, items: Iterable[tuple[bytes, KV]], reason: str) -> None:
         """Start a new epoch at ``revision`` holding ``items`` (a relist): fresh snapshot,
-        empty ring history."""
+        empty ring history. If it raises, the previous epoch goes on as it was."""
         self.etcd_revision = max(self.etcd_revision, revision)
+        first_ring = self.ring is None
+        if first_ring:
+            self._ring_seg, self.ring = self._new_ring(self.ring_size)  # published below
+        assert self.ring is not None and self._ring_seg is not None
+        self._drop_build()  # of the old epoch: never to be published
+        self._close_base()
+        before = self.kv, self.revision, self.epoch
         self.kv = SortedDict(items)  # (its size is counted by the whole-state build below)
         if self.indexer is not None:
             self.indexer.reset(self.kv.items())
         freeze_gc()
-        self.stats["relists"] += 1
-        if self.ring is None:
-            self._new_ring(self.ring_size)
-        assert self.ring is not None
-        self._drop_build()  # of the old epoch: never to be published
-        self._close_base()
         self.revision = revision
         self.epoch = self.ctl.get(layout.B_EPOCH) + 1
-        self.ring.records.clear()
-        self.ring.tail = self.ring.head
-        self._publish_snapshot({
-            layout.B_SYNC_REVISION: min(self.ctl.get(layout.B_SYNC_REVISION), revision),
-            layout.B_EPOCH: self.epoch, layout.B_REVISION: revision,
-            layout.B_COMPACT_REVISION: revision,
-            layout.B_RING_HEAD: self.ring.head, layout.B_RING_TAIL: self.ring.head,
-            layout.B_RING_GEN: self.ring.generation, layout.B_RING_CAPACITY: self.ring.capacity,
-            layout.B_ETCD_REVISION: max(self.etcd_revision, revision)}, prefix=self.prefix)
+        head = self.ring.head
+        try:
+            self._publish_snapshot({
+                layout.B_SYNC_REVISION: min(self.ctl.get(layout.B_SYNC_REVISION), revision),
+                layout.B_EPOCH: self.epoch, layout.B_REVISION: revision,
+                layout.B_COMPACT_REVISION: revision,
+                layout.B_RING_HEAD: head, layout.B_RING_TAIL: head,
+                layout.B_RING_GEN: self.ring.generation,
+                layout.B_RING_CAPACITY: self.ring.capacity,
+                layout.B_ETCD_REVISION: max(self.etcd_revision, revision)},
+                prefix=self.prefix, fault="epoch")
+        except BaseException:
+            self.kv, self.revision, self.epoch = before
+            if self.indexer is not None:
+                self.indexer.reset(self.kv.items())
+            if first_ring:  # never published: not left behind
+                self._ring_seg.close()
+                _shm.unlink(self._ring_seg.name)
+                self._ring_seg = self.ring = None
+            raise
+        self.ring.forget_history()
+        self._head_unpublished = False
+        self.stats["relists"] += 1
         old_gen = self.ring.generation - 1
         if old_gen > 0:
             _shm.unlink(layout.ring_name(self.name, old_gen))
@@ -162,126 +217,24 @@ class Publisher:
 
     # -- snapshots -------------------------------------------------------------------
 
-    def _publish_snapshot(self, extra: dict[int, int] | None = None,
-                          prefix: bytes | None = None) -> None:
-        """Build a snapshot of the current state now and point the control segment at it.
-
-        For the paths that cannot wait (a new epoch, the ring about to overwrite
-        events newer than the live snapshot): a build already running in the
-        background is finished first, then a new one runs in this thread.
-        """
-        if self._build is not None:
-            self._finish_build(self._build, wait=True)
-        b = SnapshotBuild(self)
-        b.run()
-        if b.error is not None and not b.full:
-            self._build_failed(b)
-            self._close_base()
-            b = SnapshotBuild(self)  # from the whole state
-            b.run()
-        if b.error is not None:
-            self._discard_build(b)
-            raise b.error
-        self._publish_build(b, extra, prefix)
-
     def maybe_snapshot(self) -> None:
-        """Publish a finished background build; start one when the cadence says so. Then
-        the same for the overlay segment."""
+        """Publish a finished background build (raising its error if it failed: the next
+        call retries); start one when the cadence says so. Then the same for the overlay
+        segment (and a ring resize a restore could not do)."""
+        if self._resize_to is not None and self.ring is not None:
+            size, self._resize_to = self._resize_to, None
+            self._resize(size)
         self._maybe_snapshot()
         if self.overlays is not None and self.ring is not None and not self._head_unpublished:
             self.overlays.maybe_build(self.revision, self.epoch, self.ring.head)
 
-    def _maybe_snapshot(self) -> None:
-        if self._build is not None:
-            self._finish_build(self._build)
-            return
-        if self.bytes_since_snapshot and (
-                self.bytes_since_snapshot >= self.snapshot_bytes
-                or time.monotonic() - self.last_snapshot >= self.snapshot_interval):
-            if self.base is None:
-                self._publish_snapshot()  # a whole-state build: no base to start from
-                return
-            self._build = SnapshotBuild(self)
-            threading.Thread(target=self._build.run, name="shmcache-snapshot",
-                             daemon=True).start()
-
-    def _finish_build(self, b: SnapshotBuild, wait: bool = False) -> None:
-        """Publish the background build if it is done (or wait for it)."""
-        if wait:
-            b.done.wait()
-        elif not b.done.is_set():
-            return
-        self._build = None
-        if b.error is not None:
-            self._build_failed(b)
-        else:
-            self._publish_build(b)
-
-    def _build_failed(self, b: SnapshotBuild) -> None:
-        """Drop a failed build; its changes go back to the delta (the base is unchanged)."""
-        self._discard_build(b)
-        log.warning("snapshot build at revision %d failed: %s", b.revision, b.error)
-        if b.changes is not None:
-            b.changes.update(self.delta)
-            self.delta = b.changes
-        self.bytes_since_snapshot += b.bytes_since
-        if isinstance(b.error, CorruptSegmentError):
-            self._close_base()  # the next build starts from the whole state
-
-    def _discard_build(self, b: SnapshotBuild) -> None:
-        if b.seg is not None:  # (run() has unmapped it)
-            _shm.unlink(b.name)
-            _shm.unlink(layout.index_name(self.name, b.seq))
-
-    def _drop_build(self) -> None:
-        """Wait for a background build and throw it away unpublished."""
-        if self._build is not None:
-            self._build.done.wait()
-            self._discard_build(self._build)
-            self._build = None
-
-    def _close_base(self, background: bool = False) -> None:
-        """Unmap the base snapshot (see _snapbuild.unmap); the next build is then a
-        whole-state one (which starts a new delta)."""
-        base, self.base = self.base, None
-        unmap(base, background)
-
-    def _publish_build(self, b: SnapshotBuild, extra: dict[int, int] | None = None,
-                       prefix: bytes | None = None) -> None:
-        """Point the control segment at a finished snapshot and make it the next base."""
-        assert self.ring is not None and b.seg is not None
-        _faults.point("snapshot")  # filled, not published
-        old = self.snap_seq
-        # The head goes out with the snapshot: records appended but not yet
-        # published (mid-response) are part of the state the snapshot holds.
-        updates = {layout.B_SNAP_SEQ: b.seq, layout.B_SNAP_REVISION: b.revision,
-                   layout.B_SNAP_SIZE: b.plan.total, layout.B_SNAP_RING_POS: b.ring_pos,
-                   layout.B_KEY_COUNT: len(self.kv), layout.B_RING_HEAD: self.ring.head,
-                   layout.B_REVISION: self.revision, **NO_OVERLAY}
-        if extra:
-            updates.update(extra)
-        # The changes after the snapshot are those since its build started.
-        publish_snapshot(self.overlays, self.ctl, self.name, updates, b.seq, self.delta,
-                         self.bytes_since_snapshot, (self.revision, self.epoch, self.ring.head),
-                         prefix=prefix)
-        self.snap_seq = b.seq
-        self.snap_ring_pos = b.ring_pos
-        self.stats["snapshots"] += 1
-        if old and old != b.seq:
-            # Readers that mapped it keep their mapping; new readers use the new one.
-            # Unlinked while the base still maps it: unlinking the last reference
-            # frees hundreds of MB with the GIL held (posix_ipc), unmapping does
-            # not hold it, so the pages are freed by _close_base below, off this thread.
-            _shm.unlink(layout.snapshot_name(self.name, old))
-            _shm.unlink(layout.index_name(self.name, old))
-        self._close_base(background=True)
-        sseg = _shm.open_readonly(b.name)
-        self.segs.track(b.name)
-        if b.pairs is not None:
-            self.segs.track(layout.index_name(self.name, b.seq))
-        if sseg is not None:  # (None: removed by hand; the next build is a whole-state one)
-            self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
-        b.report(self.stats)
+    def _resize(self, size: int) -> None:
+        """Switch to a ring of the configured size; on failure, again at the next call."""
+        try:
+            self.switch_ring(size, f"the ring size setting is {size} bytes")
+        except BaseException:
+            self._resize_to = size
+            raise
 
     # -- applying events -------------------------------------------------------------
 
@@ -292,15 +245,24 @@ class Publisher:
         A missing prev_kv (etcd leaves it out when it can no longer read the
         revision before the event, compacted while the watch caught up) is
         filled from the state, which holds that value exactly; past-revision
-        reads depend on it.
+        reads depend on it. On failure (see the class docstring) the revisions
+        appended before it are published and ``revision`` is the last of them.
         """
-        for revision, batch in batches:
-            self._flush(revision, batch)
+        try:
+            for revision, batch in batches:
+                self._flush(revision, batch)
+        except Exception:
+            try:
+                self.publish_head()
+            except Exception as exc:  # the next publish carries them
+                log.debug("publishing the head after a failed append failed too: %s", exc)
+            raise
         self.publish_head()
 
     def _flush(self, revision: int, batch: list[_codec.EventTuple]) -> None:
         # Appended before it is applied: appending may first publish a snapshot,
-        # which must hold exactly the state at the previous revision.
+        # which must hold exactly the state at the previous revision. Nothing below
+        # _append raises, so a revision is either appended and applied or neither.
         if _faults.FAULTS and not (batch := _faults.drop_event(batch)):
             return
         kv, ixr = self.kv, self.indexer
@@ -329,8 +291,11 @@ class Publisher:
                 del kv[key]
                 delta[key] = None
                 ovc[key] = TOMBSTONE
+        self.revision = revision
 
     def _append(self, revision: int, payload: bytes, n_events: int) -> None:
+        """Write one record; publish first what it needs (a snapshot, the tail). Readers
+        see it with the next head publish. Each step either happens whole or not."""
         assert self.ring is not None
         rw = self.ring
         if not rw.fits(len(payload)):
@@ -341,33 +306,33 @@ class Publisher:
             # read on through the seal, so they see no gap and no CompactedError.
             self.switch_ring(cap, f"a {len(payload)}-byte revision needs a {cap}-byte ring")
             rw = self.ring
-        pl = rw.place(len(payload))
-        if pl.end - rw.capacity > self.snap_ring_pos and self._build is not None:
-            self._finish_build(self._build, wait=True)
+        pl = rw.place(len(payload))  # a plan: nothing is dropped until the tail is published
         if pl.end - rw.capacity > self.snap_ring_pos:
-            # Writing would overwrite events newer than the live snapshot, and then
-            # readers could not rebuild the current state: republish first.
-            self._publish_snapshot()
-        ctl = self.ctl
-        updates: dict[int, int] = {}
-        if pl.new_tail != ctl.get(layout.B_RING_TAIL):
-            updates[layout.B_RING_TAIL] = pl.new_tail
-        if pl.compact_revision is not None:
-            updates[layout.B_COMPACT_REVISION] = pl.compact_revision
-        if updates:
+            if self._build is not None:
+                self._finish_build(self._build, wait=True)
+            if pl.end - rw.capacity > self.snap_ring_pos:
+                # Writing would overwrite events newer than the live snapshot, and then
+                # readers could not rebuild the current state: republish first.
+                self._publish_snapshot()
+        faults = _faults.FAULTS
+        if pl.evict:
+            updates = {layout.B_RING_TAIL: pl.new_tail}
+            if pl.compact_revision is not None:
+                updates[layout.B_COMPACT_REVISION] = pl.compact_revision
+            if faults:
+                _faults.point("tail")
             # The tail moves before the bytes are overwritten: a reader that re-reads
             # it after copying knows whether its copy can be torn.
-            ctl.publish(updates, wake=False)
-        rw.write(pl, revision, payload,
-                 on_payload=(lambda: _faults.point("append")) if _faults.FAULTS else None)
-        _faults.point("append")  # the record is complete but not published
-        self.revision = revision
+            self.ctl.publish(updates, wake=False)
+            rw.drop(pl)
+        rw.write(pl, revision, payload, (lambda: _faults.point("append")) if faults else None)
         self.bytes_since_snapshot += len(payload)
         if self.overlays is not None:
             self.overlays.bytes_since += len(payload)
-        self.stats["events"] += n_events
-        self.stats["records"] += 1
-        self.stats["bytes"] += len(payload)
+        stats = self.stats
+        stats["events"] += n_events
+        stats["records"] += 1
+        stats["bytes"] += len(payload)
         self._head_unpublished = True
 
     def publish_head(self) -> None:
@@ -380,6 +345,8 @@ class Publisher:
         if not self._head_unpublished:
             return
         assert self.ring is not None
+        if _faults.FAULTS:
+            _faults.point("head")
         self.ctl.publish({layout.B_RING_HEAD: self.ring.head, layout.B_REVISION: self.revision,
                           layout.B_KEY_COUNT: len(self.kv),
                           layout.B_ETCD_REVISION: max(self.etcd_revision, self.revision)})
@@ -388,12 +355,19 @@ class Publisher:
             self.revision_moved.notify_all()
 
     def progress(self, revision: int) -> None:
-        """Publish that the state is exact at ``revision`` (confirmed by the feed), no record."""
+        """Publish that the state is exact at ``revision`` (confirmed by the feed), no record;
+        with the head of records not published yet, if any."""
         if revision <= self.revision:
             return
+        updates = {layout.B_REVISION: revision,
+                   layout.B_ETCD_REVISION: max(self.etcd_revision, revision)}
+        if self._head_unpublished:
+            assert self.ring is not None
+            updates.update({layout.B_RING_HEAD: self.ring.head, layout.B_KEY_COUNT: len(self.kv)})
+        _faults.point("progress")
+        self.ctl.publish(updates)
         self.revision = revision
-        self.ctl.publish({layout.B_REVISION: revision,
-                          layout.B_ETCD_REVISION: max(self.etcd_revision, revision)})
+        self._head_unpublished = False
         with self.revision_moved:
             self.revision_moved.notify_all()
 

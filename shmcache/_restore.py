@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from . import _codec, _shm, control, layout, ring, snapshot
+from . import _codec, _faults, _shm, control, layout, ring, snapshot
 from ._overlays import NONE as NO_OVERLAY
 from ._overlays import OVERLAY_BYTES, publish_snapshot
 from ._snapbuild import freeze_gc
@@ -44,6 +44,12 @@ class Restored:
     tail: int  # the ring tail to continue with: above the block's if history was damaged
     compact: int  # the oldest watchable revision that goes with that tail
 
+    def close(self) -> None:
+        """Unmap what was loaded (a restore that did not go through)."""
+        self.base[1].close()
+        self.base[0].close()
+        self.ring_seg.close()
+
 
 def load(name: str, prefix: bytes, ctl_seg: _shm.Segment, index_defs: bytes) -> Restored | str:
     """The state the segments hold, or the reason they cannot be resumed.
@@ -60,6 +66,7 @@ def load(name: str, prefix: bytes, ctl_seg: _shm.Segment, index_defs: bytes) -> 
         return "the control block was left mid-publish"
     if b.snap_seq == 0:
         return "no snapshot was published"
+    opened: list[_shm.Segment | snapshot.Snapshot] = []  # closed unless all goes well
     try:
         control.validate_block(b, ctl_seg.name)
         served = control.read_prefix(buf, b.prefix_len)
@@ -69,26 +76,29 @@ def load(name: str, prefix: bytes, ctl_seg: _shm.Segment, index_defs: bytes) -> 
         if control.read_index_defs(buf, b.index_defs_len) != index_defs:
             return "the index definitions changed (the indexes are rebuilt in a new epoch)"
         rname = layout.ring_name(name, b.ring_gen)
-        opened = _shm.open_writable(rname)
-        if opened is None:
+        got = _shm.open_writable(rname)
+        if got is None:
             return f"ring segment {rname} is missing"
-        rseg, rfd = opened
+        rseg, rfd = got
         os.close(rfd)
+        opened.append(rseg)
         ring.check_ring_header(rseg.buf, rseg.size, rseg.name, b.ring_gen, b.ring_capacity)
         sname = layout.snapshot_name(name, b.snap_seq)
         sseg = _shm.open_readonly(sname)
         if sseg is None:
             return f"snapshot segment {sname} is missing"
+        opened.append(sseg)
         snap = snapshot.Snapshot(sseg.name, sseg.buf, sseg.size)
-        try:
-            kv, delta, tail, compact = _rebuild(b, rseg, snap)
-        except BaseException:
-            snap.close()
-            sseg.close()
-            raise
+        opened.append(snap)
+        kv, delta, tail, compact = _rebuild(b, rseg, snap)
+        restored = Restored(b, rseg, (sseg, snap), kv, delta, tail, compact)
+        opened = []
+        return restored
     except (CorruptSegmentError, ring.Lapped, ring.TornRecord, OSError, ValueError) as exc:
         return str(exc) or type(exc).__name__
-    return Restored(b, rseg, (sseg, snap), kv, delta, tail, compact)
+    finally:
+        for obj in reversed(opened):
+            obj.close()
 
 
 def _rebuild(b: control.Block, rseg: _shm.Segment, snap: snapshot.Snapshot,
@@ -132,16 +142,27 @@ def resume(p: Publisher) -> str | None:
     """Make publisher ``p`` continue from the segments a previous writer left; None if it
     did, else why not.
 
-    ``load`` says what is validated. A ring of another size than ``p.ring_size`` is
-    then replaced by one of that size (switch_ring). The previous writer's overlay
-    segment is not trusted: it is withdrawn (readers decode the records since the
-    snapshot meanwhile) and a new one is built from the restored changes at once.
+    ``load`` says what is validated. The previous writer's overlay segment is
+    not trusted: it is withdrawn (readers decode the records since the
+    snapshot meanwhile) and a new one is built from the restored changes at
+    once. That publish comes before ``p`` takes anything over: if it raises,
+    ``p`` is as before the call and what was loaded is unmapped.
     """
     assert p.segs.ctl_seg is not None
     got = load(p.name, p.prefix, p.segs.ctl_seg, p.ctl.index_defs)
     if isinstance(got, str):
         return got
     b = got.block
+    updates = dict(NO_OVERLAY)
+    if got.tail != b.ring_tail:
+        updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
+    try:
+        _faults.point("restore")
+        publish_snapshot(p.overlays, p.ctl, p.name, updates, b.snap_seq, got.delta,
+                         OVERLAY_BYTES, (b.revision, b.epoch, b.ring_head), wake=False)
+    except BaseException:
+        got.close()
+        raise
     p._ring_seg = got.ring_seg
     p.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
     p.ring.restore(b.ring_head, got.tail)
@@ -158,14 +179,7 @@ def resume(p: Publisher) -> str | None:
     p.snap_seq = b.snap_seq
     p.snap_ring_pos = b.snap_ring_pos
     p.last_snapshot = time.monotonic()
-    updates = dict(NO_OVERLAY)
-    if got.tail != b.ring_tail:
-        updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
-    publish_snapshot(p.overlays, p.ctl, p.name, updates, b.snap_seq, got.delta, OVERLAY_BYTES,
-                     (b.revision, b.epoch, b.ring_head), wake=False)
     log.info("resumed cache %r at revision %d (epoch %d, %d keys)", p.name,
              p.revision, p.epoch, len(got.kv))
-    if p.ring.capacity != p.ring_size:
-        p.switch_ring(p.ring_size, f"the ring size setting is {p.ring_size} bytes")
     p.ctl.publish({})  # wake readers: the writer is back
     return None

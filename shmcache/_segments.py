@@ -16,7 +16,7 @@ import os
 import pwd
 import stat
 
-from . import _shm, control, layout, ring
+from . import _faults, _shm, control, layout, ring
 from .errors import CacheExistsError, CorruptSegmentError, SegmentPermissionError, WriterError
 
 log = logging.getLogger("shmcache.writer")
@@ -153,11 +153,18 @@ class CacheSegments:
         return existed
 
     def create_ring(self, generation: int, capacity: int) -> tuple[_shm.Segment, ring.RingWriter]:
+        """Create (not publish) ring generation ``generation``; on failure nothing is left."""
         name = layout.ring_name(self.name, generation)
         _shm.unlink(name)  # leftover of a writer that crashed while creating it
         seg = _shm.create(name, layout.RING_DATA + capacity, self.mode, self.group)
+        try:
+            _faults.point("ring_switch")  # created, not initialised
+            ring.RingWriter.init_segment(seg.buf, generation, capacity)
+        except BaseException:
+            seg.close()
+            _shm.unlink(name)
+            raise
         self.track(name)
-        ring.RingWriter.init_segment(seg.buf, generation, capacity)
         return seg, ring.RingWriter(seg.buf, capacity, generation)
 
     def track(self, seg_name: str) -> None:

@@ -41,12 +41,20 @@ class Segment:
     size: int
 
     def close(self) -> None:
+        """Unmap. Idempotent; afterwards ``buf`` raises ValueError like a closed mmap."""
         try:
             self.buf.close()
         except BufferError:
             # A memoryview over the map is still alive somewhere (a caller kept a
-            # value slice); the mapping is released when that view is collected.
-            pass
+            # value slice). The segment lets go of the map, so it is unmapped when
+            # that view is collected, not when this (closed) segment is.
+            self.buf = _closed_map()
+
+
+def _closed_map() -> mmap.mmap:
+    m = mmap.mmap(-1, 1)
+    m.close()
+    return m
 
 
 def open_readonly(name: str) -> Segment | None:
@@ -85,10 +93,14 @@ def create(name: str, size: int, mode: int = 0o600, group: str | int | None = No
     """Create a segment of ``size`` bytes (zero-filled), with ``mode`` regardless of the umask.
 
     The space is reserved with posix_fallocate so a full /dev/shm fails here, with
-    ENOSPC, instead of as SIGBUS in a reader later.
+    ENOSPC, instead of as SIGBUS in a reader later. An ``exclusive`` create of a
+    name that exists raises FileExistsError. On any failure the segment is unlinked.
     """
     flags = posix_ipc.O_CREX if exclusive else posix_ipc.O_CREAT
-    shm = posix_ipc.SharedMemory(name, flags=flags, mode=mode, size=0)
+    try:
+        shm = posix_ipc.SharedMemory(name, flags=flags, mode=mode, size=0)
+    except posix_ipc.ExistentialError:  # (not an OSError: posix_ipc's own)
+        raise FileExistsError(errno.EEXIST, f"segment {name} exists") from None
     try:
         os.fchmod(shm.fd, mode)  # the creation mode was reduced by the umask
         if group is not None:

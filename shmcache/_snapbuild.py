@@ -8,10 +8,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import _faults, _shm, indexseg, layout, snapshot
+from sortedcontainers import SortedDict
+
+from . import _faults, _shm, control, indexseg, layout, ring, snapshot
+from ._overlays import NONE as NO_OVERLAY
+from ._overlays import Overlays, publish_snapshot
+from .errors import CorruptSegmentError
 
 if TYPE_CHECKING:
-    from ._publisher import KV, Publisher
+    from ._indexer import Indexer
+    from ._publisher import KV
+    from ._segments import CacheSegments
 
 log = logging.getLogger("shmcache.writer")
 
@@ -57,7 +64,7 @@ class SnapshotBuild:
     snapshots in order and only complete ones.
     """
 
-    def __init__(self, p: Publisher) -> None:
+    def __init__(self, p: SnapshotPublishing) -> None:
         assert p.ring is not None
         self.seq = p.snap_seq + 1
         self.cache = p.name
@@ -92,7 +99,7 @@ class SnapshotBuild:
         try:
             _shm.unlink(self.name)
             self.seg = _shm.create(self.name, self.plan.total, self.mode, self.group)
-            _faults.point("snapshot")  # created, not filled: a stray for the next writer
+            _faults.point("snapshot")  # created, not filled (the publisher unlinks it)
             if self.changes is not None:
                 self.keys = sorted(self.changes)
                 self.values = [self.changes[k] for k in self.keys]
@@ -116,6 +123,7 @@ class SnapshotBuild:
         size, fill = indexseg.build(self.pairs, self.seq, self.revision, self.epoch)
         seg = _shm.create(name, size, self.mode, self.group)
         try:
+            _faults.point("index")  # created, not filled
             fill(seg.buf)
         finally:
             seg.close()
@@ -129,3 +137,166 @@ class SnapshotBuild:
         log.info("snapshot published: revision %d, %d keys, %d bytes, built in %.1f ms (%s)",
                  self.revision, self.plan.count, self.plan.total, self.seconds * 1000,
                  "whole state" if self.full else f"{len(self.changes or ())} changes")
+
+
+class SnapshotPublishing:
+    """The publisher's snapshot side: builds (``SnapshotBuild``) started, finished, failed
+    and published. Publisher (_publisher) is the one subclass and holds the state these
+    read; every method runs on the writer's thread (see _publisher's contracts)."""
+
+    segs: CacheSegments
+    name: str
+    indexer: Indexer | None
+    stats: dict[str, Any]
+    snapshot_interval: float
+    snapshot_bytes: int
+    ring: ring.RingWriter | None
+    kv: SortedDict
+    delta: dict[bytes, KV | None]
+    data_len: int
+    base: tuple[_shm.Segment, snapshot.Snapshot] | None
+    overlays: Overlays | None
+    revision: int
+    epoch: int
+    snap_seq: int
+    snap_ring_pos: int
+    bytes_since_snapshot: int
+    last_snapshot: float
+    _build: SnapshotBuild | None
+
+    @property
+    def ctl(self) -> control.ControlWriter:
+        assert self.segs.ctl is not None
+        return self.segs.ctl
+
+    def _publish_snapshot(self, extra: dict[int, int] | None = None,
+                          prefix: bytes | None = None, fault: str = "snapshot_publish") -> None:
+        """Build a snapshot of the current state now and point the control segment at it.
+
+        For the paths that cannot wait (a new epoch, a new ring, the ring about
+        to overwrite events newer than the live snapshot): a build already
+        running in the background is finished first, then a new one runs in
+        this thread. On failure nothing is published and the build's changes
+        stay in the delta.
+        """
+        if self._build is not None:
+            self._finish_build(self._build, wait=True)
+        b = SnapshotBuild(self)
+        b.run()
+        if b.error is not None and not b.full and not isinstance(b.error, OSError):
+            # (Not for an OSError: a full /dev/shm fails a whole-state build as well.)
+            self._build_failed(b, b.error)
+            self._close_base()
+            b = SnapshotBuild(self)  # from the whole state
+            b.run()
+        if b.error is not None:
+            self._build_failed(b, b.error)
+            raise b.error
+        self._publish_build(b, extra, prefix, fault)
+
+    def _maybe_snapshot(self) -> None:
+        if self._build is not None:
+            self._finish_build(self._build, raise_error=True)
+            return
+        if self.bytes_since_snapshot and (
+                self.bytes_since_snapshot >= self.snapshot_bytes
+                or time.monotonic() - self.last_snapshot >= self.snapshot_interval):
+            if self.base is None:
+                self._publish_snapshot()  # a whole-state build: no base to start from
+                return
+            self._build = SnapshotBuild(self)
+            threading.Thread(target=self._build.run, name="shmcache-snapshot",
+                             daemon=True).start()
+
+    def _finish_build(self, b: SnapshotBuild, wait: bool = False,
+                      raise_error: bool = False) -> None:
+        """Publish the background build if it is done (or wait for it). A failed one is
+        dropped (and its error raised with ``raise_error``)."""
+        if wait:
+            b.done.wait()
+        elif not b.done.is_set():
+            return
+        self._build = None
+        if b.error is not None:
+            self._build_failed(b, b.error)
+            if raise_error:
+                raise b.error
+        else:
+            self._publish_build(b)
+
+    def _build_failed(self, b: SnapshotBuild, error: BaseException) -> None:
+        """Drop a failed build; its changes go back to the delta (the base is unchanged)."""
+        self._discard_build(b)
+        log.warning("snapshot build at revision %d failed: %s", b.revision, error)
+        if b.changes is not None:
+            b.changes.update(self.delta)
+            self.delta = b.changes
+        self.bytes_since_snapshot += b.bytes_since
+        if isinstance(error, CorruptSegmentError):
+            self._close_base()  # the next build starts from the whole state
+
+    def _discard_build(self, b: SnapshotBuild) -> None:
+        if b.seg is not None:  # (run() has unmapped it)
+            _shm.unlink(b.name)
+            _shm.unlink(layout.index_name(self.name, b.seq))
+
+    def _drop_build(self) -> None:
+        """Wait for a background build and throw it away unpublished."""
+        if self._build is not None:
+            self._build.done.wait()
+            self._discard_build(self._build)
+            self._build = None
+
+    def _close_base(self, background: bool = False) -> None:
+        """Unmap the base snapshot (see _snapbuild.unmap); the next build is then a
+        whole-state one (which starts a new delta)."""
+        base, self.base = self.base, None
+        unmap(base, background)
+
+    def _publish_build(self, b: SnapshotBuild, extra: dict[int, int] | None = None,
+                       prefix: bytes | None = None, fault: str = "snapshot_publish") -> None:
+        """Point the control segment at a finished snapshot and make it the next base.
+
+        Whatever fails before the control segment is written drops the build
+        (``_build_failed``) and raises; nothing after it raises.
+        """
+        assert self.ring is not None and b.seg is not None
+        old = self.snap_seq
+        # The head goes out with the snapshot: records appended but not yet
+        # published (mid-response) are part of the state the snapshot holds.
+        updates = {layout.B_SNAP_SEQ: b.seq, layout.B_SNAP_REVISION: b.revision,
+                   layout.B_SNAP_SIZE: b.plan.total, layout.B_SNAP_RING_POS: b.ring_pos,
+                   layout.B_KEY_COUNT: len(self.kv), layout.B_RING_HEAD: self.ring.head,
+                   layout.B_REVISION: self.revision, **NO_OVERLAY}
+        if extra:
+            updates.update(extra)
+        try:
+            _faults.point(fault)  # filled, not published
+            # The changes after the snapshot are those since its build started.
+            publish_snapshot(self.overlays, self.ctl, self.name, updates, b.seq, self.delta,
+                             self.bytes_since_snapshot,
+                             (self.revision, self.epoch, self.ring.head), prefix=prefix)
+        except BaseException as exc:
+            self._build_failed(b, exc)
+            raise
+        self.snap_seq = b.seq
+        self.snap_ring_pos = b.ring_pos
+        self.stats["snapshots"] += 1
+        if old and old != b.seq:
+            # Readers that mapped it keep their mapping; new readers use the new one.
+            # Unlinked while the base still maps it: unlinking the last reference
+            # frees hundreds of MB with the GIL held (posix_ipc), unmapping does
+            # not hold it, so the pages are freed by _close_base below, off this thread.
+            _shm.unlink(layout.snapshot_name(self.name, old))
+            _shm.unlink(layout.index_name(self.name, old))
+        self._close_base(background=True)
+        self.segs.track(b.name)
+        if b.pairs is not None:
+            self.segs.track(layout.index_name(self.name, b.seq))
+        try:
+            sseg = _shm.open_readonly(b.name)
+            if sseg is not None:  # (None: removed by hand; the next build is a whole-state one)
+                self.base = (sseg, snapshot.Snapshot(sseg.name, sseg.buf, sseg.size))
+        except Exception as exc:  # published all the same: the next build is a whole-state one
+            log.warning("cannot map the snapshot just published as the next base: %s", exc)
+        b.report(self.stats)

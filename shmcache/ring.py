@@ -16,7 +16,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import repeat
 
 from . import layout
 from .errors import CorruptSegmentError, VersionMismatchError
@@ -184,19 +184,29 @@ def peek_revision(buf: object, capacity: int, pos: int) -> tuple[int, int, int]:
 
 @dataclass
 class Placement:
-    """Where the next record goes and what the writer must publish before writing it."""
+    """Where the next record goes and what the writer must publish before writing it.
+
+    A plan only (``RingWriter.place``): nothing changes until the writer
+    ``drop``s the records it overwrites (after publishing ``new_tail``) and
+    ``write``s the record.
+    """
 
     start: int  # logical position of the record
     end: int  # head after the record
     pad_at: int | None  # position of a padding record to write first, if any
     new_tail: int  # tail to publish before writing
-    compact_revision: int | None  # new oldest watchable revision, if history was dropped
+    compact_revision: int | None  # new oldest watchable revision, if history is dropped
+    evict: int  # records (and padding entries) the write overwrites, oldest first
 
 
 class RingWriter:
     """Writer-side bookkeeping of one ring segment: positions of live records, placement, bytes.
 
-    Not thread-safe; owned by the writer's publishing thread.
+    Not thread-safe; owned by the writer's publishing thread. An append is
+    ``place`` (a pure plan), then, once the writer has published the plan's
+    tail, ``drop`` (the bookkeeping forgets the overwritten records), then
+    ``write``. A failure before ``write`` completes leaves the head where it
+    was: readers never see the record and a retry places it again.
     """
 
     def __init__(self, buf: object, capacity: int, generation: int) -> None:
@@ -223,6 +233,7 @@ class RingWriter:
         return self.record_size(payload_len) <= self.capacity // 2
 
     def place(self, payload_len: int) -> Placement:
+        """Plan the next record: where it goes and which records it overwrites. Changes nothing."""
         size = self.record_size(payload_len)
         head = self.head
         room = self.capacity - head % self.capacity
@@ -234,20 +245,36 @@ class RingWriter:
         end = start + size
         low = end - self.capacity  # bytes below this logical position get overwritten
         compact = None
-        records = self.records
-        while records and records[0][0] < low:
-            revision = records.popleft()[1]
-            if revision:
-                compact = revision
+        n = 0
         # The tail always lands on a tracked position (a record, a padding record
         # or an end-of-lap skip), so a snapshot's ring position, which is some
         # earlier head, is never strictly between two valid positions.
-        new_tail = records[0][0] if records else head
-        return Placement(start, end, pad_at, max(new_tail, self.tail), compact)
+        for pos, revision in self.records:
+            if pos >= low:
+                new_tail = pos
+                break
+            n += 1
+            if revision:
+                compact = revision
+        else:
+            new_tail = head
+        if new_tail < self.tail:
+            new_tail = self.tail
+        return Placement(start, end, pad_at, new_tail, compact, n)
+
+    def drop(self, placement: Placement) -> None:
+        """Forget the records ``placement`` overwrites: once, after publishing its tail."""
+        popleft = self.records.popleft
+        for _ in repeat(None, placement.evict):
+            popleft()
+        self.tail = placement.new_tail
 
     def write(self, placement: Placement, revision: int, payload: bytes,
-              on_payload: Any = None) -> None:
-        """Write the padding (if any) and the record bytes; the caller publishes the head after."""
+              hook: Callable[[], None] | None = None) -> None:
+        """Write the padding (if any) and the record bytes, then take the record into the
+        bookkeeping; the caller has ``drop``ped what it overwrites first, and publishes
+        the head after. ``hook`` (a fault point) runs after the payload and after the
+        header, before the bookkeeping changes."""
         buf = self.buf
         cap = self.capacity
         if placement.pad_at is not None:
@@ -269,14 +296,20 @@ class RingWriter:
         # Payload first, header last: a reader that races this write sees the old
         # stamp (or a CRC mismatch) rather than a valid header over half a payload.
         buf[base + _REC_SIZE:base + _REC_SIZE + length] = payload  # type: ignore[index]
-        if on_payload is not None:
-            on_payload()  # crash-test hook: the payload is written, the header not yet
+        if hook is not None:
+            hook()
         buf[base:base + _REC_SIZE] = hdr  # type: ignore[index]
+        if hook is not None:
+            hook()
         if placement.start != self.head:
             self.records.append((self.head, 0))  # the padding / end-of-lap skip
         self.records.append((pos, revision))
         self.head = placement.end
-        self.tail = placement.new_tail
+
+    def forget_history(self) -> None:
+        """No record before the head is history any more (a new epoch: tail = head)."""
+        self.records.clear()
+        self.tail = self.head
 
     def seal(self, revision: int, tail: int | None = None) -> None:
         """Mark this ring finished at its head (see read_seal). ``tail``: the oldest
@@ -289,6 +322,10 @@ class RingWriter:
         _Q.pack_into(self.buf, layout.RING_SEAL_OFF + 16, self.head)  # type: ignore[arg-type]
         _Q.pack_into(self.buf, layout.RING_SEAL_OFF + 24, revision)  # type: ignore[arg-type]
         _Q.pack_into(self.buf, layout.RING_SEAL_OFF, 1)  # type: ignore[arg-type]
+
+    def unseal(self) -> None:
+        """Withdraw a seal whose next generation was never published (a failed switch)."""
+        _Q.pack_into(self.buf, layout.RING_SEAL_OFF, 0)  # type: ignore[arg-type]
 
     def restore(self, head: int, tail: int) -> None:
         """Rebuild the record list from the segment after a writer restart."""

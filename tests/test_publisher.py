@@ -7,6 +7,7 @@ These drive shmcache._publisher.Publisher directly (no feed, no gRPC) over real
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -193,3 +194,107 @@ def test_a_token_from_an_earlier_epoch_is_a_value_error(pub: Publisher, cache_na
         with pytest.raises(shmcache.CompactedError):
             next(it)
 
+
+
+def test_attach_that_loses_the_creation_race_opens_the_winner_s_segment(
+        cache_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers start at once: both find no control segment, the other creates it
+    first. The loser's exclusive create fails (posix_ipc raises ExistentialError, not
+    FileExistsError); it must open the winner's segment and go on (here: take the lock
+    the winner has released), not crash."""
+    winner = _publisher(cache_name)
+    winner.attach()
+    winner.reset(3, [], "test")
+    winner.close(removed_under_us=False, remove=False)
+    real = _shm.open_writable
+    calls: list[str] = []
+
+    def not_there_yet(name: str) -> Any:
+        calls.append(name)
+        return None if len(calls) == 1 else real(name)  # the winner created it just after
+
+    monkeypatch.setattr(_shm, "open_writable", not_there_yet)
+    loser = _publisher(cache_name)
+    try:
+        assert loser.attach() is True
+        assert len(calls) == 2
+        monkeypatch.undo()
+        assert loser.restore() is None and loser.revision == 3
+    finally:
+        loser.close(removed_under_us=False, remove=True)
+
+
+def test_a_restore_that_fails_unmaps_what_it_mapped(
+        cache_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_restore.load on damaged segments returns the reason and leaves no mapping open,
+    even while something else still refers to the segments (so refcounting does not
+    unmap them by chance)."""
+    from shmcache import _restore, layout
+
+    p = _publisher(cache_name)
+    p.attach()
+    p.reset(1, [(P + b"a", (b"1", 1, 1, 1, 0))], "test")
+    p.apply([(2, [put(P + b"b", b"2", 2)])])
+    p.close(removed_under_us=False, remove=False)
+    mapped: list[_shm.Segment] = []
+    ro, rw = _shm.open_readonly, _shm.open_writable
+
+    def open_readonly(name: str) -> Any:
+        seg = ro(name)
+        if seg is not None:
+            mapped.append(seg)
+        return seg
+
+    def open_writable(name: str) -> Any:
+        got = rw(name)
+        if got is not None:
+            mapped.append(got[0])
+        return got
+
+    ctl, fd = rw(layout.control_name(cache_name)) or (None, -1)
+    assert ctl is not None
+    os.close(fd)
+    try:
+        monkeypatch.setattr(_shm, "open_readonly", open_readonly)
+        monkeypatch.setattr(_shm, "open_writable", open_writable)
+        # A bad ring header (the ring is mapped, then refused) ...
+        seg, fd2 = rw(layout.ring_name(cache_name, 1)) or (None, -1)
+        assert seg is not None
+        os.close(fd2)
+        good = bytes(seg.buf[:8])
+        seg.buf[:8] = b"XXXXXXXX"
+        assert "bad ring magic" in str(_restore.load(cache_name, P, ctl, b""))
+        seg.buf[:8] = good
+        # ... and a missing snapshot (the ring is mapped, then the snapshot is not there).
+        snap_name = layout.snapshot_name(cache_name, 1)
+        saved = ro(snap_name)
+        assert saved is not None
+        _shm.unlink(snap_name)
+        assert "is missing" in str(_restore.load(cache_name, P, ctl, b""))
+        seg.close()
+        saved.close()
+        assert len(mapped) == 2
+        assert all(m.buf.closed for m in mapped), "load left a segment mapped"
+    finally:
+        monkeypatch.undo()
+        ctl.close()
+        _shm.remove_cache(cache_name, force=True)
+
+
+def test_closing_a_segment_with_a_live_view_lets_go_of_the_mapping(cache_name: str) -> None:
+    """Segment.close while a memoryview of it is alive (BufferError from mmap.close): the
+    segment behaves as closed and no longer keeps the map, which is unmapped as soon as
+    the view goes, even though the Segment object lives on."""
+    name = f"/shmcache.{cache_name}.ctl"
+    seg = _shm.create(name, 4096)
+    try:
+        view = memoryview(seg.buf)[:16]
+        seg.close()
+        with pytest.raises(ValueError):
+            seg.buf[:1]  # noqa: B018  (closed, like any closed segment)
+        seg.close()  # idempotent
+        del view
+        with open("/proc/self/maps") as f:
+            assert name not in f.read()
+    finally:
+        _shm.unlink(name)

@@ -63,18 +63,29 @@ def append(w: RingWriter, model: Model, rev: int, payload: bytes) -> ring.Placem
         assert pl.pad_at == (w.head if room >= REC.size else None)
     assert pl.end == pl.start + size
     # Eviction: exactly the records whose first byte is about to be overwritten, and
-    # compact_revision is the revision of the last of them.
+    # compact_revision is the revision of the last of them. Placing is a plan only:
+    # the records go when the record is written.
     low = pl.end - cap
     evicted = [r for r in before if r[0] < low]
-    assert list(w.records) == before[len(evicted):]
+    assert pl.evict == len(evicted)
+    assert list(w.records) == before
     evicted_events = [r for r in evicted if r[1]]  # revision 0: a padding/skip entry
     assert pl.compact_revision == (evicted_events[-1][1] if evicted_events else None)
-    w.write(pl, rev, payload)
+    head = w.head
+    store(w, pl, rev, payload)
+    skip = [(head, 0)] if pl.start != head else []
+    assert list(w.records) == before[len(evicted):] + skip + [(pl.start, rev)]
     model.appended.append((pl.start, rev, payload))
     if pl.start != model.boundaries[-1]:
         model.boundaries.append(pl.start)  # after a pad or an end-of-lap skip
     model.boundaries.append(pl.end)
     return pl
+
+
+def store(w: RingWriter, pl: ring.Placement, rev: int, payload: bytes) -> None:
+    """What the writer does once it has published the placement's tail: drop, then write."""
+    w.drop(pl)
+    w.write(pl, rev, payload)
 
 
 def check_invariants(buf: object, w: RingWriter, model: Model) -> None:
@@ -201,8 +212,8 @@ def test_tail_does_not_skip_intact_padding() -> None:
     and every reader starting from the snapshot retried until it gave up.
     """
     buf, w = make_ring(256)
-    w.write(w.place(64), 1, payload_of(1, 64))
-    w.write(w.place(32), 2, payload_of(2, 32))
+    store(w, w.place(64), 1, payload_of(1, 64))
+    store(w, w.place(32), 2, payload_of(2, 32))
     snap_pos = w.head
     assert snap_pos == 160
     pl = w.place(96)
@@ -210,7 +221,7 @@ def test_tail_does_not_skip_intact_padding() -> None:
     assert pl.end - w.capacity <= snap_pos  # the writer's "no republish needed" test
     assert pl.compact_revision == 2
     assert pl.new_tail == 160
-    w.write(pl, 3, payload_of(3, 96))
+    store(w, pl, 3, payload_of(3, 96))
     assert w.tail <= snap_pos
     # A reader starting at the snapshot position finds an intact chain to the head.
     assert [(k, p) for k, _r, p, _n in ring.walk(buf, 256, snap_pos, w.head)] == [
@@ -238,7 +249,7 @@ def fill_to(w: RingWriter, used: int, rev: int = 1) -> int:
     while w.head < used:
         size = min(w.capacity // 2, used - w.head)
         assert size >= REC.size and size % 8 == 0
-        w.write(w.place(size - REC.size), rev, payload_of(rev, size - REC.size))
+        store(w, w.place(size - REC.size), rev, payload_of(rev, size - REC.size))
         rev += 1
     assert w.head == used
     return rev
@@ -250,7 +261,7 @@ def test_record_exactly_filling_the_lap() -> None:
     rev = fill_to(w, 128)
     pl = w.place(128 - REC.size)
     assert (pl.start, pl.end, pl.pad_at) == (128, 256, None)
-    w.write(pl, rev, payload_of(rev, 96))
+    store(w, pl, rev, payload_of(rev, 96))
     assert ring.read_record(buf, 256, 128)[2] == 256
     pl = w.place(0)  # the next one starts the second lap at physical offset 0
     assert (pl.start, pl.pad_at) == (256, None)
@@ -274,11 +285,11 @@ def test_room_at_the_end_of_a_lap(room: int, size: int, pad_len: object) -> None
     pl = w.place(size - REC.size)
     if pad_len == "fits":
         assert (pl.start, pl.pad_at) == (cap - room, None)
-        w.write(pl, rev, payload_of(rev, size - REC.size))
+        store(w, pl, rev, payload_of(rev, size - REC.size))
         assert ring.read_record(buf, cap, cap - room)[:3] == (EVENTS, rev, cap)
         return
     assert pl.start == cap
-    w.write(pl, rev, payload_of(rev, size - REC.size))
+    store(w, pl, rev, payload_of(rev, size - REC.size))
     got = ring.read_record(buf, cap, cap - room)
     if pad_len is None:
         assert pl.pad_at is None
@@ -351,8 +362,8 @@ def test_fits() -> None:
 
 def one_record() -> tuple[bytearray, int, bytes]:
     buf, w = make_ring(256)
-    w.write(w.place(10), 5, payload_of(5, 10))
-    w.write(w.place(10), 6, payload_of(6, 10))
+    store(w, w.place(10), 5, payload_of(5, 10))
+    store(w, w.place(10), 6, payload_of(6, 10))
     return buf, 256, payload_of(5, 10)
 
 
@@ -503,7 +514,34 @@ def test_walk_is_bounded_on_a_self_consistent_loop() -> None:
     cap = 256
     buf, w = make_ring(cap)
     for rev in range(1, 9):
-        w.write(w.place(0), rev, b"")  # 8 header-only records: exactly one lap
+        store(w, w.place(0), rev, b"")  # 8 header-only records: exactly one lap
     assert w.head == cap
     with pytest.raises(CorruptSegmentError):
         list(ring.walk(buf, cap, 0, 10 * cap))
+
+
+def test_a_write_that_fails_changes_nothing_and_the_plan_is_placed_again() -> None:
+    """Placing is a plan: a record whose write fails (a fault point raising after its
+    payload or after its header) leaves head, tail and the records as they were, and
+    the retry writes the same record at the same place."""
+    buf, w = make_ring(256)
+    for rev in range(1, 4):
+        store(w, w.place(40), rev, payload_of(rev, 40))
+    before = (w.head, w.tail, list(w.records))
+    pl = w.place(100)  # overwrites the oldest records
+    assert (pl.evict, pl.compact_revision) == (2, 2)
+
+    def boom() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        w.write(pl, 4, payload_of(4, 100), hook=boom)
+    assert (w.head, w.tail, list(w.records)) == before
+    assert w.place(100) == pl
+    w.drop(pl)  # the tail was published: the overwritten records go, the rest stays
+    assert w.tail == pl.new_tail and w.head == before[0]
+    assert list(w.records) == before[2][2:]
+    w.write(pl, 4, payload_of(4, 100))
+    assert w.records[-1] == (pl.start, 4) and w.head == pl.end
+    assert [r for _k, r, _p, _n in ring.walk(buf, 256, w.tail, w.head) if r] == [
+        r for _p, r in w.records if r]
