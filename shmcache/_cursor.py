@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SEALED", "Record", "RingCursor"]
 
-# (revision, msgpack payload, position): the position is the record's in the ring the
-# cursor reads after the read that returned it, or SEALED for a record of a ring the
-# writer had left (sealed, so never overwritten; read on through its seal).
+# (revision, msgpack payload, position). position: where the record starts in the
+# cursor's ring (``RingCursor.ring`` after the read that returned it), or SEALED for a
+# record read through the seal of a ring the writer has left and never overwrites.
 Record = tuple[int, bytes, int]
 SEALED = -1
 

@@ -3,7 +3,9 @@
 Every watch of a Reader, once caught up, is fed by one reader of the ring that decodes
 each record once: these tests check that the events are still exactly etcd's (no gap,
 no repeat, in order) for many watches, across catching up, a slow watch, a lap of the
-demultiplexer itself, a history reset, a fork, and watches dropped without close().
+demultiplexer itself, a history reset, a fork, and watches dropped without close(); and
+that a joined watch is cut off exactly when a ring record it has not read is overwritten,
+with a 64 KiB ring and transactions of thousands of puts that make it grow.
 """
 
 from __future__ import annotations
