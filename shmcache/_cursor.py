@@ -17,9 +17,13 @@ from .errors import CompactedError
 if TYPE_CHECKING:
     from .reader import Reader
 
-__all__ = ["Record", "RingCursor"]
+__all__ = ["SEALED", "Record", "RingCursor"]
 
-Record = tuple[int, bytes]  # (revision, msgpack payload)
+# (revision, msgpack payload, position). position: where the record starts in the
+# cursor's ring (``RingCursor.ring`` after the read that returned it), or SEALED for a
+# record read through the seal of a ring the writer has left and never overwrites.
+Record = tuple[int, bytes, int]
+SEALED = -1
 
 
 class RingCursor:
@@ -66,20 +70,21 @@ class RingCursor:
             hint="Use a larger --ring-size, or list again and watch from the list's revision")
 
     def _collect(self, seg: _shm.Segment, cap: int, stop: int, tail: Callable[[], int],
-                 max_revision: int | None, out: list[Record]) -> None:
+                 max_revision: int | None, out: list[Record], sealed: bool = False) -> None:
         """Append the records from ``self.pos`` to ``stop`` above ``since``; then move on.
 
         The position moves only if every record read was intact
         (ring.iter_records raises Lapped or CorruptSegmentError otherwise).
+        ``sealed``: the ring is one the writer has left (its records get SEALED).
         """
         since, last = self.since, self.last_record
         found: list[Record] = []
-        for _pos, rev, _nxt, payload in ring.iter_records(
+        for pos, rev, _nxt, payload in ring.iter_records(
                 seg.buf, cap, self.pos, stop, tail, after_revision=last,
                 max_revision=max_revision, name=seg.name):
             last = rev
             if rev > since:
-                found.append((rev, payload))
+                found.append((rev, payload, SEALED if sealed else pos))
                 since = rev
         out.extend(found)
         self.pos = max(self.pos, stop)
@@ -105,7 +110,8 @@ class RingCursor:
                     f"{self.since} are not all available", compact_revision=b.compact_revision)
             s_tail, s_head, s_revision = seal
             try:
-                self._collect(self.ring, self.cap, s_head, lambda: s_tail, s_revision, out)
+                self._collect(self.ring, self.cap, s_head, lambda: s_tail, s_revision, out,
+                              sealed=True)
             except ring.Lapped:
                 raise self.lapped(b) from None
             self.since = max(self.since, s_revision)

@@ -16,13 +16,18 @@ after ``Reader.wait(rev)`` sees the events up to ``rev`` without waiting for
 the thread.
 
 Semantics are those of a Watch reading the ring itself: events in order, none
-skipped or repeated. A watch that does not read its events gets
-CompactedError once they exceed the ring's capacity in bytes, without holding
-back the others; a lap of the demultiplexer itself, or a history reset, ends
-every joined watch with CompactedError after the events queued before it.
+skipped or repeated, and CompactedError when the ring overwrites a record the
+watch has not read. A joined watch has "read" a record once it has taken every
+event queued from it; until then it is cut off, alone, as soon as the writer's
+tail passes the record's position (a record of a ring the writer has since
+sealed counts as position 0 of the new one, where a watch reading on its own
+would go on). So what a watch may hold unread is bounded by the ring it would
+read, whatever the ring's size or the number of events in a revision. A lap of
+the demultiplexer itself, or a history reset, ends every joined watch with
+CompactedError after the events queued before it.
 
 Concurrency contract: every field of the Demux, and the queue fields of its
-watches (``_q``, ``_qbytes``, ``_error``, ``_async``), are guarded by
+watches (``_q``, ``_error``, ``_async``), are guarded by
 ``Demux.lock``; wake-ups go through each watch's Bell (_futex) and, for
 asyncio, one ``call_soon_threadsafe`` per event loop per batch. ``leave_soon``
 never waits for the lock (``Watch.close`` may run in a signal handler that
@@ -39,8 +44,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import _codec
-from ._cursor import Record, RingCursor
+from . import _codec, _shm, ring
+from ._cursor import SEALED, Record, RingCursor
 from ._indexdef import vals
 from ._perprocess import PerReader
 from .errors import CompactedError, ShmCacheError
@@ -59,8 +64,6 @@ __all__ = ["Demux", "demux_of"]
 _SLICE = 0.5
 # The thread exits after this long without joined watches.
 _IDLE_EXIT = 0.5
-# Accounted per queued event on top of its key and value bytes (the objects).
-_EVENT_OVERHEAD = 200
 
 
 def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
@@ -86,6 +89,10 @@ class Demux:
         self._by_len: dict[int, dict[bytes, list[weakref.ref[Watch]]]] = {}
         self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Watch]]] = {}
         self._count = 0
+        # id(watch) -> (its reference, ring position of the oldest record it has unread
+        # events of) for every watch with a non-empty queue, in order of position: a
+        # watch enters when its queue fills from empty, which happens in ring order.
+        self._unread: dict[int, tuple[weakref.ref[Watch], int]] = {}
         self._thread: threading.Thread | None = None
         # Counters, for tests and the curious: records decoded, events handed out.
         self.records = 0
@@ -111,7 +118,6 @@ class Demux:
                 if c is None or c.epoch != cursor.epoch or c.revision > cursor.revision:
                     return False  # (None: the advance failed every watch; retry afresh)
             w._after = cursor.revision
-            w._qcap = cursor.cap
             w._saved = cursor
             ref = weakref.ref(w)
             if w._index is None:
@@ -139,6 +145,7 @@ class Demux:
                 self.lock.release()
 
     def _remove(self, w: Watch) -> None:
+        self._unread.pop(id(w), None)
         if w._index is None:
             table = self._by_len.get(len(w.prefix))
             refs = table.get(w.prefix) if table is not None else None
@@ -170,6 +177,9 @@ class Demux:
                 self._by_ix[key] = live
             else:
                 del self._by_ix[key]
+        for i, (ref, _pos) in list(self._unread.items()):
+            if ref() is None:
+                del self._unread[i]
 
     def _watches(self) -> list[Watch]:
         refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
@@ -203,7 +213,7 @@ class Demux:
             if w._q:
                 out = w._q
                 w._q = []
-                w._qbytes = 0
+                self._unread.pop(id(w), None)
             else:
                 if w._error is not None:
                     raise w._error
@@ -236,10 +246,15 @@ class Demux:
         if c is None:
             return
         self._seen = self._ctl.word()
+        old = c.ring
         try:
             records = c.read()
+            if c.ring is not old:
+                self._left_ring(old)
             if records:
                 self._dispatch(records, c.ring.name)
+            if self._unread:
+                self._cut_overwritten(c)
         except ShmCacheError as exc:
             # A lap of our own cursor, a history reset, damage: every joined watch
             # gets the error once it has read what was queued before it.
@@ -248,19 +263,64 @@ class Demux:
                 w._error = exc
             self._by_len.clear()
             self._by_ix.clear()
+            self._unread.clear()
             self._count = 0
             self.cursor = None
             self._notify(watches)
+
+    def _left_ring(self, old: _shm.Segment) -> None:
+        """The cursor followed the writer from ring ``old`` (sealed) to a new one.
+
+        Watches whose unread records were overwritten before the seal are cut
+        off; the others' records can no longer be overwritten, and they go on
+        as a watch reading on its own would: at position 0 of the new ring.
+        """
+        seal = ring.read_seal(old.buf)
+        if seal is not None:
+            self._cut_below(seal[0])
+        self._unread = {i: (ref, 0) for i, (ref, _pos) in self._unread.items()}
+
+    def _cut_overwritten(self, c: RingCursor) -> None:
+        """Cut off the watches whose oldest unread record the writer's tail has passed."""
+        first = next(iter(self._unread.values()))[1]
+        if first >= self._ctl.tail():
+            return  # the usual case: one load
+        b = self._ctl.block()
+        if b is not None and b.epoch == c.epoch and b.ring_gen == c.ring_gen:
+            self._cut_below(b.ring_tail)
+        # (else the writer moved on: the next advance follows it, and judges by the seal)
+
+    def _cut_below(self, tail: int) -> None:
+        """Cut off the watches with unread records below ring position ``tail``."""
+        behind = []
+        for i, (_ref, pos) in self._unread.items():
+            if pos >= tail:
+                break  # in position order: the rest are intact
+            behind.append(i)
+        cut = []
+        for i in behind:
+            w = self._unread.pop(i)[0]()
+            if w is not None:
+                # Its record was overwritten before it read it: as if the ring had
+                # lapped it. The others go on.
+                w._q = []
+                w._error = w._saved.lapped() if w._saved is not None else CompactedError(
+                    f"watch on cache {self._name!r} fell behind", compact_revision=0)
+                self._remove(w)
+                cut.append(w)
+        self._notify(cut)
 
     def _dispatch(self, records: list[Record], where: str) -> None:
         by_len = list(self._by_len.items())
         by_ix = self._by_ix
         touched: dict[int, Watch] = {}
         n = 0
-        for rev, payload in records:
+        for rev, payload, pos in records:
             # (decode_indexed: decode() would strip the same tuples of their index values)
             decoded = _codec.decode_indexed(payload, rev, where)
             self.records += 1
+            if pos == SEALED:
+                pos = 0  # see _left_ring
             for ev, ix, pix in decoded:
                 key = ev.kv.key
                 for length, table in by_len:
@@ -269,23 +329,14 @@ class Demux:
                         for ref in refs:
                             w = ref()
                             if w is not None and rev > w._after and not w._closed:
-                                self._queue(w, ev, touched)
+                                self._queue(w, ref, ev, pos, touched)
                                 n += 1
                 if by_ix:
-                    n += self._dispatch_indexed(ev, key, rev, ix, pix, touched)
+                    n += self._dispatch_indexed(ev, key, rev, pos, ix, pix, touched)
         self.delivered += n
-        over = [w for w in touched.values() if w._qbytes > w._qcap]
-        for w in over:
-            # It did not read its events while they grew past what the ring holds:
-            # as if the ring had lapped it. The others go on.
-            w._q = []
-            w._qbytes = 0
-            w._error = w._saved.lapped() if w._saved is not None else CompactedError(
-                f"watch on cache {self._name!r} fell behind", compact_revision=0)
-            self._remove(w)
         self._notify(list(touched.values()))
 
-    def _dispatch_indexed(self, ev: Event, key: bytes, rev: int, ix: Any, pix: Any,
+    def _dispatch_indexed(self, ev: Event, key: bytes, rev: int, pos: int, ix: Any, pix: Any,
                           touched: dict[int, Watch]) -> int:
         n = 0
         seen: set[int] = set()
@@ -296,16 +347,19 @@ class Demux:
                     if w is not None and rev > w._after and key.startswith(w.prefix) \
                             and id(w) not in seen and not w._closed:
                         seen.add(id(w))
-                        self._queue(w, ev, touched)
+                        self._queue(w, ref, ev, pos, touched)
                         n += 1
         return n
 
-    @staticmethod
-    def _queue(w: Watch, ev: Event, touched: dict[int, Watch]) -> None:
+    def _queue(self, w: Watch, ref: weakref.ref[Watch], ev: Event, pos: int,
+               touched: dict[int, Watch]) -> None:
+        """Append ``ev``, of the record at ring position ``pos``, to ``w``'s queue."""
+        if not w._q:
+            # Its oldest unread record from now on. pop first: the id of a watch that
+            # died with events queued may be reused, and the entry must move to the end.
+            self._unread.pop(id(w), None)
+            self._unread[id(w)] = (ref, pos)
         w._q.append(ev)
-        kv, prev = ev.kv, ev.prev_kv
-        w._qbytes += len(kv.key) + len(kv.value) + _EVENT_OVERHEAD + (
-            len(prev.value) if prev is not None else 0)
         touched[id(w)] = w
 
     def _notify(self, watches: list[Watch]) -> None:

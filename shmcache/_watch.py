@@ -37,9 +37,9 @@ class Watch:
     How it reads: first on its own, from its start revision up to what the
     writer has published (catching up); then it joins its Reader's
     demultiplexer (shmcache/_demux.py), which decodes each new record once for
-    every watch of the process and queues this watch's events for it. A watch
-    whose queued events grow past the ring's capacity in bytes without being
-    read gets CompactedError, as if the ring had lapped it.
+    every watch of the process and queues this watch's events for it. A joined
+    watch gets CompactedError once the ring overwrites a record holding one of
+    its queued, unread events, as a watch reading on its own would.
     """
 
     def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None,
@@ -57,8 +57,6 @@ class Watch:
         self._demux: _demux.Demux | None = None
         # Guarded by the demux's lock (see shmcache/_demux.py).
         self._q: list[Event] = []
-        self._qbytes = 0
-        self._qcap = b.ring_capacity
         self._error: BaseException | None = None
         self._after = 0  # events at or below this revision were read before joining
         self._saved: RingCursor | None = None  # the position after the last take
@@ -104,7 +102,7 @@ class Watch:
         """This watch's events in ``records`` (reading on its own)."""
         prefix, end, index = self.prefix, self._end, self._index
         found: list[Event] = []
-        for rev, payload in records:
+        for rev, payload, _pos in records:
             if index is None:
                 for ev in _codec.decode(payload, rev, where):
                     k = ev.kv.key
@@ -127,7 +125,7 @@ class Watch:
         """
         saved = self._saved
         self._demux = None
-        self._q, self._qbytes, self._async = [], 0, []
+        self._q, self._async = [], []
         self._ready = Bell()
         if self._error is not None:
             return

@@ -3,7 +3,9 @@
 Every watch of a Reader, once caught up, is fed by one reader of the ring that decodes
 each record once: these tests check that the events are still exactly etcd's (no gap,
 no repeat, in order) for many watches, across catching up, a slow watch, a lap of the
-demultiplexer itself, a history reset, a fork, and watches dropped without close().
+demultiplexer itself, a history reset, a fork, and watches dropped without close(); and
+that a joined watch is cut off exactly when a ring record it has not read is overwritten,
+with a 64 KiB ring and transactions of thousands of puts that make it grow.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import shmcache
 from shmcache import _demux
+from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, delete, drain, etcd_events, put, txn, wait_rev
 
 
@@ -28,6 +33,18 @@ def cache(etcd_session: Any, cache_name: str, unique_prefix: bytes) -> Any:
         yield w, unique_prefix
     finally:
         w.close()
+
+
+def wait_queued(d: _demux.Demux, rev: int) -> None:
+    """Until the demultiplexer ``d`` has read (and queued the events of) revision ``rev``."""
+    deadline = time.monotonic() + 15
+    while True:
+        with d.lock:
+            c = d.cursor
+            if c is not None and c.revision >= rev:
+                return
+        assert time.monotonic() < deadline, f"demultiplexer stuck below {rev}"
+        time.sleep(0.01)
 
 
 def test_threads_on_distinct_prefixes_get_exactly_their_events(
@@ -115,7 +132,10 @@ def test_a_watch_from_the_past_catches_up_then_joins(
     while not old.joined:
         assert time.monotonic() < deadline
         got.extend(old.poll(timeout=0.2))
-    time.sleep(0.2)
+    at_join = len(last)
+    while len(last) < at_join + 5:  # writes after the join too
+        assert time.monotonic() < deadline
+        got.extend(old.poll(timeout=0.2))
     stop.set()
     t.join()
     got.extend(drain(old, last[-1]))
@@ -156,6 +176,151 @@ def test_a_slow_joined_watch_is_cut_off_alone(etcd_session: Any, etcd_client: An
     r.close()
 
 
+# -- revisions larger than the ring ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd_big_txns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """An etcd that takes one transaction of thousands of puts (its defaults: 128
+    operations, 1.5 MiB per request)."""
+    server = EtcdServer(data_dir=Path(tmp_path_factory.mktemp("etcd-big-txns")),
+                        extra_args=["--max-txn-ops", "5000", "--max-request-bytes",
+                                    str(16 << 20)])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def tiny(etcd_big_txns: EtcdServer, cache_name: str,
+         unique_prefix: bytes) -> Iterator[tuple[WriterProcess, bytes, Any]]:
+    """A writer with the smallest ring (64 KiB) on that etcd, its prefix, and a client."""
+    w = WriterProcess(cache_name, etcd_big_txns.endpoint, unique_prefix, ring_size="64KiB")
+    client = etcd_big_txns.client()
+    try:
+        w.start()
+        yield w, unique_prefix, client
+    finally:
+        client.close()
+        w.close()
+
+
+def puts(under: bytes, n: int, size: int) -> list[tuple[str, bytes, bytes]]:
+    return [("put", under + b"k%05d" % i, b"v" * size) for i in range(n)]
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["on-its-own", "joined"])
+@pytest.mark.parametrize(("n", "size", "ring_after"),
+                         [(400, 10, 64 << 10), (2000, 800, 8 << 20)],
+                         ids=["400-puts-of-10B", "2000-puts-of-800B-ring-grows"])
+def test_a_watch_that_keeps_up_gets_every_event_of_a_large_revision(
+        etcd_big_txns: EtcdServer, tiny: Any, n: int, size: int, ring_after: int,
+        joined: bool) -> None:
+    """One transaction of many puts, nothing overwritten: a watch that keeps up gets every
+    event, reading on its own or joined to the demultiplexer, also when the revision is
+    larger than the 64 KiB ring and the writer continues in an 8 MiB one."""
+    w, p, client = tiny
+    r = shmcache.Reader(w.name)
+    since = r.revision
+    wt = r.watch(p, since_revision=since)
+    if joined:
+        assert wt.poll(0) == [] and wt.joined
+    rev = txn(client, puts(p, n, size))
+    got = drain(wt, rev)
+    st = r.status()
+    assert st.ring_capacity == ring_after
+    if ring_after == 64 << 10:
+        assert st.oldest_watchable_revision <= since  # nothing was overwritten
+    assert got == etcd_events(etcd_big_txns.endpoint, p, since, rev)
+    nxt = put(client, p + b"next", b"1")
+    assert [e.revision for e in drain(wt, nxt)] == [nxt] and wt.joined
+    r.close()
+
+
+def test_a_joined_watch_is_cut_off_when_a_record_it_has_not_read_is_overwritten(
+        etcd_big_txns: EtcdServer, tiny: Any) -> None:
+    """Joined watches that do not read keep their events, across a ring growth, for as
+    long as the ring holds the records they came from (judged by the new ring once it
+    grew); once one of those records is overwritten they get CompactedError, however few
+    events they hold. A watch that reads meanwhile gets every event."""
+    w, p, client = tiny
+    r = shmcache.Reader(w.name)
+    since = r.revision
+    slow = r.watch(p + b"a/", since_revision=since)  # never read until cut off
+    late = r.watch(p + b"a/", since_revision=since)  # read once, late
+    quiet = r.watch(p + b"b/", since_revision=since)  # one event, never read
+    fast = r.watch(p, since_revision=since)
+    for wt in (slow, late, quiet, fast):
+        assert wt.poll(0) == [] and wt.joined
+    got: list[shmcache.Event] = []
+    first = put(client, p + b"a/first", b"1")  # in the 64 KiB ring
+    got += drain(fast, first)
+    big = txn(client, puts(p + b"a/", 2000, 800))  # the ring grows to 8 MiB
+    got += drain(fast, big)
+    one = put(client, p + b"b/one", b"1")
+    got += drain(fast, one)
+    assert r.status().ring_capacity == 8 << 20
+    last = one
+    for _ in range(3):  # 3 MB of other keys: the 8 MiB ring overwrites nothing yet
+        last = txn(client, puts(p + b"c/", 500, 2000))
+        got += drain(fast, last)
+    assert r.status().oldest_watchable_revision < big  # the new ring starts at big
+    assert [e.revision for e in late.poll(0)] == [first] + [big] * 2000
+    rounds = 0
+    while r.status().oldest_watchable_revision < one:  # until the ring overwrote "one"
+        rounds += 1
+        assert rounds < 20
+        last = txn(client, puts(p + b"c/", 500, 2000))
+        got += drain(fast, last)
+    for wt in (slow, quiet):
+        with pytest.raises(shmcache.CompactedError) as ei:
+            wt.poll(0)
+        assert ei.value.compact_revision > since
+    assert got == etcd_events(etcd_big_txns.endpoint, p, since, last)
+    assert late.poll(0) == []  # it read its events: it goes on
+    nxt = put(client, p + b"a/next", b"2")
+    assert [e.revision for e in drain(late, nxt)] == [nxt]
+    r.close()
+
+
+def test_a_record_overwritten_just_before_the_ring_grows_still_cuts_its_watch(
+        etcd_big_txns: EtcdServer, tiny: Any) -> None:
+    """If the writer overwrites a watch's unread record and then moves to a larger ring
+    before the demultiplexer reads on (here: its lock held), the watch is cut off, judged
+    by the old ring's seal; the others, whose records the seal kept, get every event."""
+    w, p, client = tiny
+    r = shmcache.Reader(w.name)
+    since = r.revision
+    victim = r.watch(p + b"a/", since_revision=since)
+    fast = r.watch(p, since_revision=since)
+    for wt in (victim, fast):
+        assert wt.poll(0) == [] and wt.joined
+    a = put(client, p + b"a/big", b"x" * 20000)  # unread by victim
+    got = drain(fast, a)
+    d = _demux.demux_of(r)
+    wait_queued(d, a)
+    with d.lock:
+        after_a = d.cursor.pos if d.cursor is not None else 0
+        last = a
+        # 1 KB at a time until the tail passes "a/big" and lands on its end, where the
+        # demultiplexer stands: it is not lapped itself.
+        while r.control.tail() < after_a:
+            assert last - a < 100
+            last = put(client, p + b"b/%d" % (last % 7), b"y" * 1000)
+            wait_rev(r, last)
+        assert r.control.tail() == after_a
+        last = txn(client, puts(p + b"c/", 2000, 800))  # the ring grows to 8 MiB
+        wait_rev(r, last)
+    with pytest.raises(shmcache.CompactedError):
+        victim.poll(0)
+    got += drain(fast, last)
+    assert r.status().ring_capacity == 8 << 20
+    assert got == etcd_events(etcd_big_txns.endpoint, p, since, last)
+    r.close()
+
+
 def test_a_lap_of_the_demultiplexer_ends_every_joined_watch(
         etcd_session: Any, etcd_client: Any, cache: Any) -> None:
     """If the demultiplexer itself falls a ring behind (here: its lock held while the writer
@@ -167,9 +332,8 @@ def test_a_lap_of_the_demultiplexer_ends_every_joined_watch(
     a = r.watch(p, since_revision=since)
     a.poll(0)
     first = put(etcd_client, p + b"a", b"1")
-    wait_rev(r, first)
-    time.sleep(0.3)  # the demultiplexer's thread queues it
     d = _demux.demux_of(r)
+    wait_queued(d, first)
     with d.lock:
         last = first
         for i in range(200):
@@ -231,8 +395,7 @@ def test_a_joined_watch_continues_in_a_forked_child(etcd_session: Any, etcd_clie
     got = drain(wt, first)
     assert wt.joined
     queued = put(etcd_client, p + b"b", b"2")  # queued in the parent, not read there
-    wait_rev(r, queued)
-    time.sleep(0.3)
+    wait_queued(_demux.demux_of(r), queued)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
