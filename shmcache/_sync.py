@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import select
 import socket
 import stat
@@ -37,9 +38,9 @@ log = logging.getLogger("shmcache.writer")
 
 REQUEST = b"s"
 
-# At most this many rounds start per second. Each costs etcd one count-only Range
-# (and, on an idle range, a few progress requests) and the writer about 0.3 ms of
-# CPU; a caller waits at most 1/ROUNDS_PER_SECOND longer for its round.
+# At most this many rounds start per second: each costs etcd one count-only Range
+# (and, on an idle range, a few progress requests), while a caller waits at most
+# 1/ROUNDS_PER_SECOND longer for its round.
 ROUNDS_PER_SECOND = 50
 # Datagrams read per wake-up at most: a sender that refills the queue as fast as
 # it is read cannot keep the sync thread from starting the round.
@@ -99,6 +100,11 @@ def _private_prefix(name: str) -> str:
     return f".shmcache.{name}.sync."
 
 
+# What mkdtemp appends: 8 of [a-z0-9_], so a cache named "a" never takes the
+# directory of one named "a.sync.b".
+_PRIVATE_SUFFIX_RE = re.compile(r"[a-z0-9_]{8}")
+
+
 def remove_leftovers(name: str) -> None:
     """Remove the private directories of ``bind_path`` that a writer killed inside it left:
     only this user's own directories, holding nothing but the socket."""
@@ -108,7 +114,7 @@ def remove_leftovers(name: str) -> None:
     except OSError:
         return
     for entry in entries:
-        if not entry.startswith(prefix):
+        if not (entry.startswith(prefix) and _PRIVATE_SUFFIX_RE.fullmatch(entry[len(prefix):])):
             continue
         d = os.path.join(SHM_DIR, entry)
         try:

@@ -288,16 +288,20 @@ def test_the_socket_file_appears_only_with_its_final_mode(
 
 def test_bind_path_leaves_no_directory_and_removes_leftovers(cache_name: str) -> None:
     """The private directory goes once the socket is in place, and one that a writer
-    killed inside bind_path left is removed by the next."""
-    leftover = os.path.join(_sync.SHM_DIR, f".shmcache.{cache_name}.sync.killed")
-    os.mkdir(leftover, 0o700)
-    open(os.path.join(leftover, "sock"), "w").close()
+    killed inside bind_path left is removed by the next (not one of a cache whose name
+    merely starts with this one's)."""
+    leftover = os.path.join(_sync.SHM_DIR, f".shmcache.{cache_name}.sync.killed_1")
+    other = os.path.join(_sync.SHM_DIR, f".shmcache.{cache_name}.sync.b.sync.killed_2")
+    for d in (leftover, other):
+        os.mkdir(d, 0o700)
+        open(os.path.join(d, "sock"), "w").close()
     sock = _sync.bind_path(cache_name, 0o600)
     try:
         assert stat_mode(_sync.path(cache_name)) == 0o600
-        assert not [e for e in os.listdir(_sync.SHM_DIR)
-                    if e.startswith(f".shmcache.{cache_name}.")]
+        assert [e for e in os.listdir(_sync.SHM_DIR)
+                if e.startswith(f".shmcache.{cache_name}.")] == [os.path.basename(other)]
     finally:
         sock.close()
         os.unlink(_sync.path(cache_name))
         shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(other, ignore_errors=True)
