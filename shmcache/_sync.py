@@ -38,10 +38,12 @@ log = logging.getLogger("shmcache.writer")
 
 REQUEST = b"s"
 
-# At most this many rounds start per second: each costs etcd one count-only Range
-# (and, on an idle range, a few progress requests), while a caller waits at most
-# 1/ROUNDS_PER_SECOND longer for its round.
-ROUNDS_PER_SECOND = 50
+# Rounds start at most ROUND_BURST at once, then ROUNDS_PER_SECOND a second: each
+# costs etcd one count-only Range (and, on an idle range, a few progress
+# requests). Callers that ask less often than that never wait for the budget;
+# past it, a caller waits at most 1/ROUNDS_PER_SECOND longer for its round.
+ROUNDS_PER_SECOND = 100
+ROUND_BURST = 20
 # Datagrams read per wake-up at most: a sender that refills the queue as fast as
 # it is read cannot keep the sync thread from starting the round.
 DRAIN_LIMIT = 256
@@ -216,6 +218,30 @@ class Client:
             self._sock = None
 
 
+class RoundBudget:
+    """How many sync rounds may start now: a token bucket of ``burst`` rounds that
+    refills at ``per_second``. Used by the sync thread alone (no lock)."""
+
+    def __init__(self, per_second: float = ROUNDS_PER_SECOND, burst: int = ROUND_BURST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self.clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def delay(self) -> float:
+        """Seconds until a round may start; 0 when one may start now."""
+        now = self.clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.per_second
+
+    def spend(self) -> None:
+        """A round starts (after ``delay()`` returned 0)."""
+        self._tokens -= 1
+
+
 class Server:
     """The writer's end: one round at a time, on a thread of its own (``run``).
 
@@ -226,11 +252,12 @@ class Server:
     progress notifications, double-confirmed by the feed), then publishes
     SYNC_DONE and SYNC_REVISION = R with a wake.
 
-    Rounds start at least ``1 / rounds_per_second`` apart; requests that
-    arrive meanwhile wait in the socket and share the next round, so a caller
-    is never starved by other senders, however many datagrams they send: the
-    first round that starts after its request covers it. ``close`` only after
-    ``run`` returned (the writer sets ``stopped`` and joins the thread).
+    Rounds start within a ``RoundBudget``; requests that arrive while a round
+    runs or the budget is spent wait in the socket and share the next round,
+    so a caller is never starved by other senders, however many datagrams
+    they send: the first round that starts after its request covers it.
+    ``close`` only after ``run`` returned (the writer sets ``stopped`` and
+    joins the thread).
     """
 
     def __init__(self, sock: socket.socket, ctl: ControlWriter,
@@ -238,7 +265,7 @@ class Server:
                  published_revision: Callable[[], int], revision_moved: threading.Condition,
                  stopped: threading.Event, stats: dict[str, Any],
                  describe: Callable[[BaseException], str] = str,
-                 rounds_per_second: float = ROUNDS_PER_SECOND) -> None:
+                 budget: RoundBudget | None = None) -> None:
         self.sock = sock
         self.ctl = ctl
         self.current_revision = current_revision
@@ -248,10 +275,9 @@ class Server:
         self.stopped = stopped
         self.stats = stats
         self.describe = describe
-        self.interval = 1.0 / rounds_per_second
+        self.budget = budget if budget is not None else RoundBudget()
 
     def run(self) -> None:
-        next_start = 0.0  # time.monotonic() before which no round starts
         while not self.stopped.is_set():
             try:
                 ready, _, _ = select.select([self.sock], [], [], 0.25)
@@ -259,12 +285,14 @@ class Server:
                 return
             if not ready:
                 continue
-            delay = next_start - time.monotonic()
-            if delay > 0 and self.stopped.wait(delay):
-                return
+            delay = self.budget.delay()
+            if delay > 0:
+                if self.stopped.wait(delay):
+                    return
+                continue  # the requests are still queued: select returns at once
             if not drain(self.sock):
                 continue
-            next_start = time.monotonic() + self.interval
+            self.budget.spend()
             self.stats["sync_requests"] += 1
             # Requests that arrive from here on are served by the next round.
             started = self.ctl.get(layout.B_SYNC_STARTED) + 1

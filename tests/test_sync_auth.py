@@ -161,10 +161,10 @@ def test_a_legitimate_sync_completes_during_a_flood_of_refused_requests(
 
 def test_a_reader_flooding_the_socket_gets_no_more_rounds_than_the_limit(
         accounts: Accounts, cache_640: str, etcd_client: Any) -> None:
-    """A member of the readers' group may send, but rounds start at most ROUNDS_PER_SECOND
-    times a second however many datagrams arrive (it used to be one round after another,
-    hundreds a second); another reader's sync() still completes meanwhile, each within
-    about one round interval plus a round."""
+    """A member of the readers' group may send, but rounds start at most ROUND_BURST at once
+    and ROUNDS_PER_SECOND a second however many datagrams arrive (it used to be one round
+    after another, about 500 a second here); another reader's sync() still completes
+    meanwhile."""
     t0 = time.monotonic()
     before = _rounds_started(cache_640)
     flood = _Flood(accounts.member, cache_640, 2.0)
@@ -179,8 +179,30 @@ def test_a_reader_flooding_the_socket_gets_no_more_rounds_than_the_limit(
     rounds = _rounds_started(cache_640) - before
     elapsed = time.monotonic() - t0
     assert counts.get("file sent", 0) > 0, counts
-    # Rounds start at least 1/ROUNDS_PER_SECOND apart (on the same monotonic clock).
-    assert 1 <= rounds <= elapsed * _sync.ROUNDS_PER_SECOND + 1, (rounds, elapsed, counts)
+    # The writer's budget runs on the same monotonic clock, within this window.
+    assert 1 <= rounds <= elapsed * _sync.ROUNDS_PER_SECOND + _sync.ROUND_BURST, (
+        rounds, elapsed, counts)
+
+
+def test_round_budget_allows_a_burst_then_the_rate() -> None:
+    """Pure logic, on a fake clock: ``burst`` rounds at once, then one per 1/rate; an idle
+    spell refills the burst, never beyond it."""
+    now = [100.0]
+    budget = _sync.RoundBudget(per_second=8, burst=3, clock=lambda: now[0])  # binary-exact
+    for _ in range(3):
+        assert budget.delay() == 0
+        budget.spend()
+    assert budget.delay() == 0.125
+    now[0] += 0.0625
+    assert budget.delay() == 0.0625
+    now[0] += 0.0625
+    assert budget.delay() == 0
+    budget.spend()
+    now[0] += 60  # idle
+    for _ in range(3):
+        assert budget.delay() == 0
+        budget.spend()
+    assert budget.delay() > 0
 
 
 # A reader as another uid: one consistent read, its revision on stdout.
