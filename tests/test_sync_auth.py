@@ -62,6 +62,10 @@ def cache_640(accounts: Accounts, etcd_session: EtcdServer) -> Iterator[str]:
         yield name
 
 
+def stat_mode(p: str) -> int:
+    return os.stat(p).st_mode & 0o777
+
+
 def _rounds_started(name: str) -> int:
     """SYNC_STARTED: how many sync rounds the writer has started."""
     seg = _shm.open_readonly(layout.control_name(name))
@@ -148,6 +152,8 @@ def test_a_user_who_cannot_read_the_segments_starts_no_round(
 
 def test_a_legitimate_sync_completes_during_a_flood_of_refused_requests(
         accounts: Accounts, cache_640: str, etcd_client: Any) -> None:
+    """Refused datagrams take nothing from readers but CPU: sync() calls complete during
+    the flood, each reflecting etcd's revision from before it."""
     flood = _Flood(accounts.outsider, cache_640, 30.0)
     try:
         flood.wait_started()
@@ -235,10 +241,6 @@ def test_mode_644_any_user_syncs(accounts: Accounts, etcd_session: EtcdServer,
         assert stat_mode(_sync.path(name)) == 0o666
         target = put(etcd_client, b"/elsewhere/" + secrets.token_hex(4).encode(), b"x")
         assert _sync_as(accounts.outsider, name) >= target
-
-
-def stat_mode(p: str) -> int:
-    return os.stat(p).st_mode & 0o777
 
 
 # Binds NAME's former abstract request address, says so, and holds it until killed.
