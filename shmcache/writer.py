@@ -199,18 +199,13 @@ class Writer:
         ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
         ticker.start()
         server = None
-        socks = []
-        try:  # the abstract address (this network namespace)
-            socks.append(_sync.bind(self.name))
-        except OSError as exc:
-            log.warning("consistent reads: cannot bind the abstract request socket: %s", exc)
-        try:  # and the socket file beside the segments (any namespace sharing /dev/shm)
-            socks.append(_sync.bind_path(self.name, self._segs.mode, self._segs.gid()))
+        try:  # beside the segments, with their readers' access (any namespace sharing /dev/shm)
+            sock = _sync.bind_path(self.name, self._segs.mode, self._segs.gid())
             self._segs.track_sync_socket()
         except OSError as exc:
             log.warning("consistent reads: cannot bind the request socket file: %s", exc)
-        if socks:
-            server = _sync.Server(socks, pub.ctl, self._feed.current_revision,
+        else:
+            server = _sync.Server(sock, pub.ctl, self._feed.current_revision,
                                   self._feed.request_progress, pub.published_revision,
                                   pub.revision_moved, self._stopped, self.stats,
                                   describe=_etcd.describe)
@@ -234,8 +229,7 @@ class Writer:
             ticker.join(timeout=2)
             if server is not None:
                 syncer.join(timeout=2)
-                for sock in server.socks:
-                    sock.close()
+                server.close()
                 self._segs.unlink_sync_socket()
             pub.close(removed_under_us=self._fatal is not None, remove=self.remove_on_close)
             log.info("writer for %r stopped at revision %d", self.name, pub.revision)

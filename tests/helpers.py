@@ -1,14 +1,22 @@
-"""Test helpers: a writer in a real child process, and etcd's own answers to compare against."""
+"""Test helpers: a writer in a real child process, etcd's own answers to compare against,
+and throwaway users and groups to run processes as."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import pytest
 
 import shmcache
 from shmcache import KeyValue, _shm, layout
@@ -221,3 +229,84 @@ def txn(client: Any, ops: list[tuple[str, bytes, bytes]]) -> int:
 def wait_rev(r: Any, rev: int) -> None:
     """Until Reader ``r`` has reached ``rev`` (15 s at most)."""
     assert r.wait(rev, timeout=15), f"reader stuck at {r.revision} < {rev}"
+
+
+# -- other users: throwaway accounts, processes run as them through setpriv ---------------
+
+# A child as another uid: no bytecode written into the checkout, no root's home.
+CHILD_ENV = {**os.environ, "HOME": "/", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str  # empty for ids with no entry in /etc/passwd (as in a container)
+    uid: int
+    gid: int
+    init_groups: bool  # the groups /etc/group gives ``name``; else ``groups``
+    groups: tuple[int, ...] = ()
+
+    def argv(self, *args: str) -> list[str]:
+        """``args`` run through setpriv as this account."""
+        if self.init_groups:
+            groups = ["--init-groups"]
+        elif self.groups:
+            groups = ["--groups", ",".join(map(str, self.groups))]
+        else:
+            groups = ["--clear-groups"]
+        return ["setpriv", "--reuid", str(self.uid), "--regid", str(self.gid), *groups, *args]
+
+
+@dataclass(frozen=True)
+class Accounts:
+    readers: str  # a group
+    readers_gid: int
+    member: Account  # in ``readers``
+    outsider: Account  # in no group but its own
+
+
+def _run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def throwaway_accounts() -> Iterator[Accounts]:
+    """A readers group, a member of it and an outsider, made with groupadd/useradd and
+    removed on exit; skips the test when not root, without the tools, or when another
+    uid cannot import shmcache from this interpreter. (Use it in a module-scoped fixture.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates users and groups and runs processes as them")
+    for tool in ("setpriv", "useradd", "userdel", "groupadd", "groupdel"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    import grp
+    import pwd
+
+    tag = secrets.token_hex(3)
+    group, member, outsider = f"shmt{tag}r", f"shmt{tag}m", f"shmt{tag}o"
+    made_users: list[str] = []
+    made_group = False
+    try:
+        _run(["groupadd", "--system", group])
+        made_group = True
+        for user, extra in ((member, ["--groups", group]), (outsider, [])):
+            _run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                  "--user-group", *extra, user])
+            made_users.append(user)
+        pw_m, pw_o = pwd.getpwnam(member), pwd.getpwnam(outsider)
+        acc = Accounts(group, grp.getgrnam(group).gr_gid,
+                       Account(member, pw_m.pw_uid, pw_m.pw_gid, True),
+                       Account(outsider, pw_o.pw_uid, pw_o.pw_gid, False))
+        probe = subprocess.run(
+            acc.outsider.argv(sys.executable, "-c", "import shmcache"), capture_output=True,
+            text=True, timeout=60, cwd="/", env=CHILD_ENV)
+        if probe.returncode != 0:
+            pytest.skip(f"another uid cannot import shmcache from {sys.executable} (is the "
+                        f"path traversable?): {probe.stderr.strip()[-300:]}")
+        yield acc
+    finally:
+        for user in made_users:
+            subprocess.run(["userdel", user], capture_output=True, timeout=60)
+            # userdel removes the user's own group with USERGROUPS_ENAB; make sure.
+            subprocess.run(["groupdel", user], capture_output=True, timeout=60)
+        if made_group:
+            subprocess.run(["groupdel", group], capture_output=True, timeout=60)

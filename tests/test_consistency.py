@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _shm, layout
+from shmcache import _shm, _sync, layout
 from tests import checker
 from tests import etcdserver as _etcdserver
 from tests.helpers import (
@@ -204,7 +204,8 @@ def test_reads_at_every_past_revision_equal_etcd(etcd_session: Any, etcd_client:
 
 def test_segment_modes_survive_the_umask(etcd_session: Any, cache_name: str,
                                          unique_prefix: bytes) -> None:
-    """Segments are 0600 by default whatever the umask; 0640 with a group on request."""
+    """Segments are 0600 by default whatever the umask; 0640 with a group on request. The
+    consistent-read socket file follows them, each read bit made read+write."""
     old = os.umask(0)
     try:
         w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix)
@@ -212,6 +213,7 @@ def test_segment_modes_survive_the_umask(etcd_session: Any, cache_name: str,
             w.start()
             for seg in _shm.list_segments(cache_name):
                 assert stat.S_IMODE(os.stat("/dev/shm" + seg).st_mode) == 0o600, seg
+            assert stat.S_IMODE(os.stat(_sync.path(cache_name)).st_mode) == 0o600
         finally:
             w.close()
         import grp
@@ -226,6 +228,8 @@ def test_segment_modes_survive_the_umask(etcd_session: Any, cache_name: str,
             for seg in segs:
                 st = os.stat("/dev/shm" + seg)
                 assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == os.getgid(), seg
+            st = os.stat(_sync.path(cache_name))
+            assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
         finally:
             w.close()
     finally:
@@ -252,7 +256,7 @@ def test_writer_refuses_untrusted_segments(etcd_session: Any, cache_name: str,
         assert w.proc.wait(timeout=30) != 0
         log = w.log()
         assert ("writable by group or others" in log) if problem == "group-writable" else \
-            ("owned by uid 65534" in log), log
+            ("uid 65534" in log and "not by this writer" in log), log  # named where it has one
         assert os.path.exists(path)  # refused, not removed
     finally:
         w.close()
