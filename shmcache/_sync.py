@@ -154,27 +154,23 @@ class Client:
         self.name = name
         # The socket file only: its mode admits exactly the cache's readers, while
         # anyone may bind an abstract address and swallow the requests sent there.
-        self._addrs: list[bytes | str] = [path(name)]
+        self._addr = path(name)
         self._sock: socket.socket | None = None
 
     def request(self) -> bool:
-        """Send one request; False if no writer is listening at either address."""
+        """Send one request; False if no writer is listening at the socket file."""
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.setblocking(False)
-        for addr in self._addrs:
-            try:
-                self._sock.sendto(REQUEST, addr)
-            except (BlockingIOError, InterruptedError):
-                return True  # the writer's queue is full: a round is coming anyway
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EACCES):
-                    continue
-                raise
-            if addr is not self._addrs[0]:
-                self._addrs.reverse()  # this one works from here: try it first next time
-            return True
-        return False
+        try:
+            self._sock.sendto(REQUEST, self._addr)
+        except (BlockingIOError, InterruptedError):
+            return True  # the writer's queue is full: a round is coming anyway
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EACCES):
+                return False
+            raise
+        return True
 
     def confirm(self, ctl: ControlReader, reached: Callable[[], int], timeout: float) -> int:
         """One consistent read (Reader.sync): request a round, wait until a round that
