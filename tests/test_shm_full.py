@@ -216,7 +216,9 @@ def test_full_dev_shm_is_a_state_not_an_etcd_error(
         return w.metrics().get("shmcache_publish_failing") == 1.0
 
     w.wait(stuck, 120, "publishing fails on the full tmpfs")
-    for _ in range(50):  # more writes while it is stuck: etcd holds them
+    # A failed snapshot alone leaves room in the ring: write past a ring's worth (1 MiB)
+    # so the events themselves cannot be published; etcd holds them meanwhile.
+    for _ in range(250):
         put(etcd_client, unique_prefix + b"k%05d" % (n % 400), value)
         n += 1
     code, st = w.status()
@@ -268,6 +270,8 @@ def test_full_dev_shm_is_a_state_not_an_etcd_error(
     assert [base64.b64decode(e["kv"]["value"]) for e in events] == [e.kv.value for e in theirs]
 
 
+@pytest.mark.xfail(reason="needs the Publisher's transactional ring switch (issue 18 item 1, "
+                          "branch publish): drop this mark when it is merged")
 def test_ring_growth_under_a_full_dev_shm(
         tmpfs_writer: Callable[..., TmpfsWriter], etcd_client: Any,
         unique_prefix: bytes) -> None:
