@@ -537,7 +537,7 @@ def test_healthy_is_0_while_etcd_is_unreachable(etcd_server: EtcdServer, cache_n
 
 
 def _run_in_thread(w: shmcache.Writer) -> threading.Thread:
-    t = threading.Thread(target=w.run, name="test-writer-run")
+    t = threading.Thread(target=w.run, name="test-writer-run", daemon=True)
     t.start()
     return t
 
@@ -650,7 +650,7 @@ def test_the_verifier_thread_is_joined_when_run_returns(
         t.join(30)
 
 
-def test_signal_handler_takes_no_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_signal_handler_takes_no_lock() -> None:
     """SIGTERM's handler may interrupt the main thread while it holds a logging lock: it
     must not log (or take any other lock). Here another thread holds the service logger's
     handler lock; the handler still returns at once and the writer is asked to stop."""
@@ -668,9 +668,14 @@ def test_signal_handler_takes_no_lock(monkeypatch: pytest.MonkeyPatch) -> None:
         def stop(self) -> None:
             self.stops += 1
 
-    handler = logging.NullHandler()
+    class Quiet(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    handler = Quiet()
     logger = logging.getLogger("shmcache.service")
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     held, release = threading.Event(), threading.Event()
 
@@ -695,4 +700,5 @@ def test_signal_handler_takes_no_lock(monkeypatch: pytest.MonkeyPatch) -> None:
         release.set()
         holder.join(10)
         logger.removeHandler(handler)
+        logger.setLevel(level)
         svc.close()
