@@ -27,7 +27,7 @@ import pytest
 
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import etcd_current_revision, etcd_events, etcd_range, put, txn
-from tests.test_service import _scrape
+from tests.test_service import FakeSystemd, _scrape, systemd  # noqa: F401
 
 ROOT = str(Path(__file__).parent.parent)
 
@@ -182,9 +182,26 @@ def _cache_items(w: TmpfsWriter, prefix: bytes) -> tuple[int, list[tuple[bytes, 
                               i["mod_revision"]) for i in doc["items"]]
 
 
+def test_a_ring_larger_than_dev_shm_is_refused_at_start(
+        etcd_session: EtcdServer, cache_name: str, unique_prefix: bytes) -> None:
+    """``--ring-size`` beyond /dev/shm's free space: one line and exit 2 at start (it used
+    to relist every few seconds forever, the ring's creation failing each time)."""
+    serve = [sys.executable, "-m", "shmcache", "serve", cache_name, "--endpoints",
+             etcd_session.endpoint, "--prefix", unique_prefix.decode(), "--ring-size", "64MiB"]
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs -o size=24m tmpfs /dev/shm && exec \"$@\"", "sh", *serve],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("shmcache serve: ring size 64.0 MiB does not fit in /dev/shm: "
+                           "24.0 MiB free of 24.0 MiB"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_full_dev_shm_is_a_state_not_an_etcd_error(
         tmpfs_writer: Callable[..., TmpfsWriter], etcd_client: Any, etcd_session: EtcdServer,
-        unique_prefix: bytes) -> None:
+        systemd: FakeSystemd, unique_prefix: bytes) -> None:  # noqa: F811
     """The issue's scenario, on a 24 MiB tmpfs: values of 6 KB until /dev/shm is full.
 
     The writer never reconnects or relists for it; status shows the error, since
@@ -238,6 +255,8 @@ def test_full_dev_shm_is_a_state_not_an_etcd_error(
     assert m["shmcache_healthy"] == 0
     assert m["shmcache_reconnects_total"] == 0 and m["shmcache_relists_total"] == 1, m
     assert "etcd error" not in w.log()
+    w.wait(lambda: any("cannot publish since" in t for t in systemd.statuses()), 10,
+           "systemd's STATUS= says publishing fails")
 
     w.unfill()
     last = put(etcd_client, unique_prefix + b"last", b"1")
