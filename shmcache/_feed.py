@@ -68,6 +68,7 @@ class EtcdFeed:
         self.range_end = range_end
         self.backoff_max = backoff_max
         self.stats = stats
+        stats.setdefault("publish_errors", 0)  # (shmcache_publish_errors_total)
         self.stopped = threading.Event()
         self.conn: _etcd.Connection | None = None
         self.stream: _etcd.WatchStream | None = None

@@ -322,6 +322,37 @@ def test_status_is_a_readiness_probe(etcd_server: Any, cache_name: str,
         w.close()
 
 
+def test_status_is_not_ready_before_a_restarted_writer_reaches_etcd(
+        etcd_session: Any, cache_name: str, unique_prefix: bytes) -> None:
+    """A restarted writer serves its predecessor's snapshot at once, but until it has reached
+    etcd the cache may be behind by anything: not ready, even before its first attempt
+    fails (here etcd's "address" accepts connections and never answers, for 5 s)."""
+    import socket
+
+    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix)
+    silent = socket.socket()
+    try:
+        w.start()
+        _wait_status(cache_name, 0)
+        assert w.terminate() == 0
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        w.args[w.args.index("--endpoints") + 1] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        w.start(wait=False)
+        seen = []
+        deadline = time.monotonic() + 30
+        while not seen or "cannot reach etcd" not in seen[-1]:
+            code, doc, _rows = _status_state(cache_name)
+            if doc.get("writer_pid") == w.pid and doc.get("writer_alive"):
+                assert code == 1, doc
+                seen.append(doc["not_ready_reason"])
+            assert time.monotonic() < deadline, (seen, w.log())
+        assert "the writer has not reached etcd yet" in seen, seen
+    finally:
+        w.close()
+        silent.close()
+
+
 def test_status_json_gives_a_non_utf8_prefix_exactly() -> None:
     """``prefix`` shows undecodable bytes as escapes; ``prefix_base64`` is exact."""
     from shmcache.types import Status
