@@ -702,3 +702,46 @@ def test_signal_handler_takes_no_lock() -> None:
         logger.removeHandler(handler)
         logger.setLevel(level)
         svc.close()
+
+
+def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
+    """The error text lives outside the seqlock: a reader in another process that reads it
+    while the writer replaces it gets one whole text (or "(being updated)"), never a mix;
+    and a fixed word being rewritten (the failure time, the heartbeat) never reads as 0."""
+    import mmap
+
+    from shmcache import control, layout
+
+    buf = mmap.mmap(-1, layout.CONTROL_SIZE)
+    texts = ["OSError: [Errno 28] No space left on device", "x" * layout.MAX_PUBLISH_ERROR_LEN,
+             "RuntimeError: é" * 20, ""]
+    w = control.ControlWriter(buf)
+    w.set_publish_error(texts[0], 1)
+    w.heartbeat()
+    pid = os.fork()
+    if pid == 0:  # the writer: replace the text as fast as it can for a second
+        try:
+            end = time.monotonic() + 1.0
+            i = 0
+            while time.monotonic() < end:
+                i += 1
+                w.set_publish_error(texts[i % len(texts)], 1)
+                w.heartbeat()
+        finally:
+            os._exit(0)
+    seen: set[str | None] = set()
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            text, since = control.publish_failure(buf, spins=3)
+            # (struct.pack_into zeroes a word before storing it: readers saw 0 here)
+            assert since == 1e-9 and control.writer_identity(buf)[2] != 0
+            seen.add(text)
+    finally:
+        buf.close()
+    assert seen <= {*texts, "(being updated)"}, seen - {*texts, "(being updated)"}
+    assert len(seen & set(texts)) >= 2
+    w2 = control.ControlWriter(mmap.mmap(-1, layout.CONTROL_SIZE))
+    w2.set_publish_error("é" * layout.MAX_PUBLISH_ERROR_LEN, 5)  # cut at a character
+    assert control.publish_failure(w2.buf)[0] == "é" * (layout.MAX_PUBLISH_ERROR_LEN // 2)
+    w2.set_publish_error(None)
+    assert control.publish_failure(w2.buf) == (None, None)
