@@ -1,9 +1,10 @@
 """Byte formats of the control, ring and snapshot segments as named constants; pure, no I/O.
 
 Every multi-byte integer is little-endian. Control words that another process
-reads while the writer may be storing them are aligned 8-byte fields accessed
-with ``'<Q'``: on CPython/x86-64 an aligned ``pack_into('<Q')`` is a single
-8-byte store and ``unpack_from('<Q')`` a single load (docs/design.md, "Facts
+reads while the writer may be storing them are aligned 8-byte fields: the
+writer stores each with one 8-byte copy (control._store; not
+``struct.pack_into``, which zeroes the field first) and readers load it with
+``unpack_from('<Q')``, a single load on CPython/x86-64 (docs/design.md, "Facts
 this design relies on"), so a reader never sees half of a word. Nothing beyond that is
 assumed: records carry a position stamp and a CRC so a torn or overwritten read
 is detected on any architecture. docs/format.md is the prose version of this
