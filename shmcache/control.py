@@ -501,7 +501,9 @@ class ControlWriter:
                 defs = self.index_defs
                 buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + len(defs)] = defs
                 fields[layout.B_INDEX_DEFS_LEN] = len(defs)
-            _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
+            # One copy, not pack_into: readers load RING_TAIL alone (lap detection),
+            # and pack_into would zero it on the way (see _store).
+            buf[layout.C_BLOCK:layout.C_BLOCK + _BLOCK.size] = _BLOCK.pack(*fields)
             self.seq += 1
             _store(buf, layout.C_SEQ, self.seq)
         if wake:

@@ -707,8 +707,10 @@ def test_signal_handler_takes_no_lock() -> None:
 def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
     """The error text lives outside the seqlock: a reader in another process that reads it
     while the writer replaces it gets one whole text (or "(being updated)"), never a mix;
-    and a fixed word being rewritten (the failure time, the heartbeat) never reads as 0."""
+    and a word being rewritten (the failure time, the heartbeat, the ring tail that readers
+    load alone) never reads as 0."""
     import mmap
+    import struct
 
     from shmcache import control, layout
 
@@ -718,6 +720,7 @@ def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
     w = control.ControlWriter(buf)
     w.set_publish_error(texts[0], 1)
     w.heartbeat()
+    w.publish({layout.B_RING_TAIL: 8}, wake=False)
     pid = os.fork()
     if pid == 0:  # the writer: replace the text as fast as it can for a second
         try:
@@ -727,6 +730,7 @@ def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
                 i += 1
                 w.set_publish_error(texts[i % len(texts)], 1)
                 w.heartbeat()
+                w.publish({layout.B_RING_TAIL: 8 + i % 2 * 8}, wake=False)
         finally:
             os._exit(0)
     seen: set[str | None] = set()
@@ -735,6 +739,7 @@ def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
             text, since = control.publish_failure(buf, spins=3)
             # (struct.pack_into zeroes a word before storing it: readers saw 0 here)
             assert since == 1e-9 and control.writer_identity(buf)[2] != 0
+            assert struct.unpack_from("<Q", buf, layout.C_BLOCK + 8 * layout.B_RING_TAIL)[0]
             seen.add(text)
     finally:
         buf.close()
