@@ -178,11 +178,13 @@ class Liveness:
     The loop shows progress by receiving watch responses (an idle writer asks
     for progress about once a second, and every answer counts), by attempting to
     reconnect (every few seconds at most while etcd is down), by loading list
-    pages and by publishing. The ticker thread's heartbeat does not count: it
+    pages, by publishing and by retrying a publish that failed (every 2 s at most
+    while /dev/shm is full: a restart would not cure that). The ticker thread's heartbeat does not count: it
     beats even while the loop is stuck.
     """
 
-    KEYS = ("watch_responses", "reconnects", "relists", "snapshots", "records", "watches")
+    KEYS = ("watch_responses", "reconnects", "relists", "snapshots", "records", "watches",
+            "publish_errors")
 
     def __init__(self, writer: Any, progress: ListProgress | None = None) -> None:
         self.writer = writer

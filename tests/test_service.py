@@ -162,6 +162,11 @@ def test_liveness_counts_loop_progress_not_time() -> None:
     assert live.update() >= 0.05
     W.stats["watch_responses"] += 1
     assert live.update() < 0.01
+    # A retried publish (a full /dev/shm) is the loop working, not stuck: the watchdog
+    # must not restart a writer for a state a restart does not cure.
+    time.sleep(0.05)
+    W.stats["publish_errors"] = 1
+    assert live.update() < 0.01
 
 
 # -- the real service -----------------------------------------------------------------------
