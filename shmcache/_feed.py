@@ -25,6 +25,10 @@ from .errors import ShmCacheError
 
 log = logging.getLogger("shmcache.writer")
 
+# The longest pause between two attempts to publish while publishing fails (a
+# full /dev/shm): short, so the cache catches up within seconds once space returns.
+PUBLISH_BACKOFF_MAX = 2.0
+
 
 class Sink(Protocol):
     revision: int
@@ -69,6 +73,7 @@ class EtcdFeed:
         self.backoff_max = backoff_max
         self.stats = stats
         stats.setdefault("watch_decode_errors", 0)  # (shmcache_watch_decode_errors_total)
+        stats.setdefault("publish_errors", 0)  # (shmcache_publish_errors_total)
         self.stopped = threading.Event()
         self.conn: _etcd.Connection | None = None
         self.stream: _etcd.WatchStream | None = None
@@ -89,6 +94,16 @@ class EtcdFeed:
         self._watch_created = 0.0
         self._unsynced_until = 0
         self._relist_reason: str | None = None
+        # Publishing failures (see _publish): the last error's text and since when
+        # (Unix time), None while publishing works; on_publish_state(error, since)
+        # is told each change (the writer stores them in the control segment).
+        self.publish_error: str | None = None
+        self.publish_failing_since: float | None = None
+        self.on_publish_state: Callable[[str | None, float | None], None] = \
+            lambda _error, _since: None
+        self._failing_steps: set[str] = set()
+        self._snapshot_retry_at = 0.0
+        self._snapshot_delay = 0.1
 
     def request_relist(self, reason: str) -> None:
         """Relist into a new epoch at the next watch response (any thread; the verifier)."""
@@ -120,7 +135,8 @@ class EtcdFeed:
                         need_list, reason = True, (f"etcd is at revision {current}, behind the "
                                                    f"cache's {sink.revision} (a new cluster?)")
                     if need_list:
-                        self._list(conn, sink, reason)
+                        if not self._list(conn, sink, reason):
+                            break  # stopped while publishing the list failed
                         need_list = False
                     self.on_ready()
                     self._healthy = False
@@ -172,13 +188,16 @@ class EtcdFeed:
             self.etcd_down_since = time.time()
             self.on_reachability(self.etcd_down_since)
 
-    def _list(self, conn: _etcd.Connection, sink: Sink, reason: str) -> None:
+    def _list(self, conn: _etcd.Connection, sink: Sink, reason: str) -> bool:
+        """List and reset the sink; False if stopped before the list was published."""
         t0 = time.monotonic()
         log.info("listing %r from etcd (%s)", _codec.key_text(self.prefix), reason)
         rev, items = conn.list_range(self.range_key, self.range_end, progress=self.list_progress)
-        sink.reset(rev, items, reason)
+        if not self._publish(lambda: sink.reset(rev, items, reason)):
+            return False
         log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
                  time.monotonic() - t0)
+        return True
 
     def _watch(self, conn: _etcd.Connection, sink: Sink) -> None:
         start = sink.revision + 1
@@ -223,7 +242,9 @@ class EtcdFeed:
                     self._apply_events(sink, events)
                 else:
                     self._on_progress(sink, revision)
-                sink.maybe_snapshot()
+                if stopped.is_set():
+                    return  # (stopped while publishing failed)
+                self._maybe_snapshot(sink)
             if not stopped.is_set():
                 raise WatchBroken("etcd closed the watch stream")
         except _etcd.UndecodableResponse as exc:
@@ -234,6 +255,80 @@ class EtcdFeed:
         finally:
             self.stream = None
             stream.close()
+
+    # -- publishing: a failure is a state of the cache, not an etcd error ---------
+
+    def _publish(self, step: Callable[[], None]) -> bool:
+        """Run ``step`` (a sink call) until it succeeds; False if ``close()`` came first.
+
+        A step fails when /dev/shm is full (ENOSPC) or on anything else the sink
+        raises. By the Publisher's contract readers still see the last published
+        state then, and calling again with the input it has not applied (``step``
+        filters by ``sink.revision``) succeeds once the cause is gone. So the step
+        is retried here, in place, with backoff (0.1 s doubling to
+        PUBLISH_BACKOFF_MAX): etcd is not reconnected, and the watch stream is not
+        read meanwhile, so gRPC flow control and etcd hold the events that follow,
+        not this process's memory. If the stream breaks or etcd compacts while
+        it waits, the next read of the stream says so and run() re-watches from
+        the cache's revision (or relists only if compacted past it).
+        """
+        delay = 0.1
+        while True:
+            try:
+                step()
+            except Exception as exc:
+                if self.stopped.is_set():
+                    return False
+                self._publish_failed("events", exc, delay)
+                if self.stopped.wait(delay):
+                    return False
+                delay = min(delay * 2, PUBLISH_BACKOFF_MAX)
+                continue
+            self._publish_recovered("events")
+            return True
+
+    def _maybe_snapshot(self, sink: Sink) -> None:
+        """sink.maybe_snapshot(), without holding up the events: a cadence snapshot
+        (or overlay) that fails is retried after a backoff while records go on into
+        the ring (apply publishes the snapshot it cannot do without itself)."""
+        now = time.monotonic()
+        if now < self._snapshot_retry_at:
+            return
+        try:
+            sink.maybe_snapshot()
+        except Exception as exc:
+            self._publish_failed("snapshot", exc, self._snapshot_delay)
+            self._snapshot_retry_at = now + self._snapshot_delay
+            self._snapshot_delay = min(self._snapshot_delay * 2, PUBLISH_BACKOFF_MAX)
+            return
+        self._snapshot_delay = 0.1
+        self._publish_recovered("snapshot")
+
+    def _publish_failed(self, step: str, exc: BaseException, delay: float) -> None:
+        """Count the error and enter (or stay in) the failing state; ``step`` is
+        "events" (the events, a relist, a progress revision) or "snapshot"."""
+        self.stats["publish_errors"] += 1
+        self._failing_steps.add(step)
+        text = _etcd.describe(exc)
+        if self.publish_failing_since is None:
+            self.publish_failing_since = time.time()
+            log.warning("cannot publish (%s): readers keep the last published revision; "
+                        "retrying (etcd is not reconnected for this)", text,
+                        exc_info=not isinstance(exc, OSError))
+        elif text != self.publish_error:
+            log.warning("cannot publish (%s); retrying in %.1fs", text, delay)
+        self.publish_error = text
+        self.on_publish_state(text, self.publish_failing_since)
+
+    def _publish_recovered(self, step: str) -> None:
+        """``step`` worked: leave the failing state once no step fails."""
+        since = self.publish_failing_since
+        self._failing_steps.discard(step)
+        if since is None or self._failing_steps:
+            return
+        log.info("publishing works again after %.1fs of failures", time.time() - since)
+        self.publish_error = self.publish_failing_since = None
+        self.on_publish_state(None, None)
 
     @staticmethod
     def batches(events: list[_codec.EventTuple], after: int,
@@ -265,8 +360,9 @@ class EtcdFeed:
 
     def _apply_events(self, sink: Sink, events: list[_codec.EventTuple]) -> None:
         out, relist = self.batches(events, sink.revision)
-        if out:
-            sink.apply(out)
+        if out and not self._publish(
+                lambda: sink.apply([b for b in out if b[0] > sink.revision])):
+            return
         self._last_event = time.monotonic()
         if relist is not None:
             raise relist
@@ -308,8 +404,9 @@ class EtcdFeed:
             log.warning("progress notification for revision %d ignored: etcd still has events "
                         "after %d to deliver", cand, sink.revision)
             cand = self._progress_candidate = None
-        if cand is not None and cand > sink.revision:
-            sink.progress(cand)
+        if cand is not None and cand > sink.revision and not self._publish(
+                lambda: sink.progress(cand)):
+            return
         self._progress_candidate = revision if revision > sink.revision else None
         if self._progress_candidate is not None and self.stream is not None:
             self.request_progress()
@@ -349,6 +446,8 @@ class EtcdFeed:
         """Ask for progress when no event and no request went out for ``interval`` seconds,
         so an idle range still shows a current revision."""
         now = time.monotonic()
+        if self.publish_failing_since is not None:
+            return  # the stream is not read while publishing fails: no answers piling up
         if now - self._last_event >= interval and now - self._progress_sent >= interval:
             self.request_progress()
 

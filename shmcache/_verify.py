@@ -134,6 +134,8 @@ class Verifier:
     A mismatch is logged with the first differing keys, counted
     (``stats["verify_mismatches"]``) and handed to ``on_mismatch`` (the writer
     relists into a new epoch). Its own etcd connection: the watch is not slowed.
+    ``run()`` returns soon after ``stopped`` is set and ``close()`` is called
+    (the writer does both, then joins the thread).
     """
 
     def __init__(self, name: str, settings: _etcd.EtcdSettings, interval: float,
@@ -145,9 +147,15 @@ class Verifier:
         self.stats = stats
         self.stopped = stopped
         self.on_mismatch = on_mismatch
+        self.conn = _etcd.Connection(self.settings)
+
+    def close(self) -> None:
+        """Cancel the etcd call a round may wait in (any thread); ``run()`` then returns
+        once ``stopped`` is set."""
+        self.conn.close()
 
     def run(self) -> None:
-        conn = _etcd.Connection(self.settings)
+        conn = self.conn
         try:
             while not self.stopped.wait(self.interval):
                 try:
@@ -158,6 +166,8 @@ class Verifier:
                     log.info("verification skipped: %s", exc)
                     continue
                 except Exception as exc:  # etcd down, a segment replaced: next round
+                    if self.stopped.is_set():
+                        break
                     log.info("verification skipped: %s", _etcd.describe(exc))
                     conn.close()
                     continue

@@ -1,9 +1,10 @@
 """Byte formats of the control, ring and snapshot segments as named constants; pure, no I/O.
 
 Every multi-byte integer is little-endian. Control words that another process
-reads while the writer may be storing them are aligned 8-byte fields accessed
-with ``'<Q'``: on CPython/x86-64 an aligned ``pack_into('<Q')`` is a single
-8-byte store and ``unpack_from('<Q')`` a single load (docs/design.md, "Facts
+reads while the writer may be storing them are aligned 8-byte fields: the
+writer stores each with one 8-byte copy (control._store; not
+``struct.pack_into``, which zeroes the field first) and readers load it with
+``unpack_from('<Q')``, a single load on CPython/x86-64 (docs/design.md, "Facts
 this design relies on"), so a reader never sees half of a word. Nothing beyond that is
 assumed: records carry a position stamp and a CRC so a torn or overwritten read
 is detected on any architecture. docs/format.md is the prose version of this
@@ -90,6 +91,18 @@ C_ETCD_DOWN_SINCE: Final = 240
 # in another PID namespace (another container) cannot see the writer's pid in
 # /proc and judges it by its heartbeat instead.
 C_WRITER_PIDNS: Final = 248
+# CLOCK_REALTIME ns since which the writer has failed to publish (a full /dev/shm:
+# ENOSPC), 0 while publishing works. Outside the seqlock, like ETCD_DOWN_SINCE.
+C_PUBLISH_FAILING_SINCE: Final = 256
+# The last publish error's text: a head word, length (low 32 bits) and crc32 of
+# the text (high 32 bits), then up to MAX_PUBLISH_ERROR_LEN bytes of UTF-8 text
+# at C_PUBLISH_ERROR + 8. A reader takes the text only when the head word is
+# the same before and after its copy and the crc matches, so it never shows a
+# torn text. Version 3 readers that predate these words ignore the bytes (they
+# were zero), so the format version did not change.
+C_PUBLISH_ERROR: Final = 264
+PUBLISH_ERROR_TEXT: Final = C_PUBLISH_ERROR + 8
+MAX_PUBLISH_ERROR_LEN: Final = 752
 # A writer whose heartbeat (every 0.25 s) is older than this counts as gone, for
 # readers that cannot see its pid.
 HEARTBEAT_DEAD_SECONDS: Final = 2.0
@@ -131,6 +144,9 @@ C_PREFIX: Final = 1024  # the key prefix the writer serves, B_PREFIX_LEN bytes
 C_INDEX_DEFS: Final = 3072
 MAX_INDEX_DEFS_LEN: Final = 1024
 FLAG_CLEAN_EXIT: Final = 1
+# Set once the running writer has reached etcd (claim() clears it): a restarted
+# writer serving its predecessor's snapshot is not current until then.
+FLAG_ETCD_REACHED: Final = 2
 
 # --- ring segment ------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _shm, control, layout
+from ._metrics import start_metrics_server
 from .config import ConfigError, ServeConfig
 from .errors import ShmCacheError
 
@@ -177,11 +178,13 @@ class Liveness:
     The loop shows progress by receiving watch responses (an idle writer asks
     for progress about once a second, and every answer counts), by attempting to
     reconnect (every few seconds at most while etcd is down), by loading list
-    pages and by publishing. The ticker thread's heartbeat does not count: it
+    pages, by publishing and by retrying a publish that failed (every 2 s at most
+    while /dev/shm is full: a restart would not cure that). The ticker thread's heartbeat does not count: it
     beats even while the loop is stuck.
     """
 
-    KEYS = ("watch_responses", "reconnects", "relists", "snapshots", "records", "watches")
+    KEYS = ("watch_responses", "reconnects", "relists", "snapshots", "records", "watches",
+            "publish_errors")
 
     def __init__(self, writer: Any, progress: ListProgress | None = None) -> None:
         self.writer = writer
@@ -201,6 +204,16 @@ class Liveness:
         return now - self.last_change
 
 
+def publish_failing_text(w: Any) -> str:
+    """"cannot publish since 12:00:03 UTC (41s, 9 errors): <error>", or "" while publishing works."""
+    since = w.publish_failing_since
+    if since is None:
+        return ""
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(since))
+    return (f"cannot publish since {at} ({time.time() - since:.0f}s, "
+            f"{w.stats.get('publish_errors', 0)} errors): {w.publish_error}")
+
+
 def etcd_down_text(w: Any) -> str:
     """"etcd unreachable since 12:00:03 UTC (41s, 7 failed attempts): <error>", or "" if reachable."""
     since = w.etcd_down_since
@@ -209,144 +222,6 @@ def etcd_down_text(w: Any) -> str:
     at = time.strftime("%H:%M:%S UTC", time.gmtime(since))
     return (f"etcd unreachable since {at} ({time.time() - since:.0f}s, "
             f"{w.stats.get('reconnects', 0)} failed attempts): {w.last_etcd_error}")
-
-
-# -- metrics -------------------------------------------------------------------------
-
-# (name, type, help, source). Sources: "block.X" = the published control block,
-# "stats.X" = Writer.stats, anything else computed in _Collector.
-METRICS: list[tuple[str, str, str, str]] = [
-    ("shmcache_revision", "gauge", "etcd revision the cache is exact at (what readers see)",
-     "block.revision"),
-    ("shmcache_etcd_revision_seen", "gauge", "newest etcd revision seen in a watch response",
-     "etcd_revision"),
-    ("shmcache_revision_lag", "gauge", "etcd_revision_seen - revision", "lag"),
-    ("shmcache_epoch", "gauge", "history epoch (grows on every relist)", "block.epoch"),
-    ("shmcache_oldest_watchable_revision", "gauge",
-     "smallest since_revision a new watch may use", "block.compact_revision"),
-    ("shmcache_keys", "gauge", "keys in the cache", "block.key_count"),
-    ("shmcache_events_applied", "counter", "etcd events applied", "stats.events"),
-    ("shmcache_records_appended", "counter", "ring records appended (one per revision)",
-     "stats.records"),
-    ("shmcache_bytes_appended", "counter", "ring payload bytes appended", "stats.bytes"),
-    ("shmcache_ring_capacity_bytes", "gauge", "ring log capacity", "block.ring_capacity"),
-    ("shmcache_ring_used_bytes", "gauge", "ring bytes holding watchable history", "ring_used"),
-    ("shmcache_snapshots_published", "counter", "snapshots published", "stats.snapshots"),
-    ("shmcache_last_snapshot_publish_seconds", "gauge", "time the last snapshot took to publish",
-     "stats.snapshot_seconds"),
-    ("shmcache_snapshot_publish_seconds", "counter", "time spent publishing snapshots",
-     "stats.snapshot_seconds_total"),
-    ("shmcache_last_snapshot_keys", "gauge", "keys in the last snapshot", "stats.snapshot_keys"),
-    ("shmcache_last_snapshot_bytes", "gauge", "size of the last snapshot segment",
-     "stats.snapshot_bytes"),
-    ("shmcache_snapshot_revision", "gauge", "revision of the live snapshot", "block.snap_revision"),
-    ("shmcache_relists", "counter", "full lists of the range (first start included)",
-     "stats.relists"),
-    ("shmcache_reconnects", "counter", "etcd errors that made the writer reconnect",
-     "stats.reconnects"),
-    ("shmcache_watch_restarts", "counter", "watch streams opened after the first",
-     "watch_restarts"),
-    ("shmcache_watch_responses", "counter", "watch responses received", "stats.watch_responses"),
-    ("shmcache_watch_decode_errors_total", "counter",
-     "watch responses the writer could not decode (each watched again from its revision)",
-     "stats.watch_decode_errors"),
-    ("shmcache_progress_requests", "counter", "progress requests sent to etcd",
-     "stats.progress_requests"),
-    ("shmcache_verify_mismatches_total", "counter",
-     "checks of the published snapshot against etcd that found a difference (each relists)",
-     "stats.verify_mismatches"),
-    ("shmcache_verify_rounds_total", "counter", "completed checks of the snapshot against etcd",
-     "stats.verify_rounds"),
-    ("shmcache_verify_last_revision", "gauge", "revision of the last completed check",
-     "stats.verify_revision"),
-    ("shmcache_verify_seconds", "gauge", "duration of the last completed check",
-     "stats.verify_seconds"),
-    ("shmcache_progress_anomalies", "counter",
-     "progress notifications that overtook events (etcd issue 15220)",
-     "stats.progress_anomalies"),
-    ("shmcache_etcd_reachable", "gauge",
-     "1 while the writer reaches etcd, 0 while its attempts fail", "etcd_reachable"),
-    ("shmcache_etcd_unreachable_seconds", "gauge",
-     "seconds since the writer last reached etcd (0 while it does)", "etcd_unreachable_seconds"),
-    ("shmcache_heartbeat_age_seconds", "gauge", "seconds since the writer's last heartbeat",
-     "heartbeat_age"),
-    ("shmcache_loop_stalled_seconds", "gauge", "seconds since the writer's loop last made progress",
-     "stalled"),
-    ("shmcache_ready", "gauge", "1 once the first snapshot is published", "ready"),
-    ("shmcache_healthy", "gauge", "1 while the loop makes progress (what the watchdog pings on)",
-     "healthy"),
-]
-
-
-class _Collector:
-    """Reads the writer's state at scrape time; nothing is updated in between."""
-
-    def __init__(self, svc: _Service) -> None:
-        self.svc = svc
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        svc = self.svc
-        w = svc.writer
-        stats = dict(w.stats)
-        block = svc.block()
-        hb_age = svc.heartbeat_age()
-        stalled = time.monotonic() - svc.liveness.last_change
-        values: dict[str, float | None] = {
-            "etcd_revision": w.etcd_revision,
-            "lag": (max(0, w.etcd_revision - block.revision) if block is not None else None),
-            "ring_used": (block.ring_head - block.ring_tail if block is not None else None),
-            "watch_restarts": max(0, stats.get("watches", 0) - 1),
-            "etcd_reachable": 0.0 if w.etcd_down_since is not None else 1.0,
-            "etcd_unreachable_seconds": (time.time() - w.etcd_down_since
-                                         if w.etcd_down_since is not None else 0.0),
-            "heartbeat_age": hb_age,
-            "stalled": stalled,
-            "ready": 1.0 if w.ready.is_set() else 0.0,
-            "healthy": 1.0 if stalled < svc.stall_limit else 0.0,
-        }
-        labels = [svc.cfg.name]
-        info = GaugeMetricFamily("shmcache_info", "cache, prefix and format version",
-                                 labels=["cache", "prefix", "format_version"])
-        info.add_metric([svc.cfg.name, svc.cfg.prefix, str(layout.FORMAT_VERSION)], 1)
-        yield info
-        for name, kind, help_text, source in METRICS:
-            if source.startswith("block."):
-                v: Any = getattr(block, source[6:]) if block is not None else None
-            elif source.startswith("stats."):
-                v = stats.get(source[6:])
-            else:
-                v = values[source]
-            if v is None:
-                continue
-            if kind == "counter":
-                fam: Any = CounterMetricFamily(name, help_text, labels=["cache"])
-            else:
-                fam = GaugeMetricFamily(name, help_text, labels=["cache"])
-            fam.add_metric(labels, float(v))
-            yield fam
-
-
-def start_metrics_server(svc: _Service, host: str, port: int) -> tuple[Any, int]:
-    """Serve /metrics on host:port from a private registry; returns (server, bound port)."""
-    try:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.process_collector import ProcessCollector
-    except ImportError:
-        raise ConfigError("metrics: needs the prometheus_client package: "
-                          "pip install 'shmcache[metrics]'") from None
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(svc))
-    ProcessCollector(registry=registry)
-    try:
-        result = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise ConfigError(f"metrics = '{host}:{port}': cannot listen there: "
-                          f"{exc.strerror or exc}") from None
-    server = result[0] if isinstance(result, tuple) else None
-    bound = server.server_address[1] if server is not None else port
-    return server, int(bound)
 
 
 # -- the service ------------------------------------------------------------------------
@@ -378,6 +253,8 @@ class _Service:
         self._ctl: _shm.Segment | None = None
         self._block: control.Block | None = None
         self._stop_at: float | None = None
+        self._signal = 0
+        self._stop_reported = False
 
     # state read from the control segment, as readers see it
     def _control(self) -> Any:
@@ -404,7 +281,21 @@ class _Service:
         hb = control.writer_identity(seg.buf)[2]
         return (time.monotonic_ns() - hb) / 1e9 if hb else None
 
+    def healthy(self, stalled: float) -> bool:
+        """shmcache_healthy: the cache follows etcd. The loop made progress within the
+        stall limit (the watchdog's own criterion, which alone decides its pings:
+        a restart cures a stuck loop, not an etcd outage or a full /dev/shm), etcd
+        is reachable and publishing works."""
+        w = self.writer
+        return (stalled < self.stall_limit and w.etcd_down_since is None
+                and w.publish_failing_since is None)
+
     def status_text(self, last_warning: str) -> str:
+        text = self._state_text(last_warning)
+        failing = publish_failing_text(self.writer)
+        return f"{text}; {failing}" if failing else text
+
+    def _state_text(self, last_warning: str) -> str:
         w = self.writer
         b = self.block()
         silent = time.monotonic() - self.liveness.last_change
@@ -427,15 +318,27 @@ class _Service:
         return text
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
+        """SIGTERM/SIGINT: ask the writer to stop (``run()``'s loop reports it).
+
+        A handler runs in the main thread between two bytecodes, possibly while
+        that thread holds a lock (logging's handler locks, a buffered stream's), so
+        it takes none: no logging and no sd_notify here, only flags and
+        ``Writer.stop()`` (lock-free). A second signal writes one line to fd 2
+        and exits at once.
+        """
         if self._stop_at is not None:
-            log.warning("received %s again: exiting at once", name)
-            logging.shutdown()
+            with contextlib.suppress(OSError):
+                os.write(2, b"shmcache serve: second signal: exiting at once\n")
             os._exit(1)
-        log.info("received %s, stopping", name)
-        self.notifier.notify("STOPPING=1", f"STATUS=stopping ({name})")
+        self._signal = signum
         self._stop_at = time.monotonic()
         self.writer.stop()
+
+    def _report_stop(self) -> None:
+        """What on_signal may not do itself: log, tell systemd, abort a list in progress."""
+        name = signal.Signals(self._signal).name
+        log.info("received %s, stopping", name)
+        self.notifier.notify("STOPPING=1", f"STATUS=stopping ({name})")
         self.stopping.set()  # after stop(): aborting a list must find the writer stopping
 
     def run(self) -> int:
@@ -479,6 +382,9 @@ class _Service:
                 stalled = self.liveness.update()
                 healthy = stalled < self.stall_limit
                 if self._stop_at is not None:
+                    if not self._stop_reported:
+                        self._stop_reported = True
+                        self._report_stop()
                     if now - self._stop_at > STOP_TIMEOUT and t.is_alive():
                         log.error("writer did not stop within %.0fs; exiting without a clean "
                                   "release (readers keep the last published state)",

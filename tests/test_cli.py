@@ -229,7 +229,7 @@ def test_status_shows_etcd_unreachable(cache_name: str, unique_prefix: bytes) ->
         doc: dict[str, Any] = {}
         while time.monotonic() < deadline:
             out = _run("status", cache_name, "--json")
-            if out.returncode == 0:
+            if out.returncode == 1:  # not ready: no snapshot, etcd unreachable
                 doc = json.loads(out.stdout)
                 if doc["writer_alive"] and doc["etcd_unreachable_since"] is not None:
                     break
@@ -237,7 +237,7 @@ def test_status_shows_etcd_unreachable(cache_name: str, unique_prefix: bytes) ->
         assert doc.get("etcd_unreachable_since"), (doc, w.log())
         assert abs(doc["etcd_unreachable_since"] - time.time()) < 60
         text = _run("status", cache_name)
-        assert text.returncode == 0, text.stderr
+        assert text.returncode == 1, text.stderr
         rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
                     for line in text.stdout.decode().splitlines())
         assert re.fullmatch(r"unreachable since 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+s\)",
@@ -254,6 +254,104 @@ def test_status_shows_etcd_reachable(writer: tuple[WriterProcess, bytes]) -> Non
     doc = json.loads(_run("status", writer[0].name, "--json").stdout)
     assert "etcd_unreachable_since" in doc and doc["etcd_unreachable_since"] is None
     assert base64.b64decode(doc["prefix_base64"]) == writer[1]
+
+
+def _status_state(name: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(exit code, --json document, text rows) of ``shmcache status NAME``."""
+    js = _run("status", name, "--json")
+    text = _run("status", name)
+    if js.returncode == 2 or text.returncode == 2:  # (a control segment being laid out)
+        return 2, {"not_ready_reason": js.stderr.decode()}, {}
+    assert js.returncode == text.returncode and js.returncode in (0, 1), (js, text)
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
+                for line in text.stdout.decode().splitlines())
+    return js.returncode, json.loads(js.stdout), rows
+
+
+def _wait_status(name: str, code: int, timeout: float = 30.0) -> tuple[dict[str, Any],
+                                                                         dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got, doc, rows = _status_state(name)
+        if got == code:
+            return doc, rows
+        assert time.monotonic() < deadline, (code, doc)
+        time.sleep(0.2)
+
+
+def test_status_is_a_readiness_probe(etcd_server: Any, cache_name: str,
+                                     unique_prefix: bytes) -> None:
+    """Exit 0 only when readers can attach, the writer is alive and reaches etcd; 1 with
+    the reason otherwise: no snapshot yet, etcd down, writer stopped (issue 18, item 4)."""
+    etcd_server.stop()
+    w = WriterProcess(cache_name, etcd_server.endpoint, unique_prefix)
+    try:
+        w.start(wait=False)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"/dev/shm{layout.control_name(cache_name)}"):
+            assert time.monotonic() < deadline, w.log()
+            time.sleep(0.1)
+        doc, rows = _wait_status(cache_name, 1)  # no snapshot yet (etcd down since the start)
+        deadline = time.monotonic() + 30
+        while not (doc.get("writer_alive") and "readers cannot attach" in (
+                doc["not_ready_reason"] or "")):
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.2)
+            _code, doc, rows = _status_state(cache_name)
+        assert doc["ready"] is False and rows["ready"].startswith("NO: readers cannot attach")
+
+        etcd_server.start()
+        doc, rows = _wait_status(cache_name, 0)  # healthy
+        assert doc["ready"] is True and doc["not_ready_reason"] is None
+        assert rows["ready"] == "yes" and rows["publishing"] == "ok"
+        assert doc["publish_error"] is None and doc["publish_failing_since"] is None
+
+        etcd_server.stop()
+        doc, rows = _wait_status(cache_name, 1)  # etcd down: the snapshot still serves
+        assert "cannot reach etcd" in doc["not_ready_reason"], doc
+        assert rows["ready"].startswith("NO: the writer cannot reach etcd: unreachable since")
+        with shmcache.Reader(cache_name) as r:
+            r.status()  # readers attach
+
+        etcd_server.start()
+        _wait_status(cache_name, 0)
+        assert w.terminate() == 0
+        doc, rows = _wait_status(cache_name, 1)  # writer stopped
+        assert doc["not_ready_reason"].startswith("no writer is running"), doc
+        assert rows["writer"].endswith("NOT RUNNING")
+    finally:
+        w.close()
+
+
+def test_status_is_not_ready_before_a_restarted_writer_reaches_etcd(
+        etcd_session: Any, cache_name: str, unique_prefix: bytes) -> None:
+    """A restarted writer serves its predecessor's snapshot at once, but until it has reached
+    etcd the cache may be behind by anything: not ready, even before its first attempt
+    fails (here etcd's "address" accepts connections and never answers, for 5 s)."""
+    import socket
+
+    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix)
+    silent = socket.socket()
+    try:
+        w.start()
+        _wait_status(cache_name, 0)
+        assert w.terminate() == 0
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        w.args[w.args.index("--endpoints") + 1] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        w.start(wait=False)
+        seen = []
+        deadline = time.monotonic() + 30
+        while not seen or "cannot reach etcd" not in seen[-1]:
+            code, doc, _rows = _status_state(cache_name)
+            if doc.get("writer_pid") == w.pid and doc.get("writer_alive"):
+                assert code == 1, doc
+                seen.append(doc["not_ready_reason"])
+            assert time.monotonic() < deadline, (seen, w.log())
+        assert "the writer has not reached etcd yet" in seen, seen
+    finally:
+        w.close()
+        silent.close()
 
 
 def test_status_json_gives_a_non_utf8_prefix_exactly() -> None:

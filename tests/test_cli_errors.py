@@ -316,16 +316,16 @@ def test_json_pointer_escapes() -> None:
 
 def test_operations_md_lists_every_setting_and_metric() -> None:
     """Every setting of config.py is in the settings table, every metric the writer exports
-    (service.METRICS, as Prometheus names them: counters end in _total) in the metrics
+    (_metrics.METRICS, as Prometheus names them: counters end in _total) in the metrics
     table."""
-    from shmcache import service
+    from shmcache import _metrics
 
     text = OPERATIONS_MD.read_text()
     for name in config.SETTINGS:
         assert re.search(rf"^\| [^|]*`{name}`[^|]* \|", text, re.M), \
             f"setting {name} is not in docs/operations.md's settings table"
     names = ["shmcache_info"] + [name if kind != "counter" or name.endswith("_total")
-                                 else name + "_total" for name, kind, _, _ in service.METRICS]
+                                 else name + "_total" for name, kind, _, _ in _metrics.METRICS]
     documented = {m for line in text.splitlines() if line.startswith("| `shmcache_")
                   for m in re.findall(r"`(shmcache_[a-z_]+)`", line.split(" | ")[0])}
     for m in names:

@@ -274,3 +274,21 @@ def test_checker_finds_no_divergence_under_faults(binary: Any) -> None:
     assert report.gets_verified > 50 and report.past_reads_verified > 10
     assert report.syncs_verified > 3
     assert sum(report.faults.values()) >= 8
+
+
+@pytest.mark.parametrize("binary", _etcd_binaries()[:1])
+def test_checker_finds_no_divergence_when_dev_shm_fills(binary: Any) -> None:
+    """The checker with a full /dev/shm among its faults (ENOSPC while publishing), on a
+    64 MiB tmpfs of its own in a mount namespace (as root; skipped elsewhere)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a tmpfs at /dev/shm in a mount namespace")
+    cmd = [sys.executable, "-m", "tests.soak", "--seconds", "25", "--seed", "5", "--shm-full"]
+    if binary is not None:
+        cmd += ["--etcd", str(binary)]
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$@"', "sh", *cmd],
+        capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    assert "dev_shm_full" in out.stdout and "divergences 0" in out.stdout, out.stdout[-3000:]

@@ -162,6 +162,11 @@ def test_liveness_counts_loop_progress_not_time() -> None:
     assert live.update() >= 0.05
     W.stats["watch_responses"] += 1
     assert live.update() < 0.01
+    # A retried publish (a full /dev/shm) is the loop working, not stuck: the watchdog
+    # must not restart a writer for a state a restart does not cure.
+    time.sleep(0.05)
+    W.stats["publish_errors"] = 1
+    assert live.update() < 0.01
 
 
 # -- the real service -----------------------------------------------------------------------
@@ -505,3 +510,248 @@ def test_example_config_uses_only_known_settings() -> None:
     data = tomllib.loads((EXAMPLES / "mycache.toml").read_text())
     assert set(data) <= set(SETTINGS)
     assert set(data) >= {"endpoints", "ring_size", "ca_file", "password_file", "metrics"}
+
+
+# -- issue 18: healthy means following etcd; the writer's lifecycle (review findings) -------
+
+def test_healthy_is_0_while_etcd_is_unreachable(etcd_server: EtcdServer, cache_name: str,
+                                                unique_prefix: bytes) -> None:
+    """The issue showed ``shmcache_etcd_reachable 0`` beside ``shmcache_healthy 1``: the loop
+    kept "progressing" by reconnecting. Healthy now needs etcd reachable (and publishing)."""
+    port = free_port()
+    w = WriterProcess(cache_name, etcd_server.endpoint, unique_prefix,
+                      extra=["--metrics", f"127.0.0.1:{port}"])
+    try:
+        w.start()
+        c = f"{{{cache_name}}}"
+        assert _scrape(port)["shmcache_healthy" + c] == 1
+        etcd_server.stop()
+        deadline = time.monotonic() + 30
+        while (m := _scrape(port))["shmcache_etcd_reachable" + c] != 0:
+            assert time.monotonic() < deadline, _writer_log(w)
+            time.sleep(0.1)
+        assert m["shmcache_reconnects_total" + c] >= 1 and m["shmcache_loop_stalled_seconds" + c] < 30
+        assert m["shmcache_healthy" + c] == 0
+        assert m["shmcache_publish_failing" + c] == 0 and m["shmcache_publish_errors_total" + c] == 0
+        etcd_server.start()
+        while _scrape(port)["shmcache_healthy" + c] != 1:
+            assert time.monotonic() < deadline + 30, _writer_log(w)
+            time.sleep(0.1)
+    finally:
+        w.close()
+
+
+def _run_in_thread(w: shmcache.Writer) -> threading.Thread:
+    t = threading.Thread(target=w.run, name="test-writer-run", daemon=True)
+    t.start()
+    return t
+
+
+def _wait_until(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_stop_never_writes_into_a_closed_and_reused_fd(
+        cache_name: str, unique_prefix: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``stop()`` that loaded the wake pipe's fd just before ``run()`` returned writes its
+    byte later: the fd must still be the writer's pipe then. (run() used to close the pipe
+    on return, so the byte could land in whatever file reused the number.)"""
+    import stat
+
+    from shmcache import writer as writer_mod
+
+    real_os = os
+    in_write, go = threading.Event(), threading.Event()
+    fds: list[int] = []
+
+    class HeldWrite:
+        """os, except that the thread named "stopper" pauses inside os.write."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_os, name)
+
+        def write(self, fd: int, data: bytes) -> int:
+            if threading.current_thread().name == "stopper":
+                fds.append(fd)
+                in_write.set()
+                go.wait(30)
+            return real_os.write(fd, data)
+
+    w = shmcache.Writer(cache_name, "http://127.0.0.1:1", unique_prefix, verify_interval=0,
+                        remove_on_close=True)
+    t = _run_in_thread(w)
+    _wait_until(lambda: any(th.name == "shmcache-ticker" for th in threading.enumerate()), 20,
+                "the writer's ticker")
+    monkeypatch.setattr(writer_mod, "os", HeldWrite())
+    stopper = threading.Thread(target=w.stop, name="stopper")
+    stopper.start()
+    try:
+        assert in_write.wait(10)
+        t.join(30)  # the ticker sees the stop flag within its 0.25 s round
+        assert not t.is_alive()
+        assert stat.S_ISFIFO(os.fstat(fds[0]).st_mode)  # still the pipe, not a free number
+    finally:
+        go.set()
+        stopper.join(10)
+        t.join(10)
+
+
+def test_ticker_keeps_beating_after_an_error(
+        cache_name: str, unique_prefix: bytes) -> None:
+    """An exception in one round of the ticker (here from the idle progress request) is
+    logged and the next round runs: readers judge the writer by its heartbeat."""
+    w = shmcache.Writer(cache_name, "http://127.0.0.1:1", unique_prefix, verify_interval=0,
+                        remove_on_close=True)
+    rounds: list[int] = []
+
+    def failing(_interval: float) -> None:
+        rounds.append(1)
+        raise RuntimeError("a bug in one round")
+
+    w._feed.request_progress_if_idle = failing  # type: ignore[method-assign]
+    t = _run_in_thread(w)
+    try:
+        _wait_until(lambda: len(rounds) >= 4, 20, "four ticker rounds after the first error")
+        ctl = shmcache.control.ControlReader.open(cache_name)
+        try:
+            beat = ctl.writer_identity()[2]
+            _wait_until(lambda: ctl.writer_identity()[2] > beat, 10, "a newer heartbeat")
+        finally:
+            ctl.close()
+    finally:
+        w.stop()
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_the_verifier_thread_is_joined_when_run_returns(
+        etcd_session: EtcdServer, cache_name: str, unique_prefix: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run()`` returns only after the verifier thread has ended, even mid-round."""
+    from shmcache import _verify
+
+    entered = threading.Event()
+
+    def slow_round(*_args: Any, **_kwargs: Any) -> Any:
+        entered.set()
+        time.sleep(1.0)  # a round in progress when the writer stops (not a synchronisation)
+        raise _verify.Inconclusive("test round")
+
+    monkeypatch.setattr(_verify, "compare_cache", slow_round)
+    w = shmcache.Writer(cache_name, etcd_session.endpoint, unique_prefix, verify_interval=0.05,
+                        remove_on_close=True)
+    t = _run_in_thread(w)
+    try:
+        assert entered.wait(30)
+        w.stop()
+        t.join(30)
+        assert not t.is_alive()
+        assert not [th for th in threading.enumerate() if th.name == "shmcache-verify"]
+    finally:
+        w.stop()
+        t.join(30)
+
+
+def test_signal_handler_takes_no_lock() -> None:
+    """SIGTERM's handler may interrupt the main thread while it holds a logging lock: it
+    must not log (or take any other lock). Here another thread holds the service logger's
+    handler lock; the handler still returns at once and the writer is asked to stop."""
+    import logging
+    import signal
+    from types import SimpleNamespace
+
+    from shmcache import service
+
+    class Writer:
+        stats: dict[str, int] = {}
+        list_progress = None
+        stops = 0
+
+        def stop(self) -> None:
+            self.stops += 1
+
+    class Quiet(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    handler = Quiet()
+    logger = logging.getLogger("shmcache.service")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        handler.acquire()
+        held.set()
+        release.wait(30)
+        handler.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    w = Writer()
+    svc = service._Service(SimpleNamespace(name="x"), w, {})  # type: ignore[arg-type]
+    try:
+        assert held.wait(10)
+        sig = threading.Thread(target=svc.on_signal, args=(signal.SIGTERM, None))
+        sig.start()
+        sig.join(5)
+        assert not sig.is_alive(), "the signal handler waited for a logging lock"
+        assert w.stops == 1
+    finally:
+        release.set()
+        holder.join(10)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        svc.close()
+
+
+def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
+    """The error text lives outside the seqlock: a reader in another process that reads it
+    while the writer replaces it gets one whole text (or "(being updated)"), never a mix;
+    and a word being rewritten (the failure time, the heartbeat, the ring tail that readers
+    load alone) never reads as 0."""
+    import mmap
+    import struct
+
+    from shmcache import control, layout
+
+    buf = mmap.mmap(-1, layout.CONTROL_SIZE)
+    texts = ["OSError: [Errno 28] No space left on device", "x" * layout.MAX_PUBLISH_ERROR_LEN,
+             "RuntimeError: é" * 20, ""]
+    w = control.ControlWriter(buf)
+    w.set_publish_error(texts[0], 1)
+    w.heartbeat()
+    w.publish({layout.B_RING_TAIL: 8}, wake=False)
+    pid = os.fork()
+    if pid == 0:  # the writer: replace the text as fast as it can for a second
+        try:
+            end = time.monotonic() + 1.0
+            i = 0
+            while time.monotonic() < end:
+                i += 1
+                w.set_publish_error(texts[i % len(texts)], 1)
+                w.heartbeat()
+                w.publish({layout.B_RING_TAIL: 8 + i % 2 * 8}, wake=False)
+        finally:
+            os._exit(0)
+    seen: set[str | None] = set()
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            text, since = control.publish_failure(buf, spins=3)
+            # (struct.pack_into zeroes a word before storing it: readers saw 0 here)
+            assert since == 1e-9 and control.writer_identity(buf)[2] != 0
+            assert struct.unpack_from("<Q", buf, layout.C_BLOCK + 8 * layout.B_RING_TAIL)[0]
+            seen.add(text)
+    finally:
+        buf.close()
+    assert seen <= {*texts, "(being updated)"}, seen - {*texts, "(being updated)"}
+    assert len(seen & set(texts)) >= 2
+    w2 = control.ControlWriter(mmap.mmap(-1, layout.CONTROL_SIZE))
+    w2.set_publish_error("é" * layout.MAX_PUBLISH_ERROR_LEN, 5)  # cut at a character
+    assert control.publish_failure(w2.buf)[0] == "é" * (layout.MAX_PUBLISH_ERROR_LEN // 2)
+    w2.set_publish_error(None)
+    assert control.publish_failure(w2.buf) == (None, None)
