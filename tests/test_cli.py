@@ -262,7 +262,9 @@ def _status_state(name: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     text = _run("status", name)
     if js.returncode == 2 or text.returncode == 2:  # (a control segment being laid out)
         return 2, {"not_ready_reason": js.stderr.decode()}, {}
-    assert js.returncode == text.returncode and js.returncode in (0, 1), (js, text)
+    assert js.returncode in (0, 1) and text.returncode in (0, 1), (js, text)
+    if js.returncode != text.returncode:  # the state changed between the two calls
+        return -1, {"not_ready_reason": "changed between two calls"}, {}
     rows = dict(re.split(r"\s{2,}", line, maxsplit=1)
                 for line in text.stdout.decode().splitlines())
     return js.returncode, json.loads(js.stdout), rows

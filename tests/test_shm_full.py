@@ -179,8 +179,10 @@ def _cache_items(w: TmpfsWriter, prefix: bytes) -> tuple[int, list[tuple[bytes, 
     out = w.cli("list", w.name, prefix.decode(), "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    return doc["revision"], [(base64.b64decode(i["key"]), base64.b64decode(i["value"]),
-                              i["mod_revision"]) for i in doc["items"]]
+    # (etcdctl's shape: empty fields are left out)
+    return doc["header"]["revision"], [
+        (base64.b64decode(i["key"]), base64.b64decode(i.get("value", "")), i["mod_revision"])
+        for i in doc.get("kvs", [])]
 
 
 def test_a_ring_larger_than_dev_shm_is_refused_at_start(
