@@ -338,7 +338,9 @@ def ring_base() -> RingBase:
     for rev, n in enumerate(sizes * 3, start=10):
         ev = (0, b"/k/%d" % rev, b"v" * n, 1, rev, 1, 0, (b"/k/%d" % rev, b"o", 1, 2, 1, 0))
         payload = _codec.encode([ev])
-        w.write(w.place(len(payload)), rev, payload)
+        pl = w.place(len(payload))
+        w.drop(pl)  # (a plan: the writer forgets what it overwrites, then writes)
+        w.write(pl, rev, payload)
     clean = {}
     pos = w.tail
     kinds = set()
