@@ -85,6 +85,8 @@ class Status:
     liveness: str = "pid"
     # The secondary indexes the writer publishes: name -> spec (e.g. "json:/spec/nodeName").
     indexes: dict[str, str] = field(default_factory=dict)
+    # The id of the etcd cluster the epoch was loaded from (etcd's cluster_id; 0: unknown).
+    cluster_id: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``prefix`` as text (undecodable bytes as ``\\xNN`` escapes, which
