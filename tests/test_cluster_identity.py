@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import shmcache
+from shmcache import _etcd, _watchpb, layout
 from shmcache.writer import Writer
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_range, put
@@ -115,6 +116,41 @@ def test_another_cluster_at_the_same_endpoint_is_a_relist_into_a_new_epoch(
     finally:
         w.stop()
         t.join(15)
+
+
+def test_a_connection_notices_another_cluster_in_every_header(
+        clusters: tuple[EtcdServer, EtcdServer]) -> None:
+    """A connection made to A, whose channel reaches B after the swap: a range answer raises
+    ClusterChanged, and a watch response carries B's cluster id, not the connection's (the
+    feed compares them for every response)."""
+    a, b = clusters
+    conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[a.endpoint]))
+    try:
+        conn.connect()
+        assert conn.cluster_id == _cluster_id(a)
+        assert conn.cluster_raw == _watchpb.cluster_varint(conn.cluster_id)
+        conn.current_revision(P, layout.prefix_range_end(P))
+        _swap(a, b)
+        deadline = time.monotonic() + 30
+        while True:  # (the channel reconnects by itself, after a backoff)
+            try:
+                conn.current_revision(P, layout.prefix_range_end(P))
+            except _etcd.ClusterChanged as exc:
+                assert f"{_cluster_id(b):x}" in str(exc)
+                break
+            except Exception as exc:
+                assert _etcd.is_grpc_error(exc), exc
+            assert time.monotonic() < deadline, "the connection never reached B"
+            time.sleep(0.1)
+        stream = conn.watch_decoded(P, layout.prefix_range_end(P), 1)
+        try:
+            created = next(iter(stream))
+        finally:
+            stream.close()
+        assert _watchpb.cluster_from_varint(created[-1]) == _cluster_id(b)
+        assert created[-1] != conn.cluster_raw
+    finally:
+        conn.close()
 
 
 def test_the_same_cluster_coming_back_is_a_resume(
