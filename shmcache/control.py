@@ -530,7 +530,8 @@ class ControlWriter:
                 _Q.pack_into(buf, layout.C_CLUSTER_ID, self.cluster_id)
                 self._epoch_crc = epoch_crc(prefix, defs, _Q.pack(self.cluster_id))
             elif layout.B_PREFIX_LEN in updates or layout.B_INDEX_DEFS_LEN in updates:
-                self._epoch_crc = _epoch_crc_in(buf, fields)  # (tests set them by hand)
+                # A length given without its bytes: the checksum covers what readers read.
+                self._epoch_crc = _epoch_crc_in(buf, fields)
             # (Word by word, as readers load RING_TAIL alone: see layout.)
             _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
             _Q.pack_into(buf, layout.C_BLOCK_CRC,
