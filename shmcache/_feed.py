@@ -97,6 +97,7 @@ class EtcdFeed:
         self._watch_created = 0.0
         self._unsynced_until = 0
         self._relist_reason: str | None = None
+        self._cluster_change = (0, 0)  # (the state's cluster, etcd's) last counted
 
     def request_relist(self, reason: str) -> None:
         """Relist into a new epoch at the next watch response (any thread; the verifier)."""
@@ -195,15 +196,18 @@ class EtcdFeed:
 
     def _other_cluster(self, conn: _etcd.Connection, sink: Sink, need_list: bool) -> str | None:
         """Why the state cannot continue from ``conn``'s cluster, or None if it can: the
-        state came from another cluster (counted and logged; a state to be relisted
-        anyway counts too, as what it held came from the other cluster)."""
+        state came from another cluster (logged, and counted once per change even if
+        the relist has to be tried again; a state to be relisted anyway counts too, as
+        what it held came from the other cluster)."""
         had, now = sink.ctl.cluster_id, conn.cluster_id
         if not had or not now or had == now or (need_list and not sink.revision):
             return None
-        self.stats["cluster_changes"] += 1
         why = (f"etcd at {conn.endpoint} belongs to cluster {now:x}, the cache was loaded "
                f"from cluster {had:x} (a restore or failover onto another cluster)")
         log.warning("%s: relisting into a new epoch", why)
+        if self._cluster_change != (had, now):
+            self._cluster_change = (had, now)
+            self.stats["cluster_changes"] += 1
         return why
 
     def _list(self, conn: _etcd.Connection, sink: Sink, reason: str) -> None:
