@@ -28,7 +28,7 @@ def check_cache(name: str) -> tuple[list[str], list[str]]:
         for _attempt in range(5):
             try:
                 control.check_header(seg.buf, seg.size, cname)
-                b = control.read_block(seg.buf)
+                b = control.read_block(seg.buf, name=cname)
                 if b is None:
                     return [], ["the control block's seqlock stays odd (writer died "
                                 "mid-publish?)"]
@@ -36,7 +36,7 @@ def check_cache(name: str) -> tuple[list[str], list[str]]:
             except ShmCacheError as exc:
                 return [], [str(exc)]
             facts, problems = _check_block(name, seg, b)
-            if not problems or control.read_block(seg.buf) == b:
+            if not problems or control.read_block(seg.buf, name=cname) == b:
                 return facts, problems
         return facts, problems
     finally:
@@ -47,7 +47,8 @@ def _check_block(name: str, seg: _shm.Segment, b: control.Block) -> tuple[list[s
     facts: list[str] = [
         f"control: epoch {b.epoch}, revision {b.revision}, oldest watchable "
         f"{b.compact_revision}, ring gen {b.ring_gen} [{b.ring_tail}, {b.ring_head}) of "
-        f"{b.ring_capacity}, snapshot #{b.snap_seq} at revision {b.snap_revision}"]
+        f"{b.ring_capacity}, snapshot #{b.snap_seq} at revision {b.snap_revision}, "
+        f"checksum ok, etcd cluster {b.cluster_id:x}"]
     problems: list[str] = []
     _check_ring(name, seg, b, facts, problems)
     _check_snapshot(name, b, facts, problems)

@@ -28,7 +28,7 @@ import grpc
 from etcd3.etcdrpc import rpc_pb2
 
 from . import _defaults
-from ._watchpb import decode_watch_response
+from ._watchpb import cluster_varint, decode_watch_response
 
 log = logging.getLogger("shmcache.writer")
 
@@ -69,8 +69,20 @@ def parse_endpoint(url: str) -> tuple[str, int]:
     return u.hostname, u.port or 2379
 
 
+class ClusterChanged(Exception):
+    """An endpoint answered for another etcd cluster than it did at ``connect()`` (a
+    restore or failover onto another cluster behind the same address): reconnect, and
+    let the feed compare the new cluster with the cache's."""
+
+
 class Connection:
-    """A client for one etcd member at a time; ``reconnect()`` moves to the next endpoint."""
+    """A client for one etcd member at a time; ``reconnect()`` moves to the next endpoint.
+
+    ``cluster_id`` is the cluster the member said it belongs to at ``connect()`` (etcd's
+    response header; 0 if it did not say); every range answer's header is checked
+    against it (ClusterChanged), and ``cluster_raw`` is its varint, against which the
+    feed checks watch responses.
+    """
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.settings = settings
@@ -81,6 +93,8 @@ class Connection:
         self.client: Any = None
         self.endpoint = ""
         self.version = ""
+        self.cluster_id = 0
+        self.cluster_raw = b""
 
     def connect(self) -> None:
         """Connect to the next endpoint in turn and check it answers; raises grpc.RpcError."""
@@ -95,6 +109,16 @@ class Connection:
         status = self.client.maintenancestub.Status(rpc_pb2.StatusRequest(), s.timeout,
                                                     metadata=self.client.metadata)
         self.version = status.version
+        self.cluster_id = int(status.header.cluster_id)
+        self.cluster_raw = cluster_varint(self.cluster_id)
+
+    def _checked(self, resp: Any) -> Any:
+        """``resp`` if its header is from the cluster connected to; else ClusterChanged."""
+        found = resp.header.cluster_id
+        if found != self.cluster_id and found and self.cluster_id:
+            raise ClusterChanged(f"etcd at {self.endpoint} now answers for cluster {found:x}, "
+                                 f"not {self.cluster_id:x}")
+        return resp
 
     def close(self) -> None:
         if self.client is not None:
@@ -108,14 +132,14 @@ class Connection:
         """etcd's current revision, from a linearizable count-only range."""
         req = rpc_pb2.RangeRequest(key=key, range_end=range_end, count_only=True)
         resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
-        return int(resp.header.revision)
+        return int(self._checked(resp).header.revision)
 
     def count(self, key: bytes, range_end: bytes, revision: int) -> int:
         """Number of keys in [key, range_end) at ``revision``."""
         req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=revision,
                                    count_only=True)
         resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
-        return int(resp.count)
+        return int(self._checked(resp).count)
 
     def modified_since(self, key: bytes, range_end: bytes, revision: int,
                        min_mod_revision: int) -> int:
@@ -127,7 +151,7 @@ class Connection:
         req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=revision,
                                    keys_only=True, min_mod_revision=min_mod_revision)
         resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
-        return len(resp.kvs)
+        return len(self._checked(resp).kvs)
 
     # etcd counts the rest of the range for every page it returns (the response's
     # ``count``), so a list costs O(keys x pages): fixed pages of 2,000 made a
@@ -151,8 +175,8 @@ class Connection:
             req = rpc_pb2.RangeRequest(
                 key=start, range_end=range_end, limit=page, revision=revision,
                 sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
-            resp = self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
-                                            metadata=self.client.metadata)
+            resp = self._checked(self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
+                                                          metadata=self.client.metadata))
             if revision == 0:
                 revision = int(resp.header.revision)
             for kv in resp.kvs:
@@ -173,8 +197,8 @@ class Connection:
         req = rpc_pb2.RangeRequest(
             key=start, range_end=range_end, limit=limit, revision=revision, keys_only=keys_only,
             sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
-        resp = self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
-                                        metadata=self.client.metadata)
+        resp = self._checked(self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
+                                                      metadata=self.client.metadata))
         return list(resp.kvs), bool(resp.more), resp.ByteSize()
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:

@@ -18,10 +18,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _codec, _etcd
+from ._watchpb import cluster_from_varint
 from .errors import ShmCacheError
+
+if TYPE_CHECKING:
+    from .control import ControlWriter
 
 log = logging.getLogger("shmcache.writer")
 
@@ -34,6 +38,9 @@ class Sink(Protocol):
     revision: int
     etcd_revision: int
     kv: Any
+
+    @property
+    def ctl(self) -> ControlWriter: ...  # (its cluster_id: the cluster the state came from)
 
     def reset(self, revision: int, items: Any, reason: str) -> None: ...
     def apply(self, batches: list[tuple[int, list[_codec.EventTuple]]]) -> None: ...
@@ -74,6 +81,7 @@ class EtcdFeed:
         self.stats = stats
         stats.setdefault("watch_decode_errors", 0)  # (shmcache_watch_decode_errors_total)
         stats.setdefault("publish_errors", 0)  # (shmcache_publish_errors_total)
+        stats.setdefault("cluster_changes", 0)  # (shmcache_cluster_changes_total)
         self.stopped = threading.Event()
         self.conn: _etcd.Connection | None = None
         self.stream: _etcd.WatchStream | None = None
@@ -104,6 +112,7 @@ class EtcdFeed:
         self._failing_steps: set[str] = set()
         self._snapshot_retry_at = 0.0
         self._snapshot_delay = 0.1
+        self._cluster_change = (0, 0)  # (the state's cluster, etcd's) last counted
 
     def request_relist(self, reason: str) -> None:
         """Relist into a new epoch at the next watch response (any thread; the verifier)."""
@@ -116,6 +125,12 @@ class EtcdFeed:
 
         The pause between attempts doubles from 0.1 s to ``backoff_max`` while
         etcd stays unreachable and starts over once a watch has worked.
+
+        Every connection's etcd cluster is compared with the one the state came
+        from (``sink.ctl.cluster_id``, restored with it): another cluster behind
+        the endpoints (a restore or failover onto another cluster) is a relist into
+        a new epoch, whatever its revision; another member of the same cluster
+        stays a resume.
         """
         conn = _etcd.Connection(self.settings)
         self.conn = conn
@@ -131,6 +146,9 @@ class EtcdFeed:
                     log.info("connected to etcd %s (version %s)", conn.endpoint, conn.version)
                     current = conn.current_revision(self.range_key, self.range_end)
                     self._reachable(sink, current)
+                    other = self._other_cluster(conn, sink, need_list)
+                    if other is not None:
+                        need_list, reason = True, other
                     if not need_list and current < sink.revision:
                         need_list, reason = True, (f"etcd is at revision {current}, behind the "
                                                    f"cache's {sink.revision} (a new cluster?)")
@@ -144,6 +162,10 @@ class EtcdFeed:
                 except Relist as exc:
                     need_list, reason = True, exc.reason
                     log.warning("relisting: %s", exc.reason)
+                except _etcd.ClusterChanged as exc:
+                    # Connect again: the check above then decides (relist or resume).
+                    log.warning("%s; reconnecting", exc)
+                    self.stopped.wait(0.1)
                 except Exception as exc:
                     if self.stopped.is_set():
                         break
@@ -188,11 +210,28 @@ class EtcdFeed:
             self.etcd_down_since = time.time()
             self.on_reachability(self.etcd_down_since)
 
+    def _other_cluster(self, conn: _etcd.Connection, sink: Sink, need_list: bool) -> str | None:
+        """Why the state cannot continue from ``conn``'s cluster, or None if it can: the
+        state came from another cluster (logged, and counted once per change even if
+        the relist has to be tried again; a state to be relisted anyway counts too, as
+        what it held came from the other cluster)."""
+        had, now = sink.ctl.cluster_id, conn.cluster_id
+        if not had or not now or had == now or (need_list and not sink.revision):
+            return None
+        why = (f"etcd at {conn.endpoint} belongs to cluster {now:x}, the cache was loaded "
+               f"from cluster {had:x} (a restore or failover onto another cluster)")
+        log.warning("%s: relisting into a new epoch", why)
+        if self._cluster_change != (had, now):
+            self._cluster_change = (had, now)
+            self.stats["cluster_changes"] += 1
+        return why
+
     def _list(self, conn: _etcd.Connection, sink: Sink, reason: str) -> bool:
         """List and reset the sink; False if stopped before the list was published."""
         t0 = time.monotonic()
         log.info("listing %r from etcd (%s)", _codec.key_text(self.prefix), reason)
         rev, items = conn.list_range(self.range_key, self.range_end, progress=self.list_progress)
+        sink.ctl.set_cluster_id(conn.cluster_id)  # (published with the new epoch)
         if not self._publish(lambda: sink.reset(rev, items, reason)):
             return False
         log.info("listed %d keys at revision %d in %.2fs", len(items), rev,
@@ -207,13 +246,19 @@ class EtcdFeed:
         self._progress_candidate = None
         self._progress_outstanding = False
         stats, stopped = self.stats, self.stopped
+        expect_cluster = conn.cluster_raw
         try:
             # Responses arrive decoded (_etcd.decode_watch_response): (revision, created,
-            # canceled, compact_revision, cancel_reason, event tuples).
-            for revision, created, canceled, compact, cancel_reason, events in stream:
+            # canceled, compact_revision, cancel_reason, event tuples, cluster id varint).
+            for revision, created, canceled, compact, cancel_reason, events, cluster in stream:
                 stats["watch_responses"] += 1
                 if stopped.is_set():
                     return
+                if cluster != expect_cluster and cluster and expect_cluster and \
+                        cluster_from_varint(cluster) != conn.cluster_id:
+                    raise _etcd.ClusterChanged(
+                        f"etcd at {conn.endpoint} sent a watch response of cluster "
+                        f"{cluster_from_varint(cluster):x}, not {conn.cluster_id:x}")
                 if self._relist_reason is not None:
                     reason, self._relist_reason = self._relist_reason, None
                     raise Relist(reason)

@@ -61,7 +61,10 @@ def load(name: str, prefix: bytes, ctl_seg: _shm.Segment, index_defs: bytes) -> 
     CompactedError, as after any lap).
     """
     buf = ctl_seg.buf
-    b = control.read_block(buf, spins=10)
+    try:
+        b = control.read_block(buf, spins=10, name=ctl_seg.name)
+    except CorruptSegmentError as exc:  # (REVISION raised by hand fails it: never resumed past)
+        return str(exc)
     if b is None:
         return "the control block was left mid-publish"
     if b.snap_seq == 0:

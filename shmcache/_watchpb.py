@@ -9,7 +9,8 @@ holds it to protobuf's own decoding. What it cannot read exactly (an event type
 other than PUT and DELETE, an event without its key-value) is a ValueError, never
 a guess: the feed counts it and watches again (docs/design.md, step 6).
 
-    WatchResponse {ResponseHeader header = 1 (int64 revision = 3); bool created = 3;
+    WatchResponse {ResponseHeader header = 1 (uint64 cluster_id = 1; int64 revision = 3);
+        bool created = 3;
         bool canceled = 4; int64 compact_revision = 5; string cancel_reason = 6;
         repeated Event events = 11}
     Event {type = 1 (PUT 0, DELETE 1); KeyValue kv = 2; KeyValue prev_kv = 3}
@@ -21,10 +22,14 @@ from __future__ import annotations
 
 from ._codec import EventTuple
 
-WatchResponse = tuple[int, bool, bool, int, str, list[EventTuple]]
-"""(header.revision, created, canceled, compact_revision, cancel_reason, events): each event
-``(type, key, value, create, mod, version, lease, prev)``, ``prev`` None or ``(key, value,
-create, mod, version, lease)``; a DELETE's value, create, version and lease are zero."""
+WatchResponse = tuple[int, bool, bool, int, str, list[EventTuple], bytes]
+"""(header.revision, created, canceled, compact_revision, cancel_reason, events,
+header.cluster_id): each event ``(type, key, value, create, mod, version, lease, prev)``,
+``prev`` None or ``(key, value, create, mod, version, lease)``; a DELETE's value, create,
+version and lease are zero. The cluster id is left as its varint's bytes (b"" if the
+header lacks it; ``cluster_varint`` encodes one): the feed compares every response's
+with the cluster the cache was loaded from, and comparing bytes keeps the hot path
+free of decoding a 64-bit varint in Python (docs/design.md, "The writer's pipeline")."""
 
 _SIGN, _MASK = 1 << 63, (1 << 64) - 1
 
@@ -68,6 +73,24 @@ def _skip(b: bytes, i: int, tag: int) -> int:
     if wire == 5:
         return i + 4
     raise ValueError(f"unsupported wire type {wire}")
+
+
+def cluster_varint(cluster_id: int) -> bytes:
+    """``cluster_id`` (a uint64) as protobuf encodes it: what ``decode_watch_response``
+    returns for a header of that cluster (b"" for 0, a field protobuf omits)."""
+    out = bytearray()
+    n = cluster_id & _MASK
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    if n:
+        out.append(n)
+    return bytes(out)
+
+
+def cluster_from_varint(raw: bytes) -> int:
+    """The cluster id whose varint is ``raw`` (b"" -> 0): the inverse of cluster_varint."""
+    return _varint(raw, 0)[0] & _MASK if raw else 0
 
 
 def _length(b: bytes, i: int) -> tuple[int, int]:
@@ -160,6 +183,7 @@ def decode_watch_response(data: bytes) -> WatchResponse:
     b = bytes(data)
     try:
         revision = compact = 0
+        cluster = b""
         created = canceled = False
         reason = ""
         events: list[EventTuple] = []
@@ -179,6 +203,10 @@ def decode_watch_response(data: bytes) -> WatchResponse:
                     i += 1
                     if t == 0x18:
                         revision, i = _varint(b, i)
+                    elif t == 0x08:
+                        start = i
+                        i = _skip(b, i, t)
+                        cluster = b[start:i]
                     else:
                         i = _skip(b, i, t)
                 if i != h_end:
@@ -201,4 +229,4 @@ def decode_watch_response(data: bytes) -> WatchResponse:
             raise ValueError("a field overruns the message")
     except IndexError:
         raise ValueError("truncated WatchResponse") from None
-    return revision, created, canceled, compact, reason, events
+    return revision, created, canceled, compact, reason, events, cluster

@@ -8,6 +8,9 @@ block, SEQ again, and retries if SEQ was odd or changed. On x86-64 (TSO) stores
 and loads are not reordered with each other, so this needs no fences; on weaker
 architectures the ring records and snapshots validate themselves, and a reader
 that cannot get a consistent block keeps answering from the last one it had.
+The block, the prefix, the index definitions and the cluster id are covered by
+one crc32 (layout.C_BLOCK_CRC) stored inside the seqlock: a block that fails it
+while SEQ stays put was damaged, and is a CorruptSegmentError, never served.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
 _Q = struct.Struct("<Q")
 _BLOCK = layout.BLOCK
 _TAIL_OFF = layout.C_BLOCK + 8 * layout.B_RING_TAIL
+_BLOCK_END = layout.C_BLOCK + _BLOCK.size
+_CLUSTER_END = layout.C_CLUSTER_ID + 8
+_crc32 = zlib.crc32
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,12 @@ class Block:
     ovl_revision: int
     ovl_size: int
     ovl_ring_pos: int
+    cluster_id: int  # the etcd cluster the epoch was loaded from (0: unknown)
+
+
+def epoch_crc(prefix: bytes, defs: bytes, cluster: bytes) -> int:
+    """The checksum's start: what changes only with the epoch (see layout.C_BLOCK_CRC)."""
+    return _crc32(cluster, _crc32(defs, _crc32(prefix)))
 
 
 def check_header(buf: Any, size: int, name: str) -> None:
@@ -86,23 +98,42 @@ def check_header(buf: Any, size: int, name: str) -> None:
             expected=layout.FORMAT_VERSION)
 
 
-def read_block(buf: Any, spins: int = 200) -> Block | None:
+def read_block(buf: Any, spins: int = 200, name: str = "control segment") -> Block | None:
     """A consistent copy of the block, or None if the writer held the seqlock throughout.
 
     None happens when a writer died (or was stopped) between its two SEQ stores;
-    callers keep using the block they had.
+    callers keep using the block they had. A copy whose checksum fails is read
+    again (a torn read, where loads may be reordered); failing twice at the same
+    SEQ it is damage: CorruptSegmentError naming segment ``name``.
     """
     unpack_q = _Q.unpack_from
-    unpack_block = _BLOCK.unpack_from
+    failed_at = -1
     for i in range(spins):
         s1 = unpack_q(buf, layout.C_SEQ)[0]
         if s1 & 1:
             if i > 50:
                 time.sleep(0.00005)
             continue
-        fields = unpack_block(buf, layout.C_BLOCK)
-        if unpack_q(buf, layout.C_SEQ)[0] == s1:
-            return Block(s1, *fields)
+        raw = buf[layout.C_BLOCK:_BLOCK_END]
+        cluster = buf[layout.C_CLUSTER_ID:_CLUSTER_END]
+        crc = unpack_q(buf, layout.C_BLOCK_CRC)[0]
+        fields = _BLOCK.unpack(raw)
+        # (Lengths bounded: a damaged one must fail the checksum, not read elsewhere.)
+        prefix = buf[layout.C_PREFIX:layout.C_PREFIX + min(fields[layout.B_PREFIX_LEN],
+                                                           layout.MAX_PREFIX_LEN)]
+        defs = buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + min(
+            fields[layout.B_INDEX_DEFS_LEN], layout.MAX_INDEX_DEFS_LEN)]
+        if unpack_q(buf, layout.C_SEQ)[0] != s1:
+            continue
+        if _crc32(raw, epoch_crc(prefix, defs, cluster)) == crc:
+            return Block(s1, *fields, *_Q.unpack(cluster))
+        if failed_at == s1:
+            raise CorruptSegmentError(
+                f"the published block (SEQ {s1}) fails its checksum: the block, prefix, "
+                f"index definitions or cluster id were changed by something other than "
+                f"the writer", segment=name,
+                hint="Restarting the writer relists the cache into a new epoch")
+        failed_at = s1
     return None
 
 
@@ -250,6 +281,16 @@ def publish_failure(buf: Any, spins: int = 100) -> tuple[str | None, float | Non
     return text, ns / 1e9
 
 
+def _epoch_crc_in(buf: Any, fields: list[int]) -> int:
+    """epoch_crc of the prefix, definitions and cluster id in ``buf`` (lengths bounded)."""
+    return epoch_crc(
+        buf[layout.C_PREFIX:layout.C_PREFIX + min(fields[layout.B_PREFIX_LEN],
+                                                  layout.MAX_PREFIX_LEN)],
+        buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + min(fields[layout.B_INDEX_DEFS_LEN],
+                                                          layout.MAX_INDEX_DEFS_LEN)],
+        buf[layout.C_CLUSTER_ID:_CLUSTER_END])
+
+
 class ControlReader:
     """A reader's read-only handle on a control segment: the block, the tail, the futex word.
 
@@ -319,7 +360,8 @@ class ControlReader:
         return v
 
     def block(self, spins: int = 200) -> Block | None:
-        return read_block(self.buf, spins)
+        """read_block: None while a publish is stuck, CorruptSegmentError if damaged."""
+        return read_block(self.buf, spins, self.name)
 
     def wait(self, word: int, timeout: float | None) -> None:
         """Sleep until the writer publishes (SEQ's word differs from ``word``), ``wake()``
@@ -410,7 +452,7 @@ class ControlReader:
             ring_used=b.ring_head - b.ring_tail, format_version=layout.FORMAT_VERSION,
             etcd_unreachable_since=self.etcd_down_since() if alive else None, liveness=how,
             indexes=dict(index_defs), publish_error=error,
-            publish_failing_since=failing_since)
+            publish_failing_since=failing_since, cluster_id=b.cluster_id)
 
     def check_stale(self, cache: str, max_staleness: float) -> None:
         """StaleError if the last heartbeat is older than ``max_staleness`` s or the writer
@@ -461,6 +503,11 @@ class ControlWriter:
         self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
         # Published with the prefix (each new epoch): _indexdef.encode_defs.
         self.index_defs = b""
+        # The cluster the published epoch was loaded from, and the one the next
+        # epoch will be (set_cluster_id).
+        self.cluster_id: int = _Q.unpack_from(buf, layout.C_CLUSTER_ID)[0]
+        self._next_cluster_id = self.cluster_id
+        self._epoch_crc = _epoch_crc_in(buf, self.fields)
         # The publishing thread and the sync thread both publish.
         self._lock = threading.Lock()
 
@@ -473,6 +520,8 @@ class ControlWriter:
         fields = [0] * layout.BLOCK_FIELDS
         fields[layout.B_PREFIX_LEN] = len(prefix)
         _BLOCK.pack_into(buf, layout.C_BLOCK, *fields)
+        _Q.pack_into(buf, layout.C_BLOCK_CRC,
+                     _crc32(buf[layout.C_BLOCK:_BLOCK_END], _epoch_crc_in(buf, fields)))
         layout.HEAD.pack_into(buf, 0, layout.MAGIC[layout.KIND_CONTROL], layout.FORMAT_VERSION,
                               layout.KIND_CONTROL)
 
@@ -534,6 +583,12 @@ class ControlWriter:
         v: int = self.fields[index]
         return v
 
+    def set_cluster_id(self, cluster_id: int) -> None:
+        """The etcd cluster the next epoch is loaded from: published with that epoch's
+        prefix (``publish(..., prefix=...)``), so an epoch and its cluster change
+        together. Writer thread only."""
+        self._next_cluster_id = cluster_id
+
     def publish(self, updates: dict[int, int], prefix: bytes | None = None,
                 wake: bool = True) -> None:
         """Store ``updates`` (block index -> value) atomically for readers, then wake waiters."""
@@ -550,9 +605,17 @@ class ControlWriter:
                 defs = self.index_defs
                 buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + len(defs)] = defs
                 fields[layout.B_INDEX_DEFS_LEN] = len(defs)
+                self.cluster_id = self._next_cluster_id
+                _store(buf, layout.C_CLUSTER_ID, self.cluster_id)
+                self._epoch_crc = epoch_crc(prefix, defs, _Q.pack(self.cluster_id))
+            elif layout.B_PREFIX_LEN in updates or layout.B_INDEX_DEFS_LEN in updates:
+                # A length given without its bytes: the checksum covers what readers read.
+                self._epoch_crc = _epoch_crc_in(buf, fields)
             # One copy, not pack_into: readers load RING_TAIL alone (lap detection),
             # and pack_into would zero it on the way (see _store).
-            buf[layout.C_BLOCK:layout.C_BLOCK + _BLOCK.size] = _BLOCK.pack(*fields)
+            block = _BLOCK.pack(*fields)
+            buf[layout.C_BLOCK:_BLOCK_END] = block
+            _store(buf, layout.C_BLOCK_CRC, _crc32(block, self._epoch_crc))
             self.seq += 1
             _store(buf, layout.C_SEQ, self.seq)
         if wake:

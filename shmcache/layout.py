@@ -22,7 +22,10 @@ from typing import Final
 # 3: overlay segments (the keys changed since the snapshot, B_OVL_*), so a reader
 # decodes only the ring records after the overlay segment; the block grew to 22
 # words and the two fixed words after it moved.
-FORMAT_VERSION: Final = 3
+# 4: the published block carries a checksum (C_BLOCK_CRC) and the etcd cluster
+# id the state was loaded from (C_CLUSTER_ID), both at the end of the segment;
+# the index definitions' room shrank by their 16 bytes.
+FORMAT_VERSION: Final = 4
 
 # --- names -----------------------------------------------------------------
 
@@ -142,7 +145,16 @@ C_PREFIX: Final = 1024  # the key prefix the writer serves, B_PREFIX_LEN bytes
 # The secondary index definitions, msgpack [[name, spec], ...], B_INDEX_DEFS_LEN
 # bytes. Like the prefix they change only with the epoch.
 C_INDEX_DEFS: Final = 3072
-MAX_INDEX_DEFS_LEN: Final = 1024
+MAX_INDEX_DEFS_LEN: Final = 1008
+# The id of the etcd cluster the epoch's state was loaded from (etcd's response
+# header cluster_id; 0: unknown). Changes only with the epoch, under the seqlock.
+C_CLUSTER_ID: Final = 4080
+# crc32 (low 32 bits of the word) of, in this order: the prefix (B_PREFIX_LEN
+# bytes at C_PREFIX), the index definitions (B_INDEX_DEFS_LEN bytes at
+# C_INDEX_DEFS), C_CLUSTER_ID's 8 bytes and the block (BLOCK.size bytes at
+# C_BLOCK). Stored under the seqlock with them: a block that fails it while SEQ
+# stays the same was damaged, not torn.
+C_BLOCK_CRC: Final = 4088
 FLAG_CLEAN_EXIT: Final = 1
 # Set once the running writer has reached etcd (claim() clears it): a restarted
 # writer serving its predecessor's snapshot is not current until then.

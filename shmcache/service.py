@@ -269,7 +269,10 @@ class _Service:
         seg = self._control()
         if seg is None or seg.size < layout.CONTROL_SIZE:
             return None
-        b = control.read_block(seg.buf, spins=50)
+        try:
+            b = control.read_block(seg.buf, spins=50)
+        except ShmCacheError:  # damaged (readers are told): the last good block for status
+            b = None
         if b is not None and b.snap_seq:
             self._block = b
         return self._block

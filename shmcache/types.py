@@ -91,6 +91,8 @@ class Status:
     # published revision meanwhile; the writer retries and catches up.
     publish_error: str | None = None
     publish_failing_since: float | None = None
+    # The id of the etcd cluster the epoch was loaded from (etcd's cluster_id; 0: unknown).
+    cluster_id: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``prefix`` as text (undecodable bytes as ``\\xNN`` escapes, which

@@ -116,6 +116,7 @@ def test_failover_when_the_connected_member_dies(tmp_path: Path, cache_name: str
         m = _scrape(port)
         c = f"{{{cache_name}}}"
         assert m["shmcache_relists_total" + c] == 1  # the first list only
+        assert m["shmcache_cluster_changes_total" + c] == 0  # another member, the same cluster
         assert m["shmcache_reconnects_total" + c] >= 1
         assert m["shmcache_watch_restarts_total" + c] >= 1
         assert r.status().epoch == 1

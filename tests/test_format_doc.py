@@ -83,9 +83,16 @@ def test_control_fixed_words() -> None:
     assert seen == every, f"control words missing from the table: {every - seen}"
     # The rows tile the segment up to the prefix: no gap, no overlap.
     ends = [(int(r[0]), int(r[0]) + int(r[1])) for r in rows if r[1].isdigit()]
-    for (_a, end), (start, _b) in zip(ends, ends[1:], strict=False):
-        assert end == start, f"table rows leave a gap or overlap at {end}/{start}"
-    assert ends[-1][1] == layout.C_PREFIX
+    # The fixed words tile [0, C_PREFIX), and the ones after the index definitions
+    # end the segment.
+    head = [e for e in ends if e[0] < layout.C_PREFIX]
+    tail = [e for e in ends if e[0] > layout.C_PREFIX]
+    for part in (head, tail):
+        for (_a, end), (start, _b) in zip(part, part[1:], strict=False):
+            assert end == start, f"table rows leave a gap or overlap at {end}/{start}"
+    assert head[-1][1] == layout.C_PREFIX
+    assert tail[0][0] == layout.C_INDEX_DEFS + layout.MAX_INDEX_DEFS_LEN
+    assert tail[-1][1] == layout.CONTROL_SIZE
     assert "INDEX_DEFS" in seen
 
 

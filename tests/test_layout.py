@@ -228,7 +228,10 @@ def test_control_offsets() -> None:
     assert layout.HEAD.size <= layout.C_SEQ
     assert layout.C_FLAGS + 8 <= layout.C_BLOCK == 64
     assert layout.C_BLOCK + layout.BLOCK.size <= layout.C_PREFIX == 1024
-    assert layout.C_PREFIX + layout.MAX_PREFIX_LEN <= layout.CONTROL_SIZE
+    assert layout.C_PREFIX + layout.MAX_PREFIX_LEN <= layout.C_INDEX_DEFS == 3072
+    # The cluster id and the block's checksum end the segment, after the definitions.
+    assert layout.C_INDEX_DEFS + layout.MAX_INDEX_DEFS_LEN == layout.C_CLUSTER_ID == 4080
+    assert layout.C_CLUSTER_ID + 8 == layout.C_BLOCK_CRC == layout.CONTROL_SIZE - 8
 
 
 def test_block_field_indices() -> None:
@@ -242,14 +245,14 @@ def test_block_field_indices() -> None:
             layout.B_OVL_SIZE, layout.B_OVL_RING_POS] == list(range(22))
     assert layout.BLOCK.format == "<22Q"
     assert layout.BLOCK_FIELDS == 22 == len(layout.BLOCK.unpack(bytes(layout.BLOCK.size)))
-    # The Block dataclass carries seq plus all 22 fields, in order.
+    # The Block dataclass carries seq, all 22 fields in order, then the cluster id.
     names = list(control.Block.__dataclass_fields__)
-    assert names[0] == "seq" and len(names) == 23
+    assert names[0] == "seq" and len(names) == 24 and names[-1] == "cluster_id"
     assert names[1 + layout.B_RING_TAIL] == "ring_tail"
     assert names[1 + layout.B_PREFIX_LEN] == "prefix_len"
     assert names[1 + layout.B_SYNC_STARTED:] == ["sync_started", "sync_done", "sync_revision",
                                                  "index_defs_len", "ovl_seq", "ovl_revision",
-                                                 "ovl_size", "ovl_ring_pos"]
+                                                 "ovl_size", "ovl_ring_pos", "cluster_id"]
 
 
 def test_magics_and_kinds() -> None:
@@ -260,7 +263,7 @@ def test_magics_and_kinds() -> None:
             layout.KIND_INDEX, layout.KIND_OVERLAY) == (1, 2, 3, 4, 5)
     assert (layout.REC_KIND_EVENTS, layout.REC_KIND_PAD) == (1, 2)
     assert (layout.EVENT_PUT, layout.EVENT_DELETE) == (0, 1)
-    assert layout.FORMAT_VERSION == 3
+    assert layout.FORMAT_VERSION == 4
 
 
 # --------------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def test_golden_ring_header_and_record() -> None:
     w.write(w.place(5), 0x1122, b"hello")
     assert buf[:layout.RING_DATA].hex() == (
         "53484d432e524e47"  # magic "SHMC.RNG"
-        "03000000"  # format version 3
+        "04000000"  # format version 4
         "02000000"  # kind: ring
         "0700000000000000"  # generation 7
         "0001000000000000"  # capacity 256
@@ -305,7 +308,7 @@ def test_golden_snapshot() -> None:
     fill(buf)
     assert buf[:128].hex() == (
         "53484d432e534e50"  # magic "SHMC.SNP"
-        "03000000"  # format version 3
+        "04000000"  # format version 4
         "03000000"  # kind: snapshot
         "0900000000000000"  # revision 9
         "0200000000000000"  # epoch 2
@@ -317,7 +320,7 @@ def test_golden_snapshot() -> None:
         "3800000000000000"  # data_len 56
         "4001000000000000"  # total_size 320
         "dd5f2369"  # body crc32 (data, then index, then hash table)
-        "2f238c9a"  # header crc32 of bytes [0, 92)
+        "0347f7c7"  # header crc32 of bytes [0, 92)
         + "00" * 32  # unused up to HEADER_SIZE
     )
     assert buf[128:136].hex() == "0801000000000000"  # index[0] -> the entry at 264
@@ -353,16 +356,21 @@ def test_golden_snapshot() -> None:
     assert zlib.crc32(bytes(buf[268:314])) == 0x304516B2
     body = zlib.crc32(table, zlib.crc32(bytes(buf[128:136]), zlib.crc32(bytes(buf[264:320]))))
     assert body == 0x69235FDD  # data area, then index, then hash table
-    assert zlib.crc32(bytes(buf[:92])) == 0x9A8C232F
+    assert zlib.crc32(bytes(buf[:92])) == 0xC7F74703
 
 
 def test_golden_control_segment() -> None:
-    """initialise() then one publish(): the head, seqlock word, block and prefix bytes."""
+    """initialise() then two publishes: the head, seqlock word, block, prefix, cluster id and
+    checksum bytes."""
     m = mmap.mmap(-1, layout.CONTROL_SIZE)
     try:
         control.ControlWriter.initialise(m, b"/app/")
-        assert m[:16].hex() == "53484d432e43544c" "03000000" "01000000"  # "SHMC.CTL", v3, control
+        assert m[:16].hex() == "53484d432e43544c" "04000000" "01000000"  # "SHMC.CTL", v4, control
         assert m[64:240] == bytes(13 * 8) + b"\x05" + bytes(8 * 8 + 7)  # only PREFIX_LEN is set
+        # No cluster yet; crc32 of b"/app/", no definitions, 8 zero bytes, the block.
+        assert m[4080:4096].hex() == "0000000000000000" "fa79d19200000000"
+        assert zlib.crc32(b"/app/" + bytes(8) + m[64:240]) == 0x92D179FA
+        assert control.read_block(m) == control.Block(0, *[0] * 13, 5, *[0] * 8, 0)
         cw = control.ControlWriter(m)
         cw.publish({i: i + 1 for i in range(22) if i != layout.B_PREFIX_LEN})
         assert m[layout.C_SEQ:layout.C_SEQ + 8].hex() == "0200000000000000"  # even: published once
@@ -395,10 +403,22 @@ def test_golden_control_segment() -> None:
         )
         assert m[1024:1030] == b"/app/\0"
         assert m[240:1024] == bytes(784)  # nothing else between the block and the prefix
-        assert control.read_block(m) == control.Block(2, *expected)
+        # INDEX_DEFS_LEN 18 (never written here) puts 18 zero bytes in the checksum.
+        assert m[4080:4096].hex() == "0000000000000000" "59701b6200000000"
+        assert zlib.crc32(b"/app/" + bytes(18 + 8) + m[64:240]) == 0x621B7059
+        assert control.read_block(m) == control.Block(2, *expected, 0)
         b = control.read_block(m)
         assert b is not None
         assert (b.prefix_len, b.sync_started, b.sync_done, b.sync_revision) == (5, 15, 16, 17)
+        # A new epoch's publish (a prefix given) stores its cluster id with it.
+        cw.set_cluster_id(0xCDF818194E3A8C32)
+        cw.publish({layout.B_EPOCH: 2}, prefix=b"/app/")
+        assert m[layout.C_SEQ:layout.C_SEQ + 8].hex() == "0400000000000000"
+        assert m[4080:4096].hex() == "328c3a4e1918f8cd" "46172a4400000000"
+        assert zlib.crc32(b"/app/" + m[4080:4088] + m[64:240]) == 0x442A1746
+        b = control.read_block(m)
+        assert b is not None and (b.epoch, b.index_defs_len, b.cluster_id) == (
+            2, 0, 0xCDF818194E3A8C32)
         del cw
     finally:
         m.close()

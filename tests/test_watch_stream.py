@@ -80,7 +80,7 @@ def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse | None:
         else:
             events.append((1, e.key, b"", 0, e.mod_revision, 0, 0, prev))
     return (resp.header.revision, resp.created, resp.canceled, resp.compact_revision,
-            resp.cancel_reason, events)
+            resp.cancel_reason, events, _watchpb.cluster_varint(resp.header.cluster_id))
 
 
 @settings(max_examples=400, deadline=None)
@@ -139,7 +139,7 @@ def test_an_event_it_cannot_decode_exactly_is_an_error(event: bytes, error: str)
     with pytest.raises(ValueError, match=error):
         _watchpb.decode_watch_response(data)
     assert _watchpb.decode_watch_response(data[:4 + 2 + len(good)]) == (
-        5, False, False, 0, "", [(0, b"/b", b"", 0, 5, 0, 0, None)])
+        5, False, False, 0, "", [(0, b"/b", b"", 0, 5, 0, 0, None)], b"")
 
 
 def test_a_delete_and_a_put_of_a_real_response() -> None:
@@ -154,7 +154,18 @@ def test_a_delete_and_a_put_of_a_real_response() -> None:
     got = _watchpb.decode_watch_response(resp.SerializeToString())
     assert got == (7_000_000_000, False, False, 0, "", [
         (1, b"/a", b"", 0, 7_000_000_000, 0, 0, (b"/a", b"v" * 200, 0, 5, 0, 0)),
-        (0, b"/b", b"w", 0, 7_000_000_000, 0, -1, None)])
+        (0, b"/b", b"w", 0, 7_000_000_000, 0, -1, None)], b"")
+
+
+@pytest.mark.parametrize("cluster_id", [0, 1, 0x7F, 0x80, 2**63 - 1, 2**63, 2**64 - 1])
+def test_the_header_cluster_id(cluster_id: int) -> None:
+    """The header's cluster id comes back as its varint (what cluster_varint encodes, b""
+    for 0, a field protobuf omits), and cluster_from_varint reads it back."""
+    resp = rpc_pb2.WatchResponse()
+    resp.header.cluster_id, resp.header.member_id, resp.header.revision = cluster_id, 99, 3
+    got = _watchpb.decode_watch_response(resp.SerializeToString())
+    assert got == (3, False, False, 0, "", [], _watchpb.cluster_varint(cluster_id))
+    assert _watchpb.cluster_from_varint(got[-1]) == cluster_id
 
 
 # -- the transports, against etcd -------------------------------------------------------------
@@ -194,8 +205,10 @@ def test_events_progress_and_close(transport: str, conn: _etcd.Connection, etcd_
         for i in range(50):
             put(etcd_client, p + b"k%d" % (i % 7), b"%d" % i)
         while len(revs) < 51:
-            _rev, _created, canceled, compact, _reason, events = next(it)
+            _rev, _created, canceled, compact, _reason, events, cluster = next(it)
             assert not canceled and not compact and events
+            # Every response names the cluster the connection found at connect().
+            assert cluster == conn.cluster_raw != b""
             revs += [ev[4] for ev in events]
         assert revs == list(range(first, first + 51))
         # Progress requests (several, faster than their answers: they queue).
