@@ -103,6 +103,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append((f"index {iname}", spec))
     if unattachable:
         rows.append(("readers", f"cannot attach yet: {unattachable}"))
+    from ._writerlock import writer_lock
+
+    lock = writer_lock(st.name)
+    if lock is not None and lock.stuck:  # no writer can start until its holder lets go
+        rows.append(("writer lock", lock.holder_text()))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
