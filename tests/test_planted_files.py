@@ -162,6 +162,25 @@ def test_a_link_at_the_control_segment_name_is_one_line_for_writer_and_readers(
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
 
 
+def test_a_link_at_the_lock_file_name_stops_the_writer_and_rm_removes_it(
+        accounts: Accounts, cache_name: str, secret: Path,
+        serve: Callable[..., WriterProcess]) -> None:
+    """The writer never opens, chmods or locks through a link at its lock file's name: it
+    refuses in one line naming it; `shmcache rm` removes the link, and the writer starts."""
+    link = _plant_link(accounts.outsider, secret, layout.lock_name(cache_name))
+    w = serve(wait=False)
+    assert w.proc is not None
+    w.proc.wait(timeout=60)
+    assert w.proc.returncode == 1, w.log()
+    line = next((ln for ln in w.log().splitlines() if ln.startswith("shmcache serve: ")), "")
+    assert f"{layout.lock_name(cache_name)} is a symbolic link owned by user " \
+           f"{accounts.outsider.name}" in line, w.log()
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    out = _cli("rm", cache_name)
+    assert out.returncode == 0 and not os.path.lexists(link), out
+    serve()
+
+
 # -- 5. only a writer can hold the writer's lock ------------------------------------------
 
 # Runs as a reader's uid: opens every entry of the cache it can and flocks it, exclusively
