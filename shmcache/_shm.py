@@ -3,7 +3,7 @@
 Existing entries in /dev/shm are opened as shm_open does (``O_NOFOLLOW``) but
 also ``O_NONBLOCK``, and anything but a regular file is refused: /dev/shm is
 world-writable and segment names are predictable, so a symbolic link or a FIFO
-may have been planted at a name (docs/format.md, "Trust and permissions").
+may have been planted at a name (docs/format.md, "Security").
 """
 
 from __future__ import annotations
