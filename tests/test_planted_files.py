@@ -162,6 +162,21 @@ def test_a_link_at_the_control_segment_name_is_one_line_for_writer_and_readers(
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
 
 
+def test_a_fifo_at_the_control_segment_name_cannot_hang_a_reader(
+        accounts: Accounts, cache_name: str) -> None:
+    """A FIFO another user made at the control segment's name: opening it read-only used to
+    block until someone opened it for writing, hanging every reader at attach; now it is
+    refused at once, in one line."""
+    path = _shm.SHM_DIR + layout.control_name(cache_name)
+    subprocess.run(accounts.outsider.argv("mkfifo", "-m", "644", path), check=True,
+                   capture_output=True, timeout=60, cwd="/")
+    out = subprocess.run([sys.executable, "-m", "shmcache", "get", cache_name, "/k"],
+                         capture_output=True, text=True, timeout=30)
+    assert f"is a FIFO owned by user {accounts.outsider.name}" in _one_line(out, "get")
+    with pytest.raises(shmcache.SegmentPermissionError, match="is a FIFO"):
+        shmcache.Reader(cache_name)
+
+
 def test_a_link_at_the_lock_file_name_stops_the_writer_and_rm_removes_it(
         accounts: Accounts, cache_name: str, secret: Path,
         serve: Callable[..., WriterProcess]) -> None:
