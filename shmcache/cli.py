@@ -83,8 +83,12 @@ def _status(name: str) -> tuple[Any, str | None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ._writerlock import writer_lock
+
     st, unattachable = _status(args.name)
-    d = st.as_dict()
+    lock = writer_lock(st.name)  # a stuck one keeps every writer out until its holder lets go
+    stuck_lock = lock.holder_text() if lock is not None and lock.stuck else None
+    d = {**st.as_dict(), "writer_lock": stuck_lock}
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -103,11 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append((f"index {iname}", spec))
     if unattachable:
         rows.append(("readers", f"cannot attach yet: {unattachable}"))
-    from ._writerlock import writer_lock
-
-    lock = writer_lock(st.name)
-    if lock is not None and lock.stuck:  # no writer can start until its holder lets go
-        rows.append(("writer lock", lock.holder_text()))
+    if stuck_lock:
+        rows.append(("writer lock", stuck_lock))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

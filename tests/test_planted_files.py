@@ -15,6 +15,7 @@ writers run as root.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import stat
 import subprocess
@@ -46,6 +47,14 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def _stop_once_watching(w: WriterProcess, starts: int = 1) -> None:
+    """Stop ``w`` once it opened its etcd watch (its ``starts``-th start on this log): the
+    stray check has run by then (it runs once the state is current, before the watch)."""
+    _wait(lambda: Path(w.log_path).read_text().count("INFO shmcache.writer: watching ")
+          >= starts, 30, "the writer watches")
+    w.terminate()
 
 
 def _one_line(out: subprocess.CompletedProcess[str], cmd: str, code: int = 2) -> str:
@@ -107,7 +116,7 @@ def test_a_link_planted_at_a_stray_segment_name_is_left_alone_and_logged(
     before = os.stat(secret)
     link = _plant_link(accounts.outsider, secret, layout.snapshot_name(cache_name, 999))
     w = serve()
-    w.terminate()  # the stray check runs once the state is current, before the watch
+    _stop_once_watching(w)
     after = os.stat(secret)
     assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (
         0o600, before.st_uid, before.st_gid)
@@ -117,7 +126,7 @@ def test_a_link_planted_at_a_stray_segment_name_is_left_alone_and_logged(
                f"{accounts.outsider.name} (uid {accounts.outsider.uid}) to '{secret}'")
     assert log.count(warning) == 1, log
     # A restart does not touch it either, and `shmcache rm` (the operator) removes it.
-    serve().terminate()
+    _stop_once_watching(serve(), starts=2)
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and os.path.islink(link)
     out = _cli("rm", cache_name)
     assert out.returncode == 0 and layout.snapshot_name(cache_name, 999) in out.stdout, out
@@ -132,7 +141,7 @@ def test_another_users_file_at_a_segment_name_is_not_chmodded_or_removed(
     subprocess.run(accounts.outsider.argv("sh", "-c", f"umask 077; echo x > {path}"),
                    check=True, capture_output=True, timeout=60, cwd="/")
     w = serve()
-    w.terminate()
+    _stop_once_watching(w)
     st = os.lstat(path)
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, accounts.outsider.uid)
     assert "it is a regular file owned by user" in w.log()
@@ -243,6 +252,7 @@ def test_a_reader_that_locks_all_it_can_open_cannot_keep_a_writer_out(
         out = _cli("status", cache_name)
         assert out.returncode == 0 and "writer lock" not in out.stdout, out
         assert f"pid {second.pid} alive" in out.stdout, out
+        assert json.loads(_cli("status", cache_name, "--json").stdout)["writer_lock"] is None
         second.terminate()
         out = _cli("rm", cache_name)
         assert out.returncode == 0 and layout.control_name(cache_name) in out.stdout, out
@@ -302,6 +312,8 @@ def test_status_and_rm_tell_a_stuck_lock_from_a_live_writer(
         row = next((ln for ln in out.stdout.splitlines() if ln.startswith("writer lock")), "")
         assert f"held by pid {child} (" in row and "a stuck lock" in row, out.stdout
         assert "not by its recorded writer (none)" in row, row  # a clean stop cleared it
+        doc = json.loads(_cli("status", cache_name, "--json").stdout)
+        assert doc["writer_lock"] == row.split(None, 2)[2], (doc, row)
         line = _one_line(_cli("rm", cache_name), "rm")
         assert f"held by pid {child} (" in line and "a stuck lock" in line, line
         assert "has a running writer" not in line and "Stop the process" in line, line
@@ -326,7 +338,8 @@ def test_a_cache_of_an_earlier_version_is_taken_over(
     w.terminate()
     os.unlink(_shm.SHM_DIR + layout.lock_name(cache_name))
     resumed = serve()
-    assert f"resumed cache {cache_name!r}" in resumed.log(), resumed.log()
+    # (ready once it claims the cache, which comes before it resumes)
+    _wait(lambda: f"resumed cache {cache_name!r}" in resumed.log(), 30, "the writer resumes")
     # The running writer also holds the control segment's lock, for earlier tools.
     ctl = os.open(_shm.SHM_DIR + layout.control_name(cache_name), os.O_RDONLY)
     try:
