@@ -249,8 +249,8 @@ def test_a_reader_that_locks_all_it_can_open_cannot_keep_a_writer_out(
         second = serve()  # wait_ready: published and claimed by this process
         with shmcache.Reader(cache_name) as r:
             assert r.get(r.status().prefix + b"k1") is not None
-        out = _cli("status", cache_name)
-        assert out.returncode == 0 and "writer lock" not in out.stdout, out
+        out = _cli("status", cache_name)  # (ready or not yet: either way it shows the cache)
+        assert out.returncode in (0, 1) and "writer lock" not in out.stdout, out
         assert f"pid {second.pid} alive" in out.stdout, out
         assert json.loads(_cli("status", cache_name, "--json").stdout)["writer_lock"] is None
         second.terminate()
@@ -308,7 +308,7 @@ def test_status_and_rm_tell_a_stuck_lock_from_a_live_writer(
     holder.wait(timeout=30)
     try:
         out = _cli("status", cache_name)
-        assert out.returncode == 0, out
+        assert out.returncode in (0, 1), out  # (no writer: not ready, where status says so)
         row = next((ln for ln in out.stdout.splitlines() if ln.startswith("writer lock")), "")
         assert f"held by pid {child} (" in row and "a stuck lock" in row, out.stdout
         assert "not by its recorded writer (none)" in row, row  # a clean stop cleared it
