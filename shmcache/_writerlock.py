@@ -102,6 +102,13 @@ def writer_lock(cache_name: str) -> WriterLock | None:
     return None if not holders else WriterLock(holders, *recorded_writer(cache_name))
 
 
+def stuck_lock_text(cache_name: str) -> str | None:
+    """For ``shmcache status``: who holds a stuck writer lock (``WriterLock.holder_text``),
+    None when the lock is free or held by the live writer."""
+    lock = writer_lock(cache_name)
+    return lock.holder_text() if lock is not None and lock.stuck else None
+
+
 def lock_writer(cache_name: str) -> int:
     """Take cache ``cache_name``'s writer lock for a writer; returns the descriptor that holds
     it (closing it releases the lock; the kernel drops it when the process dies).

@@ -83,11 +83,10 @@ def _status(name: str) -> tuple[Any, str | None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ._writerlock import writer_lock
+    from ._writerlock import stuck_lock_text
 
     st, unattachable = _status(args.name)
-    lock = writer_lock(st.name)  # a stuck one keeps every writer out until its holder lets go
-    stuck_lock = lock.holder_text() if lock is not None and lock.stuck else None
+    stuck_lock = stuck_lock_text(st.name)  # it keeps every writer out until its holder lets go
     d = {**st.as_dict(), "writer_lock": stuck_lock}
     if args.json:
         print(json.dumps(d, indent=2))
