@@ -93,9 +93,12 @@ def _not_ready(st: Any, unattachable: str | None, reached: bool, grace: float) -
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit 0 when the cache is ready (see _not_ready), 1 when it is not (the reason is in
     the output), 2 when there is no cache to show."""
+    from ._writerlock import stuck_lock_text
+
     st, unattachable, reached = _status(args.name)
     why_not = _not_ready(st, unattachable, reached, args.publish_grace)
-    d = st.as_dict()
+    stuck_lock = stuck_lock_text(st.name)  # it keeps every writer out until its holder lets go
+    d = {**st.as_dict(), "writer_lock": stuck_lock}
     if args.json:
         d["ready"] = why_not is None
         d["not_ready_reason"] = why_not
@@ -118,6 +121,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append((f"index {iname}", spec))
     if unattachable:
         rows.append(("readers", f"cannot attach yet: {unattachable}"))
+    if stuck_lock:
+        rows.append(("writer lock", stuck_lock))
     rows.append(("ready", "yes" if why_not is None else f"NO: {why_not}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -1,22 +1,26 @@
 """The writer's hold on a cache's segments: the lock, creation, permissions and removal.
 
 Concurrency contract: one CacheSegments per writer process. ``attach()`` takes
-an exclusive flock on the control segment for the writer's whole life (a second
-writer gets CacheExistsError; the kernel drops the lock when its holder dies,
-so a crashed writer never blocks its successor). ``still_ours()`` runs on the
-ticker thread; everything else on the thread that runs the writer.
+the writer lock (``_writerlock``: a mode-600 lock file no reader can open) for
+the writer's whole life (a second writer gets CacheExistsError; the kernel drops
+the lock when its holder dies, so a crashed writer never blocks its successor).
+``still_ours()`` runs on the ticker thread; everything else on the thread that
+runs the writer.
+
+Entries of /dev/shm are changed only through descriptors opened without
+following links, and only when they are this writer's own regular files: a
+link or another user's file planted at a segment name is logged once and left.
 """
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import logging
 import os
 import pwd
 import stat
 
-from . import _faults, _shm, control, layout, ring
+from . import _faults, _shm, _writerlock, control, layout, ring
 from .errors import CacheExistsError, CorruptSegmentError, SegmentPermissionError, WriterError
 
 log = logging.getLogger("shmcache.writer")
@@ -75,7 +79,7 @@ def _has_cap_chown() -> bool:
 def inode(seg_name: str) -> int:
     """Inode of a segment's /dev/shm entry (0 if there is none): tells two segments of one name apart."""
     try:
-        return os.stat(_shm.SHM_DIR + seg_name).st_ino
+        return os.lstat(_shm.SHM_DIR + seg_name).st_ino
     except OSError:
         return 0
 
@@ -96,14 +100,25 @@ class CacheSegments:
         self.ctl: control.ControlWriter | None = None
         self.ctl_seg: _shm.Segment | None = None
         self._lock_fd: int | None = None
+        self._ctl_fd: int | None = None
         self._ctl_ino = 0
+        # /dev/shm entries already reported as not this writer's (name, inode): once each.
+        self._reported: set[tuple[str, int]] = set()
         # Segments this writer created, name -> inode: after a forced removal it
         # unlinks only these, never a successor's segments of the same names.
         self._own: dict[str, int] = {}
         self._sync_ino = 0
 
     def attach(self) -> bool:
-        """Open or create the control segment, take the writer lock, claim it; True if it existed."""
+        """Take the writer lock, open or create the control segment, claim it; True if it existed."""
+        self._lock_fd = _writerlock.lock_writer(self.name)
+        try:
+            return self._attach_control()
+        except BaseException:
+            self._release_locks()
+            raise
+
+    def _attach_control(self) -> bool:
         cname = layout.control_name(self.name)
         existed = True
         try:
@@ -124,15 +139,13 @@ class CacheSegments:
             if opened is None:
                 raise WriterError(f"control segment {cname} vanished while starting")
         seg, fd = opened
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = control.writer_identity(seg.buf)[0]
+        pid = _writerlock.lock_control(fd)
+        if pid is not None:
             seg.close()
             os.close(fd)
             raise CacheExistsError(f"cache {self.name!r} already has a running writer "
-                                   f"(pid {pid})") from None
-        self._lock_fd = fd
+                                   f"(pid {pid}, an earlier shmcache version's)")
+        self._ctl_fd = fd
         self._ctl_ino = os.fstat(fd).st_ino
         if existed:
             try:
@@ -183,7 +196,7 @@ class CacheSegments:
         after a forced removal a successor may have bound a new one)."""
         p = _shm.SHM_DIR + layout.sync_socket_name(self.name)
         try:
-            if self._sync_ino and os.stat(p).st_ino == self._sync_ino:
+            if self._sync_ino and os.lstat(p).st_ino == self._sync_ino:
                 os.unlink(p)
         except OSError:
             pass
@@ -192,24 +205,68 @@ class CacheSegments:
         """Give every segment this writer's mode and group (a restart may change them)."""
         gid = self.gid()
         for name in _shm.list_segments(self.name):
-            path = _shm.SHM_DIR + name
+            fd = self._open_own(name)
+            if fd is None:
+                continue
             try:
-                st = os.stat(path)
+                st = os.fstat(fd)
                 changes = []
                 if stat.S_IMODE(st.st_mode) != self.mode:
-                    os.chmod(path, self.mode)
+                    os.fchmod(fd, self.mode)
                     changes.append(f"mode {stat.S_IMODE(st.st_mode):o} -> {self.mode:o}")
                 if gid is not None and st.st_gid != gid:
-                    os.chown(path, -1, gid)
+                    os.fchown(fd, -1, gid)
                     changes.append(f"group {st.st_gid} -> {gid}")
             except OSError as exc:
                 log.warning("cannot set the permissions of %s: %s", name, exc)
                 continue
+            finally:
+                os.close(fd)
             if changes:
                 log.info("segment %s: %s", name, ", ".join(changes))
 
+    def _own_file(self, seg_name: str) -> os.stat_result | None:
+        """The lstat of ``seg_name`` if it is this writer's own regular file, else None
+        (gone, or a link or another user's file: reported once, left alone)."""
+        try:
+            st = os.lstat(_shm.SHM_DIR + seg_name)
+        except OSError:
+            return None
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            return st
+        if (seg_name, st.st_ino) not in self._reported:
+            self._reported.add((seg_name, st.st_ino))
+            target = ""
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    target = f" to {os.readlink(_shm.SHM_DIR + seg_name)!r}"
+                except OSError:
+                    pass
+            log.warning("leaving %s%s alone: it is %s%s, not a segment this writer (%s) "
+                        "made; someone may have planted it", _shm.SHM_DIR, seg_name,
+                        _shm.entry_text(st), target, _shm.user_text(os.geteuid()))
+        return None
+
+    def _open_own(self, seg_name: str) -> int | None:
+        """A descriptor on ``seg_name`` if it is this writer's own regular file (``_own_file``),
+        opened without following a link and checked to be the entry just examined."""
+        st = self._own_file(seg_name)
+        if st is None:
+            return None
+        try:
+            fd = os.open(_shm.SHM_DIR + seg_name,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None  # replaced or removed since: no longer the file examined
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            return None
+        return fd
+
     def remove_strays(self) -> None:
-        """Unlink segments of this cache that the control segment does not point at."""
+        """Unlink segments of this cache that the control segment does not point at, when
+        they are this writer's own files (``_own_file``)."""
         assert self.ctl is not None
         keep = {layout.control_name(self.name),
                 layout.ring_name(self.name, self.ctl.get(layout.B_RING_GEN)),
@@ -217,13 +274,14 @@ class CacheSegments:
                 layout.index_name(self.name, self.ctl.get(layout.B_SNAP_SEQ)),
                 layout.overlay_name(self.name, self.ctl.get(layout.B_OVL_SEQ))}
         for seg in _shm.list_segments(self.name):
-            if seg not in keep:
+            # (unlink removes a name, never what a link points at: checked for the log)
+            if seg not in keep and self._own_file(seg) is not None:
                 _shm.unlink(seg)
 
     def still_ours(self) -> bool:
         """Whether /dev/shm still names our control segment (False after `shmcache rm --force`)."""
         try:
-            return os.stat(_shm.SHM_DIR + layout.control_name(self.name)).st_ino == self._ctl_ino
+            return os.lstat(_shm.SHM_DIR + layout.control_name(self.name)).st_ino == self._ctl_ino
         except FileNotFoundError:
             return False
         except OSError:
@@ -245,6 +303,10 @@ class CacheSegments:
         if remove:
             # Before the lock goes: no other writer can have started on these names.
             _shm.remove_cache(self.name, force=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        self._release_locks()
+
+    def _release_locks(self) -> None:
+        for fd in (self._ctl_fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)  # releases its flock
+        self._ctl_fd = self._lock_fd = None

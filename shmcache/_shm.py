@@ -1,9 +1,14 @@
-"""POSIX shared-memory segments: create, open read-only, map, list and unlink by cache name."""
+"""POSIX shared-memory segments: create, open, map, list and unlink by cache name.
+
+Existing entries in /dev/shm are opened as shm_open does (``O_NOFOLLOW``) but
+also ``O_NONBLOCK``, and anything but a regular file is refused: /dev/shm is
+world-writable and segment names are predictable, so a symbolic link or a FIFO
+may have been planted at a name (docs/format.md, "Security").
+"""
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import grp
 import mmap
 import os
@@ -19,7 +24,6 @@ from .errors import (
     CorruptSegmentError,
     InvalidNameError,
     SegmentPermissionError,
-    WriterRunningError,
 )
 
 SHM_DIR = "/dev/shm"
@@ -59,26 +63,46 @@ def _closed_map() -> mmap.mmap:
 
 def open_readonly(name: str) -> Segment | None:
     """Map an existing segment read-only; None if it does not exist, SegmentPermissionError
-    (see ``_read_denied``) if this process may not read it.
-
-    ``size=0`` matters: if a size is passed and ftruncate fails, posix_ipc closes
-    *and unlinks* the segment by name, even one it only opened (docs/design.md, "Facts
-    this design relies on").
+    (see ``_read_denied``) if this process may not read it or ``not_a_segment`` if the name
+    is a link or another non-regular file.
     """
     try:
-        shm = posix_ipc.SharedMemory(name, flags=0, read_only=True, size=0)
-    except posix_ipc.ExistentialError:
-        return None
-    except posix_ipc.PermissionsError:
+        fd = open_entry(name, os.O_RDONLY)
+    except SegmentPermissionError:
+        raise
+    except PermissionError:
         raise _read_denied(name) from None
+    if fd is None:
+        return None
     try:
-        size = os.fstat(shm.fd).st_size
+        size = os.fstat(fd).st_size
         if size == 0:
             return Segment(name, _empty_map(), 0)
-        buf = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     finally:
-        shm.close_fd()
+        os.close(fd)
     return Segment(name, buf, size)
+
+
+def open_entry(name: str, flags: int) -> int | None:
+    """A descriptor on the /dev/shm entry of segment ``name`` (None if there is none).
+
+    Opened as shm_open would, but a link is never followed (glibc adds ``O_NOFOLLOW``
+    too: ELOOP) and a FIFO never blocks the open; anything that is not a regular file
+    raises ``not_a_segment``. PermissionError (EACCES) is left to the caller.
+    """
+    try:
+        fd = os.open(SHM_DIR + name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise not_a_segment(name) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_a_segment(name)
+    return fd
 
 
 def _empty_map() -> mmap.mmap:
@@ -129,30 +153,31 @@ def open_writable(name: str) -> tuple[Segment, int] | None:
     contents could have been planted by someone else.
     """
     try:
-        shm = posix_ipc.SharedMemory(name, flags=0, size=0)
-    except posix_ipc.ExistentialError:
-        return None
-    except posix_ipc.PermissionsError:
+        fd = open_entry(name, os.O_RDWR)
+    except SegmentPermissionError:
+        raise
+    except PermissionError:
         # Not ours and not writable by us: the same refusal as for one we could open.
         try:
-            st = os.stat(SHM_DIR + name)
+            st = os.lstat(SHM_DIR + name)
         except OSError:
             return None  # removed meanwhile
-        raise _not_owner(name, st) from None
-    fd = shm.fd
+        raise not_owner(name, st) from None
+    if fd is None:
+        return None
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
-        shm.close_fd()
-        raise _not_owner(name, st)
+        os.close(fd)
+        raise not_owner(name, st)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        shm.close_fd()
+        os.close(fd)
         raise SegmentPermissionError(
             f"{name} has mode {stat.S_IMODE(st.st_mode):03o}, writable by group or others",
             segment=name, uid=st.st_uid, gid=st.st_gid, mode=stat.S_IMODE(st.st_mode),
             hint="Remove it with `shmcache rm NAME`; shmcache never creates such segments")
     size = st.st_size
     if size == 0:
-        shm.close_fd()
+        os.close(fd)
         raise CorruptSegmentError("segment is empty (a writer died while creating it)",
                                   segment=name)
     buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -184,7 +209,7 @@ def _read_denied(name: str) -> SegmentPermissionError:
     """The error for a segment this process may not read: who owns it, with which mode,
     who this process is, and the writer setting that would let it read."""
     try:
-        st = os.stat(SHM_DIR + name)  # needs no access to the segment, only to /dev/shm
+        st = os.lstat(SHM_DIR + name)  # needs no access to the segment, only to /dev/shm
     except OSError:
         return SegmentPermissionError(
             f"cannot read segment {name}: permission denied", segment=name,
@@ -209,12 +234,35 @@ def _read_denied(name: str) -> SegmentPermissionError:
                                   mode=mode, hint=hint)
 
 
-def _not_owner(name: str, st: os.stat_result) -> SegmentPermissionError:
+def not_owner(name: str, st: os.stat_result) -> SegmentPermissionError:
     mode = stat.S_IMODE(st.st_mode)
     return SegmentPermissionError(
         f"{name} is owned by {user_text(st.st_uid)} with mode {mode:03o}, not by this writer "
         f"({user_text(os.geteuid())})", segment=name, uid=st.st_uid, gid=st.st_gid, mode=mode,
         hint="Run the writer as the segment's owner, or remove the cache's segments with "
+             "`shmcache rm NAME` as root or as their owner")
+
+
+def entry_text(st: os.stat_result) -> str:
+    """``a symbolic link owned by user x (uid 1000)``: what a /dev/shm entry is, from its lstat."""
+    kinds = {stat.S_IFLNK: "a symbolic link", stat.S_IFREG: "a regular file",
+             stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+    kind = kinds.get(stat.S_IFMT(st.st_mode), "a device or other special file")
+    return f"{kind} owned by {user_text(st.st_uid)}"
+
+
+def not_a_segment(name: str) -> SegmentPermissionError:
+    """The error for a segment name that holds a link or another non-regular file."""
+    try:
+        st = os.lstat(SHM_DIR + name)
+    except OSError:
+        what, uid, gid, mode = "not a regular file", None, None, None
+    else:
+        what, uid, gid, mode = entry_text(st), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+    return SegmentPermissionError(
+        f"{name} is {what}, not a segment: shmcache never follows links or opens other "
+        f"files in {SHM_DIR}", segment=name, uid=uid, gid=gid, mode=mode,
+        hint="Someone else may have planted it; remove the cache's entries with "
              "`shmcache rm NAME` as root or as their owner")
 
 
@@ -252,46 +300,27 @@ def list_caches() -> list[str]:
                   if e.startswith(prefix) and e.endswith(".ctl"))
 
 
-def writer_lock_held(cache_name: str) -> int | None:
-    """The pid recorded in the control segment if a writer holds the cache's lock, else None.
-
-    The writer holds an exclusive flock on its control segment for as long as it
-    runs (released by the kernel when it dies, even by SIGKILL), so a held lock
-    means a live writer, whatever the heartbeat or /proc say.
-    """
-    fd = _open_control_fd(cache_name)
-    if fd is None:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _recorded_pid(fd)
-        return None
-    finally:
-        os.close(fd)  # also drops the shared lock taken above
-
-
 def remove_cache(cache_name: str, *, force: bool = False) -> list[str]:
-    """Unlink every segment of a cache; returns the names removed.
+    """Unlink every segment of a cache, its socket file and its lock file; returns the names
+    of the segments (and the lock file, if it was there) removed.
 
     Unless ``force``, refuses with WriterRunningError while a writer holds the
     cache: removing its segments under it would let a second writer start on
-    the same name (split brain). The check holds the writer lock while it
-    unlinks, so no writer can start on the segments being removed either.
-    ``force`` is for a writer that is stuck; a running one notices within its
-    heartbeat period that its control segment is gone and exits.
+    the same name (split brain). The check takes the writer lock (creating the
+    lock file if needed) and holds it while it unlinks, the lock file last, so
+    no writer can start on the segments being removed either. A lock held by a
+    process that is not the cache's live writer is refused too, with a message
+    that says so (``WriterLock.describe``). ``force`` is for a writer that is
+    stuck; a running one notices within its heartbeat period that its control
+    segment is gone and exits.
     """
     validate_name(cache_name)
-    fd = None if force else _open_control_fd(cache_name)
+    lock_path = SHM_DIR + layout.lock_name(cache_name)
+    had_lock_file = os.path.lexists(lock_path)
+    from ._writerlock import lock_for_removal  # it builds on this module
+
+    fd = None if force else lock_for_removal(cache_name)
     try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _recorded_pid(fd)
-                raise WriterRunningError(
-                    f"cache {cache_name!r} has a running writer (pid {pid})", pid=pid) from None
         removed = []
         for seg in list_segments(cache_name):
             if unlink(seg):
@@ -300,23 +329,13 @@ def remove_cache(cache_name: str, *, force: bool = False) -> list[str]:
             os.unlink(SHM_DIR + layout.sync_socket_name(cache_name))
         except OSError:
             pass
+        try:
+            os.unlink(lock_path)
+            if had_lock_file:
+                removed.append(layout.lock_name(cache_name))
+        except FileNotFoundError:
+            pass
         return removed
     finally:
         if fd is not None:
             os.close(fd)
-
-
-def _open_control_fd(cache_name: str) -> int | None:
-    path = os.path.join(SHM_DIR, layout.control_name(cache_name)[1:])
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-
-
-def _recorded_pid(fd: int) -> int:
-    try:
-        raw = os.pread(fd, 8, layout.C_WRITER_PID)
-    except OSError:
-        return 0
-    return int.from_bytes(raw, "little") if len(raw) == 8 else 0

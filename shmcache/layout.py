@@ -60,6 +60,11 @@ def sync_socket_name(name: str) -> str:
     return f"{SEGMENT_PREFIX}{name}.sync"
 
 
+def lock_name(name: str) -> str:
+    """The writer's lock file next to the segments: mode 600, flock'ed by the running writer."""
+    return f"{SEGMENT_PREFIX}{name}.lock"
+
+
 # --- common segment header ---------------------------------------------------
 # Every segment starts with: magic (8 bytes), format version (u32), kind (u32).
 

@@ -7,7 +7,7 @@ sync server (_sync.Server: consistent reads). A data path crosses each once:
 etcd event -> _feed batch -> _publisher ring record -> reader.
 
 Concurrency contract: one Writer per cache name per host, enforced with an
-exclusive flock on the control segment (a second writer gets CacheExistsError;
+exclusive flock on its lock file (a second writer gets CacheExistsError;
 the lock dies with its holder, so a crashed writer never blocks its successor).
 The thread that calls ``run()`` applies events and publishes them; a sync
 thread publishes the consistent-read counters (ControlWriter.publish is

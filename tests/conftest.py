@@ -22,10 +22,11 @@ SHM_DIR = "/dev/shm"
 SHM_PATTERN = "shmcache.*"
 SEM_PATTERN = "sem.shmcache.*"
 
-# Segment files are <name>.ctl, <name>.ring.<n>, <name>.snap.<n>, <name>.idx.<n>, <name>.ovl.<n>
+# Segment files are <name>.ctl, <name>.ring.<n>, <name>.snap.<n>, <name>.idx.<n>, <name>.ovl.<n>,
+# next to the writer's lock file <name>.lock and its socket file <name>.sync
 # (shmcache/layout.py); anything else counts as <name>.<suffix>.
 _SEGMENT_RE = re.compile(
-    r"(?:sem\.)?shmcache\.(?P<name>.+?)(?:\.(?:ctl|ring\.\d+|snap\.\d+|idx\.\d+|ovl\.\d+)|\.[^.]*)?"
+    r"(?:sem\.)?shmcache\.(?P<name>.+?)(?:\.(?:ctl|lock|sync|ring\.\d+|snap\.\d+|idx\.\d+|ovl\.\d+)|\.[^.]*)?"
 )
 _FIXTURE_NAME_RE = re.compile(r"t-[0-9a-f]{8}")
 
