@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ def _status(name: str) -> tuple[Any, str | None]:
     no writer alive either, the Reader's error stands.
     """
     from . import control
+    from ._janitor import pinned_bytes
     from .errors import InvalidNameError
 
     try:
@@ -79,7 +81,7 @@ def _status(name: str) -> tuple[Any, str | None]:
             cr.close()
         if not st.writer_alive:
             raise exc from None
-        return st, exc.message
+        return dataclasses.replace(st, pinned_bytes=pinned_bytes(name)), exc.message
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -103,6 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append((f"index {iname}", spec))
     if unattachable:
         rows.append(("readers", f"cannot attach yet: {unattachable}"))
+    if st.pinned_bytes is not None:
+        rows.append(("pinned by readers", f"{st.pinned_bytes} bytes of unlinked segments"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -85,6 +85,9 @@ class Status:
     liveness: str = "pid"
     # The secondary indexes the writer publishes: name -> spec (e.g. "json:/spec/nodeName").
     indexes: dict[str, str] = field(default_factory=dict)
+    # Bytes of the cache's segments the writer unlinked that processes still map (each
+    # counted once; from the /proc/PID/maps the caller may read). None: not counted.
+    pinned_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``prefix`` as text (undecodable bytes as ``\\xNN`` escapes, which

@@ -10,6 +10,8 @@ they mapped. The tests read those processes' /proc/PID/maps.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -146,3 +148,31 @@ def test_forked_child_releases_what_its_inherited_reader_mapped(
     finally:
         os.close(wfd)
         assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_status_counts_what_a_stopped_reader_pins(
+        writer: WriterProcess, etcd_client: Any, unique_prefix: bytes) -> None:
+    """A reader process that does not run (SIGSTOP) keeps the snapshot it mapped: status()
+    and `shmcache status` count its bytes; once it runs again it releases them, and the
+    count drops to 0."""
+    name = writer.name
+    put(etcd_client, unique_prefix + b"a/base", b"x" * 5000)
+    procs = _spawn_idle(name, 1)
+    pid = procs[0].pid
+    try:
+        old = {path: size for path, size, _gone in _maps(pid, name)
+               if ".snap." in path or ".ovl." in path}
+        with shmcache.Reader(name) as r:
+            assert r.status().pinned_bytes == 0
+            os.kill(pid, signal.SIGSTOP)
+            _replace_segments(etcd_client, unique_prefix, set(old), r)
+            assert r.status().pinned_bytes == _pinned([pid], name) == sum(old.values())
+            out = subprocess.run([sys.executable, "-m", "shmcache", "status", name],
+                                 capture_output=True, text=True, timeout=60).stdout
+            assert re.search(rf"^pinned by readers +{sum(old.values())} bytes of unlinked "
+                             rf"segments$", out, re.M), out
+            os.kill(pid, signal.SIGCONT)
+            _until(lambda: r.status().pinned_bytes == 0, "the reader to release them")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        _stop(procs)
