@@ -8,6 +8,7 @@ grace period (docs/operations.md, "Readiness").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from typing import Any
@@ -36,6 +37,7 @@ def _status(name: str) -> tuple[Any, str | None, bool]:
     no writer alive either, the Reader's error stands.
     """
     from . import control
+    from ._janitor import pinned_bytes
     from .errors import InvalidNameError
 
     try:
@@ -62,6 +64,8 @@ def _status(name: str) -> tuple[Any, str | None, bool]:
         cr.close()
     if unattachable is not None and not st.writer_alive:
         raise unattachable from None
+    if unattachable is not None:  # (a Reader's status() counts them itself)
+        st = dataclasses.replace(st, pinned_bytes=pinned_bytes(name))
     return st, unattachable.message if unattachable is not None else None, reached
 
 
@@ -123,6 +127,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append(("readers", f"cannot attach yet: {unattachable}"))
     if stuck_lock:
         rows.append(("writer lock", stuck_lock))
+    if st.pinned_bytes is not None:
+        rows.append(("pinned by readers", f"{st.pinned_bytes} bytes of unlinked segments"))
     rows.append(("ready", "yes" if why_not is None else f"NO: {why_not}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -8,7 +8,9 @@ RING_HEAD) without one). So what a Reader decodes and keeps is bounded by the
 writer's overlay cadence, not by the write history or the number of keys
 (docs/design.md, "The reader's view").
 
-Concurrency contract: ``advance`` runs under the owning Reader's lock; ``pair``
+Concurrency contract: ``advance`` runs under the owning Reader's lock (in a
+call's thread, or in the process's janitor thread moving an idle Reader off
+superseded segments: shmcache/_janitor.py); ``pair``
 (overlay, snapshot, overlay segment) is replaced whole, so a lock-free ``get`` in
 another thread reads a matching set; an overlay is never modified while it is
 the live one. ``close`` unmaps every segment the View ever mapped that is still
@@ -92,8 +94,7 @@ class View:
         self.ovl: Snapshot | None = None  # the overlay segment (KIND_OVERLAY), if any
         self.ovl_seq = 0
         self.overlay: SortedDict = SortedDict()
-        # The overlay is double-buffered (see _next_overlay): the spare and the
-        # changes it lacks.
+        # The overlay is double-buffered (see _next_overlay): the spare and the changes it lacks.
         self.spare: SortedDict | None = None
         self.spare_pending: list[tuple[bytes, KeyValue | None]] = []
         self.pair: tuple[SortedDict, Snapshot | None, Snapshot | None] = (
@@ -263,6 +264,11 @@ class View:
                 f"{b.compact_revision}", compact_revision=b.compact_revision)
         return b, seg, self.position_after(since), since
 
+    def superseded(self, b: control.Block) -> bool:
+        """Whether block ``b`` replaced a segment the view maps (unlinked: pinned till we move)."""
+        now = (self.snap_seq, self.ovl_seq, self.ring_gen)
+        return self.snap is not None and (b.snap_seq, b.ovl_seq, b.ring_gen) != now
+
     def close(self) -> None:
         """Unmap every segment still mapped. Call only once nothing reads them (their
         buffer exports first: a mapping with an export cannot be closed)."""
@@ -405,9 +411,9 @@ class View:
             self.prefix_end = range_end(prefix)
             self.ring = ring_seg  # the old mapping is dropped, not closed: a Watch may hold it
             self.ring_gen = b.ring_gen
-            # The old snapshot is dropped, not closed: a running list() may still hold it.
-            self.snap = snap
-            self.snap_seq = b.snap_seq
+            # The old snapshot and its index segment are dropped, not closed: a running
+            # list() may still hold them (the new index segment is mapped on first use).
+            self.snap, self.snap_seq, self.iseg = snap, b.snap_seq, None
             self.index_defs = defs
             self.ov_index = OverlayIndex(len(defs)) if defs else None
         elif not restart:

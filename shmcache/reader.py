@@ -7,6 +7,7 @@ segment's reader in control.ControlReader. Never imports etcd, grpc or protobuf.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import threading
@@ -20,6 +21,7 @@ from sortedcontainers import SortedDict
 from . import _args, _pages, _shm, _sync, control, layout
 from . import snapshot as snapshot_mod
 from ._indexq import IndexReads
+from ._janitor import Janitor, Upkeep, pinned_bytes
 from ._lifetime import Lifetime
 from ._view import Retry, View, lookup, range_end
 from ._watch import Watch
@@ -58,6 +60,7 @@ def _after_fork_in_child() -> None:
     # never end; the view it was moving (View.advance) is half-moved: rebuilt.
     for r in list(_readers):
         r._forked()
+    _janitor.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -155,7 +158,7 @@ class _Waits:
                             on_reset=on_reset, on_error=on_error)
 
 
-class Reader(IndexReads, _Waits):
+class Reader(IndexReads, _Waits, Upkeep):
     """A read-only attachment to the cache ``name`` on this host.
 
     Concurrency contract: any number of Readers, in any number of processes,
@@ -206,6 +209,7 @@ class Reader(IndexReads, _Waits):
         self._fast_state: tuple[Any, ...] | None = None
         self._revision = 0
         _readers.add(self)
+        _janitor.start()
         try:
             while True:
                 try:
@@ -316,6 +320,10 @@ class Reader(IndexReads, _Waits):
         in (self._life): the mappings stay."""
         if self.max_staleness is not None:
             self._check_stale()
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """``_refresh`` without the staleness check."""
         seq = _unpack_q(self._cbuf, _SEQ)[0]
         if seq == self._seq or seq == self._stuck_seq:
             return
@@ -510,9 +518,11 @@ class Reader(IndexReads, _Waits):
                          _args.opt_revision(since_revision, "since_revision"), index)
 
     def status(self) -> Status:
-        """The cache's and its writer's state, read without waiting."""
+        """The cache's and its writer's state, read without waiting (``pinned_bytes``
+        reads every process's /proc/PID/maps: a few ms per 100 processes)."""
         with self._life:
-            return self._control.status(self.name, self._v.block)
+            st = self._control.status(self.name, self._v.block)
+        return dataclasses.replace(st, pinned_bytes=pinned_bytes(self.name))
 
     # -- for Watch (shmcache/_watch.py) ----------------------------------------
 
@@ -548,3 +558,9 @@ class Reader(IndexReads, _Waits):
             b, seg = self._v.block, self._v.ring
         assert b is not None and seg is not None
         return b, seg
+
+
+# Moves idle Readers off superseded segments (see _janitor): without it a Reader that
+# makes no calls pins every snapshot it ever mapped in /dev/shm.
+_janitor: Janitor[Reader] = Janitor(lambda: [r for r in list(_readers) if not r._life.closed],
+                                    Reader._release_superseded)

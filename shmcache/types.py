@@ -93,6 +93,9 @@ class Status:
     publish_failing_since: float | None = None
     # The id of the etcd cluster the epoch was loaded from (etcd's cluster_id; 0: unknown).
     cluster_id: int = 0
+    # Bytes of the cache's segments the writer unlinked that processes still map (each
+    # counted once; from the /proc/PID/maps the caller may read). None: not counted.
+    pinned_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``prefix`` as text (undecodable bytes as ``\\xNN`` escapes, which
