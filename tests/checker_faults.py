@@ -1,0 +1,325 @@
+"""The fault checker's host faults (tests/checker.py): flipped bytes in a live segment, a Reader
+closed under its calls, and a writer whose publishing fails with ENOSPC.
+
+- ``Flip``: the checker process maps a segment of the running cache read-write (as root it
+  may) and flips one byte of the control segment's block or prefix, a ring record, the
+  snapshot, the overlay segment or the index segment for a moment while readers read, then
+  puts the byte back unless the writer has rewritten it meanwhile. Readers must answer
+  exactly or raise ``CorruptSegmentError``; the writer is never left serving a byte the
+  checker changed.
+- ``close_under_reads``: a child process reads through one Reader from several threads and
+  closes it from another thread or from a signal handler in the middle of their calls;
+  every call ends, each with the one closed error (docs/api.md) or an explicit error
+  decided before the close, and a fresh Reader then equals etcd.
+- ``enospc_supported``: whether this shmcache's ``SHMCACHE_FAULT`` has the ``enospc``
+  action (``POINT:PROBABILITY:enospc``), which the ENOSPC fault needs.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import shmcache
+from shmcache import control, layout
+
+# Where a byte can be flipped (the fault kind is "flip_" + the segment).
+FLIP_SEGMENTS = ("control_block", "control_prefix", "ring", "snapshot", "overlay", "index")
+
+# The publishing steps an ENOSPC can strike (shmcache/_faults.py on the `publish` branch).
+ENOSPC_POINTS = ("append", "tail", "head", "progress", "snapshot", "index", "snapshot_publish",
+                 "overlay", "ring_switch", "epoch", "restore")
+
+
+def enospc_supported() -> bool:
+    """True if SHMCACHE_FAULT accepts ``POINT:PROBABILITY:enospc`` in this shmcache."""
+    from shmcache import _faults
+
+    return "enospc" in getattr(_faults, "ACTIONS", ())
+
+
+ENOSPC_UNSUPPORTED = ("writer_enospc skipped: this shmcache's SHMCACHE_FAULT has no 'enospc' "
+                      "action (shmcache/_faults.py; it comes with the `publish` branch)")
+
+
+def _path(segment: str) -> str:
+    return "/dev/shm/" + segment.lstrip("/")
+
+
+@dataclass
+class Flip:
+    """One flipped byte: ``restore()`` puts it back unless the writer rewrote it meanwhile.
+
+    Concurrency contract: made and restored by the checker's main thread while the writer
+    runs. A byte the writer may rewrite (the block, a ring record it laps) is restored only
+    if nothing the writer does since the flip can have written it: the block's SEQ unchanged,
+    the ring tail not past the record, and the byte still the flipped one.
+    """
+
+    segment: str
+    offset: int
+    original: int
+    flipped: int
+    buf: mmap.mmap
+    ctl: mmap.mmap
+    seq: int  # the control SEQ when flipped
+    ring_pos: int | None = None  # a ring byte's logical position
+
+    def restore(self) -> bool:
+        """Put the byte back; False if the writer had rewritten it (then it is the writer's)."""
+        try:
+            if self.segment.endswith(".ctl") and self.offset < layout.C_PREFIX:
+                # The block: every publish rewrites it whole from the writer's own copy.
+                still = _seq(self.ctl) == self.seq
+            elif self.ring_pos is not None:
+                still = _tail(self.ctl) <= self.ring_pos
+            else:
+                still = True
+            if still and self.buf[self.offset] == self.flipped:
+                self.buf[self.offset] = self.original
+                return True
+            return False
+        finally:
+            self.buf.close()
+            self.ctl.close()
+
+
+def _seq(ctl: mmap.mmap) -> int:
+    return int.from_bytes(ctl[layout.C_SEQ:layout.C_SEQ + 8], "little")
+
+
+def _tail(ctl: mmap.mmap) -> int:
+    off = layout.C_BLOCK + 8 * layout.B_RING_TAIL
+    return int.from_bytes(ctl[off:off + 8], "little")
+
+
+def _map_rw(segment: str) -> mmap.mmap | None:
+    try:
+        fd = os.open(_path(segment), os.O_RDWR)
+    except FileNotFoundError:
+        return None  # replaced meanwhile
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size) if size else None
+    finally:
+        os.close(fd)
+
+
+def flip(name: str, where: str, rnd: random.Random) -> Flip | None:
+    """Flip one byte of cache ``name``'s segment ``where`` (FLIP_SEGMENTS); None if the cache
+    has no such segment now (no overlay while indexes are kept, a ring without records)."""
+    ctl = _map_rw(layout.control_name(name))
+    if ctl is None:
+        return None
+    b = control.read_block(ctl)
+    target = None
+    ring_pos = None
+    if b is None or b.snap_seq == 0:
+        pass
+    elif where == "control_block":
+        target, lo, hi = layout.control_name(name), layout.C_BLOCK, layout.C_BLOCK + 8 * 22
+    elif where == "control_prefix":
+        if b.prefix_len:
+            target, lo, hi = layout.control_name(name), layout.C_PREFIX, layout.C_PREFIX + b.prefix_len
+    elif where == "ring":
+        if b.ring_head - b.ring_tail >= 32:
+            ring_pos = rnd.randrange(b.ring_tail, b.ring_head)
+            at = layout.RING_DATA + ring_pos % b.ring_capacity
+            target, lo, hi = layout.ring_name(name, b.ring_gen), at, at + 1
+    elif where == "snapshot":
+        target = layout.snapshot_name(name, b.snap_seq)
+    elif where == "overlay":
+        if b.ovl_seq:
+            target = layout.overlay_name(name, b.ovl_seq)
+    elif where == "index":
+        if b.index_defs_len:
+            target = layout.index_name(name, b.snap_seq)
+    else:
+        raise ValueError(f"no segment {where!r} to flip a byte in")
+    buf = None
+    if target is not None:
+        buf = ctl if target.endswith(".ctl") else _map_rw(target)
+    if buf is None or target is None:
+        ctl.close()
+        return None
+    if where in ("snapshot", "overlay", "index"):
+        # A third of the flips in the header (the attach checks), the rest anywhere.
+        lo, hi = 0, len(buf) if rnd.random() > 1 / 3 else min(len(buf), 128)
+    if buf is ctl:
+        buf = _map_rw(target)  # (its own mapping: restore() closes both)
+        assert buf is not None
+    offset = rnd.randrange(lo, hi)
+    original = buf[offset]
+    flipped = original ^ (1 << rnd.randrange(8))
+    seq = _seq(ctl)
+    buf[offset] = flipped
+    return Flip(target, offset, original, flipped, buf, ctl, seq, ring_pos)
+
+
+def closed_message(name: str) -> str:
+    return f"Reader for {name!r} is closed"
+
+
+EXPLICIT = (shmcache.CompactedError, shmcache.StaleError, shmcache.TimeoutError,
+            shmcache.NotFoundError)
+
+
+def classify_end(name: str, exc: BaseException, started_after_close: bool) -> str | None:
+    """How a call on a Reader that is being closed ended with ``exc``: "closed", "explicit",
+    or None for a finding. A call that started after close() returned may only raise the
+    closed error; one in flight may also have decided an explicit error before the close."""
+    if type(exc) is shmcache.ShmCacheError and str(exc) == closed_message(name):
+        return "closed"
+    if isinstance(exc, EXPLICIT) and not started_after_close:
+        return "explicit"
+    return None
+
+
+def close_under_reads(name: str, endpoint: str, prefix: bytes, how: str, seed: int,
+                      indexed: bool, results: Any) -> None:
+    """In a child process: threads read through one Reader; it is closed by another thread
+    (``how="thread"``) or by SIGALRM's handler in the main thread (``how="signal"``) while
+    they read. Puts ``("close", counts, problems)`` on ``results``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import etcd3
+
+    from tests.helpers import etcd_range
+
+    rnd = random.Random(seed)
+    host, port = endpoint.rsplit(":", 1)
+    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
+    counts = {"closed": 0, "explicit": 0, "lists": 0}
+    problems: list[str] = []
+    lists: list[tuple[int, list[Any]]] = []
+    closed: list[int] = []  # appended once close() returned (a signal handler takes no lock)
+    r = shmcache.Reader(name, timeout=30)
+    ran: dict[str, int] = {}
+
+    def loop(what: str, call: Callable[[], Any]) -> None:
+        while True:
+            started_after_close = bool(closed)
+            try:
+                out = call()
+            except BaseException as exc:  # noqa: BLE001 - classified below
+                kind = classify_end(name, exc, started_after_close)
+                if kind is None:
+                    problems.append(f"reader closed by {how}: {what} ended with "
+                                    f"{type(exc).__name__}: {exc}"[:400])
+                    return
+                counts[kind] += 1
+                if kind == "closed":
+                    return
+                continue
+            if started_after_close:
+                problems.append(f"reader closed by {how}: {what} returned after close()")
+                return
+            if what == "list" and len(lists) < 3:
+                lists.append((out.revision, list(out.items)))
+            ran[what] = ran.get(what, 0) + 1
+
+    keys = [prefix + b"k%03d" % i for i in range(60)]
+    w = r.watch(prefix)
+    calls: dict[str, Callable[[], Any]] = {
+        "list": lambda: r.list(prefix),
+        "get": lambda: r.get(rnd.choice(keys)),
+        "watch": lambda: w.poll(timeout=0.2),
+        "wait": lambda: r.wait(r.revision + 1, timeout=2),
+        "sync": lambda: r.sync(timeout=5),
+        "past": lambda: r.list(prefix, revision=max(r.status().oldest_watchable_revision,
+                                                    r.revision - 2)),
+    }
+    if indexed:
+        calls["by_index"] = lambda: r.by_index("top", b"sub")
+    main_call = calls.pop("get")
+    threads = [threading.Thread(target=loop, args=(n, c), daemon=True) for n, c in calls.items()]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(ran) < len(calls) and time.monotonic() < deadline and not problems:
+        time.sleep(0.01)
+
+    def close_now(*_: Any) -> None:
+        r.close()
+        closed.append(1)
+
+    delay = rnd.uniform(0.001, 0.2)
+    if how == "signal":
+        signal.signal(signal.SIGALRM, close_now)
+        signal.setitimer(signal.ITIMER_REAL, delay)
+    else:
+        threading.Timer(delay, close_now).start()
+    loop("get", main_call)  # the main thread reads too: the signal lands mid-call
+    for t in threads:
+        t.join(30)
+        if t.is_alive():
+            problems.append(f"reader closed by {how}: a call still runs 30 s after close()")
+    for rev, items in lists:  # answers returned while closing are exact too
+        try:
+            want = etcd_range(client, prefix, rev)
+        except Exception:  # noqa: BLE001 - etcd compacted it (or is down): not verifiable
+            continue
+        if items != want:
+            problems.append(f"reader closed by {how}: a list at {rev} differs from etcd")
+        counts["lists"] += 1
+    # A fresh Reader goes on and equals etcd.
+    try:
+        with shmcache.Reader(name, timeout=30) as fresh:
+            res = fresh.list(prefix)
+        if res.items != etcd_range(client, prefix, res.revision):
+            problems.append(f"a fresh Reader after close by {how}: list at {res.revision} "
+                            "differs from etcd")
+        counts["lists"] += 1
+    except EXPLICIT:
+        counts["explicit"] += 1
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: the run goes on
+        problems.append(f"a fresh Reader after close by {how}: {type(exc).__name__}: {exc}"[:400])
+    client.close()
+    results.put(("close", counts, problems))
+
+
+def probe_while_flipped(name: str, client: Any, prefix: bytes, seconds: float
+                        ) -> tuple[dict[str, int], list[str]]:
+    """For ``seconds`` while a byte is flipped: attach fresh Readers (they read the control
+    block and the headers anew, where running Readers keep what they had) and list; each
+    answer must equal etcd at its revision, or be CorruptSegmentError. Returns (counts,
+    problems) in reader_loop's terms."""
+    from tests.helpers import etcd_range
+
+    counts = {"lists": 0, "corrupt": 0, "explicit": 0}
+    problems: dict[str, int] = {}  # each finding once, with how often it happened
+
+    def seen(problem: str) -> None:
+        problems[problem] = problems.get(problem, 0) + 1
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with shmcache.Reader(name, timeout=5) as r:
+                res = r.list(prefix)
+        except shmcache.CorruptSegmentError:
+            counts["corrupt"] += 1
+            continue
+        except EXPLICIT:
+            counts["explicit"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - a finding, reported
+            seen(f"a Reader attached to a flipped byte: {type(exc).__name__}: {exc}"[:400])
+            continue
+        try:
+            want = etcd_range(client, prefix, res.revision)
+        except Exception:  # noqa: BLE001 - etcd no longer has that revision (or never had)
+            seen(f"a Reader attached to a flipped byte reports revision {res.revision}, "
+                 "which etcd cannot answer for")
+            continue
+        if res.items != want:
+            seen(f"a Reader attached to a flipped byte: list at {res.revision} differs from "
+                 f"etcd ({len(res.items)} vs {len(want)} keys)")
+        counts["lists"] += 1
+    return counts, [f"{p} ({n} times)" if n > 1 else p for p, n in problems.items()]
