@@ -13,13 +13,19 @@ Meanwhile the main process injects faults: writer SIGKILL (also at fault
 points inside an append and a snapshot publish), writer SIGSTOP longer than the
 ring holds, etcd SIGKILL + restart, etcd unreachable (SIGSTOP), compaction past
 the writer's revision while it is down, a reader killed mid-read, readers
-attaching and detaching. Every interruption must be seamless or an explicit
-error (CompactedError, StaleError, TimeoutError); anything else is a divergence.
+attaching and detaching, a Reader closed from another thread or a signal handler
+in the middle of its calls, a writer whose publishing fails with ENOSPC at some
+steps, and a byte flipped for a moment in the ring, the snapshot, the overlay or
+the index segment (and, asked for by name, the control block or prefix)
+(tests/checker_faults.py). Every interruption must be seamless or an explicit
+error (CompactedError, StaleError, TimeoutError; the closed error from a closed
+Reader; CorruptSegmentError from a read that overlapped a flipped byte);
+anything else, a wrong answer above all, is a divergence.
 A fault step that overruns its time (a loaded machine) is a finding: reported
 with the writer's log kept, and the run goes on.
 
 Run a short check from pytest (tests/test_consistency.py::
-test_checker_finds_no_divergence_under_faults) or a soak from the shell:
+test_checker_finds_no_divergence_under_faults, tests/test_checker.py) or a soak from the shell:
 ``python -m tests.soak --seconds 600 --seed 7``.
 """
 
@@ -39,14 +45,12 @@ from typing import Any
 
 import shmcache
 from tests import checker_faults
+from tests.checker_faults import StepOverrun
+from tests.checker_workload import KEYS, PREFIX, workload
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
 
-PREFIX = b"/chk/"
 UNVERIFIABLE = object()  # etcd no longer has the history to compare with
-KEYS = [PREFIX + b"k%03d" % i for i in range(60)] + [
-    PREFIX + b"bin/\x00\x01", PREFIX + b"bin/\xff\xfe\xfd", PREFIX + "ключ".encode(),
-    PREFIX + b"sub/a", PREFIX + b"sub/b", PREFIX + b"sub/c"]
 
 
 @dataclass
@@ -106,64 +110,6 @@ class Report:
                 f"{self.corrupt_errors}; faults injected: {faults}; divergences "
                 f"{len(self.divergences)}; findings {len(self.findings)}{findings}{kept}"
                 f"{skipped}")
-
-
-def _value(rnd: random.Random) -> bytes:
-    r = rnd.random()
-    if r < 0.1:
-        return b""
-    if r < 0.995:
-        return rnd.randbytes(rnd.randrange(1, 300))
-    return rnd.randbytes(rnd.choice([64 << 10, 1 << 20]))  # rarely: large, up to 1 MiB
-
-
-def workload(endpoint: str, seed: int, stop: Any, counter: Any) -> None:
-    """Random writes under PREFIX until ``stop`` is set; survives etcd restarts."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import etcd3
-    from etcd3.etcdrpc import rpc_pb2
-
-    from shmcache import layout
-
-    rnd = random.Random(seed)
-    host, port = endpoint.rsplit(":", 1)
-    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=2)
-    while not stop.is_set():
-        try:
-            op = rnd.random()
-            key = rnd.choice(KEYS)
-            if op < 0.55:
-                client.kvstub.Put(rpc_pb2.PutRequest(key=key, value=_value(rnd)), 2)
-            elif op < 0.7:
-                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(key=key), 2)
-            elif op < 0.74:
-                sub = PREFIX + b"sub/"
-                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(
-                    key=sub, range_end=layout.prefix_range_end(sub)), 2)
-            elif op < 0.9:
-                ops = []
-                for k in rnd.sample(KEYS, rnd.randrange(2, 8)):
-                    if rnd.random() < 0.7:
-                        ops.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
-                            key=k, value=_value(rnd))))
-                    else:
-                        ops.append(rpc_pb2.RequestOp(
-                            request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)))
-                client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 2)
-            elif op < 0.96:
-                lease = client.lease(rnd.choice([1, 2]))  # expires by itself
-                for k in rnd.sample(KEYS, 2):
-                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"leased", lease=lease.id), 2)
-            else:
-                lease = client.lease(30)
-                for k in rnd.sample(KEYS, 3):
-                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"revoked", lease=lease.id), 2)
-                lease.revoke()  # all its keys deleted in one revision
-            counter.value += 1
-        except Exception:
-            time.sleep(0.2)  # etcd down for a moment: a fault being injected
-        time.sleep(rnd.random() * 0.01)
-    client.close()
 
 
 def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, idx: int,
@@ -416,10 +362,6 @@ def victim_reader(name: str) -> None:
             r.get(k)
 
 
-class StepOverrun(Exception):
-    """A fault step took longer than the run's ``step_limit``."""
-
-
 FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
           "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach",
           "reader_close_thread", "reader_close_signal", "writer_enospc",
@@ -540,66 +482,40 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                         with shmcache.Reader(name, timeout=30) as r:
                             r.list(PREFIX)
                 elif kind.startswith("reader_close_"):
-                    # Close a Reader under its calls, from a thread or a signal handler.
-                    how = kind.rsplit("_", 1)[1]
-                    v = ctx.Process(target=checker_faults.close_under_reads,
-                                    args=(name, etcd.endpoint, PREFIX, how,
-                                          rnd.randrange(1 << 30), indexed, results))
-                    v.start()
-                    v.join(step_limit + 60)  # (its threads each have 30 s to end)
-                    if v.is_alive():
-                        v.kill()
-                        v.join()
-                        raise StepOverrun(f"a reader closed by {how} had not finished")
-                    if v.exitcode:
-                        report.divergences.append(f"a reader closed by {how} exited with "
-                                                  f"{v.exitcode}")
+                    # A Reader closed under its calls, from a thread or a signal handler.
+                    report.divergences.extend(checker_faults.close_round(
+                        ctx, name, etcd.endpoint, PREFIX, kind.rsplit("_", 1)[1],
+                        rnd.randrange(1 << 30), indexed, results, step_limit + 60))
                 elif kind.startswith("flip_"):
                     flips.value += 1
                     try:
-                        flipped = checker_faults.flip(name, kind[len("flip_"):], rnd)
-                        if flipped is None:
-                            report.no_segment[kind] = report.no_segment.get(kind, 0) + 1
-                        else:
-                            # The readers read it meanwhile, and fresh ones attach.
-                            c = etcd.client()
-                            try:
-                                report.add(*checker_faults.probe_while_flipped(
-                                    name, c, PREFIX, rnd.uniform(0.05, 0.5)))
-                            finally:
-                                flipped.restore()
-                                c.close()
+                        got = checker_faults.flip_round(name, kind[len("flip_"):], etcd.client,
+                                                        PREFIX, rnd)
                     finally:
                         flips.value += 1
+                    if got is None:
+                        report.no_segment[kind] = report.no_segment.get(kind, 0) + 1
+                    else:
+                        report.add(*got)
                 elif kind == "writer_enospc":
                     # Publishing fails for lack of space at some steps, part of the time:
                     # readers keep exact answers and the cache still catches up with etcd.
                     writer.kill()
-                    points = rnd.sample(checker_faults.ENOSPC_POINTS, 3)
-                    writer.env = {"SHMCACHE_FAULT": ",".join(f"{p}:0.3:enospc"
-                                                             for p in points)}
+                    writer.env = {"SHMCACHE_FAULT": checker_faults.enospc_spec(rnd)}
                     start_writer()
                     time.sleep(rnd.uniform(1, 3))
-                    c = etcd.client()
-                    try:
-                        rev = etcd_current_revision(c)
-                    finally:
-                        c.close()
-                    with shmcache.Reader(name, timeout=30) as r:
-                        if not r.wait(rev, timeout=step_limit):
-                            report.divergences.append(
-                                f"ENOSPC at {points} 30% of the time: the cache stayed at "
-                                f"{r.revision} < etcd's {rev} for {step_limit:.0f}s")
+                    report.divergences.extend(checker_faults.catches_up(
+                        name, etcd.client, step_limit, writer.env["SHMCACHE_FAULT"]))
                     writer.kill()
                     writer.env = {}
                     start_writer()
 
             t_end = time.monotonic() + seconds
             kinds = list(faults or FAULTS)
-            if "writer_enospc" in kinds and not checker_faults.enospc_supported():
-                kinds.remove("writer_enospc")
-                report.skipped.append(checker_faults.ENOSPC_UNSUPPORTED)
-                log(f"  {checker_faults.ENOSPC_UNSUPPORTED}")
+            for kind, why in checker_faults.unsupported(kinds, indexed).items():
+                kinds.remove(kind)
+                report.skipped.append(f"{kind} skipped: {why}")
+                log(f"  {kind} skipped: {why}")
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.5, fault_every))
                 kind = rnd.choice(kinds)

@@ -45,8 +45,19 @@ def enospc_supported() -> bool:
     return "enospc" in getattr(_faults, "ACTIONS", ())
 
 
-ENOSPC_UNSUPPORTED = ("writer_enospc skipped: this shmcache's SHMCACHE_FAULT has no 'enospc' "
-                      "action (shmcache/_faults.py; it comes with the `publish` branch)")
+def unsupported(kinds: list[str], indexed: bool) -> dict[str, str]:
+    """The fault kinds among ``kinds`` that this shmcache or this run cannot inject, each
+    with the reason (the run skips them and says so)."""
+    why = {}
+    if "writer_enospc" in kinds and not enospc_supported():
+        why["writer_enospc"] = ("this shmcache's SHMCACHE_FAULT has no 'enospc' action "
+                                "(shmcache/_faults.py; it comes with the `publish` branch)")
+    if "flip_overlay" in kinds and indexed:
+        why["flip_overlay"] = ("a writer that keeps indexes builds no overlay segments "
+                               "(run(indexed=False), soak --no-index)")
+    if "flip_index" in kinds and not indexed:
+        why["flip_index"] = "the writer keeps no index (indexed=False)"
+    return why
 
 
 def _path(segment: str) -> str:
@@ -161,6 +172,66 @@ def flip(name: str, where: str, rnd: random.Random) -> Flip | None:
     seq = _seq(ctl)
     buf[offset] = flipped
     return Flip(target, offset, original, flipped, buf, ctl, seq, ring_pos)
+
+
+class StepOverrun(Exception):
+    """A fault step took longer than the run's ``step_limit``."""
+
+
+def flip_round(name: str, where: str, connect: Callable[[], Any], prefix: bytes,
+               rnd: random.Random) -> tuple[dict[str, int], list[str]] | None:
+    """Flip a byte in segment ``where`` for a moment (the running readers read it), attach
+    fresh Readers meanwhile (probe_while_flipped), and restore it. None if the cache has
+    no such segment now; else the probe's (counts, problems). ``connect()``: an etcd client."""
+    flipped = flip(name, where, rnd)
+    if flipped is None:
+        return None
+    try:
+        client = connect()
+        try:
+            return probe_while_flipped(name, client, prefix, rnd.uniform(0.05, 0.5))
+        finally:
+            client.close()
+    finally:
+        flipped.restore()
+
+
+def close_round(ctx: Any, name: str, endpoint: str, prefix: bytes, how: str, seed: int,
+                indexed: bool, results: Any, limit: float) -> list[str]:
+    """Run close_under_reads in a child process (its counts go to ``results``); the
+    divergences it could not report itself. StepOverrun if it has not ended in ``limit``
+    seconds."""
+    child = ctx.Process(target=close_under_reads,
+                        args=(name, endpoint, prefix, how, seed, indexed, results))
+    child.start()
+    child.join(limit)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise StepOverrun(f"a reader closed by {how} had not finished after {limit:.0f}s")
+    return [f"a reader closed by {how} exited with {child.exitcode}"] if child.exitcode else []
+
+
+def enospc_spec(rnd: random.Random) -> str:
+    """A SHMCACHE_FAULT value: three publishing steps fail with ENOSPC 30% of the time."""
+    return ",".join(f"{p}:0.3:enospc" for p in rnd.sample(ENOSPC_POINTS, 3))
+
+
+def catches_up(name: str, connect: Callable[[], Any], limit: float, spec: str) -> list[str]:
+    """The cache reaches etcd's current revision within ``limit`` seconds although
+    publishing fails as ``spec`` says (a full /dev/shm now and then); else a divergence."""
+    from tests.helpers import etcd_current_revision
+
+    client = connect()
+    try:
+        rev = etcd_current_revision(client)
+    finally:
+        client.close()
+    with shmcache.Reader(name, timeout=30) as r:
+        if r.wait(rev, timeout=limit):
+            return []
+        return [f"SHMCACHE_FAULT={spec}: the cache stayed at {r.revision} < etcd's {rev} "
+                f"for {limit:.0f}s"]
 
 
 def closed_message(name: str) -> str:
