@@ -69,6 +69,7 @@ class Report:
     # byte was flipped (flip_*): both expected, neither a divergence.
     closed_calls: int = 0
     corrupt_errors: int = 0
+    enospc_logged: int = 0  # the writer's log lines about an ENOSPC (writer_enospc)
     faults: dict[str, int] = field(default_factory=dict)
     # flip_* faults that found no such segment (no overlay while indexes are kept).
     no_segment: dict[str, int] = field(default_factory=dict)
@@ -107,7 +108,8 @@ class Report:
                 f"{self.paged_listings_verified}, syncs verified "
                 f"{self.syncs_verified}, explicit errors {self.explicit_errors}, calls ended "
                 f"by close {self.closed_calls}, CorruptSegmentError on a flipped byte "
-                f"{self.corrupt_errors}; faults injected: {faults}; divergences "
+                f"{self.corrupt_errors}, ENOSPC in the writer's log {self.enospc_logged}; "
+                f"faults injected: {faults}; divergences "
                 f"{len(self.divergences)}; findings {len(self.findings)}{findings}{kept}"
                 f"{skipped}")
 
@@ -503,7 +505,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     writer.kill()
                     writer.env = {"SHMCACHE_FAULT": checker_faults.enospc_spec(rnd)}
                     start_writer()
-                    time.sleep(rnd.uniform(1, 3))
+                    time.sleep(rnd.uniform(2, 5))  # (a snapshot every few seconds)
                     report.divergences.extend(checker_faults.catches_up(
                         name, etcd.client, step_limit, writer.env["SHMCACHE_FAULT"]))
                     writer.kill()
@@ -568,6 +570,8 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
             if "verification failed" in whole_log:
                 report.divergences.append("the writer's check against etcd found a mismatch: "
                                           + whole_log[whole_log.index("verification failed"):][:500])
+            report.divergences.extend(checker_faults.log_divergences(whole_log))
+            report.enospc_logged = whole_log.count("[Errno 28]")
         except Exception:  # (a writer that exited, etcd that would not restart): report it
             report.divergences.append(f"the run aborted: {traceback.format_exc(limit=4)}")
         finally:
