@@ -138,49 +138,49 @@ def _map_rw(segment: str) -> mmap.mmap | None:
         os.close(fd)
 
 
+def _where(name: str, where: str, b: control.Block, rnd: random.Random
+           ) -> tuple[str, int | None, int | None, int | None] | None:
+    """(segment, first and end offset to flip in or None for the whole segment, ring
+    position or None), or None if the cache has no such segment now."""
+    ctl = layout.control_name(name)
+    if where == "control_block":
+        return ctl, layout.C_BLOCK, layout.C_BLOCK + layout.BLOCK.size, None
+    if where == "control_prefix":
+        return (ctl, layout.C_PREFIX, layout.C_PREFIX + b.prefix_len, None) if b.prefix_len \
+            else None
+    if where == "ring":
+        if b.ring_head - b.ring_tail < 32:
+            return None
+        pos = rnd.randrange(b.ring_tail, b.ring_head)  # a byte of a record readers may read
+        at = layout.RING_DATA + pos % b.ring_capacity
+        return layout.ring_name(name, b.ring_gen), at, at + 1, pos
+    if where == "snapshot":
+        return layout.snapshot_name(name, b.snap_seq), None, None, None
+    if where == "overlay":
+        return (layout.overlay_name(name, b.ovl_seq), None, None, None) if b.ovl_seq else None
+    assert where == "index", where
+    return (layout.index_name(name, b.snap_seq), None, None, None) if b.index_defs_len \
+        else None
+
+
 def flip(name: str, where: str, rnd: random.Random) -> Flip | None:
-    """Flip one byte of cache ``name``'s segment ``where`` (FLIP_SEGMENTS); None if the cache
+    """Flip one bit of cache ``name``'s segment ``where`` (FLIP_SEGMENTS); None if the cache
     has no such segment now (no overlay while indexes are kept, a ring without records)."""
+    if where not in FLIP_SEGMENTS:
+        raise ValueError(f"no segment {where!r} to flip a byte in")
     ctl = _map_rw(layout.control_name(name))
     if ctl is None:
         return None
     b = control.read_block(ctl)
-    target = None
-    ring_pos = None
-    if b is None or b.snap_seq == 0:
-        pass
-    elif where == "control_block":
-        target, lo, hi = layout.control_name(name), layout.C_BLOCK, layout.C_BLOCK + 8 * 22
-    elif where == "control_prefix":
-        if b.prefix_len:
-            target, lo, hi = layout.control_name(name), layout.C_PREFIX, layout.C_PREFIX + b.prefix_len
-    elif where == "ring":
-        if b.ring_head - b.ring_tail >= 32:
-            ring_pos = rnd.randrange(b.ring_tail, b.ring_head)
-            at = layout.RING_DATA + ring_pos % b.ring_capacity
-            target, lo, hi = layout.ring_name(name, b.ring_gen), at, at + 1
-    elif where == "snapshot":
-        target = layout.snapshot_name(name, b.snap_seq)
-    elif where == "overlay":
-        if b.ovl_seq:
-            target = layout.overlay_name(name, b.ovl_seq)
-    elif where == "index":
-        if b.index_defs_len:
-            target = layout.index_name(name, b.snap_seq)
-    else:
-        raise ValueError(f"no segment {where!r} to flip a byte in")
-    buf = None
-    if target is not None:
-        buf = ctl if target.endswith(".ctl") else _map_rw(target)
-    if buf is None or target is None:
+    found = _where(name, where, b, rnd) if b is not None and b.snap_seq else None
+    buf = _map_rw(found[0]) if found is not None else None  # (the control segment too:
+    if found is None or buf is None:                      # restore() closes both)
         ctl.close()
         return None
-    if where in ("snapshot", "overlay", "index"):
-        # A third of the flips in the header (the attach checks), the rest anywhere.
-        lo, hi = 0, len(buf) if rnd.random() > 1 / 3 else min(len(buf), 128)
-    if buf is ctl:
-        buf = _map_rw(target)  # (its own mapping: restore() closes both)
-        assert buf is not None
+    target, lo, hi, ring_pos = found
+    if lo is None or hi is None:
+        # A third of the flips in the header (what attaching checks), the rest anywhere.
+        lo, hi = 0, (min(len(buf), 128) if rnd.random() < 1 / 3 else len(buf))
     offset = rnd.randrange(lo, hi)
     original = buf[offset]
     flipped = original ^ (1 << rnd.randrange(8))
