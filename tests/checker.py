@@ -13,13 +13,19 @@ Meanwhile the main process injects faults: writer SIGKILL (also at fault
 points inside an append and a snapshot publish), writer SIGSTOP longer than the
 ring holds, etcd SIGKILL + restart, etcd unreachable (SIGSTOP), compaction past
 the writer's revision while it is down, a reader killed mid-read, readers
-attaching and detaching. Every interruption must be seamless or an explicit
-error (CompactedError, StaleError, TimeoutError); anything else is a divergence.
+attaching and detaching, a Reader closed from another thread or a signal handler
+in the middle of its calls, a writer whose publishing fails with ENOSPC at some
+steps, and a byte flipped for a moment in the ring, the snapshot, the overlay or
+the index segment (and, asked for by name, the control block or prefix)
+(tests/checker_faults.py). Every interruption must be seamless or an explicit
+error (CompactedError, StaleError, TimeoutError; the closed error from a closed
+Reader; CorruptSegmentError from a read that overlapped a flipped byte);
+anything else, a wrong answer above all, is a divergence.
 A fault step that overruns its time (a loaded machine) is a finding: reported
 with the writer's log kept, and the run goes on.
 
 Run a short check from pytest (tests/test_consistency.py::
-test_checker_finds_no_divergence_under_faults) or a soak from the shell:
+test_checker_finds_no_divergence_under_faults, tests/test_checker.py) or a soak from the shell:
 ``python -m tests.soak --seconds 600 --seed 7``.
 """
 
@@ -38,14 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import shmcache
+from tests import checker_faults
+from tests.checker_faults import StepOverrun
+from tests.checker_workload import KEYS, PREFIX, workload
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
 
-PREFIX = b"/chk/"
 UNVERIFIABLE = object()  # etcd no longer has the history to compare with
-KEYS = [PREFIX + b"k%03d" % i for i in range(60)] + [
-    PREFIX + b"bin/\x00\x01", PREFIX + b"bin/\xff\xfe\xfd", PREFIX + "ключ".encode(),
-    PREFIX + b"sub/a", PREFIX + b"sub/b", PREFIX + b"sub/c"]
 
 
 @dataclass
@@ -60,15 +65,40 @@ class Report:
     paged_listings_verified: int = 0
     syncs_verified: int = 0
     explicit_errors: int = 0
+    # Calls ended by closing their Reader (reader_close_*), and CorruptSegmentError while a
+    # byte was flipped (flip_*): both expected, neither a divergence.
+    closed_calls: int = 0
+    corrupt_errors: int = 0
+    enospc_logged: int = 0  # the writer's log lines about an ENOSPC (writer_enospc)
     faults: dict[str, int] = field(default_factory=dict)
+    # flip_* faults that found no such segment (no overlay while indexes are kept).
+    no_segment: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # fault kinds this shmcache cannot inject
     divergences: list[str] = field(default_factory=list)
     # What went wrong in the harness rather than the cache (a fault step that overran its
     # time): reported, not a divergence; the writer's log is then kept at ``kept_log``.
     findings: list[str] = field(default_factory=list)
     kept_log: str | None = None
 
+    # What a reader's counts (reader_loop, checker_faults.close_under_reads) add up to.
+    _COUNTS = {"events": "events_verified", "lists": "lists_verified", "gets": "gets_verified",
+               "past": "past_reads_verified", "syncs": "syncs_verified",
+               "indexed": "index_reads_verified", "paged": "paged_listings_verified",
+               "explicit": "explicit_errors", "closed": "closed_calls",
+               "corrupt": "corrupt_errors"}
+
+    def add(self, counts: dict[str, int], problems: list[str]) -> None:
+        """Add one reader's counts and divergences (main thread only)."""
+        for k, v in counts.items():
+            setattr(self, self._COUNTS[k], getattr(self, self._COUNTS[k]) + v)
+        self.divergences.extend(problems)
+
     def summary(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
+        if self.no_segment:
+            faults += " (no segment to flip: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.no_segment.items())) + ")"
+        skipped = "".join(f"\n  {s}" for s in self.skipped)
         findings = "".join(f"\n  finding: {f}" for f in self.findings)
         kept = f"\n  writer log kept at {self.kept_log}" if self.kept_log else ""
         return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
@@ -76,71 +106,22 @@ class Report:
                 f"past-revision reads verified {self.past_reads_verified}, by_index reads "
                 f"verified {self.index_reads_verified}, paginated listings verified "
                 f"{self.paged_listings_verified}, syncs verified "
-                f"{self.syncs_verified}, explicit errors {self.explicit_errors}; faults "
-                f"injected: {faults}; divergences {len(self.divergences)}; findings "
-                f"{len(self.findings)}{findings}{kept}")
+                f"{self.syncs_verified}, explicit errors {self.explicit_errors}, calls ended "
+                f"by close {self.closed_calls}, CorruptSegmentError on a flipped byte "
+                f"{self.corrupt_errors}, ENOSPC in the writer's log {self.enospc_logged}; "
+                f"faults injected: {faults}; divergences "
+                f"{len(self.divergences)}; findings {len(self.findings)}{findings}{kept}"
+                f"{skipped}")
 
 
-def _value(rnd: random.Random) -> bytes:
-    r = rnd.random()
-    if r < 0.1:
-        return b""
-    if r < 0.995:
-        return rnd.randbytes(rnd.randrange(1, 300))
-    return rnd.randbytes(rnd.choice([64 << 10, 1 << 20]))  # rarely: large, up to 1 MiB
+def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, idx: int,
+                flips: Any, indexed: bool) -> None:
+    """List, watch, get, read the past and sync, verifying each against etcd.
 
-
-def workload(endpoint: str, seed: int, stop: Any, counter: Any) -> None:
-    """Random writes under PREFIX until ``stop`` is set; survives etcd restarts."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import etcd3
-    from etcd3.etcdrpc import rpc_pb2
-
-    from shmcache import layout
-
-    rnd = random.Random(seed)
-    host, port = endpoint.rsplit(":", 1)
-    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=2)
-    while not stop.is_set():
-        try:
-            op = rnd.random()
-            key = rnd.choice(KEYS)
-            if op < 0.55:
-                client.kvstub.Put(rpc_pb2.PutRequest(key=key, value=_value(rnd)), 2)
-            elif op < 0.7:
-                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(key=key), 2)
-            elif op < 0.74:
-                sub = PREFIX + b"sub/"
-                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(
-                    key=sub, range_end=layout.prefix_range_end(sub)), 2)
-            elif op < 0.9:
-                ops = []
-                for k in rnd.sample(KEYS, rnd.randrange(2, 8)):
-                    if rnd.random() < 0.7:
-                        ops.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
-                            key=k, value=_value(rnd))))
-                    else:
-                        ops.append(rpc_pb2.RequestOp(
-                            request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)))
-                client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 2)
-            elif op < 0.96:
-                lease = client.lease(rnd.choice([1, 2]))  # expires by itself
-                for k in rnd.sample(KEYS, 2):
-                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"leased", lease=lease.id), 2)
-            else:
-                lease = client.lease(30)
-                for k in rnd.sample(KEYS, 3):
-                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"revoked", lease=lease.id), 2)
-                lease.revoke()  # all its keys deleted in one revision
-            counter.value += 1
-        except Exception:
-            time.sleep(0.2)  # etcd down for a moment: a fault being injected
-        time.sleep(rnd.random() * 0.01)
-    client.close()
-
-
-def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, idx: int) -> None:
-    """List, watch, get, read the past and sync, verifying each against etcd."""
+    ``flips`` counts flipped bytes applied and restored (odd while one is in a segment):
+    a CorruptSegmentError is expected only from reads that overlapped one. ``indexed``:
+    the writer keeps the index ``top=segment:0``.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import etcd3
 
@@ -148,7 +129,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     host, port = endpoint.rsplit(":", 1)
     client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
     counts = {"events": 0, "lists": 0, "gets": 0, "past": 0, "syncs": 0, "explicit": 0,
-              "indexed": 0, "paged": 0}
+              "indexed": 0, "paged": 0, "corrupt": 0}
     problems: list[str] = []
     last_seen: dict[int, int] = {}  # epoch -> highest revision reported
 
@@ -172,6 +153,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
 
     r: shmcache.Reader | None = None
     while not stop.is_set():
+        flips_before = flips.value
         try:
             if r is None:
                 r = shmcache.Reader(name, timeout=30)
@@ -215,14 +197,16 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
             at = rnd.choice([None, rnd.randrange(st.oldest_watchable_revision,
                                                  st.revision + 1)])
             try:
-                ires = r.by_index("top", top, revision=at)
-                want = etcd_call(etcd_range, client, PREFIX, ires.revision)
-                if want is not UNVERIFIABLE:
-                    want = [kv for kv in want if kv.key[len(PREFIX):].split(b"/")[0] == top]
-                    if ires.items != want:
-                        problems.append(f"reader {idx}: by_index top={top!r} at "
-                                        f"{ires.revision} differs from etcd")
-                    counts["indexed"] += 1
+                if indexed:
+                    ires = r.by_index("top", top, revision=at)
+                    want = etcd_call(etcd_range, client, PREFIX, ires.revision)
+                    if want is not UNVERIFIABLE:
+                        want = [kv for kv in want
+                                if kv.key[len(PREFIX):].split(b"/")[0] == top]
+                        if ires.items != want:
+                            problems.append(f"reader {idx}: by_index top={top!r} at "
+                                            f"{ires.revision} differs from etcd")
+                        counts["indexed"] += 1
             except shmcache.CompactedError:
                 counts["explicit"] += 1
             if rnd.random() < 0.5:
@@ -231,7 +215,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 # first are reads at the first page's revision; together they equal etcd's
                 # range at that revision.
                 size = rnd.choice([1, 3, 7, 40])
-                top = rnd.choice([b"sub", b"bin", b"k007", None])
+                top = rnd.choice([b"sub", b"bin", b"k007", None] if indexed else [None])
                 def read(tok: str | None, r: shmcache.Reader = r, size: int = size,
                          top: bytes | None = top) -> shmcache.ListResult:
                     if top is None:
@@ -289,6 +273,13 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
         except (shmcache.CompactedError, shmcache.StaleError, shmcache.TimeoutError,
                 shmcache.NotFoundError):
             counts["explicit"] += 1
+        except shmcache.CorruptSegmentError as exc:
+            if flips_before % 2 or flips.value != flips_before:
+                counts["corrupt"] += 1  # a byte was flipped meanwhile: exact or an error
+                time.sleep(0.01)  # (until it is restored: not a busy loop meanwhile)
+            else:
+                problems.append(f"reader {idx}: CorruptSegmentError with no byte flipped: "
+                                f"{exc}")
         except Exception:
             problems.append(f"reader {idx}: unexpected {traceback.format_exc(limit=4)}")
             time.sleep(0.2)
@@ -373,28 +364,32 @@ def victim_reader(name: str) -> None:
             r.get(k)
 
 
-class StepOverrun(Exception):
-    """A fault step took longer than the run's ``step_limit``."""
-
-
 FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
-          "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach"]
+          "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach",
+          "reader_close_thread", "reader_close_signal", "writer_enospc",
+          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index"]
+# Flips in the control segment: its block and prefix have no checksum yet (issue 19), so a
+# flipped byte there can be a silent wrong answer; drawn only when asked for by name.
+CONTROL_FLIPS = ["flip_control_block", "flip_control_prefix"]
 
 
 def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         etcd_binary: str | None = None, fault_every: float = 2.0, log: Any = print,
         faults: list[str] | None = None,
         fault_points: tuple[str, ...] = ("append", "snapshot", "snapshot_publish"),
-        step_limit: float = 30.0, shm_full: bool = False) -> Report:
+        step_limit: float = 30.0, indexed: bool = True, shm_full: bool = False) -> Report:
     """Run the workload, the readers and the fault injector; return what was verified.
 
     ``faults``: the kinds to draw from (default FAULTS); ``fault_points``: where a
     ``writer_fault_point`` writer kills itself (shmcache/_faults.py). A fault step
     that takes longer than ``step_limit`` seconds (a writer that has not reached its
     fault point, or not become ready, on a loaded machine) is a finding: the writer
-    is restarted without faults and the run goes on. ``shm_full``: also fill /dev/shm
-    for a while (fault ``dev_shm_full``). Only where /dev/shm is this run's own tmpfs
-    (the caller runs it in a mount namespace: test_consistency.py), never the host's.
+    is restarted without faults and the run goes on. ``indexed``: the writer keeps the
+    index ``top=segment:0`` (then it builds no overlay segments: ``flip_overlay`` needs
+    ``indexed=False``). ``writer_enospc`` is skipped, and said so in the report, where
+    this shmcache's SHMCACHE_FAULT has no ``enospc`` action. ``shm_full``: also fill
+    /dev/shm for a while (fault ``dev_shm_full``). Only where /dev/shm is this run's own
+    tmpfs (the caller runs it in a mount namespace: test_consistency.py), never the host's.
     """
     rnd = random.Random(seed)
     report = Report(seed=seed, seconds=seconds)
@@ -409,9 +404,15 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         # The writer checks itself against etcd every 2 s meanwhile: under every fault
         # below it must never report a mismatch (a false alarm would relist for nothing).
         writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size,
-                               extra=["--verify-interval", "2", "--index", "top=segment:0"])
+                               extra=["--verify-interval", "2"]
+                               # Without indexes the writer builds overlay segments,
+                               # every 128 KiB of records (_overlays.OVERLAY_BYTES): let
+                               # that come before the next snapshot.
+                               + (["--index", "top=segment:0"] if indexed
+                                  else ["--snapshot-bytes", "192KiB"]))
         stop = ctx.Event()
         counter = ctx.Value("q", 0)
+        flips = ctx.Value("q", 0)  # odd while a flipped byte is in a segment
         results = ctx.Queue()
         procs: list[Any] = []
         try:
@@ -421,7 +422,8 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
             procs.append(wl)
             for i in range(readers):
                 p = ctx.Process(target=reader_loop,
-                                args=(name, etcd.endpoint, seed, stop, results, i))
+                                args=(name, etcd.endpoint, seed, stop, results, i, flips,
+                                      indexed))
                 p.start()
                 procs.append(p)
             def start_writer() -> None:
@@ -481,24 +483,46 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     v.kill()
                     v.join()
                 elif kind == "dev_shm_full":
-                    # All but 64 KiB taken: publishing fails (ENOSPC) until it is freed.
-                    st = os.statvfs("/dev/shm")
-                    fd = os.open("/dev/shm/checker-filler", os.O_CREAT | os.O_WRONLY, 0o600)
-                    try:
-                        os.posix_fallocate(fd, 0, max(1, st.f_bavail * st.f_frsize - (64 << 10)))
-                    except OSError:
-                        pass  # (nearly full already)
-                    finally:
-                        os.close(fd)
-                    time.sleep(rnd.uniform(1, 3))
-                    os.unlink("/dev/shm/checker-filler")
+                    checker_faults.fill_dev_shm(rnd.uniform(1, 3))
                 elif kind == "readers_attach_detach":
                     for _ in range(10):
                         with shmcache.Reader(name, timeout=30) as r:
                             r.list(PREFIX)
+                elif kind.startswith("reader_close_"):
+                    # A Reader closed under its calls, from a thread or a signal handler.
+                    report.divergences.extend(checker_faults.close_round(
+                        ctx, name, etcd.endpoint, PREFIX, kind.rsplit("_", 1)[1],
+                        rnd.randrange(1 << 30), indexed, results, step_limit + 60))
+                elif kind.startswith("flip_"):
+                    flips.value += 1
+                    try:
+                        got = checker_faults.flip_round(name, kind[len("flip_"):], etcd.client,
+                                                        PREFIX, rnd)
+                    finally:
+                        flips.value += 1
+                    if got is None:
+                        report.no_segment[kind] = report.no_segment.get(kind, 0) + 1
+                    else:
+                        report.add(*got)
+                elif kind == "writer_enospc":
+                    # Publishing fails for lack of space at some steps, part of the time:
+                    # readers keep exact answers and the cache still catches up with etcd.
+                    writer.kill()
+                    writer.env = {"SHMCACHE_FAULT": checker_faults.enospc_spec(rnd)}
+                    start_writer()
+                    time.sleep(rnd.uniform(2, 5))  # (a snapshot every few seconds)
+                    report.divergences.extend(checker_faults.catches_up(
+                        name, etcd.client, step_limit, writer.env["SHMCACHE_FAULT"]))
+                    writer.kill()
+                    writer.env = {}
+                    start_writer()
 
             t_end = time.monotonic() + seconds
-            kinds = (faults or FAULTS) + (["dev_shm_full"] if shm_full else [])
+            kinds = list(faults or FAULTS) + (["dev_shm_full"] if shm_full else [])
+            for kind, why in checker_faults.unsupported(kinds, indexed).items():
+                kinds.remove(kind)
+                report.skipped.append(f"{kind} skipped: {why}")
+                log(f"  {kind} skipped: {why}")
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.5, fault_every))
                 kind = rnd.choice(kinds)
@@ -551,6 +575,8 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
             if "verification failed" in whole_log:
                 report.divergences.append("the writer's check against etcd found a mismatch: "
                                           + whole_log[whole_log.index("verification failed"):][:500])
+            report.divergences.extend(checker_faults.log_divergences(whole_log))
+            report.enospc_logged = whole_log.count("[Errno 28]")
         except Exception:  # (a writer that exited, etcd that would not restart): report it
             report.divergences.append(f"the run aborted: {traceback.format_exc(limit=4)}")
         finally:
@@ -573,12 +599,4 @@ def _collect(results: Any, report: Report) -> None:
             _idx, counts, problems = results.get_nowait()
         except queue.Empty:
             return
-        report.events_verified += counts["events"]
-        report.lists_verified += counts["lists"]
-        report.gets_verified += counts["gets"]
-        report.past_reads_verified += counts["past"]
-        report.syncs_verified += counts["syncs"]
-        report.index_reads_verified += counts["indexed"]
-        report.paged_listings_verified += counts["paged"]
-        report.explicit_errors += counts["explicit"]
-        report.divergences.extend(problems)
+        report.add(counts, problems)
