@@ -65,6 +65,74 @@ class WatchUndecodable(WatchBroken):
     stream is broken, and watched again from the cache's revision; nothing is guessed."""
 
 
+def batches(events: list[_codec.EventTuple], after: int,
+            ) -> tuple[list[tuple[int, list[_codec.EventTuple]]], Relist | None]:
+    """A watch response's events as one batch per revision, and a Relist if a revision
+    is at or below ``after`` or not increasing (the batches before it are valid).
+
+    etcd never splits one revision's events across watch responses (without
+    the fragment option, which is not used), so each response's revisions are
+    complete. A missing prev_kv is passed on as None (Publisher.apply fills it
+    from the state).
+    """
+    first = events[0][4]
+    if first > after and (len(events) == 1 or all(ev[4] == first for ev in events)):
+        return [(first, events)], None  # the common case: one revision per response
+    out: list[tuple[int, list[_codec.EventTuple]]] = []
+    batch: list[_codec.EventTuple] = []
+    last = after
+    for ev in events:
+        rev = ev[4]
+        if rev != last or not out:
+            if rev <= last:
+                return out, Relist(f"etcd sent revision {rev} after the cache reached {last}")
+            batch = []
+            out.append((rev, batch))
+            last = rev
+        batch.append(ev)
+    return out, None
+
+
+class PublishFailures:
+    """The publishing state: the last error's text and since when it fails (Unix time),
+    both None while publishing works. ``on_change(error, since)`` is told each change.
+    Used by the thread that runs the feed only."""
+
+    def __init__(self, stats: dict[str, Any],
+                 on_change: Callable[[str | None, float | None], None]) -> None:
+        self.stats = stats
+        self.on_change = on_change
+        self.error: str | None = None
+        self.since: float | None = None
+        self._failing_steps: set[str] = set()
+
+    def failed(self, step: str, exc: BaseException, delay: float) -> None:
+        """Count the error and enter (or stay in) the failing state; ``step`` is
+        "events" (the events, a relist, a progress revision) or "snapshot"."""
+        self.stats["publish_errors"] += 1
+        self._failing_steps.add(step)
+        text = _etcd.describe(exc)
+        if self.since is None:
+            self.since = time.time()
+            log.warning("cannot publish (%s): readers keep the last published revision; "
+                        "retrying (etcd is not reconnected for this)", text,
+                        exc_info=not isinstance(exc, OSError))
+        elif text != self.error:
+            log.warning("cannot publish (%s); retrying in %.1fs", text, delay)
+        self.error = text
+        self.on_change(text, self.since)
+
+    def recovered(self, step: str) -> None:
+        """``step`` worked: leave the failing state once no step fails."""
+        since = self.since
+        self._failing_steps.discard(step)
+        if since is None or self._failing_steps:
+            return
+        log.info("publishing works again after %.1fs of failures", time.time() - since)
+        self.error = self.since = None
+        self.on_change(None, None)
+
+
 class EtcdFeed:
     """Follow [range_key, range_end) in etcd and feed a sink until ``close()``."""
 
@@ -102,17 +170,24 @@ class EtcdFeed:
         self._watch_created = 0.0
         self._unsynced_until = 0
         self._relist_reason: str | None = None
-        # Publishing failures (see _publish): the last error's text and since when
-        # (Unix time), None while publishing works; on_publish_state(error, since)
-        # is told each change (the writer stores them in the control segment).
-        self.publish_error: str | None = None
-        self.publish_failing_since: float | None = None
+        # on_publish_state(error, since) is told each change of the publishing state
+        # (the writer stores it in the control segment).
         self.on_publish_state: Callable[[str | None, float | None], None] = \
             lambda _error, _since: None
-        self._failing_steps: set[str] = set()
+        self._failures = PublishFailures(stats, lambda e, t: self.on_publish_state(e, t))
         self._snapshot_retry_at = 0.0
         self._snapshot_delay = 0.1
         self._cluster_change = (0, 0)  # (the state's cluster, etcd's) last counted
+
+    @property
+    def publish_error(self) -> str | None:
+        """The last publish error's text; None while publishing works."""
+        return self._failures.error
+
+    @property
+    def publish_failing_since(self) -> float | None:
+        """Unix time since which publishing fails; None while it works."""
+        return self._failures.since
 
     def request_relist(self, reason: str) -> None:
         """Relist into a new epoch at the next watch response (any thread; the verifier)."""
@@ -324,12 +399,12 @@ class EtcdFeed:
             except Exception as exc:
                 if self.stopped.is_set():
                     return False
-                self._publish_failed("events", exc, delay)
+                self._failures.failed("events", exc, delay)
                 if self.stopped.wait(delay):
                     return False
                 delay = min(delay * 2, PUBLISH_BACKOFF_MAX)
                 continue
-            self._publish_recovered("events")
+            self._failures.recovered("events")
             return True
 
     def _maybe_snapshot(self, sink: Sink) -> None:
@@ -342,69 +417,15 @@ class EtcdFeed:
         try:
             sink.maybe_snapshot()
         except Exception as exc:
-            self._publish_failed("snapshot", exc, self._snapshot_delay)
+            self._failures.failed("snapshot", exc, self._snapshot_delay)
             self._snapshot_retry_at = now + self._snapshot_delay
             self._snapshot_delay = min(self._snapshot_delay * 2, PUBLISH_BACKOFF_MAX)
             return
         self._snapshot_delay = 0.1
-        self._publish_recovered("snapshot")
-
-    def _publish_failed(self, step: str, exc: BaseException, delay: float) -> None:
-        """Count the error and enter (or stay in) the failing state; ``step`` is
-        "events" (the events, a relist, a progress revision) or "snapshot"."""
-        self.stats["publish_errors"] += 1
-        self._failing_steps.add(step)
-        text = _etcd.describe(exc)
-        if self.publish_failing_since is None:
-            self.publish_failing_since = time.time()
-            log.warning("cannot publish (%s): readers keep the last published revision; "
-                        "retrying (etcd is not reconnected for this)", text,
-                        exc_info=not isinstance(exc, OSError))
-        elif text != self.publish_error:
-            log.warning("cannot publish (%s); retrying in %.1fs", text, delay)
-        self.publish_error = text
-        self.on_publish_state(text, self.publish_failing_since)
-
-    def _publish_recovered(self, step: str) -> None:
-        """``step`` worked: leave the failing state once no step fails."""
-        since = self.publish_failing_since
-        self._failing_steps.discard(step)
-        if since is None or self._failing_steps:
-            return
-        log.info("publishing works again after %.1fs of failures", time.time() - since)
-        self.publish_error = self.publish_failing_since = None
-        self.on_publish_state(None, None)
-
-    @staticmethod
-    def batches(events: list[_codec.EventTuple], after: int,
-                ) -> tuple[list[tuple[int, list[_codec.EventTuple]]], Relist | None]:
-        """A watch response's events as one batch per revision, and a Relist if a revision
-        is at or below ``after`` or not increasing (the batches before it are valid).
-
-        etcd never splits one revision's events across watch responses (without
-        the fragment option, which is not used), so each response's revisions are
-        complete. A missing prev_kv is passed on as None (Publisher.apply fills it
-        from the state).
-        """
-        first = events[0][4]
-        if first > after and (len(events) == 1 or all(ev[4] == first for ev in events)):
-            return [(first, events)], None  # the common case: one revision per response
-        out: list[tuple[int, list[_codec.EventTuple]]] = []
-        batch: list[_codec.EventTuple] = []
-        last = after
-        for ev in events:
-            rev = ev[4]
-            if rev != last or not out:
-                if rev <= last:
-                    return out, Relist(f"etcd sent revision {rev} after the cache reached {last}")
-                batch = []
-                out.append((rev, batch))
-                last = rev
-            batch.append(ev)
-        return out, None
+        self._failures.recovered("snapshot")
 
     def _apply_events(self, sink: Sink, events: list[_codec.EventTuple]) -> None:
-        out, relist = self.batches(events, sink.revision)
+        out, relist = batches(events, sink.revision)
         if out and not self._publish(
                 lambda: sink.apply([b for b in out if b[0] > sink.revision])):
             return

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _futex, _shm, layout
 from ._indexdef import decode_defs
+from ._liveness import pid_namespace, process_start_ticks
 from .errors import (
     CorruptSegmentError,
     NotFoundError,
@@ -191,38 +192,6 @@ def writer_identity(buf: Any) -> tuple[int, int, int]:
     start = _Q.unpack_from(buf, layout.C_WRITER_START)[0]
     hb = _Q.unpack_from(buf, layout.C_HEARTBEAT)[0]
     return pid, start, hb
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of live process ``pid`` in clock ticks since boot; None if there is none.
-
-    Together with the pid it names a process uniquely: a recycled pid has a
-    different start time. A zombie (state ``Z``: killed, not yet reaped by its
-    parent) or a dying process (``X``) counts as none: it will never beat or
-    publish again.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after
-    # the last ')'. Then field 3 is the state and field 22 the start time.
-    try:
-        rest = data[data.rindex(b")") + 2:].split()
-        if rest[0] in (b"Z", b"X", b"x"):
-            return None
-        return int(rest[19])
-    except (ValueError, IndexError):
-        return None
-
-
-def pid_namespace() -> int:
-    """Inode of this process's PID namespace (0 if /proc does not tell)."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
 
 
 def writer_liveness(buf: Any) -> tuple[bool, str]:

@@ -238,7 +238,7 @@ def test_header_validation() -> None:
     struct.pack_into("<I", bad, 8, 2)
     with pytest.raises(VersionMismatchError) as info:
         Snapshot("s", bytes(bad), len(bad))
-    assert (info.value.found, info.value.expected) == (2, 3)
+    assert (info.value.found, info.value.expected) == (2, layout.FORMAT_VERSION)
     assert isinstance(info.value, CorruptSegmentError)
     # Unused header bytes [96, 128) are not covered by anything: changing them is harmless.
     ok = raw[:100] + b"\xaa" * 28 + raw[128:]
