@@ -141,7 +141,7 @@ def library_facts() -> dict[str, Any]:
     import hashlib
 
     import shmcache
-    from shmcache import snapshot
+    from shmcache.format import snapshot
 
     pkg = os.path.dirname(os.path.abspath(shmcache.__file__))
     h = hashlib.sha256()

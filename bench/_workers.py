@@ -52,7 +52,7 @@ MAX_LATENCY_SAMPLES = 200_000
 
 
 def _prefix_end(p: bytes) -> bytes:
-    from shmcache import layout
+    from shmcache.format import layout
 
     return layout.prefix_range_end(p)
 
@@ -558,8 +558,8 @@ def etcd_receive_stopped_main(host: str, port: int, prefix: bytes, start_revisio
 
 def raw_receive_main(endpoint: str, prefix: bytes, start_revision: int, last_revision: int,
                      out: Any) -> None:
-    """The writer's own gRPC watch stream (shmcache._etcd), receiving and decoding only."""
-    from shmcache import _etcd
+    """The writer's own gRPC watch stream (shmcache.writer.etcd.connection), receiving and decoding only."""
+    from shmcache.writer.writer.etcd import connection as _etcd
 
     try:
         conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[endpoint]))

@@ -72,7 +72,7 @@ from bench._pods import (  # noqa: E402
     pod_key,
     timed,
 )
-from shmcache.layout import prefix_range_end  # noqa: E402
+from shmcache.format.layout import prefix_range_end  # noqa: E402
 from tests.etcdserver import EtcdServer  # noqa: E402
 from tests.helpers import WriterProcess  # noqa: E402
 

@@ -43,7 +43,8 @@ def main() -> int:
     args = ap.parse_args()
     n = args.keys
     import shmcache
-    from shmcache import _codec, layout, snapshot
+    from shmcache.format import codec as _codec
+    from shmcache.format import layout, snapshot
     from shmcache.types import KeyValue, kv_new
     from tests.etcdserver import EtcdServer
     from tests.helpers import WriterProcess

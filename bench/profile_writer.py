@@ -116,7 +116,7 @@ def main() -> int:
     # Snapshot build, in this process, under cProfile.
     from sortedcontainers import SortedDict
 
-    from shmcache import snapshot
+    from shmcache.format import snapshot
 
     kv = SortedDict((C.key(prefix, i), (C.value(i), 5, 5, 1, 0)) for i in range(n))
     pr = cProfile.Profile()

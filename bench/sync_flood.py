@@ -29,7 +29,8 @@ import urllib.request
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import shmcache  # noqa: E402
-from shmcache import _shm, control, layout  # noqa: E402
+from shmcache.format import control, layout
+from shmcache.ipc import shm as _shm  # noqa: E402
 from tests.etcdserver import EtcdServer  # noqa: E402
 from tests.helpers import WriterProcess  # noqa: E402
 

@@ -205,7 +205,9 @@ def child_main(kind: str, port: int, start: int, path: str) -> None:
     pack = struct.pack_into
     n = 0
     if kind == "stream":
-        from shmcache import _etcd, layout
+        from shmcache.writer.writer.etcd import connection as _etcd
+
+        from shmcache.format import layout
 
         conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[f"127.0.0.1:{port}"]))
         conn.connect()
@@ -272,8 +274,8 @@ class WriterConsumer(Consumer):
 
     def start(self, etcd: Any, start: int) -> None:
         import shmcache
-        from shmcache import _shm
-        from shmcache._demo_etcd import free_port
+        from shmcache.cli.demo_etcd import free_port
+        from shmcache.ipc import shm as _shm
 
         _shm.remove_cache(self.name, force=True)
         self.port = free_port()
@@ -299,7 +301,7 @@ class WriterConsumer(Consumer):
         return int(float(m.group(1))) if m else None
 
     def stop(self) -> None:
-        from shmcache import _shm
+        from shmcache.ipc import shm as _shm
 
         if self.reader is not None:
             self.reader.close()

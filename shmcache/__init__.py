@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .aio import AsyncWatch
 from .errors import (
     CacheExistsError,
     CompactedError,
@@ -20,12 +19,13 @@ from .errors import (
     WriterError,
     WriterRunningError,
 )
-from .reader import Reader, Watch
-from .subscribe import Subscription
+from .reader.aio import AsyncWatch
+from .reader.reader import Reader, Watch
+from .reader.subscribe import Subscription
 from .types import Event, KeyValue, ListResult, Status
 
 if TYPE_CHECKING:
-    from .writer import Writer
+    from .writer.writer import Writer
 
 __version__ = "0.1.0"
 
@@ -61,7 +61,7 @@ def __getattr__(name: str) -> Any:
     # reader-only process never imports them (and a reader-only install need not
     # have them).
     if name == "Writer":
-        from .writer import Writer
+        from .writer.writer import Writer
 
         return Writer
     raise AttributeError(f"module 'shmcache' has no attribute {name!r}")
@@ -75,6 +75,6 @@ def remove(name: str, *, force: bool = False) -> list[str]:
     cache, unless ``force=True``: that is for a writer that is stuck; a running
     writer whose control segment is removed exits within its heartbeat period.
     """
-    from . import _shm
+    from .ipc import shm as _shm
 
     return _shm.remove_cache(_shm.validate_name(name), force=force)

@@ -134,7 +134,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     last_seen: dict[int, int] = {}  # epoch -> highest revision reported
 
     def monotonic(r: shmcache.Reader, rev: int) -> None:
-        epoch = r._v.epoch  # the epoch of the view that answered (internal: shmcache._view)
+        epoch = r._v.epoch  # the epoch of the view that answered (internal: shmcache.reader.view)
         if rev < last_seen.get(epoch, 0):
             problems.append(f"reader {idx}: revision went back from {last_seen[epoch]} to {rev} "
                             f"in epoch {epoch}")
@@ -381,7 +381,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
     """Run the workload, the readers and the fault injector; return what was verified.
 
     ``faults``: the kinds to draw from (default FAULTS); ``fault_points``: where a
-    ``writer_fault_point`` writer kills itself (shmcache/_faults.py). A fault step
+    ``writer_fault_point`` writer kills itself (shmcache/writer/faults.py). A fault step
     that takes longer than ``step_limit`` seconds (a writer that has not reached its
     fault point, or not become ready, on a loaded machine) is a finding: the writer
     is restarted without faults and the run goes on. ``indexed``: the writer keeps the
@@ -561,7 +561,8 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                         report.divergences.append("final list differs from etcd")
                     report.lists_verified += 1
             except shmcache.ShmCacheError as exc:
-                from shmcache import _check, _shm
+                from shmcache.cli.commands import check as _check
+                from shmcache.ipc import shm as _shm
 
                 facts, problems = _check.check_cache(name)
                 report.divergences.append(

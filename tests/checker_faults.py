@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import shmcache
-from shmcache import control, layout
+from shmcache.format import control, layout
 
 # Where a byte can be flipped (the fault kind is "flip_" + the segment).
 FLIP_SEGMENTS = ("control_block", "control_prefix", "ring", "snapshot", "overlay", "index")
 
 # The publishing steps that allocate /dev/shm, where ENOSPC strikes when it fills: each
-# creates a segment (shmcache/_faults.py on the `publish` branch). Appends, head and tail
+# creates a segment (shmcache/writer/faults.py on the `publish` branch). Appends, head and tail
 # write into the ring's pages, reserved when the ring was created (posix_fallocate).
 ENOSPC_POINTS = ("snapshot", "index", "overlay", "ring_switch", "epoch")
 
@@ -49,7 +49,7 @@ def publish_failure_is_a_state() -> bool:
 
 def enospc_supported() -> bool:
     """True if SHMCACHE_FAULT accepts ``POINT:PROBABILITY:enospc`` in this shmcache."""
-    from shmcache import _faults
+    from shmcache.writer.writer import faults as _faults
 
     return "enospc" in getattr(_faults, "ACTIONS", ())
 
@@ -60,7 +60,7 @@ def unsupported(kinds: list[str], indexed: bool) -> dict[str, str]:
     why = {}
     if "writer_enospc" in kinds and not enospc_supported():
         why["writer_enospc"] = ("this shmcache's SHMCACHE_FAULT has no 'enospc' action "
-                                "(shmcache/_faults.py; it comes with the `publish` branch)")
+                                "(shmcache/writer/faults.py; it comes with the `publish` branch)")
     elif "writer_enospc" in kinds and not publish_failure_is_a_state():
         # Such a writer takes ENOSPC for an etcd error and reconnects several times a
         # second, which the catch-up check reports as a divergence (issue 18, item 2).

@@ -32,7 +32,7 @@ def workload(endpoint: str, seed: int, stop: Any, counter: Any) -> None:
     import etcd3
     from etcd3.etcdrpc import rpc_pb2
 
-    from shmcache import layout
+    from shmcache.format import layout
 
     rnd = random.Random(seed)
     host, port = endpoint.rsplit(":", 1)

@@ -24,7 +24,7 @@ SEM_PATTERN = "sem.shmcache.*"
 
 # Segment files are <name>.ctl, <name>.ring.<n>, <name>.snap.<n>, <name>.idx.<n>, <name>.ovl.<n>,
 # next to the writer's lock file <name>.lock and its socket file <name>.sync
-# (shmcache/layout.py); anything else counts as <name>.<suffix>.
+# (shmcache/format/layout.py); anything else counts as <name>.<suffix>.
 _SEGMENT_RE = re.compile(
     r"(?:sem\.)?shmcache\.(?P<name>.+?)(?:\.(?:ctl|lock|sync|ring\.\d+|snap\.\d+|idx\.\d+|ovl\.\d+)|\.[^.]*)?"
 )

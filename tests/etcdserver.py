@@ -1,7 +1,7 @@
 """The test harness's etcd: throwaway servers on loopback for tests and benchmarks.
 
 Not part of the package (``shmcache demo`` has its own minimal launcher,
-shmcache/_demo_etcd.py, whose ``find_etcd_binary`` and ``free_port`` this uses).
+shmcache/cli/demo_etcd.py, whose ``find_etcd_binary`` and ``free_port`` this uses).
 
 ``EtcdServer`` is one member (optionally with TLS and authentication);
 ``EtcdCluster`` is several members forming one cluster, for failover tests;
@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import psutil
 
-from shmcache._demo_etcd import etcd_env, find_etcd_binary, free_port
+from shmcache.cli.demo_etcd import etcd_env, find_etcd_binary, free_port
 
 __all__ = ["EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
            "generate_tls_files"]

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import KeyValue, _shm, layout
+from shmcache import KeyValue
+from shmcache.format import layout
+from shmcache.ipc import shm as _shm
 
 
 class WriterProcess:
@@ -140,7 +142,7 @@ def etcd_events(endpoint: str, prefix: bytes, since: int, until: int,
     ``until`` must be the revision of an event under ``prefix`` (the caller's
     last write there): the helper reads etcd's stream until it has seen it.
     """
-    from shmcache import _etcd
+    from shmcache.writer.writer.etcd import connection as _etcd
 
     conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[endpoint]))
     conn.connect()

@@ -20,9 +20,13 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _demux, _futex, _shm, aio, layout
-from shmcache._lifetime import Lifetime
-from shmcache.control import ControlReader
+from shmcache.format import layout
+from shmcache.format.control import ControlReader
+from shmcache.ipc import futex as _futex
+from shmcache.ipc import shm as _shm
+from shmcache.reader.lifetime import Lifetime
+from shmcache.reader.reader import aio
+from shmcache.reader.reader import demux as _demux
 from tests.etcdserver import free_port
 from tests.helpers import (
     WriterProcess,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import shmcache
-from shmcache import _shm
+from shmcache.ipc import shm as _shm
 from tests.helpers import WriterProcess, etcd_current_revision, put, txn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import control, layout
-from shmcache.snapshot import Snapshot
+from shmcache.format import control, layout
+from shmcache.format.snapshot import Snapshot
 from tests import checker, checker_faults
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put

@@ -26,8 +26,9 @@ import posix_ipc
 import pytest
 
 import shmcache
-from shmcache import _shm, control, layout
 from shmcache._units import parse_size
+from shmcache.format import control, layout
+from shmcache.ipc import shm as _shm
 from tests.helpers import WriterProcess, put
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,8 +81,8 @@ def test_parse_size_units_up_to_tib() -> None:
 
 def test_config_does_not_import_the_writer() -> None:
     """config.py (``serve --check-config``) parses sizes without pulling in etcd3/grpc."""
-    code = ("import sys, shmcache.config as c; c.load('x', {'ring_size': '1TiB'}, environ={}); "
-            "print(sorted(m for m in ('shmcache.writer', 'etcd3', 'grpc') if m in sys.modules))")
+    code = ("import sys, shmcache.cli.config as c; c.load('x', {'ring_size': '1TiB'}, environ={}); "
+            "print(sorted(m for m in ('shmcache.writer.writer', 'etcd3', 'grpc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30, cwd=ROOT)
     assert out.returncode == 0, out.stderr

@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _pages, cli, config
+from shmcache.cli.commands import commands as cli
+from shmcache.cli.commands import config
+from shmcache.reader.reader import pages as _pages
 from tests.helpers import WriterProcess, put
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +40,7 @@ class Blocker:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 sys.meta_path.insert(0, Blocker())
-from shmcache.cli import main
+from shmcache.cli.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 WRITER_EXTRA = ("etcd3", "grpc", "google")
@@ -191,7 +193,7 @@ def test_exit_codes_match_the_documented_table(writer: tuple[WriterProcess, byte
 # -- list --json is etcdctl's -w json ---------------------------------------------------------
 
 def _etcdctl() -> str | None:
-    from shmcache._demo_etcd import find_etcd_binary
+    from shmcache.cli.demo_etcd import find_etcd_binary
 
     try:
         beside = os.path.join(os.path.dirname(find_etcd_binary()), "etcdctl")
@@ -304,7 +306,7 @@ def test_bad_json_pointer_escape_is_refused() -> None:
 
 def test_json_pointer_escapes() -> None:
     """RFC 6901: ~0 is '~', ~1 is '/' (~01 is '~1', not '/'); any other '~' is an error."""
-    from shmcache._indexdef import make
+    from shmcache.format.indexspec import make
 
     assert make("n", "json:/a~1b/~0/~01").arg == ("a/b", "~", "~1")
     for bad in ("/~", "/a~", "/~2x", "/~~1", "/~~01", "/x/~a"):
@@ -318,7 +320,7 @@ def test_operations_md_lists_every_setting_and_metric() -> None:
     """Every setting of config.py is in the settings table, every metric the writer exports
     (_metrics.METRICS, as Prometheus names them: counters end in _total) in the metrics
     table."""
-    from shmcache import _metrics
+    from shmcache.cli.commands import metrics as _metrics
 
     text = OPERATIONS_MD.read_text()
     for name in config.SETTINGS:

@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from shmcache.writer.writer.etcd import connection as _etcd
+from shmcache.writer.writer.etcd import decode as _watchpb
 
 import shmcache
-from shmcache import _etcd, _watchpb, layout
-from shmcache.writer import Writer
+from shmcache.format import layout
+from shmcache.writer.writer import Writer
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_range, put
 

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmcache import CorruptSegmentError, Event, KeyValue, _codec
-from shmcache.layout import EVENT_DELETE, EVENT_PUT
+from shmcache import CorruptSegmentError, Event, KeyValue
+from shmcache.format import codec as _codec
+from shmcache.format.layout import EVENT_DELETE, EVENT_PUT
 
 PREV = (b"/k", b"old", 3, 4, 1, 0)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shmcache import cli
-from shmcache.config import SETTINGS, ConfigError, load
+from shmcache.cli.commands import commands as cli
+from shmcache.cli.config import SETTINGS, ConfigError, load
 
 
 def _file(tmp_path: Path, text: str, name: str = "c.toml") -> str:
@@ -221,7 +221,7 @@ def test_durations_take_units_in_every_source(tmp_path: Path) -> None:
 def test_only_the_etcd_settings() -> None:
     """``load(only=ETCD_SETTINGS)`` (check --against-etcd) reads the connection settings and
     leaves the writer's other settings alone, a bad one included."""
-    from shmcache.config import ETCD_SETTINGS
+    from shmcache.cli.config import ETCD_SETTINGS
 
     env = {"SHMCACHE_ENDPOINTS": "http://10.0.0.9:2379", "SHMCACHE_RING_SIZE": "nonsense",
            "SHMCACHE_USER": "u", "SHMCACHE_PASSWORD": "p"}

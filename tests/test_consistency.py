@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _shm, _sync, layout
+from shmcache.format import layout
+from shmcache.ipc import shm as _shm
+from shmcache.writer.writer import sync_server as _sync
 from tests import checker
 from tests import etcdserver as _etcdserver
 from tests.helpers import (
@@ -107,7 +109,7 @@ def test_concurrent_syncs_coalesce(etcd_session: Any, etcd_client: Any, cache_na
         outs = [p.communicate(timeout=60)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs)
         assert all(int(o) >= before.revision for o in outs)
-        from shmcache import control
+        from shmcache.format import control
 
         seg = _shm.open_readonly(layout.control_name(cache_name))
         assert seg is not None

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _shm, control, layout
 from shmcache.errors import CorruptSegmentError
+from shmcache.format import control, layout
+from shmcache.ipc import shm as _shm
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_range, put, wait_rev
 

@@ -427,7 +427,7 @@ def test_writer_stuck_inside_publish_does_not_slow_readers(
 
     import posix_ipc
 
-    from shmcache import layout
+    from shmcache.format import layout
 
     last = put(etcd_client, unique_prefix + b"k", b"v")
     writer.start()
@@ -460,8 +460,8 @@ def test_events_are_published_while_a_snapshot_is_built(
     published afterwards and a reader attaching then sees the exact state."""
     import threading
 
-    from shmcache import snapshot as snapshot_module
-    from shmcache.writer import Writer
+    from shmcache.format import snapshot as snapshot_module
+    from shmcache.writer.writer import Writer
 
     p = unique_prefix
     for i in range(50):

@@ -22,7 +22,9 @@ import posix_ipc
 import pytest
 
 import shmcache
-from shmcache import _check, _shm, control, layout, ring
+from shmcache.cli.commands import check as _check
+from shmcache.format import control, layout, ring
+from shmcache.ipc import shm as _shm
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn
 from tests.test_service import FakeSystemd, _scrape, _writer_log, systemd  # noqa: F401

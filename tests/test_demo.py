@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from shmcache import _shm
+from shmcache.ipc import shm as _shm
 
 
 def test_demo_runs_and_cleans_up() -> None:

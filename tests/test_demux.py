@@ -1,4 +1,4 @@
-"""The per-process watch demultiplexer (shmcache/_demux.py) against a real writer and etcd.
+"""The per-process watch demultiplexer (shmcache/reader/demux.py) against a real writer and etcd.
 
 Every watch of a Reader, once caught up, is fed by one reader of the ring that decodes
 each record once: these tests check that the events are still exactly etcd's (no gap,
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _demux
+from shmcache.reader.reader import demux as _demux
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, delete, drain, etcd_events, put, txn, wait_rev
 

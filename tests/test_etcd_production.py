@@ -12,10 +12,10 @@ from typing import Any
 
 import psutil
 import pytest
+from shmcache.writer.writer.etcd import connection as _etcd
 
 import shmcache
-from shmcache import _etcd
-from shmcache.writer import Writer
+from shmcache.writer.writer import Writer
 from tests.etcdserver import EtcdCluster, EtcdServer, free_port, generate_tls_files
 from tests.helpers import WriterProcess, drain, etcd_events, etcd_range, put
 from tests.test_service import _scrape, _writer_log
@@ -172,7 +172,7 @@ def test_tls_with_client_certificate_from_config_file(tmp_path: Path, cache_name
 
 def etcd_events_tls(etcd: EtcdServer, prefix: bytes, since: int, until: int) -> list[Any]:
     """tests.helpers.etcd_events over TLS (it builds its own connection)."""
-    from shmcache import layout
+    from shmcache.format import layout
 
     assert etcd.tls is not None
     conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[etcd.endpoint], ca_cert=etcd.tls.ca,

@@ -1,4 +1,4 @@
-"""docs/format.md stays in step with shmcache/layout.py: structs, offsets, sizes, constants.
+"""docs/format.md stays in step with shmcache/format/layout.py: structs, offsets, sizes, constants.
 
 Like tests/test_api_doc.py for the API: the page is the format's prose version,
 and a reader of the page must be able to trust every number on it.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shmcache import layout, snapshot
+from shmcache.format import layout, snapshot
 
 DOC = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
 

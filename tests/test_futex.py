@@ -1,4 +1,4 @@
-"""Tests for shmcache._futex with real processes sharing a POSIX shared memory segment."""
+"""Tests for shmcache.ipc.futex with real processes sharing a POSIX shared memory segment."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from shmcache import _futex
+from shmcache.ipc import futex as _futex
 
 SEG_SIZE = mmap.PAGESIZE
 WORD_OFF = 64  # not at the start of the page, so the offset arithmetic matters

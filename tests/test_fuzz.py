@@ -33,8 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmcache import CorruptSegmentError, _codec, control, layout, ring
-from shmcache.snapshot import HEADER_SIZE, Snapshot, build
+from shmcache import CorruptSegmentError
+from shmcache.format import codec as _codec
+from shmcache.format import control, layout, ring
+from shmcache.format.snapshot import HEADER_SIZE, Snapshot, build
 
 FUZZ = settings(max_examples=250, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -721,8 +723,8 @@ def test_every_control_field_overwrite() -> None:
 @pytest.fixture(autouse=True, params=["c", "python"])
 def _implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test here runs against the C speedups and the pure-Python reference."""
-    from shmcache import snapshot as _snapshot_module
+    from shmcache.format import snapshot as _snapshot_module
 
     if request.param == "c" and _snapshot_module._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     monkeypatch.setattr(_snapshot_module, "USE_SPEEDUPS", request.param == "c")

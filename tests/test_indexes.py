@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _indexdef, _shm, indexseg, layout
+from shmcache.format import indexseg, layout
+from shmcache.format import indexspec as _indexdef
+from shmcache.ipc import shm as _shm
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn
 
 # -- the spec language (pure) ---------------------------------------------------
@@ -104,7 +106,7 @@ def _segment(pairs: list[list[tuple[bytes, bytes]]]) -> indexseg.IndexSegment:
 def run_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """run_keys through the C speedups (_speedups.index_run) and through pure Python."""
     if request.param == "c" and indexseg._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     monkeypatch.setattr(indexseg, "USE_SPEEDUPS", request.param == "c")
     return str(request.param)
 
@@ -133,7 +135,7 @@ def test_build_lays_out_the_same_bytes_in_c_and_python(
     """indexseg.build's per-posting tables from _speedups.index_table equal the pure-Python
     ones byte for byte: random indexes, values of several lengths, empty indexes."""
     if indexseg._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     rnd = random.Random(2)
     for trial in range(40):
         pairs = [sorted({(b"v%d" % rnd.randrange(rnd.randrange(1, 50)) + b"x" * rnd.randrange(3),
@@ -154,7 +156,7 @@ def test_run_items_reads_the_snapshot_skipping_changed_keys(run_path: str) -> No
     """run_items: the run's KeyValues from the snapshot, passing over the keys in ``skip``
     without counting them towards the limit, from above ``after``; a posting whose key
     the snapshot lacks is corruption, never a silent gap."""
-    from shmcache import snapshot
+    from shmcache.format import snapshot
 
     rnd = random.Random(8)
     keys = sorted({b"k%05d" % rnd.randrange(100_000) for _ in range(2000)})

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmcache
-from shmcache import _shm, control, layout, ring, snapshot
+from shmcache.format import control, layout, ring, snapshot
+from shmcache.ipc import shm as _shm
 
 FAST = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 

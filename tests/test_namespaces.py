@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import layout
+from shmcache.format import layout
 from tests.helpers import WriterProcess, put
 
 

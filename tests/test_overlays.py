@@ -1,4 +1,4 @@
-"""Overlay segments (shmcache/_overlays.py): what a Reader decodes at attach is bounded by
+"""Overlay segments (shmcache/writer/overlays.py): what a Reader decodes at attach is bounded by
 the writer's overlay cadence, not by the history since the snapshot; every answer still
 equals etcd's. Real etcd, real writer processes, real /dev/shm.
 """
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _overlays, layout
+from shmcache.format import layout
+from shmcache.writer.writer import overlays as _overlays
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn, wait_rev
 
 
@@ -158,7 +159,7 @@ def test_a_restarted_writer_withdraws_the_overlay_segment_and_builds_a_new_one(
             assert time.monotonic() < deadline, b
             time.sleep(0.05)
         assert b.epoch == before.epoch  # resumed, not relisted
-        names = shmcache._shm.list_segments(w.name)
+        names = shmcache.ipc.shm.list_segments(w.name)
         assert layout.overlay_name(w.name, before.ovl_seq) not in names
         assert layout.overlay_name(w.name, b.ovl_seq) in names
         res = r.list(p)

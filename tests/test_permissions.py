@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _shm, layout
+from shmcache.format import layout
+from shmcache.ipc import shm as _shm
 from tests.etcdserver import EtcdServer
 from tests.helpers import CHILD_ENV, Account, Accounts, WriterProcess, put, throwaway_accounts
 

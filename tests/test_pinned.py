@@ -1,5 +1,5 @@
 """Idle Readers release superseded segments: /dev/shm holds what the writer publishes, not
-every snapshot an idle process once mapped (issue 19, item 7; shmcache/_janitor.py).
+every snapshot an idle process once mapped (issue 19, item 7; shmcache/reader/janitor.py).
 
 Real etcd, a real writer that republishes its snapshot every 0.2 s while keys
 change, and idle Readers in other processes (spawned, and forked with an

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 import shmcache
-from shmcache import _shm, layout
+from shmcache.format import layout
+from shmcache.ipc import shm as _shm
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, put
 from tests.test_permissions import CHILD_ENV, Account, Accounts
@@ -52,7 +53,7 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
 def _stop_once_watching(w: WriterProcess, starts: int = 1) -> None:
     """Stop ``w`` once it opened its etcd watch (its ``starts``-th start on this log): the
     stray check has run by then (it runs once the state is current, before the watch)."""
-    _wait(lambda: Path(w.log_path).read_text().count("INFO shmcache.writer: watching ")
+    _wait(lambda: Path(w.log_path).read_text().count("INFO shmcache.writer.writer: watching ")
           >= starts, 30, "the writer watches")
     w.terminate()
 

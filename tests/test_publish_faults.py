@@ -1,7 +1,7 @@
 """Publishing is a transaction: every step fails whole (ENOSPC, or an unexpected error) and recovers.
 
 The publisher is driven with synthetic batches over real /dev/shm segments
-(as in test_publisher.py). At each fault point (shmcache._faults) a step is made
+(as in test_publisher.py). At each fault point (shmcache.writer.faults) a step is made
 to raise, once with ``OSError(ENOSPC)`` (a full /dev/shm) and once with a
 ``RuntimeError`` (a bug); then, fault cleared, the publisher is called again
 with what it has not applied yet (batches above ``Publisher.revision``). Real
@@ -24,11 +24,16 @@ from dataclasses import dataclass, field
 import pytest
 
 import shmcache
-from shmcache import _check, _codec, _faults, _indexdef, _shm, control, layout
-from shmcache._codec import EventTuple
-from shmcache._indexer import Indexer
-from shmcache._publisher import Publisher
-from shmcache._segments import CacheSegments
+from shmcache.cli.commands import check as _check
+from shmcache.format import codec as _codec
+from shmcache.format import control, layout
+from shmcache.format import indexspec as _indexdef
+from shmcache.format.codec import EventTuple
+from shmcache.ipc import shm as _shm
+from shmcache.writer.indexer import Indexer
+from shmcache.writer.publisher import Publisher
+from shmcache.writer.segments import CacheSegments
+from shmcache.writer.writer import faults as _faults
 from tests.test_publisher import P, _stats, delete, put
 
 ACTIONS = {"enospc": OSError, "error": RuntimeError}

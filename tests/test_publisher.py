@@ -1,6 +1,6 @@
 """The publisher without etcd: synthetic batches in, real segments out, checked with a Reader.
 
-These drive shmcache._publisher.Publisher directly (no feed, no gRPC) over real
+These drive shmcache.writer.publisher.Publisher directly (no feed, no gRPC) over real
 /dev/shm segments, and read the result back through the public Reader and
 ``shmcache check``, in this process and in a child process.
 """
@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _check, _shm
-from shmcache._codec import EventTuple
-from shmcache._publisher import Publisher
-from shmcache._segments import CacheSegments
+from shmcache.cli.commands import check as _check
+from shmcache.format.codec import EventTuple
+from shmcache.ipc import shm as _shm
+from shmcache.writer.publisher import Publisher
+from shmcache.writer.segments import CacheSegments
 
 P = b"/p/"
 
@@ -229,7 +230,8 @@ def test_a_restore_that_fails_unmaps_what_it_mapped(
     """_restore.load on damaged segments returns the reason and leaves no mapping open,
     even while something else still refers to the segments (so refcounting does not
     unmap them by chance)."""
-    from shmcache import _restore, layout
+    from shmcache.format import layout
+    from shmcache.writer.writer import restore as _restore
 
     p = _publisher(cache_name)
     p.attach()

@@ -17,7 +17,8 @@ import posix_ipc
 import pytest
 
 import shmcache
-from shmcache import _shm, layout
+from shmcache.format import layout
+from shmcache.ipc import shm as _shm
 from tests.helpers import WriterProcess, etcd_range, put
 
 
@@ -246,12 +247,12 @@ def test_fast_get_answers_exactly_like_the_python_path(
     keys, keys changed after the snapshot (overlay), deleted and missing keys, str keys
     and keys outside the prefix; it steps aside when the writer publishes, when
     max_staleness is set and once the Reader is closed."""
-    from shmcache import reader as reader_mod
-    from shmcache import snapshot as snapshot_mod
+    from shmcache.format import snapshot as snapshot_mod
+    from shmcache.reader.reader import reader as reader_mod
     from tests.helpers import delete, etcd_get
 
     if reader_mod._reader_get is None or not snapshot_mod.USE_SPEEDUPS:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     assert snapshot_mod._speedups.CONTROL_SEQ_OFF == layout.C_SEQ
     p = sub_prefix
     for i in range(30):

@@ -26,7 +26,9 @@ import posix_ipc
 import pytest
 
 import shmcache
-from shmcache import _demux, _view, control, layout
+from shmcache.format import control, layout
+from shmcache.reader.reader import demux as _demux
+from shmcache.reader.reader import view as _view
 from tests.helpers import WriterProcess, etcd_range, put, txn
 
 
@@ -254,7 +256,7 @@ def test_close_in_a_signal_handler_that_interrupted_the_demultiplexer_lock(
     process, so that a deadlock fails the test instead of hanging it."""
     script = r"""
 import os, signal, sys, shmcache
-from shmcache import _demux
+from shmcache.reader.reader import demux as _demux
 name, prefix = sys.argv[1], sys.argv[2].encode()
 r = shmcache.Reader(name)
 w = r.watch(prefix)

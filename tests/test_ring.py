@@ -19,8 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmcache import CorruptSegmentError, layout, ring
-from shmcache.ring import RingWriter, TornRecord
+from shmcache import CorruptSegmentError
+from shmcache.format import layout, ring
+from shmcache.format.ring import RingWriter, TornRecord
 
 DATA = layout.RING_DATA
 REC = layout.RECORD

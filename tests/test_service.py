@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _check
-from shmcache.service import ListProgress, Liveness, Notifier, watchdog_interval
+from shmcache.cli.commands import check as _check
+from shmcache.cli.service import ListProgress, Liveness, Notifier, watchdog_interval
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, drain, etcd_events, etcd_range, put, txn
 
@@ -505,7 +505,7 @@ def test_example_unit_is_valid_and_declares_the_service_contract(tmp_path: Path)
 def test_example_config_uses_only_known_settings() -> None:
     import tomllib
 
-    from shmcache.config import SETTINGS
+    from shmcache.cli.config import SETTINGS
 
     data = tomllib.loads((EXAMPLES / "mycache.toml").read_text())
     assert set(data) <= set(SETTINGS)
@@ -561,7 +561,7 @@ def test_stop_never_writes_into_a_closed_and_reused_fd(
     on return, so the byte could land in whatever file reused the number.)"""
     import stat
 
-    from shmcache import writer as writer_mod
+    from shmcache.writer.writer import writer as writer_mod
 
     real_os = os
     in_write, go = threading.Event(), threading.Event()
@@ -615,7 +615,7 @@ def test_ticker_keeps_beating_after_an_error(
     t = _run_in_thread(w)
     try:
         _wait_until(lambda: len(rounds) >= 4, 20, "four ticker rounds after the first error")
-        ctl = shmcache.control.ControlReader.open(cache_name)
+        ctl = shmcache.format.control.ControlReader.open(cache_name)
         try:
             beat = ctl.writer_identity()[2]
             _wait_until(lambda: ctl.writer_identity()[2] > beat, 10, "a newer heartbeat")
@@ -631,7 +631,7 @@ def test_the_verifier_thread_is_joined_when_run_returns(
         etcd_session: EtcdServer, cache_name: str, unique_prefix: bytes,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``run()`` returns only after the verifier thread has ended, even mid-round."""
-    from shmcache import _verify
+    from shmcache.writer.writer import verify as _verify
 
     entered = threading.Event()
 
@@ -663,7 +663,7 @@ def test_signal_handler_takes_no_lock() -> None:
     import signal
     from types import SimpleNamespace
 
-    from shmcache import service
+    from shmcache.cli.commands import service
 
     class Writer:
         stats: dict[str, int] = {}
@@ -717,7 +717,7 @@ def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
     import mmap
     import struct
 
-    from shmcache import control, layout
+    from shmcache.format import control, layout
 
     buf = mmap.mmap(-1, layout.CONTROL_SIZE)
     texts = ["OSError: [Errno 28] No space left on device", "x" * layout.MAX_PUBLISH_ERROR_LEN,

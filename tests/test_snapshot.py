@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmcache import CorruptSegmentError, KeyValue, VersionMismatchError, layout, snapshot
-from shmcache.snapshot import HEADER_SIZE, Snapshot, build
+from shmcache import CorruptSegmentError, KeyValue, VersionMismatchError
+from shmcache.format import layout, snapshot
+from shmcache.format.snapshot import HEADER_SIZE, Snapshot, build
 
 Meta = tuple[bytes, int, int, int, int]
 
@@ -497,10 +498,10 @@ def test_any_dict_reads_back(data: dict[bytes, bytes], probes: list[bytes]) -> N
 @pytest.fixture(autouse=True, params=["c", "python"])
 def _implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test here runs against the C speedups and the pure-Python reference."""
-    from shmcache import snapshot as _snapshot_module
+    from shmcache.format import snapshot as _snapshot_module
 
     if request.param == "c" and _snapshot_module._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     monkeypatch.setattr(_snapshot_module, "USE_SPEEDUPS", request.param == "c")
 
 
@@ -578,7 +579,7 @@ def test_write_over_a_base_equals_a_whole_build(state: dict[bytes, bytes],
 
 def test_c_and_python_builds_are_byte_identical(monkeypatch: pytest.MonkeyPatch) -> None:
     if snapshot._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     state = {b"/k/%05d" % i: b"v" * (i % 50) for i in range(3000)} | {b"": b"", b"\xff": b"x"}
     changes: dict[bytes, bytes | None] = {b"/k/%05d" % i: (None if i % 3 else b"new%d" % i)
                                           for i in range(0, 4000, 7)}
@@ -623,7 +624,7 @@ def test_c_crc32_equals_zlib_at_every_length_alignment_and_start() -> None:
     rest) equals zlib.crc32 for every length up to 1 KiB, three alignments, and a
     continued CRC; and for 1 MiB."""
     if snapshot._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     c_crc = snapshot._speedups.crc32
     data = bytes((i * 131 + 7) % 251 for i in range(1100))
     for n in range(0, 1025):

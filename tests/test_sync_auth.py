@@ -25,7 +25,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import _shm, _sync, control, layout
+from shmcache.format import control, layout
+from shmcache.ipc import shm as _shm
+from shmcache.writer.writer import sync_server as _sync
 from tests.etcdserver import EtcdServer
 from tests.helpers import (
     CHILD_ENV,

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache import CorruptSegmentError, KeyValue, indexseg, layout, snapshot
-from shmcache.snapshot import Snapshot
+from shmcache import CorruptSegmentError, KeyValue
+from shmcache.format import indexseg, layout, snapshot
+from shmcache.format.snapshot import Snapshot
 from tests.helpers import WriterProcess, delete, etcd_range, put, wait_rev
 
 KV5 = tuple[bytes, int, int, int, int]
@@ -32,7 +33,7 @@ CORRUPT = "corrupt"
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs against the C speedups and the pure-Python reference."""
     if request.param == "c" and snapshot._speedups is None:
-        pytest.skip("shmcache._speedups was not built")
+        pytest.skip("shmcache.format._speedups was not built")
     monkeypatch.setattr(snapshot, "USE_SPEEDUPS", request.param == "c")
     monkeypatch.setattr(indexseg, "USE_SPEEDUPS", request.param == "c")
     return str(request.param)

@@ -23,9 +23,11 @@ import pytest
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shmcache.writer.writer.etcd import connection as _etcd
+from shmcache.writer.writer.etcd import decode as _watchpb
 
 import shmcache
-from shmcache import _etcd, _watchpb, layout
+from shmcache.format import layout
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, etcd_range, put
 from tests.test_service import _scrape
@@ -301,7 +303,7 @@ def _writer_with(tmp_path: Path, code: str, name: str, endpoint: str, prefix: by
 # first response that holds an event of the key .../victim with every event's type set to 7.
 _UNKNOWN_EVENT_TYPE = """
     from etcd3.etcdrpc import rpc_pb2
-    import shmcache._etcd as etcd
+    import shmcache.writer.etcd.connection as etcd
 
     real, done = etcd.decode_watch_response, []
 

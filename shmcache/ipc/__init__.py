@@ -1,0 +1,1 @@
+"""Operating-system primitives: POSIX shared-memory segments, futexes, process liveness."""

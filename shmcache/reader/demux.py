@@ -1,0 +1,440 @@
+"""The per-process watch demultiplexer: each ring record decoded once, each watch handed its events.
+
+Without it every Watch walks and decodes every record itself, so a process with
+N watches pays N times per event (and N threads wake on every publish). A
+Reader has one Demux per process. Watches join it once they have caught up on
+their own (shmcache/reader/watch.py); from then on one RingCursor reads each new
+record, decodes it once, and appends each event to the queues of the watches
+it matches, found through an index of watches by prefix (one dict lookup per
+distinct prefix length) and by (secondary index, value). Only the watches that
+got events are woken.
+
+Who advances it: a daemon thread per (Reader, process), asleep on the writer's
+futex word while watches are joined (it exits about 0.5 s after the last one
+leaves), and any ``Watch.poll`` that finds the word moved, so that a poll right
+after ``Reader.wait(rev)`` sees the events up to ``rev`` without waiting for
+the thread.
+
+Semantics are those of a Watch reading the ring itself: events in order, none
+skipped or repeated, and CompactedError when the ring overwrites a record the
+watch has not read. A joined watch has "read" a record once it has taken every
+event queued from it; until then it is cut off, alone, as soon as the writer's
+tail passes the record's position (a record of a ring the writer has since
+sealed counts as position 0 of the new one, where a watch reading on its own
+would go on). So what a watch may hold unread is bounded by the ring it would
+read, whatever the ring's size or the number of events in a revision. A lap of
+the demultiplexer itself, or a history reset, ends every joined watch with
+CompactedError after the events queued before it.
+
+Concurrency contract: every field of the Demux, and the queue fields of its
+watches (``_q``, ``_error``, ``_async``), are guarded by
+``Demux.lock``; wake-ups go through each watch's Bell (_futex) and, for
+asyncio, one ``call_soon_threadsafe`` per event loop per batch. ``leave_soon``
+never waits for the lock (``Watch.close`` may run in a signal handler that
+interrupted its holder): a closed watch it could not remove is skipped and
+dropped by the next sweep. The thread counts itself in its Reader's uses
+(_lifetime) while it runs, and ends when the Reader closes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CompactedError, ShmCacheError
+from ..format import codec as _codec
+from ..format import ring
+from ..format.indexspec import vals
+from ..ipc import shm as _shm
+from ..types import Event
+from .cursor import SEALED, Record, RingCursor
+from .perprocess import PerReader
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .reader import Reader
+    from .watch import Watch
+
+__all__ = ["Demux", "demux_of"]
+
+# FUTEX_WAIT slice of the thread: bounds how long a missed wake or a closed
+# Reader goes unnoticed.
+_SLICE = 0.5
+# The thread exits after this long without joined watches.
+_IDLE_EXIT = 0.5
+
+
+def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+
+
+class Demux:
+    """Reads each record once for every joined Watch of one Reader in one process."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self._reader = reader
+        self._ctl = reader.control
+        self._name = reader.name
+        self.cursor: RingCursor | None = None
+        self._seen = -1  # futex word before the last advance
+        # prefix length -> prefix -> watches; (index position, value) -> watches. Weak
+        # references: a watch dropped without close() (a loop left with break) is
+        # forgotten, not fed forever; the thread sweeps the dead ones out.
+        self._by_len: dict[int, dict[bytes, list[weakref.ref[Watch]]]] = {}
+        self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Watch]]] = {}
+        self._count = 0
+        # id(watch) -> (its reference, ring position of the oldest record it has unread
+        # events of) for every watch with a non-empty queue, in order of position: a
+        # watch enters when its queue fills from empty, which happens in ring order.
+        self._unread: dict[int, tuple[weakref.ref[Watch], int]] = {}
+        self._thread: threading.Thread | None = None
+        # Counters, for tests and the curious: records decoded, events handed out.
+        self.records = 0
+        self.delivered = 0
+        self.loop_calls = 0
+
+    # -- joining and leaving (a Watch, under no lock of its own) --------------------
+
+    def join(self, w: Watch, cursor: RingCursor) -> bool:
+        """Register ``w``, whose own ``cursor`` has read everything up to its revision.
+
+        True if it joined: from now on it receives every matching event above
+        ``cursor.revision``. False if the demultiplexer has already passed
+        events ``w`` has not read: it reads on by itself and tries again.
+        """
+        with self.lock:
+            if self.cursor is None:
+                self.cursor = cursor.copy()
+                self._seen = -1
+            else:
+                self._advance()
+                c = self.cursor
+                if c is None or c.epoch != cursor.epoch or c.revision > cursor.revision:
+                    return False  # (None: the advance failed every watch; retry afresh)
+            w._after = cursor.revision
+            w._saved = cursor
+            ref = weakref.ref(w)
+            if w._index is None:
+                self._by_len.setdefault(len(w.prefix), {}).setdefault(w.prefix, []).append(ref)
+            else:
+                self._by_ix.setdefault(w._index, []).append(ref)
+            self._count += 1
+            if self._thread is None:
+                t = threading.Thread(target=self._run, daemon=True,
+                                     name=f"shmcache-watch-{self._name}")
+                self._thread = t
+                t.start()
+            return True
+
+    def leave(self, w: Watch) -> None:
+        with self.lock:
+            self._remove(w)
+
+    def leave_soon(self, w: Watch) -> None:
+        """``leave`` if the lock is free now; otherwise the next sweep drops ``w`` (closed)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._remove(w)
+            finally:
+                self.lock.release()
+
+    def _remove(self, w: Watch) -> None:
+        self._unread.pop(id(w), None)
+        if w._index is None:
+            table = self._by_len.get(len(w.prefix))
+            refs = table.get(w.prefix) if table is not None else None
+        else:
+            refs = self._by_ix.get(w._index)
+        for ref in refs or ():
+            if ref() is w:
+                refs.remove(ref)  # type: ignore[union-attr]
+                self._count -= 1
+                break
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drop dead references, closed watches and empty entries."""
+        for length, table in list(self._by_len.items()):
+            for prefix, refs in list(table.items()):
+                live = [r for r in refs if _open(r)]
+                self._count -= len(refs) - len(live)
+                if live:
+                    table[prefix] = live
+                else:
+                    del table[prefix]
+            if not table:
+                del self._by_len[length]
+        for key, refs in list(self._by_ix.items()):
+            live = [r for r in refs if _open(r)]
+            self._count -= len(refs) - len(live)
+            if live:
+                self._by_ix[key] = live
+            else:
+                del self._by_ix[key]
+        for i, (ref, _pos) in list(self._unread.items()):
+            if ref() is None:
+                del self._unread[i]
+
+    def _watches(self) -> list[Watch]:
+        refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
+        refs += [r for rs in self._by_ix.values() for r in rs]
+        return [w for w in (r() for r in refs) if w is not None]
+
+    def joined_count(self) -> int:
+        """Watches joined now (those dropped without close() count until swept)."""
+        with self.lock:
+            return self._count
+
+    def async_waiter_count(self) -> int:
+        """asyncio futures waiting for a joined watch's events."""
+        with self.lock:
+            return sum(len(w._async) for w in self._watches())
+
+    def thread(self) -> threading.Thread | None:
+        with self.lock:
+            return self._thread
+
+    # -- a joined Watch's reads ---------------------------------------------------------
+
+    def take(self, w: Watch) -> list[Event]:
+        """The events queued for ``w`` (advancing first if the writer published); [] if none.
+
+        Raises the watch's error (CompactedError...) once its queue is empty.
+        """
+        with self.lock:
+            if self._ctl.word() != self._seen:
+                self._advance()
+            if w._q:
+                out = w._q
+                w._q = []
+                self._unread.pop(id(w), None)
+            else:
+                if w._error is not None:
+                    raise w._error
+                out = []
+            w._ready.clear()
+            c = self.cursor
+            if c is not None and w._error is None:
+                w.revision = max(w.revision, c.revision)
+                w._saved = c.copy()  # where to resume in a forked child (Watch._rejoin)
+            return out
+
+    def add_async(self, w: Watch, fut: asyncio.Future[None]) -> bool:
+        """Resolve ``fut`` when ``w`` has events or an error; False if it has some already."""
+        with self.lock:
+            if w._q or w._error is not None:
+                return False
+            w._async.append(fut)
+            return True
+
+    def discard_async(self, w: Watch, fut: asyncio.Future[None]) -> None:
+        with self.lock:
+            if fut in w._async:
+                w._async.remove(fut)
+
+    # -- reading and handing out --------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Read what the writer published and queue each event for its watches (under lock)."""
+        c = self.cursor
+        if c is None:
+            return
+        self._seen = self._ctl.word()
+        old = c.ring
+        try:
+            records = c.read()
+            if c.ring is not old:
+                self._left_ring(old)
+            if records:
+                self._dispatch(records, c.ring.name)
+            if self._unread:
+                self._cut_overwritten(c)
+        except ShmCacheError as exc:
+            # A lap of our own cursor, a history reset, damage: every joined watch
+            # gets the error once it has read what was queued before it.
+            watches = self._watches()
+            for w in watches:
+                w._error = exc
+            self._by_len.clear()
+            self._by_ix.clear()
+            self._unread.clear()
+            self._count = 0
+            self.cursor = None
+            self._notify(watches)
+
+    def _left_ring(self, old: _shm.Segment) -> None:
+        """The cursor followed the writer from ring ``old`` (sealed) to a new one.
+
+        Watches whose unread records were overwritten before the seal are cut
+        off; the others' records can no longer be overwritten, and they go on
+        as a watch reading on its own would: at position 0 of the new ring.
+        """
+        seal = ring.read_seal(old.buf)
+        if seal is not None:
+            self._cut_below(seal[0])
+        self._unread = {i: (ref, 0) for i, (ref, _pos) in self._unread.items()}
+
+    def _cut_overwritten(self, c: RingCursor) -> None:
+        """Cut off the watches whose oldest unread record the writer's tail has passed."""
+        first = next(iter(self._unread.values()))[1]
+        if first >= self._ctl.tail():
+            return  # the usual case: one load
+        b = self._ctl.block()
+        if b is not None and b.epoch == c.epoch and b.ring_gen == c.ring_gen:
+            self._cut_below(b.ring_tail)
+        # (else the writer moved on: the next advance follows it, and judges by the seal)
+
+    def _cut_below(self, tail: int) -> None:
+        """Cut off the watches with unread records below ring position ``tail``."""
+        behind = []
+        for i, (_ref, pos) in self._unread.items():
+            if pos >= tail:
+                break  # in position order: the rest are intact
+            behind.append(i)
+        cut = []
+        for i in behind:
+            w = self._unread.pop(i)[0]()
+            if w is not None:
+                # Its record was overwritten before it read it: as if the ring had
+                # lapped it. The others go on.
+                w._q = []
+                w._error = w._saved.lapped() if w._saved is not None else CompactedError(
+                    f"watch on cache {self._name!r} fell behind", compact_revision=0)
+                self._remove(w)
+                cut.append(w)
+        self._notify(cut)
+
+    def _dispatch(self, records: list[Record], where: str) -> None:
+        by_len = list(self._by_len.items())
+        by_ix = self._by_ix
+        touched: dict[int, Watch] = {}
+        n = 0
+        for rev, payload, pos in records:
+            # (decode_indexed: decode() would strip the same tuples of their index values)
+            decoded = _codec.decode_indexed(payload, rev, where)
+            self.records += 1
+            if pos == SEALED:
+                pos = 0  # see _left_ring
+            for ev, ix, pix in decoded:
+                key = ev.kv.key
+                for length, table in by_len:
+                    refs = table.get(key[:length])
+                    if refs is not None:
+                        for ref in refs:
+                            w = ref()
+                            if w is not None and rev > w._after and not w._closed:
+                                self._queue(w, ref, ev, pos, touched)
+                                n += 1
+                if by_ix:
+                    n += self._dispatch_indexed(ev, key, rev, pos, ix, pix, touched)
+        self.delivered += n
+        self._notify(list(touched.values()))
+
+    def _dispatch_indexed(self, ev: Event, key: bytes, rev: int, pos: int, ix: Any, pix: Any,
+                          touched: dict[int, Watch]) -> int:
+        n = 0
+        seen: set[int] = set()
+        for (i, value), refs in self._by_ix.items():
+            if value in vals(ix, i) or value in vals(pix, i):
+                for ref in refs:
+                    w = ref()
+                    if w is not None and rev > w._after and key.startswith(w.prefix) \
+                            and id(w) not in seen and not w._closed:
+                        seen.add(id(w))
+                        self._queue(w, ref, ev, pos, touched)
+                        n += 1
+        return n
+
+    def _queue(self, w: Watch, ref: weakref.ref[Watch], ev: Event, pos: int,
+               touched: dict[int, Watch]) -> None:
+        """Append ``ev``, of the record at ring position ``pos``, to ``w``'s queue."""
+        if not w._q:
+            # Its oldest unread record from now on. pop first: the id of a watch that
+            # died with events queued may be reused, and the entry must move to the end.
+            self._unread.pop(id(w), None)
+            self._unread[id(w)] = (ref, pos)
+        w._q.append(ev)
+        touched[id(w)] = w
+
+    def _notify(self, watches: list[Watch]) -> None:
+        by_loop: dict[Any, list[asyncio.Future[None]]] = {}
+        for w in watches:
+            w._ready.ring()
+            if w._async:
+                for fut in w._async:
+                    by_loop.setdefault(fut.get_loop(), []).append(fut)
+                w._async = []
+        for loop, futs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, futs)
+                self.loop_calls += 1
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits there any more
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ctl, life = self._ctl, self._reader._life
+        try:
+            life.enter()  # the mappings stay while this thread reads and sleeps
+        except ShmCacheError:
+            self._stopped()  # closed before it started
+            return
+        try:
+            idle_since: float | None = None
+            pruned = time.monotonic()
+            while True:
+                with self.lock:
+                    if life.closed:
+                        return  # woken by close(): every joined watch's next read raises
+                    now = time.monotonic()
+                    if now - pruned >= _SLICE:
+                        pruned = now
+                        self._prune()  # watches dropped without close(), or closed
+                    if not self._count:
+                        idle_since = idle_since or now
+                        if now - idle_since >= _IDLE_EXIT:
+                            self._thread = None  # under the lock: a join starts another
+                            return
+                    else:
+                        idle_since = None
+                    word = ctl.word()
+                    if word != self._seen:
+                        self._advance()
+                    word = self._seen
+                ctl.wait(word, _SLICE)
+        except ShmCacheError:
+            if not life.closed:
+                raise
+        finally:
+            self._stopped()
+            life.exit()  # the last use out after close() unmaps
+
+    def _stopped(self) -> None:
+        """The thread ends (closed Reader, or an unexpected error): the joined watches
+        still advance when they poll (take); wake them so that they do, or raise."""
+        with self.lock:
+            if self._thread is threading.current_thread():
+                self._thread = None
+                self._notify(self._watches())
+
+
+_DEMUXES: PerReader[Demux] = PerReader(Demux)
+
+
+def _open(ref: weakref.ref[Watch]) -> bool:
+    w = ref()
+    return w is not None and not w._closed
+
+
+def demux_of(reader: Reader) -> Demux:
+    """The demultiplexer of ``reader``'s watches in this process (made on first use)."""
+    return _DEMUXES.get(reader)
