@@ -559,7 +559,7 @@ def etcd_receive_stopped_main(host: str, port: int, prefix: bytes, start_revisio
 def raw_receive_main(endpoint: str, prefix: bytes, start_revision: int, last_revision: int,
                      out: Any) -> None:
     """The writer's own gRPC watch stream (shmcache.writer.etcd.connection), receiving and decoding only."""
-    from shmcache.writer.writer.etcd import connection as _etcd
+    from shmcache.writer.etcd import connection as _etcd
 
     try:
         conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[endpoint]))

@@ -20,11 +20,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shmcache.writer.writer.etcd import connection as _etcd  # noqa: E402
-
 import shmcache  # noqa: E402
 from shmcache.format import layout
-from shmcache.writer.writer import verify as _verify
+from shmcache.writer import verify as _verify
+from shmcache.writer.etcd import connection as _etcd  # noqa: E402
 from tests.etcdserver import EtcdServer  # noqa: E402
 from tests.helpers import WriterProcess  # noqa: E402
 

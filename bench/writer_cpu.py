@@ -205,9 +205,8 @@ def child_main(kind: str, port: int, start: int, path: str) -> None:
     pack = struct.pack_into
     n = 0
     if kind == "stream":
-        from shmcache.writer.writer.etcd import connection as _etcd
-
         from shmcache.format import layout
+        from shmcache.writer.etcd import connection as _etcd
 
         conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[f"127.0.0.1:{port}"]))
         conn.connect()
@@ -275,9 +274,9 @@ class WriterConsumer(Consumer):
     def start(self, etcd: Any, start: int) -> None:
         import shmcache
         from shmcache.cli.demo_etcd import free_port
-        from shmcache.ipc import shm as _shm
+        from shmcache.writer.lock import remove_cache
 
-        _shm.remove_cache(self.name, force=True)
+        remove_cache(self.name, force=True)
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": self.tree}
         self.log = open(f"/tmp/shmcache-wcpu-{self.name}.log", "ab")
@@ -301,14 +300,14 @@ class WriterConsumer(Consumer):
         return int(float(m.group(1))) if m else None
 
     def stop(self) -> None:
-        from shmcache.ipc import shm as _shm
+        from shmcache.writer.lock import remove_cache
 
         if self.reader is not None:
             self.reader.close()
             self.reader = None
         super().stop()
         self.log.close()
-        _shm.remove_cache(self.name, force=True)
+        remove_cache(self.name, force=True)
         os.unlink(self.log.name)
 
 

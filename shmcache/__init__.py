@@ -75,6 +75,7 @@ def remove(name: str, *, force: bool = False) -> list[str]:
     cache, unless ``force=True``: that is for a writer that is stuck; a running
     writer whose control segment is removed exits within its heartbeat period.
     """
-    from .ipc import shm as _shm
+    from .ipc.shm import validate_name
+    from .writer.lock import remove_cache
 
-    return _shm.remove_cache(_shm.validate_name(name), force=force)
+    return remove_cache(validate_name(name), force=force)

@@ -561,7 +561,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                         report.divergences.append("final list differs from etcd")
                     report.lists_verified += 1
             except shmcache.ShmCacheError as exc:
-                from shmcache.cli.commands import check as _check
+                from shmcache.cli import check as _check
                 from shmcache.ipc import shm as _shm
 
                 facts, problems = _check.check_cache(name)

@@ -49,7 +49,7 @@ def publish_failure_is_a_state() -> bool:
 
 def enospc_supported() -> bool:
     """True if SHMCACHE_FAULT accepts ``POINT:PROBABILITY:enospc`` in this shmcache."""
-    from shmcache.writer.writer import faults as _faults
+    from shmcache.writer import faults as _faults
 
     return "enospc" in getattr(_faults, "ACTIONS", ())
 

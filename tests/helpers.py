@@ -21,7 +21,7 @@ import pytest
 import shmcache
 from shmcache import KeyValue
 from shmcache.format import layout
-from shmcache.ipc import shm as _shm
+from shmcache.writer.lock import remove_cache
 
 
 class WriterProcess:
@@ -97,7 +97,7 @@ class WriterProcess:
             self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
-        _shm.remove_cache(self.name, force=True)  # cleanup: another writer may hold the name
+        remove_cache(self.name, force=True)  # cleanup: another writer may hold the name
         if not os.environ.get("SHMCACHE_KEEP_LOGS"):
             try:
                 os.unlink(self.log_path)
@@ -142,7 +142,7 @@ def etcd_events(endpoint: str, prefix: bytes, since: int, until: int,
     ``until`` must be the revision of an event under ``prefix`` (the caller's
     last write there): the helper reads etcd's stream until it has seen it.
     """
-    from shmcache.writer.writer.etcd import connection as _etcd
+    from shmcache.writer.etcd import connection as _etcd
 
     conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[endpoint]))
     conn.connect()

@@ -21,12 +21,12 @@ import pytest
 
 import shmcache
 from shmcache.format import layout
-from shmcache.format.control import ControlReader
 from shmcache.ipc import futex as _futex
 from shmcache.ipc import shm as _shm
+from shmcache.ipc.control_reader import ControlReader
+from shmcache.reader import aio
+from shmcache.reader import demux as _demux
 from shmcache.reader.lifetime import Lifetime
-from shmcache.reader.reader import aio
-from shmcache.reader.reader import demux as _demux
 from tests.etcdserver import free_port
 from tests.helpers import (
     WriterProcess,

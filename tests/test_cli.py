@@ -27,7 +27,8 @@ import pytest
 
 import shmcache
 from shmcache._units import parse_size
-from shmcache.format import control, layout
+from shmcache.format import layout
+from shmcache.ipc import control_reader
 from shmcache.ipc import shm as _shm
 from tests.helpers import WriterProcess, put
 
@@ -408,7 +409,7 @@ def test_check_build_in_progress_crash_and_corrupt_snapshot(own_writer: WriterPr
     assert out.returncode == 0, out.stdout + out.stderr
     assert b"ok: snapshot: 1 key verified" in out.stdout
 
-    cr = control.ControlReader.open(name)
+    cr = control_reader.ControlReader.open(name)
     b = cr.block()
     cr.close()
     assert b is not None and b.snap_seq > 0

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache.cli.commands import commands as cli
-from shmcache.cli.commands import config
-from shmcache.reader.reader import pages as _pages
+from shmcache.cli import commands as cli
+from shmcache.cli import config
+from shmcache.reader import pages as _pages
 from tests.helpers import WriterProcess, put
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,7 +320,7 @@ def test_operations_md_lists_every_setting_and_metric() -> None:
     """Every setting of config.py is in the settings table, every metric the writer exports
     (_metrics.METRICS, as Prometheus names them: counters end in _total) in the metrics
     table."""
-    from shmcache.cli.commands import metrics as _metrics
+    from shmcache.cli import metrics as _metrics
 
     text = OPERATIONS_MD.read_text()
     for name in config.SETTINGS:

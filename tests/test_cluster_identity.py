@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from shmcache.writer.writer.etcd import connection as _etcd
-from shmcache.writer.writer.etcd import decode as _watchpb
 
 import shmcache
 from shmcache.format import layout
+from shmcache.writer.etcd import connection as _etcd
+from shmcache.writer.etcd import decode as _watchpb
 from shmcache.writer.writer import Writer
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_range, put

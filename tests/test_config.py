@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shmcache.cli.commands import commands as cli
+from shmcache.cli import commands as cli
 from shmcache.cli.config import SETTINGS, ConfigError, load
 
 

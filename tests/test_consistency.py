@@ -16,7 +16,7 @@ import pytest
 import shmcache
 from shmcache.format import layout
 from shmcache.ipc import shm as _shm
-from shmcache.writer.writer import sync_server as _sync
+from shmcache.writer import sync_server as _sync
 from tests import checker
 from tests import etcdserver as _etcdserver
 from tests.helpers import (

@@ -20,6 +20,7 @@ import shmcache
 from shmcache.errors import CorruptSegmentError
 from shmcache.format import control, layout
 from shmcache.ipc import shm as _shm
+from shmcache.writer import control_writer
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_range, put, wait_rev
 
@@ -138,8 +139,8 @@ def test_check_shows_the_cluster_id(etcd_session: EtcdServer, etcd_client: Any,
 
 def _published() -> mmap.mmap:
     m = mmap.mmap(-1, layout.CONTROL_SIZE)
-    control.ControlWriter.initialise(m, b"/app/")
-    cw = control.ControlWriter(m)
+    control_writer.ControlWriter.initialise(m, b"/app/")
+    cw = control_writer.ControlWriter(m)
     cw.set_cluster_id(0xABC)
     cw.publish({layout.B_EPOCH: 1, layout.B_REVISION: 7}, prefix=b"/app/")
     return m
@@ -183,7 +184,7 @@ def test_a_writer_rewrites_a_damaged_block_with_a_valid_checksum() -> None:
         m[_KEY_COUNT] ^= 1
         with pytest.raises(CorruptSegmentError):
             control.read_block(m)
-        cw = control.ControlWriter(m)
+        cw = control_writer.ControlWriter(m)
         cw.publish({layout.B_KEY_COUNT: 0})
         b = control.read_block(m)
         assert b is not None and b.key_count == 0 and b.cluster_id == 0xABC

@@ -22,7 +22,7 @@ import posix_ipc
 import pytest
 
 import shmcache
-from shmcache.cli.commands import check as _check
+from shmcache.cli import check as _check
 from shmcache.format import control, layout, ring
 from shmcache.ipc import shm as _shm
 from tests.etcdserver import EtcdServer, free_port

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache.reader.reader import demux as _demux
+from shmcache.reader import demux as _demux
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, delete, drain, etcd_events, put, txn, wait_rev
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import psutil
 import pytest
-from shmcache.writer.writer.etcd import connection as _etcd
 
 import shmcache
+from shmcache.writer.etcd import connection as _etcd
 from shmcache.writer.writer import Writer
 from tests.etcdserver import EtcdCluster, EtcdServer, free_port, generate_tls_files
 from tests.helpers import WriterProcess, drain, etcd_events, etcd_range, put

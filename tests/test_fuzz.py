@@ -37,6 +37,8 @@ from shmcache import CorruptSegmentError
 from shmcache.format import codec as _codec
 from shmcache.format import control, layout, ring
 from shmcache.format.snapshot import HEADER_SIZE, Snapshot, build
+from shmcache.ipc import control_reader
+from shmcache.writer import control_writer
 
 FUZZ = settings(max_examples=250, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -487,8 +489,8 @@ def test_damaged_ring_header(data: st.DataObject, kind: str) -> None:
 def control_base() -> tuple[bytes, control.Block]:
     m = mmap.mmap(-1, layout.CONTROL_SIZE)
     try:
-        control.ControlWriter.initialise(m, b"/app/")
-        cw = control.ControlWriter(m)
+        control_writer.ControlWriter.initialise(m, b"/app/")
+        cw = control_writer.ControlWriter(m)
         cw.claim()
         cw.publish({layout.B_EPOCH: 1, layout.B_REVISION: 120, layout.B_COMPACT_REVISION: 100,
                     layout.B_RING_HEAD: 70_000, layout.B_RING_TAIL: 10_000,
@@ -537,7 +539,7 @@ def read_control(buf: Any, size: int) -> control.Block | None:
         assert struct.unpack_from("<Q", buf, layout.C_SEQ)[0] & 1  # only while SEQ is odd
         return None
     control.writer_identity(buf)
-    control.writer_alive(buf)
+    control_reader.writer_alive(buf)
     try:
         control.validate_block(b, "/ctl")
     except CorruptSegmentError:

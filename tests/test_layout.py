@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import shmcache
 from shmcache.format import control, layout, ring, snapshot
 from shmcache.ipc import shm as _shm
+from shmcache.writer import control_writer
 
 FAST = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 
@@ -365,14 +366,14 @@ def test_golden_control_segment() -> None:
     checksum bytes."""
     m = mmap.mmap(-1, layout.CONTROL_SIZE)
     try:
-        control.ControlWriter.initialise(m, b"/app/")
+        control_writer.ControlWriter.initialise(m, b"/app/")
         assert m[:16].hex() == "53484d432e43544c" "04000000" "01000000"  # "SHMC.CTL", v4, control
         assert m[64:240] == bytes(13 * 8) + b"\x05" + bytes(8 * 8 + 7)  # only PREFIX_LEN is set
         # No cluster yet; crc32 of b"/app/", no definitions, 8 zero bytes, the block.
         assert m[4080:4096].hex() == "0000000000000000" "fa79d19200000000"
         assert zlib.crc32(b"/app/" + bytes(8) + m[64:240]) == 0x92D179FA
         assert control.read_block(m) == control.Block(0, *[0] * 13, 5, *[0] * 8, 0)
-        cw = control.ControlWriter(m)
+        cw = control_writer.ControlWriter(m)
         cw.publish({i: i + 1 for i in range(22) if i != layout.B_PREFIX_LEN})
         assert m[layout.C_SEQ:layout.C_SEQ + 8].hex() == "0200000000000000"  # even: published once
         expected = [i + 1 for i in range(22)]

@@ -16,7 +16,7 @@ import pytest
 
 import shmcache
 from shmcache.format import layout
-from shmcache.writer.writer import overlays as _overlays
+from shmcache.writer import overlays as _overlays
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn, wait_rev
 
 

@@ -131,7 +131,7 @@ def test_past_page_equals_the_state_at_the_revision_at_every_offset() -> None:
     """_history.past_page against a brute-force answer: random current ranges, random
     changes after the revision (keys added, removed, rewritten; more of them hidden in
     a page than the page holds), every offset and page size."""
-    from shmcache.reader.reader import history as _history
+    from shmcache.reader import history as _history
 
     rnd = random.Random(3)
 
@@ -168,7 +168,7 @@ def test_pages_after_heavy_change_and_one_decode_per_record(
     by new ones (many more than a page): every page equals etcd's range at the first
     page's revision, and paging on decodes each ring record once, not once per page."""
     from shmcache.format import codec as _codec
-    from shmcache.reader.reader import history as _history
+    from shmcache.reader import history as _history
 
     p = sub_prefix
     assert reader.wait(_load(etcd_client, p, 400), timeout=10)

@@ -53,7 +53,7 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
 def _stop_once_watching(w: WriterProcess, starts: int = 1) -> None:
     """Stop ``w`` once it opened its etcd watch (its ``starts``-th start on this log): the
     stray check has run by then (it runs once the state is current, before the watch)."""
-    _wait(lambda: Path(w.log_path).read_text().count("INFO shmcache.writer.writer: watching ")
+    _wait(lambda: Path(w.log_path).read_text().count("INFO shmcache.writer: watching ")
           >= starts, 30, "the writer watches")
     w.terminate()
 

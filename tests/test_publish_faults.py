@@ -24,16 +24,17 @@ from dataclasses import dataclass, field
 import pytest
 
 import shmcache
-from shmcache.cli.commands import check as _check
+from shmcache.cli import check as _check
 from shmcache.format import codec as _codec
 from shmcache.format import control, layout
 from shmcache.format import indexspec as _indexdef
 from shmcache.format.codec import EventTuple
 from shmcache.ipc import shm as _shm
+from shmcache.writer import faults as _faults
 from shmcache.writer.indexer import Indexer
+from shmcache.writer.lock import remove_cache
 from shmcache.writer.publisher import Publisher
 from shmcache.writer.segments import CacheSegments
-from shmcache.writer.writer import faults as _faults
 from tests.test_publisher import P, _stats, delete, put
 
 ACTIONS = {"enospc": OSError, "error": RuntimeError}
@@ -580,4 +581,4 @@ def test_a_kill_point_still_kills_the_writer(cache_name: str) -> None:
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == -9 and "survived" not in proc.stdout
     finally:
-        _shm.remove_cache(cache_name, force=True)
+        remove_cache(cache_name, force=True)

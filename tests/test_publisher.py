@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache.cli.commands import check as _check
+from shmcache.cli import check as _check
 from shmcache.format.codec import EventTuple
 from shmcache.ipc import shm as _shm
+from shmcache.writer.lock import remove_cache
 from shmcache.writer.publisher import Publisher
 from shmcache.writer.segments import CacheSegments
 
@@ -231,7 +232,7 @@ def test_a_restore_that_fails_unmaps_what_it_mapped(
     even while something else still refers to the segments (so refcounting does not
     unmap them by chance)."""
     from shmcache.format import layout
-    from shmcache.writer.writer import restore as _restore
+    from shmcache.writer import restore as _restore
 
     p = _publisher(cache_name)
     p.attach()
@@ -280,7 +281,7 @@ def test_a_restore_that_fails_unmaps_what_it_mapped(
     finally:
         monkeypatch.undo()
         ctl.close()
-        _shm.remove_cache(cache_name, force=True)
+        remove_cache(cache_name, force=True)
 
 
 def test_closing_a_segment_with_a_live_view_lets_go_of_the_mapping(cache_name: str) -> None:

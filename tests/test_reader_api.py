@@ -248,7 +248,7 @@ def test_fast_get_answers_exactly_like_the_python_path(
     and keys outside the prefix; it steps aside when the writer publishes, when
     max_staleness is set and once the Reader is closed."""
     from shmcache.format import snapshot as snapshot_mod
-    from shmcache.reader.reader import reader as reader_mod
+    from shmcache.reader import reader as reader_mod
     from tests.helpers import delete, etcd_get
 
     if reader_mod._reader_get is None or not snapshot_mod.USE_SPEEDUPS:

@@ -26,9 +26,11 @@ import posix_ipc
 import pytest
 
 import shmcache
-from shmcache.format import control, layout
-from shmcache.reader.reader import demux as _demux
-from shmcache.reader.reader import view as _view
+from shmcache.format import layout
+from shmcache.ipc import control_reader
+from shmcache.reader import demux as _demux
+from shmcache.reader import view as _view
+from shmcache.writer import control_writer
 from tests.helpers import WriterProcess, etcd_range, put, txn
 
 
@@ -256,7 +258,7 @@ def test_close_in_a_signal_handler_that_interrupted_the_demultiplexer_lock(
     process, so that a deadlock fails the test instead of hanging it."""
     script = r"""
 import os, signal, sys, shmcache
-from shmcache.reader.reader import demux as _demux
+from shmcache.reader import demux as _demux
 name, prefix = sys.argv[1], sys.argv[2].encode()
 r = shmcache.Reader(name)
 w = r.watch(prefix)
@@ -359,7 +361,7 @@ def test_prefix_is_read_with_its_block(etcd_session: Any, etcd_client: Any, cach
     w = WriterProcess(cache_name, etcd_session.endpoint, p1, ring_size="256KiB").start()
     try:
         w.terminate()  # segments kept
-        ctl = control.ControlReader.open(cache_name)
+        ctl = control_reader.ControlReader.open(cache_name)
         b = ctl.block()
         assert b is not None and ctl.prefix(b.prefix_len) == p1
         # What the next writer does when it starts a new epoch with prefix p2: the prefix
@@ -367,7 +369,7 @@ def test_prefix_is_read_with_its_block(etcd_session: Any, etcd_client: Any, cach
         shm = posix_ipc.SharedMemory(layout.control_name(cache_name), flags=0, size=0)
         buf = mmap.mmap(shm.fd, os.fstat(shm.fd).st_size)
         shm.close_fd()
-        cw = control.ControlWriter(buf)
+        cw = control_writer.ControlWriter(buf)
         cw.publish({layout.B_EPOCH: b.epoch + 1}, prefix=p2)
         v = _view.View(cache_name, ctl)
         with pytest.raises(_view.Retry):

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import shmcache
-from shmcache.cli.commands import check as _check
+from shmcache.cli import check as _check
 from shmcache.cli.service import ListProgress, Liveness, Notifier, watchdog_interval
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, drain, etcd_events, etcd_range, put, txn
@@ -561,7 +561,7 @@ def test_stop_never_writes_into_a_closed_and_reused_fd(
     on return, so the byte could land in whatever file reused the number.)"""
     import stat
 
-    from shmcache.writer.writer import writer as writer_mod
+    from shmcache.writer import writer as writer_mod
 
     real_os = os
     in_write, go = threading.Event(), threading.Event()
@@ -615,7 +615,7 @@ def test_ticker_keeps_beating_after_an_error(
     t = _run_in_thread(w)
     try:
         _wait_until(lambda: len(rounds) >= 4, 20, "four ticker rounds after the first error")
-        ctl = shmcache.format.control.ControlReader.open(cache_name)
+        ctl = shmcache.ipc.control_reader.ControlReader.open(cache_name)
         try:
             beat = ctl.writer_identity()[2]
             _wait_until(lambda: ctl.writer_identity()[2] > beat, 10, "a newer heartbeat")
@@ -631,7 +631,7 @@ def test_the_verifier_thread_is_joined_when_run_returns(
         etcd_session: EtcdServer, cache_name: str, unique_prefix: bytes,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``run()`` returns only after the verifier thread has ended, even mid-round."""
-    from shmcache.writer.writer import verify as _verify
+    from shmcache.writer import verify as _verify
 
     entered = threading.Event()
 
@@ -663,7 +663,7 @@ def test_signal_handler_takes_no_lock() -> None:
     import signal
     from types import SimpleNamespace
 
-    from shmcache.cli.commands import service
+    from shmcache.cli import service
 
     class Writer:
         stats: dict[str, int] = {}
@@ -718,11 +718,12 @@ def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
     import struct
 
     from shmcache.format import control, layout
+    from shmcache.writer import control_writer
 
     buf = mmap.mmap(-1, layout.CONTROL_SIZE)
     texts = ["OSError: [Errno 28] No space left on device", "x" * layout.MAX_PUBLISH_ERROR_LEN,
              "RuntimeError: é" * 20, ""]
-    w = control.ControlWriter(buf)
+    w = control_writer.ControlWriter(buf)
     w.set_publish_error(texts[0], 1)
     w.heartbeat()
     w.publish({layout.B_RING_TAIL: 8}, wake=False)
@@ -750,7 +751,7 @@ def test_publish_error_text_and_fixed_words_are_never_read_torn() -> None:
         buf.close()
     assert seen <= {*texts, "(being updated)"}, seen - {*texts, "(being updated)"}
     assert len(seen & set(texts)) >= 2
-    w2 = control.ControlWriter(mmap.mmap(-1, layout.CONTROL_SIZE))
+    w2 = control_writer.ControlWriter(mmap.mmap(-1, layout.CONTROL_SIZE))
     w2.set_publish_error("é" * layout.MAX_PUBLISH_ERROR_LEN, 5)  # cut at a character
     assert control.publish_failure(w2.buf)[0] == "é" * (layout.MAX_PUBLISH_ERROR_LEN // 2)
     w2.set_publish_error(None)

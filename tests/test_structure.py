@@ -1,8 +1,18 @@
-"""The package's shape, checked: module and class sizes, no import cycles, one ring walk.
+"""The package's shape, checked: layers, no import cycles, module and class sizes, one ring walk.
 
-These hold the structure docs/design.md ("Module map") describes: one concern
-per module, no class that does everything, the ring's records read in one
-place (``ring.iter_records``), and reader-side modules free of etcd and gRPC.
+These hold the structure docs/design.md ("Package map") describes. The packages
+are layers, each importing only the ones below it:
+
+    shmcache (the public face: __init__, __main__)      imports anything
+    cli/                                                 format, ipc, reader, writer
+    reader/          writer/ (writer/etcd/)              format, ipc; never each other
+    ipc/                                                 format
+    format/                                              nothing of the package's
+    errors, types, _args, _defaults, _units              (shared by every layer) each other only
+
+Every import counts, also those inside functions and under ``if TYPE_CHECKING:``:
+a lower module that needs to call up takes a protocol or a callable it defines
+itself. The reader side (format, ipc, reader) imports no etcd, gRPC or protobuf.
 """
 
 from __future__ import annotations
@@ -13,16 +23,79 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parent.parent / "shmcache"
-MODULES = sorted(PKG.glob("*.py"))
+MODULES = sorted(PKG.rglob("*.py"))
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 400
+MAX_TOP_LEVEL_MODULES = 8
+SHARED = {"errors", "types", "_args", "_defaults", "_units"}
+LAYERS = {  # layer -> the layers it may import (itself included)
+    "shared": {"shared"},
+    "format": {"shared", "format"},
+    "ipc": {"shared", "format", "ipc"},
+    "reader": {"shared", "format", "ipc", "reader"},
+    "writer": {"shared", "format", "ipc", "writer"},
+    "cli": {"shared", "format", "ipc", "reader", "writer", "cli", "face"},
+    "face": {"shared", "format", "ipc", "reader", "writer", "cli", "face"},
+}
+ETCD = ("etcd3", "grpc", "google.protobuf")
+
+
+def _name(path: Path) -> str:
+    """The dotted module name of ``path`` (a package's ``__init__`` is the package)."""
+    parts = ("shmcache",) + path.relative_to(PKG).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+NAMES = {_name(p): p for p in MODULES}
+
+
+def _layer(name: str) -> str:
+    parts = name.split(".")
+    if len(parts) == 1 or parts[1] == "__main__":
+        return "face"
+    if len(parts) == 2 and parts[1] in SHARED:
+        return "shared"
+    return parts[1]
 
 
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), str(path))
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(package modules, other top-level names) that ``path`` imports anywhere: at module
+    level, inside functions and under ``if TYPE_CHECKING:`` alike."""
+    here = _name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    ours: set[str] = set()
+    others: set[str] = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                (ours if a.name.startswith("shmcache") else others).add(a.name)
+            continue
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[:len(package) - node.level + 1]
+            module = ".".join(base + ([node.module] if node.module else []))
+        else:
+            module = node.module or ""
+            if not module.startswith("shmcache"):
+                others.add(module)
+                continue
+        for a in node.names:  # ``from . import x``: x is a module when there is one
+            sub = f"{module}.{a.name}"
+            ours.add(sub if sub in NAMES else module)
+    # The package a module sits in is imported with it: only explicit imports count.
+    return {m for m in ours if m in NAMES and m != "shmcache" or m == "shmcache"
+            and _layer(_name(path)) in ("cli", "face")}, others
+
+
+GRAPH = {name: _imports(path)[0] for name, path in NAMES.items()}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
 def test_module_and_class_sizes(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines"
@@ -32,64 +105,30 @@ def test_module_and_class_sizes(path: Path) -> None:
             assert n <= MAX_CLASS_LINES, f"class {node.name} in {path.name} has {n} lines"
 
 
-def _all_imports(path: Path) -> set[str]:
-    """Package modules ``path`` imports anywhere (also inside functions), except for
-    type checking."""
-    out: set[str] = set()
-    tree = _tree(path)
-    checking = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-                for n in ast.walk(node)}
-    for node in ast.walk(tree):
-        if id(node) in checking or not isinstance(node, ast.ImportFrom):
-            continue
-        if node.level == 1:
-            out.update([node.module.split(".")[0]] if node.module else
-                       [a.name for a in node.names])
-        elif node.module and node.module.startswith("shmcache."):
-            out.add(node.module.split(".")[1])
-    return {m for m in out if (PKG / f"{m}.py").exists()}
+def test_the_top_level_is_the_public_face() -> None:
+    """shmcache/ itself holds the public face and the few modules every layer shares;
+    everything else lives in a layer's package."""
+    top = sorted(p.name for p in PKG.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == {
+        "format", "ipc", "reader", "writer", "cli"}
+    assert {n for n in NAMES if _layer(n) not in LAYERS} == set()
 
 
-def _module_level_imports(path: Path) -> set[str]:
-    """Package modules imported when ``path`` is imported (not inside functions or
-    ``if TYPE_CHECKING:``)."""
-    out: set[str] = set()
-
-    def visit(body: list[ast.stmt]) -> None:
-        for node in body:
-            if isinstance(node, ast.If):
-                test = node.test
-                if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
-                    continue
-                visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, ast.Try):
-                visit(node.body)
-                for h in node.handlers:
-                    visit(h.body)
-            elif isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    out.add(node.module.split(".")[0])
-                else:
-                    out.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and \
-                    node.module.startswith("shmcache."):
-                out.add(node.module.split(".")[1])
-
-    visit(_tree(path).body)
-    return {m for m in out if (PKG / f"{m}.py").exists()}
+def test_layers_import_only_the_layers_below() -> None:
+    bad = sorted(f"{m} -> {n}" for m, deps in GRAPH.items() for n in deps
+                 if _layer(n) not in LAYERS[_layer(m)])
+    assert not bad, "imports across layers:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles() -> None:
-    graph = {p.stem: _module_level_imports(p) for p in MODULES}
     state: dict[str, int] = {}
     stack: list[str] = []
 
     def dfs(m: str) -> None:
         state[m] = 1
         stack.append(m)
-        for n in sorted(graph.get(m, ())):
+        for n in sorted(GRAPH.get(m, ())):
             if state.get(n) == 1:
                 cycle = stack[stack.index(n):] + [n]
                 raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
@@ -98,37 +137,41 @@ def test_no_import_cycles() -> None:
         stack.pop()
         state[m] = 2
 
-    for m in sorted(graph):
+    for m in sorted(GRAPH):
         if m not in state:
             dfs(m)
 
 
-def test_layering() -> None:
-    """config does not pull in the writer (etcd3, grpc); service does not import the CLI;
-    the reader side never imports the writer side (counting imports inside functions)."""
+def test_the_reader_side_imports_no_etcd() -> None:
+    """Readers live inside users' applications: format, ipc and reader never import etcd3,
+    grpc or protobuf (docs/design.md, "Reader dependencies")."""
+    for name, path in NAMES.items():
+        if _layer(name) in ("shared", "format", "ipc", "reader"):
+            others = _imports(path)[1]
+            assert not {o for o in others if o.startswith(ETCD)}, (name, others)
+
+
+def test_config_and_service_stay_light() -> None:
+    """config does not pull in the writer (etcd3, grpc) and service does not import the
+    command line (counting imports inside functions)."""
     def reach(start: str) -> set[str]:
         seen: set[str] = set()
         todo = [start]
         while todo:
             m = todo.pop()
-            if m in seen:
-                continue
-            seen.add(m)
-            todo.extend(_all_imports(PKG / f"{m}.py"))
+            if m not in seen:
+                seen.add(m)
+                todo.extend(GRAPH[m])
         return seen
 
-    writer_side = {"writer", "_feed", "_etcd", "_publisher", "_restore", "_segments",
-                   "_snapbuild"}
-    assert not reach("config") & writer_side, reach("config") & writer_side
-    assert "cli" not in reach("service")
-    for m in ("reader", "_view", "_watch", "_history", "aio", "subscribe"):
-        assert not reach(m) & writer_side, (m, reach(m) & writer_side)
+    assert not {m for m in reach("shmcache.cli.config") if _layer(m) == "writer"}
+    assert "shmcache.cli.commands" not in reach("shmcache.cli.service")
 
 
 def test_ring_records_are_read_in_one_place() -> None:
-    """Only ring.py calls read_record; everything else walks records with iter_records."""
+    """Only format/ring.py calls read_record; everything else walks records with iter_records."""
     for path in MODULES:
-        if path.name == "ring.py":
+        if path == PKG / "format" / "ring.py":
             continue
         for node in ast.walk(_tree(path)):
             if isinstance(node, ast.Attribute) and node.attr in ("read_record", "walk") and \

@@ -27,7 +27,7 @@ import pytest
 import shmcache
 from shmcache.format import control, layout
 from shmcache.ipc import shm as _shm
-from shmcache.writer.writer import sync_server as _sync
+from shmcache.writer import sync_server as _sync
 from tests.etcdserver import EtcdServer
 from tests.helpers import (
     CHILD_ENV,

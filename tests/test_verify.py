@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 import pytest
-from shmcache.writer.writer.etcd import connection as _etcd
 
 import shmcache
-from shmcache.writer.writer import verify as _verify
+from shmcache.writer import verify as _verify
+from shmcache.writer.etcd import connection as _etcd
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, delete, etcd_range, put, txn
 from tests.test_service import _scrape

@@ -23,11 +23,11 @@ import pytest
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shmcache.writer.writer.etcd import connection as _etcd
-from shmcache.writer.writer.etcd import decode as _watchpb
 
 import shmcache
 from shmcache.format import layout
+from shmcache.writer.etcd import connection as _etcd
+from shmcache.writer.etcd import decode as _watchpb
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, etcd_range, put
 from tests.test_service import _scrape

@@ -7,6 +7,7 @@ from ..format import codec as _codec
 from ..format import control, layout, ring
 from ..format.indexseg import IndexSegment
 from ..format.snapshot import Snapshot
+from ..ipc import control_reader
 from ..ipc import shm as _shm
 from .output import plural
 
@@ -62,7 +63,7 @@ def _check_block(name: str, seg: _shm.Segment, b: control.Block) -> tuple[list[s
              layout.snapshot_name(name, b.snap_seq), layout.index_name(name, b.snap_seq),
              layout.overlay_name(name, b.ovl_seq)}
     strays = [s for s in _shm.list_segments(name) if s not in known]
-    if control.writer_alive(seg.buf):
+    if control_reader.writer_alive(seg.buf):
         # A live writer creates the next snapshot (or ring generation) before it
         # publishes it, and unlinks the one it replaced just after: neither is a crash.
         pid = control.writer_identity(seg.buf)[0]
@@ -104,7 +105,7 @@ def _check_ring(name: str, seg: _shm.Segment, b: control.Block, facts: list[str]
         ring.check_ring_header(rseg.buf, rseg.size, rseg.name, b.ring_gen, b.ring_capacity)
         n = 0
         boundaries = {b.ring_tail, b.ring_head}
-        tail = control.ControlReader(seg).tail  # (not closed here: seg is the caller's)
+        tail = control_reader.ControlReader(seg).tail  # (not closed here: seg is the caller's)
         try:
             # The one ring iterator (stamps, lengths, CRCs, revision order up to the
             # published revision), then each payload decoded in full.
@@ -178,7 +179,7 @@ def _check_indexes(name: str, seg: _shm.Segment, b: control.Block, facts: list[s
         return
     sseg = _shm.open_readonly(layout.snapshot_name(name, b.snap_seq))
     try:
-        defs = control.ControlReader(seg).index_defs(b)
+        defs = control_reader.ControlReader(seg).index_defs(b)
         ix = IndexSegment(iname, iseg.buf, iseg.size)
         if (ix.snap_seq, ix.revision, ix.epoch, ix.count) != (
                 b.snap_seq, b.snap_revision, b.epoch, len(defs)):

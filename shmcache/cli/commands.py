@@ -195,8 +195,9 @@ def _check_against_etcd(args: argparse.Namespace, cfg: ServeConfig,
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from ..reader import reader  # noqa: F401  (validates the name the same way)
+    from ..writer.lock import remove_cache
 
-    removed = _shm.remove_cache(_shm.validate_name(args.name), force=args.force)
+    removed = remove_cache(_shm.validate_name(args.name), force=args.force)
     if not removed:
         raise NotFoundError(f"no shmcache named {args.name!r} on this host (no segments)",
                             name=args.name, hint="")

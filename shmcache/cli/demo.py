@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..ipc import shm as _shm
+from ..writer.lock import remove_cache
 from .output import plural
 
 PREFIX = "/demo/"
@@ -160,7 +161,7 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
             client.close()
     finally:
         _stop_children(stop, procs, writer)
-        _shm.remove_cache(name)
+        remove_cache(name)
         signal.signal(signal.SIGINT, prev_int)
         signal.signal(signal.SIGTERM, prev_term)
     left = _shm.list_segments(name)

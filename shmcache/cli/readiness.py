@@ -37,7 +37,7 @@ def _status(name: str) -> tuple[Any, str | None, bool]:
     no writer alive either, the Reader's error stands.
     """
     from ..errors import InvalidNameError
-    from ..format import control
+    from ..ipc import control_reader
     from ..reader.janitor import pinned_bytes
 
     try:
@@ -48,7 +48,7 @@ def _status(name: str) -> tuple[Any, str | None, bool]:
     except ShmCacheError as exc:
         st, unattachable = None, exc
     try:
-        cr = control.ControlReader.open(name)
+        cr = control_reader.ControlReader.open(name)
     except ShmCacheError:
         if unattachable is not None:
             raise unattachable from None

@@ -2,7 +2,7 @@
 
 Every multi-byte integer is little-endian. Control words that another process
 reads while the writer may be storing them are aligned 8-byte fields: the
-writer stores each with one 8-byte copy (control._store; not
+writer stores each with one 8-byte copy (control_writer._store; not
 ``struct.pack_into``, which zeroes the field first) and readers load it with
 ``unpack_from('<Q')``, a single load on CPython/x86-64 (docs/design.md, "Facts
 this design relies on"), so a reader never sees half of a word. Nothing beyond that is

@@ -210,7 +210,7 @@ def wake_all(addr: int, private: bool = False) -> int:
     """Wake every process blocked in wait() on the word at ``addr``; return how many woke.
 
     One FUTEX_WAKE syscall regardless of the number of waiters.  Call it after
-    the new word value is stored (control._store: one 8-byte copy into the shared mapping), so a
+    the new word value is stored (control_writer._store: one 8-byte copy into the shared mapping), so a
     waiter that enters wait() later sees the new value and returns at once
     (EAGAIN), while a waiter already queued is woken here.  Safe to call with
     no waiters (returns 0).  Meant for the single writer; ``addr`` must come

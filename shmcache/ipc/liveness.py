@@ -1,7 +1,7 @@
 """Whether a process still runs: its start time in /proc, and this process's PID namespace.
 
 A pid and its start time name a process uniquely (a recycled pid starts later);
-the control segment records both for its writer (control.writer_liveness).
+the control segment records both for its writer (control_reader.writer_liveness).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CompactedError
 from ..format import control, ring
+from ..ipc import control_reader
 from ..ipc import shm as _shm
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class RingCursor:
     def __init__(self, reader: Reader, b: control.Block, seg: _shm.Segment, pos: int,
                  since: int) -> None:
         self.reader = reader
-        self.ctl: control.ControlReader = reader.control
+        self.ctl: control_reader.ControlReader = reader.control
         self.epoch = b.epoch
         self.ring = seg
         self.ring_gen = b.ring_gen

@@ -29,8 +29,9 @@ from ..format import layout, ring
 from ..format.indexspec import IxVals, vals
 
 if TYPE_CHECKING:
-    from ..format.control import Block, ControlReader
+    from ..format.control import Block
     from ..ipc import shm as _shm
+    from ..ipc.control_reader import ControlReader
     from ..types import KeyValue
 
 # The key of a KeyValue or of a (key, value) pair, at C speed (sort and merge keys).

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ..format import layout
 
 if TYPE_CHECKING:
-    from ..format.control import ControlReader
+    from ..ipc.control_reader import ControlReader
     from .lifetime import Lifetime
     from .view import View
 

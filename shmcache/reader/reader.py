@@ -2,7 +2,7 @@
 
 The view (the live snapshot and overlay segment plus a private overlay of the
 events after them) is in _view; reads at a past revision are in _history, watches in _watch, the control
-segment's reader in control.ControlReader. Never imports etcd, grpc or protobuf.
+segment's reader in control_reader.ControlReader. Never imports etcd, grpc or protobuf.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from ..errors import (
 )
 from ..format import control, layout
 from ..format import snapshot as snapshot_mod
-from ..format.control import Block, ControlReader
+from ..format.control import Block
 from ..format.snapshot import Snapshot
+from ..ipc import control_reader
 from ..ipc import shm as _shm
+from ..ipc.control_reader import ControlReader
 from ..types import Event, KeyValue, ListResult, Status
-from ..writer import sync_server as _sync
 from . import pages as _pages
+from . import sync_client as _sync
 from .indexreads import IndexReads
 from .janitor import Janitor, Upkeep, pinned_bytes
 from .lifetime import Lifetime
@@ -200,7 +202,7 @@ class Reader(IndexReads, _Waits, Upkeep):
         self.max_staleness = max_staleness
         self._lock = threading.RLock()
         deadline = time.monotonic() + _args.seconds(timeout, "timeout")
-        self._control = control.ControlReader.open(name, timeout, self._life)
+        self._control = control_reader.ControlReader.open(name, timeout, self._life)
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view moves under self._lock; the hot path reads the copies below
         # (pair, prefix, fast state), each replaced whole after a move.

@@ -36,6 +36,7 @@ from ..format import codec as _codec
 from ..format import control, layout, ring
 from ..format.indexseg import IndexSegment
 from ..format.snapshot import Snapshot
+from ..ipc import control_reader
 from ..ipc import shm as _shm
 from ..types import KeyValue
 from . import history as _history
@@ -84,7 +85,7 @@ class Retry(Exception):
 class View:
     """The snapshot, overlay and ring position of one Reader, moved forward by ``advance``."""
 
-    def __init__(self, cache: str, ctl: control.ControlReader) -> None:
+    def __init__(self, cache: str, ctl: control_reader.ControlReader) -> None:
         self.cache = cache
         self.control = ctl
         self.block: control.Block | None = None

@@ -26,7 +26,7 @@ from .etcd import connection as _etcd
 from .etcd.decode import cluster_from_varint
 
 if TYPE_CHECKING:
-    from ..format.control import ControlWriter
+    from .control_writer import ControlWriter
 
 log = logging.getLogger("shmcache.writer")
 

@@ -4,7 +4,7 @@ Only the writer's user (and root) can open the file, so no reader can hold the
 lock and keep writers out, as one could when the lock was the control segment's
 own flock (every reader can open that segment). Who holds it is read from
 /proc/locks, so ``shmcache status`` never takes it; ``shmcache rm`` takes it
-while it removes the cache (``_shm.remove_cache``).
+while it removes the cache (``remove_cache``).
 
 Concurrency contract: ``lock_writer`` once per writer, its descriptor held for the
 writer's life; everything else may run in any process at any time.
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import CacheExistsError, WriterRunningError
 from ..format import control, layout
+from ..ipc import control_reader
+from ..ipc import shm as _shm
 from ..ipc.shm import SHM_DIR, not_a_segment, not_owner, open_entry, validate_name
 
 
@@ -33,7 +35,7 @@ class WriterLock:
     0 stands for a holder this process cannot see (another PID namespace).
     ``writer_pid`` is the writer recorded in the control segment (0: none),
     ``writer_alive`` whether it runs and ``liveness`` how that was judged
-    (``control.writer_liveness``: by "heartbeat", the pid is another namespace's).
+    (``control_reader.writer_liveness``: by "heartbeat", the pid is another namespace's).
     """
 
     holders: tuple[int, ...]
@@ -258,7 +260,7 @@ def _openers(st: os.stat_result) -> Iterator[int]:
 
 def recorded_writer(cache_name: str) -> tuple[int, bool, str]:
     """(pid recorded as the writer in the control segment, whether it runs, how that was
-    judged: ``control.writer_liveness``); (0, False, "pid") without a control segment."""
+    judged: ``control_reader.writer_liveness``); (0, False, "pid") without a control segment."""
     try:
         fd = open_entry(layout.control_name(cache_name), os.O_RDONLY)
     except OSError:
@@ -278,7 +280,7 @@ def _writer_of(ctl_fd: int) -> tuple[int, bool, str]:
         return 0, False, "pid"
     if len(head) < layout.C_WRITER_PIDNS + 8:
         return 0, False, "pid"
-    return (control.writer_identity(head)[0], *control.writer_liveness(head))
+    return (control.writer_identity(head)[0], *control_reader.writer_liveness(head))
 
 
 def lock_control(ctl_fd: int) -> int | None:
@@ -324,3 +326,42 @@ def lock_for_removal(cache_name: str) -> int | None:
             raise WriterRunningError(f"cache {cache_name!r} has a running writer (pid {pid})",
                                      pid=pid)
     return fd
+
+
+def remove_cache(cache_name: str, *, force: bool = False) -> list[str]:
+    """Unlink every segment of a cache, its socket file and its lock file; returns the names
+    of the segments (and the lock file, if it was there) removed.
+
+    Unless ``force``, refuses with WriterRunningError while a writer holds the
+    cache: removing its segments under it would let a second writer start on
+    the same name (split brain). The check takes the writer lock (creating the
+    lock file if needed) and holds it while it unlinks, the lock file last, so
+    no writer can start on the segments being removed either. A lock held by a
+    process that is not the cache's live writer is refused too, with a message
+    that says so (``WriterLock.describe``). ``force`` is for a writer that is
+    stuck; a running one notices within its heartbeat period that its control
+    segment is gone and exits.
+    """
+    validate_name(cache_name)
+    lock_path = SHM_DIR + layout.lock_name(cache_name)
+    had_lock_file = os.path.lexists(lock_path)
+    fd = None if force else lock_for_removal(cache_name)
+    try:
+        removed = []
+        for seg in _shm.list_segments(cache_name):
+            if _shm.unlink(seg):
+                removed.append(seg)
+        try:  # the consistent-read socket file a killed writer left (not a segment)
+            os.unlink(SHM_DIR + layout.sync_socket_name(cache_name))
+        except OSError:
+            pass
+        try:
+            os.unlink(lock_path)
+            if had_lock_file:
+                removed.append(layout.lock_name(cache_name))
+        except FileNotFoundError:
+            pass
+        return removed
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -40,7 +40,7 @@ from ..ipc import shm as _shm
 from . import faults as _faults
 
 if TYPE_CHECKING:
-    from ..format.control import ControlWriter
+    from .control_writer import ControlWriter
     from .segments import CacheSegments
 
 log = logging.getLogger("shmcache.writer")

@@ -23,6 +23,7 @@ import stat
 from ..errors import CacheExistsError, CorruptSegmentError, SegmentPermissionError, WriterError
 from ..format import control, layout, ring
 from ..ipc import shm as _shm
+from . import control_writer
 from . import faults as _faults
 from . import lock as _writerlock
 
@@ -100,7 +101,7 @@ class CacheSegments:
         self.mode = mode
         self.group = group
         self._gid = None if group is None else usable_gid(group)
-        self.ctl: control.ControlWriter | None = None
+        self.ctl: control_writer.ControlWriter | None = None
         self.ctl_seg: _shm.Segment | None = None
         self._lock_fd: int | None = None
         self._ctl_fd: int | None = None
@@ -133,7 +134,7 @@ class CacheSegments:
         if opened is None:
             try:
                 seg = _shm.create(cname, layout.CONTROL_SIZE, self.mode, self.group)
-                control.ControlWriter.initialise(seg.buf, self.prefix)
+                control_writer.ControlWriter.initialise(seg.buf, self.prefix)
                 seg.close()
                 existed = False
             except FileExistsError:
@@ -161,10 +162,10 @@ class CacheSegments:
                 log.warning("control segment unusable (%s); re-initialising it", exc)
                 seq = int.from_bytes(seg.buf[layout.C_SEQ:layout.C_SEQ + 8], "little")
                 seg.buf[:] = b"\0" * seg.size
-                control.ControlWriter.initialise(seg.buf, self.prefix, seq=(seq | 1) + 1)
+                control_writer.ControlWriter.initialise(seg.buf, self.prefix, seq=(seq | 1) + 1)
                 existed = False
         self.ctl_seg = seg
-        self.ctl = control.ControlWriter(seg.buf)
+        self.ctl = control_writer.ControlWriter(seg.buf)
         self.ctl.claim()
         return existed
 
@@ -305,7 +306,7 @@ class CacheSegments:
             self.ctl_seg.close()
         if remove:
             # Before the lock goes: no other writer can have started on these names.
-            _shm.remove_cache(self.name, force=True)
+            _writerlock.remove_cache(self.name, force=True)
         self._release_locks()
 
     def _release_locks(self) -> None:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from sortedcontainers import SortedDict
 
 from ..errors import CorruptSegmentError
-from ..format import control, indexseg, layout, ring, snapshot
+from ..format import indexseg, layout, ring, snapshot
 from ..ipc import shm as _shm
+from . import control_writer
 from . import faults as _faults
 from .overlays import NONE as NO_OVERLAY
 from .overlays import Overlays, publish_snapshot
@@ -167,7 +168,7 @@ class SnapshotPublishing:
     _build: SnapshotBuild | None
 
     @property
-    def ctl(self) -> control.ControlWriter:
+    def ctl(self) -> control_writer.ControlWriter:
         assert self.segs.ctl is not None
         return self.segs.ctl
 

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..format import control, layout
+from ..format import layout
 from ..format.snapshot import Snapshot
+from ..ipc import control_reader
 from ..ipc import shm as _shm
 from .etcd import connection as _etcd
 
@@ -110,7 +111,7 @@ def _fields(t: tuple[Any, ...], values: bool) -> str:
 
 def compare_cache(name: str, conn: _etcd.Connection, *, values: bool = False) -> Result:
     """Compare cache ``name``'s live snapshot with etcd (``shmcache check --against-etcd``)."""
-    ctl = control.ControlReader.open(name)
+    ctl = control_reader.ControlReader.open(name)
     try:
         b = ctl.block()
         if b is None or b.snap_seq == 0:
