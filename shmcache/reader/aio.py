@@ -21,18 +21,26 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from ..errors import ShmCacheError
+from .owner import ReaderHandle
 from .perprocess import PerReader
 
 if TYPE_CHECKING:
     import asyncio
 
     from ..types import Event
-    from .reader import Reader, Watch
+    from .watch import Watch
 
 __all__ = ["AsyncWatch", "await_revision"]
+
+
+class Reader(ReaderHandle, Protocol):
+    """What this module needs of a Reader (reader.py's Reader is the one)."""
+
+    def watch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
+              index: tuple[str, bytes | str] | None = None) -> Watch: ...
 
 # FUTEX_WAIT slice of the waker thread: bounds how long a missed wake (a writer
 # that died between bumping SEQ and waking) or a closed Reader goes unnoticed.

@@ -17,7 +17,7 @@ from ..ipc import control_reader
 from ..ipc import shm as _shm
 
 if TYPE_CHECKING:
-    from .reader import Reader
+    from .owner import ReaderHandle
 
 __all__ = ["SEALED", "Record", "RingCursor"]
 
@@ -41,7 +41,7 @@ class RingCursor:
     __slots__ = ("reader", "ctl", "epoch", "ring", "ring_gen", "cap", "pos", "since",
                  "last_record", "revision")
 
-    def __init__(self, reader: Reader, b: control.Block, seg: _shm.Segment, pos: int,
+    def __init__(self, reader: ReaderHandle, b: control.Block, seg: _shm.Segment, pos: int,
                  since: int) -> None:
         self.reader = reader
         self.ctl: control_reader.ControlReader = reader.control

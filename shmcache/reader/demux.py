@@ -42,7 +42,7 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CompactedError, ShmCacheError
 from ..format import codec as _codec
@@ -56,8 +56,8 @@ from .perprocess import PerReader
 if TYPE_CHECKING:
     import asyncio
 
-    from .reader import Reader
-    from .watch import Watch
+    from ..ipc.futex import Bell
+    from .owner import ReaderHandle
 
 __all__ = ["Demux", "demux_of"]
 
@@ -68,6 +68,22 @@ _SLICE = 0.5
 _IDLE_EXIT = 0.5
 
 
+
+class JoinedWatch(Protocol):
+    """What the demultiplexer reads and writes of a Watch that joined it (reader/watch.py
+    is the one implementation): its filter, and the queue fields it guards with its lock."""
+
+    prefix: bytes
+    revision: int
+    _index: tuple[int, bytes] | None
+    _q: list[Event]
+    _error: BaseException | None
+    _after: int
+    _saved: RingCursor | None
+    _async: list[asyncio.Future[None]]
+    _ready: Bell
+    _closed: bool
+
 def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
     for fut in futs:
         if not fut.done():
@@ -77,7 +93,7 @@ def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
 class Demux:
     """Reads each record once for every joined Watch of one Reader in one process."""
 
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: ReaderHandle) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self._reader = reader
@@ -88,13 +104,13 @@ class Demux:
         # prefix length -> prefix -> watches; (index position, value) -> watches. Weak
         # references: a watch dropped without close() (a loop left with break) is
         # forgotten, not fed forever; the thread sweeps the dead ones out.
-        self._by_len: dict[int, dict[bytes, list[weakref.ref[Watch]]]] = {}
-        self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Watch]]] = {}
+        self._by_len: dict[int, dict[bytes, list[weakref.ref[JoinedWatch]]]] = {}
+        self._by_ix: dict[tuple[int, bytes], list[weakref.ref[JoinedWatch]]] = {}
         self._count = 0
         # id(watch) -> (its reference, ring position of the oldest record it has unread
         # events of) for every watch with a non-empty queue, in order of position: a
         # watch enters when its queue fills from empty, which happens in ring order.
-        self._unread: dict[int, tuple[weakref.ref[Watch], int]] = {}
+        self._unread: dict[int, tuple[weakref.ref[JoinedWatch], int]] = {}
         self._thread: threading.Thread | None = None
         # Counters, for tests and the curious: records decoded, events handed out.
         self.records = 0
@@ -103,7 +119,7 @@ class Demux:
 
     # -- joining and leaving (a Watch, under no lock of its own) --------------------
 
-    def join(self, w: Watch, cursor: RingCursor) -> bool:
+    def join(self, w: JoinedWatch, cursor: RingCursor) -> bool:
         """Register ``w``, whose own ``cursor`` has read everything up to its revision.
 
         True if it joined: from now on it receives every matching event above
@@ -134,11 +150,11 @@ class Demux:
                 t.start()
             return True
 
-    def leave(self, w: Watch) -> None:
+    def leave(self, w: JoinedWatch) -> None:
         with self.lock:
             self._remove(w)
 
-    def leave_soon(self, w: Watch) -> None:
+    def leave_soon(self, w: JoinedWatch) -> None:
         """``leave`` if the lock is free now; otherwise the next sweep drops ``w`` (closed)."""
         if self.lock.acquire(blocking=False):
             try:
@@ -146,7 +162,7 @@ class Demux:
             finally:
                 self.lock.release()
 
-    def _remove(self, w: Watch) -> None:
+    def _remove(self, w: JoinedWatch) -> None:
         self._unread.pop(id(w), None)
         if w._index is None:
             table = self._by_len.get(len(w.prefix))
@@ -183,7 +199,7 @@ class Demux:
             if ref() is None:
                 del self._unread[i]
 
-    def _watches(self) -> list[Watch]:
+    def _watches(self) -> list[JoinedWatch]:
         refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
         refs += [r for rs in self._by_ix.values() for r in rs]
         return [w for w in (r() for r in refs) if w is not None]
@@ -204,7 +220,7 @@ class Demux:
 
     # -- a joined Watch's reads ---------------------------------------------------------
 
-    def take(self, w: Watch) -> list[Event]:
+    def take(self, w: JoinedWatch) -> list[Event]:
         """The events queued for ``w`` (advancing first if the writer published); [] if none.
 
         Raises the watch's error (CompactedError...) once its queue is empty.
@@ -227,7 +243,7 @@ class Demux:
                 w._saved = c.copy()  # where to resume in a forked child (Watch._rejoin)
             return out
 
-    def add_async(self, w: Watch, fut: asyncio.Future[None]) -> bool:
+    def add_async(self, w: JoinedWatch, fut: asyncio.Future[None]) -> bool:
         """Resolve ``fut`` when ``w`` has events or an error; False if it has some already."""
         with self.lock:
             if w._q or w._error is not None:
@@ -235,7 +251,7 @@ class Demux:
             w._async.append(fut)
             return True
 
-    def discard_async(self, w: Watch, fut: asyncio.Future[None]) -> None:
+    def discard_async(self, w: JoinedWatch, fut: asyncio.Future[None]) -> None:
         with self.lock:
             if fut in w._async:
                 w._async.remove(fut)
@@ -315,7 +331,7 @@ class Demux:
     def _dispatch(self, records: list[Record], where: str) -> None:
         by_len = list(self._by_len.items())
         by_ix = self._by_ix
-        touched: dict[int, Watch] = {}
+        touched: dict[int, JoinedWatch] = {}
         n = 0
         for rev, payload, pos in records:
             # (decode_indexed: decode() would strip the same tuples of their index values)
@@ -339,7 +355,7 @@ class Demux:
         self._notify(list(touched.values()))
 
     def _dispatch_indexed(self, ev: Event, key: bytes, rev: int, pos: int, ix: Any, pix: Any,
-                          touched: dict[int, Watch]) -> int:
+                          touched: dict[int, JoinedWatch]) -> int:
         n = 0
         seen: set[int] = set()
         for (i, value), refs in self._by_ix.items():
@@ -353,8 +369,8 @@ class Demux:
                         n += 1
         return n
 
-    def _queue(self, w: Watch, ref: weakref.ref[Watch], ev: Event, pos: int,
-               touched: dict[int, Watch]) -> None:
+    def _queue(self, w: JoinedWatch, ref: weakref.ref[JoinedWatch], ev: Event, pos: int,
+               touched: dict[int, JoinedWatch]) -> None:
         """Append ``ev``, of the record at ring position ``pos``, to ``w``'s queue."""
         if not w._q:
             # Its oldest unread record from now on. pop first: the id of a watch that
@@ -364,7 +380,7 @@ class Demux:
         w._q.append(ev)
         touched[id(w)] = w
 
-    def _notify(self, watches: list[Watch]) -> None:
+    def _notify(self, watches: list[JoinedWatch]) -> None:
         by_loop: dict[Any, list[asyncio.Future[None]]] = {}
         for w in watches:
             w._ready.ring()
@@ -430,11 +446,11 @@ class Demux:
 _DEMUXES: PerReader[Demux] = PerReader(Demux)
 
 
-def _open(ref: weakref.ref[Watch]) -> bool:
+def _open(ref: weakref.ref[JoinedWatch]) -> bool:
     w = ref()
     return w is not None and not w._closed
 
 
-def demux_of(reader: Reader) -> Demux:
+def demux_of(reader: ReaderHandle) -> Demux:
     """The demultiplexer of ``reader``'s watches in this process (made on first use)."""
     return _DEMUXES.get(reader)

@@ -2,7 +2,7 @@
 
 An answer at the current revision is the snapshot's run of keys for the value
 (indexseg, a binary search), minus the keys changed since the snapshot, plus
-the changed keys whose current values include it (``OverlayIndex``, kept by
+the changed keys whose current values include it (``overlayindex.OverlayIndex``, kept by
 the View from the index values the writer put into each ring record). A past
 revision takes that answer back with the prev_kv and prev index values of the
 first event after it, as ``list`` does (_history). Nothing here parses JSON or
@@ -20,10 +20,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from sortedcontainers import SortedSet
-
 from .. import _args
-from ..format.indexspec import IxVals, vals
 from ..types import KeyValue, ListResult
 from . import history as _history
 from . import pages as _pages
@@ -31,33 +28,6 @@ from . import pages as _pages
 if TYPE_CHECKING:
     from .lifetime import Lifetime
     from .view import View
-
-
-class OverlayIndex:
-    """Per index, for the keys changed since the snapshot: value -> the keys that have it
-    now, and value -> the change of its key count."""
-
-    __slots__ = ("keys", "delta")
-
-    def __init__(self, n: int) -> None:
-        self.keys: list[dict[bytes, SortedSet]] = [{} for _ in range(n)]
-        self.delta: list[dict[bytes, int]] = [{} for _ in range(n)]
-
-    def apply(self, key: bytes, ix: IxVals | None, pix: IxVals | None) -> None:
-        if not ix and not pix:
-            return
-        for i, (keys, delta) in enumerate(zip(self.keys, self.delta, strict=True)):
-            for v in vals(pix, i):
-                delta[v] = delta.get(v, 0) - 1
-                s = keys.get(v)
-                if s is not None:
-                    s.discard(key)
-            for v in vals(ix, i):
-                delta[v] = delta.get(v, 0) + 1
-                s = keys.get(v)
-                if s is None:
-                    s = keys[v] = SortedSet()
-                s.add(key)
 
 
 def _position(v: View, name: str) -> int:

@@ -15,10 +15,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
-
-if TYPE_CHECKING:
-    from .reader import Reader
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["PerReader"]
 
@@ -33,17 +30,17 @@ T = TypeVar("T", bound=_Owned)
 class PerReader(Generic[T]):
     """``factory(reader)`` made once per Reader and process; a Reader's is dropped with it."""
 
-    def __init__(self, factory: Callable[[Reader], T]) -> None:
+    def __init__(self, factory: Callable[[Any], T]) -> None:
         self._factory = factory
         self._lock = threading.Lock()
-        self._items: weakref.WeakKeyDictionary[Reader, T] = weakref.WeakKeyDictionary()
+        self._items: weakref.WeakKeyDictionary[object, T] = weakref.WeakKeyDictionary()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
         self._items.clear()
 
-    def get(self, reader: Reader) -> T:
+    def get(self, reader: object) -> T:
         """This process's object for ``reader`` (made on first use)."""
         with self._lock:
             item = self._items.get(reader)
@@ -51,7 +48,7 @@ class PerReader(Generic[T]):
                 item = self._items[reader] = self._factory(reader)
             return item
 
-    def peek(self, reader: Reader) -> T | None:
+    def peek(self, reader: object) -> T | None:
         """This process's object for ``reader`` if it has one; never makes one."""
         with self._lock:
             item = self._items.get(reader)

@@ -13,15 +13,27 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from ..errors import CompactedError
 from ..types import Event, KeyValue, ListResult
+from .owner import ReaderHandle
 
 if TYPE_CHECKING:
-    from .reader import Reader, Watch
+    from .watch import Watch
 
 __all__ = ["Subscription"]
+
+
+class Reader(ReaderHandle, Protocol):
+    """What a Subscription needs of a Reader (reader.py's Reader is the one)."""
+
+    def watch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
+              index: tuple[str, bytes | str] | None = None) -> Watch: ...
+
+    def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
+             revision: int | None = None, min_revision: int | None = None,
+             timeout: float | None = None, continue_token: str | None = None) -> ListResult: ...
 
 # How long one poll sleeps before looking at the stop flag: bounds close() latency.
 _POLL = 0.25

@@ -41,7 +41,7 @@ from ..ipc import shm as _shm
 from ..types import KeyValue
 from . import history as _history
 from . import pages as _pages
-from .indexreads import OverlayIndex
+from .overlayindex import OverlayIndex
 
 
 def range_end(prefix: bytes) -> bytes | None:

@@ -19,7 +19,7 @@ from .view import range_end
 if TYPE_CHECKING:
     import asyncio
 
-    from .reader import Reader
+    from .owner import ReaderHandle
 
 __all__ = ["Watch"]
 
@@ -43,7 +43,7 @@ class Watch:
     its queued, unread events, as a watch reading on its own would.
     """
 
-    def __init__(self, reader: Reader, prefix: bytes, since_revision: int | None,
+    def __init__(self, reader: ReaderHandle, prefix: bytes, since_revision: int | None,
                  index: tuple[str, bytes | str] | None = None) -> None:
         self._reader = reader
         # (position, value) of the index filter: events whose kv or prev_kv has the value.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedDict
@@ -30,14 +31,12 @@ from . import restore as _restore
 from .indexer import Indexer
 from .overlays import TOMBSTONE, Overlays
 from .segments import CacheSegments
-from .snapbuild import SnapshotBuild, SnapshotPublishing, freeze_gc
+from .snapbuild import KV, SnapshotBuild, SnapshotPublishing, freeze_gc
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 log = logging.getLogger("shmcache.writer")
-
-KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
 
 
 
@@ -126,14 +125,40 @@ class Publisher(SnapshotPublishing):
         """Resume from the segments a previous writer left; None if it did, else why not
         (see _restore.resume). Then switch to a ring of ``ring_size`` if it has another
         size; if that fails, ``maybe_snapshot`` tries again."""
-        why_not = _restore.resume(self)
-        if why_not is None and self.ring is not None and self.ring.capacity != self.ring_size:
+        got = _restore.resume(self.name, self.prefix, self.segs, self.ctl, self.overlays)
+        if isinstance(got, str):
+            return got
+        self._take_over(got)
+        if self.ring is not None and self.ring.capacity != self.ring_size:
             try:
                 self._resize(self.ring_size)
             except Exception as exc:
                 log.warning("cannot switch to a ring of %d bytes now (%s); will retry",
                             self.ring_size, exc)
-        return why_not
+        return None
+
+    def _take_over(self, got: _restore.Restored) -> None:
+        """Continue from what ``_restore.resume`` loaded (its overlay segment is published)."""
+        b = got.block
+        self._ring_seg = got.ring_seg
+        self.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
+        self.ring.restore(b.ring_head, got.tail)
+        self.segs.track(got.ring_seg.name)
+        self.kv = got.kv
+        self.delta = got.delta
+        self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in got.kv.items())
+        self.base = got.base
+        if self.indexer is not None:
+            self.indexer.reset(got.kv.items())
+        freeze_gc()
+        self.revision = b.revision
+        self.epoch = b.epoch
+        self.snap_seq = b.snap_seq
+        self.snap_ring_pos = b.snap_ring_pos
+        self.last_snapshot = time.monotonic()
+        log.info("resumed cache %r at revision %d (epoch %d, %d keys)", self.name,
+                 self.revision, self.epoch, len(got.kv))
+        self.ctl.publish({})  # wake readers: the writer is back
 
     # -- rings and epochs ----------------------------------------------------------
 

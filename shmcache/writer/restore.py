@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,14 +23,15 @@ from ..ipc import shm as _shm
 from . import faults as _faults
 from .overlays import NONE as NO_OVERLAY
 from .overlays import OVERLAY_BYTES, publish_snapshot
-from .snapbuild import freeze_gc
+from .snapbuild import KV
 
 if TYPE_CHECKING:
-    from .publisher import Publisher
+    from .control_writer import ControlWriter
+    from .overlays import Overlays
+    from .segments import CacheSegments
 
 log = logging.getLogger("shmcache.writer")
 
-KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
 
 
 
@@ -144,18 +144,19 @@ def _rebuild(b: control.Block, rseg: _shm.Segment, snap: snapshot.Snapshot,
     return kv, delta, tail, compact
 
 
-def resume(p: Publisher) -> str | None:
-    """Make publisher ``p`` continue from the segments a previous writer left; None if it
-    did, else why not.
+def resume(name: str, prefix: bytes, segs: CacheSegments, ctl: ControlWriter,
+           overlays: Overlays | None) -> Restored | str:
+    """Load the segments a previous writer left, for the publisher to continue from
+    (Publisher.restore takes what this returns over); else why not.
 
     ``load`` says what is validated. The previous writer's overlay segment is
     not trusted: it is withdrawn (readers decode the records since the
     snapshot meanwhile) and a new one is built from the restored changes at
-    once. That publish comes before ``p`` takes anything over: if it raises,
-    ``p`` is as before the call and what was loaded is unmapped.
+    once. That publish comes before the publisher takes anything over: if it
+    raises, the publisher is as before the call and what was loaded is unmapped.
     """
-    assert p.segs.ctl_seg is not None
-    got = load(p.name, p.prefix, p.segs.ctl_seg, p.ctl.index_defs)
+    assert segs.ctl_seg is not None
+    got = load(name, prefix, segs.ctl_seg, ctl.index_defs)
     if isinstance(got, str):
         return got
     b = got.block
@@ -164,28 +165,9 @@ def resume(p: Publisher) -> str | None:
         updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
     try:
         _faults.point("restore")
-        publish_snapshot(p.overlays, p.ctl, p.name, updates, b.snap_seq, got.delta,
+        publish_snapshot(overlays, ctl, name, updates, b.snap_seq, got.delta,
                          OVERLAY_BYTES, (b.revision, b.epoch, b.ring_head), wake=False)
     except BaseException:
         got.close()
         raise
-    p._ring_seg = got.ring_seg
-    p.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
-    p.ring.restore(b.ring_head, got.tail)
-    p.segs.track(got.ring_seg.name)
-    p.kv = got.kv
-    p.delta = got.delta
-    p.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in got.kv.items())
-    p.base = got.base
-    if p.indexer is not None:
-        p.indexer.reset(got.kv.items())
-    freeze_gc()
-    p.revision = b.revision
-    p.epoch = b.epoch
-    p.snap_seq = b.snap_seq
-    p.snap_ring_pos = b.snap_ring_pos
-    p.last_snapshot = time.monotonic()
-    log.info("resumed cache %r at revision %d (epoch %d, %d keys)", p.name,
-             p.revision, p.epoch, len(got.kv))
-    p.ctl.publish({})  # wake readers: the writer is back
-    return None
+    return got

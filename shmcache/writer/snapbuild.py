@@ -20,10 +20,11 @@ from .overlays import Overlays, publish_snapshot
 
 if TYPE_CHECKING:
     from .indexer import Indexer
-    from .publisher import KV
     from .segments import CacheSegments
 
 log = logging.getLogger("shmcache.writer")
+
+KV = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
 
 
 def freeze_gc() -> None:
