@@ -29,7 +29,8 @@ from typing import Any
 from ..errors import CorruptSegmentError, VersionMismatchError
 from ..types import KeyValue
 from . import layout
-from .snapshot import USE_SPEEDUPS, Snapshot, _speedups
+from .snapshot import Snapshot
+from .speedups import USE_SPEEDUPS, _speedups
 
 _HDR = layout.IDX_HEADER
 _DIR = layout.IDX_DIR

@@ -17,7 +17,6 @@ its name.
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -26,6 +25,10 @@ from ..errors import CorruptSegmentError, VersionMismatchError
 from ..types import KeyValue, kv_new
 from . import layout
 
+# The C versions of get() and the range walk, or None: speedups.py chooses.
+from .speedups import USE_SPEEDUPS as USE_SPEEDUPS  # (re-exported: tests patch it here)
+from .speedups import _speedups as _speedups
+
 _ENTRY = layout.SNAP_ENTRY
 _ENTRY_SIZE = _ENTRY.size
 _ENTRY_UNPACK = _ENTRY.unpack_from
@@ -33,17 +36,6 @@ _SLOT_UNPACK = layout.SNAP_SLOT.unpack_from
 _Q_UNPACK = layout.SNAP_INDEX_ENTRY.unpack_from
 _crc32 = zlib.crc32
 HEADER_SIZE = 128
-
-_speedups: Any
-try:  # the optional C versions of get() and the range walk (setup.py builds them)
-    from . import _speedups as _c_speedups  # type: ignore[attr-defined]  # (C: no stub)
-
-    _speedups = _c_speedups
-except ImportError:  # no compiler at install time: the pure-Python versions below
-    _speedups = None
-
-# SHMCACHE_PURE_PYTHON=1 forces the reference implementation (tests compare both).
-USE_SPEEDUPS = _speedups is not None and not os.environ.get("SHMCACHE_PURE_PYTHON")
 
 
 class Plan(NamedTuple):
