@@ -36,13 +36,16 @@ PUBLISH_BACKOFF_MAX = 2.0
 
 
 class Sink(Protocol):
+    """Where the feed delivers (writer.publisher.Publisher): the feed reads its revision and
+    state, and tells it everything through its methods."""
+
     revision: int
-    etcd_revision: int
     kv: Any
 
     @property
     def ctl(self) -> ControlWriter: ...  # (its cluster_id: the cluster the state came from)
 
+    def saw_etcd_revision(self, revision: int) -> None: ...
     def reset(self, revision: int, items: Any, reason: str) -> None: ...
     def apply(self, batches: list[tuple[int, list[_codec.EventTuple]]]) -> None: ...
     def progress(self, revision: int) -> None: ...
@@ -273,7 +276,7 @@ class EtcdFeed:
             conn.close()
 
     def _reachable(self, sink: Sink, revision: int) -> None:
-        sink.etcd_revision = max(sink.etcd_revision, revision)
+        sink.saw_etcd_revision(revision)
         if self.etcd_down_since is not None:
             log.info("etcd reachable again after %.1fs", time.time() - self.etcd_down_since)
         self.etcd_down_since = None
@@ -343,8 +346,7 @@ class EtcdFeed:
                                  f"cache's {sink.revision}")
                 if canceled:
                     raise WatchBroken(f"etcd cancelled the watch: {cancel_reason or '?'}")
-                if revision > sink.etcd_revision:
-                    sink.etcd_revision = revision
+                sink.saw_etcd_revision(revision)
                 self._healthy = True
                 if created:
                     log.info("watching %r from revision %d", _codec.key_text(self.prefix), start)
@@ -461,7 +463,7 @@ class EtcdFeed:
         new epoch: the failure is explicit, never silent.
         """
         self._progress_outstanding = False
-        sink.etcd_revision = max(sink.etcd_revision, revision)
+        sink.saw_etcd_revision(revision)
         if self._unsynced_until and time.monotonic() - self._watch_created < 2.0:
             self._progress_candidate = None
             return

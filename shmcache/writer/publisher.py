@@ -96,7 +96,7 @@ class Publisher(SnapshotPublishing):
         self._build: SnapshotBuild | None = None
         self.revision = 0
         self.epoch = 0
-        self.etcd_revision = 0  # the newest revision seen from etcd (the feed raises it)
+        self.etcd_revision = 0  # the newest revision seen from etcd (saw_etcd_revision)
         self.snap_seq = 0
         self.snap_ring_pos = 0
         self.bytes_since_snapshot = 0
@@ -199,10 +199,14 @@ class Publisher(SnapshotPublishing):
                  "watches continue into it (%s)", self.revision, old.generation,
                  self.ring.generation, old.capacity, capacity, reason)
 
+    def saw_etcd_revision(self, revision: int) -> None:
+        """etcd answered at ``revision`` (the feed tells; published with the next block)."""
+        self.etcd_revision = max(self.etcd_revision, revision)
+
     def reset(self, revision: int, items: Iterable[tuple[bytes, KV]], reason: str) -> None:
         """Start a new epoch at ``revision`` holding ``items`` (a relist): fresh snapshot,
         empty ring history. If it raises, the previous epoch goes on as it was."""
-        self.etcd_revision = max(self.etcd_revision, revision)
+        self.saw_etcd_revision(revision)
         first_ring = self.ring is None
         if first_ring:
             self._ring_seg, self.ring = self._new_ring(self.ring_size)  # published below
