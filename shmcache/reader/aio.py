@@ -339,12 +339,12 @@ class AsyncWatch:
         import asyncio
 
         w = self._watch
-        d = w._demux
-        if d is None:
+        d, inbox = w._demux, w._inbox
+        if d is None or inbox is None:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        if not d.add_async(w, fut):
+        if not d.add_async(inbox, fut):
             return  # something is queued already
         timer = loop.call_later(max(timeout, 0.0), _resolve, fut) if timeout is not None \
             else None
@@ -355,4 +355,4 @@ class AsyncWatch:
             if timer is not None:
                 timer.cancel()
             self._waiting.remove(fut)
-            d.discard_async(w, fut)
+            d.discard_async(inbox, fut)

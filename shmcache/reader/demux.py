@@ -26,9 +26,14 @@ read, whatever the ring's size or the number of events in a revision. A lap of
 the demultiplexer itself, or a history reset, ends every joined watch with
 CompactedError after the events queued before it.
 
-Concurrency contract: every field of the Demux, and the queue fields of its
-watches (``_q``, ``_error``, ``_async``), are guarded by
-``Demux.lock``; wake-ups go through each watch's Bell (_futex) and, for
+Each joined watch reads an Inbox the demultiplexer made for it and alone
+writes: its queue of events, its error, where it resumes. The Watch holds its
+inbox, the demultiplexer only a weak reference to it, so a watch dropped
+without close() is forgotten.
+
+Concurrency contract: every field of the Demux and of its inboxes is guarded
+by ``Demux.lock``, except ``Inbox.closed`` (one store by ``leave_soon``); wake-ups
+go through each inbox's Bell (ipc/futex.py) and, for
 asyncio, one ``call_soon_threadsafe`` per event loop per batch. ``leave_soon``
 never waits for the lock (``Watch.close`` may run in a signal handler that
 interrupted its holder): a closed watch it could not remove is skipped and
@@ -42,13 +47,14 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from ..errors import CompactedError, ShmCacheError
+from ..errors import ShmCacheError
 from ..format import codec as _codec
 from ..format import ring
 from ..format.indexspec import vals
 from ..ipc import shm as _shm
+from ..ipc.futex import Bell
 from ..types import Event
 from .cursor import SEALED, Record, RingCursor
 from .perprocess import PerReader
@@ -56,10 +62,9 @@ from .perprocess import PerReader
 if TYPE_CHECKING:
     import asyncio
 
-    from ..ipc.futex import Bell
     from .owner import ReaderHandle
 
-__all__ = ["Demux", "demux_of"]
+__all__ = ["Demux", "Inbox", "demux_of"]
 
 # FUTEX_WAIT slice of the thread: bounds how long a missed wake or a closed
 # Reader goes unnoticed.
@@ -69,20 +74,29 @@ _IDLE_EXIT = 0.5
 
 
 
-class JoinedWatch(Protocol):
-    """What the demultiplexer reads and writes of a Watch that joined it (reader/watch.py
-    is the one implementation): its filter, and the queue fields it guards with its lock."""
+class Inbox:
+    """A joined watch's side of the demultiplexer: what it matches, the events queued for
+    it, the error that ends it, where it would resume alone (in a forked child).
 
-    prefix: bytes
-    revision: int
-    _index: tuple[int, bytes] | None
-    _q: list[Event]
-    _error: BaseException | None
-    _after: int
-    _saved: RingCursor | None
-    _async: list[asyncio.Future[None]]
-    _ready: Bell
-    _closed: bool
+    Made by ``Demux.join``, written by the Demux under its lock, read by the Watch
+    through ``Demux.take`` (and, in a forked child, directly: no other thread there).
+    """
+
+    __slots__ = ("prefix", "index", "events", "error", "after", "saved", "futures", "ready",
+                 "closed", "__weakref__")
+
+    def __init__(self, prefix: bytes, index: tuple[int, bytes] | None, cursor: RingCursor,
+                 ) -> None:
+        self.prefix = prefix
+        self.index = index
+        self.events: list[Event] = []
+        self.error: BaseException | None = None
+        self.after = cursor.revision  # events at or below it were read before joining
+        self.saved: RingCursor = cursor  # the position after the last take
+        self.futures: list[asyncio.Future[None]] = []
+        self.ready = Bell()  # rung when events or an error arrive, and by leave_soon
+        self.closed = False
+
 
 def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
     for fut in futs:
@@ -104,13 +118,13 @@ class Demux:
         # prefix length -> prefix -> watches; (index position, value) -> watches. Weak
         # references: a watch dropped without close() (a loop left with break) is
         # forgotten, not fed forever; the thread sweeps the dead ones out.
-        self._by_len: dict[int, dict[bytes, list[weakref.ref[JoinedWatch]]]] = {}
-        self._by_ix: dict[tuple[int, bytes], list[weakref.ref[JoinedWatch]]] = {}
+        self._by_len: dict[int, dict[bytes, list[weakref.ref[Inbox]]]] = {}
+        self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Inbox]]] = {}
         self._count = 0
         # id(watch) -> (its reference, ring position of the oldest record it has unread
         # events of) for every watch with a non-empty queue, in order of position: a
         # watch enters when its queue fills from empty, which happens in ring order.
-        self._unread: dict[int, tuple[weakref.ref[JoinedWatch], int]] = {}
+        self._unread: dict[int, tuple[weakref.ref[Inbox], int]] = {}
         self._thread: threading.Thread | None = None
         # Counters, for tests and the curious: records decoded, events handed out.
         self.records = 0
@@ -119,12 +133,14 @@ class Demux:
 
     # -- joining and leaving (a Watch, under no lock of its own) --------------------
 
-    def join(self, w: JoinedWatch, cursor: RingCursor) -> bool:
-        """Register ``w``, whose own ``cursor`` has read everything up to its revision.
+    def join(self, prefix: bytes, index: tuple[int, bytes] | None,
+             cursor: RingCursor) -> Inbox | None:
+        """Register a watch of ``prefix`` (and ``index``) whose own ``cursor`` has read
+        everything up to its revision.
 
-        True if it joined: from now on it receives every matching event above
-        ``cursor.revision``. False if the demultiplexer has already passed
-        events ``w`` has not read: it reads on by itself and tries again.
+        Its inbox if it joined: from now on it receives every matching event above
+        ``cursor.revision``. None if the demultiplexer has already passed
+        events the watch has not read: it reads on by itself and tries again.
         """
         with self.lock:
             if self.cursor is None:
@@ -134,41 +150,44 @@ class Demux:
                 self._advance()
                 c = self.cursor
                 if c is None or c.epoch != cursor.epoch or c.revision > cursor.revision:
-                    return False  # (None: the advance failed every watch; retry afresh)
-            w._after = cursor.revision
-            w._saved = cursor
+                    return None  # (None: the advance failed every watch; retry afresh)
+            w = Inbox(prefix, index, cursor)
             ref = weakref.ref(w)
-            if w._index is None:
+            if w.index is None:
                 self._by_len.setdefault(len(w.prefix), {}).setdefault(w.prefix, []).append(ref)
             else:
-                self._by_ix.setdefault(w._index, []).append(ref)
+                self._by_ix.setdefault(w.index, []).append(ref)
             self._count += 1
             if self._thread is None:
                 t = threading.Thread(target=self._run, daemon=True,
                                      name=f"shmcache-watch-{self._name}")
                 self._thread = t
                 t.start()
-            return True
+            return w
 
-    def leave(self, w: JoinedWatch) -> None:
+    def leave(self, w: Inbox) -> None:
         with self.lock:
             self._remove(w)
 
-    def leave_soon(self, w: JoinedWatch) -> None:
-        """``leave`` if the lock is free now; otherwise the next sweep drops ``w`` (closed)."""
+    def leave_soon(self, w: Inbox) -> None:
+        """Close ``w`` (a poll waiting on it returns) and ``leave`` if the lock is free now;
+        otherwise the next sweep drops it. Takes no lock it would wait for: a Watch's
+        close() may run in a signal handler that interrupted the lock's holder."""
+        w.closed = True
         if self.lock.acquire(blocking=False):
             try:
                 self._remove(w)
             finally:
                 self.lock.release()
+        w.ready.ring()
 
-    def _remove(self, w: JoinedWatch) -> None:
+    def _remove(self, w: Inbox) -> None:
         self._unread.pop(id(w), None)
-        if w._index is None:
+        if w.index is None:
             table = self._by_len.get(len(w.prefix))
             refs = table.get(w.prefix) if table is not None else None
         else:
-            refs = self._by_ix.get(w._index)
+            refs = self._by_ix.get(w.index)
         for ref in refs or ():
             if ref() is w:
                 refs.remove(ref)  # type: ignore[union-attr]
@@ -199,7 +218,7 @@ class Demux:
             if ref() is None:
                 del self._unread[i]
 
-    def _watches(self) -> list[JoinedWatch]:
+    def _watches(self) -> list[Inbox]:
         refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
         refs += [r for rs in self._by_ix.values() for r in rs]
         return [w for w in (r() for r in refs) if w is not None]
@@ -212,7 +231,7 @@ class Demux:
     def async_waiter_count(self) -> int:
         """asyncio futures waiting for a joined watch's events."""
         with self.lock:
-            return sum(len(w._async) for w in self._watches())
+            return sum(len(w.futures) for w in self._watches())
 
     def thread(self) -> threading.Thread | None:
         with self.lock:
@@ -220,41 +239,42 @@ class Demux:
 
     # -- a joined Watch's reads ---------------------------------------------------------
 
-    def take(self, w: JoinedWatch) -> list[Event]:
-        """The events queued for ``w`` (advancing first if the writer published); [] if none.
+    def take(self, w: Inbox) -> tuple[list[Event], int]:
+        """The events queued for ``w`` (advancing first if the writer published), [] if
+        none, and the revision the watch has now read up to (0: unknown).
 
         Raises the watch's error (CompactedError...) once its queue is empty.
         """
         with self.lock:
             if self._ctl.word() != self._seen:
                 self._advance()
-            if w._q:
-                out = w._q
-                w._q = []
+            if w.events:
+                out = w.events
+                w.events = []
                 self._unread.pop(id(w), None)
             else:
-                if w._error is not None:
-                    raise w._error
+                if w.error is not None:
+                    raise w.error
                 out = []
-            w._ready.clear()
+            w.ready.clear()
             c = self.cursor
-            if c is not None and w._error is None:
-                w.revision = max(w.revision, c.revision)
-                w._saved = c.copy()  # where to resume in a forked child (Watch._rejoin)
-            return out
+            if c is not None and w.error is None:
+                w.saved = c.copy()  # where to resume in a forked child (Watch._rejoin)
+                return out, c.revision
+            return out, 0
 
-    def add_async(self, w: JoinedWatch, fut: asyncio.Future[None]) -> bool:
+    def add_async(self, w: Inbox, fut: asyncio.Future[None]) -> bool:
         """Resolve ``fut`` when ``w`` has events or an error; False if it has some already."""
         with self.lock:
-            if w._q or w._error is not None:
+            if w.events or w.error is not None:
                 return False
-            w._async.append(fut)
+            w.futures.append(fut)
             return True
 
-    def discard_async(self, w: JoinedWatch, fut: asyncio.Future[None]) -> None:
+    def discard_async(self, w: Inbox, fut: asyncio.Future[None]) -> None:
         with self.lock:
-            if fut in w._async:
-                w._async.remove(fut)
+            if fut in w.futures:
+                w.futures.remove(fut)
 
     # -- reading and handing out --------------------------------------------------------
 
@@ -278,7 +298,7 @@ class Demux:
             # gets the error once it has read what was queued before it.
             watches = self._watches()
             for w in watches:
-                w._error = exc
+                w.error = exc
             self._by_len.clear()
             self._by_ix.clear()
             self._unread.clear()
@@ -321,9 +341,8 @@ class Demux:
             if w is not None:
                 # Its record was overwritten before it read it: as if the ring had
                 # lapped it. The others go on.
-                w._q = []
-                w._error = w._saved.lapped() if w._saved is not None else CompactedError(
-                    f"watch on cache {self._name!r} fell behind", compact_revision=0)
+                w.events = []
+                w.error = w.saved.lapped()
                 self._remove(w)
                 cut.append(w)
         self._notify(cut)
@@ -331,7 +350,7 @@ class Demux:
     def _dispatch(self, records: list[Record], where: str) -> None:
         by_len = list(self._by_len.items())
         by_ix = self._by_ix
-        touched: dict[int, JoinedWatch] = {}
+        touched: dict[int, Inbox] = {}
         n = 0
         for rev, payload, pos in records:
             # (decode_indexed: decode() would strip the same tuples of their index values)
@@ -346,7 +365,7 @@ class Demux:
                     if refs is not None:
                         for ref in refs:
                             w = ref()
-                            if w is not None and rev > w._after and not w._closed:
+                            if w is not None and rev > w.after and not w.closed:
                                 self._queue(w, ref, ev, pos, touched)
                                 n += 1
                 if by_ix:
@@ -355,39 +374,39 @@ class Demux:
         self._notify(list(touched.values()))
 
     def _dispatch_indexed(self, ev: Event, key: bytes, rev: int, pos: int, ix: Any, pix: Any,
-                          touched: dict[int, JoinedWatch]) -> int:
+                          touched: dict[int, Inbox]) -> int:
         n = 0
         seen: set[int] = set()
         for (i, value), refs in self._by_ix.items():
             if value in vals(ix, i) or value in vals(pix, i):
                 for ref in refs:
                     w = ref()
-                    if w is not None and rev > w._after and key.startswith(w.prefix) \
-                            and id(w) not in seen and not w._closed:
+                    if w is not None and rev > w.after and key.startswith(w.prefix) \
+                            and id(w) not in seen and not w.closed:
                         seen.add(id(w))
                         self._queue(w, ref, ev, pos, touched)
                         n += 1
         return n
 
-    def _queue(self, w: JoinedWatch, ref: weakref.ref[JoinedWatch], ev: Event, pos: int,
-               touched: dict[int, JoinedWatch]) -> None:
+    def _queue(self, w: Inbox, ref: weakref.ref[Inbox], ev: Event, pos: int,
+               touched: dict[int, Inbox]) -> None:
         """Append ``ev``, of the record at ring position ``pos``, to ``w``'s queue."""
-        if not w._q:
+        if not w.events:
             # Its oldest unread record from now on. pop first: the id of a watch that
             # died with events queued may be reused, and the entry must move to the end.
             self._unread.pop(id(w), None)
             self._unread[id(w)] = (ref, pos)
-        w._q.append(ev)
+        w.events.append(ev)
         touched[id(w)] = w
 
-    def _notify(self, watches: list[JoinedWatch]) -> None:
+    def _notify(self, watches: list[Inbox]) -> None:
         by_loop: dict[Any, list[asyncio.Future[None]]] = {}
         for w in watches:
-            w._ready.ring()
-            if w._async:
-                for fut in w._async:
+            w.ready.ring()
+            if w.futures:
+                for fut in w.futures:
                     by_loop.setdefault(fut.get_loop(), []).append(fut)
-                w._async = []
+                w.futures = []
         for loop, futs in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve_all, futs)
@@ -446,9 +465,9 @@ class Demux:
 _DEMUXES: PerReader[Demux] = PerReader(Demux)
 
 
-def _open(ref: weakref.ref[JoinedWatch]) -> bool:
+def _open(ref: weakref.ref[Inbox]) -> bool:
     w = ref()
-    return w is not None and not w._closed
+    return w is not None and not w.closed
 
 
 def demux_of(reader: ReaderHandle) -> Demux:

@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING
 
 from ..format import codec as _codec
 from ..format.indexspec import vals
-from ..ipc.futex import Bell
 from ..types import Event
 from . import demux as _demux
 from .cursor import Record, RingCursor
 from .view import range_end
 
 if TYPE_CHECKING:
-    import asyncio
 
     from .owner import ReaderHandle
 
@@ -56,13 +54,8 @@ class Watch:
         # Reading on its own: this cursor. Joined: None, and the fields below.
         self._cursor: RingCursor | None = RingCursor(reader, b, seg, pos, since)
         self._demux: _demux.Demux | None = None
-        # Guarded by the demux's lock (see shmcache/reader/demux.py).
-        self._q: list[Event] = []
-        self._error: BaseException | None = None
-        self._after = 0  # events at or below this revision were read before joining
-        self._saved: RingCursor | None = None  # the position after the last take
-        self._async: list[asyncio.Future[None]] = []
-        self._ready = Bell()  # rung by the demultiplexer (joined) and by close()
+        self._inbox: _demux.Inbox | None = None  # the demultiplexer's, read through take()
+        self._error: BaseException | None = None  # the inbox's, kept by a forked child
         self.revision = max(since, 0)
         self._pending: collections.deque[Event] = collections.deque()
         self._closed = False
@@ -77,10 +70,9 @@ class Watch:
         """Stop. Idempotent; any thread, or a signal handler: takes no lock (the
         demultiplexer drops a closed watch itself when its lock is busy)."""
         self._closed = True
-        d = self._demux
-        if d is not None and d.pid == os.getpid():
-            d.leave_soon(self)
-        self._ready.ring()  # a poll waiting in another thread returns
+        d, inbox = self._demux, self._inbox
+        if d is not None and inbox is not None and d.pid == os.getpid():
+            d.leave_soon(inbox)  # (rings its Bell: a poll waiting in another thread returns)
 
     @property
     def closed(self) -> bool:
@@ -124,27 +116,28 @@ class Watch:
         The queued events were not handed out yet; they are read again from the
         ring, so none is lost or repeated.
         """
-        saved = self._saved
-        self._demux = None
-        self._q, self._async = [], []
-        self._ready = Bell()
-        if self._error is not None:
+        inbox = self._inbox
+        assert inbox is not None
+        self._demux = self._inbox = None
+        if inbox.error is not None:
+            self._error = inbox.error
             return
-        assert saved is not None
-        c = saved.copy()
-        c.since = max(c.since, self._after)
+        c = inbox.saved.copy()
+        c.since = max(c.since, inbox.after)
         c.revision = max(c.revision, c.since)
         self._cursor = c
 
     def _read(self) -> list[Event]:
         self._reader._check_read()
-        d = self._demux
-        if d is not None:
+        d, inbox = self._demux, self._inbox
+        if d is not None and inbox is not None:
             if d.pid == os.getpid():
-                return d.take(self)
+                events, revision = d.take(inbox)
+                self.revision = max(self.revision, revision)
+                return events
             self._rejoin()
-            if self._error is not None:
-                raise self._error
+        if self._error is not None:
+            raise self._error
         c = self._cursor
         assert c is not None
         records = c.read()
@@ -152,9 +145,12 @@ class Watch:
         self.revision = max(self.revision, c.revision)
         if not self._closed:
             d = _demux.demux_of(self._reader)
-            if d.join(self, c):
+            inbox = d.join(self.prefix, self._index, c)
+            if inbox is not None:
                 self._cursor = None
-                self._demux = d
+                self._demux, self._inbox = d, inbox
+                if self._closed:  # close() ran meanwhile, before there was an inbox to close
+                    d.leave_soon(inbox)
         return events
 
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
@@ -182,8 +178,9 @@ class Watch:
                 remaining = 0.5 if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                if self._demux is not None:
-                    self._ready.wait(min(remaining, 0.5))
+                inbox = self._inbox
+                if inbox is not None:
+                    inbox.ready.wait(min(remaining, 0.5))
                 else:
                     ctl.wait(word, min(remaining, 0.5))
             return []
