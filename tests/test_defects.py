@@ -25,6 +25,7 @@ import shmcache
 from shmcache.cli import check as _check
 from shmcache.format import control, layout, ring
 from shmcache.ipc import shm as _shm
+from shmcache.ipc.liveness import process_start_ticks
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn
 from tests.test_service import FakeSystemd, _scrape, _writer_log, systemd  # noqa: F401
@@ -242,7 +243,7 @@ def test_a_killed_unreaped_writer_is_not_alive(
             st = r.status()
             assert st.writer_pid == w.pid and not st.writer_alive
             assert r.get(unique_prefix + b"a") is not None
-        assert control.process_start_ticks(w.pid) is None
+        assert process_start_ticks(w.pid) is None
         w.proc.wait()
     finally:
         w.close()
