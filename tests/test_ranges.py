@@ -287,3 +287,59 @@ def test_the_documented_shard_example() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     assert "`crc32(b\"/jobs/000120\")`\nis 1,361,627,507" in doc
     assert zlib.crc32(b"/jobs/000120") == 1_361_627_507 and 1_361_627_507 % 8 == 3
+
+
+@pytest.mark.parametrize("speedups", [True, False], ids=["c", "python"])
+def test_by_index_keys_only_and_shards_equal_etcd_filtered(
+        etcd_session: Any, etcd_client: Any, cache_name: str, unique_prefix: bytes,
+        monkeypatch: pytest.MonkeyPatch, speedups: bool) -> None:
+    """by_index with keys_only and shard=(i, n), paged, now and at a past revision, across
+    snapshots (a small snapshot cadence): etcd's range at that revision, filtered by the
+    node field, then by shard; the shards together are the unsharded answer."""
+    import json
+
+    from shmcache import indexseg
+
+    if not speedups:
+        monkeypatch.setattr(snapshot, "USE_SPEEDUPS", False)
+        monkeypatch.setattr(indexseg, "USE_SPEEDUPS", False)
+    p = unique_prefix
+    rng = random.Random(5)
+
+    def pod(node: int) -> bytes:
+        return json.dumps({"spec": {"nodeName": f"n{node}"}, "pad": "x" * 300}).encode()
+
+    txn(etcd_client, [("put", p + b"pod%03d" % i, pod(i % 3)) for i in range(90)])
+    w = WriterProcess(cache_name, etcd_session.endpoint, p, ring_size="1MiB",
+                      extra=["--index", "node=json:/spec/nodeName", "--snapshot-bytes", "20000"])
+    try:
+        w.start()
+        with shmcache.Reader(cache_name) as r:
+            past = r.revision
+            last = past
+            for _ in range(120):
+                k = p + b"pod%03d" % rng.randrange(110)
+                last = (put(etcd_client, k, pod(rng.randrange(3))) if rng.random() < 0.8
+                        else delete(etcd_client, k))
+            wait_rev(r, last)
+            for rev in (last, past):
+                at = None if rev == last else rev
+                kvs = [kv for kv in etcd(etcd_client, p, layout.prefix_range_end(p), rev)[0]]
+                for node in (b"n0", b"n2"):
+                    want = [kv for kv in kvs if json.loads(kv.value)["spec"]["nodeName"]
+                            == node.decode()]
+                    assert r.by_index("node", node, revision=at).items == want
+                    keys, _ = _pages(r.by_index, 6, at, index="node", value=node,
+                                     keys_only=True)
+                    assert keys == [kv._replace(value=b"") for kv in want]
+                    union: list[KeyValue] = []
+                    for i in range(3):
+                        part, revs = _pages(r.by_index, 4, at, index="node", value=node,
+                                            shard=(i, 3))
+                        assert part == [kv for kv in want if zlib.crc32(kv.key) % 3 == i]
+                        assert revs == {rev}
+                        union += part
+                    assert sorted(union) == want
+            assert r.control.block().snap_seq > 1  # type: ignore[union-attr]
+    finally:
+        w.close()
