@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 __all__ = ["as_bytes", "count", "opt_revision", "opt_seconds", "page_args", "read_args",
-           "revision", "seconds", "shard"]
+           "revision", "seconds", "shard", "shard_text"]
 
 
 def _kind(value: Any) -> str:
@@ -103,3 +103,14 @@ def shard(value: Any) -> tuple[int, int] | None:
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard must be (i, n) with n >= 1 and 0 <= i < n, not {value!r}")
     return int(i), int(n)
+
+
+def shard_text(text: str | None, name: str) -> tuple[int, int] | None:
+    """None, or a shard written ``I/N`` (the command line's ``--shard``), checked as ``shard``."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.isdigit() or not n.isdigit():
+        raise ValueError(f"{name} wants I/N (e.g. 0/4: the keys with crc32(key) % 4 == 0), "
+                         f"not {text!r}")
+    return shard((int(i), int(n)))
