@@ -275,7 +275,8 @@ def test_shards_partition_every_listing(
 def test_bad_shards_name_the_argument(writer: tuple[WriterProcess, bytes],
                                       reader: shmcache.Reader, bad: Any, exc: type) -> None:
     for call in (lambda: reader.list(shard=bad), lambda: reader.range(writer[1], shard=bad),
-                 lambda: list(reader.iter_list(shard=bad)), lambda: reader.watch(shard=bad)):
+                 lambda: list(reader.iter_list(shard=bad)), lambda: reader.watch(shard=bad),
+                 lambda: reader.by_index("node", "n1", shard=bad)):
         with pytest.raises(exc, match="shard"):
             call()
 
@@ -341,5 +342,46 @@ def test_by_index_keys_only_and_shards_equal_etcd_filtered(
                         union += part
                     assert sorted(union) == want
             assert r.control.block().snap_seq > 1  # type: ignore[union-attr]
+    finally:
+        w.close()
+
+
+def test_range_and_count_across_an_epoch(etcd_session: Any, etcd_client: Any, cache_name: str,
+                                         unique_prefix: bytes) -> None:
+    """A Reader kept across a history reset (a writer restarted with other index
+    definitions relists: a new epoch) answers range and count as etcd does; a range's token
+    of the old epoch is an ExpiredTokenError (a CompactedError and a ValueError)."""
+    import time
+
+    from shmcache.errors import ExpiredTokenError
+
+    p = unique_prefix
+    _load(etcd_client, p, 120)
+    w = WriterProcess(cache_name, etcd_session.endpoint, p)
+    try:
+        w.start()
+        with shmcache.Reader(cache_name) as r:
+            epoch = r.status().epoch
+            key, end = p + b"k0010", p + b"k0100"
+            tok = r.range(key, end, limit=20, keys_only=True).continue_token
+            assert tok is not None
+            w.terminate()
+            w.args += ["--index", "node=json:/spec/nodeName"]
+            w.start()
+            deadline = time.monotonic() + 15
+            while r.status().epoch == epoch and time.monotonic() < deadline:
+                time.sleep(0.05)  # the new writer relists (restore refused)
+            assert r.status().epoch > epoch
+            with pytest.raises(ExpiredTokenError) as info:
+                r.range(key, end, limit=20, continue_token=tok)
+            assert isinstance(info.value, shmcache.CompactedError)
+            assert isinstance(info.value, ValueError)
+            last = delete(etcd_client, p + b"k0050")
+            wait_rev(r, last)
+            want, n = etcd(etcd_client, key, end, last)
+            assert r.range(key, end).items == want
+            assert r.count(key, range_end=end) == shmcache.CountResult(n, last) and n == 89
+            assert _pages(r.range, 7, None, key=key, range_end=end, shard=(0, 2))[0] == \
+                [kv for kv in want if zlib.crc32(kv.key) % 2 == 0]
     finally:
         w.close()
