@@ -195,8 +195,8 @@ def count_at(v: View, start: bytes, end: bytes | None, revision: int, current: i
     snap = v.snap
     assert snap is not None
     n = (snap.count if end is None else snap.bisect(end)) - snap.bisect(start)
-    for k, kv in v.changed(start, end, -1, keys_only=True):
-        n += (kv is not None) - (snap.get(k, True) is not None)
+    changes = v.changed(start, end, -1, keys_only=True)
+    n += sum(kv is not None for _k, kv in changes) - snap.present([k for k, _kv in changes])
     if u is not None:
         pair, prev = v.pair, u.prev
         for k in u.keys_in(start, None, end):

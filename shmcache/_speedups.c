@@ -457,6 +457,41 @@ static PyObject *get_impl_flags(PyObject *const *fargs, int keys_only) {
     return result;
 }
 
+/* present(keys, params) -> int: how many of ``keys`` (a list of bytes) the snapshot
+ * holds, each found by get()'s verified probe (the entry's checksum before its key is
+ * compared); no value is copied. Reader.count's check of the keys changed since the
+ * snapshot, in one call. */
+static PyObject *snapshot_present(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(fargs[0]) || !PyTuple_Check(fargs[1])
+        || PyTuple_GET_SIZE(fargs[1]) != PARAMS_LEN) {
+        PyErr_SetString(PyExc_TypeError, "present() takes a list of keys and a 7-tuple");
+        return NULL;
+    }
+    geom_t g;
+    Py_buffer view;
+    PyObject *segment = PyTuple_GET_ITEM(fargs[1], PARAMS_LEN - 1);
+    if (geom_open(fargs[1], &g, &view) < 0) return named_damage(segment);
+    g.keys_only = 1;
+    Py_ssize_t found = 0;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(fargs[0]); j++) {
+        PyObject *key = PyList_GET_ITEM(fargs[0], j);
+        if (!PyBytes_Check(key)) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
+            return NULL;
+        }
+        PyObject *kv = lookup(&g, key);
+        if (kv == NULL) {
+            PyBuffer_Release(&view);
+            return named_damage(segment);
+        }
+        found += kv != Py_None;
+        Py_DECREF(kv);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(found);
+}
+
 /* Lexicographic comparison of two byte strings, like bytes' < / ==. */
 static int bcmp3(const unsigned char *a, uint64_t alen, const unsigned char *b, uint64_t blen) {
     int c = memcmp(a, b, alen < blen ? alen : blen);
@@ -1259,6 +1294,8 @@ static PyMethodDef methods[] = {
     {"range", (PyCFunction)(void (*)(void))snapshot_range, METH_FASTCALL,
      "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype"
      "[, keys_only, shard_i, shard_n]) -> list"},
+    {"present", (PyCFunction)(void (*)(void))snapshot_present, METH_FASTCALL,
+     "present(keys, params) -> int: how many of the keys the snapshot holds (see count)"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,
      "reader_get(key, state) -> KeyValue | None | state[6] (see reader.py)"},
     {"build", (PyCFunction)(void (*)(void))snapshot_build, METH_FASTCALL,

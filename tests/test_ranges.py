@@ -86,6 +86,9 @@ def test_range_count_and_keys_only_equal_etcd_now_and_in_the_past(
         ops.append(("delete", p + b"k%04d" % j, b"") if j % 2 else
                    ("put", p + b"k%04d" % j, b"changed"))
         ops.append(("put", p + b"k%04da" % j, b"new"))
+    # More keys new than old among the changes (a count that swapped the two would
+    # otherwise come out right).
+    ops += [("put", p + b"k%04db" % j, b"new") for j in (11, 12, 101, 102, 250, 296)]
     now = txn(etcd_client, ops)
     wait_rev(reader, now)
     for rev in (now, past):
