@@ -6,8 +6,10 @@ Reader has one Demux per process. Watches join it once they have caught up on
 their own (shmcache/_watch.py); from then on one RingCursor reads each new
 record, decodes it once, and appends each event to the queues of the watches
 it matches, found through an index of watches by prefix (one dict lookup per
-distinct prefix length) and by (secondary index, value). Only the watches that
-got events are woken.
+distinct prefix length), by (prefix, shard) (one crc32 of the key, then one
+lookup per distinct (prefix length, shard count): a process's sharded watch
+costs what an unsharded one on its share of the keys does) and by (secondary
+index, value). Only the watches that got events are woken.
 
 Who advances it: a daemon thread per (Reader, process), asleep on the writer's
 futex word while watches are joined (it exits about 0.5 s after the last one
@@ -42,10 +44,12 @@ import os
 import threading
 import time
 import weakref
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from . import _codec, _shm, ring
 from ._cursor import SEALED, Record, RingCursor
+from ._history import in_shard
 from ._indexdef import vals
 from ._perprocess import PerReader
 from .errors import CompactedError, ShmCacheError
@@ -64,6 +68,9 @@ __all__ = ["Demux", "demux_of"]
 _SLICE = 0.5
 # The thread exits after this long without joined watches.
 _IDLE_EXIT = 0.5
+_crc32 = zlib.crc32
+# (prefix length[, shard count]) -> (prefix[, shard]) -> watches.
+_Tables = dict[Any, dict[Any, list["weakref.ref[Watch]"]]]
 
 
 def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
@@ -86,7 +93,9 @@ class Demux:
         # prefix length -> prefix -> watches; (index position, value) -> watches. Weak
         # references: a watch dropped without close() (a loop left with break) is
         # forgotten, not fed forever; the thread sweeps the dead ones out.
-        self._by_len: dict[int, dict[bytes, list[weakref.ref[Watch]]]] = {}
+        self._by_len: _Tables = {}
+        # (prefix length, shard count n) -> (prefix, shard i) -> sharded watches.
+        self._by_shard: _Tables = {}
         self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Watch]]] = {}
         self._count = 0
         # id(watch) -> (its reference, ring position of the oldest record it has unread
@@ -119,11 +128,9 @@ class Demux:
                     return False  # (None: the advance failed every watch; retry afresh)
             w._after = cursor.revision
             w._saved = cursor
-            ref = weakref.ref(w)
-            if w._index is None:
-                self._by_len.setdefault(len(w.prefix), {}).setdefault(w.prefix, []).append(ref)
-            else:
-                self._by_ix.setdefault(w._index, []).append(ref)
+            refs = self._refs(w, create=True)
+            assert refs is not None
+            refs.append(weakref.ref(w))
             self._count += 1
             if self._thread is None:
                 t = threading.Thread(target=self._run, daemon=True,
@@ -144,13 +151,25 @@ class Demux:
             finally:
                 self.lock.release()
 
+    def _refs(self, w: Watch, create: bool) -> list[weakref.ref[Watch]] | None:
+        """The list of ``w``'s table that holds (or will hold) its reference."""
+        if w._index is not None:
+            return self._by_ix.setdefault(w._index, []) if create else self._by_ix.get(w._index)
+        outer: _Tables
+        okey: Any
+        ikey: Any
+        if w.shard is None:
+            outer, okey, ikey = self._by_len, len(w.prefix), w.prefix
+        else:
+            outer, okey, ikey = self._by_shard, (len(w.prefix), w.shard[1]), (w.prefix, w.shard[0])
+        if create:
+            return outer.setdefault(okey, {}).setdefault(ikey, [])
+        table = outer.get(okey)
+        return table.get(ikey) if table is not None else None
+
     def _remove(self, w: Watch) -> None:
         self._unread.pop(id(w), None)
-        if w._index is None:
-            table = self._by_len.get(len(w.prefix))
-            refs = table.get(w.prefix) if table is not None else None
-        else:
-            refs = self._by_ix.get(w._index)
+        refs = self._refs(w, create=False)
         for ref in refs or ():
             if ref() is w:
                 refs.remove(ref)  # type: ignore[union-attr]
@@ -160,16 +179,17 @@ class Demux:
 
     def _prune(self) -> None:
         """Drop dead references, closed watches and empty entries."""
-        for length, table in list(self._by_len.items()):
-            for prefix, refs in list(table.items()):
-                live = [r for r in refs if _open(r)]
-                self._count -= len(refs) - len(live)
-                if live:
-                    table[prefix] = live
-                else:
-                    del table[prefix]
-            if not table:
-                del self._by_len[length]
+        for outer in (self._by_len, self._by_shard):
+            for length, table in list(outer.items()):
+                for prefix, refs in list(table.items()):
+                    live = [r for r in refs if _open(r)]
+                    self._count -= len(refs) - len(live)
+                    if live:
+                        table[prefix] = live
+                    else:
+                        del table[prefix]
+                if not table:
+                    del outer[length]
         for key, refs in list(self._by_ix.items()):
             live = [r for r in refs if _open(r)]
             self._count -= len(refs) - len(live)
@@ -183,6 +203,7 @@ class Demux:
 
     def _watches(self) -> list[Watch]:
         refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
+        refs += [r for t in self._by_shard.values() for rs in t.values() for r in rs]
         refs += [r for rs in self._by_ix.values() for r in rs]
         return [w for w in (r() for r in refs) if w is not None]
 
@@ -262,6 +283,7 @@ class Demux:
             for w in watches:
                 w._error = exc
             self._by_len.clear()
+            self._by_shard.clear()
             self._by_ix.clear()
             self._unread.clear()
             self._count = 0
@@ -312,6 +334,7 @@ class Demux:
 
     def _dispatch(self, records: list[Record], where: str) -> None:
         by_len = list(self._by_len.items())
+        by_shard = list(self._by_shard.items())
         by_ix = self._by_ix
         touched: dict[int, Watch] = {}
         n = 0
@@ -331,6 +354,16 @@ class Demux:
                             if w is not None and rev > w._after and not w._closed:
                                 self._queue(w, ref, ev, pos, touched)
                                 n += 1
+                if by_shard:
+                    h = _crc32(key)
+                    for (length, count), stable in by_shard:
+                        refs = stable.get((key[:length], h % count))
+                        if refs is not None:
+                            for ref in refs:
+                                w = ref()
+                                if w is not None and rev > w._after and not w._closed:
+                                    self._queue(w, ref, ev, pos, touched)
+                                    n += 1
                 if by_ix:
                     n += self._dispatch_indexed(ev, key, rev, pos, ix, pix, touched)
         self.delivered += n
@@ -345,7 +378,8 @@ class Demux:
                 for ref in refs:
                     w = ref()
                     if w is not None and rev > w._after and key.startswith(w.prefix) \
-                            and id(w) not in seen and not w._closed:
+                            and id(w) not in seen and not w._closed and (
+                                w.shard is None or in_shard(key, w.shard)):
                         seen.add(id(w))
                         self._queue(w, ref, ev, pos, touched)
                         n += 1

@@ -256,9 +256,10 @@ class AsyncWatch:
 
     def __init__(self, reader: Reader, prefix: bytes | str = b"",
                  since_revision: int | None = None, *,
-                 index: tuple[str, bytes | str] | None = None) -> None:
+                 index: tuple[str, bytes | str] | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         self._reader = reader
-        self._watch: Watch = reader.watch(prefix, since_revision, index=index)
+        self._watch: Watch = reader.watch(prefix, since_revision, index=index, shard=shard)
         self._pending: collections.deque[Event] = collections.deque()
         self._waiting: list[asyncio.Future[None]] = []
 
