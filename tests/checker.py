@@ -31,6 +31,7 @@ test_checker_finds_no_divergence_under_faults, tests/test_checker.py) or a soak 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -47,7 +48,6 @@ import shmcache
 from tests import checker_faults
 from tests.checker_faults import StepOverrun
 from tests.checker_workload import KEYS, PREFIX, workload
-from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
 
 UNVERIFIABLE = object()  # etcd no longer has the history to compare with
@@ -70,6 +70,7 @@ class Report:
     closed_calls: int = 0
     corrupt_errors: int = 0
     enospc_logged: int = 0  # the writer's log lines about an ENOSPC (writer_enospc)
+    swaps_ahead: int = 0  # cluster swaps whose new cluster was ahead of the old one's revision
     faults: dict[str, int] = field(default_factory=dict)
     # flip_* faults that found no such segment (no overlay while indexes are kept).
     no_segment: dict[str, int] = field(default_factory=dict)
@@ -101,6 +102,8 @@ class Report:
         skipped = "".join(f"\n  {s}" for s in self.skipped)
         findings = "".join(f"\n  finding: {f}" for f in self.findings)
         kept = f"\n  writer log kept at {self.kept_log}" if self.kept_log else ""
+        if self.faults.get("cluster_swap"):
+            faults += f" (the new cluster ahead in revision: {self.swaps_ahead})"
         return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
                 f"lists verified {self.lists_verified}, gets verified {self.gets_verified}, "
                 f"past-revision reads verified {self.past_reads_verified}, by_index reads "
@@ -115,12 +118,14 @@ class Report:
 
 
 def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, idx: int,
-                flips: Any, indexed: bool) -> None:
+                flips: Any, indexed: bool, swaps: Any, cluster: Any) -> None:
     """List, watch, get, read the past and sync, verifying each against etcd.
 
     ``flips`` counts flipped bytes applied and restored (odd while one is in a segment):
     a CorruptSegmentError is expected only from reads that overlapped one. ``indexed``:
-    the writer keeps the index ``top=segment:0``.
+    the writer keeps the index ``top=segment:0``. ``swaps`` and ``cluster``: cluster swaps
+    begun and ended, and the id of the cluster behind ``endpoint`` (checker_faults.Clusters):
+    an answer is held against the cluster it came from.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import etcd3
@@ -140,15 +145,28 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                             f"in epoch {epoch}")
         last_seen[epoch] = max(rev, last_seen.get(epoch, 0))
 
-    def etcd_call(fn: Any, *args: Any) -> Any:
-        """etcd's answer, or UNVERIFIABLE if etcd compacted that history meanwhile."""
+    def answered_by(r: shmcache.Reader) -> int:
+        """The etcd cluster the view that answered last was loaded from."""
+        assert r._v.block is not None  # (internal: the block of that view)
+        return r._v.block.cluster_id
+
+    def settled(swaps_before: int, cid: int) -> bool:
+        """No cluster swap ran since ``swaps_before``, and ``cid`` is the live cluster."""
+        return swaps_before % 2 == 0 and swaps.value == swaps_before and cluster.value == cid
+
+    def etcd_call(cid: int, fn: Any, *args: Any) -> Any:
+        """etcd's answer, or UNVERIFIABLE if etcd compacted that history meanwhile, or if it
+        is not cluster ``cid`` (the one the answer to check came from) that answered."""
         for _ in range(50):  # etcd may be down (a fault): retry, it comes back
+            swaps_before = swaps.value
             try:
-                return fn(*args)
+                out = fn(*args)
             except Exception as exc:
                 if "compacted" in str(exc):
                     return UNVERIFIABLE
                 time.sleep(0.2)
+                continue
+            return out if settled(swaps_before, cid) else UNVERIFIABLE
         return UNVERIFIABLE
 
     r: shmcache.Reader | None = None
@@ -159,7 +177,8 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 r = shmcache.Reader(name, timeout=30)
             res = r.list(PREFIX)
             monotonic(r, res.revision)
-            at_start = etcd_call(etcd_range, client, PREFIX, res.revision)
+            cid = answered_by(r)  # (the watch below goes on in the list's epoch, or raises)
+            at_start = etcd_call(cid, etcd_range, client, PREFIX, res.revision)
             if at_start is not UNVERIFIABLE:
                 if res.items != at_start:
                     problems.append(f"reader {idx}: list at {res.revision} differs from etcd "
@@ -172,7 +191,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                     got.extend(w.poll(timeout=0.1))
                 if got:
                     problem = verify_watch(idx, endpoint, res.revision, got, at_start,
-                                           etcd_call)
+                                           lambda fn, *a, cid=cid: etcd_call(cid, fn, *a))
                     if problem is not UNVERIFIABLE:
                         if problem is not None:
                             problems.append(str(problem))
@@ -184,7 +203,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 after = r.revision
                 monotonic(r, after)
                 if before == after:
-                    want_kv = etcd_call(etcd_get, client, k, after)
+                    want_kv = etcd_call(answered_by(r), etcd_get, client, k, after)
                     if want_kv is not UNVERIFIABLE:
                         if kv != want_kv:
                             problems.append(f"reader {idx}: get {k!r} at {after}: {kv} != "
@@ -199,7 +218,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
             try:
                 if indexed:
                     ires = r.by_index("top", top, revision=at)
-                    want = etcd_call(etcd_range, client, PREFIX, ires.revision)
+                    want = etcd_call(answered_by(r), etcd_range, client, PREFIX, ires.revision)
                     if want is not UNVERIFIABLE:
                         want = [kv for kv in want
                                 if kv.key[len(PREFIX):].split(b"/")[0] == top]
@@ -223,7 +242,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                     return r.by_index("top", top, limit=size, continue_token=tok)
                 try:
                     page = read(None)
-                    first_rev, items = page.revision, list(page.items)
+                    first_rev, items, cid = page.revision, list(page.items), answered_by(r)
                     while page.continue_token is not None and not stop.is_set():
                         time.sleep(rnd.choice([0, 0, 0.01, 0.05]))
                         page = read(page.continue_token)
@@ -232,7 +251,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                                             f"first at {first_rev}")
                         items.extend(page.items)
                     if page.continue_token is None:
-                        want = etcd_call(etcd_range, client, PREFIX, first_rev)
+                        want = etcd_call(cid, etcd_range, client, PREFIX, first_rev)
                         if want is not UNVERIFIABLE:
                             if top is not None:
                                 want = [kv for kv in want
@@ -249,7 +268,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 past = rnd.randrange(st.oldest_watchable_revision, st.revision + 1)
                 try:
                     pres = r.list(PREFIX, revision=past)
-                    want = etcd_call(etcd_range, client, PREFIX, past)
+                    want = etcd_call(answered_by(r), etcd_range, client, PREFIX, past)
                     if want is not UNVERIFIABLE:
                         if pres.items != want:
                             problems.append(f"reader {idx}: list at past revision {past} differs "
@@ -258,13 +277,16 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 except shmcache.CompactedError:
                     counts["explicit"] += 1
             if rnd.random() < 0.3:
-                now = etcd_call(etcd_current_revision, client)
+                swaps_before = swaps.value
+                now = etcd_call(cluster.value, etcd_current_revision, client)
                 if now is not UNVERIFIABLE:
                     try:
                         s = r.sync(timeout=5)
-                        if s < now:
-                            problems.append(f"reader {idx}: sync returned {s} below etcd's {now}")
-                        counts["syncs"] += 1
+                        if settled(swaps_before, answered_by(r)):
+                            if s < now:
+                                problems.append(f"reader {idx}: sync returned {s} below "
+                                                f"etcd's {now}")
+                            counts["syncs"] += 1
                     except shmcache.TimeoutError:
                         counts["explicit"] += 1
             if rnd.random() < 0.05:  # detach and attach again
@@ -367,7 +389,7 @@ def victim_reader(name: str) -> None:
 FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
           "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach",
           "reader_close_thread", "reader_close_signal", "writer_enospc",
-          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index"]
+          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index", "cluster_swap"]
 # Flips in the control segment: its block and prefix have no checksum yet (issue 19), so a
 # flipped byte there can be a silent wrong answer; drawn only when asked for by name.
 CONTROL_FLIPS = ["flip_control_block", "flip_control_prefix"]
@@ -400,10 +422,14 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         report.faults[kind] = report.faults.get(kind, 0) + 1
         log(f"  fault: {kind}")
 
-    with EtcdServer(binary=etcd_binary) as etcd:
+    swaps, cluster = ctx.Value("q", 0), ctx.Value("Q", 0)
+    clusters = checker_faults.Clusters(etcd_binary, swaps, cluster)
+    clusters.start()
+    endpoint = clusters.live.endpoint  # (a cluster swap keeps it)
+    with contextlib.closing(clusters):
         # The writer checks itself against etcd every 2 s meanwhile: under every fault
         # below it must never report a mismatch (a false alarm would relist for nothing).
-        writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size,
+        writer = WriterProcess(name, endpoint, PREFIX, ring_size=ring_size,
                                extra=["--verify-interval", "2"]
                                # Without indexes the writer builds overlay segments,
                                # every 128 KiB of records (_overlays.OVERLAY_BYTES): let
@@ -417,13 +443,13 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         procs: list[Any] = []
         try:
             writer.start()
-            wl = ctx.Process(target=workload, args=(etcd.endpoint, seed, stop, counter))
+            wl = ctx.Process(target=workload, args=(endpoint, seed, stop, counter))
             wl.start()
             procs.append(wl)
             for i in range(readers):
                 p = ctx.Process(target=reader_loop,
-                                args=(name, etcd.endpoint, seed, stop, results, i, flips,
-                                      indexed))
+                                args=(name, endpoint, seed, stop, results, i, flips,
+                                      indexed, swaps, cluster))
                 p.start()
                 procs.append(p)
             def start_writer() -> None:
@@ -460,17 +486,17 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     time.sleep(rnd.uniform(1, 3))  # the workload overruns the small ring
                     os.kill(writer.pid, signal.SIGCONT)
                 elif kind == "etcd_kill":
-                    etcd.kill()
+                    clusters.live.kill()
                     time.sleep(rnd.uniform(0, 1))
-                    etcd.restart()
+                    clusters.live.restart()
                 elif kind == "etcd_unreachable":
-                    etcd.pause()
+                    clusters.live.pause()
                     time.sleep(rnd.uniform(0.5, 2))
-                    etcd.resume()
+                    clusters.live.resume()
                 elif kind == "compact_while_down":
                     writer.kill()
                     time.sleep(0.5)
-                    c = etcd.client()
+                    c = clusters.client()
                     try:
                         c.compact(etcd_current_revision(c), physical=True)
                     finally:
@@ -491,12 +517,12 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                 elif kind.startswith("reader_close_"):
                     # A Reader closed under its calls, from a thread or a signal handler.
                     report.divergences.extend(checker_faults.close_round(
-                        ctx, name, etcd.endpoint, PREFIX, kind.rsplit("_", 1)[1],
+                        ctx, name, endpoint, PREFIX, kind.rsplit("_", 1)[1],
                         rnd.randrange(1 << 30), indexed, results, step_limit + 60))
                 elif kind.startswith("flip_"):
                     flips.value += 1
                     try:
-                        got = checker_faults.flip_round(name, kind[len("flip_"):], etcd.client,
+                        got = checker_faults.flip_round(name, kind[len("flip_"):], clusters.client,
                                                         PREFIX, rnd)
                     finally:
                         flips.value += 1
@@ -504,6 +530,10 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                         report.no_segment[kind] = report.no_segment.get(kind, 0) + 1
                     else:
                         report.add(*got)
+                elif kind == "cluster_swap":
+                    # Another cluster, ahead in revision, behind the writer's etcd address.
+                    report.add(*clusters.swap(name, PREFIX, writer.log_path, step_limit, rnd))
+                    report.swaps_ahead = clusters.ahead
                 elif kind == "writer_enospc":
                     # Publishing fails for lack of space at some steps, part of the time:
                     # readers keep exact answers and the cache still catches up with etcd.
@@ -512,7 +542,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     start_writer()
                     time.sleep(rnd.uniform(2, 5))  # (a snapshot every few seconds)
                     report.divergences.extend(checker_faults.catches_up(
-                        name, etcd.client, step_limit, writer.env["SHMCACHE_FAULT"]))
+                        name, clusters.client, step_limit, writer.env["SHMCACHE_FAULT"]))
                     writer.kill()
                     writer.env = {}
                     start_writer()
@@ -550,7 +580,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     p.join()
             _collect(results, report)
             # The cache ends equal to etcd.
-            c = etcd.client()
+            c = clusters.client()
             try:
                 rev = etcd_current_revision(c)
                 with shmcache.Reader(name, timeout=30) as r:
