@@ -15,8 +15,9 @@ ring holds, etcd SIGKILL + restart, etcd unreachable (SIGSTOP), compaction past
 the writer's revision while it is down, a reader killed mid-read, readers
 attaching and detaching, a Reader closed from another thread or a signal handler
 in the middle of its calls, a writer whose publishing fails with ENOSPC at some
-steps, and a byte flipped for a moment in the ring, the snapshot, the overlay or
-the index segment (and, asked for by name, the control block or prefix)
+steps, a byte flipped for a moment in the ring, the snapshot, the overlay or
+the index segment or the control segment's block or prefix, and another etcd
+cluster, ahead in revision, put behind the writer's etcd address (cluster_swap)
 (tests/checker_faults.py). Every interruption must be seamless or an explicit
 error (CompactedError, StaleError, TimeoutError; the closed error from a closed
 Reader; CorruptSegmentError from a read that overlapped a flipped byte);
@@ -389,10 +390,8 @@ def victim_reader(name: str) -> None:
 FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
           "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach",
           "reader_close_thread", "reader_close_signal", "writer_enospc",
-          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index", "cluster_swap"]
-# Flips in the control segment: its block and prefix have no checksum yet (issue 19), so a
-# flipped byte there can be a silent wrong answer; drawn only when asked for by name.
-CONTROL_FLIPS = ["flip_control_block", "flip_control_prefix"]
+          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index", "flip_control_block",
+          "flip_control_prefix", "cluster_swap"]
 
 
 def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",

@@ -172,13 +172,13 @@ def test_a_wrong_answer_while_bytes_are_changed_is_a_divergence(
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "overlays"])
 def test_flipped_bytes_and_closed_readers_are_exact_answers_or_errors(indexed: bool) -> None:
-    """Bytes flipped for a moment in the ring, the snapshot and the index segment (with
-    indexes) or the overlay segment (without), and Readers closed under their calls from a
-    thread and from a signal handler: every answer equals etcd, every error is
-    CorruptSegmentError while a byte is flipped or the closed error, and a fresh Reader
-    equals etcd after each close. (The control block and prefix have no checksum yet:
-    issue 19; checker.CONTROL_FLIPS are not drawn here.)"""
-    flips = ["flip_ring", "flip_snapshot", "flip_index" if indexed else "flip_overlay"]
+    """Bytes flipped for a moment in the ring, the snapshot, the control segment's block and
+    prefix, and the index segment (with indexes) or the overlay segment (without), and
+    Readers closed under their calls from a thread and from a signal handler: every answer
+    equals etcd, every error is CorruptSegmentError while a byte is flipped or the closed
+    error, and a fresh Reader equals etcd after each close."""
+    flips = ["flip_ring", "flip_snapshot", "flip_control_block", "flip_control_prefix",
+             "flip_index" if indexed else "flip_overlay"]
     closes = ["reader_close_thread", "reader_close_signal"]
     report = checker.run(seconds=12, seed=19, readers=2, fault_every=0.8,
                          log=lambda *_: None, faults=flips + closes, indexed=indexed)
@@ -210,3 +210,43 @@ def test_the_enospc_fault_runs_or_is_skipped_with_its_reason() -> None:
         assert "writer_enospc" not in report.faults
         assert report.skipped == [f"writer_enospc skipped: {why}"], report.skipped
         assert f"writer_enospc skipped: {why}" in report.summary()
+
+
+def test_a_cluster_swap_is_followed_and_checked() -> None:
+    """cluster_swap: another etcd cluster, ahead in revision and holding other data, takes
+    the writer's etcd address. The checker finds the cache equal to the new cluster, the
+    watch opened before ended with CompactedError after the old cluster's events only, and
+    the writer's log naming the change; the readers hold each answer against the cluster
+    it came from, so the swap is no divergence of theirs."""
+    report = checker.run(seconds=8, seed=29, readers=2, fault_every=1.0, log=lambda *_: None,
+                         faults=["cluster_swap", "readers_attach_detach"])
+    print(report.summary())
+    assert not report.divergences, "\n".join(report.divergences[:10])
+    assert not report.findings, report.findings
+    swaps = report.faults.get("cluster_swap", 0)
+    assert swaps >= 1 and report.swaps_ahead == swaps, report.summary()
+    assert report.explicit_errors >= swaps  # (each swap's watch ended with CompactedError)
+    assert report.events_verified > 50 and report.lists_verified > 3 + swaps
+
+
+def test_events_of_another_cluster_in_a_watch_are_a_divergence(tmp_path: Path) -> None:
+    """The check of a watch opened before a swap reports events that are not the old
+    cluster's own (the new cluster's history read as a continuation, issue 19 item 1)."""
+    p = checker.PREFIX
+    with EtcdServer(data_dir=tmp_path / "a") as a, \
+            EtcdServer(data_dir=tmp_path / "b", name="other") as b:
+        ca, cb = a.client(), b.client()
+        try:
+            since = put(ca, p + b"k", b"a0")
+            for i in range(3):
+                put(ca, p + b"k", b"a%d" % (i + 1))
+                put(cb, p + b"k", b"b%d" % i)
+            put(cb, p + b"k", b"b3")
+            own = etcd_events(a.endpoint, p, since, etcd_range(ca, p)[0].mod_revision)
+            other = etcd_events(b.endpoint, p, since, etcd_range(cb, p)[0].mod_revision)
+        finally:
+            ca.close()
+            cb.close()
+        assert checker_faults._events_of(a, p, since, own) == []
+        problems = checker_faults._events_of(a, p, since, other)
+        assert problems and "a watch opened before the swap" in problems[0], problems
