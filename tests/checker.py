@@ -47,11 +47,10 @@ from typing import Any
 
 import shmcache
 from tests import checker_faults
+from tests.checker_etcd import UNVERIFIABLE, Clusters, verify_watch
 from tests.checker_faults import StepOverrun
 from tests.checker_workload import KEYS, PREFIX, workload
-from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
-
-UNVERIFIABLE = object()  # etcd no longer has the history to compare with
+from tests.helpers import WriterProcess, etcd_current_revision, etcd_get, etcd_range
 
 
 @dataclass
@@ -314,70 +313,6 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     client.close()
 
 
-def verify_watch(idx: int, endpoint: str, since: int, got: list[shmcache.Event],
-                 at_start: Any, etcd_call: Any) -> str | None | object:
-    """The cache's watch events from ``since`` against etcd's own watch from there: a
-    divergence, None if equal, or UNVERIFIABLE when etcd no longer has what it takes.
-
-    ``at_start`` is etcd's range at ``since`` (or UNVERIFIABLE); ``etcd_call(fn, *args)``
-    calls etcd, UNVERIFIABLE once it compacted that history.
-    """
-    want = etcd_call(etcd_events, endpoint, PREFIX, since, got[-1].revision)
-    if want is UNVERIFIABLE:
-        return UNVERIFIABLE
-    want = fill_omitted_prev_kvs(want, None if at_start is UNVERIFIABLE else at_start)
-    if want is UNVERIFIABLE:
-        return UNVERIFIABLE
-    return None if got == want else _diff_events(idx, since, got, want)
-
-
-def fill_omitted_prev_kvs(events: list[shmcache.Event],
-                          at_start: list[shmcache.KeyValue] | None) -> list[shmcache.Event] | object:
-    """etcd's watch events, each prev_kv that etcd left out filled in from its range at the
-    watch's start (``at_start``) and the events before; UNVERIFIABLE without that range.
-
-    etcd reads an event's prev_kv at the revision before the event and sends the
-    event without it once compaction has passed that revision: the first event of
-    a watch from the compact revision, and events still queued for a watch when a
-    compaction overtakes them. The writer fills such a prev_kv from its state,
-    which holds it exactly (Publisher.apply), so a watch from the cache rightly
-    has a prev_kv etcd's lacks. The previous value is etcd's all the same, read
-    from etcd's answers here; a prev_kv etcd did send is compared as sent.
-    """
-    state = {kv.key: kv for kv in at_start} if at_start is not None else None
-    out = []
-    for ev in events:
-        # A DELETE always has a previous value, a PUT unless it created the key.
-        if ev.prev_kv is None and (ev.type == "DELETE" or ev.kv.version > 1):
-            if state is None:
-                return UNVERIFIABLE
-            ev = ev._replace(prev_kv=state.get(ev.kv.key))
-        if state is not None:
-            if ev.type == "PUT":
-                state[ev.kv.key] = ev.kv
-            else:
-                state.pop(ev.kv.key, None)
-        out.append(ev)
-    return out
-
-
-def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
-    for i, (a, b) in enumerate(zip(got, want, strict=False)):
-        if a != b:
-            fields = [f for f in ("type", "revision") if getattr(a, f) != getattr(b, f)]
-            for part in ("kv", "prev_kv"):
-                x, y = getattr(a, part), getattr(b, part)
-                if (x is None) != (y is None):
-                    fields.append(f"{part}: {'None' if x is None else 'set'} vs "
-                                  f"{'None' if y is None else 'set'}")
-                elif x is not None and y is not None:
-                    fields += [f"{part}.{f}: {getattr(x, f)!r:.60} vs {getattr(y, f)!r:.60}"
-                               for f in x._fields if getattr(x, f) != getattr(y, f)]
-            return (f"reader {idx}: watch from {since} differs from etcd at event {i} "
-                    f"({a.type} {a.kv.key!r} at {a.revision}): {'; '.join(fields)}")
-    return (f"reader {idx}: watch from {since}: {len(got)} events, etcd has {len(want)}")
-
-
 def victim_reader(name: str) -> None:
     """A reader that is killed in the middle of its reads."""
     r = shmcache.Reader(name, timeout=30)
@@ -422,7 +357,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         log(f"  fault: {kind}")
 
     swaps, cluster = ctx.Value("q", 0), ctx.Value("Q", 0)
-    clusters = checker_faults.Clusters(etcd_binary, swaps, cluster)
+    clusters = Clusters(etcd_binary, swaps, cluster)
     clusters.start()
     endpoint = clusters.live.endpoint  # (a cluster swap keeps it)
     with contextlib.closing(clusters):

@@ -16,7 +16,7 @@ import pytest
 import shmcache
 from shmcache import control, layout
 from shmcache.snapshot import Snapshot
-from tests import checker, checker_faults
+from tests import checker, checker_etcd, checker_faults
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put
 from tests.test_consistency import _etcd_binaries
@@ -51,7 +51,7 @@ def test_a_prev_kv_etcd_could_no_longer_send_is_no_divergence(
             raw = etcd_events(etcd.endpoint, p, since, last)
             assert raw[0].prev_kv is None and raw[1].prev_kv is not None
             assert got[0].prev_kv == at_start[1]  # (b"k", b"1"), as etcd had it
-            assert "prev_kv: set vs None" in checker._diff_events(0, since, got, raw)
+            assert "prev_kv: set vs None" in checker_etcd._diff_events(0, since, got, raw)
 
             # From before the compact revision: etcd cancels the watch, and the checker
             # learns it at once (it retries what fails otherwise, up to 50 times).
@@ -63,18 +63,19 @@ def test_a_prev_kv_etcd_could_no_longer_send_is_no_divergence(
             def etcd_call(fn: Any, *args: Any) -> Any:
                 return fn(*args)
 
-            assert checker.verify_watch(0, etcd.endpoint, since, got, at_start, etcd_call) is None
+            verify = checker_etcd.verify_watch
+            assert verify(0, etcd.endpoint, since, got, at_start, etcd_call) is None
             # Without etcd's range at the start, that prev_kv cannot be checked.
-            assert checker.verify_watch(0, etcd.endpoint, since, got, checker.UNVERIFIABLE,
-                                        etcd_call) is checker.UNVERIFIABLE
+            assert verify(0, etcd.endpoint, since, got, checker_etcd.UNVERIFIABLE,
+                          etcd_call) is checker_etcd.UNVERIFIABLE
             # A wrong or a missing prev_kv in the cache is still a divergence.
             assert got[0].prev_kv is not None
             wrong = [got[0]._replace(prev_kv=got[0].prev_kv._replace(value=b"x")), *got[1:]]
             assert "prev_kv.value: b'x' vs b'1'" in str(
-                checker.verify_watch(0, etcd.endpoint, since, wrong, at_start, etcd_call))
+                checker_etcd.verify_watch(0, etcd.endpoint, since, wrong, at_start, etcd_call))
             missing = [got[0]._replace(prev_kv=None), *got[1:]]
             assert "prev_kv: None vs set" in str(
-                checker.verify_watch(0, etcd.endpoint, since, missing, at_start, etcd_call))
+                checker_etcd.verify_watch(0, etcd.endpoint, since, missing, at_start, etcd_call))
         finally:
             w.close()
             client.close()
@@ -247,6 +248,6 @@ def test_events_of_another_cluster_in_a_watch_are_a_divergence(tmp_path: Path) -
         finally:
             ca.close()
             cb.close()
-        assert checker_faults._events_of(a, p, since, own) == []
-        problems = checker_faults._events_of(a, p, since, other)
+        assert checker_etcd._events_of(a, p, since, own) == []
+        problems = checker_etcd._events_of(a, p, since, other)
         assert problems and "a watch opened before the swap" in problems[0], problems
