@@ -344,7 +344,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
     index ``top=segment:0`` (then it builds no overlay segments: ``flip_overlay`` needs
     ``indexed=False``). ``writer_enospc`` is skipped, and said so in the report, where
     this shmcache's SHMCACHE_FAULT has no ``enospc`` action. ``shm_full``: also fill
-    /dev/shm for a while (fault ``dev_shm_full``). Only where /dev/shm is this run's own
+    /dev/shm for a while (fault ``dev_shm_full``, the first fault of the run). Only where /dev/shm is this run's own
     tmpfs (the caller runs it in a mount namespace: test_consistency.py), never the host's.
     """
     rnd = random.Random(seed)
@@ -487,9 +487,12 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                 kinds.remove(kind)
                 report.skipped.append(f"{kind} skipped: {why}")
                 log(f"  {kind} skipped: {why}")
+            # Asked for on its own (shm_full), a full /dev/shm comes first, so that every
+            # run has it however the draws fall.
+            first = ["dev_shm_full"] if shm_full else []
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.5, fault_every))
-                kind = rnd.choice(kinds)
+                kind = first.pop() if first else rnd.choice(kinds)
                 fault(kind)
                 t0 = time.monotonic()
                 try:
