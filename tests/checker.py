@@ -344,8 +344,9 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
     index ``top=segment:0`` (then it builds no overlay segments: ``flip_overlay`` needs
     ``indexed=False``). ``writer_enospc`` is skipped, and said so in the report, where
     this shmcache's SHMCACHE_FAULT has no ``enospc`` action. ``shm_full``: also fill
-    /dev/shm for a while (fault ``dev_shm_full``, the first fault of the run). Only where /dev/shm is this run's own
-    tmpfs (the caller runs it in a mount namespace: test_consistency.py), never the host's.
+    /dev/shm for a while (fault ``dev_shm_full``, the run's first fault). Only where
+    /dev/shm is this run's own tmpfs (the caller runs it in a mount namespace:
+    test_consistency.py), never the host's.
     """
     rnd = random.Random(seed)
     report = Report(seed=seed, seconds=seconds)

@@ -146,7 +146,7 @@ class Clusters:
         equal the new cluster, and the writer's log (``writer_log``, a path) names the
         change. Returns (counts, problems) in reader_loop's terms; StepOverrun if the cache
         has not followed within ``limit`` seconds."""
-        new = self._standby_ahead(prefix, rnd)
+        new = self._standby_ahead(rnd)
         with open(writer_log, "rb") as f:
             log_from = f.seek(0, os.SEEK_END)
         problems: list[str] = []
@@ -192,7 +192,7 @@ class Clusters:
             problems += _events_of(old, prefix, since, events)
         return {"events": len(events), "lists": 1, "explicit": int(ended)}, problems
 
-    def _standby_ahead(self, prefix: bytes, rnd: random.Random) -> EtcdServer:
+    def _standby_ahead(self, rnd: random.Random) -> EtcdServer:
         """The other cluster, running at its own address, seeded with data of its own and
         written ahead of the live cluster's revision."""
         from etcd3.etcdrpc import rpc_pb2
