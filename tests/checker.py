@@ -18,7 +18,7 @@ in the middle of its calls, a writer whose publishing fails with ENOSPC at some
 steps, a byte flipped for a moment in the ring, the snapshot, the overlay or
 the index segment or the control segment's block or prefix, and another etcd
 cluster, ahead in revision, put behind the writer's etcd address (cluster_swap)
-(tests/checker_faults.py). Every interruption must be seamless or an explicit
+(tests/checker_faults.py, tests/checker_etcd.py). Every interruption must be seamless or an explicit
 error (CompactedError, StaleError, TimeoutError; the closed error from a closed
 Reader; CorruptSegmentError from a read that overlapped a flipped byte);
 anything else, a wrong answer above all, is a divergence.
