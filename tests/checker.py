@@ -406,7 +406,11 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     # Let the writer SIGKILL itself inside an append or a snapshot publish.
                     writer.kill()
                     point = rnd.choice(fault_points)
-                    writer.env = {"SHMCACHE_FAULT": f"{point}:0.05"}
+                    # Appends come many a second, snapshots a few: a probability each that
+                    # makes the writer die within seconds either way (a step that takes
+                    # longer than step_limit is a finding, and costs the run its time).
+                    prob = 0.05 if point == "append" else 0.5
+                    writer.env = {"SHMCACHE_FAULT": f"{point}:{prob}"}
                     writer.start(wait=False)
                     assert writer.proc is not None
                     try:
