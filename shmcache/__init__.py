@@ -22,7 +22,7 @@ from .errors import (
 from .reader.aio import AsyncWatch
 from .reader.reader import Reader, Watch
 from .reader.subscribe import Subscription
-from .types import Event, KeyValue, ListResult, Status
+from .types import CountResult, Event, KeyValue, ListResult, Status
 
 if TYPE_CHECKING:
     from .writer.writer import Writer
@@ -34,6 +34,7 @@ __all__ = [
     "CacheExistsError",
     "CompactedError",
     "CorruptSegmentError",
+    "CountResult",
     "Event",
     "FutureRevisionError",
     "InvalidNameError",

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 __all__ = ["as_bytes", "count", "opt_revision", "opt_seconds", "page_args", "read_args",
-           "revision", "seconds"]
+           "revision", "seconds", "shard", "shard_text"]
 
 
 def _kind(value: Any) -> str:
@@ -89,3 +89,28 @@ def page_args(limit: Any, rev: Any, continue_token: Any, min_revision: Any,
     if continue_token is not None and rev is not None:
         raise ValueError("pass continue_token or revision, not both (a token carries its "
                          "revision)")
+
+
+def shard(value: Any) -> tuple[int, int] | None:
+    """None, or a shard ``(i, n)``: ints with ``n >= 1`` and ``0 <= i < n`` (the keys with
+    ``zlib.crc32(key) % n == i``)."""
+    if value is None:
+        return None
+    if not isinstance(value, tuple) or len(value) != 2 or any(
+            isinstance(x, bool) or not isinstance(x, int) for x in value):
+        raise TypeError(f"shard must be a pair of ints (i, n), not {value!r}")
+    i, n = value
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard must be (i, n) with n >= 1 and 0 <= i < n, not {value!r}")
+    return int(i), int(n)
+
+
+def shard_text(text: str | None, name: str) -> tuple[int, int] | None:
+    """None, or a shard written ``I/N`` (the command line's ``--shard``), checked as ``shard``."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.isdigit() or not n.isdigit():
+        raise ValueError(f"{name} wants I/N (e.g. 0/4: the keys with crc32(key) % 4 == 0), "
+                         f"not {text!r}")
+    return shard((int(i), int(n)))

@@ -1,4 +1,4 @@
-"""The value types readers hand out: KeyValue, Event, ListResult, Status."""
+"""The value types readers hand out: KeyValue, Event, ListResult, CountResult, Status."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import base64
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
-__all__ = ["Event", "KeyValue", "ListResult", "Status"]
+__all__ = ["CountResult", "Event", "KeyValue", "ListResult", "Status"]
 
 
 class KeyValue(NamedTuple):
@@ -57,6 +57,15 @@ class ListResult:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass(frozen=True)
+class CountResult:
+    """A count read (``Reader.count``): ``count`` keys in the range, exact at ``revision``
+    (etcd's RangeResponse ``count`` and ``header.revision`` of a ``count_only`` range)."""
+
+    count: int
+    revision: int
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ ring holds, etcd SIGKILL + restart, etcd unreachable (SIGSTOP), compaction past
 the writer's revision while it is down, a reader killed mid-read, readers
 attaching and detaching, a Reader closed from another thread or a signal handler
 in the middle of its calls, a writer whose publishing fails with ENOSPC at some
-steps, and a byte flipped for a moment in the ring, the snapshot, the overlay or
-the index segment (and, asked for by name, the control block or prefix)
-(tests/checker_faults.py). Every interruption must be seamless or an explicit
+steps, a byte flipped for a moment in the ring, the snapshot, the overlay or
+the index segment or the control segment's block or prefix, and another etcd
+cluster, ahead in revision, put behind the writer's etcd address (cluster_swap)
+(tests/checker_faults.py, tests/checker_etcd.py). Every interruption must be seamless or an explicit
 error (CompactedError, StaleError, TimeoutError; the closed error from a closed
 Reader; CorruptSegmentError from a read that overlapped a flipped byte);
 anything else, a wrong answer above all, is a divergence.
@@ -31,6 +32,7 @@ test_checker_finds_no_divergence_under_faults, tests/test_checker.py) or a soak 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -45,12 +47,10 @@ from typing import Any
 
 import shmcache
 from tests import checker_faults
+from tests.checker_etcd import UNVERIFIABLE, Clusters, verify_watch
 from tests.checker_faults import StepOverrun
 from tests.checker_workload import KEYS, PREFIX, workload
-from tests.etcdserver import EtcdServer
-from tests.helpers import WriterProcess, etcd_current_revision, etcd_events, etcd_get, etcd_range
-
-UNVERIFIABLE = object()  # etcd no longer has the history to compare with
+from tests.helpers import WriterProcess, etcd_current_revision, etcd_get, etcd_range
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Report:
     closed_calls: int = 0
     corrupt_errors: int = 0
     enospc_logged: int = 0  # the writer's log lines about an ENOSPC (writer_enospc)
+    swaps_ahead: int = 0  # cluster swaps whose new cluster was ahead of the old one's revision
     faults: dict[str, int] = field(default_factory=dict)
     # flip_* faults that found no such segment (no overlay while indexes are kept).
     no_segment: dict[str, int] = field(default_factory=dict)
@@ -101,6 +102,8 @@ class Report:
         skipped = "".join(f"\n  {s}" for s in self.skipped)
         findings = "".join(f"\n  finding: {f}" for f in self.findings)
         kept = f"\n  writer log kept at {self.kept_log}" if self.kept_log else ""
+        if self.faults.get("cluster_swap"):
+            faults += f" (the new cluster ahead in revision: {self.swaps_ahead})"
         return (f"seed {self.seed}, {self.seconds:.0f}s: events verified {self.events_verified}, "
                 f"lists verified {self.lists_verified}, gets verified {self.gets_verified}, "
                 f"past-revision reads verified {self.past_reads_verified}, by_index reads "
@@ -115,12 +118,14 @@ class Report:
 
 
 def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, idx: int,
-                flips: Any, indexed: bool) -> None:
+                flips: Any, indexed: bool, swaps: Any, cluster: Any) -> None:
     """List, watch, get, read the past and sync, verifying each against etcd.
 
     ``flips`` counts flipped bytes applied and restored (odd while one is in a segment):
     a CorruptSegmentError is expected only from reads that overlapped one. ``indexed``:
-    the writer keeps the index ``top=segment:0``.
+    the writer keeps the index ``top=segment:0``. ``swaps`` and ``cluster``: cluster swaps
+    begun and ended, and the id of the cluster behind ``endpoint`` (checker_faults.Clusters):
+    an answer is held against the cluster it came from.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import etcd3
@@ -140,15 +145,28 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                             f"in epoch {epoch}")
         last_seen[epoch] = max(rev, last_seen.get(epoch, 0))
 
-    def etcd_call(fn: Any, *args: Any) -> Any:
-        """etcd's answer, or UNVERIFIABLE if etcd compacted that history meanwhile."""
+    def answered_by(r: shmcache.Reader) -> int:
+        """The etcd cluster the view that answered last was loaded from."""
+        assert r._v.block is not None  # (internal: the block of that view)
+        return r._v.block.cluster_id
+
+    def settled(swaps_before: int, cid: int) -> bool:
+        """No cluster swap ran since ``swaps_before``, and ``cid`` is the live cluster."""
+        return swaps_before % 2 == 0 and swaps.value == swaps_before and cluster.value == cid
+
+    def etcd_call(cid: int, fn: Any, *args: Any) -> Any:
+        """etcd's answer, or UNVERIFIABLE if etcd compacted that history meanwhile, or if it
+        is not cluster ``cid`` (the one the answer to check came from) that answered."""
         for _ in range(50):  # etcd may be down (a fault): retry, it comes back
+            swaps_before = swaps.value
             try:
-                return fn(*args)
+                out = fn(*args)
             except Exception as exc:
                 if "compacted" in str(exc):
                     return UNVERIFIABLE
                 time.sleep(0.2)
+                continue
+            return out if settled(swaps_before, cid) else UNVERIFIABLE
         return UNVERIFIABLE
 
     r: shmcache.Reader | None = None
@@ -159,7 +177,8 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 r = shmcache.Reader(name, timeout=30)
             res = r.list(PREFIX)
             monotonic(r, res.revision)
-            at_start = etcd_call(etcd_range, client, PREFIX, res.revision)
+            cid = answered_by(r)  # (the watch below goes on in the list's epoch, or raises)
+            at_start = etcd_call(cid, etcd_range, client, PREFIX, res.revision)
             if at_start is not UNVERIFIABLE:
                 if res.items != at_start:
                     problems.append(f"reader {idx}: list at {res.revision} differs from etcd "
@@ -172,7 +191,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                     got.extend(w.poll(timeout=0.1))
                 if got:
                     problem = verify_watch(idx, endpoint, res.revision, got, at_start,
-                                           etcd_call)
+                                           lambda fn, *a, cid=cid: etcd_call(cid, fn, *a))
                     if problem is not UNVERIFIABLE:
                         if problem is not None:
                             problems.append(str(problem))
@@ -184,7 +203,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 after = r.revision
                 monotonic(r, after)
                 if before == after:
-                    want_kv = etcd_call(etcd_get, client, k, after)
+                    want_kv = etcd_call(answered_by(r), etcd_get, client, k, after)
                     if want_kv is not UNVERIFIABLE:
                         if kv != want_kv:
                             problems.append(f"reader {idx}: get {k!r} at {after}: {kv} != "
@@ -199,7 +218,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
             try:
                 if indexed:
                     ires = r.by_index("top", top, revision=at)
-                    want = etcd_call(etcd_range, client, PREFIX, ires.revision)
+                    want = etcd_call(answered_by(r), etcd_range, client, PREFIX, ires.revision)
                     if want is not UNVERIFIABLE:
                         want = [kv for kv in want
                                 if kv.key[len(PREFIX):].split(b"/")[0] == top]
@@ -223,7 +242,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                     return r.by_index("top", top, limit=size, continue_token=tok)
                 try:
                     page = read(None)
-                    first_rev, items = page.revision, list(page.items)
+                    first_rev, items, cid = page.revision, list(page.items), answered_by(r)
                     while page.continue_token is not None and not stop.is_set():
                         time.sleep(rnd.choice([0, 0, 0.01, 0.05]))
                         page = read(page.continue_token)
@@ -232,7 +251,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                                             f"first at {first_rev}")
                         items.extend(page.items)
                     if page.continue_token is None:
-                        want = etcd_call(etcd_range, client, PREFIX, first_rev)
+                        want = etcd_call(cid, etcd_range, client, PREFIX, first_rev)
                         if want is not UNVERIFIABLE:
                             if top is not None:
                                 want = [kv for kv in want
@@ -249,7 +268,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 past = rnd.randrange(st.oldest_watchable_revision, st.revision + 1)
                 try:
                     pres = r.list(PREFIX, revision=past)
-                    want = etcd_call(etcd_range, client, PREFIX, past)
+                    want = etcd_call(answered_by(r), etcd_range, client, PREFIX, past)
                     if want is not UNVERIFIABLE:
                         if pres.items != want:
                             problems.append(f"reader {idx}: list at past revision {past} differs "
@@ -258,13 +277,16 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
                 except shmcache.CompactedError:
                     counts["explicit"] += 1
             if rnd.random() < 0.3:
-                now = etcd_call(etcd_current_revision, client)
+                swaps_before = swaps.value
+                now = etcd_call(cluster.value, etcd_current_revision, client)
                 if now is not UNVERIFIABLE:
                     try:
                         s = r.sync(timeout=5)
-                        if s < now:
-                            problems.append(f"reader {idx}: sync returned {s} below etcd's {now}")
-                        counts["syncs"] += 1
+                        if settled(swaps_before, answered_by(r)):
+                            if s < now:
+                                problems.append(f"reader {idx}: sync returned {s} below "
+                                                f"etcd's {now}")
+                            counts["syncs"] += 1
                     except shmcache.TimeoutError:
                         counts["explicit"] += 1
             if rnd.random() < 0.05:  # detach and attach again
@@ -291,70 +313,6 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     client.close()
 
 
-def verify_watch(idx: int, endpoint: str, since: int, got: list[shmcache.Event],
-                 at_start: Any, etcd_call: Any) -> str | None | object:
-    """The cache's watch events from ``since`` against etcd's own watch from there: a
-    divergence, None if equal, or UNVERIFIABLE when etcd no longer has what it takes.
-
-    ``at_start`` is etcd's range at ``since`` (or UNVERIFIABLE); ``etcd_call(fn, *args)``
-    calls etcd, UNVERIFIABLE once it compacted that history.
-    """
-    want = etcd_call(etcd_events, endpoint, PREFIX, since, got[-1].revision)
-    if want is UNVERIFIABLE:
-        return UNVERIFIABLE
-    want = fill_omitted_prev_kvs(want, None if at_start is UNVERIFIABLE else at_start)
-    if want is UNVERIFIABLE:
-        return UNVERIFIABLE
-    return None if got == want else _diff_events(idx, since, got, want)
-
-
-def fill_omitted_prev_kvs(events: list[shmcache.Event],
-                          at_start: list[shmcache.KeyValue] | None) -> list[shmcache.Event] | object:
-    """etcd's watch events, each prev_kv that etcd left out filled in from its range at the
-    watch's start (``at_start``) and the events before; UNVERIFIABLE without that range.
-
-    etcd reads an event's prev_kv at the revision before the event and sends the
-    event without it once compaction has passed that revision: the first event of
-    a watch from the compact revision, and events still queued for a watch when a
-    compaction overtakes them. The writer fills such a prev_kv from its state,
-    which holds it exactly (Publisher.apply), so a watch from the cache rightly
-    has a prev_kv etcd's lacks. The previous value is etcd's all the same, read
-    from etcd's answers here; a prev_kv etcd did send is compared as sent.
-    """
-    state = {kv.key: kv for kv in at_start} if at_start is not None else None
-    out = []
-    for ev in events:
-        # A DELETE always has a previous value, a PUT unless it created the key.
-        if ev.prev_kv is None and (ev.type == "DELETE" or ev.kv.version > 1):
-            if state is None:
-                return UNVERIFIABLE
-            ev = ev._replace(prev_kv=state.get(ev.kv.key))
-        if state is not None:
-            if ev.type == "PUT":
-                state[ev.kv.key] = ev.kv
-            else:
-                state.pop(ev.kv.key, None)
-        out.append(ev)
-    return out
-
-
-def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
-    for i, (a, b) in enumerate(zip(got, want, strict=False)):
-        if a != b:
-            fields = [f for f in ("type", "revision") if getattr(a, f) != getattr(b, f)]
-            for part in ("kv", "prev_kv"):
-                x, y = getattr(a, part), getattr(b, part)
-                if (x is None) != (y is None):
-                    fields.append(f"{part}: {'None' if x is None else 'set'} vs "
-                                  f"{'None' if y is None else 'set'}")
-                elif x is not None and y is not None:
-                    fields += [f"{part}.{f}: {getattr(x, f)!r:.60} vs {getattr(y, f)!r:.60}"
-                               for f in x._fields if getattr(x, f) != getattr(y, f)]
-            return (f"reader {idx}: watch from {since} differs from etcd at event {i} "
-                    f"({a.type} {a.kv.key!r} at {a.revision}): {'; '.join(fields)}")
-    return (f"reader {idx}: watch from {since}: {len(got)} events, etcd has {len(want)}")
-
-
 def victim_reader(name: str) -> None:
     """A reader that is killed in the middle of its reads."""
     r = shmcache.Reader(name, timeout=30)
@@ -367,10 +325,8 @@ def victim_reader(name: str) -> None:
 FAULTS = ["writer_kill", "writer_fault_point", "writer_stop_long", "etcd_kill",
           "etcd_unreachable", "compact_while_down", "reader_killed", "readers_attach_detach",
           "reader_close_thread", "reader_close_signal", "writer_enospc",
-          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index"]
-# Flips in the control segment: its block and prefix have no checksum yet (issue 19), so a
-# flipped byte there can be a silent wrong answer; drawn only when asked for by name.
-CONTROL_FLIPS = ["flip_control_block", "flip_control_prefix"]
+          "flip_ring", "flip_snapshot", "flip_overlay", "flip_index", "flip_control_block",
+          "flip_control_prefix", "cluster_swap"]
 
 
 def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
@@ -388,8 +344,9 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
     index ``top=segment:0`` (then it builds no overlay segments: ``flip_overlay`` needs
     ``indexed=False``). ``writer_enospc`` is skipped, and said so in the report, where
     this shmcache's SHMCACHE_FAULT has no ``enospc`` action. ``shm_full``: also fill
-    /dev/shm for a while (fault ``dev_shm_full``). Only where /dev/shm is this run's own
-    tmpfs (the caller runs it in a mount namespace: test_consistency.py), never the host's.
+    /dev/shm for a while (fault ``dev_shm_full``, the run's first fault). Only where
+    /dev/shm is this run's own tmpfs (the caller runs it in a mount namespace:
+    test_consistency.py), never the host's.
     """
     rnd = random.Random(seed)
     report = Report(seed=seed, seconds=seconds)
@@ -400,10 +357,14 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         report.faults[kind] = report.faults.get(kind, 0) + 1
         log(f"  fault: {kind}")
 
-    with EtcdServer(binary=etcd_binary) as etcd:
+    swaps, cluster = ctx.Value("q", 0), ctx.Value("Q", 0)
+    clusters = Clusters(etcd_binary, swaps, cluster)
+    clusters.start()
+    endpoint = clusters.live.endpoint  # (a cluster swap keeps it)
+    with contextlib.closing(clusters):
         # The writer checks itself against etcd every 2 s meanwhile: under every fault
         # below it must never report a mismatch (a false alarm would relist for nothing).
-        writer = WriterProcess(name, etcd.endpoint, PREFIX, ring_size=ring_size,
+        writer = WriterProcess(name, endpoint, PREFIX, ring_size=ring_size,
                                extra=["--verify-interval", "2"]
                                # Without indexes the writer builds overlay segments,
                                # every 128 KiB of records (_overlays.OVERLAY_BYTES): let
@@ -417,13 +378,13 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         procs: list[Any] = []
         try:
             writer.start()
-            wl = ctx.Process(target=workload, args=(etcd.endpoint, seed, stop, counter))
+            wl = ctx.Process(target=workload, args=(endpoint, seed, stop, counter))
             wl.start()
             procs.append(wl)
             for i in range(readers):
                 p = ctx.Process(target=reader_loop,
-                                args=(name, etcd.endpoint, seed, stop, results, i, flips,
-                                      indexed))
+                                args=(name, endpoint, seed, stop, results, i, flips,
+                                      indexed, swaps, cluster))
                 p.start()
                 procs.append(p)
             def start_writer() -> None:
@@ -445,7 +406,11 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     # Let the writer SIGKILL itself inside an append or a snapshot publish.
                     writer.kill()
                     point = rnd.choice(fault_points)
-                    writer.env = {"SHMCACHE_FAULT": f"{point}:0.05"}
+                    # Appends come many a second, snapshots a few: a probability each that
+                    # makes the writer die within seconds either way (a step that takes
+                    # longer than step_limit is a finding, and costs the run its time).
+                    prob = 0.05 if point == "append" else 0.5
+                    writer.env = {"SHMCACHE_FAULT": f"{point}:{prob}"}
                     writer.start(wait=False)
                     assert writer.proc is not None
                     try:
@@ -460,17 +425,17 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     time.sleep(rnd.uniform(1, 3))  # the workload overruns the small ring
                     os.kill(writer.pid, signal.SIGCONT)
                 elif kind == "etcd_kill":
-                    etcd.kill()
+                    clusters.live.kill()
                     time.sleep(rnd.uniform(0, 1))
-                    etcd.restart()
+                    clusters.live.restart()
                 elif kind == "etcd_unreachable":
-                    etcd.pause()
+                    clusters.live.pause()
                     time.sleep(rnd.uniform(0.5, 2))
-                    etcd.resume()
+                    clusters.live.resume()
                 elif kind == "compact_while_down":
                     writer.kill()
                     time.sleep(0.5)
-                    c = etcd.client()
+                    c = clusters.client()
                     try:
                         c.compact(etcd_current_revision(c), physical=True)
                     finally:
@@ -491,12 +456,12 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                 elif kind.startswith("reader_close_"):
                     # A Reader closed under its calls, from a thread or a signal handler.
                     report.divergences.extend(checker_faults.close_round(
-                        ctx, name, etcd.endpoint, PREFIX, kind.rsplit("_", 1)[1],
+                        ctx, name, endpoint, PREFIX, kind.rsplit("_", 1)[1],
                         rnd.randrange(1 << 30), indexed, results, step_limit + 60))
                 elif kind.startswith("flip_"):
                     flips.value += 1
                     try:
-                        got = checker_faults.flip_round(name, kind[len("flip_"):], etcd.client,
+                        got = checker_faults.flip_round(name, kind[len("flip_"):], clusters.client,
                                                         PREFIX, rnd)
                     finally:
                         flips.value += 1
@@ -504,6 +469,10 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                         report.no_segment[kind] = report.no_segment.get(kind, 0) + 1
                     else:
                         report.add(*got)
+                elif kind == "cluster_swap":
+                    # Another cluster, ahead in revision, behind the writer's etcd address.
+                    report.add(*clusters.swap(name, PREFIX, writer.log_path, step_limit, rnd))
+                    report.swaps_ahead = clusters.ahead
                 elif kind == "writer_enospc":
                     # Publishing fails for lack of space at some steps, part of the time:
                     # readers keep exact answers and the cache still catches up with etcd.
@@ -512,7 +481,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     start_writer()
                     time.sleep(rnd.uniform(2, 5))  # (a snapshot every few seconds)
                     report.divergences.extend(checker_faults.catches_up(
-                        name, etcd.client, step_limit, writer.env["SHMCACHE_FAULT"]))
+                        name, clusters.client, step_limit, writer.env["SHMCACHE_FAULT"]))
                     writer.kill()
                     writer.env = {}
                     start_writer()
@@ -523,9 +492,12 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                 kinds.remove(kind)
                 report.skipped.append(f"{kind} skipped: {why}")
                 log(f"  {kind} skipped: {why}")
+            # Asked for on its own (shm_full), a full /dev/shm comes first, so that every
+            # run has it however the draws fall.
+            first = ["dev_shm_full"] if shm_full else []
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.5, fault_every))
-                kind = rnd.choice(kinds)
+                kind = first.pop() if first else rnd.choice(kinds)
                 fault(kind)
                 t0 = time.monotonic()
                 try:
@@ -550,7 +522,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                     p.join()
             _collect(results, report)
             # The cache ends equal to etcd.
-            c = etcd.client()
+            c = clusters.client()
             try:
                 rev = etcd_current_revision(c)
                 with shmcache.Reader(name, timeout=30) as r:

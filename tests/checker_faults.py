@@ -436,3 +436,4 @@ def fill_dev_shm(seconds: float) -> None:
         os.close(fd)
     time.sleep(seconds)
     os.unlink("/dev/shm/checker-filler")
+

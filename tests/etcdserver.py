@@ -318,6 +318,18 @@ class EtcdServer:
         self.stop()
         return self.start(timeout)
 
+    def start_at(self, port: int, timeout: float = 15.0) -> Self:
+        """Start again on client port ``port``, keeping this server's data and peer port;
+        returns self. With another server's port (stopped first): another cluster behind
+        the same address, as a restore or a failover onto another cluster would put it
+        (tests/checker_faults.py, ``cluster_swap``)."""
+        if self._port is None:
+            raise RuntimeError("etcd server has not been started")
+        if self.running:
+            raise RuntimeError(f"etcd server is already running (pid {self.pid})")
+        self._port = port
+        return self.start(timeout)
+
     def pause(self) -> None:
         """Freeze etcd with SIGSTOP: connections stay open but nothing is answered."""
         if not self.running:

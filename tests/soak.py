@@ -6,8 +6,7 @@ soak goes on) and the fault kinds this shmcache cannot inject (skipped, with the
 reason); exits 1 if any divergence was found.
 
 ``--no-index``: the writer keeps no index and builds overlay segments instead, so
-``flip_overlay`` has a segment to flip. ``--control-flips``: also flip bytes in the
-control segment's block and prefix (no checksum covers them yet: issue 19).
+``flip_overlay`` has a segment to flip.
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ def main() -> int:
                     help="seconds a fault step may take before it is reported as overrun")
     ap.add_argument("--faults", default=",".join(checker.FAULTS),
                     help="comma-separated fault kinds to draw from (default: %(default)s)")
-    ap.add_argument("--control-flips", action="store_true",
-                    help="also " + " and ".join(checker.CONTROL_FLIPS))
     ap.add_argument("--no-index", action="store_true",
                     help="a writer without indexes (it builds overlay segments)")
     ap.add_argument("--shm-full", action="store_true",
@@ -38,11 +35,9 @@ def main() -> int:
                          "a tmpfs of this run's own: unshare --mount, then mount one)")
     args = ap.parse_args()
     faults = [f for f in args.faults.split(",") if f]
-    unknown = set(faults) - set(checker.FAULTS + checker.CONTROL_FLIPS)
+    unknown = set(faults) - set(checker.FAULTS)
     if unknown:
         ap.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
-    if args.control_flips:
-        faults += checker.CONTROL_FLIPS
     report = checker.run(args.seconds, args.seed, readers=args.readers,
                          ring_size=args.ring_size, etcd_binary=args.etcd,
                          step_limit=args.step_limit, faults=faults,

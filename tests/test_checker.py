@@ -16,7 +16,7 @@ import pytest
 import shmcache
 from shmcache.format import control, layout
 from shmcache.format.snapshot import Snapshot
-from tests import checker, checker_faults
+from tests import checker, checker_etcd, checker_faults
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put
 from tests.test_consistency import _etcd_binaries
@@ -51,7 +51,7 @@ def test_a_prev_kv_etcd_could_no_longer_send_is_no_divergence(
             raw = etcd_events(etcd.endpoint, p, since, last)
             assert raw[0].prev_kv is None and raw[1].prev_kv is not None
             assert got[0].prev_kv == at_start[1]  # (b"k", b"1"), as etcd had it
-            assert "prev_kv: set vs None" in checker._diff_events(0, since, got, raw)
+            assert "prev_kv: set vs None" in checker_etcd._diff_events(0, since, got, raw)
 
             # From before the compact revision: etcd cancels the watch, and the checker
             # learns it at once (it retries what fails otherwise, up to 50 times).
@@ -63,18 +63,19 @@ def test_a_prev_kv_etcd_could_no_longer_send_is_no_divergence(
             def etcd_call(fn: Any, *args: Any) -> Any:
                 return fn(*args)
 
-            assert checker.verify_watch(0, etcd.endpoint, since, got, at_start, etcd_call) is None
+            verify = checker_etcd.verify_watch
+            assert verify(0, etcd.endpoint, since, got, at_start, etcd_call) is None
             # Without etcd's range at the start, that prev_kv cannot be checked.
-            assert checker.verify_watch(0, etcd.endpoint, since, got, checker.UNVERIFIABLE,
-                                        etcd_call) is checker.UNVERIFIABLE
+            assert verify(0, etcd.endpoint, since, got, checker_etcd.UNVERIFIABLE,
+                          etcd_call) is checker_etcd.UNVERIFIABLE
             # A wrong or a missing prev_kv in the cache is still a divergence.
             assert got[0].prev_kv is not None
             wrong = [got[0]._replace(prev_kv=got[0].prev_kv._replace(value=b"x")), *got[1:]]
             assert "prev_kv.value: b'x' vs b'1'" in str(
-                checker.verify_watch(0, etcd.endpoint, since, wrong, at_start, etcd_call))
+                checker_etcd.verify_watch(0, etcd.endpoint, since, wrong, at_start, etcd_call))
             missing = [got[0]._replace(prev_kv=None), *got[1:]]
             assert "prev_kv: None vs set" in str(
-                checker.verify_watch(0, etcd.endpoint, since, missing, at_start, etcd_call))
+                checker_etcd.verify_watch(0, etcd.endpoint, since, missing, at_start, etcd_call))
         finally:
             w.close()
             client.close()
@@ -172,13 +173,13 @@ def test_a_wrong_answer_while_bytes_are_changed_is_a_divergence(
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "overlays"])
 def test_flipped_bytes_and_closed_readers_are_exact_answers_or_errors(indexed: bool) -> None:
-    """Bytes flipped for a moment in the ring, the snapshot and the index segment (with
-    indexes) or the overlay segment (without), and Readers closed under their calls from a
-    thread and from a signal handler: every answer equals etcd, every error is
-    CorruptSegmentError while a byte is flipped or the closed error, and a fresh Reader
-    equals etcd after each close. (The control block and prefix have no checksum yet:
-    issue 19; checker.CONTROL_FLIPS are not drawn here.)"""
-    flips = ["flip_ring", "flip_snapshot", "flip_index" if indexed else "flip_overlay"]
+    """Bytes flipped for a moment in the ring, the snapshot, the control segment's block and
+    prefix, and the index segment (with indexes) or the overlay segment (without), and
+    Readers closed under their calls from a thread and from a signal handler: every answer
+    equals etcd, every error is CorruptSegmentError while a byte is flipped or the closed
+    error, and a fresh Reader equals etcd after each close."""
+    flips = ["flip_ring", "flip_snapshot", "flip_control_block", "flip_control_prefix",
+             "flip_index" if indexed else "flip_overlay"]
     closes = ["reader_close_thread", "reader_close_signal"]
     report = checker.run(seconds=12, seed=19, readers=2, fault_every=0.8,
                          log=lambda *_: None, faults=flips + closes, indexed=indexed)
@@ -210,3 +211,43 @@ def test_the_enospc_fault_runs_or_is_skipped_with_its_reason() -> None:
         assert "writer_enospc" not in report.faults
         assert report.skipped == [f"writer_enospc skipped: {why}"], report.skipped
         assert f"writer_enospc skipped: {why}" in report.summary()
+
+
+def test_a_cluster_swap_is_followed_and_checked() -> None:
+    """cluster_swap: another etcd cluster, ahead in revision and holding other data, takes
+    the writer's etcd address. The checker finds the cache equal to the new cluster, the
+    watch opened before ended with CompactedError after the old cluster's events only, and
+    the writer's log naming the change; the readers hold each answer against the cluster
+    it came from, so the swap is no divergence of theirs."""
+    report = checker.run(seconds=8, seed=29, readers=2, fault_every=1.0, log=lambda *_: None,
+                         faults=["cluster_swap", "readers_attach_detach"])
+    print(report.summary())
+    assert not report.divergences, "\n".join(report.divergences[:10])
+    assert not report.findings, report.findings
+    swaps = report.faults.get("cluster_swap", 0)
+    assert swaps >= 1 and report.swaps_ahead == swaps, report.summary()
+    assert report.explicit_errors >= swaps  # (each swap's watch ended with CompactedError)
+    assert report.events_verified > 50 and report.lists_verified > 3 + swaps
+
+
+def test_events_of_another_cluster_in_a_watch_are_a_divergence(tmp_path: Path) -> None:
+    """The check of a watch opened before a swap reports events that are not the old
+    cluster's own (the new cluster's history read as a continuation, issue 19 item 1)."""
+    p = checker.PREFIX
+    with EtcdServer(data_dir=tmp_path / "a") as a, \
+            EtcdServer(data_dir=tmp_path / "b", name="other") as b:
+        ca, cb = a.client(), b.client()
+        try:
+            since = put(ca, p + b"k", b"a0")
+            for i in range(3):
+                put(ca, p + b"k", b"a%d" % (i + 1))
+                put(cb, p + b"k", b"b%d" % i)
+            put(cb, p + b"k", b"b3")
+            own = etcd_events(a.endpoint, p, since, etcd_range(ca, p)[0].mod_revision)
+            other = etcd_events(b.endpoint, p, since, etcd_range(cb, p)[0].mod_revision)
+        finally:
+            ca.close()
+            cb.close()
+        assert checker_etcd._events_of(a, p, since, own) == []
+        problems = checker_etcd._events_of(a, p, since, other)
+        assert problems and "a watch opened before the swap" in problems[0], problems

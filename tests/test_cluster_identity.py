@@ -18,6 +18,7 @@ import pytest
 
 import shmcache
 from shmcache.format import layout
+from shmcache.writer import verify as _verify
 from shmcache.writer.etcd import connection as _etcd
 from shmcache.writer.etcd import decode as _watchpb
 from shmcache.writer.writer import Writer
@@ -205,5 +206,31 @@ def test_a_writer_restarted_onto_another_cluster_relists(
             assert r.status().epoch == epoch + 1
             assert r.status().cluster_id == _cluster_id(b)
         assert "belongs to cluster" in w.log()
+    finally:
+        w.close()
+
+
+def test_the_verifier_does_not_compare_a_cache_with_another_cluster(
+        clusters: tuple[EtcdServer, EtcdServer], cache_name: str) -> None:
+    """A snapshot loaded from A against a connection to B (the verifier connects again after
+    the swap, before the feed has relisted): not a mismatch, which would be logged as
+    "verification failed" and counted for nothing (the fault checker's cluster_swap found
+    it), but an inconclusive round naming both clusters."""
+    a, b = clusters
+    w = WriterProcess(cache_name, a.endpoint, P).start()
+    try:
+        _wait(lambda: _cache_equals(cache_name, a), "the cache to equal A")
+        a_id = _cluster_id(a)
+        assert w.terminate() == 0  # (the segments stay: A's snapshot)
+        _swap(a, b)
+        conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[a.endpoint]))
+        try:
+            conn.connect()
+            with pytest.raises(_verify.Inconclusive,
+                               match=f"belongs to cluster {_cluster_id(b):x}, the cache was "
+                                     f"loaded from cluster {a_id:x}"):
+                _verify.compare_cache(cache_name, conn)
+        finally:
+            conn.close()
     finally:
         w.close()

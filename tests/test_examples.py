@@ -185,6 +185,37 @@ def test_subscribe_mirror(writer: tuple[WriterProcess, bytes], etcd_client: Any,
     assert len(etcd_range(etcd_client, sub_prefix)) == 10
 
 
+def test_shard_workers(writer: tuple[WriterProcess, bytes], etcd_client: Any,
+                       sub_prefix: bytes) -> None:
+    """Each of 3 pre-forked workers owns its shard: together they hold the 10 keys once,
+    each change reaches exactly the worker of its key, and every copy ends equal to its
+    shard."""
+    import zlib
+
+    p = sub_prefix.decode()
+    ex = Example("shard_workers.py", "--cache", writer[0].name, "--prefix", p,
+                 "--workers", "3", "--events", "6")
+    try:
+        ex.wait_for(r"^pool ready: 3 workers, 10 keys$")
+        keys = [sub_prefix + b"k00", sub_prefix + b"k01", sub_prefix + b"new1",
+                sub_prefix + b"new2", sub_prefix + b"new3"]
+        revs = [put(etcd_client, k, b"x") for k in keys]
+        revs.append(delete(etcd_client, sub_prefix + b"k05"))
+        out = ex.finish()
+    finally:
+        ex.kill()
+    changes = [("PUT", k, r) for k, r in zip(keys, revs, strict=False)]
+    changes.append(("DELETE", sub_prefix + b"k05", revs[-1]))
+    for kind, key, rev in changes:
+        line = f": {kind} {key.decode()} (revision {rev})"
+        assert out.count(line) == 1, out
+        assert f"worker {zlib.crc32(key) % 3}{line}" in out, out
+    for i in range(3):
+        assert re.search(rf"^worker {i}: \d+ keys, equal to shard {i}/3 at revision \d+: "
+                         r"True$", out, re.MULTILINE), out
+    assert "of another shard" not in out
+
+
 def test_every_example_is_run_by_a_test_and_says_how_to_run_it() -> None:
     """Each example has a header saying what it shows and how to run it (--cache NAME or
     SHMCACHE_CACHE), and some test runs it."""

@@ -45,8 +45,8 @@ def test_all_is_pinned() -> None:
     """The public surface changes only on purpose."""
     assert shmcache.__all__ == sorted(shmcache.__all__)
     assert set(shmcache.__all__) == {
-        "AsyncWatch", "CacheExistsError", "CompactedError", "CorruptSegmentError", "Event",
-        "FutureRevisionError",
+        "AsyncWatch", "CacheExistsError", "CompactedError", "CorruptSegmentError", "CountResult",
+        "Event", "FutureRevisionError",
         "InvalidNameError", "KeyValue", "ListResult", "NotFoundError", "Reader",
         "SegmentPermissionError", "ShmCacheError", "StaleError", "Status", "Subscription",
         "TimeoutError", "VersionMismatchError", "Watch", "Writer", "WriterError",

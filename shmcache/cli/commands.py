@@ -12,9 +12,11 @@ import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
+from .. import _args
 from ..errors import NotFoundError, ShmCacheError
 from ..ipc import shm as _shm
 from .config import ETCD_SETTINGS, SETTINGS, ServeConfig
+from .output import count_json as _count_json
 from .output import kv_json as _kv_json
 from .output import plural as _plural
 from .output import range_json as _range_json
@@ -70,24 +72,43 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.continue_token is not None and args.limit is None:
         raise ValueError("--continue needs --limit (the page size)")
+    shard = _args.shard_text(args.shard, "--shard")
+    key = os.fsencode(args.prefix)
+    end = None if args.range_end is None else os.fsencode(args.range_end)
+    if args.range_end is not None and not key:
+        raise ValueError("--range-end needs a KEY (the start of the range)")
+    if args.index is not None and (args.prefix or args.range_end is not None):
+        raise ValueError("give a PREFIX (or KEY --range-end END) or --index, not both")
+    if args.count:
+        if args.limit is not None or args.continue_token is not None or shard is not None \
+                or args.index is not None:
+            raise ValueError("--count takes no --limit, --continue, --shard or --index")
+        with _reader(args.name) as r:
+            counted = r.count(key, range_end=end)
+        if args.json:
+            print(json.dumps(_count_json(counted)))
+        else:
+            print(counted.count)
+            print(f"(at revision {counted.revision})", file=sys.stderr)
+        return 0
     with _reader(args.name) as r:
+        page = {"limit": args.limit, "continue_token": args.continue_token,
+                "keys_only": args.keys_only, "shard": shard}
         if args.index is not None:
-            if args.prefix:
-                raise ValueError("give a PREFIX or --index, not both")
             index, sep, value = args.index.partition("=")
             if not sep or not index:
                 raise ValueError(f"--index wants NAME=VALUE (e.g. node=node-7), not "
                                  f"{args.index!r}")
-            res = r.by_index(index, os.fsencode(value), limit=args.limit,
-                             continue_token=args.continue_token)
+            res = r.by_index(index, os.fsencode(value), **page)
+        elif end is not None:
+            res = r.range(key, end, **page)
         else:
-            res = r.list(os.fsencode(args.prefix), limit=args.limit,
-                         continue_token=args.continue_token)
+            res = r.list(key, **page)
     if args.json:
-        print(json.dumps(_range_json(res)))
+        print(json.dumps(_range_json(res, keys_only=args.keys_only)))
     else:
         for kv in res.items:
-            print(f"{_text(kv.key)}\t{_text(kv.value)}")
+            print(_text(kv.key) if args.keys_only else f"{_text(kv.key)}\t{_text(kv.value)}")
         print(f"({_plural(len(res.items), 'key')} at revision {res.revision})", file=sys.stderr)
         if res.continue_token is not None:
             print(f"(more: --continue {res.continue_token})", file=sys.stderr)
@@ -110,8 +131,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    shard = _args.shard_text(args.shard, "--shard")
     with _reader(args.name) as r, \
-            r.watch(os.fsencode(args.prefix), since_revision=args.since) as w:
+            r.watch(os.fsencode(args.prefix), since_revision=args.since, shard=shard) as w:
         watches.append(w)
         if stopped:
             w.close()
@@ -368,9 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the value's exact bytes to stdout, with no newline added")
     s.set_defaults(func=cmd_get)
 
-    s = sub.add_parser("list", help="list keys under a prefix")
+    s = sub.add_parser("list", help="list keys under a prefix, or in a key range")
     s.add_argument("name")
-    s.add_argument("prefix", nargs="?", default="")
+    s.add_argument("prefix", nargs="?", default="", metavar="PREFIX|KEY",
+                   help="the prefix (default: the whole cache); with --range-end, the KEY")
+    s.add_argument("--range-end", default=None, metavar="END", help="the range [KEY, END)")
+    s.add_argument("--from-key", dest="range_end", action="store_const", const="\0",
+                   help="every key >= KEY (etcd's range_end \"\\0\")")
+    s.add_argument("--keys-only", action="store_true", help="keys without values")
+    s.add_argument("--count", action="store_true",
+                   help="print only the number of keys (its revision on stderr)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="only the keys with crc32(key) %% N == I (docs/format.md, Shards)")
     s.add_argument("--limit", type=_int_at_least(1), default=None,
                    help="at most N keys (the first in key order); the next page with --continue")
     s.add_argument("--continue", dest="continue_token", default=None, metavar="TOKEN",
@@ -386,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prefix", nargs="?", default="")
     s.add_argument("--since", type=_int_at_least(0), default=None,
                    help="revision to watch after (exclusive)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="only the events of keys with crc32(key) %% N == I")
     s.add_argument("--json", action="store_true",
                    help="one JSON object per event; keys and values base64-encoded (as etcdctl)")
     s.set_defaults(func=cmd_watch)

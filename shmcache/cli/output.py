@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from ..types import KeyValue, ListResult
+from ..types import CountResult, KeyValue, ListResult
 
-__all__ = ["kv_json", "plural", "range_json", "text"]
+__all__ = ["count_json", "kv_json", "plural", "range_json", "text"]
 
 _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -47,18 +47,20 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
 
-def kv_json(kv: KeyValue) -> dict[str, Any]:
+def kv_json(kv: KeyValue, keys_only: bool = False) -> dict[str, Any]:
     """A KeyValue as ``etcdctl -w json`` writes one: its fields in its order, key and value
-    standard base64, ``lease`` left out when 0 (etcd's JSON omits empty fields)."""
+    standard base64, ``lease`` left out when 0 (etcd's JSON omits empty fields), and
+    ``value`` for a keys-only read (empty, so etcd leaves it out)."""
     d: dict[str, Any] = {"key": _b64(kv.key), "create_revision": kv.create_revision,
-                         "mod_revision": kv.mod_revision, "version": kv.version,
-                         "value": _b64(kv.value)}
+                         "mod_revision": kv.mod_revision, "version": kv.version}
+    if not keys_only:
+        d["value"] = _b64(kv.value)
     if kv.lease:
         d["lease"] = kv.lease
     return d
 
 
-def range_json(res: ListResult) -> dict[str, Any]:
+def range_json(res: ListResult, keys_only: bool = False) -> dict[str, Any]:
     """A ListResult as ``etcdctl get --prefix -w json`` writes a range response: ``header``
     (its ``revision`` only), ``kvs``, ``count`` and ``more``, each left out when empty as
     etcd leaves them out, plus ``continue_token`` for the next page (shmcache's own).
@@ -66,13 +68,22 @@ def range_json(res: ListResult) -> dict[str, Any]:
     the same number unless --limit cut the page short."""
     d: dict[str, Any] = {"header": {"revision": res.revision}}
     if res.items:
-        d["kvs"] = [kv_json(kv) for kv in res.items]
+        d["kvs"] = [kv_json(kv, keys_only) for kv in res.items]
     if res.more:
         d["more"] = True
     if res.items:
         d["count"] = len(res.items)
     if res.continue_token is not None:
         d["continue_token"] = res.continue_token
+    return d
+
+
+def count_json(res: CountResult) -> dict[str, Any]:
+    """A CountResult as ``etcdctl get --count-only -w json`` writes the range response:
+    ``header`` (its ``revision`` only) and ``count``, left out when 0 as etcd leaves it."""
+    d: dict[str, Any] = {"header": {"revision": res.revision}}
+    if res.count:
+        d["count"] = res.count
     return d
 
 

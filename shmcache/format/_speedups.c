@@ -237,12 +237,19 @@ static PyObject *make_kv(PyTypeObject *kvtype, PyObject *key, const unsigned cha
 #define PARAMS_LEN 7
 static PyObject *get_impl(PyObject *const *fargs);
 
+static PyObject *get_impl_flags(PyObject *const *fargs, int keys_only);
+
+/* get(key, params[, keys_only]): keys_only true gives the KeyValue with an empty value
+ * (the entry is still verified by its checksum; its value is not copied). */
 static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyTuple_Check(fargs[1]) || PyTuple_GET_SIZE(fargs[1]) != PARAMS_LEN) {
+    if ((nargs != 2 && nargs != 3) || !PyTuple_Check(fargs[1])
+        || PyTuple_GET_SIZE(fargs[1]) != PARAMS_LEN) {
         PyErr_SetString(PyExc_TypeError, "get() takes a key and a 7-tuple of parameters");
         return NULL;
     }
-    return get_impl(fargs);
+    int keys_only = nargs == 3 ? PyObject_IsTrue(fargs[2]) : 0;
+    if (keys_only < 0) return NULL;
+    return get_impl_flags(fargs, keys_only);
 }
 
 /* reader_get(key, state) -> KeyValue | None | state[6]
@@ -320,6 +327,7 @@ typedef struct {
     const unsigned char *buf;
     uint64_t size, hash_off, slots, data_off, data_end;
     PyTypeObject *kvtype;
+    int keys_only; /* KeyValues with empty values (the value is not copied) */
 } geom_t;
 
 /* Parse (buf, hash_off, slots, data_off, data_end, kvtype, name) and take the buffer. */
@@ -336,6 +344,7 @@ static int geom_open(PyObject *params, geom_t *g, Py_buffer *view) {
         return -1;
     }
     g->kvtype = (PyTypeObject *)args[5];
+    g->keys_only = 0;
     if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0) return -1;
     g->buf = (const unsigned char *)view->buf;
     g->size = (uint64_t)view->len;
@@ -414,7 +423,7 @@ static PyObject *lookup_hashed(const geom_t *g, PyObject *key, uint32_t h) {
             const unsigned char *e = buf + off;
             if (klen == klen_want && memcmp(e + ENTRY_SIZE, k, klen) == 0)
                 return make_kv(g->kvtype, key, e, e + ENTRY_SIZE + klen,
-                               stop - off - ENTRY_SIZE - klen);
+                               g->keys_only ? 0 : stop - off - ENTRY_SIZE - klen);
         }
         i = (i + 1) & mask;
     }
@@ -428,6 +437,10 @@ static PyObject *lookup(const geom_t *g, PyObject *key) {
 }
 
 static PyObject *get_impl(PyObject *const *fargs) {
+    return get_impl_flags(fargs, 0);
+}
+
+static PyObject *get_impl_flags(PyObject *const *fargs, int keys_only) {
     PyObject *key = fargs[0];
     if (!PyBytes_Check(key)) {
         PyErr_SetString(PyExc_TypeError, "key must be bytes");
@@ -437,10 +450,46 @@ static PyObject *get_impl(PyObject *const *fargs) {
     Py_buffer view;
     PyObject *segment = PyTuple_GET_ITEM(fargs[1], PARAMS_LEN - 1);
     if (geom_open(fargs[1], &g, &view) < 0) return named_damage(segment);
+    g.keys_only = keys_only;
     PyObject *result = lookup(&g, key);
     PyBuffer_Release(&view);
     if (result == NULL) named_damage(segment);
     return result;
+}
+
+/* present(keys, params) -> int: how many of ``keys`` (a list of bytes) the snapshot
+ * holds, each found by get()'s verified probe (the entry's checksum before its key is
+ * compared); no value is copied. Reader.count's check of the keys changed since the
+ * snapshot, in one call. */
+static PyObject *snapshot_present(PyObject *self, PyObject *const *fargs, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(fargs[0]) || !PyTuple_Check(fargs[1])
+        || PyTuple_GET_SIZE(fargs[1]) != PARAMS_LEN) {
+        PyErr_SetString(PyExc_TypeError, "present() takes a list of keys and a 7-tuple");
+        return NULL;
+    }
+    geom_t g;
+    Py_buffer view;
+    PyObject *segment = PyTuple_GET_ITEM(fargs[1], PARAMS_LEN - 1);
+    if (geom_open(fargs[1], &g, &view) < 0) return named_damage(segment);
+    g.keys_only = 1;
+    Py_ssize_t found = 0;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(fargs[0]); j++) {
+        PyObject *key = PyList_GET_ITEM(fargs[0], j);
+        if (!PyBytes_Check(key)) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
+            return NULL;
+        }
+        PyObject *kv = lookup(&g, key);
+        if (kv == NULL) {
+            PyBuffer_Release(&view);
+            return named_damage(segment);
+        }
+        found += kv != Py_None;
+        Py_DECREF(kv);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(found);
 }
 
 /* Lexicographic comparison of two byte strings, like bytes' < / ==. */
@@ -457,11 +506,15 @@ static int bcmp3(const unsigned char *a, uint64_t alen, const unsigned char *b, 
  * passes its checksum before its key is compared; keys must strictly increase from
  * `prev` (NULL: entry i is the first) and entry i's must be >= `start` (where the
  * search put it); a walk that runs out of entries must end at data_end. Returns -1
- * with an exception set on damage or failure. */
+ * with an exception set on damage or failure. keys_only: KeyValues with empty values
+ * (each entry is still verified, its value not copied); shard_n > 0: only the keys
+ * with crc32(key) % shard_n == shard_i are taken (the others are verified and passed
+ * over, and do not count towards limit). */
 static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uint64_t index_off,
                      uint64_t i, uint64_t count, uint64_t expected, uint64_t data_end,
                      const unsigned char *start, uint64_t slen, const unsigned char *prev,
-                     uint64_t prev_len, PyObject *end, long long limit, PyTypeObject *kvtype) {
+                     uint64_t prev_len, PyObject *end, long long limit, PyTypeObject *kvtype,
+                     int keys_only, uint64_t shard_i, uint64_t shard_n) {
     if (data_end > size || index_off > size || count > (size - index_off) / 8) {
         corrupt("snapshot geometry out of bounds (count %llu, data end %llu)",
                 (unsigned long long)count, (unsigned long long)data_end);
@@ -491,9 +544,11 @@ static int walk_into(PyObject *out, const unsigned char *buf, uint64_t size, uin
         if (end != Py_None && bcmp3(k, klen, (const unsigned char *)PyBytes_AS_STRING(end),
                                     (uint64_t)PyBytes_GET_SIZE(end)) >= 0)
             return 0;
+        if (shard_n && crc(k, klen) % shard_n != shard_i) continue;
         PyObject *key = PyBytes_FromStringAndSize((const char *)k, (Py_ssize_t)klen);
         if (key == NULL) return -1;
-        PyObject *kv = make_kv(kvtype, key, e, k + klen, stop - off - ENTRY_SIZE - klen);
+        PyObject *kv = make_kv(kvtype, key, e, k + klen,
+                               keys_only ? 0 : stop - off - ENTRY_SIZE - klen);
         Py_DECREF(key);
         if (kv == NULL) return -1;
         int rc = PyList_Append(out, kv);
@@ -540,23 +595,26 @@ static uint32_t value_check(uint64_t voff, uint32_t vlen, uint64_t first, uint64
 #define INDEX_BATCH 32
 
 static PyObject *index_run(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
-    if ((nargs != 12 && nargs != 14) || !PyBytes_Check(a[9])
+    if ((nargs != 12 && nargs != 14 && nargs != 15) || !PyBytes_Check(a[9])
         || (a[10] != Py_None && !PyBytes_Check(a[10]))
-        || (nargs == 14 && ((a[12] != Py_None && !PyDict_Check(a[12]))
+        || (nargs >= 14 && ((a[12] != Py_None && !PyDict_Check(a[12]))
                             || (a[13] != Py_None && (!PyTuple_Check(a[13])
                                                      || PyTuple_GET_SIZE(a[13]) != PARAMS_LEN))))) {
-        PyErr_SetString(PyExc_TypeError, "index_run() takes 12 or 14 arguments");
+        PyErr_SetString(PyExc_TypeError, "index_run() takes 12, 14 or 15 arguments");
         return NULL;
     }
     PyObject *batch[INDEX_BATCH];
     uint32_t hashes[INDEX_BATCH];
     int nb = 0;
-    PyObject *skip = nargs == 14 && a[12] != Py_None ? a[12] : NULL;
-    PyObject *snapp = nargs == 14 && a[13] != Py_None ? a[13] : NULL;
+    PyObject *skip = nargs >= 14 && a[12] != Py_None ? a[12] : NULL;
+    PyObject *snapp = nargs >= 14 && a[13] != Py_None ? a[13] : NULL;
+    int keys_only = nargs == 15 ? PyObject_IsTrue(a[14]) : 0;
+    if (keys_only < 0) return NULL;
     geom_t sg;
     Py_buffer sview;
     if (snapp != NULL && geom_open(snapp, &sg, &sview) < 0)
         return named_damage(PyTuple_GET_ITEM(snapp, PARAMS_LEN - 1));
+    if (snapp != NULL) sg.keys_only = keys_only;
     uint64_t g[8];
     for (int j = 0; j < 8; j++) g[j] = PyLong_AsUnsignedLongLong(a[j + 1]);
     long long limit = PyLong_AsLongLong(a[11]);
@@ -835,17 +893,22 @@ done:
     return result;
 }
 
-/* range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list
+/* range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype
+ *       [, keys_only, shard_i, shard_n]) -> list
  *
  * list()'s snapshot part in one call: a binary search of the sorted index for the
  * first key >= start (every entry it reads bounds-checked), the offset that entry
  * must have (right after entry i-1, or data_off), then walk_into() from there.
  */
 static PyObject *snapshot_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9 || !PyBytes_Check(args[5])) {
-        PyErr_SetString(PyExc_TypeError, "range() takes 9 arguments, start bytes");
+    if ((nargs != 9 && nargs != 12) || !PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "range() takes 9 or 12 arguments, start bytes");
         return NULL;
     }
+    int keys_only = nargs == 12 ? PyObject_IsTrue(args[9]) : 0;
+    if (keys_only < 0) return NULL;
+    uint64_t shard_i = nargs == 12 ? PyLong_AsUnsignedLongLong(args[10]) : 0;
+    uint64_t shard_n = nargs == 12 ? PyLong_AsUnsignedLongLong(args[11]) : 0;
     uint64_t index_off = PyLong_AsUnsignedLongLong(args[1]);
     uint64_t count = PyLong_AsUnsignedLongLong(args[2]);
     uint64_t data_off = PyLong_AsUnsignedLongLong(args[3]);
@@ -912,7 +975,7 @@ static PyObject *snapshot_range(PyObject *self, PyObject *const *args, Py_ssize_
     out = PyList_New(0);
     if (out != NULL && walk_into(out, buf, size, index_off, lo, count, expected, data_end,
                                  start, slen, prev, prev_len, end, limit,
-                                 (PyTypeObject *)args[8]) < 0)
+                                 (PyTypeObject *)args[8], keys_only, shard_i, shard_n) < 0)
         Py_CLEAR(out);
 done:
     PyBuffer_Release(&view);
@@ -1229,7 +1292,10 @@ static PyMethodDef methods[] = {
     {"index_table", (PyCFunction)(void (*)(void))index_table, METH_FASTCALL,
      "index_table(pairs, kbase, vbase) -> (value_table, postings, nvals, values, keys)"},
     {"range", (PyCFunction)(void (*)(void))snapshot_range, METH_FASTCALL,
-     "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype) -> list"},
+     "range(buf, index_off, count, data_off, data_end, start, end, limit, kvtype"
+     "[, keys_only, shard_i, shard_n]) -> list"},
+    {"present", (PyCFunction)(void (*)(void))snapshot_present, METH_FASTCALL,
+     "present(keys, params) -> int: how many of the keys the snapshot holds (see count)"},
     {"reader_get", (PyCFunction)(void (*)(void))reader_get, METH_FASTCALL,
      "reader_get(key, state) -> KeyValue | None | state[6] (see reader.py)"},
     {"build", (PyCFunction)(void (*)(void))snapshot_build, METH_FASTCALL,

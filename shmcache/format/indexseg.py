@@ -247,7 +247,8 @@ class IndexSegment:
         return keys
 
     def run_items(self, i: int, value: bytes, after: bytes | None, limit: int,
-                  skip: dict[bytes, Any], snap: Snapshot) -> list[KeyValue]:
+                  skip: dict[bytes, Any], snap: Snapshot,
+                  keys_only: bool = False) -> list[KeyValue]:
         """The KeyValues in ``snap`` (this segment's snapshot) of the keys with ``value`` in
         index ``i`` above ``after``, passing over the keys in ``skip`` (changed since the
         snapshot), in key order, at most ``limit`` (-1: all).
@@ -256,13 +257,15 @@ class IndexSegment:
         O(log run + page + skipped keys in it). With the C speedups, one call
         (index_run with a snapshot): it probes the snapshot with the postings'
         CRCs, which the snapshot's hash is. A key the snapshot lacks is damage.
+        ``keys_only``: empty values (not copied).
         """
         if USE_SPEEDUPS:
             try:
                 voff, nvals, poff, npost = self.dirs[i]
                 items: list[KeyValue] = _speedups.index_run(
                     self.buf, voff, nvals, poff, npost, self.values_off, self.values_end,
-                    self.keys_off, self.keys_end, value, after, limit, skip, snap.params)
+                    self.keys_off, self.keys_end, value, after, limit, skip, snap.params,
+                    keys_only)
                 return items
             except CorruptSegmentError:
                 raise  # the snapshot's damage, named by its lookup
@@ -275,7 +278,7 @@ class IndexSegment:
             for k in keys:
                 if k in skip:
                     continue
-                kv = snap.get(k)
+                kv = snap.get(k, keys_only)
                 if kv is None:
                     raise self._corrupt(f"index {i}: index posting names key {k!r}, which "
                                         f"the snapshot lacks")

@@ -299,14 +299,24 @@ class Snapshot:
         off: int = _Q_UNPACK(self.buf, self.index_off + 8 * i)[0]
         return off
 
-    def get(self, key: bytes) -> KeyValue | None:
-        """The entry for ``key`` or None: a hash probe, never a scan."""
+    def get(self, key: bytes, keys_only: bool = False) -> KeyValue | None:
+        """The entry for ``key`` or None: a hash probe, never a scan. ``keys_only``: with an
+        empty value (the entry is verified, its value not copied)."""
         if USE_SPEEDUPS and type(key) is bytes:
-            kv: KeyValue | None = _speedups.get(key, self.params)  # (names its damage)
+            kv: KeyValue | None = (_speedups.get(key, self.params, True) if keys_only
+                                   else _speedups.get(key, self.params))  # (names its damage)
             return kv
-        return self.py_get(key)
+        return self.py_get(key, keys_only)
 
-    def py_get(self, key: bytes) -> KeyValue | None:
+    def present(self, keys: list[bytes]) -> int:
+        """How many of ``keys`` this snapshot holds: ``get``'s verified probe for each,
+        copying no value (in one C call with the speedups)."""
+        if USE_SPEEDUPS:
+            found: int = _speedups.present(keys, self.params)  # (names its damage)
+            return found
+        return sum(self.py_get(k, True) is not None for k in keys)
+
+    def py_get(self, key: bytes, keys_only: bool = False) -> KeyValue | None:
         """Reference implementation of ``get`` in pure Python.
 
         The hot path of every reader, hence written out flat: every offset read
@@ -345,8 +355,8 @@ class Snapshot:
                 if _crc32(self._view[off + 4:stop]) != crc:
                     raise self._corrupt(f"entry at {off} fails its checksum")
                 if klen == klen_want and buf[start:start + klen] == key:
-                    return kv_new(KeyValue, (key, buf[start + klen:stop], create, mod, version,
-                                             lease))
+                    return kv_new(KeyValue, (key, b"" if keys_only else buf[start + klen:stop],
+                                             create, mod, version, lease))
             i = (i + 1) & mask
         raise self._corrupt("hash table has no empty slot")
 
@@ -385,19 +395,26 @@ class Snapshot:
             raise self._corrupt(f"sorted index is out of order at entry {i}")
         return i
 
-    def range_list(self, start: bytes, end: bytes | None, limit: int = -1) -> list[KeyValue]:
-        """Entries with ``start <= key < end`` in key order, at most ``limit`` (-1: all)."""
+    def range_list(self, start: bytes, end: bytes | None, limit: int = -1,
+                   keys_only: bool = False, shard: tuple[int, int] | None = None,
+                   ) -> list[KeyValue]:
+        """Entries with ``start <= key < end`` in key order, at most ``limit`` (-1: all).
+
+        ``keys_only``: with empty values (not copied); ``shard`` (i, n): only the keys
+        with ``crc32(key) % n == i`` (docs/format.md, "Shards"), the limit counting those.
+        """
         if not USE_SPEEDUPS:
             out: list[KeyValue] = []
-            for kv in self.range(start, end):
+            for kv in self.range(start, end, keys_only, shard):
                 if len(out) == limit:
                     break
                 out.append(kv)
             return out
+        si, sn = shard if shard is not None else (0, 0)
         try:
             found: list[KeyValue] = _speedups.range(self.buf, self.index_off, self.count,
                                                     self.data_off, self.data_end, start, end,
-                                                    limit, KeyValue)
+                                                    limit, KeyValue, keys_only, si, sn)
             return found
         except ValueError as exc:
             raise self._corrupt(str(exc)) from None
@@ -421,8 +438,10 @@ class Snapshot:
                                 f"{i - 1}, whose key is not below its start")
         return i, (stop + 7) & ~7, prev
 
-    def range(self, start: bytes, end: bytes | None) -> Iterator[KeyValue]:
-        """Entries with ``start <= key < end`` in key order (end None: no upper bound)."""
+    def range(self, start: bytes, end: bytes | None, keys_only: bool = False,
+              shard: tuple[int, int] | None = None) -> Iterator[KeyValue]:
+        """Entries with ``start <= key < end`` in key order (end None: no upper bound);
+        ``keys_only`` and ``shard`` as for ``range_list``."""
         # build() lays entries out back to back in key order, so every index
         # offset is predictable from the entry before it: a damaged index cannot
         # make a listing skip or repeat keys without this check failing.
@@ -458,8 +477,11 @@ class Snapshot:
             expected = (stop + 7) & ~7
             if end is not None and key >= end:
                 return
-            yield kv_new(KeyValue, (key, buf[vstart:stop], create, mod, version, lease))
             i += 1
+            if shard is not None and _crc32(key) % shard[1] != shard[0]:
+                continue
+            yield kv_new(KeyValue, (key, b"" if keys_only else buf[vstart:stop], create, mod,
+                                    version, lease))
         if expected != data_end:
             raise self._corrupt(f"sorted index ends at {expected}, before the data area's "
                                 f"end {data_end}")

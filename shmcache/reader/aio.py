@@ -40,7 +40,9 @@ class Reader(ReaderHandle, Protocol):
     """What this module needs of a Reader (reader.py's Reader is the one)."""
 
     def watch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
-              index: tuple[str, bytes | str] | None = None) -> Watch: ...
+              index: tuple[str, bytes | str] | None = None,
+              shard: tuple[int, int] | None = None) -> Watch: ...
+
 
 # FUTEX_WAIT slice of the waker thread: bounds how long a missed wake (a writer
 # that died between bumping SEQ and waking) or a closed Reader goes unnoticed.
@@ -264,9 +266,10 @@ class AsyncWatch:
 
     def __init__(self, reader: Reader, prefix: bytes | str = b"",
                  since_revision: int | None = None, *,
-                 index: tuple[str, bytes | str] | None = None) -> None:
+                 index: tuple[str, bytes | str] | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         self._reader = reader
-        self._watch: Watch = reader.watch(prefix, since_revision, index=index)
+        self._watch: Watch = reader.watch(prefix, since_revision, index=index, shard=shard)
         self._pending: collections.deque[Event] = collections.deque()
         self._waiting: list[asyncio.Future[None]] = []
 

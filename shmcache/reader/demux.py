@@ -6,8 +6,10 @@ Reader has one Demux per process. Watches join it once they have caught up on
 their own (shmcache/reader/watch.py); from then on one RingCursor reads each new
 record, decodes it once, and appends each event to the queues of the watches
 it matches, found through an index of watches by prefix (one dict lookup per
-distinct prefix length) and by (secondary index, value). Only the watches that
-got events are woken.
+distinct prefix length), by (prefix, shard) (one crc32 of the key, then one
+lookup per distinct (prefix length, shard count): a process's sharded watch
+costs what an unsharded one on its share of the keys does) and by (secondary
+index, value). Only the watches that got events are woken.
 
 Who advances it: a daemon thread per (Reader, process), asleep on the writer's
 futex word while watches are joined (it exits about 0.5 s after the last one
@@ -47,6 +49,7 @@ import os
 import threading
 import time
 import weakref
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ShmCacheError
@@ -57,6 +60,7 @@ from ..ipc import shm as _shm
 from ..ipc.futex import Bell
 from ..types import Event
 from .cursor import SEALED, Record, RingCursor
+from .history import in_shard
 from .perprocess import PerReader
 
 if TYPE_CHECKING:
@@ -71,6 +75,9 @@ __all__ = ["Demux", "Inbox", "demux_of"]
 _SLICE = 0.5
 # The thread exits after this long without joined watches.
 _IDLE_EXIT = 0.5
+_crc32 = zlib.crc32
+# (prefix length[, shard count]) -> (prefix[, shard]) -> watches.
+_Tables = dict[Any, dict[Any, list["weakref.ref[Inbox]"]]]
 
 
 
@@ -82,13 +89,14 @@ class Inbox:
     through ``Demux.take`` (and, in a forked child, directly: no other thread there).
     """
 
-    __slots__ = ("prefix", "index", "events", "error", "after", "saved", "futures", "ready",
-                 "closed", "__weakref__")
+    __slots__ = ("prefix", "index", "shard", "events", "error", "after", "saved", "futures",
+                 "ready", "closed", "__weakref__")
 
     def __init__(self, prefix: bytes, index: tuple[int, bytes] | None, cursor: RingCursor,
-                 ) -> None:
+                 shard: tuple[int, int] | None = None) -> None:
         self.prefix = prefix
         self.index = index
+        self.shard = shard  # (i, n): only keys with crc32(key) % n == i
         self.events: list[Event] = []
         self.error: BaseException | None = None
         self.after = cursor.revision  # events at or below it were read before joining
@@ -118,7 +126,9 @@ class Demux:
         # prefix length -> prefix -> watches; (index position, value) -> watches. Weak
         # references: a watch dropped without close() (a loop left with break) is
         # forgotten, not fed forever; the thread sweeps the dead ones out.
-        self._by_len: dict[int, dict[bytes, list[weakref.ref[Inbox]]]] = {}
+        self._by_len: _Tables = {}
+        # (prefix length, shard count n) -> (prefix, shard i) -> sharded watches.
+        self._by_shard: _Tables = {}
         self._by_ix: dict[tuple[int, bytes], list[weakref.ref[Inbox]]] = {}
         self._count = 0
         # id(watch) -> (its reference, ring position of the oldest record it has unread
@@ -134,7 +144,7 @@ class Demux:
     # -- joining and leaving (a Watch, under no lock of its own) --------------------
 
     def join(self, prefix: bytes, index: tuple[int, bytes] | None,
-             cursor: RingCursor) -> Inbox | None:
+             cursor: RingCursor, shard: tuple[int, int] | None = None) -> Inbox | None:
         """Register a watch of ``prefix`` (and ``index``) whose own ``cursor`` has read
         everything up to its revision.
 
@@ -151,12 +161,10 @@ class Demux:
                 c = self.cursor
                 if c is None or c.epoch != cursor.epoch or c.revision > cursor.revision:
                     return None  # (None: the advance failed every watch; retry afresh)
-            w = Inbox(prefix, index, cursor)
-            ref = weakref.ref(w)
-            if w.index is None:
-                self._by_len.setdefault(len(w.prefix), {}).setdefault(w.prefix, []).append(ref)
-            else:
-                self._by_ix.setdefault(w.index, []).append(ref)
+            w = Inbox(prefix, index, cursor, shard)
+            refs = self._refs(w, create=True)
+            assert refs is not None
+            refs.append(weakref.ref(w))
             self._count += 1
             if self._thread is None:
                 t = threading.Thread(target=self._run, daemon=True,
@@ -181,13 +189,25 @@ class Demux:
                 self.lock.release()
         w.ready.ring()
 
+    def _refs(self, w: Inbox, create: bool) -> list[weakref.ref[Inbox]] | None:
+        """The list of ``w``'s table that holds (or will hold) its reference."""
+        if w.index is not None:
+            return self._by_ix.setdefault(w.index, []) if create else self._by_ix.get(w.index)
+        outer: _Tables
+        okey: Any
+        ikey: Any
+        if w.shard is None:
+            outer, okey, ikey = self._by_len, len(w.prefix), w.prefix
+        else:
+            outer, okey, ikey = self._by_shard, (len(w.prefix), w.shard[1]), (w.prefix, w.shard[0])
+        if create:
+            return outer.setdefault(okey, {}).setdefault(ikey, [])
+        table = outer.get(okey)
+        return table.get(ikey) if table is not None else None
+
     def _remove(self, w: Inbox) -> None:
         self._unread.pop(id(w), None)
-        if w.index is None:
-            table = self._by_len.get(len(w.prefix))
-            refs = table.get(w.prefix) if table is not None else None
-        else:
-            refs = self._by_ix.get(w.index)
+        refs = self._refs(w, create=False)
         for ref in refs or ():
             if ref() is w:
                 refs.remove(ref)  # type: ignore[union-attr]
@@ -197,16 +217,17 @@ class Demux:
 
     def _prune(self) -> None:
         """Drop dead references, closed watches and empty entries."""
-        for length, table in list(self._by_len.items()):
-            for prefix, refs in list(table.items()):
-                live = [r for r in refs if _open(r)]
-                self._count -= len(refs) - len(live)
-                if live:
-                    table[prefix] = live
-                else:
-                    del table[prefix]
-            if not table:
-                del self._by_len[length]
+        for outer in (self._by_len, self._by_shard):
+            for length, table in list(outer.items()):
+                for prefix, refs in list(table.items()):
+                    live = [r for r in refs if _open(r)]
+                    self._count -= len(refs) - len(live)
+                    if live:
+                        table[prefix] = live
+                    else:
+                        del table[prefix]
+                if not table:
+                    del outer[length]
         for key, refs in list(self._by_ix.items()):
             live = [r for r in refs if _open(r)]
             self._count -= len(refs) - len(live)
@@ -220,6 +241,7 @@ class Demux:
 
     def _watches(self) -> list[Inbox]:
         refs = [r for t in self._by_len.values() for rs in t.values() for r in rs]
+        refs += [r for t in self._by_shard.values() for rs in t.values() for r in rs]
         refs += [r for rs in self._by_ix.values() for r in rs]
         return [w for w in (r() for r in refs) if w is not None]
 
@@ -300,6 +322,7 @@ class Demux:
             for w in watches:
                 w.error = exc
             self._by_len.clear()
+            self._by_shard.clear()
             self._by_ix.clear()
             self._unread.clear()
             self._count = 0
@@ -349,6 +372,7 @@ class Demux:
 
     def _dispatch(self, records: list[Record], where: str) -> None:
         by_len = list(self._by_len.items())
+        by_shard = list(self._by_shard.items())
         by_ix = self._by_ix
         touched: dict[int, Inbox] = {}
         n = 0
@@ -368,6 +392,16 @@ class Demux:
                             if w is not None and rev > w.after and not w.closed:
                                 self._queue(w, ref, ev, pos, touched)
                                 n += 1
+                if by_shard:
+                    h = _crc32(key)
+                    for (length, count), stable in by_shard:
+                        refs = stable.get((key[:length], h % count))
+                        if refs is not None:
+                            for ref in refs:
+                                w = ref()
+                                if w is not None and rev > w.after and not w.closed:
+                                    self._queue(w, ref, ev, pos, touched)
+                                    n += 1
                 if by_ix:
                     n += self._dispatch_indexed(ev, key, rev, pos, ix, pix, touched)
         self.delivered += n
@@ -382,7 +416,8 @@ class Demux:
                 for ref in refs:
                     w = ref()
                     if w is not None and rev > w.after and key.startswith(w.prefix) \
-                            and id(w) not in seen and not w.closed:
+                            and id(w) not in seen and not w.closed and (
+                                w.shard is None or in_shard(key, w.shard)):
                         seen.add(id(w))
                         self._queue(w, ref, ev, pos, touched)
                         n += 1

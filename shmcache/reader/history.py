@@ -18,7 +18,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import operator
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedList
@@ -27,15 +28,35 @@ from ..errors import CompactedError, FutureRevisionError
 from ..format import codec as _codec
 from ..format import layout, ring
 from ..format.indexspec import IxVals, vals
+from ..types import KeyValue, kv_new
 
 if TYPE_CHECKING:
     from ..format.control import Block
     from ..ipc import shm as _shm
     from ..ipc.control_reader import ControlReader
-    from ..types import KeyValue
 
 # The key of a KeyValue or of a (key, value) pair, at C speed (sort and merge keys).
 key_of: Any = operator.itemgetter(0)
+_crc32 = zlib.crc32
+
+
+def in_shard(key: bytes, shard: tuple[int, int]) -> bool:
+    """Whether ``key`` belongs to shard ``(i, n)``: ``zlib.crc32(key) % n == i``, part of the
+    format (docs/format.md, "Shards"): every host and language computes the same."""
+    return _crc32(key) % shard[1] == shard[0]
+
+
+def of_shard(keys: Iterable[bytes], shard: tuple[int, int] | None) -> Iterator[bytes]:
+    """The keys of ``keys`` in ``shard`` (None: all of them), lazily."""
+    if shard is None:
+        return iter(keys)
+    i, n = shard
+    return (k for k in keys if _crc32(k) % n == i)
+
+
+def strip(kv: KeyValue) -> KeyValue:
+    """``kv`` with an empty value (a keys-only read)."""
+    return kv_new(KeyValue, (kv[0], b"", kv[2], kv[3], kv[4], kv[5]))
 
 
 def check_window(name: str, revision: int, current: int, compact: int) -> None:
@@ -124,7 +145,8 @@ def _irange(keys: SortedList, start: bytes, last: bytes | None,
 
 
 def past_page(now: Callable[[int], list[KeyValue]], undo: Undo,
-              added: Callable[[bytes | None], Iterator[bytes]], want: int) -> list[KeyValue]:
+              added: Callable[[bytes | None], Iterator[bytes]], want: int,
+              keys_only: bool = False) -> list[KeyValue]:
     """The first ``want`` items (-1: all) of a range as it was at ``undo.revision``.
 
     ``now(n)``: the first ``n`` items of the range now (-1: all), in key order.
@@ -134,6 +156,7 @@ def past_page(now: Callable[[int], list[KeyValue]], undo: Undo,
     at most one current item, so the current range is read in growing chunks until
     the merge of the two holds ``want`` items at or before the last key read: the
     page costs O(want + the changes among its keys), whatever its offset.
+    ``keys_only``: the earlier KeyValues with empty values too (``now`` gives them so).
     """
     prev = undo.prev
     n = want + 16 if want >= 0 else -1
@@ -143,6 +166,8 @@ def past_page(now: Callable[[int], list[KeyValue]], undo: Undo,
         last = None if complete else cur[-1].key
         keep = [kv for kv in cur if kv.key not in prev]
         old = [kv for kv in (prev[k][0] for k in added(last)) if kv is not None]
+        if keys_only:
+            old = [strip(kv) for kv in old]
         out = list(heapq.merge(keep, old, key=key_of)) if old else keep
         if complete or len(out) >= want:
             return out if want < 0 else out[:want]

@@ -39,13 +39,30 @@ def _position(v: View, name: str) -> int:
                      f"declare them with `shmcache serve NAME --index NAME=SPEC`)")
 
 
-def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> list[KeyValue]:
-    """The keys with ``value`` in index ``i`` now (above ``after``), at most ``want``: the
-    snapshot's run without the keys changed since, merged with the changed keys that have
-    the value now. O(log run + want + changed keys passed over), whatever the offset."""
+def _current(v: View, i: int, value: bytes, after: bytes | None, want: int,
+             keys_only: bool = False, shard: tuple[int, int] | None = None) -> list[KeyValue]:
+    """The keys with ``value`` in index ``i`` now (above ``after``), at most ``want`` (of
+    ``shard``; ``keys_only``: empty values, not copied): the snapshot's run without the
+    keys changed since, merged with the changed keys that have the value now. O(log run +
+    want + changed keys passed over), whatever the offset; a shard's page reads the
+    run's keys in growing chunks until it holds ``want`` of the shard's."""
+    if shard is None:
+        return _all_current(v, i, value, after, want, keys_only)
+    out: list[KeyValue] = []
+    n = want * shard[1] + 16 if want >= 0 else -1
+    while True:
+        chunk = _all_current(v, i, value, after, n, keys_only)
+        out += [kv for kv in chunk if _history.in_shard(kv.key, shard)]
+        if n < 0 or len(chunk) < n or len(out) >= want:
+            return out if want < 0 else out[:want]
+        after, n = chunk[-1].key, n * 2
+
+
+def _all_current(v: View, i: int, value: bytes, after: bytes | None, want: int,
+                 keys_only: bool) -> list[KeyValue]:
     snap, overlay = v.snap, v.overlay
     assert snap is not None and v.ov_index is not None
-    items = v.indexes().run_items(i, value, after, want, overlay, snap)
+    items = v.indexes().run_items(i, value, after, want, overlay, snap, keys_only)
     changed = v.ov_index.keys[i].get(value)
     if changed:
         keys: Iterable[bytes] = (changed if after is None
@@ -53,6 +70,8 @@ def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> l
         if want >= 0:
             keys = itertools.islice(keys, want)
         extra = [overlay[k] for k in keys]
+        if keys_only:
+            extra = [_history.strip(kv) for kv in extra]
         if extra:
             items = list(heapq.merge(items, extra, key=_history.key_of))
             if want >= 0:
@@ -61,12 +80,14 @@ def _current(v: View, i: int, value: bytes, after: bytes | None, want: int) -> l
 
 
 def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision: int,
-        current: int) -> list[KeyValue]:
+        current: int, keys_only: bool, shard: tuple[int, int] | None) -> list[KeyValue]:
     """As ``_current``, at a past ``revision`` within the window (_history.past_page)."""
     u = v.undo(revision, current)
     start = b"" if after is None else after + b"\0"
-    return _history.past_page(lambda n: _current(v, i, value, after, n), u,
-                              lambda last: u.keys_with(i, value, start, last), want)
+    return _history.past_page(
+        lambda n: _current(v, i, value, after, n, keys_only, shard), u,
+        lambda last: _history.of_shard(u.keys_with(i, value, start, last), shard), want,
+        keys_only)
 
 
 class IndexReads:
@@ -83,20 +104,23 @@ class IndexReads:
 
     def by_index(self, index: str, value: bytes | str, *, revision: int | None = None,
                  limit: int | None = None, continue_token: str | None = None,
-                 min_revision: int | None = None, timeout: float | None = None) -> ListResult:
+                 min_revision: int | None = None, timeout: float | None = None,
+                 keys_only: bool = False, shard: tuple[int, int] | None = None) -> ListResult:
         """The KeyValues whose ``index`` values include ``value``, sorted by key, exact at
         the returned ``.revision``: a lookup in the index, not a scan.
 
-        ``revision``, ``limit``, ``continue_token``, ``min_revision``/``timeout``: as
-        for ``list`` (a page continues at the first page's revision). ValueError
-        for an index the cache does not have.
+        ``revision``, ``limit``, ``continue_token``, ``min_revision``/``timeout``,
+        ``keys_only``, ``shard``: as for ``list`` (a page continues at the first page's
+        revision). ValueError for an index the cache does not have.
         """
         value = _args.as_bytes(value, "value")
         _args.page_args(limit, revision, continue_token, min_revision, timeout)
+        shard = _args.shard(shard)
+        keys_only = bool(keys_only)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         want = -1 if limit is None else limit + 1
-        bound = _pages.index_bound(index, value)
+        bound = _pages.index_bound(index, value, shard)
         with self._life, self._lock:
             self._refresh()
             v = self._v
@@ -106,21 +130,24 @@ class IndexReads:
                 revision, after = v.decode_token(continue_token, bound)
             if revision is None or revision == self._revision:
                 revision = self._revision
-                items = v.with_retry(lambda: _current(v, i, value, after, want), self._refresh)
+                items = v.with_retry(
+                    lambda: _current(v, i, value, after, want, keys_only, shard), self._refresh)
             else:
                 rev = revision
-                items = v.with_retry(lambda: _at(v, i, value, after, want, rev, self._revision),
-                                     self._refresh)
+                items = v.with_retry(lambda: _at(v, i, value, after, want, rev, self._revision,
+                                                 keys_only, shard), self._refresh)
             return _pages.page(items, limit, revision, self.name, v.epoch, bound)
 
-    def iter_by_index(self, index: str, value: bytes | str,
-                      page_size: int = 1000) -> Iterator[KeyValue]:
+    def iter_by_index(self, index: str, value: bytes | str, page_size: int = 1000, *,
+                      keys_only: bool = False,
+                      shard: tuple[int, int] | None = None) -> Iterator[KeyValue]:
         """``by_index`` page by page at the first page's revision (memory O(page))."""
         _args.count(page_size, "page_size", minimum=1)
-        res = self.by_index(index, value, limit=page_size)
+        res = self.by_index(index, value, limit=page_size, keys_only=keys_only, shard=shard)
         yield from res.items
         while res.continue_token is not None:
-            res = self.by_index(index, value, limit=page_size, continue_token=res.continue_token)
+            res = self.by_index(index, value, limit=page_size, continue_token=res.continue_token,
+                                keys_only=keys_only, shard=shard)
             yield from res.items
 
     def index_values(self, index: str) -> dict[bytes, int]:

@@ -56,15 +56,38 @@ def decode(token: str, cache: str, prefix: bytes, epoch: int,
 
 
 _INDEX = b"\0index\0"
+_RANGE = b"\0range\0"
 
 
-def index_bound(index: str, value: bytes) -> bytes:
+def index_bound(index: str, value: bytes, shard: tuple[int, int] | None = None) -> bytes:
     """What a by_index token is bound to, in place of a list's prefix."""
-    return _INDEX + index.encode() + b"\0" + value
+    bound = _INDEX + index.encode() + b"\0" + value
+    return bound if shard is None else _pack_range(bound, None, shard)
+
+
+def range_bound(start: bytes, end: bytes | None, prefix_end: bytes | None,
+                shard: tuple[int, int] | None) -> bytes:
+    """What a token of the range [start, end) (of one shard) is bound to: for a prefix's
+    range (``end == prefix_end``) without a shard, the prefix, so that ``list(p)`` and
+    ``range(p, end of p)`` page with the same tokens."""
+    if end == prefix_end and shard is None:
+        return start
+    return _pack_range(start, end, shard or (0, 0))
+
+
+def _pack_range(start: bytes, end: bytes | None, shard: tuple[int, int]) -> bytes:
+    raw: bytes = msgpack.packb([start, end, *shard], use_bin_type=True)
+    return _RANGE + raw
 
 
 def _listing(bound: bytes) -> str:
     """A token's bound as the user wrote the call, not as the token encodes it."""
+    if bound.startswith(_RANGE):
+        start, end, i, n = msgpack.unpackb(bound[len(_RANGE):])
+        shard = f" shard=({i}, {n})" if n else ""
+        if end is None and start.startswith(_INDEX):
+            return _listing(start) + shard
+        return f"the range [{start!r}, {end!r}){shard}"
     if bound.startswith(_INDEX):
         index, _, value = bound[len(_INDEX):].partition(b"\0")
         return f"by_index({index.decode(errors='replace')!r}, {value!r})"

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from sortedcontainers import SortedDict
@@ -32,12 +32,12 @@ from ..ipc import control_reader
 from ..ipc import shm as _shm
 from ..ipc.control_reader import ControlReader
 from ..types import Event, KeyValue, ListResult, Status
-from . import pages as _pages
 from . import sync_client as _sync
 from .indexreads import IndexReads
 from .janitor import Janitor, Upkeep, pinned_bytes
 from .lifetime import Lifetime
-from .view import Retry, View, lookup, range_end
+from .ranges import RangeReads
+from .view import Retry, View, lookup
 from .watch import Watch
 
 if TYPE_CHECKING:
@@ -134,7 +134,8 @@ class _Waits:
     # -- integrations (shmcache/reader/aio.py, shmcache/reader/subscribe.py, imported when used) --
 
     def awatch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
-               index: tuple[str, bytes | str] | None = None) -> AsyncWatch:
+               index: tuple[str, bytes | str] | None = None,
+               shard: tuple[int, int] | None = None) -> AsyncWatch:
         """``watch`` for asyncio: ``async for ev in r.awatch(prefix, since_revision)``.
 
         Returns an AsyncWatch. Woken by the writer's publish through one thread per
@@ -142,7 +143,8 @@ class _Waits:
         """
         from .aio import AsyncWatch
 
-        return AsyncWatch(cast("Reader", self), prefix, since_revision, index=index)
+        return AsyncWatch(cast("Reader", self), prefix, since_revision, index=index,
+                          shard=shard)
 
     async def await_revision(self, revision: int, timeout: float | None = None) -> bool:
         """``wait`` for asyncio: True once ``revision`` is reached, False after ``timeout`` s."""
@@ -164,7 +166,7 @@ class _Waits:
                             on_reset=on_reset, on_error=on_error)
 
 
-class Reader(IndexReads, _Waits, Upkeep):
+class Reader(RangeReads, IndexReads, _Waits, Upkeep):
     """A read-only attachment to the cache ``name`` on this host.
 
     Concurrency contract: any number of Readers, in any number of processes,
@@ -459,69 +461,21 @@ class Reader(IndexReads, _Waits, Upkeep):
         # The C lookup straight from here: this is every reader's hot path.
         return _fast_get(key, snap.params)  # type: ignore[no-any-return]
 
-    def list(self, prefix: bytes | str = b"", limit: int | None = None, *,
-             revision: int | None = None, min_revision: int | None = None,
-             timeout: float | None = None, continue_token: str | None = None) -> ListResult:
-        """Every key starting with ``prefix``, sorted, exact at the returned ``.revision``.
-
-        ``prefix`` defaults to the cache's whole range. ``limit`` caps the number
-        of items (the first ones in key order); ``.more`` then says whether keys
-        remain and ``.continue_token`` continues the listing: the next page is exact
-        at the first page's revision (CompactedError once the cache no longer holds
-        it: list again). ``revision``: the range as etcd had it at that revision
-        (see ``get``). ``min_revision``/``timeout``: wait for the cache to reach a
-        revision first.
-        """
-        prefix = _args.as_bytes(prefix, "prefix")
-        _args.page_args(limit, revision, continue_token, min_revision, timeout)
-        with self._life:
-            if min_revision is not None:
-                self._wait_min(min_revision, timeout)
-            want = -1 if limit is None else limit + 1  # one more: whether keys remain
-            with self._lock:
-                self._refresh()
-                if not prefix:
-                    prefix = self._prefix
-                self._check_key_range(prefix, "prefix")
-                v, start, end = self._v, prefix, range_end(prefix)
-                if continue_token is not None:
-                    revision, last = v.decode_token(continue_token, prefix)
-                    if last is not None:
-                        start = last + b"\0"
-                if revision is not None and revision != self._revision:
-                    items = v.items_at(start, end, want, revision, self._revision)
-                    return _pages.page(items, limit, revision, self.name, v.epoch, prefix)
-                snap, revision, epoch = v.snap, self._revision, v.epoch
-                assert snap is not None
-                if v.changed(start, end, 1):
-                    return _pages.page(v.page(start, end, want), limit, revision, self.name,
-                                       epoch, prefix)
-            # Nothing in the range changed since the snapshot: its walk alone, outside the lock.
-            return _pages.page(snap.range_list(start, end, want), limit, revision, self.name,
-                               epoch, prefix)
-
-    def iter_list(self, prefix: bytes | str = b"", page_size: int = 1000) -> Iterator[KeyValue]:
-        """Every KeyValue under ``prefix`` at the first page's revision, ``page_size`` at a
-        time (memory O(page)); CompactedError if the cache stops holding that revision."""
-        _args.count(page_size, "page_size", minimum=1)
-        res = self.list(prefix, limit=page_size)
-        yield from res.items
-        while res.continue_token is not None:
-            res = self.list(prefix, limit=page_size, continue_token=res.continue_token)
-            yield from res.items
-
     def watch(self, prefix: bytes | str = b"", since_revision: int | None = None, *,
-              index: tuple[str, bytes | str] | None = None) -> Watch:
+              index: tuple[str, bytes | str] | None = None,
+              shard: tuple[int, int] | None = None) -> Watch:
         """Events for keys starting with ``prefix`` with revision > ``since_revision``, in order.
 
         ``since_revision=None``: from now. Raises CompactedError if those events are
         no longer retained; list again and watch from the list's revision.
         ``index=(name, value)``: only the events whose kv or prev_kv has ``value`` in
         that index (so a key moving out of the selection is seen leaving it).
+        ``shard=(i, n)``: only the events of keys with ``zlib.crc32(key) % n == i``.
         """
         with self._life:
             return Watch(self, _args.as_bytes(prefix, "prefix"),
-                         _args.opt_revision(since_revision, "since_revision"), index)
+                         _args.opt_revision(since_revision, "since_revision"), index,
+                         _args.shard(shard))
 
     def status(self) -> Status:
         """The cache's and its writer's state, read without waiting (``pinned_bytes``

@@ -62,20 +62,21 @@ _UNDOS = 4
 
 
 def lookup(pair: tuple[SortedDict, Snapshot | None, Snapshot | None],
-            key: bytes) -> KeyValue | None:
+           key: bytes, keys_only: bool = False) -> KeyValue | None:
     """``key`` now, in a view's (overlay, snapshot, overlay segment): the private overlay
     first, then the overlay segment (an entry of version 0 there is a deletion), then
-    the snapshot."""
+    the snapshot. ``keys_only``: no value is copied from a segment (the private
+    overlay's are in memory already, and returned as they are)."""
     overlay, snap, ovl = pair
     kv: KeyValue | None = overlay.get(key, _MISSING)
     if kv is not _MISSING:
         return kv
     if ovl is not None:
-        kv = ovl.get(key)
+        kv = ovl.get(key, keys_only)
         if kv is not None:
             return kv if kv.version else None
     assert snap is not None
-    return snap.get(key)
+    return snap.get(key, keys_only)
 
 
 class Retry(Exception):
@@ -159,30 +160,35 @@ class View:
                 refresh()
         raise Retry()
 
-    def changed(self, start: bytes, end: bytes | None,
-                n: int) -> list[tuple[bytes, KeyValue | None]]:
+    def changed(self, start: bytes, end: bytes | None, n: int, keys_only: bool = False,
+                shard: tuple[int, int] | None = None) -> list[tuple[bytes, KeyValue | None]]:
         """The first ``n`` (-1: all) keys in [start, end) changed since the snapshot, with
         their KeyValue now (None: deleted), in key order: the overlay segment's, and the
-        private overlay's over them. O(log + n). Call under the Reader's lock."""
+        private overlay's over them. O(log + n). ``keys_only``, ``shard``: as for
+        ``Snapshot.range_list``. Call under the Reader's lock."""
         overlay = self.overlay
         keys: Iterable[bytes] = (overlay.irange(minimum=start) if end is None
                                  else overlay.irange(start, end, inclusive=(True, False)))
+        keys = _history.of_shard(keys, shard)
         if n >= 0:
             keys = itertools.islice(keys, n)
         mine = [(k, overlay[k]) for k in keys]
+        if keys_only:
+            mine = [(k, kv if kv is None else _history.strip(kv)) for k, kv in mine]
         if self.ovl is None:
             return mine
         shared = [(kv.key, kv if kv.version else None)
-                  for kv in self.ovl.range_list(start, end, n)]
+                  for kv in self.ovl.range_list(start, end, n, keys_only, shard)]
         if not mine or not shared:
             return mine or shared
         newer = dict(mine)
         out = list(heapq.merge([x for x in shared if x[0] not in newer], mine, key=_history.key_of))
         return out if n < 0 else out[:n]
 
-    def page(self, start: bytes, end: bytes | None, want: int) -> list[KeyValue]:
-        """The first ``want`` (-1: all) KeyValues in [start, end) now. Call under the
-        Reader's lock.
+    def page(self, start: bytes, end: bytes | None, want: int, keys_only: bool = False,
+             shard: tuple[int, int] | None = None) -> list[KeyValue]:
+        """The first ``want`` (-1: all) KeyValues in [start, end) now (``keys_only``,
+        ``shard``: as for ``Snapshot.range_list``). Call under the Reader's lock.
 
         Two sorted streams, the snapshot's entries and the changes since it (those
         up to the last snapshot key read), each read in chunks of ``want + 16``:
@@ -195,10 +201,11 @@ class View:
         assert snap is not None
         n = m = -1 if want < 0 else want + 16
         while True:
-            base = snap.range_list(start, end, n)
+            base = snap.range_list(start, end, n, keys_only, shard)
             b_last = None if n < 0 or len(base) < n else base[-1].key
             # Only the changes up to the last snapshot key read can be placed.
-            ch = self.changed(start, end if b_last is None else b_last + b"\0", m)
+            ch = self.changed(start, end if b_last is None else b_last + b"\0", m, keys_only,
+                              shard)
             c_last = None if m < 0 or len(ch) < m else ch[-1][0]
             bound = (c_last if b_last is None else b_last if c_last is None
                      else min(b_last, c_last))
@@ -247,14 +254,6 @@ class View:
         if was is not _MISSING:
             return was[0]  # type: ignore[no-any-return]
         return lookup(self.pair, key)
-
-    def items_at(self, start: bytes, end: bytes | None, limit: int, revision: int,
-                 current: int) -> list[KeyValue]:
-        """The keys in [start, end) as etcd had them at ``revision``, at most ``limit`` (-1:
-        all): O(limit + changes among them) once the Undo of ``revision`` is read."""
-        u = self.undo(revision, current)
-        return _history.past_page(lambda n: self.page(start, end, n), u,
-                                  lambda last: u.keys_in(start, last, end), limit)
 
     def watch_start(self, since: int | None) -> tuple[control.Block, _shm.Segment, int, int]:
         """(block, ring, position, since) for a watch from ``since`` (None: from now)."""

@@ -13,6 +13,7 @@ from ..format.indexspec import vals
 from ..types import Event
 from . import demux as _demux
 from .cursor import Record, RingCursor
+from .history import in_shard
 from .view import range_end
 
 if TYPE_CHECKING:
@@ -42,8 +43,11 @@ class Watch:
     """
 
     def __init__(self, reader: ReaderHandle, prefix: bytes, since_revision: int | None,
-                 index: tuple[str, bytes | str] | None = None) -> None:
+                 index: tuple[str, bytes | str] | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         self._reader = reader
+        # (i, n): only the keys with crc32(key) % n == i (validated by Reader.watch).
+        self.shard = shard
         # (position, value) of the index filter: events whose kv or prev_kv has the value.
         self._index = reader._index_filter(index)
         # Block, ring and position come together from one view of the Reader: a
@@ -93,20 +97,22 @@ class Watch:
 
     def _matching(self, records: list[Record], where: str) -> list[Event]:
         """This watch's events in ``records`` (reading on its own)."""
-        prefix, end, index = self.prefix, self._end, self._index
+        prefix, end, index, shard = self.prefix, self._end, self._index, self.shard
         found: list[Event] = []
         for rev, payload, _pos in records:
             if index is None:
                 for ev in _codec.decode(payload, rev, where):
                     k = ev.kv.key
-                    if k >= prefix and (end is None or k < end):
+                    if k >= prefix and (end is None or k < end) and (
+                            shard is None or in_shard(k, shard)):
                         found.append(ev)
             else:
                 i, value = index
                 for ev, ix, pix in _codec.decode_indexed(payload, rev, where):
                     k = ev.kv.key
                     if k >= prefix and (end is None or k < end) and (
-                            value in vals(ix, i) or value in vals(pix, i)):
+                            value in vals(ix, i) or value in vals(pix, i)) and (
+                            shard is None or in_shard(k, shard)):
                         found.append(ev)
         return found
 
@@ -145,7 +151,7 @@ class Watch:
         self.revision = max(self.revision, c.revision)
         if not self._closed:
             d = _demux.demux_of(self._reader)
-            inbox = d.join(self.prefix, self._index, c)
+            inbox = d.join(self.prefix, self._index, c, self.shard)
             if inbox is not None:
                 self._cursor = None
                 self._demux, self._inbox = d, inbox

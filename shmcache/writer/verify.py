@@ -47,7 +47,8 @@ class Result:
 
 
 class Inconclusive(Exception):
-    """etcd compacted past the revision while it was read (or the snapshot went away)."""
+    """etcd compacted past the revision while it was read, the snapshot went away, or etcd is
+    another cluster than the one the cache was loaded from."""
 
 
 def _etcd_items(conn: _etcd.Connection, key: bytes, range_end: bytes, revision: int,
@@ -116,6 +117,12 @@ def compare_cache(name: str, conn: _etcd.Connection, *, values: bool = False) ->
         b = ctl.block()
         if b is None or b.snap_seq == 0:
             raise Inconclusive(f"cache {name!r} has no published snapshot to compare")
+        if b.cluster_id and conn.cluster_id and b.cluster_id != conn.cluster_id:
+            # Not a difference to repair: the writer relists on its own when it meets the
+            # other cluster (a verifier that connected first would count a false mismatch).
+            raise Inconclusive(f"etcd at {conn.endpoint} belongs to cluster "
+                               f"{conn.cluster_id:x}, the cache was loaded from cluster "
+                               f"{b.cluster_id:x}")
         prefix = ctl.prefix(b.prefix_len)
         seg = _shm.open_readonly(layout.snapshot_name(name, b.snap_seq))
         if seg is None:
