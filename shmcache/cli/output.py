@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 from ..types import CountResult, KeyValue, ListResult
@@ -90,3 +91,10 @@ def count_json(res: CountResult) -> dict[str, Any]:
 def plural(n: int, word: str, plural_form: str | None = None) -> str:
     """``1 key``, ``2 keys``, ``1,234 keys``; ``plural(2, "process", "processes")``."""
     return f"{n:,} {word if n == 1 else plural_form or word + 's'}"
+
+
+def since(unix_time: float, *, date: bool = False) -> str:
+    """``"12:00:03 UTC (41s"`` (with ``date``: ``"2026-12-06 12:00:03 UTC (41s"``): when a
+    state began and how long ago, for the status lines that say since when something fails."""
+    fmt = "%Y-%m-%d %H:%M:%S UTC" if date else "%H:%M:%S UTC"
+    return f"{time.strftime(fmt, time.gmtime(unix_time))} ({max(0.0, time.time() - unix_time):.0f}s"

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..errors import ShmCacheError
+from .output import since as _since
 from .output import text as _text
 
 
@@ -142,9 +143,7 @@ def _publish_state(st: Any) -> str:
         return "unknown (no writer running)"
     if since is None:
         return "ok"
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
-    return (f"FAILING since {when} ({max(0.0, time.time() - since):.0f}s): "
-            f"{_one_line(st.publish_error or '')}")
+    return f"FAILING since {_since(since, date=True)}): {_one_line(st.publish_error or '')}"
 
 
 def _etcd_state(st: Any) -> str:
@@ -153,5 +152,4 @@ def _etcd_state(st: Any) -> str:
         return "unknown (no writer running)"
     if since is None:
         return "reachable"
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
-    return f"unreachable since {when} ({max(0.0, time.time() - since):.0f}s)"
+    return f"unreachable since {_since(since, date=True)})"

@@ -27,6 +27,7 @@ from ..format import control, layout
 from ..ipc import shm as _shm
 from .config import ConfigError, ServeConfig
 from .metrics import start_metrics_server
+from .output import since as _since
 
 __all__ = ["ListProgress", "Liveness", "Notifier", "serve", "watchdog_interval"]
 
@@ -210,8 +211,7 @@ def publish_failing_text(w: Any) -> str:
     since = w.publish_failing_since
     if since is None:
         return ""
-    at = time.strftime("%H:%M:%S UTC", time.gmtime(since))
-    return (f"cannot publish since {at} ({time.time() - since:.0f}s, "
+    return (f"cannot publish since {_since(since)}, "
             f"{w.stats.get('publish_errors', 0)} errors): {w.publish_error}")
 
 
@@ -220,8 +220,7 @@ def etcd_down_text(w: Any) -> str:
     since = w.etcd_down_since
     if since is None:
         return ""
-    at = time.strftime("%H:%M:%S UTC", time.gmtime(since))
-    return (f"etcd unreachable since {at} ({time.time() - since:.0f}s, "
+    return (f"etcd unreachable since {_since(since)}, "
             f"{w.stats.get('reconnects', 0)} failed attempts): {w.last_etcd_error}")
 
 
