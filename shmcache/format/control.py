@@ -23,7 +23,6 @@ from typing import Any
 
 from ..errors import (
     CorruptSegmentError,
-    VersionMismatchError,
 )
 from . import layout
 
@@ -81,11 +80,7 @@ def check_header(buf: Any, size: int, name: str) -> None:
                                   hint="The writer is starting; retry in a moment")
     if magic != layout.MAGIC[layout.KIND_CONTROL] or kind != layout.KIND_CONTROL:
         raise CorruptSegmentError(f"bad control magic {magic!r}", segment=name)
-    if version != layout.FORMAT_VERSION:
-        raise VersionMismatchError(
-            f"control segment has format version {version}, this shmcache reads version "
-            f"{layout.FORMAT_VERSION}", segment=name, found=version,
-            expected=layout.FORMAT_VERSION)
+    layout.check_version(version, "control segment", name)
 
 
 def read_block(buf: Any, spins: int = 200, name: str = "control segment") -> Block | None:

@@ -26,7 +26,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import CorruptSegmentError, VersionMismatchError
+from ..errors import CorruptSegmentError
 from ..types import KeyValue
 from . import layout
 from .snapshot import Snapshot
@@ -130,11 +130,7 @@ class IndexSegment:
          keys_len, total, body_crc, hcrc) = _HDR.unpack_from(buf, 0)
         if magic != layout.MAGIC[layout.KIND_INDEX] or kind != layout.KIND_INDEX:
             raise self._corrupt(f"bad index segment magic {magic!r}")
-        if version != layout.FORMAT_VERSION:
-            raise VersionMismatchError(
-                f"index segment has format version {version}, this shmcache reads version "
-                f"{layout.FORMAT_VERSION}", segment=name, found=version,
-                expected=layout.FORMAT_VERSION)
+        layout.check_version(version, "index segment", name)
         if (total != size or n > 64 or HEADER_SIZE + _DIR.size * n > values_off
                 or values_off + values_len > keys_off or keys_off + keys_len != total):
             raise self._corrupt(f"inconsistent index segment header (indexes={n}, "

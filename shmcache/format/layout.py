@@ -17,6 +17,8 @@ import re
 import struct
 from typing import Final
 
+from ..errors import VersionMismatchError
+
 # 2: ring events may carry index values; index segments; index definitions in
 # the control segment (B_INDEX_DEFS_LEN, C_INDEX_DEFS).
 # 3: overlay segments (the keys changed since the snapshot, B_OVL_*), so a reader
@@ -26,6 +28,15 @@ from typing import Final
 # id the state was loaded from (C_CLUSTER_ID), both at the end of the segment;
 # the index definitions' room shrank by their 16 bytes.
 FORMAT_VERSION: Final = 4
+
+def check_version(version: int, what: str, name: str) -> None:
+    """VersionMismatchError unless a segment's header ``version`` is FORMAT_VERSION
+    (``what``: "ring segment", "snapshot", ...; ``name``: the segment)."""
+    if version != FORMAT_VERSION:
+        raise VersionMismatchError(
+            f"{what} has format version {version}, this shmcache reads version "
+            f"{FORMAT_VERSION}", segment=name, found=version, expected=FORMAT_VERSION)
+
 
 # --- names -----------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import repeat
 
-from ..errors import CorruptSegmentError, VersionMismatchError
+from ..errors import CorruptSegmentError
 from . import layout
 
 _REC = layout.RECORD
@@ -95,11 +95,7 @@ def check_ring_header(buf: object, size: int, name: str, generation: int, capaci
     magic, version, kind, gen, cap = layout.RING_HEADER.unpack_from(buf, 0)  # type: ignore[arg-type]
     if magic != layout.MAGIC[layout.KIND_RING] or kind != layout.KIND_RING:
         raise CorruptSegmentError(f"bad ring magic {magic!r}", segment=name)
-    if version != layout.FORMAT_VERSION:
-        raise VersionMismatchError(
-            f"ring segment has format version {version}, this shmcache reads version "
-            f"{layout.FORMAT_VERSION}", segment=name, found=version,
-            expected=layout.FORMAT_VERSION)
+    layout.check_version(version, "ring segment", name)
     if gen != generation or cap != capacity or _DATA + cap > size or cap % 8:
         raise CorruptSegmentError(
             f"ring header (generation {gen}, capacity {cap}) disagrees with the control "

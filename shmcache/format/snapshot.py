@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-from ..errors import CorruptSegmentError, VersionMismatchError
+from ..errors import CorruptSegmentError
 from ..types import KeyValue, kv_new
 from . import layout
 
@@ -227,11 +227,7 @@ class Snapshot:
             raise self._corrupt(f"bad {'overlay' if kind == layout.KIND_OVERLAY else 'snapshot'}"
                                 f" magic {magic!r}")
         self.kind = kind
-        if version != layout.FORMAT_VERSION:
-            raise VersionMismatchError(
-                f"snapshot has format version {version}, this shmcache reads version "
-                f"{layout.FORMAT_VERSION}", segment=name, found=version,
-                expected=layout.FORMAT_VERSION)
+        layout.check_version(version, "snapshot", name)
         if _crc32(buf[:layout.SNAP_HEADER_CRC_SPAN]) != hcrc:
             raise self._corrupt("snapshot header checksum mismatch")
         if (total != size or index_off != HEADER_SIZE or hash_off != index_off + 8 * count
