@@ -8,12 +8,14 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -270,6 +272,23 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
 
 
+def _grant_search(paths: list[Path]) -> list[tuple[Path, int]]:
+    """Add search permission for others (o+x) to every directory from / down to each of
+    ``paths`` that lacks it; returns (directory, old mode) to restore."""
+    out: list[tuple[Path, int]] = []
+    seen: set[Path] = set()
+    for path in paths:
+        for d in reversed([path, *path.parents]):
+            if d in seen:
+                continue
+            seen.add(d)
+            mode = stat.S_IMODE(os.stat(d).st_mode)
+            if not mode & stat.S_IXOTH:
+                os.chmod(d, mode | stat.S_IXOTH)
+                out.append((d, mode))
+    return out
+
+
 @contextlib.contextmanager
 def throwaway_accounts() -> Iterator[Accounts]:
     """A readers group, a member of it and an outsider, made with groupadd/useradd and
@@ -287,6 +306,7 @@ def throwaway_accounts() -> Iterator[Accounts]:
     group, member, outsider = f"shmt{tag}r", f"shmt{tag}m", f"shmt{tag}o"
     made_users: list[str] = []
     made_group = False
+    granted: list[tuple[Path, int]] = []
     try:
         _run(["groupadd", "--system", group])
         made_group = True
@@ -298,6 +318,11 @@ def throwaway_accounts() -> Iterator[Accounts]:
         acc = Accounts(group, grp.getgrnam(group).gr_gid,
                        Account(member, pw_m.pw_uid, pw_m.pw_gid, True),
                        Account(outsider, pw_o.pw_uid, pw_o.pw_gid, False))
+        # A checkout in a mode-700 directory (mktemp -d) keeps other uids out of the
+        # venv: let them search (o+x, not list) the directories on the way while the
+        # accounts live; put the modes back after.
+        granted.extend(_grant_search([Path(__file__).resolve().parents[1],
+                                      Path(sys.executable).parent]))
         probe = subprocess.run(
             acc.outsider.argv(sys.executable, "-c", "import shmcache"), capture_output=True,
             text=True, timeout=60, cwd="/", env=CHILD_ENV)
@@ -312,3 +337,6 @@ def throwaway_accounts() -> Iterator[Accounts]:
             subprocess.run(["groupdel", user], capture_output=True, timeout=60)
         if made_group:
             subprocess.run(["groupdel", group], capture_output=True, timeout=60)
+        for d, mode in reversed(granted):
+            with contextlib.suppress(OSError):
+                os.chmod(d, mode)
