@@ -4,8 +4,10 @@ These hold the structure docs/design.md ("Package map") describes. The packages
 are layers, each importing only the ones below it:
 
     shmcache (the public face: __init__, __main__)      imports anything
-    cli/                                                 format, ipc, reader, writer
-    reader/          writer/ (writer/etcd/)              format, ipc; never each other
+    cli/                                                 format, ipc, reader, writer, proxy, etcdapi
+    proxy/                                               format, ipc, reader, etcdapi
+    reader/          writer/ (writer/etcd/)              format, ipc (writer: etcdapi); never each other
+    etcdapi/                                             nothing of the package's (etcd's protos)
     ipc/                                                 format
     format/                                              nothing of the package's
     errors, types, _args, _defaults, _units              (shared by every layer) each other only
@@ -33,9 +35,11 @@ LAYERS = {  # layer -> the layers it may import (itself included)
     "format": {"shared", "format"},
     "ipc": {"shared", "format", "ipc"},
     "reader": {"shared", "format", "ipc", "reader"},
-    "writer": {"shared", "format", "ipc", "writer"},
-    "cli": {"shared", "format", "ipc", "reader", "writer", "cli", "face"},
-    "face": {"shared", "format", "ipc", "reader", "writer", "cli", "face"},
+    "etcdapi": {"etcdapi"},
+    "writer": {"shared", "format", "ipc", "etcdapi", "writer"},
+    "proxy": {"shared", "format", "ipc", "reader", "etcdapi", "proxy"},
+    "cli": {"shared", "format", "ipc", "reader", "writer", "etcdapi", "proxy", "cli", "face"},
+    "face": {"shared", "format", "ipc", "reader", "writer", "etcdapi", "proxy", "cli", "face"},
 }
 ETCD = ("etcd3", "grpc", "google.protobuf")
 
@@ -110,8 +114,8 @@ def test_the_top_level_is_the_public_face() -> None:
     everything else lives in a layer's package."""
     top = sorted(p.name for p in PKG.glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
-    assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == {
-        "format", "ipc", "reader", "writer", "cli"}
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()} <= {
+        "format", "ipc", "reader", "writer", "cli", "etcdapi", "proxy"}
     assert {n for n in NAMES if _layer(n) not in LAYERS} == set()
 
 
