@@ -79,3 +79,39 @@ def test_lives_beside_another_etcd_client_in_one_process() -> None:
         out = subprocess.run([sys.executable, "-c", code.format(a=a, b=b)], capture_output=True,
                              text=True, timeout=60)
         assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_parse_endpoint() -> None:
+    from shmcache.etcdapi.dial import parse_endpoint
+
+    assert parse_endpoint("http://127.0.0.1:2379") == ("127.0.0.1", 2379)
+    assert parse_endpoint("https://etcd.example:4001") == ("etcd.example", 4001)
+    assert parse_endpoint("10.0.0.1") == ("10.0.0.1", 2379)
+    with pytest.raises(ValueError, match="has no host"):
+        parse_endpoint("http://:2379")
+    with pytest.raises(ValueError, match="has a bad port"):
+        parse_endpoint("http://h:99999")
+
+
+def test_dial_with_tls_and_authentication(tmp_path: Any) -> None:
+    from shmcache.etcdapi.dial import authenticate, open_channel
+    from tests.etcdserver import generate_tls_files
+
+    tls = generate_tls_files(tmp_path / "tls")
+    server = EtcdServer(str(tmp_path / "data"), tls=tls)
+    server.start()
+    try:
+        server.enable_auth()
+        ch = open_channel(server.host, server.port, ca_cert=tls.ca, cert_key=tls.client_key,
+                          cert_cert=tls.client_cert)
+        with ch:
+            md = authenticate(ch, "root", "root", timeout=10)
+            kv = Stub(ch, "KV")
+            kv.Put(rpc.PutRequest(key=b"tls-key", value=b"v"), timeout=10, metadata=md)
+            got = kv.Range(rpc.RangeRequest(key=b"tls-key"), timeout=10, metadata=md)
+            assert [x.value for x in got.kvs] == [b"v"]
+            with pytest.raises(grpc.RpcError) as err:
+                authenticate(ch, "root", "wrong", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.close()

@@ -107,6 +107,10 @@ class Stub:
             setattr(self, m.name, kind(method_path(service, m.name),
                                        request_serializer=req.SerializeToString,
                                        response_deserializer=resp.FromString))
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:  # only for names etcd's service lacks
+        raise AttributeError(f"etcd's {self._service} service has no method {name!r}")
 
 
 def service_handler(service: str, impl: Mapping[str, Callable[..., Any]]) -> Any:
