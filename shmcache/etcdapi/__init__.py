@@ -99,6 +99,7 @@ class Stub:
     """
 
     def __init__(self, channel: Any, service: str) -> None:
+        self._service = service
         for m in _methods(service):
             req, resp = _message_class(m.input_type), _message_class(m.output_type)
             kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
@@ -107,7 +108,6 @@ class Stub:
             setattr(self, m.name, kind(method_path(service, m.name),
                                        request_serializer=req.SerializeToString,
                                        response_deserializer=resp.FromString))
-        self._service = service
 
     def __getattr__(self, name: str) -> Any:  # only for names etcd's service lacks
         raise AttributeError(f"etcd's {self._service} service has no method {name!r}")
