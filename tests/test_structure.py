@@ -181,3 +181,105 @@ def test_ring_records_are_read_in_one_place() -> None:
             if isinstance(node, ast.Attribute) and node.attr in ("read_record", "walk") and \
                     isinstance(node.value, ast.Name) and node.value.id == "ring":
                 raise AssertionError(f"{path.name}:{node.lineno} calls ring.{node.attr}")
+
+
+# The stores into an object handed to a function that are deliberate (at most 3): module,
+# the target as written -> why it is not the object's own method doing it.
+STATE_STORE_EXCEPTIONS = {
+    # A property of Writer: the store runs Writer's own setter, which hands the callback
+    # to its feed (the service sets it before run()).
+    ("cli/service.py", "writer.list_progress"): "Writer.list_progress is a property",
+}
+assert len(STATE_STORE_EXCEPTIONS) <= 3
+
+
+def _params(fn: ast.AST) -> set[str]:
+    assert isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+    a = fn.args
+    names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+    names |= {x.arg for x in (a.vararg, a.kwarg) if x is not None}
+    return names - {"self", "cls"}
+
+
+def _private(attr: str) -> bool:
+    return attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__"))
+
+
+def _stores(path: Path) -> list[tuple[int, str]]:
+    """``x.attr = / += / del`` (and ``setattr(x, ...)``) where ``x`` is a parameter of the
+    function (or of a function around it) other than self/cls, and ``obj._private = ...``
+    on anything but self/cls."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, params: set[str]) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            params = params | _params(node)
+        targets: list[ast.expr] = []
+        if isinstance(node, (ast.Assign, ast.Delete)):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in ("setattr", "delattr") and node.args and \
+                isinstance(node.args[0], ast.Name) and node.args[0].id in params:
+            found.append((node.lineno, ast.unparse(node.args[0]) + ".<setattr>"))
+        for target in targets:
+            for t in ast.walk(target):
+                if not isinstance(t, ast.Attribute) or isinstance(t.ctx, ast.Load):
+                    continue
+                own = isinstance(t.value, ast.Name) and t.value.id in ("self", "cls")
+                if isinstance(t.value, ast.Name) and t.value.id in params or \
+                        _private(t.attr) and not own:
+                    found.append((node.lineno, ast.unparse(t)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, params)
+
+    visit(_tree(path), set())
+    return found
+
+
+def test_objects_change_their_own_state() -> None:
+    """No function assigns attributes of an object handed to it, nor anything's private
+    attributes but its own: an object's state changes through its own methods (docs/
+    design.md, "Package map"), so reading a class tells everything that changes it.
+    The few deliberate exceptions are listed, with why, in STATE_STORE_EXCEPTIONS."""
+    seen: set[tuple[str, str]] = set()
+    bad = []
+    for path in MODULES:
+        rel = str(path.relative_to(PKG))
+        for line, target in _stores(path):
+            if (rel, target) in STATE_STORE_EXCEPTIONS:
+                seen.add((rel, target))
+            else:
+                bad.append(f"{rel}:{line}: {target}")
+    assert not bad, "stores into another object's state:\n" + "\n".join(bad)
+    assert seen == set(STATE_STORE_EXCEPTIONS), "exceptions no longer needed: " + str(
+        set(STATE_STORE_EXCEPTIONS) - seen)
+
+
+def test_the_state_store_check_finds_what_it_should() -> None:
+    """The check above sees parameters of enclosing functions, augmented and annotated
+    assignments, tuple targets, deletions, setattr and privates on any object."""
+    src = (
+        "def f(p, q, self):\n"
+        "    p.a = 1\n"
+        "    q.b += 1\n"
+        "    x: int; p.c: int = 2\n"
+        "    (p.d, y) = (1, 2)\n"
+        "    del q.e\n"
+        "    setattr(p, 'f', 1)\n"
+        "    other._g = 1\n"
+        "    self.h = 1\n"
+        "    self._i = 1\n"
+        "    local = 1\n"
+        "    local.__name__ = 'x'\n"
+        "    def inner(r):\n"
+        "        p.j = r\n"
+        "        r.k = 1\n"
+    )
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
+        f.write(src)
+        f.flush()
+        got = [t for _, t in _stores(Path(f.name))]
+    assert got == ["p.a", "q.b", "p.c", "p.d", "q.e", "p.<setattr>", "other._g", "p.j", "r.k"]

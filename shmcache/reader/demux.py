@@ -34,7 +34,7 @@ inbox, the demultiplexer only a weak reference to it, so a watch dropped
 without close() is forgotten.
 
 Concurrency contract: every field of the Demux and of its inboxes is guarded
-by ``Demux.lock``, except ``Inbox.closed`` (one store by ``leave_soon``); wake-ups
+by ``Demux.lock``, except ``Inbox.close`` (one store, by ``leave_soon``); wake-ups
 go through each inbox's Bell (ipc/futex.py) and, for
 asyncio, one ``call_soon_threadsafe`` per event loop per batch. ``leave_soon``
 never waits for the lock (``Watch.close`` may run in a signal handler that
@@ -85,8 +85,9 @@ class Inbox:
     """A joined watch's side of the demultiplexer: what it matches, the events queued for
     it, the error that ends it, where it would resume alone (in a forked child).
 
-    Made by ``Demux.join``, written by the Demux under its lock, read by the Watch
-    through ``Demux.take`` (and, in a forked child, directly: no other thread there).
+    Made by ``Demux.join``, changed through its methods by the Demux under its lock,
+    read by the Watch through ``Demux.take`` (and, in a forked child, directly: no
+    other thread there).
     """
 
     __slots__ = ("prefix", "index", "shard", "events", "error", "after", "saved", "futures",
@@ -104,6 +105,28 @@ class Inbox:
         self.futures: list[asyncio.Future[None]] = []
         self.ready = Bell()  # rung when events or an error arrive, and by leave_soon
         self.closed = False
+
+    def close(self) -> None:
+        """No more events for it (one store: safe without the lock)."""
+        self.closed = True
+
+    def drain(self, cursor: RingCursor | None) -> list[Event]:
+        """Hand out the queued events and note ``cursor`` as where it would resume alone."""
+        out, self.events = self.events, []
+        if cursor is not None and self.error is None:
+            self.saved = cursor.copy()
+        return out
+
+    def end(self, error: BaseException, *, drop_queued: bool = False) -> None:
+        """End the watch with ``error``, raised once the queue is read (``drop_queued``:
+        at once, its queued events being lost with a lapped record)."""
+        if drop_queued:
+            self.events = []
+        self.error = error
+
+    def take_futures(self) -> list[asyncio.Future[None]]:
+        futs, self.futures = self.futures, []
+        return futs
 
 
 def _resolve_all(futs: list[asyncio.Future[None]]) -> None:
@@ -181,7 +204,7 @@ class Demux:
         """Close ``w`` (a poll waiting on it returns) and ``leave`` if the lock is free now;
         otherwise the next sweep drops it. Takes no lock it would wait for: a Watch's
         close() may run in a signal handler that interrupted the lock's holder."""
-        w.closed = True
+        w.close()
         if self.lock.acquire(blocking=False):
             try:
                 self._remove(w)
@@ -271,19 +294,14 @@ class Demux:
             if self._ctl.word() != self._seen:
                 self._advance()
             if w.events:
-                out = w.events
-                w.events = []
                 self._unread.pop(id(w), None)
-            else:
-                if w.error is not None:
-                    raise w.error
-                out = []
+            elif w.error is not None:
+                raise w.error
             w.ready.clear()
             c = self.cursor
-            if c is not None and w.error is None:
-                w.saved = c.copy()  # where to resume in a forked child (Watch._rejoin)
-                return out, c.revision
-            return out, 0
+            # (where it resumes in a forked child: Watch._rejoin)
+            out = w.drain(c)
+            return out, c.revision if c is not None and w.error is None else 0
 
     def add_async(self, w: Inbox, fut: asyncio.Future[None]) -> bool:
         """Resolve ``fut`` when ``w`` has events or an error; False if it has some already."""
@@ -320,7 +338,7 @@ class Demux:
             # gets the error once it has read what was queued before it.
             watches = self._watches()
             for w in watches:
-                w.error = exc
+                w.end(exc)
             self._by_len.clear()
             self._by_shard.clear()
             self._by_ix.clear()
@@ -364,8 +382,7 @@ class Demux:
             if w is not None:
                 # Its record was overwritten before it read it: as if the ring had
                 # lapped it. The others go on.
-                w.events = []
-                w.error = w.saved.lapped()
+                w.end(w.saved.lapped(), drop_queued=True)
                 self._remove(w)
                 cut.append(w)
         self._notify(cut)
@@ -439,9 +456,8 @@ class Demux:
         for w in watches:
             w.ready.ring()
             if w.futures:
-                for fut in w.futures:
+                for fut in w.take_futures():
                     by_loop.setdefault(fut.get_loop(), []).append(fut)
-                w.futures = []
         for loop, futs in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve_all, futs)

@@ -84,18 +84,18 @@ class OverlayBuild:
     """One overlay segment in the making: the previous one plus ``changes``; made under
     ``Overlays.lock`` on the watch thread, run in its own thread."""
 
-    def __init__(self, ov: Overlays, revision: int, epoch: int, ring_pos: int) -> None:
-        self.ov = ov
-        self.seq = ov.seq + 1
-        ov.seq = self.seq  # numbers are never reused, even by a build thrown away
-        self.name = layout.overlay_name(ov.cache, self.seq)
+    def __init__(self, ov: Overlays, seq: int, at: tuple[int, int, int], plan: snapshot.Plan,
+                 changes: dict[bytes, KV5], bytes_since: int) -> None:
+        self.ov = ov  # told when the build is done (Overlays.finish)
+        self.seq = seq
+        self.name = layout.overlay_name(ov.cache, seq)
         self.mode, self.group = ov.segs.mode, ov.segs.group
-        self.revision, self.epoch, self.ring_pos = revision, epoch, ring_pos
+        self.revision, self.epoch, self.ring_pos = at
         self.snap_seq = ov.snap_seq
-        self.changes = ov.changes
-        self.bytes_since = ov.bytes_since
+        self.changes = changes
+        self.bytes_since = bytes_since
         self.base = ov.base
-        self.plan, ov.data_len = plan_of(self.changes, ov.spans, ov.data_len)
+        self.plan = plan
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -211,7 +211,10 @@ class Overlays:
         with self.lock:
             if self.build is not None or self.snap_seq < 0:
                 return
-            b = self.build = OverlayBuild(self, revision, epoch, ring_head)
+            self.seq += 1  # numbers are never reused, even by a build thrown away
+            plan, self.data_len = plan_of(self.changes, self.spans, self.data_len)
+            b = self.build = OverlayBuild(self, self.seq, (revision, epoch, ring_head), plan,
+                                          self.changes, self.bytes_since)
             self.changes, self.bytes_since = {}, 0
         threading.Thread(target=b.run, name="shmcache-overlay", daemon=True).start()
 

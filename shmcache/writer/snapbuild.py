@@ -58,8 +58,9 @@ def unmap(base: tuple[_shm.Segment, snapshot.Snapshot] | None, background: bool)
 class SnapshotBuild:
     """One snapshot in the making: its inputs frozen at the publisher's current revision.
 
-    Made on the writer's watch thread, which then runs ``run()`` itself or in a
-    thread of its own. A build from the live snapshot (the base) takes the
+    Made by the publisher on the writer's watch thread (``SnapshotPublishing._new_build``
+    freezes the inputs and starts its counts afresh), which then runs ``run()`` itself
+    or in a thread of its own. A build from the live snapshot (the base) takes the
     changes since it (the publisher starts a new delta), so freezing costs
     nothing however large the state; a full build (no base: after a relist)
     copies the state's keys and values. ``run()`` touches only these frozen
@@ -68,31 +69,23 @@ class SnapshotBuild:
     snapshots in order and only complete ones.
     """
 
-    def __init__(self, p: SnapshotPublishing) -> None:
-        assert p.ring is not None
-        self.seq = p.snap_seq + 1
-        self.cache = p.name
-        self.name = layout.snapshot_name(p.name, self.seq)
-        self.mode, self.group = p.segs.mode, p.segs.group
-        self.revision, self.epoch, self.ring_pos = p.revision, p.epoch, p.ring.head
-        self.base = p.base[1] if p.base is not None else None
-        self.full = self.base is None
-        self.changes: dict[bytes, KV | None] | None = None
-        self.keys: list[bytes] = []
-        self.values: list[KV | None] = []
-        if self.full:
-            self.keys, self.values = list(p.kv.keys()), list(p.kv.values())
-            p.delta = {}
-            # Recounted here (O(keys), like the copy above): a whole-state build
-            # never depends on the running count being right.
-            p.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in p.kv.items())
-        else:
-            self.changes, p.delta = p.delta, {}
-        self.plan = snapshot.Plan.of(len(p.kv), p.data_len)
-        # The index segment goes with the snapshot, at the same revision.
-        self.pairs = p.indexer.freeze() if p.indexer is not None else None
-        self.bytes_since, p.bytes_since_snapshot = p.bytes_since_snapshot, 0
-        p.last_snapshot = time.monotonic()
+    def __init__(self, *, seq: int, cache: str, mode: int, group: int | str | None,
+                 at: tuple[int, int, int], base: snapshot.Snapshot | None,
+                 changes: dict[bytes, KV | None] | None, keys: list[bytes],
+                 values: list[KV | None], plan: snapshot.Plan,
+                 pairs: list[list[tuple[bytes, bytes]]] | None, bytes_since: int) -> None:
+        self.seq = seq
+        self.cache = cache
+        self.name = layout.snapshot_name(cache, seq)
+        self.mode, self.group = mode, group
+        self.revision, self.epoch, self.ring_pos = at
+        self.base = base
+        self.full = base is None
+        self.changes = changes  # a build from the base: the changes since it (the delta)
+        self.keys, self.values = keys, values  # a whole-state build: the state's items
+        self.plan = plan
+        self.pairs = pairs  # the index segment goes with the snapshot, at the same revision
+        self.bytes_since = bytes_since  # what a failed build gives back to the cadence
         self.seg: _shm.Segment | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -173,6 +166,32 @@ class SnapshotPublishing:
         assert self.segs.ctl is not None
         return self.segs.ctl
 
+    def _new_build(self) -> SnapshotBuild:
+        """Freeze the inputs of a snapshot of the current state, and start the delta and
+        the cadence's counts afresh: they count from this build on."""
+        assert self.ring is not None
+        changes: dict[bytes, KV | None] | None = None
+        keys: list[bytes] = []
+        values: list[KV | None] = []
+        if self.base is None:
+            keys, values = list(self.kv.keys()), list(self.kv.values())
+            # Recounted here (O(keys), like the copy above): a whole-state build
+            # never depends on the running count being right.
+            self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in self.kv.items())
+        else:
+            changes = self.delta
+        self.delta = {}
+        b = SnapshotBuild(
+            seq=self.snap_seq + 1, cache=self.name, mode=self.segs.mode, group=self.segs.group,
+            at=(self.revision, self.epoch, self.ring.head),
+            base=self.base[1] if self.base is not None else None, changes=changes,
+            keys=keys, values=values, plan=snapshot.Plan.of(len(self.kv), self.data_len),
+            pairs=self.indexer.freeze() if self.indexer is not None else None,
+            bytes_since=self.bytes_since_snapshot)
+        self.bytes_since_snapshot = 0
+        self.last_snapshot = time.monotonic()
+        return b
+
     def _publish_snapshot(self, extra: dict[int, int] | None = None,
                           prefix: bytes | None = None, fault: str = "snapshot_publish") -> None:
         """Build a snapshot of the current state now and point the control segment at it.
@@ -185,13 +204,13 @@ class SnapshotPublishing:
         """
         if self._build is not None:
             self._finish_build(self._build, wait=True)
-        b = SnapshotBuild(self)
+        b = self._new_build()
         b.run()
         if b.error is not None and not b.full and not isinstance(b.error, OSError):
             # (Not for an OSError: a full /dev/shm fails a whole-state build as well.)
             self._build_failed(b, b.error)
             self._close_base()
-            b = SnapshotBuild(self)  # from the whole state
+            b = self._new_build()  # from the whole state
             b.run()
         if b.error is not None:
             self._build_failed(b, b.error)
@@ -208,7 +227,7 @@ class SnapshotPublishing:
             if self.base is None:
                 self._publish_snapshot()  # a whole-state build: no base to start from
                 return
-            self._build = SnapshotBuild(self)
+            self._build = self._new_build()
             threading.Thread(target=self._build.run, name="shmcache-snapshot",
                              daemon=True).start()
 

@@ -45,6 +45,9 @@ class Result:
     seconds: float = 0.0
     etcd_bytes: int = 0  # bytes of etcd responses read
 
+    def read_from_etcd(self, size: int) -> None:
+        self.etcd_bytes += size
+
 
 class Inconclusive(Exception):
     """etcd compacted past the revision while it was read, the snapshot went away, or etcd is
@@ -62,7 +65,7 @@ def _etcd_items(conn: _etcd.Connection, key: bytes, range_end: bytes, revision: 
             if _etcd.is_compacted(exc):
                 raise Inconclusive(f"etcd compacted past revision {revision}") from None
             raise
-        res.etcd_bytes += size
+        res.read_from_etcd(size)
         for kv in kvs:
             yield kv.key, ((kv.value,) if values else ()) + (
                 kv.create_revision, kv.mod_revision, kv.version, kv.lease)
