@@ -89,7 +89,7 @@ def main() -> int:
             snap = r._view[1]
             ov = r._view[0]
             k = keys[7]
-            buf, view = snap.buf, snap._view
+            buf, view = snap.buf, snap.memview
             i = zlib.crc32(k) & snap.mask  # the first probe (the format may still change)
             slot_unpack = layout.SNAP_SLOT.unpack_from
             entry_unpack = layout.SNAP_ENTRY.unpack_from

@@ -107,6 +107,22 @@ class WriterProcess:
                 pass
 
 
+def writer_fixture(**settings: Any) -> Any:
+    """A ``cache`` fixture for a test module: a writer process (WriterProcess with
+    ``settings``) serving the test's ``unique_prefix`` of the session's etcd, yielded with
+    the prefix as ``(writer, prefix)`` and closed after the test."""
+    @pytest.fixture
+    def cache(etcd_session: Any, cache_name: str,
+              unique_prefix: bytes) -> Iterator[tuple[WriterProcess, bytes]]:
+        w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix, **settings)
+        try:
+            w.start()
+            yield w, unique_prefix
+        finally:
+            w.close()
+    return cache
+
+
 def etcd_range(client: Any, prefix: bytes, revision: int = 0) -> list[KeyValue]:
     """etcd's own answer for a prefix at an exact revision."""
     from etcd3.etcdrpc import rpc_pb2

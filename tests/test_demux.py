@@ -22,17 +22,18 @@ import pytest
 import shmcache
 from shmcache.reader import demux as _demux
 from tests.etcdserver import EtcdServer
-from tests.helpers import WriterProcess, delete, drain, etcd_events, put, txn, wait_rev
+from tests.helpers import (
+    WriterProcess,
+    delete,
+    drain,
+    etcd_events,
+    put,
+    txn,
+    wait_rev,
+    writer_fixture,
+)
 
-
-@pytest.fixture
-def cache(etcd_session: Any, cache_name: str, unique_prefix: bytes) -> Any:
-    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix, ring_size="256KiB")
-    try:
-        w.start()
-        yield w, unique_prefix
-    finally:
-        w.close()
+cache = writer_fixture(ring_size="256KiB")
 
 
 def wait_queued(d: _demux.Demux, rev: int) -> None:

@@ -17,7 +17,16 @@ import pytest
 import shmcache
 from shmcache.format import layout
 from shmcache.writer import overlays as _overlays
-from tests.helpers import WriterProcess, delete, drain, etcd_events, etcd_range, put, txn, wait_rev
+from tests.helpers import (
+    delete,
+    drain,
+    etcd_events,
+    etcd_range,
+    put,
+    txn,
+    wait_rev,
+    writer_fixture,
+)
 
 
 def _churn(client: Any, p: bytes, rng: random.Random, n: int, keys: int = 200) -> int:
@@ -36,15 +45,8 @@ def _churn(client: Any, p: bytes, rng: random.Random, n: int, keys: int = 200) -
     return rev
 
 
-@pytest.fixture
-def cache(etcd_session: Any, cache_name: str, unique_prefix: bytes) -> Any:
-    # A 4 MiB ring: snapshots every 1 MiB of records, overlay segments every 128 KiB.
-    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix, ring_size="4MiB")
-    try:
-        w.start()
-        yield w, unique_prefix
-    finally:
-        w.close()
+# A 4 MiB ring: snapshots every 1 MiB of records, overlay segments every 128 KiB.
+cache = writer_fixture(ring_size="4MiB")
 
 
 def test_a_fresh_reader_decodes_only_the_records_after_the_overlay_segment(

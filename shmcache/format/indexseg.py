@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import CorruptSegmentError
 from ..types import KeyValue
 from . import layout
+from .mapped import MappedSegment
 from .snapshot import Snapshot
 from .speedups import USE_SPEEDUPS, _speedups
 
@@ -117,13 +118,11 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
     return total, fill
 
 
-class IndexSegment:
+class IndexSegment(MappedSegment):
     """Read-only view of one index segment."""
 
     def __init__(self, name: str, buf: Any, size: int) -> None:
-        self.name = name
-        self.buf = buf
-        self._view = memoryview(buf)
+        super().__init__(name, buf, size)
         if size < HEADER_SIZE:
             raise self._corrupt(f"segment is {size} bytes, smaller than a header")
         (magic, version, kind, snap_seq, revision, epoch, n, values_off, values_len, keys_off,
@@ -136,14 +135,13 @@ class IndexSegment:
             raise self._corrupt(f"inconsistent index segment header (indexes={n}, "
                                 f"total={total}, size={size})")
         dir_end = HEADER_SIZE + _DIR.size * n
-        if _crc32(self._view[HEADER_SIZE:dir_end],
-                  _crc32(self._view[:layout.IDX_HEADER_CRC_SPAN])) != hcrc:
+        if _crc32(self.memview[HEADER_SIZE:dir_end],
+                  _crc32(self.memview[:layout.IDX_HEADER_CRC_SPAN])) != hcrc:
             raise self._corrupt("index segment header checksum mismatch")
         self.snap_seq, self.revision, self.epoch, self.count = snap_seq, revision, epoch, n
         self.values_off, self.values_end = values_off, values_off + values_len
         self.keys_off, self.keys_end = keys_off, keys_off + keys_len
         self.body_crc = body_crc
-        self.size = size
         self.dirs = []
         for i in range(n):
             voff, nvals, poff, npost = _DIR.unpack_from(buf, HEADER_SIZE + _DIR.size * i)
@@ -151,15 +149,6 @@ class IndexSegment:
                     or poff + _POST.size * npost > values_off or voff & 7 or poff & 7):
                 raise self._corrupt(f"directory entry {i} points outside the segment")
             self.dirs.append((voff, nvals, poff, npost))
-
-    def _corrupt(self, message: str) -> CorruptSegmentError:
-        return CorruptSegmentError(message, segment=self.name)
-
-    def close(self) -> None:
-        try:
-            self._view.release()
-        except Exception:
-            pass
 
     def _entry(self, i: int, j: int) -> tuple[bytes, int, int]:
         """Value j of index i: (value, first posting, count), checked."""
@@ -229,7 +218,7 @@ class IndexSegment:
             end = min(end, lo + limit)
         base = self.dirs[i][2]
         buf, koff0 = self.buf, self.keys_off
-        posts = list(_POST.iter_unpack(self._view[base + 16 * lo:base + 16 * end]))
+        posts = list(_POST.iter_unpack(self.memview[base + 16 * lo:base + 16 * end]))
         if posts and max(o + n for o, n, _c in posts) > self.keys_end - koff0:
             raise self._corrupt(f"index {i} posting points outside the key area")
         keys = [buf[koff0 + o:koff0 + o + n] for o, n, _c in posts]
@@ -295,7 +284,7 @@ class IndexSegment:
     def check(self) -> list[str]:
         """The body checksum and every value entry and run; returns the violations."""
         problems = []
-        if _crc32(self._view[HEADER_SIZE:self.size]) != self.body_crc:
+        if _crc32(self.memview[HEADER_SIZE:self.size]) != self.body_crc:
             problems.append(f"{self.name}: body checksum mismatch")
         try:
             for i in range(self.count):

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from ..errors import CorruptSegmentError
 from ..types import KeyValue, kv_new
 from . import layout
+from .mapped import MappedSegment
 
 # The C versions of get() and the range walk, or None: speedups.py chooses.
 from .speedups import USE_SPEEDUPS as USE_SPEEDUPS  # (re-exported: tests patch it here)
@@ -207,18 +208,16 @@ def build(items: Iterable[Item], count: int, revision: int, epoch: int) -> tuple
     return plan.total, fill
 
 
-class Snapshot:
+class Snapshot(MappedSegment):
     """Read-only view of one snapshot segment. Every offset and length read from it is bounded."""
 
-    __slots__ = ("name", "buf", "size", "revision", "epoch", "count", "index_off", "hash_off",
-                 "slots", "mask", "data_off", "data_end", "body_crc", "_view", "params", "kind")
+    __slots__ = ("revision", "epoch", "count", "index_off", "hash_off", "slots", "mask",
+                 "data_off", "data_end", "body_crc", "params", "kind")
 
     def __init__(self, name: str, buf: Any, size: int,
                  kind: int = layout.KIND_SNAPSHOT) -> None:
         """``kind`` KIND_OVERLAY reads an overlay segment (same layout; see write)."""
-        self.name = name
-        self.buf = buf
-        self.size = size
+        super().__init__(name, buf, size)
         if size < HEADER_SIZE:
             raise self._corrupt(f"segment is {size} bytes, smaller than a header")
         (magic, version, found_kind, revision, epoch, count, index_off, hash_off, slots, data_off,
@@ -246,19 +245,9 @@ class Snapshot:
         self.data_off = data_off
         self.data_end = data_off + data_len
         self.body_crc = body_crc
-        self._view = memoryview(buf)
         # The arguments of _speedups.get after the key, bundled once (the name: the C
         # lookups raise CorruptSegmentError naming this segment, whoever calls them).
         self.params = (buf, hash_off, slots, data_off, self.data_end, KeyValue, name)
-
-    def _corrupt(self, message: str) -> CorruptSegmentError:
-        return CorruptSegmentError(message, segment=self.name)
-
-    def close(self) -> None:
-        try:
-            self._view.release()
-        except Exception:
-            pass
 
     # -- entries -----------------------------------------------------------
 
@@ -270,7 +259,7 @@ class Snapshot:
         end = start + klen + vlen
         if end > self.data_end:
             raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
-        if _crc32(self._view[off + 4:end]) != crc:
+        if _crc32(self.memview[off + 4:end]) != crc:
             raise self._corrupt(f"entry at {off} fails its checksum")
         buf = self.buf
         return kv_new(KeyValue, (buf[start:start + klen], buf[start + klen:end],
@@ -286,7 +275,7 @@ class Snapshot:
         stop = start + klen + vlen
         if stop > self.data_end:
             raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past the data area")
-        if _crc32(self._view[off + 4:stop]) != crc:
+        if _crc32(self.memview[off + 4:stop]) != crc:
             raise self._corrupt(f"entry at {off} fails its checksum")
         key: bytes = self.buf[start:start + klen]
         return key, stop
@@ -348,7 +337,7 @@ class Snapshot:
                 if stop > last_entry + _ENTRY_SIZE:
                     raise self._corrupt(f"entry at {off} claims {klen}+{vlen} bytes past "
                                         f"the data area")
-                if _crc32(self._view[off + 4:stop]) != crc:
+                if _crc32(self.memview[off + 4:stop]) != crc:
                     raise self._corrupt(f"entry at {off} fails its checksum")
                 if klen == klen_want and buf[start:start + klen] == key:
                     return kv_new(KeyValue, (key, b"" if keys_only else buf[start + klen:stop],
@@ -445,7 +434,7 @@ class Snapshot:
         first = i
         n = self.count
         buf = self.buf
-        view = self._view
+        view = self.memview
         index_off = self.index_off
         data_end = self.data_end
         last_entry = data_end - _ENTRY_SIZE
@@ -485,9 +474,9 @@ class Snapshot:
     def check(self) -> list[str]:
         """Verify every invariant (body CRC, order, index, hash table); returns the violations."""
         problems = []
-        crc = _crc32(self._view[self.data_off:self.data_end])
-        crc = _crc32(self._view[self.hash_off:self.data_off],
-                     _crc32(self._view[self.index_off:self.hash_off], crc))
+        crc = _crc32(self.memview[self.data_off:self.data_end])
+        crc = _crc32(self.memview[self.hash_off:self.data_off],
+                     _crc32(self.memview[self.index_off:self.hash_off], crc))
         if crc != self.body_crc:
             problems.append(f"{self.name}: body checksum mismatch")
         prev = None

@@ -134,7 +134,7 @@ class View:
         except BaseException:
             mapped.close()
             raise
-        self._track(seg._view)
+        self._track(seg.memview)  # (its export: the mapping cannot close before it)
         if (seg.snap_seq, seg.revision, seg.epoch, seg.count) != (
                 self.snap_seq, snap.revision, snap.epoch, len(self.index_defs)):
             if self.control.block() == b:
@@ -449,7 +449,7 @@ class View:
         except BaseException:
             seg.close()
             raise
-        self._track(layer._view)  # (its export: the mapping cannot close before it)
+        self._track(layer.memview)  # (its export: the mapping cannot close before it)
         if layer.revision != revision or layer.epoch != b.epoch or seg.size != size:
             layer.close()
             if self.control.block() == b:
