@@ -367,7 +367,7 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
         writer = WriterProcess(name, endpoint, PREFIX, ring_size=ring_size,
                                extra=["--verify-interval", "2"]
                                # Without indexes the writer builds overlay segments,
-                               # every 128 KiB of records (_overlays.OVERLAY_BYTES): let
+                               # every 128 KiB of records (delta_segments.DELTA_BYTES): let
                                # that come before the next snapshot.
                                + (["--index", "top=segment:0"] if indexed
                                   else ["--snapshot-bytes", "192KiB"]))

@@ -16,7 +16,7 @@ import pytest
 
 import shmcache
 from shmcache.format import layout
-from shmcache.writer import overlays as _overlays
+from shmcache.writer import delta_segments
 from tests.helpers import (
     delete,
     drain,
@@ -65,7 +65,7 @@ def test_a_fresh_reader_decodes_only_the_records_after_the_overlay_segment(
         v = fresh._v
         assert v.ovl is not None and v.ovl.revision == b.ovl_revision
         private_bytes = b.ring_head - b.ovl_ring_pos
-        assert private_bytes < 2 * _overlays.OVERLAY_BYTES + 64 * 1024
+        assert private_bytes < 2 * delta_segments.DELTA_BYTES + 64 * 1024
         assert len(v.rec_revs) < 200 and len(v.overlay) <= len(v.rec_revs) * 3
         res = fresh.list(p)
         want = etcd_range(etcd_client, p, res.revision)

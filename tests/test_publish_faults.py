@@ -304,13 +304,13 @@ def scenario_overlay(p: Publisher, name: str, model: Model, action: str) -> None
     """A background overlay build fails: nothing is published or left; the next call of
     maybe_snapshot builds it again, with the changes the failed one had."""
     rev = _prime(p, model, 10, 0)
-    assert p.overlays is not None
+    assert p.delta_segments is not None
     _faults.configure(f"overlay:1:{action}")
     seq = p.ctl.get(layout.B_OVL_SEQ)
-    while p.overlays.build is None and p.overlays.failed is None:
+    while p.delta_segments.build is None and p.delta_segments.failed is None:
         rev += 1
         apply_all(p, model, [model.batch(rev, size=8000)])
-    wait_for(lambda: p.overlays is not None and p.overlays.failed is not None,
+    wait_for(lambda: p.delta_segments is not None and p.delta_segments.failed is not None,
              "the overlay build to fail")
     _faults.configure("")
     assert p.ctl.get(layout.B_OVL_SEQ) == seq

@@ -181,8 +181,8 @@ static PyObject *corrupt(const char *fmt, ...) {
 static PyObject *CorruptSegmentError;
 
 /* The pending ValueError (damage a lookup found) as CorruptSegmentError naming
- * ``segment``, as Snapshot._corrupt makes it: a lookup in the overlay segment
- * reports the overlay segment, one in the snapshot the snapshot, whoever called.
+ * ``segment``, as Snapshot._corrupt makes it: a lookup in the delta segment
+ * reports the delta segment, one in the snapshot the snapshot, whoever called.
  * Any other exception passes unchanged. Returns NULL. */
 static PyObject *named_damage(PyObject *segment) {
     if (!PyErr_ExceptionMatches(PyExc_ValueError) || PyErr_ExceptionMatches(CorruptSegmentError))
@@ -257,7 +257,7 @@ static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t
  * Reader.get's common case in one call: state is the tuple
  * (control mmap, seq, stuck_seq, prefix, overlay, params, SLOW, ovl_params) that
  * the Reader rebuilds whenever its view changes. The key is looked up in the
- * private overlay (a dict), then in the overlay segment (ovl_params, or None
+ * private overlay (a dict), then in the delta segment (ovl_params, or None
  * without one; an entry of version 0 there is a deletion), then in the
  * snapshot. Returns SLOW (the sentinel) whenever the
  * Reader must do more than answer from its current view: a key that is not

@@ -140,7 +140,7 @@ def validate_block(b: Block, name: str) -> None:
         problems.append(f"snapshot ring position {b.snap_ring_pos} above head {b.ring_head}")
     if b.ovl_seq and not (b.snap_revision <= b.ovl_revision <= b.revision
                           and b.snap_ring_pos <= b.ovl_ring_pos <= b.ring_head):
-        problems.append(f"overlay segment at revision {b.ovl_revision}, ring position "
+        problems.append(f"delta segment at revision {b.ovl_revision}, ring position "
                         f"{b.ovl_ring_pos} outside the snapshot's {b.snap_revision}/"
                         f"{b.snap_ring_pos} .. {b.revision}/{b.ring_head}")
     if b.snap_revision > b.revision:

@@ -21,8 +21,8 @@ from ..errors import VersionMismatchError
 
 # 2: ring events may carry index values; index segments; index definitions in
 # the control segment (B_INDEX_DEFS_LEN, C_INDEX_DEFS).
-# 3: overlay segments (the keys changed since the snapshot, B_OVL_*), so a reader
-# decodes only the ring records after the overlay segment; the block grew to 22
+# 3: delta segments (the keys changed since the snapshot, B_OVL_*), so a reader
+# decodes only the ring records after the delta segment; the block grew to 22
 # words and the two fixed words after it moved.
 # 4: the published block carries a checksum (C_BLOCK_CRC) and the etcd cluster
 # id the state was loaded from (C_CLUSTER_ID), both at the end of the segment;
@@ -149,7 +149,7 @@ BLOCK_FIELDS: Final = 22
     B_SYNC_DONE,  # ... and completed: the cache then held every write up to B_SYNC_REVISION
     B_SYNC_REVISION,
     B_INDEX_DEFS_LEN,  # bytes of index definitions at C_INDEX_DEFS (0: no indexes)
-    # The overlay segment: every key changed after the live snapshot, up to
+    # The delta segment: every key changed after the live snapshot, up to
     # B_OVL_REVISION (0: none; the changes are all in the ring after SNAP_RING_POS).
     B_OVL_SEQ,
     B_OVL_REVISION,

@@ -77,7 +77,7 @@ def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
     fine). ``plan`` must give the exact count and data size of the result: the
     writer tracks both as it applies events, so a build needs no sizing pass.
     Without ``base`` the lists are the whole state. ``kind`` KIND_OVERLAY writes an
-    overlay segment: the same layout, whose tombstones are entries with version 0
+    delta segment: the same layout, whose tombstones are entries with version 0
     (written as such: pass ``(b"", 0, 0, 0, 0)``, not None).
 
     Concurrency contract: the caller owns ``buf`` (a segment nobody maps yet)
@@ -100,7 +100,7 @@ def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
                 raise base._corrupt(str(exc)) from None
             raise
     else:
-        items = _overlay(base, keys, values) if base is not None else zip(keys, values, strict=False)
+        items = _merged(base, keys, values) if base is not None else zip(keys, values, strict=False)
         body_crc = _fill(buf, plan, items)  # type: ignore[arg-type]
     header = bytearray(HEADER_SIZE)
     layout.SNAP_HEADER.pack_into(
@@ -112,8 +112,8 @@ def write(buf: Any, plan: Plan, revision: int, epoch: int, keys: list[bytes],
     buf[0:HEADER_SIZE] = header
 
 
-def _overlay(base: Snapshot, keys: list[bytes],
-             values: list[tuple[bytes, int, int, int, int] | None]) -> Iterator[Item]:
+def _merged(base: Snapshot, keys: list[bytes],
+            values: list[tuple[bytes, int, int, int, int] | None]) -> Iterator[Item]:
     """``base``'s entries merged with the changes, in key order (the pure-Python build)."""
     changes = iter(zip(keys, values, strict=False))
     change = next(changes, None)
@@ -216,7 +216,7 @@ class Snapshot(MappedSegment):
 
     def __init__(self, name: str, buf: Any, size: int,
                  kind: int = layout.KIND_SNAPSHOT) -> None:
-        """``kind`` KIND_OVERLAY reads an overlay segment (same layout; see write)."""
+        """``kind`` KIND_OVERLAY reads a delta segment (same layout; see write)."""
         super().__init__(name, buf, size)
         if size < HEADER_SIZE:
             raise self._corrupt(f"segment is {size} bytes, smaller than a header")

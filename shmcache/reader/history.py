@@ -179,7 +179,7 @@ def position_after(ctl: ControlReader, seg: _shm.Segment, b: Block, rec_revs: li
     """A ring position at or before the first record with revision > ``since`` (never after).
 
     From ``rec_revs``/``rec_pos`` (the records the Reader has read and checked:
-    those after the overlay segment, or after the snapshot without one) when
+    those after the delta segment, or after the snapshot without one) when
     ``since`` is at or after their start; otherwise by walking record headers,
     from the snapshot's position when ``since`` is at or after the snapshot (the
     writer keeps those records intact), else from the tail. Headers are only a

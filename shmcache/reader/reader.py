@@ -1,6 +1,6 @@
 """Reader: attach read-only to a cache and answer get, list and watch from shared memory.
 
-The view (the live snapshot and overlay segment plus a private overlay of the
+The view (the live snapshot and delta segment plus a private overlay of the
 events after them) is in _view; reads at a past revision are in _history, watches in _watch, the control
 segment's reader in control_reader.ControlReader. Never imports etcd, grpc or protobuf.
 """
@@ -185,9 +185,9 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
     unmapped when the last call in flight returns.
 
     Every answer is exact at a revision: ``list`` returns it, ``revision`` tells
-    it. The Reader reads the snapshot and the overlay segment (the keys changed
+    it. The Reader reads the snapshot and the delta segment (the keys changed
     since the snapshot) in place, and keeps a private overlay of the events
-    published after the overlay segment only (bounded by the writer's overlay
+    published after the delta segment only (bounded by the writer's overlay
     cadence, not by the write history or the number of keys).
 
     ``max_staleness`` (seconds): reads raise StaleError when the writer's last

@@ -1,7 +1,7 @@
-"""What one Reader sees of a cache: the live snapshot and overlay segment, mapped in place,
+"""What one Reader sees of a cache: the live snapshot and delta segment, mapped in place,
 plus a private overlay.
 
-The overlay segment, when the writer has published one, holds every key changed
+The delta segment, when the writer has published one, holds every key changed
 after the snapshot up to its revision; the private overlay holds the events
 published after it (ring records [OVL_RING_POS, RING_HEAD), or [SNAP_RING_POS,
 RING_HEAD) without one). So what a Reader decodes and keeps is bounded by the
@@ -11,7 +11,7 @@ writer's overlay cadence, not by the write history or the number of keys
 Concurrency contract: ``advance`` runs under the owning Reader's lock (in a
 call's thread, or in the process's janitor thread moving an idle Reader off
 superseded segments: shmcache/reader/janitor.py); ``pair``
-(overlay, snapshot, overlay segment) is replaced whole, so a lock-free ``get`` in
+(overlay, snapshot, delta segment) is replaced whole, so a lock-free ``get`` in
 another thread reads a matching set; an overlay is never modified while it is
 the live one. ``close`` unmaps every segment the View ever mapped that is still
 mapped (old rings that watches read, old snapshots a list still walks): the
@@ -63,8 +63,8 @@ _UNDOS = 4
 
 def lookup(pair: tuple[SortedDict, Snapshot | None, Snapshot | None],
            key: bytes, keys_only: bool = False) -> KeyValue | None:
-    """``key`` now, in a view's (overlay, snapshot, overlay segment): the private overlay
-    first, then the overlay segment (an entry of version 0 there is a deletion), then
+    """``key`` now, in a view's (overlay, snapshot, delta segment): the private overlay
+    first, then the delta segment (an entry of version 0 there is a deletion), then
     the snapshot. ``keys_only``: no value is copied from a segment (the private
     overlay's are in memory already, and returned as they are)."""
     overlay, snap, ovl = pair
@@ -97,7 +97,7 @@ class View:
         self.ring_gen = -1
         self.snap: Snapshot | None = None
         self.snap_seq = 0
-        self.ovl: Snapshot | None = None  # the overlay segment (KIND_OVERLAY), if any
+        self.ovl: Snapshot | None = None  # the delta segment (KIND_OVERLAY), if any
         self.ovl_seq = 0
         self.overlay: SortedDict = SortedDict()
         # The overlay is double-buffered (see _next_overlay): the spare and the changes it lacks.
@@ -163,7 +163,7 @@ class View:
     def changed(self, start: bytes, end: bytes | None, n: int, keys_only: bool = False,
                 shard: tuple[int, int] | None = None) -> list[tuple[bytes, KeyValue | None]]:
         """The first ``n`` (-1: all) keys in [start, end) changed since the snapshot, with
-        their KeyValue now (None: deleted), in key order: the overlay segment's, and the
+        their KeyValue now (None: deleted), in key order: the delta segment's, and the
         private overlay's over them. O(log + n). ``keys_only``, ``shard``: as for
         ``Snapshot.range_list``. Call under the Reader's lock."""
         overlay = self.overlay
@@ -365,15 +365,15 @@ class View:
             prefix, defs = found
         if b.ovl_seq and defs:
             # The overlay index (by_index) is built from ring records; a writer with
-            # secondary indexes publishes no overlay segments.
-            raise CorruptSegmentError("overlay segment in a cache with secondary indexes",
+            # secondary indexes publishes no delta segments.
+            raise CorruptSegmentError("delta segment in a cache with secondary indexes",
                                       segment=self.control.name)
         ring_seg = self._open_ring(b)
         fresh = (prefix != self.prefix or b.epoch != self.epoch or ring_seg is not self.ring
                  or b.snap_seq != self.snap_seq or self.snap is None)
         snap = self._open_snapshot(b) if fresh else self.snap
         assert snap is not None
-        # A new overlay segment (or a new snapshot) starts the private overlay afresh:
+        # A new delta segment (or a new snapshot) starts the private overlay afresh:
         # it holds only the records after that segment.
         restart = fresh or b.ovl_seq != self.ovl_seq
         ovl = self.ovl
@@ -442,7 +442,7 @@ class View:
 
     def _open_layer(self, b: control.Block, name: str, kind: int, revision: int,
                     size: int) -> Snapshot:
-        """Map the snapshot or overlay segment block ``b`` names and check it against ``b``."""
+        """Map the snapshot or delta segment block ``b`` names and check it against ``b``."""
         seg = self._map(b, name)
         try:
             layer = Snapshot(name, seg.buf, seg.size, kind)

@@ -17,7 +17,7 @@ The points, each on the writer's way to making something visible to readers
 - ``snapshot``: a snapshot segment created, not yet filled
 - ``index``: an index segment created, not yet filled
 - ``snapshot_publish``: a snapshot filled, not yet published
-- ``overlay``: an overlay segment created, not yet filled
+- ``overlay``: a delta segment created, not yet filled
 - ``ring_switch``: a new ring generation's segment created, not yet initialised
 - ``epoch``: a new epoch's snapshot filled, not yet published (``reset``)
 - ``restore``: before a resumed writer's first publish (``restore``)

@@ -2,7 +2,7 @@
 (value, key) pairs an index segment is built from.
 
 Values are computed once per event (_indexdef.IndexSet.values), go into the
-ring record beside the event (readers of the overlay and watches need them)
+ring record beside the event (readers' recent changes and watches need them)
 and into these structures, from which each snapshot's index segment is laid
 out (indexseg.build).
 

@@ -28,8 +28,8 @@ from ..format import layout, ring, snapshot
 from ..ipc import shm as _shm
 from . import faults as _faults
 from . import restore as _restore
+from .delta_segments import TOMBSTONE, DeltaSegments
 from .indexer import Indexer
-from .overlays import TOMBSTONE, Overlays
 from .segments import CacheSegments
 from .snapbuild import KV, SnapshotBuild, SnapshotPublishing, freeze_gc
 
@@ -66,7 +66,7 @@ class Publisher(SnapshotPublishing):
       tries again.
     - ``maybe_snapshot`` raises the error of a snapshot build that failed; the
       build is dropped (its changes kept) and the next call retries when the
-      cadence says so. Overlay segment builds that fail are retried at the next
+      cadence says so. Delta segment builds that fail are retried at the next
       call. A failed build of either kind unlinks what it made.
 
     Each step has a fault point (_faults), and tests/test_publish_faults.py fails
@@ -104,9 +104,9 @@ class Publisher(SnapshotPublishing):
         self._head_unpublished = False
         self._resize_to: int | None = None  # a ring size restore() could not switch to
         self.revision_moved = threading.Condition()
-        # Overlay segments (not with secondary indexes: readers build the overlay
+        # Delta segments (not with secondary indexes: readers build the recent changes'
         # index from ring records); made by attach().
-        self.overlays: Overlays | None = None
+        self.delta_segments: DeltaSegments | None = None
 
     # -- starting ------------------------------------------------------------------
 
@@ -118,14 +118,14 @@ class Publisher(SnapshotPublishing):
         self.snap_seq = self.ctl.get(layout.B_SNAP_SEQ)
         self.segs.apply_permissions()
         if self.indexer is None:
-            self.overlays = Overlays(self.segs, self.stats)
+            self.delta_segments = DeltaSegments(self.segs, self.stats)
         return existed
 
     def restore(self) -> str | None:
         """Resume from the segments a previous writer left; None if it did, else why not
         (see _restore.resume). Then switch to a ring of ``ring_size`` if it has another
         size; if that fails, ``maybe_snapshot`` tries again."""
-        got = _restore.resume(self.name, self.prefix, self.segs, self.ctl, self.overlays)
+        got = _restore.resume(self.name, self.prefix, self.segs, self.ctl, self.delta_segments)
         if isinstance(got, str):
             return got
         self._take_over(got)
@@ -138,7 +138,7 @@ class Publisher(SnapshotPublishing):
         return None
 
     def _take_over(self, got: _restore.Restored) -> None:
-        """Continue from what ``_restore.resume`` loaded (its overlay segment is published)."""
+        """Continue from what ``_restore.resume`` loaded (its delta segment is published)."""
         b = got.block
         self._ring_seg = got.ring_seg
         self.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)
@@ -252,14 +252,14 @@ class Publisher(SnapshotPublishing):
 
     def maybe_snapshot(self) -> None:
         """Publish a finished background build (raising its error if it failed: the next
-        call retries); start one when the cadence says so. Then the same for the overlay
+        call retries); start one when the cadence says so. Then the same for the delta
         segment (and a ring resize a restore could not do)."""
         if self._resize_to is not None and self.ring is not None:
             size, self._resize_to = self._resize_to, None
             self._resize(size)
         self._maybe_snapshot()
-        if self.overlays is not None and self.ring is not None and not self._head_unpublished:
-            self.overlays.maybe_build(self.revision, self.epoch, self.ring.head)
+        if self.delta_segments is not None and self.ring is not None and not self._head_unpublished:
+            self.delta_segments.maybe_build(self.revision, self.epoch, self.ring.head)
 
     def _resize(self, size: int) -> None:
         """Switch to a ring of the configured size; on failure, again at the next call."""
@@ -298,70 +298,75 @@ class Publisher(SnapshotPublishing):
         # _append raises, so a revision is either appended and applied or neither.
         if _faults.FAULTS and not (batch := _faults.drop_event(batch)):
             return
-        kv, ixr = self.kv, self.indexer
+        kv, indexer = self.kv, self.indexer
         for i, ev in enumerate(batch):
             if ev[7] is None:
                 old = kv.get(ev[1])
                 if old is not None:
                     batch[i] = ev = (*ev[:7], (ev[1], *old))
-            if ixr is not None:  # index values go into the record beside the event
-                batch[i] = (*ev[:8], (ixr.values(ev[1], ev[2]) or None) if ev[0] == 0 else None,
-                            ixr.current(ev[1]))
+            if indexer is not None:  # index values go into the record beside the event
+                batch[i] = (*ev[:8],
+                            (indexer.values(ev[1], ev[2]) or None) if ev[0] == 0 else None,
+                            indexer.current(ev[1]))
         self._append(revision, _codec.encode(batch), len(batch))
         delta = self.delta
-        ovc = self.overlays.changes if self.overlays is not None else {}
+        # (the changes since the last delta segment build: its next build's input)
+        next_delta = (self.delta_segments.changes if self.delta_segments is not None
+                      else {})
         span = snapshot.entry_span
         for typ, key, value, create, mod, version, lease, _prev, *ix in batch:
-            if ixr is not None:
-                ixr.commit(key, ix[0])
+            if indexer is not None:
+                indexer.commit(key, ix[0])
             old = kv.get(key)
             if old is not None:
                 self.data_len -= span(key, old[0])
             if typ == 0:
-                kv[key] = delta[key] = ovc[key] = (value, create, mod, version, lease)
+                kv[key] = delta[key] = next_delta[key] = (value, create, mod, version, lease)
                 self.data_len += span(key, value)
             elif old is not None:
                 del kv[key]
                 delta[key] = None
-                ovc[key] = TOMBSTONE
+                next_delta[key] = TOMBSTONE
         self.revision = revision
 
     def _append(self, revision: int, payload: bytes, n_events: int) -> None:
         """Write one record; publish first what it needs (a snapshot, the tail). Readers
         see it with the next head publish. Each step either happens whole or not."""
         assert self.ring is not None
-        rw = self.ring
-        if not rw.fits(len(payload)):
+        ring_writer = self.ring
+        if not ring_writer.fits(len(payload)):
             cap = self.ring_size
-            while rw.record_size(len(payload)) > cap // 4:
+            while ring_writer.record_size(len(payload)) > cap // 4:
                 cap *= 2
             # The record cannot go into this ring: continue in a larger one. Watches
             # read on through the seal, so they see no gap and no CompactedError.
             self.switch_ring(cap, f"a {len(payload)}-byte revision needs a {cap}-byte ring")
-            rw = self.ring
-        pl = rw.place(len(payload))  # a plan: nothing is dropped until the tail is published
-        if pl.end - rw.capacity > self.snap_ring_pos:
+            ring_writer = self.ring
+        # A plan: nothing is dropped until the tail is published.
+        placement = ring_writer.place(len(payload))
+        if placement.end - ring_writer.capacity > self.snap_ring_pos:
             if self._build is not None:
                 self._finish_build(self._build, wait=True)
-            if pl.end - rw.capacity > self.snap_ring_pos:
+            if placement.end - ring_writer.capacity > self.snap_ring_pos:
                 # Writing would overwrite events newer than the live snapshot, and then
                 # readers could not rebuild the current state: republish first.
                 self._publish_snapshot()
         faults = _faults.FAULTS
-        if pl.evict:
-            updates = {layout.B_RING_TAIL: pl.new_tail}
-            if pl.compact_revision is not None:
-                updates[layout.B_COMPACT_REVISION] = pl.compact_revision
+        if placement.evict:
+            updates = {layout.B_RING_TAIL: placement.new_tail}
+            if placement.compact_revision is not None:
+                updates[layout.B_COMPACT_REVISION] = placement.compact_revision
             if faults:
                 _faults.point("tail")
             # The tail moves before the bytes are overwritten: a reader that re-reads
             # it after copying knows whether its copy can be torn.
             self.ctl.publish(updates, wake=False)
-            rw.drop(pl)
-        rw.write(pl, revision, payload, (lambda: _faults.point("append")) if faults else None)
+            ring_writer.drop(placement)
+        ring_writer.write(placement, revision, payload,
+                          (lambda: _faults.point("append")) if faults else None)
         self.bytes_since_snapshot += len(payload)
-        if self.overlays is not None:
-            self.overlays.bytes_since += len(payload)
+        if self.delta_segments is not None:
+            self.delta_segments.appended(len(payload))
         stats = self.stats
         stats["events"] += n_events
         stats["records"] += 1
@@ -425,8 +430,8 @@ class Publisher(SnapshotPublishing):
         """
         self._drop_build()  # unpublished: of no use to the next writer
         self._close_base()
-        if self.overlays is not None:
-            self.overlays.close()
+        if self.delta_segments is not None:
+            self.delta_segments.close()
         if removed_under_us:
             self.segs.unlink_own()
         if self._ring_seg is not None:

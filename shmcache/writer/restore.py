@@ -21,13 +21,12 @@ from ..format import codec as _codec
 from ..format import control, layout, ring, snapshot
 from ..ipc import shm as _shm
 from . import faults as _faults
-from .overlays import NONE as NO_OVERLAY
-from .overlays import OVERLAY_BYTES, publish_snapshot
+from .delta_segments import DELTA_BYTES, NO_DELTA, publish_snapshot
 from .snapbuild import KV
 
 if TYPE_CHECKING:
     from .control_writer import ControlWriter
-    from .overlays import Overlays
+    from .delta_segments import DeltaSegments
     from .segments import CacheSegments
 
 log = logging.getLogger("shmcache.writer")
@@ -145,11 +144,11 @@ def _rebuild(b: control.Block, rseg: _shm.Segment, snap: snapshot.Snapshot,
 
 
 def resume(name: str, prefix: bytes, segs: CacheSegments, ctl: ControlWriter,
-           overlays: Overlays | None) -> Restored | str:
+           delta_segments: DeltaSegments | None) -> Restored | str:
     """Load the segments a previous writer left, for the publisher to continue from
     (Publisher.restore takes what this returns over); else why not.
 
-    ``load`` says what is validated. The previous writer's overlay segment is
+    ``load`` says what is validated. The previous writer's delta segment is
     not trusted: it is withdrawn (readers decode the records since the
     snapshot meanwhile) and a new one is built from the restored changes at
     once. That publish comes before the publisher takes anything over: if it
@@ -160,13 +159,13 @@ def resume(name: str, prefix: bytes, segs: CacheSegments, ctl: ControlWriter,
     if isinstance(got, str):
         return got
     b = got.block
-    updates = dict(NO_OVERLAY)
+    updates = dict(NO_DELTA)
     if got.tail != b.ring_tail:
         updates.update({layout.B_RING_TAIL: got.tail, layout.B_COMPACT_REVISION: got.compact})
     try:
         _faults.point("restore")
-        publish_snapshot(overlays, ctl, name, updates, b.snap_seq, got.delta,
-                         OVERLAY_BYTES, (b.revision, b.epoch, b.ring_head), wake=False)
+        publish_snapshot(delta_segments, ctl, name, updates, b.snap_seq, got.delta,
+                         DELTA_BYTES, (b.revision, b.epoch, b.ring_head), wake=False)
     except BaseException:
         got.close()
         raise

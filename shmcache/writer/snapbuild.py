@@ -15,8 +15,7 @@ from ..format import indexseg, layout, ring, snapshot
 from ..ipc import shm as _shm
 from . import control_writer
 from . import faults as _faults
-from .overlays import NONE as NO_OVERLAY
-from .overlays import Overlays, publish_snapshot
+from .delta_segments import NO_DELTA, DeltaSegments, publish_snapshot
 
 if TYPE_CHECKING:
     from .indexer import Indexer
@@ -152,7 +151,7 @@ class SnapshotPublishing:
     delta: dict[bytes, KV | None]
     data_len: int
     base: tuple[_shm.Segment, snapshot.Snapshot] | None
-    overlays: Overlays | None
+    delta_segments: DeltaSegments | None
     revision: int
     epoch: int
     snap_seq: int
@@ -290,13 +289,13 @@ class SnapshotPublishing:
         updates = {layout.B_SNAP_SEQ: b.seq, layout.B_SNAP_REVISION: b.revision,
                    layout.B_SNAP_SIZE: b.plan.total, layout.B_SNAP_RING_POS: b.ring_pos,
                    layout.B_KEY_COUNT: len(self.kv), layout.B_RING_HEAD: self.ring.head,
-                   layout.B_REVISION: self.revision, **NO_OVERLAY}
+                   layout.B_REVISION: self.revision, **NO_DELTA}
         if extra:
             updates.update(extra)
         try:
             _faults.point(fault)  # filled, not published
             # The changes after the snapshot are those since its build started.
-            publish_snapshot(self.overlays, self.ctl, self.name, updates, b.seq, self.delta,
+            publish_snapshot(self.delta_segments, self.ctl, self.name, updates, b.seq, self.delta,
                              self.bytes_since_snapshot,
                              (self.revision, self.epoch, self.ring.head), prefix=prefix)
         except BaseException as exc:

@@ -1,27 +1,27 @@
-"""The writer's overlay segments: every key changed after the live snapshot, republished often.
+"""The writer's delta segments: every key changed after the live snapshot, republished often.
 
 Without them a Reader that attaches decodes every ring record since the
-snapshot into a private overlay: up to ``snapshot_bytes`` (16 MiB by default)
+snapshot into its private recent changes: up to ``snapshot_bytes`` (16 MiB by default)
 of records, hundreds of milliseconds and tens of MB per process right after a
 burst of writes. With them the writer publishes, each time
-``OVERLAY_BYTES`` of records have accumulated, a segment in the snapshot's
+``DELTA_BYTES`` of records have accumulated, a segment in the snapshot's
 layout (kind KIND_OVERLAY) holding the current KeyValue of every key changed
 since the snapshot, deletions as entries of version 0; a Reader maps it in
-place and decodes only the records after it (docs/design.md, "Overlay
+place and decodes only the records after it (docs/design.md, "Delta
 segments").
 
-A new overlay segment is the previous one merged with the changes since it
+A new delta segment is the previous one merged with the changes since it
 (``snapshot.write`` with the previous one as its base: entries are copied as
 they are, in C without the GIL), built in a thread beside the watch loop, and
 published by that thread as soon as it is done, if the snapshot it belongs to
 is still the live one: so a fresh Reader benefits at once, even when no more
 events come to wake the watch loop. A snapshot publish resets the set (the
-control block's overlay fields go to 0 in the same publish).
+control block's OVL_* fields go to 0 in the same publish).
 
-Concurrency contract: ``lock`` orders the two publishers of overlay fields: a
+Concurrency contract: ``lock`` orders the two publishers of the OVL_* fields: a
 build thread publishes its segment under it, and the watch thread publishes a
-snapshot (with the overlay fields at 0) under it (``switch``), so no reader sees
-a snapshot paired with an overlay segment of another. ``changes`` and
+snapshot (with the OVL_* fields at 0) under it (``switch``), so no reader sees
+a snapshot paired with a delta segment of another. ``changes`` and
 ``bytes_since`` belong to the watch thread; a running build reads only its
 frozen inputs, its base (never unmapped while a build uses it) and its own new
 segment.
@@ -46,11 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("shmcache.writer")
 
 KV5 = tuple[bytes, int, int, int, int]  # value, create_revision, mod_revision, version, lease
-# A deleted key in an overlay segment: etcd never reports a live key with version 0.
+# A deleted key in a delta segment: etcd never reports a live key with version 0.
 TOMBSTONE: KV5 = (b"", 0, 0, 0, 0)
-# Records (payload bytes) published after the overlay segment before the next one
+# Records (payload bytes) published after the delta segment before the next one
 # is built: what an attaching Reader decodes at most, beside the builds' cost.
-OVERLAY_BYTES = 128 << 10
+DELTA_BYTES = 128 << 10
 
 
 def plan_of(changes: dict[bytes, KV5], spans: dict[bytes, int],
@@ -67,7 +67,7 @@ def plan_of(changes: dict[bytes, KV5], spans: dict[bytes, int],
 def write_segment(name: str, plan: snapshot.Plan, revision: int, epoch: int,
                   changes: dict[bytes, KV5], base: snapshot.Snapshot | None, mode: int,
                   group: int | str | None) -> None:
-    """Create overlay segment ``name``: ``base``'s entries with ``changes`` over them."""
+    """Create delta segment ``name``: ``base``'s entries with ``changes`` over them."""
     _shm.unlink(name)
     seg = _shm.create(name, plan.total, mode, group)
     try:
@@ -80,13 +80,13 @@ def write_segment(name: str, plan: snapshot.Plan, revision: int, epoch: int,
         seg.close()
 
 
-class OverlayBuild:
-    """One overlay segment in the making: the previous one plus ``changes``; made under
-    ``Overlays.lock`` on the watch thread, run in its own thread."""
+class DeltaBuild:
+    """One delta segment in the making: the previous one plus ``changes``; made under
+    ``DeltaSegments.lock`` on the watch thread, run in its own thread."""
 
-    def __init__(self, ov: Overlays, seq: int, at: tuple[int, int, int], plan: snapshot.Plan,
+    def __init__(self, ov: DeltaSegments, seq: int, at: tuple[int, int, int], plan: snapshot.Plan,
                  changes: dict[bytes, KV5], bytes_since: int) -> None:
-        self.ov = ov  # told when the build is done (Overlays.finish)
+        self.ov = ov  # told when the build is done (DeltaSegments.finish)
         self.seq = seq
         self.name = layout.overlay_name(ov.cache, seq)
         self.mode, self.group = ov.segs.mode, ov.segs.group
@@ -113,8 +113,8 @@ class OverlayBuild:
             self.done.set()
 
 
-class Overlays:
-    """The overlay segments of one cache (see the module docstring)."""
+class DeltaSegments:
+    """The delta segments of one cache (see the module docstring)."""
 
     def __init__(self, segs: CacheSegments, stats: dict[str, Any]) -> None:
         self.segs = segs
@@ -133,9 +133,9 @@ class Overlays:
         self.data_len = 0
         self.bytes_since = 0
         self.base: tuple[_shm.Segment, snapshot.Snapshot] | None = None
-        self.build: OverlayBuild | None = None
+        self.build: DeltaBuild | None = None
         # A build that failed: its changes go back into ``changes`` on the watch thread.
-        self.failed: OverlayBuild | None = None
+        self.failed: DeltaBuild | None = None
         self._retired: list[tuple[_shm.Segment, snapshot.Snapshot]] = []
 
     # -- the watch thread ---------------------------------------------------------------
@@ -143,14 +143,14 @@ class Overlays:
     def switch(self, publish: Callable[[dict[int, int]], None], snap_seq: int,
                since_snapshot: dict[bytes, KV5 | None], bytes_since: int,
                at: tuple[int, int, int]) -> None:
-        """Publish a new snapshot, ``snap_seq``, with the first overlay segment of its own,
+        """Publish a new snapshot, ``snap_seq``, with the first delta segment of its own,
         and start over from it.
 
         ``publish(extra)`` publishes the snapshot's block fields updated with
-        ``extra``: the first overlay segment's fields, or 0s. That segment holds
+        ``extra``: the first delta segment's fields, or 0s. That segment holds
         ``since_snapshot`` (the changes made while the snapshot was built, at
         ``at`` = revision, epoch, ring head: what ``publish`` publishes) and is
-        built here, before the publish, when they are at least ``OVERLAY_BYTES``
+        built here, before the publish, when they are at least ``DELTA_BYTES``
         of records: a large snapshot takes seconds to build, and without it every
         Reader attaching meanwhile would decode those records. (It costs the watch
         loop the build, once per snapshot: a copy in C without the GIL.) A build
@@ -159,7 +159,7 @@ class Overlays:
         changes = {k: (v if v is not None else TOMBSTONE) for k, v in since_snapshot.items()}
         spans: dict[bytes, int] = {}
         first: tuple[int, snapshot.Plan] | None = None
-        if bytes_since >= OVERLAY_BYTES and changes:
+        if bytes_since >= DELTA_BYTES and changes:
             with self.lock:
                 self.seq += 1
                 seq = self.seq
@@ -172,10 +172,10 @@ class Overlays:
                 self.segs.track(name)
             except Exception as exc:  # the snapshot goes out without one
                 _shm.unlink(name)
-                log.warning("overlay segment build at revision %d failed: %s", at[0], exc)
+                log.warning("delta segment build at revision %d failed: %s", at[0], exc)
         with self.lock:
             if first is None:
-                publish(dict(NONE))
+                publish(dict(NO_DELTA))
             else:
                 publish({layout.B_OVL_SEQ: first[0], layout.B_OVL_REVISION: at[0],
                          layout.B_OVL_SIZE: first[1].total, layout.B_OVL_RING_POS: at[2]})
@@ -196,8 +196,12 @@ class Overlays:
             _shm.unlink(layout.overlay_name(self.cache, old))
         self.maybe_build(*at)
 
+    def appended(self, size: int) -> None:
+        """``size`` bytes of records were appended (the cadence counts them)."""
+        self.bytes_since += size
+
     def maybe_build(self, revision: int, epoch: int, ring_head: int) -> None:
-        """Start a build once ``OVERLAY_BYTES`` of records came since the last one; call
+        """Start a build once ``DELTA_BYTES`` of records came since the last one; call
         after the head is published (the build is exact at ``revision``). A build that
         failed is retried: its changes come back first."""
         if self.failed is not None:
@@ -206,17 +210,17 @@ class Overlays:
             if f is not None:
                 f.changes.update(self.changes)  # (later changes win)
                 self.changes, self.bytes_since = f.changes, self.bytes_since + f.bytes_since
-        if self.bytes_since < OVERLAY_BYTES or not self.changes:
+        if self.bytes_since < DELTA_BYTES or not self.changes:
             return
         with self.lock:
             if self.build is not None or self.snap_seq < 0:
                 return
             self.seq += 1  # numbers are never reused, even by a build thrown away
             plan, self.data_len = plan_of(self.changes, self.spans, self.data_len)
-            b = self.build = OverlayBuild(self, self.seq, (revision, epoch, ring_head), plan,
+            b = self.build = DeltaBuild(self, self.seq, (revision, epoch, ring_head), plan,
                                           self.changes, self.bytes_since)
             self.changes, self.bytes_since = {}, 0
-        threading.Thread(target=b.run, name="shmcache-overlay", daemon=True).start()
+        threading.Thread(target=b.run, name="shmcache-delta", daemon=True).start()
 
     def close(self) -> None:
         with self.lock:
@@ -230,7 +234,7 @@ class Overlays:
 
     # -- the build thread ----------------------------------------------------------------
 
-    def finish(self, b: OverlayBuild, error: BaseException | None, seconds: float) -> None:
+    def finish(self, b: DeltaBuild, error: BaseException | None, seconds: float) -> None:
         """Publish build ``b`` if its snapshot is still the live one; else throw it away."""
         old = 0
         with self.lock:
@@ -239,7 +243,7 @@ class Overlays:
                 _shm.unlink(b.name)  # (made or half made; nothing if creating it failed)
                 if error is not None and b.snap_seq == self.snap_seq:
                     # Readers decode the records after the last one published meanwhile.
-                    log.warning("overlay segment build at revision %d failed: %s; retrying",
+                    log.warning("delta segment build at revision %d failed: %s; retrying",
                                 b.revision, error)
                     self.failed = b
                 self._close_retired()
@@ -261,7 +265,7 @@ class Overlays:
             self._close_retired()
         if old:
             _shm.unlink(layout.overlay_name(self.cache, old))  # readers keep their maps
-        log.debug("overlay segment %d published: revision %d, %d keys, %d bytes, %.1f ms",
+        log.debug("delta segment %d published: revision %d, %d keys, %d bytes, %.1f ms",
                   b.seq, b.revision, b.plan.count, b.plan.total, seconds * 1000)
 
     # -- internals (under the lock) -------------------------------------------------------
@@ -281,22 +285,22 @@ class Overlays:
         self._retired = []
 
 
-# The block fields that say "no overlay segment", published with every snapshot.
-NONE: dict[int, int] = {layout.B_OVL_SEQ: 0, layout.B_OVL_REVISION: 0, layout.B_OVL_SIZE: 0,
-                        layout.B_OVL_RING_POS: 0}
+# The block fields that say "no delta segment", published with every snapshot.
+NO_DELTA: dict[int, int] = {layout.B_OVL_SEQ: 0, layout.B_OVL_REVISION: 0,
+                            layout.B_OVL_SIZE: 0, layout.B_OVL_RING_POS: 0}
 
 
-def publish_snapshot(overlays: Overlays | None, ctl: ControlWriter, cache: str,
+def publish_snapshot(delta_segments: DeltaSegments | None, ctl: ControlWriter, cache: str,
                      updates: dict[int, int], snap_seq: int,
                      changes: dict[bytes, KV5 | None], bytes_since: int,
                      at: tuple[int, int, int], **publish_kw: Any) -> None:
-    """Publish a snapshot's block fields ``updates`` (NONE's zeros among them): with its
-    first overlay segment (``Overlays.switch``: ``changes``, ``bytes_since`` and ``at``
-    as it takes them), or, for a writer without overlay segments (one with secondary
-    indexes), as they are, unlinking the overlay segment a previous writer left."""
-    if overlays is not None:
-        overlays.switch(lambda ovl: ctl.publish({**updates, **ovl}, **publish_kw), snap_seq,
-                        changes, bytes_since, at)
+    """Publish a snapshot's block fields ``updates`` (NO_DELTA's zeros among them): with its
+    first delta segment (``DeltaSegments.switch``: ``changes``, ``bytes_since`` and ``at``
+    as it takes them), or, for a writer without delta segments (one with secondary
+    indexes), as they are, unlinking the delta segment a previous writer left."""
+    if delta_segments is not None:
+        delta_segments.switch(lambda fields: ctl.publish({**updates, **fields}, **publish_kw),
+                              snap_seq, changes, bytes_since, at)
         return
     stale = ctl.get(layout.B_OVL_SEQ)
     ctl.publish(updates, **publish_kw)
