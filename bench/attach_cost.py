@@ -55,9 +55,9 @@ kv = r.get(sys.argv[2].encode())
 t1 = time.perf_counter()
 gc.collect()
 u1 = proc.memory_full_info().uss
-v = r._v
+v = r._view
 print(json.dumps({"ms": (t1 - t0) * 1000, "uss_growth_mb": (u1 - u0) / 2**20,
-                  "found": kv is not None, "private_entries": len(v.overlay),
+                  "found": kv is not None, "private_entries": len(v.recent),
                   "private_records": len(v.rec_revs),
                   "overlay_segment": getattr(v, "ovl", None) is not None}))
 """

@@ -344,10 +344,10 @@ def main() -> int:
                 done = w_count
                 for c in caches:
                     for r in (c.r, c.plain):
-                        v = r._v  # (internal, for the record: what a page has to merge)
+                        v = r._view  # (internal, for the record: what a page has to merge)
                         ring_used[f"{r.name}, {w_count} writes"] = {
                             "ring_bytes": r.status().ring_used,
-                            "private_overlay_keys": len(v.overlay),
+                            "private_overlay_keys": len(v.recent),
                             "overlay_segment_seq": getattr(v, "ovl_seq", None)}
                 phase = f"{w_count} keys changed since the snapshot"
                 fresh, fresh_pages = take_tokens(phase)
@@ -362,7 +362,7 @@ def main() -> int:
                     # (internal: View.undos), so that the other rows keep theirs.
                     for kind in KINDS:
                         def cold(c: Cache = c, kind: str = kind) -> Any:
-                            v = (c.plain if kind == "list, no indexes" else c.r)._v
+                            v = (c.plain if kind == "list, no indexes" else c.r)._view
                             kept = v.undos[:]
                             v.undos.clear()
                             try:

@@ -62,7 +62,7 @@ def main() -> int:
             w.wait_ready(600)
             r = shmcache.Reader(NAME)
             assert r.wait(last, 600)
-            v = r._v  # internal: the reader's view (snapshot, index segment)
+            v = r._view  # internal: the reader's view (snapshot, index segment)
             seg, snap = v.indexes(), v.snap
             assert snap is not None
             names = [f"node-{j}".encode() for j in range(nodes)]
@@ -79,7 +79,7 @@ def main() -> int:
                 "  IndexSegment.run_keys (lookup + 100 postings, keys, CRCs, order)":
                     lambda: seg.run_keys(0, rnd.choice(names), None, -1),
                 "  IndexSegment.run_items (lookup, run, 100 snapshot probes: one C call)":
-                    lambda: seg.run_items(0, rnd.choice(names), None, -1, v.overlay, snap),
+                    lambda: seg.run_items(0, rnd.choice(names), None, -1, v.recent, snap),
                 "(random.choice, included above)": lambda: rnd.choice(names),
             }
             print(f"{n} keys; library {library_facts()}")

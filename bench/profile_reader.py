@@ -86,8 +86,8 @@ def main() -> int:
                 pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(12)
                 out[f"cprofile_{label}"] = s.getvalue()
             # Step by step: get
-            snap = r._view[1]
-            ov = r._view[0]
+            snap = r._layers[1]
+            ov = r._layers[0]
             k = keys[7]
             buf, view = snap.buf, snap.memview
             i = zlib.crc32(k) & snap.mask  # the first probe (the format may still change)

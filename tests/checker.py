@@ -139,7 +139,7 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     last_seen: dict[int, int] = {}  # epoch -> highest revision reported
 
     def monotonic(r: shmcache.Reader, rev: int) -> None:
-        epoch = r._v.epoch  # the epoch of the view that answered (internal: shmcache.reader.view)
+        epoch = r._view.epoch  # the epoch of the view that answered (internal: shmcache.reader.view)
         if rev < last_seen.get(epoch, 0):
             problems.append(f"reader {idx}: revision went back from {last_seen[epoch]} to {rev} "
                             f"in epoch {epoch}")
@@ -147,8 +147,8 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
 
     def answered_by(r: shmcache.Reader) -> int:
         """The etcd cluster the view that answered last was loaded from."""
-        assert r._v.block is not None  # (internal: the block of that view)
-        return r._v.block.cluster_id
+        assert r._view.block is not None  # (internal: the block of that view)
+        return r._view.block.cluster_id
 
     def settled(swaps_before: int, cid: int) -> bool:
         """No cluster swap ran since ``swaps_before``, and ``cid`` is the live cluster."""

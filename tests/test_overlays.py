@@ -62,11 +62,11 @@ def test_a_fresh_reader_decodes_only_the_records_after_the_overlay_segment(
         assert b is not None and b.snap_seq == 1, "a snapshot came: the test needs none"
         assert b.ovl_seq >= 3 and b.snap_revision < b.ovl_revision <= b.revision
     with shmcache.Reader(w.name) as fresh:
-        v = fresh._v
-        assert v.ovl is not None and v.ovl.revision == b.ovl_revision
+        v = fresh._view
+        assert v.delta is not None and v.delta.revision == b.ovl_revision
         private_bytes = b.ring_head - b.ovl_ring_pos
         assert private_bytes < 2 * delta_segments.DELTA_BYTES + 64 * 1024
-        assert len(v.rec_revs) < 200 and len(v.overlay) <= len(v.rec_revs) * 3
+        assert len(v.rec_revs) < 200 and len(v.recent) <= len(v.rec_revs) * 3
         res = fresh.list(p)
         want = etcd_range(etcd_client, p, res.revision)
         assert res.items == want
@@ -181,7 +181,7 @@ def test_a_damaged_overlay_segment_is_an_error_not_a_wrong_answer(
     w.terminate()  # nothing republishes while we damage it
     path = "/dev/shm" + layout.overlay_name(w.name, b.ovl_seq)
     with shmcache.Reader(w.name) as r:
-        ovl = r._v.ovl
+        ovl = r._view.delta
         assert ovl is not None
         i, kv = next((i, kv) for i, kv in enumerate(ovl.range_list(b"", None, -1))
                      if kv.version)  # a live entry: it has value bytes to damage
@@ -192,7 +192,7 @@ def test_a_damaged_overlay_segment_is_an_error_not_a_wrong_answer(
         f.seek(off + 48 + len(kv.key))
         f.write(bytes([byte[0] ^ 0x01]))
     with shmcache.Reader(w.name) as r:
-        if r._v.overlay.get(kv.key, None) is None and kv.key not in r._v.overlay:
+        if r._view.recent.get(kv.key, None) is None and kv.key not in r._view.recent:
             with pytest.raises(shmcache.CorruptSegmentError):
                 r.get(kv.key)
         with pytest.raises(shmcache.CorruptSegmentError):

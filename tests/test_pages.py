@@ -237,23 +237,23 @@ def test_view_page_equals_the_merged_state_at_every_start_and_size() -> None:
         v.snap = segment(state, layout.KIND_SNAPSHOT)
         want_state = {k: KeyValue(k, *x) for k, x in state.items()}
         density = rnd.choice([0.01, 0.1, 0.6])
-        v.ovl = None
+        v.delta = None
         if rnd.random() < 0.5:  # an overlay segment (version 0: deleted)
             seg: dict[bytes, tuple[bytes, int, int, int, int]] = {}
             for k in universe:
                 if rnd.random() < density:
                     seg[k] = (b"", 0, 0, 0, 0) if rnd.random() < 0.4 else (b"seg", 1, 3, 2, 0)
-            v.ovl = segment(seg, layout.KIND_OVERLAY)
+            v.delta = segment(seg, layout.KIND_OVERLAY)
             for k, x in seg.items():
                 if x[3]:
                     want_state[k] = KeyValue(k, *x)
                 else:
                     want_state.pop(k, None)
-        v.overlay = SortedDict()
+        v.recent = SortedDict()
         for k in universe:
             if rnd.random() < density:
                 kv = None if rnd.random() < 0.4 else KeyValue(k, b"mine", 1, 4, 3, 0)
-                v.overlay[k] = kv
+                v.recent[k] = kv
                 if kv is None:
                     want_state.pop(k, None)
                 else:
@@ -279,5 +279,5 @@ def test_a_reader_keeps_at_most_four_undo_maps(
     for rev in revs[:-1]:
         assert reader.list(p, revision=rev).items == etcd_range(etcd_client, p, rev)
         assert reader.get(p + b"k1", revision=rev) == etcd_get(etcd_client, p + b"k1", rev)
-    kept = [u.revision for u in reader._v.undos]
+    kept = [u.revision for u in reader._view.undos]
     assert kept == revs[-5:-1]

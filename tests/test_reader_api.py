@@ -120,7 +120,7 @@ def test_corrupt_snapshot_entry_is_detected(cache: WriterProcess, unique_prefix:
                         capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     st = r.status()
-    snap = layout.snapshot_name(cache.name, r._v.snap_seq)
+    snap = layout.snapshot_name(cache.name, r._view.snap_seq)
     # Find the value bytes of k05 in the segment and flip one.
     with open("/dev/shm/" + snap[1:], "rb") as f:
         data = f.read()

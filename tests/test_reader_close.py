@@ -398,8 +398,8 @@ def test_a_fork_while_another_thread_moves_the_view_leaves_the_child_exact(
     w = WriterProcess(cache_name, etcd_session.endpoint, p, ring_size="256KiB",
                       extra=["--index", "node=segment:0", "--snapshot-interval", "1"]).start()
     r = shmcache.Reader(cache_name)
-    snap_seq = r._v.snap_seq
-    real = _view.OverlayIndex
+    snap_seq = r._view.snap_seq
+    real = _view.RecentIndex
     paused, resume = threading.Event(), threading.Event()
     stop = threading.Event()
 
@@ -416,7 +416,7 @@ def test_a_fork_while_another_thread_moves_the_view_leaves_the_child_exact(
             r.revision  # noqa: B018 - refreshes
             time.sleep(0.001)
 
-    monkeypatch.setattr(_view, "OverlayIndex", pausing)
+    monkeypatch.setattr(_view, "RecentIndex", pausing)
     mover = threading.Thread(target=move, daemon=True)
     client = etcd_session.client()
     rfd, wfd = os.pipe()
@@ -430,7 +430,7 @@ def test_a_fork_while_another_thread_moves_the_view_leaves_the_child_exact(
             if i % 7 == 0:
                 client.delete(p + nodes[i % 3] + b"/k%03d" % (i % 40))
             i += 1
-        assert r._v.snap_seq != snap_seq
+        assert r._view.snap_seq != snap_seq
         pid = os.fork()
         if pid == 0:  # the child: read, report, exit without cleanup
             try:
@@ -472,7 +472,7 @@ def test_a_failed_attach_leaves_nothing_mapped(cache: WriterProcess) -> None:
     unmapped the control segment and the ring already (not whenever the error is dropped)."""
     cache.terminate()
     with shmcache.Reader(cache.name) as r:
-        seq = r._v.snap_seq
+        seq = r._view.snap_seq
     name = layout.snapshot_name(cache.name, seq)
     shm = posix_ipc.SharedMemory(name, flags=0, size=0)
     with mmap.mmap(shm.fd, os.fstat(shm.fd).st_size) as m:

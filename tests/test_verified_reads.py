@@ -284,7 +284,7 @@ def layered(etcd_session: Any, cache_name: str, unique_prefix: bytes) -> Iterato
         state = etcd_range(client, p, last)
         with shmcache.Reader(w.name) as r:
             assert r.list(p).items == state
-            assert not set(r._v.overlay) - {p + b"pad"}  # the rest is in the segments
+            assert not set(r._view.recent) - {p + b"pad"}  # the rest is in the segments
         yield w.name, p, state, b
     finally:
         client.close()

@@ -255,9 +255,9 @@ static PyObject *snapshot_get(PyObject *self, PyObject *const *fargs, Py_ssize_t
 /* reader_get(key, state) -> KeyValue | None | state[6]
  *
  * Reader.get's common case in one call: state is the tuple
- * (control mmap, seq, stuck_seq, prefix, overlay, params, SLOW, ovl_params) that
+ * (control mmap, seq, stuck_seq, prefix, recent, params, SLOW, delta_params) that
  * the Reader rebuilds whenever its view changes. The key is looked up in the
- * private overlay (a dict), then in the delta segment (ovl_params, or None
+ * recent changes (a dict), then in the delta segment (delta_params, or None
  * without one; an entry of version 0 there is a deletion), then in the
  * snapshot. Returns SLOW (the sentinel) whenever the
  * Reader must do more than answer from its current view: a key that is not
@@ -295,9 +295,9 @@ static PyObject *reader_get(PyObject *self, PyObject *const *fargs, Py_ssize_t n
     if (plen > PyBytes_GET_SIZE(key)
         || memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(prefix), (size_t)plen) != 0)
         return Py_NewRef(slow);
-    PyObject *overlay = PyTuple_GET_ITEM(st, 4);
-    if (!PyDict_Check(overlay)) return Py_NewRef(slow);
-    PyObject *hit = PyDict_GetItemWithError(overlay, key);
+    PyObject *recent = PyTuple_GET_ITEM(st, 4);
+    if (!PyDict_Check(recent)) return Py_NewRef(slow);
+    PyObject *hit = PyDict_GetItemWithError(recent, key);
     if (hit != NULL) return Py_NewRef(hit);
     if (PyErr_Occurred()) return NULL;
     PyObject *ovl = PyTuple_GET_ITEM(st, 7);

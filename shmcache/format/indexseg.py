@@ -121,8 +121,8 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
 class IndexSegment(MappedSegment):
     """Read-only view of one index segment."""
 
-    def __init__(self, name: str, buf: Any, size: int) -> None:
-        super().__init__(name, buf, size)
+    def _read_header(self) -> None:
+        name, buf, size = self.name, self.buf, self.size
         if size < HEADER_SIZE:
             raise self._corrupt(f"segment is {size} bytes, smaller than a header")
         (magic, version, kind, snap_seq, revision, epoch, n, values_off, values_len, keys_off,

@@ -57,7 +57,8 @@ def snapshot_name(name: str, seq: int) -> str:
 
 
 def overlay_name(name: str, seq: int) -> str:
-    """The keys changed since the live snapshot, at B_OVL_REVISION (see B_OVL_SEQ)."""
+    """The delta segment: the keys changed since the live snapshot, at B_OVL_REVISION
+    (see B_OVL_SEQ; the format calls its kind KIND_OVERLAY)."""
     return f"{SEGMENT_PREFIX}{name}.ovl.{seq}"
 
 

@@ -20,10 +20,22 @@ class MappedSegment:
     __slots__ = ("name", "buf", "size", "memview")  # memview: the view checksums read through
 
     def __init__(self, name: str, buf: Any, size: int) -> None:
+        """Read and check the header (``_read_header``): CorruptSegmentError if it fails,
+        with the view released, so that the caller can unmap at once even while the
+        error (and this half-made object in its traceback) lives on."""
         self.name = name
         self.buf = buf
         self.size = size
         self.memview = memoryview(buf)
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> None:
+        """Check the header and take its fields (each kind of segment its own)."""
+        raise NotImplementedError
 
     def _corrupt(self, message: str) -> CorruptSegmentError:
         """The error for damage found in this segment (raised by the caller)."""

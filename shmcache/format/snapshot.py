@@ -217,15 +217,18 @@ class Snapshot(MappedSegment):
     def __init__(self, name: str, buf: Any, size: int,
                  kind: int = layout.KIND_SNAPSHOT) -> None:
         """``kind`` KIND_OVERLAY reads a delta segment (same layout; see write)."""
+        self.kind = kind
         super().__init__(name, buf, size)
+
+    def _read_header(self) -> None:
+        name, buf, size, kind = self.name, self.buf, self.size, self.kind
         if size < HEADER_SIZE:
             raise self._corrupt(f"segment is {size} bytes, smaller than a header")
         (magic, version, found_kind, revision, epoch, count, index_off, hash_off, slots, data_off,
          data_len, total, body_crc, hcrc) = layout.SNAP_HEADER.unpack_from(buf, 0)
         if magic != layout.MAGIC[kind] or found_kind != kind:
-            raise self._corrupt(f"bad {'overlay' if kind == layout.KIND_OVERLAY else 'snapshot'}"
-                                f" magic {magic!r}")
-        self.kind = kind
+            what = "delta segment" if kind == layout.KIND_OVERLAY else "snapshot"
+            raise self._corrupt(f"bad {what} magic {magic!r}")
         layout.check_version(version, "snapshot", name)
         if _crc32(buf[:layout.SNAP_HEADER_CRC_SPAN]) != hcrc:
             raise self._corrupt("snapshot header checksum mismatch")

@@ -2,8 +2,8 @@
 
 An answer at the current revision is the snapshot's run of keys for the value
 (indexseg, a binary search), minus the keys changed since the snapshot, plus
-the changed keys whose current values include it (``overlayindex.OverlayIndex``, kept by
-the View from the index values the writer put into each ring record). A past
+the changed keys whose current values include it (``recentindex.RecentIndex``, kept
+by the View from the index values the writer put into each ring record). A past
 revision takes that answer back with the prev_kv and prev index values of the
 first event after it, as ``list`` does (_history). Nothing here parses JSON or
 runs a user's function: the writer computed every value.
@@ -60,16 +60,16 @@ def _current(v: View, i: int, value: bytes, after: bytes | None, want: int,
 
 def _all_current(v: View, i: int, value: bytes, after: bytes | None, want: int,
                  keys_only: bool) -> list[KeyValue]:
-    snap, overlay = v.snap, v.overlay
-    assert snap is not None and v.ov_index is not None
-    items = v.indexes().run_items(i, value, after, want, overlay, snap, keys_only)
-    changed = v.ov_index.keys[i].get(value)
+    snap, recent = v.snap, v.recent
+    assert snap is not None and v.recent_index is not None
+    items = v.indexes().run_items(i, value, after, want, recent, snap, keys_only)
+    changed = v.recent_index.keys[i].get(value)
     if changed:
         keys: Iterable[bytes] = (changed if after is None
                                  else changed.irange(after, inclusive=(False, False)))
         if want >= 0:
             keys = itertools.islice(keys, want)
-        extra = [overlay[k] for k in keys]
+        extra = [recent[k] for k in keys]
         if keys_only:
             extra = [_history.strip(kv) for kv in extra]
         if extra:
@@ -96,7 +96,7 @@ class IndexReads:
     name: str
     _life: Lifetime
     _lock: threading.RLock
-    _v: View
+    _view: View
     _revision: int
 
     def _refresh(self) -> None: ...  # (Reader's)
@@ -123,7 +123,7 @@ class IndexReads:
         bound = _pages.index_bound(index, value, shard)
         with self._life, self._lock:
             self._refresh()
-            v = self._v
+            v = self._view
             i = _position(v, index)
             after = None
             if continue_token is not None:
@@ -154,13 +154,13 @@ class IndexReads:
         """Every value of ``index`` now, with the number of keys that have it, sorted by value."""
         with self._life, self._lock:
             self._refresh()
-            v = self._v
+            v = self._view
             i = _position(v, index)
 
             def read() -> dict[bytes, int]:
-                assert v.ov_index is not None
+                assert v.recent_index is not None
                 counts = dict(v.indexes().values(i))
-                for val, d in v.ov_index.delta[i].items():
+                for val, d in v.recent_index.count_change[i].items():
                     counts[val] = counts.get(val, 0) + d
                 return {k: counts[k] for k in sorted(counts) if counts[k] > 0}
 
@@ -174,4 +174,4 @@ class IndexReads:
             raise ValueError("index= takes a (name, value) pair")
         with self._lock:
             self._refresh()
-            return _position(self._v, index[0]), _args.as_bytes(index[1], "index value")
+            return _position(self._view, index[0]), _args.as_bytes(index[1], "index value")

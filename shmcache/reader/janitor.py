@@ -1,6 +1,6 @@
 """Janitor: one thread per process that moves idle Readers off the segments the writer replaced.
 
-The writer unlinks a snapshot, overlay or index segment (or a ring) once it has
+The writer unlinks a snapshot, delta or index segment (or a ring) once it has
 published its successor, but the pages stay in /dev/shm for as long as some
 process maps them. A Reader moves to the new segments at its next call; one that
 makes no calls would pin the old ones for good, and /dev/shm would fill with
@@ -104,7 +104,7 @@ class Upkeep:
     _cbuf: Any
     _seq: int
     _control: ControlReader
-    _v: View
+    _view: View
 
     def _catch_up(self) -> None: ...  # (Reader's)
 
@@ -122,7 +122,7 @@ class Upkeep:
             if _Q.unpack_from(self._cbuf, layout.C_SEQ)[0] == self._seq:
                 return
             b = self._control.block()
-            if b is None or not self._v.superseded(b) or not self._lock.acquire(blocking=False):
+            if b is None or not self._view.superseded(b) or not self._lock.acquire(blocking=False):
                 return
             try:
                 self._catch_up()

@@ -1,6 +1,6 @@
 """Lifetime: one owner's open/closed state and the calls in flight; the last one out unmaps.
 
-A Reader's mappings (control segment, ring, snapshot, overlay and index
+A Reader's mappings (control segment, ring, snapshot, delta and index
 segments) are used by calls in many threads and by its helper threads (the
 watch demultiplexer, the asyncio waker). As py-lmdb invalidates every
 transaction and cursor when their environment closes, closing a Reader marks

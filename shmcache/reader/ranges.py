@@ -39,7 +39,7 @@ class RangeReads:
     name: str
     _life: Lifetime
     _lock: threading.RLock
-    _v: View
+    _view: View
     _revision: int
     _prefix: bytes
 
@@ -111,13 +111,13 @@ class RangeReads:
             start, stop, _bound = self._bounds(key, end, None)
             current = self._revision
             at = current if revision is None else revision
-            return CountResult(count_at(self._v, start, stop, at, current), at)
+            return CountResult(count_at(self._view, start, stop, at, current), at)
 
     def _bounds(self, key: bytes, end: Any,
                 shard: tuple[int, int] | None) -> tuple[bytes, bytes | None, bytes]:
         """(start, end, token bound) of a read; ValueError outside the cache's range.
         ``end``: _PREFIX for the prefix ``key``'s range, else etcd's range_end."""
-        p, p_end = self._prefix, self._v.prefix_end
+        p, p_end = self._prefix, self._view.prefix_end
         if end is _PREFIX:
             if not key:
                 key = p
@@ -153,7 +153,7 @@ class RangeReads:
             with self._lock:
                 self._refresh()
                 start, stop, bound = self._bounds(key, end, shard)
-                v = self._v
+                v = self._view
                 if continue_token is not None:
                     revision, last = v.decode_token(continue_token, bound)
                     if last is not None:
@@ -200,7 +200,7 @@ def count_at(v: View, start: bytes, end: bytes | None, revision: int, current: i
     changes = v.changed(start, end, -1, keys_only=True)
     n += sum(kv is not None for _k, kv in changes) - snap.present([k for k, _kv in changes])
     if u is not None:
-        pair, prev = v.pair, u.prev
+        layers, prev = v.layers, u.prev
         for k in u.keys_in(start, None, end):
-            n += (prev[k][0] is not None) - (lookup(pair, k, True) is not None)
+            n += (prev[k][0] is not None) - (lookup(layers, k, True) is not None)
     return n

@@ -1,8 +1,9 @@
 """Reader: attach read-only to a cache and answer get, list and watch from shared memory.
 
-The view (the live snapshot and delta segment plus a private overlay of the
-events after them) is in _view; reads at a past revision are in _history, watches in _watch, the control
-segment's reader in control_reader.ControlReader. Never imports etcd, grpc or protobuf.
+The view (the live snapshot and delta segment plus the recent changes, the
+events after them) is in view.py; reads at a past revision are in history.py,
+watches in watch.py, the control segment's reader in control_reader.ControlReader.
+Never imports etcd, grpc or protobuf.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from sortedcontainers import SortedDict
-
 from .. import _args
 from ..errors import (
     NotFoundError,
@@ -27,7 +26,6 @@ from ..errors import (
 from ..format import control, layout
 from ..format import snapshot as snapshot_mod
 from ..format.control import Block
-from ..format.snapshot import Snapshot
 from ..ipc import control_reader
 from ..ipc import shm as _shm
 from ..ipc.control_reader import ControlReader
@@ -37,7 +35,7 @@ from .indexreads import IndexReads
 from .janitor import Janitor, Upkeep, pinned_bytes
 from .lifetime import Lifetime
 from .ranges import RangeReads
-from .view import Retry, View, lookup
+from .view import Layers, Retry, View, lookup
 from .watch import Watch
 
 if TYPE_CHECKING:
@@ -186,9 +184,9 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
 
     Every answer is exact at a revision: ``list`` returns it, ``revision`` tells
     it. The Reader reads the snapshot and the delta segment (the keys changed
-    since the snapshot) in place, and keeps a private overlay of the events
-    published after the delta segment only (bounded by the writer's overlay
-    cadence, not by the write history or the number of keys).
+    since the snapshot) in place, and keeps in private only the recent changes,
+    the events published after the delta segment (bounded by the writer's delta
+    segment cadence, not by the write history or the number of keys).
 
     ``max_staleness`` (seconds): reads raise StaleError when the writer's last
     heartbeat is older, or the writer is dead. ``timeout``: how long to wait for a
@@ -207,13 +205,13 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         self._control = control_reader.ControlReader.open(name, timeout, self._life)
         self._cbuf = self._control.buf  # (the hot path's one load: SEQ)
         # The view moves under self._lock; the hot path reads the copies below
-        # (pair, prefix, fast state), each replaced whole after a move.
-        self._v = View(self.name, self._control)
+        # (layers, prefix, fast state), each replaced whole after a move.
+        self._view = View(self.name, self._control)
         self._seq = -1
         self._stuck_seq = -1
         self._sync_client: _sync.Client | None = None
         self._prefix = b""
-        self._view: tuple[SortedDict, Snapshot | None, Snapshot | None] = self._v.pair
+        self._layers: Layers = self._view.layers
         self._fast_state: tuple[Any, ...] | None = None
         self._revision = 0
         _readers.add(self)
@@ -243,7 +241,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         self._max_staleness = _args.opt_seconds(value, "max_staleness")
         # True when get() must take the slow path every time (staleness checks, closed).
         self._checks = value is not None or self._life.closed
-        if hasattr(self, "_view"):
+        if hasattr(self, "_layers"):
             self._set_fast()
 
     def _set_fast(self) -> None:
@@ -252,12 +250,12 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         One immutable tuple, replaced whole, so a get in another thread sees either
         the old view or the new one. None: every get takes the Python path.
         """
-        overlay, snap, ovl = self._view
+        recent, snap, delta = self._layers
         if self._checks or _reader_get is None or snap is None or not snapshot_mod.USE_SPEEDUPS:
             self._fast_state = None
         else:
-            self._fast_state = (self._cbuf, self._seq, self._stuck_seq, self._prefix, overlay,
-                                snap.params, _SLOW, ovl.params if ovl is not None else None)
+            self._fast_state = (self._cbuf, self._seq, self._stuck_seq, self._prefix, recent,
+                                snap.params, _SLOW, delta.params if delta is not None else None)
 
     def __reduce__(self) -> Any:
         raise TypeError("a shmcache.Reader cannot be pickled: pass the cache name to the "
@@ -289,7 +287,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         client, self._sync_client = self._sync_client, None
         if client is not None:
             client.close()
-        self._v.close()
+        self._view.close()
         self._control.close()
 
     def _closed_error(self) -> ShmCacheError:
@@ -304,7 +302,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         self._lock = threading.RLock()
         self._life.forget_users()
         if moving:
-            self._v.reset()
+            self._view.reset()
             self._seq = self._stuck_seq = -1
             self._fast_state = None
 
@@ -339,7 +337,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
             for _attempt in range(50):
                 b = self._control.block()
                 if b is None:
-                    if self._v.block is None:
+                    if self._view.block is None:
                         raise _NoState(
                             f"cache {self.name!r} has no consistent state to read: its writer "
                             f"stopped inside a publish (SEQ {seq} stays odd)",
@@ -354,14 +352,14 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
                 if b.seq == self._seq:
                     return
                 control.validate_block(b, self._control.name)
-                v = self._v
+                v = self._view
                 try:
                     v.advance(b)
                 except Retry:
                     v.snap_seq = 0  # rebuild from the (new) snapshot
                     continue
                 v.block = b
-                self._view, self._prefix = v.pair, v.prefix
+                self._layers, self._prefix = v.layers, v.prefix
                 self._seq = b.seq
                 self._revision = b.revision
                 self._set_fast()
@@ -438,7 +436,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
             with self._lock:
                 self._refresh()
                 self._check_key_range(key, "key")
-                return self._v.get_at(key, revision, self._revision)
+                return self._view.get_at(key, revision, self._revision)
         if min_revision is not None:
             self._wait_min(min_revision, timeout)
         if self._checks:  # staleness checks
@@ -449,14 +447,14 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
                 self._refresh()
         if not key.startswith(self._prefix):
             self._check_key_range(key, "key")
-        # One tuple, replaced whole by a refresh (which only adds newer events to an overlay).
-        pair = self._view
-        overlay, snap, ovl = pair
-        if ovl is not None or _fast_get is None or not snapshot_mod.USE_SPEEDUPS:
-            return lookup(pair, key)
-        ov = overlay.get(key, _MISSING)
-        if ov is not _MISSING:
-            return ov  # type: ignore[no-any-return]
+        # One tuple, replaced whole by a refresh (whose recent changes are a new dict).
+        layers = self._layers
+        recent, snap, delta = layers
+        if delta is not None or _fast_get is None or not snapshot_mod.USE_SPEEDUPS:
+            return lookup(layers, key)
+        kv = recent.get(key, _MISSING)
+        if kv is not _MISSING:
+            return kv  # type: ignore[no-any-return]
         assert snap is not None
         # The C lookup straight from here: this is every reader's hot path.
         return _fast_get(key, snap.params)  # type: ignore[no-any-return]
@@ -481,7 +479,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         """The cache's and its writer's state, read without waiting (``pinned_bytes``
         reads every process's /proc/PID/maps: a few ms per 100 processes)."""
         with self._life:
-            st = self._control.status(self.name, self._v.block)
+            st = self._control.status(self.name, self._view.block)
         return dataclasses.replace(st, pinned_bytes=pinned_bytes(self.name))
 
     # -- for Watch (shmcache/reader/watch.py) ----------------------------------------
@@ -509,13 +507,13 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
             prefix = self._prefix
         self._check_key_range(prefix, "prefix")
         with self._lock:
-            return (prefix, *self._v.watch_start(since))
+            return (prefix, *self._view.watch_start(since))
 
     def _current_ring(self) -> tuple[Block, _shm.Segment]:
         """The block and ring segment after a refresh (a Watch following a new ring)."""
         with self._lock:
             self._refresh()
-            b, seg = self._v.block, self._v.ring
+            b, seg = self._view.block, self._view.ring
         assert b is not None and seg is not None
         return b, seg
 

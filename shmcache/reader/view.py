@@ -1,19 +1,19 @@
 """What one Reader sees of a cache: the live snapshot and delta segment, mapped in place,
-plus a private overlay.
+plus its private recent changes.
 
 The delta segment, when the writer has published one, holds every key changed
-after the snapshot up to its revision; the private overlay holds the events
+after the snapshot up to its revision; the recent changes hold the events
 published after it (ring records [OVL_RING_POS, RING_HEAD), or [SNAP_RING_POS,
 RING_HEAD) without one). So what a Reader decodes and keeps is bounded by the
-writer's overlay cadence, not by the write history or the number of keys
+writer's delta segment cadence, not by the write history or the number of keys
 (docs/design.md, "The reader's view").
 
 Concurrency contract: ``advance`` runs under the owning Reader's lock (in a
 call's thread, or in the process's janitor thread moving an idle Reader off
-superseded segments: shmcache/reader/janitor.py); ``pair``
-(overlay, snapshot, delta segment) is replaced whole, so a lock-free ``get`` in
-another thread reads a matching set; an overlay is never modified while it is
-the live one. ``close`` unmaps every segment the View ever mapped that is still
+superseded segments: shmcache/reader/janitor.py); ``layers`` (recent changes,
+snapshot, delta segment) is replaced whole, so a lock-free ``get`` in another
+thread reads a matching set; the recent changes' dict is never modified while it
+is the live one. ``close`` unmaps every segment the View ever mapped that is still
 mapped (old rings that watches read, old snapshots a list still walks): the
 owning Reader calls it once no call is in flight (_lifetime). A child forked
 while another thread was inside ``advance`` calls ``reset`` (the half-moved
@@ -27,7 +27,7 @@ import heapq
 import itertools
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from sortedcontainers import SortedDict
 
@@ -41,7 +41,7 @@ from ..ipc import shm as _shm
 from ..types import KeyValue
 from . import history as _history
 from . import pages as _pages
-from .overlayindex import OverlayIndex
+from .recentindex import RecentIndex
 
 
 def range_end(prefix: bytes) -> bytes | None:
@@ -61,18 +61,25 @@ _MISSING: Any = object()
 _UNDOS = 4
 
 
-def lookup(pair: tuple[SortedDict, Snapshot | None, Snapshot | None],
-           key: bytes, keys_only: bool = False) -> KeyValue | None:
-    """``key`` now, in a view's (overlay, snapshot, delta segment): the private overlay
-    first, then the delta segment (an entry of version 0 there is a deletion), then
-    the snapshot. ``keys_only``: no value is copied from a segment (the private
-    overlay's are in memory already, and returned as they are)."""
-    overlay, snap, ovl = pair
-    kv: KeyValue | None = overlay.get(key, _MISSING)
+class Layers(NamedTuple):
+    """What a read of the current state looks at, newest first; replaced whole."""
+
+    recent: SortedDict  # the private recent changes: key -> KeyValue, None if deleted
+    snapshot: Snapshot | None
+    delta: Snapshot | None  # the delta segment, if the writer published one
+
+
+def lookup(layers: Layers, key: bytes, keys_only: bool = False) -> KeyValue | None:
+    """``key`` now, in a view's layers: the recent changes first, then the delta
+    segment (an entry of version 0 there is a deletion), then the snapshot.
+    ``keys_only``: no value is copied from a segment (the recent changes' are in
+    memory already, and returned as they are)."""
+    recent, snap, delta = layers
+    kv: KeyValue | None = recent.get(key, _MISSING)
     if kv is not _MISSING:
         return kv
-    if ovl is not None:
-        kv = ovl.get(key, keys_only)
+    if delta is not None:
+        kv = delta.get(key, keys_only)
         if kv is not None:
             return kv if kv.version else None
     assert snap is not None
@@ -84,7 +91,8 @@ class Retry(Exception):
 
 
 class View:
-    """The snapshot, overlay and ring position of one Reader, moved forward by ``advance``."""
+    """The snapshot, delta segment, recent changes and ring position of one Reader, moved
+    forward by ``advance``."""
 
     def __init__(self, cache: str, ctl: control_reader.ControlReader) -> None:
         self.cache = cache
@@ -97,24 +105,23 @@ class View:
         self.ring_gen = -1
         self.snap: Snapshot | None = None
         self.snap_seq = 0
-        self.ovl: Snapshot | None = None  # the delta segment (KIND_OVERLAY), if any
-        self.ovl_seq = 0
-        self.overlay: SortedDict = SortedDict()
-        # The overlay is double-buffered (see _next_overlay): the spare and the changes it lacks.
+        self.delta: Snapshot | None = None  # the delta segment (KIND_OVERLAY), if any
+        self.delta_seq = 0
+        self.recent: SortedDict = SortedDict()
+        # Double-buffered (see _next_recent): the spare and the changes it lacks.
         self.spare: SortedDict | None = None
         self.spare_pending: list[tuple[bytes, KeyValue | None]] = []
-        self.pair: tuple[SortedDict, Snapshot | None, Snapshot | None] = (
-            self.overlay, None, None)
+        self.layers = Layers(self.recent, None, None)
         # Revision and position of every record after the snapshot (for watches
         # and past-revision reads), and the position read up to.
         self.rec_revs: list[int] = []
         self.rec_pos: list[int] = []
         self.pos = 0
         # Secondary indexes: the epoch's definitions, the index segment of the
-        # snapshot (mapped on first use) and the index of the overlay.
+        # snapshot (mapped on first use) and the index of the recent changes.
         self.index_defs: tuple[tuple[str, str], ...] = ()
         self.iseg: IndexSegment | None = None
-        self.ov_index: OverlayIndex | None = None
+        self.recent_index: RecentIndex | None = None
         # What changed after the revisions recently read at (pages of a listing).
         self.undos: list[_history.Undo] = []
         # Every mapping and buffer export made, weakly: close() unmaps what is left.
@@ -164,21 +171,21 @@ class View:
                 shard: tuple[int, int] | None = None) -> list[tuple[bytes, KeyValue | None]]:
         """The first ``n`` (-1: all) keys in [start, end) changed since the snapshot, with
         their KeyValue now (None: deleted), in key order: the delta segment's, and the
-        private overlay's over them. O(log + n). ``keys_only``, ``shard``: as for
+        recent changes over them. O(log + n). ``keys_only``, ``shard``: as for
         ``Snapshot.range_list``. Call under the Reader's lock."""
-        overlay = self.overlay
-        keys: Iterable[bytes] = (overlay.irange(minimum=start) if end is None
-                                 else overlay.irange(start, end, inclusive=(True, False)))
+        recent = self.recent
+        keys: Iterable[bytes] = (recent.irange(minimum=start) if end is None
+                                 else recent.irange(start, end, inclusive=(True, False)))
         keys = _history.of_shard(keys, shard)
         if n >= 0:
             keys = itertools.islice(keys, n)
-        mine = [(k, overlay[k]) for k in keys]
+        mine = [(k, recent[k]) for k in keys]
         if keys_only:
             mine = [(k, kv if kv is None else _history.strip(kv)) for k, kv in mine]
-        if self.ovl is None:
+        if self.delta is None:
             return mine
         shared = [(kv.key, kv if kv.version else None)
-                  for kv in self.ovl.range_list(start, end, n, keys_only, shard)]
+                  for kv in self.delta.range_list(start, end, n, keys_only, shard)]
         if not mine or not shared:
             return mine or shared
         newer = dict(mine)
@@ -253,7 +260,7 @@ class View:
         was = self.undo(revision, current).prev.get(key, _MISSING)
         if was is not _MISSING:
             return was[0]  # type: ignore[no-any-return]
-        return lookup(self.pair, key)
+        return lookup(self.layers, key)
 
     def watch_start(self, since: int | None) -> tuple[control.Block, _shm.Segment, int, int]:
         """(block, ring, position, since) for a watch from ``since`` (None: from now)."""
@@ -270,7 +277,7 @@ class View:
 
     def superseded(self, b: control.Block) -> bool:
         """Whether block ``b`` replaced a segment the view maps (unlinked: pinned till we move)."""
-        now = (self.snap_seq, self.ovl_seq, self.ring_gen)
+        now = (self.snap_seq, self.delta_seq, self.ring_gen)
         return self.snap is not None and (b.snap_seq, b.ovl_seq, b.ring_gen) != now
 
     def close(self) -> None:
@@ -290,15 +297,15 @@ class View:
                     x.close()
                 except (BufferError, ValueError):
                     pass
-        self.snap = self.ovl = self.iseg = None
+        self.snap = self.delta = self.iseg = None
         self.ring = None
-        self.pair = (self.overlay, None, None)
+        self.layers = Layers(self.recent, None, None)
 
     def reset(self) -> None:
         """Forget the position and the layers (kept mapped until dropped): the next
         ``advance`` rebuilds the whole view from its block."""
         self.epoch = -1
-        self.snap_seq = self.ovl_seq = 0
+        self.snap_seq = self.delta_seq = 0
         self.ring_gen = -1
         self.spare, self.spare_pending = None, []
         self.undos = []
@@ -364,7 +371,7 @@ class View:
                 raise Retry()  # published meanwhile: they may be another epoch's
             prefix, defs = found
         if b.ovl_seq and defs:
-            # The overlay index (by_index) is built from ring records; a writer with
+            # The recent changes' index (by_index) is built from ring records; a writer with
             # secondary indexes publishes no delta segments.
             raise CorruptSegmentError("delta segment in a cache with secondary indexes",
                                       segment=self.control.name)
@@ -373,12 +380,12 @@ class View:
                  or b.snap_seq != self.snap_seq or self.snap is None)
         snap = self._open_snapshot(b) if fresh else self.snap
         assert snap is not None
-        # A new delta segment (or a new snapshot) starts the private overlay afresh:
+        # A new delta segment (or a new snapshot) starts the recent changes afresh:
         # it holds only the records after that segment.
-        restart = fresh or b.ovl_seq != self.ovl_seq
-        ovl = self.ovl
+        restart = fresh or b.ovl_seq != self.delta_seq
+        delta = self.delta
         if restart:
-            ovl = self._open_overlay(b) if b.ovl_seq else None
+            delta = self._open_delta(b) if b.ovl_seq else None
             start = b.ovl_ring_pos if b.ovl_seq else b.snap_ring_pos
             last_rev = b.ovl_revision if b.ovl_seq else b.snap_revision
         else:
@@ -404,12 +411,12 @@ class View:
             raise Retry() from None
         # Everything read is intact: commit.
         if restart:
-            overlay: SortedDict = SortedDict()
+            recent: SortedDict = SortedDict()
             for key, kv in changes:
-                overlay[key] = kv
+                recent[key] = kv
             self.spare, self.spare_pending = None, []
             self.rec_revs, self.rec_pos = revs, positions
-            self.ovl, self.ovl_seq = ovl, b.ovl_seq
+            self.delta, self.delta_seq = delta, b.ovl_seq
         if fresh:
             self.prefix = prefix
             self.prefix_end = range_end(prefix)
@@ -419,16 +426,16 @@ class View:
             # list() may still hold them (the new index segment is mapped on first use).
             self.snap, self.snap_seq, self.iseg = snap, b.snap_seq, None
             self.index_defs = defs
-            self.ov_index = OverlayIndex(len(defs)) if defs else None
+            self.recent_index = RecentIndex(len(defs)) if defs else None
         elif not restart:
-            overlay = self._next_overlay(changes)
+            recent = self._next_recent(changes)
             self.rec_revs.extend(revs)
             self.rec_pos.extend(positions)
-        if self.ov_index is not None:
+        if self.recent_index is not None:
             for key, ix, pix in ix_changes:
-                self.ov_index.apply(key, ix, pix)
-        self.overlay = overlay
-        self.pair = (overlay, snap, ovl)
+                self.recent_index.apply(key, ix, pix)
+        self.recent = recent
+        self.layers = Layers(recent, snap, delta)
         self.pos = b.ring_head
         self.epoch = b.epoch
 
@@ -436,7 +443,7 @@ class View:
         name = layout.snapshot_name(self.cache, b.snap_seq)
         return self._open_layer(b, name, layout.KIND_SNAPSHOT, b.snap_revision, b.snap_size)
 
-    def _open_overlay(self, b: control.Block) -> Snapshot:
+    def _open_delta(self, b: control.Block) -> Snapshot:
         name = layout.overlay_name(self.cache, b.ovl_seq)
         return self._open_layer(b, name, layout.KIND_OVERLAY, b.ovl_revision, b.ovl_size)
 
@@ -459,27 +466,28 @@ class View:
             raise Retry()
         return layer
 
-    def _next_overlay(self, changes: list[tuple[bytes, KeyValue | None]]) -> SortedDict:
-        """The live overlay with ``changes`` applied, built aside from the one readers use.
+    def _next_recent(self, changes: list[tuple[bytes, KeyValue | None]]) -> SortedDict:
+        """The live recent changes with ``changes`` applied, built aside from the dict
+        readers use.
 
-        Two overlays alternate: the spare (the one replaced at the last refresh)
+        Two dicts alternate: the spare (the one replaced at the last refresh)
         first catches up with the changes it lacks, then takes the new ones, and
-        becomes the live one. A ``get`` that picked up the old live overlay just
+        becomes the live one. A ``get`` that picked up the old live dict just
         before the swap keeps reading a state that does not change under it
         until the next refresh. Each change is applied twice; one copy is made
         per snapshot, at the first refresh after it.
         """
         if not changes:
-            return self.overlay
+            return self.recent
         spare = self.spare
         if spare is None:
-            spare = self.overlay.copy()
+            spare = self.recent.copy()
         else:
             for key, kv in self.spare_pending:
                 spare[key] = kv
         for key, kv in changes:
             spare[key] = kv
-        self.spare, self.spare_pending = self.overlay, changes
+        self.spare, self.spare_pending = self.recent, changes
         return spare
 
 
