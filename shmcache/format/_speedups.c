@@ -52,9 +52,9 @@ static uint32_t crc_zlib(uint32_t c, const unsigned char *p, uint64_t n) {
 /* The same CRC-32 by carry-less multiplication (PCLMULQDQ), folding 64 then 16
  * bytes at a time: "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ
  * Instruction" (Gopal et al., Intel, 2009), with the reflected CRC-32 constants
- * that Linux (arch/x86/crypto/crc32-pclmul_asm.S) and Chromium's zlib use. zlib
- * 1.2.13's table-driven crc32 takes ~110 ns for a 260-byte snapshot entry here,
- * more than half of what list() pays per entry; this takes a fraction of that.
+ * that Linux (arch/x86/crypto/crc32-pclmul_asm.S) and Chromium's zlib use.
+ * zlib's table-driven crc32 was more than half of what list() pays per entry
+ * (the figures: docs/design.md, "The C speedups").
  * ``len`` is a multiple of 16 and at least 64; ``crc`` is the raw register (the
  * complement of the running CRC), as is the result. tests/test_snapshot.py
  * compares it with zlib.crc32 at every length and alignment up to 1 KiB. */

@@ -165,7 +165,7 @@ def read_prefix(buf: Any, length: int) -> bytes:
 
 
 def read_index_defs(buf: Any, length: int) -> bytes:
-    """The published index definitions (msgpack; _indexdef.decode_defs reads them)."""
+    """The published index definitions (msgpack; indexspec.decode_defs reads them)."""
     data: bytes = buf[layout.C_INDEX_DEFS:layout.C_INDEX_DEFS + length]
     return data
 

@@ -59,7 +59,7 @@ def build(pairs: Sequence[Sequence[tuple[bytes, bytes]]], snap_seq: int, revisio
     kbytes = bytearray()
     tables: list[tuple[bytes | bytearray, bytes, int, int]] = []
     for ipairs in pairs:
-        if USE_SPEEDUPS:  # the same tables, in C (_speedups.index_table): ~8x faster
+        if USE_SPEEDUPS:  # the same tables, in C (_speedups.index_table; docs/design.md, "The C speedups")
             vtab_c, posts_c, nvals, vpart, kpart = _speedups.index_table(
                 ipairs if isinstance(ipairs, list) else list(ipairs), len(kbytes),
                 len(vbytes))

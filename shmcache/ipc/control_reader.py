@@ -75,7 +75,7 @@ class ControlReader:
     """A reader's read-only handle on a control segment: the block, the tail, the futex word.
 
     Concurrency contract: every method may be called from any thread. Given its
-    owner's ``life`` (a Reader's _lifetime.Lifetime), ``wait`` counts itself in
+    owner's ``life`` (a Reader's lifetime.Lifetime), ``wait`` counts itself in
     for the whole sleep, so the word it sleeps on stays mapped, and ``closed``
     is the owner's state; the owner calls ``close()`` (the unmap) only once no
     use is in flight, and the other methods must not be called after it.

@@ -10,8 +10,9 @@ per publish, and an idle loop is not polled at all. The thread starts on the
 first wait and exits after about 0.5-1 s without waiters (or when the Reader
 closes); after ``fork()`` the child starts its own.
 
-Importing this module does not import asyncio (about 90 ms): reader-only
-processes that never use asyncio do not pay for it.
+Importing this module does not import asyncio, which is slow to import
+(docs/design.md, "Reader dependencies"): reader-only processes that never use
+asyncio do not pay for it.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ asyncio, one ``call_soon_threadsafe`` per event loop per batch. ``leave_soon``
 never waits for the lock (``Watch.close`` may run in a signal handler that
 interrupted its holder): a closed watch it could not remove is skipped and
 dropped by the next sweep. The thread counts itself in its Reader's uses
-(_lifetime) while it runs, and ends when the Reader closes.
+(lifetime) while it runs, and ends when the Reader closes.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ An answer at the current revision is the snapshot's run of keys for the value
 the changed keys whose current values include it (``recentindex.RecentIndex``, kept
 by the View from the index values the writer put into each ring record). A past
 revision takes that answer back with the prev_kv and prev index values of the
-first event after it, as ``list`` does (_history). Nothing here parses JSON or
+first event after it, as ``list`` does (history). Nothing here parses JSON or
 runs a user's function: the writer computed every value.
 
 Concurrency contract: everything runs under the owning Reader's lock, counted in its
@@ -81,7 +81,7 @@ def _all_current(v: View, i: int, value: bytes, after: bytes | None, want: int,
 
 def _at(v: View, i: int, value: bytes, after: bytes | None, want: int, revision: int,
         current: int, keys_only: bool, shard: tuple[int, int] | None) -> list[KeyValue]:
-    """As ``_current``, at a past ``revision`` within the window (_history.past_page)."""
+    """As ``_current``, at a past ``revision`` within the window (history.past_page)."""
     u = v.undo(revision, current)
     start = b"" if after is None else after + b"\0"
     return _history.past_page(

@@ -14,7 +14,7 @@ while the process has an open Reader and exits after the first round that finds
 none (the next ``start`` makes a new one). Threads do not survive ``fork()``: the
 Reader's fork hook calls ``after_fork`` in the child, which starts one there when
 Readers were inherited. ``release`` runs in this thread and must count itself in
-its Reader's uses (_lifetime); an exception it raises is the Reader's own to
+its Reader's uses (lifetime); an exception it raises is the Reader's own to
 report at its next call, so it is logged here and the round goes on.
 
 ``pinned_bytes`` counts what processes still map after the writer unlinked it
@@ -109,7 +109,7 @@ class Upkeep:
     def _catch_up(self) -> None: ...  # (Reader's)
 
     def _release_superseded(self) -> None:
-        """The janitor's call (_janitor; any thread): when the writer replaced a segment
+        """The janitor's call (janitor; any thread): when the writer replaced a segment
         the view maps and no call holds the lock (a busy Reader moves itself), move the
         view to the published block. The old segments are dropped, not closed: one a
         call is still reading stays mapped until that call lets go. Counted in like a

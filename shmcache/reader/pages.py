@@ -2,7 +2,7 @@
 
 A token is opaque to users: url-safe base64 of a msgpack array ``[1, cache, epoch,
 revision, prefix, last_key]``. The next page is read at ``revision`` (a read at a
-past revision once the cache has moved on, see _history), so every page of one
+past revision once the cache has moved on, see history), so every page of one
 listing is exact at the same revision, as etcd's and Kubernetes' paginated lists
 are. ``last_key`` None means "from the start of the prefix" (a page of limit 0).
 """

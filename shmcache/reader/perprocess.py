@@ -1,7 +1,7 @@
 """PerReader: one helper object per (Reader, process), such as a Reader's watch thread.
 
 The helpers own threads, which a forked child does not inherit: the child makes
-its own on first use. Used by aio (the asyncio waker) and _demux (the watch
+its own on first use. Used by aio (the asyncio waker) and demux (the watch
 demultiplexer).
 
 Concurrency contract: ``get`` and ``peek`` may be called from any thread; the

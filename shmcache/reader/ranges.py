@@ -3,7 +3,7 @@
 One code path for all of them: a read is the key range [start, end) (``list(prefix)``
 is the range of the prefix), optionally one shard of it and keys only, at the
 current revision (the snapshot walked in place, plus the changes since it:
-_view) or a past one (_history), paginated with _pages' tokens. etcd's
+view) or a past one (history), paginated with pages' tokens. etcd's
 ``range_end`` meanings: None the single key, ``b"\\0"`` every key >= key, else
 [key, range_end).
 
@@ -178,7 +178,7 @@ def items_at(v: View, start: bytes, end: bytes | None, limit: int, revision: int
              current: int, keys_only: bool, shard: tuple[int, int] | None) -> list[KeyValue]:
     """The keys in [start, end) as etcd had them at ``revision``, at most ``limit`` (-1:
     all): O(limit + changes among them) once the Undo of ``revision`` is read (see
-    _history.past_page). Under the Reader's lock."""
+    history.past_page). Under the Reader's lock."""
     u = v.undo(revision, current)
     return _history.past_page(
         lambda n: v.page(start, end, n, keys_only, shard), u,

@@ -30,7 +30,7 @@ from ..ipc import control_reader
 from ..ipc import shm as _shm
 from ..ipc.control_reader import ControlReader
 from ..types import Event, KeyValue, ListResult, Status
-from . import sync_client as _sync
+from . import sync_client
 from .indexreads import IndexReads
 from .janitor import Janitor, Upkeep, pinned_bytes
 from .lifetime import Lifetime
@@ -83,7 +83,7 @@ class _Waits:
     _life: Lifetime
     _lock: threading.RLock
     _control: ControlReader
-    _sync_client: _sync.Client | None
+    _sync_client: sync_client.Client | None
     _revision: int
 
     def _refresh(self) -> None: ...  # (Reader's)
@@ -126,7 +126,7 @@ class _Waits:
             with self._lock:
                 client = self._sync_client
                 if client is None:
-                    client = self._sync_client = _sync.Client(self.name)
+                    client = self._sync_client = sync_client.Client(self.name)
             return client.confirm(self._control, reached, timeout)
 
     # -- integrations (shmcache/reader/aio.py, shmcache/reader/subscribe.py, imported when used) --
@@ -196,7 +196,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
     def __init__(self, name: str, *, max_staleness: float | None = None,
                  timeout: float = 0.0) -> None:
         self.name = _shm.validate_name(name)
-        # Every call that touches a mapping counts itself in (_lifetime): close()
+        # Every call that touches a mapping counts itself in (lifetime): close()
         # unmaps only once the last one has left.
         self._life = Lifetime(self._release, self._closed_error)
         self.max_staleness = max_staleness
@@ -209,7 +209,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         self._view = View(self.name, self._control)
         self._seq = -1
         self._stuck_seq = -1
-        self._sync_client: _sync.Client | None = None
+        self._sync_client: sync_client.Client | None = None
         self._prefix = b""
         self._layers: Layers = self._view.layers
         self._fast_state: tuple[Any, ...] | None = None
@@ -518,7 +518,7 @@ class Reader(RangeReads, IndexReads, _Waits, Upkeep):
         return b, seg
 
 
-# Moves idle Readers off superseded segments (see _janitor): without it a Reader that
+# Moves idle Readers off superseded segments (see janitor): without it a Reader that
 # makes no calls pins every snapshot it ever mapped in /dev/shm.
 _janitor: Janitor[Reader] = Janitor(lambda: [r for r in list(_readers) if not r._life.closed],
                                     Reader._release_superseded)

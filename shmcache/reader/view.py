@@ -15,7 +15,7 @@ snapshot, delta segment) is replaced whole, so a lock-free ``get`` in another
 thread reads a matching set; the recent changes' dict is never modified while it
 is the live one. ``close`` unmaps every segment the View ever mapped that is still
 mapped (old rings that watches read, old snapshots a list still walks): the
-owning Reader calls it once no call is in flight (_lifetime). A child forked
+owning Reader calls it once no call is in flight (lifetime). A child forked
 while another thread was inside ``advance`` calls ``reset`` (the half-moved
 view is thrown away and rebuilt from the block at the next refresh).
 """
@@ -154,7 +154,7 @@ class View:
 
     def decode_token(self, token: str, bound: bytes) -> tuple[int, bytes | None]:
         """(revision, last key) of a continue token of this cache, epoch and listing
-        (``bound``: its prefix); ValueError otherwise (see _pages.decode)."""
+        (``bound``: its prefix); ValueError otherwise (see pages.decode)."""
         assert self.block is not None
         return _pages.decode(token, self.cache, bound, self.epoch, self.block.compact_revision)
 
@@ -227,7 +227,7 @@ class View:
     # -- for past-revision reads and watches (under the Reader's lock) ----------
 
     def undo(self, revision: int, current: int) -> _history.Undo:
-        """What changed after ``revision`` (see _history.Undo), read up to the view's
+        """What changed after ``revision`` (see history.Undo), read up to the view's
         position; CompactedError / FutureRevisionError outside the window. The last
         few are kept, so the pages of one listing decode each record once."""
         b = self.block

@@ -51,7 +51,7 @@ class ControlWriter:
             _store(buf, layout.C_SEQ, seq)
         self.seq = seq
         self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
-        # Published with the prefix (each new epoch): _indexdef.encode_defs.
+        # Published with the prefix (each new epoch): indexspec.encode_defs.
         self.index_defs = b""
         # The cluster the published epoch was loaded from, and the one the next
         # epoch will be (set_cluster_id).

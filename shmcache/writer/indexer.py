@@ -1,7 +1,7 @@
 """The writer's secondary indexes: each key's index values and, per index, the sorted
 (value, key) pairs an index segment is built from.
 
-Values are computed once per event (_indexdef.IndexSet.values), go into the
+Values are computed once per event (indexspec.IndexSet.values), go into the
 ring record beside the event (readers' recent changes and watches need them)
 and into these structures, from which each snapshot's index segment is laid
 out (indexseg.build).

@@ -1,13 +1,13 @@
 """The writer's publishing side: state, ring appends, head publishing, snapshots, epochs, restore.
 
 It knows nothing of etcd: it is fed plain batches, ``(revision, [event tuples])``
-(see _codec.EventTuple), relists ``(revision, items)`` and progress revisions,
+(see codec.EventTuple), relists ``(revision, items)`` and progress revisions,
 and turns them into the cache's segments. tests/test_publisher.py drives it
 with synthetic batches and checks the result with a Reader.
 
 Concurrency contract: every method runs on the thread that runs the writer,
 except ``published_revision()`` and ``set_etcd_down_since()`` (any thread) and the
-snapshot builds it starts on their own threads (see _snapbuild). Threads that
+snapshot builds it starts on their own threads (see snapbuild). Threads that
 wait for the published revision to move (consistent reads) wait on
 ``revision_moved``.
 
@@ -69,7 +69,7 @@ class Publisher(SnapshotPublishing):
       cadence says so. Delta segment builds that fail are retried at the next
       call. A failed build of either kind unlinks what it made.
 
-    Each step has a fault point (_faults), and tests/test_publish_faults.py fails
+    Each step has a fault point (faults.py), and tests/test_publish_faults.py fails
     each one with ENOSPC and with an unexpected error.
     """
 
@@ -123,7 +123,7 @@ class Publisher(SnapshotPublishing):
 
     def restore(self) -> str | None:
         """Resume from the segments a previous writer left; None if it did, else why not
-        (see _restore.resume). Then switch to a ring of ``ring_size`` if it has another
+        (see restore.resume). Then switch to a ring of ``ring_size`` if it has another
         size; if that fails, ``maybe_snapshot`` tries again."""
         got = _restore.resume(self.name, self.prefix, self.segs, self.ctl, self.delta_segments)
         if isinstance(got, str):
@@ -138,7 +138,7 @@ class Publisher(SnapshotPublishing):
         return None
 
     def _take_over(self, got: _restore.Restored) -> None:
-        """Continue from what ``_restore.resume`` loaded (its delta segment is published)."""
+        """Continue from what ``restore.resume`` loaded (its delta segment is published)."""
         b = got.block
         self._ring_seg = got.ring_seg
         self.ring = ring.RingWriter(got.ring_seg.buf, b.ring_capacity, b.ring_gen)

@@ -1,7 +1,7 @@
 """The writer's hold on a cache's segments: the lock, creation, permissions and removal.
 
 Concurrency contract: one CacheSegments per writer process. ``attach()`` takes
-the writer lock (``_writerlock``: a mode-600 lock file no reader can open) for
+the writer lock (``lock``: a mode-600 lock file no reader can open) for
 the writer's whole life (a second writer gets CacheExistsError; the kernel drops
 the lock when its holder dies, so a crashed writer never blocks its successor).
 ``still_ours()`` runs on the ticker thread; everything else on the thread that
@@ -23,9 +23,8 @@ import stat
 from ..errors import CacheExistsError, CorruptSegmentError, SegmentPermissionError, WriterError
 from ..format import control, layout, ring
 from ..ipc import shm as _shm
-from . import control_writer
+from . import control_writer, lock
 from . import faults as _faults
-from . import lock as _writerlock
 
 log = logging.getLogger("shmcache.writer")
 
@@ -115,7 +114,7 @@ class CacheSegments:
 
     def attach(self) -> bool:
         """Take the writer lock, open or create the control segment, claim it; True if it existed."""
-        self._lock_fd = _writerlock.lock_writer(self.name)
+        self._lock_fd = lock.lock_writer(self.name)
         try:
             return self._attach_control()
         except BaseException:
@@ -143,7 +142,7 @@ class CacheSegments:
             if opened is None:
                 raise WriterError(f"control segment {cname} vanished while starting")
         seg, fd = opened
-        pid = _writerlock.lock_control(fd)
+        pid = lock.lock_control(fd)
         if pid is not None:
             seg.close()
             os.close(fd)
@@ -306,7 +305,7 @@ class CacheSegments:
             self.ctl_seg.close()
         if remove:
             # Before the lock goes: no other writer can have started on these names.
-            _writerlock.remove_cache(self.name, force=True)
+            lock.remove_cache(self.name, force=True)
         self._release_locks()
 
     def _release_locks(self) -> None:

@@ -42,8 +42,9 @@ def close_all(*objs: Any) -> None:
 
 def unmap(base: tuple[_shm.Segment, snapshot.Snapshot] | None, background: bool) -> None:
     """Unmap a base snapshot. ``background``: in a short-lived thread, for a base that
-    may be the last mapping of an unlinked segment, whose pages the unmap frees
-    (70 ms for 377 MB: munmap releases the GIL, but it would hold up the watch thread)."""
+    may be the last mapping of an unlinked segment, whose pages the unmap frees: munmap
+    releases the GIL, but freeing a large snapshot's pages would hold up the watch
+    thread (docs/design.md, "Snapshots")."""
     if base is None:
         return
     seg, snap = base
@@ -137,8 +138,8 @@ class SnapshotBuild:
 
 class SnapshotPublishing:
     """The publisher's snapshot side: builds (``SnapshotBuild``) started, finished, failed
-    and published. Publisher (_publisher) is the one subclass and holds the state these
-    read; every method runs on the writer's thread (see _publisher's contracts)."""
+    and published. Publisher (publisher.py) is the one subclass and holds the state these
+    read; every method runs on the writer's thread (see its concurrency contract)."""
 
     segs: CacheSegments
     name: str
@@ -270,7 +271,7 @@ class SnapshotPublishing:
             self._build = None
 
     def _close_base(self, background: bool = False) -> None:
-        """Unmap the base snapshot (see _snapbuild.unmap); the next build is then a
+        """Unmap the base snapshot (see snapbuild.unmap); the next build is then a
         whole-state one (which starts a new delta)."""
         base, self.base = self.base, None
         unmap(base, background)

@@ -1,10 +1,10 @@
 """Writer: follow an etcd key range and publish it into the cache's segments.
 
 A thin coordinator over three parts with one concern each: the etcd feed
-(_feed: connection, backoff, list, watch, progress defences), the publisher
-(_publisher: state, ring, snapshots, epochs, restore, over _segments) and the
-sync server (_sync.Server: consistent reads). A data path crosses each once:
-etcd event -> _feed batch -> _publisher ring record -> reader.
+(feed: connection, backoff, list, watch, progress defences), the publisher
+(publisher: state, ring, snapshots, epochs, restore, over segments) and the
+sync server (sync_server.Server: consistent reads). A data path crosses each once:
+etcd event -> feed batch -> publisher ring record -> reader.
 
 Concurrency contract: one Writer per cache name per host, enforced with an
 exclusive flock on its lock file (a second writer gets CacheExistsError;
@@ -28,14 +28,13 @@ from typing import Any
 from .. import _args, _defaults
 from .._units import parse_size
 from ..errors import ShmCacheError, WriterError
-from ..format import indexspec as _indexdef
-from ..format import layout
+from ..format import indexspec, layout
 from ..ipc import shm as _shm
-from . import sync_server as _sync
+from . import sync_server
 from . import verify as _verify
 from .etcd import connection as _etcd
 from .feed import EtcdFeed
-from .indexer import Indexer as _Indexer
+from .indexer import Indexer
 from .publisher import Publisher
 from .segments import CacheSegments
 
@@ -113,14 +112,14 @@ class Writer:
             # count and size: for service.py's metrics.
             "watches": 0, "watch_responses": 0, "snapshot_seconds": 0.0,
             "snapshot_seconds_total": 0.0, "snapshot_keys": 0, "snapshot_bytes": 0,
-            # The verifier's rounds (checks of the snapshot against etcd, _verify).
+            # The verifier's rounds (checks of the snapshot against etcd, verify).
             "verify_rounds": 0, "verify_mismatches": 0, "verify_revision": 0,
             "verify_seconds": 0.0,
-            # Failed attempts to publish (a full /dev/shm); each is retried (_feed._publish).
+            # Failed attempts to publish (a full /dev/shm); each is retried (feed._publish).
             "publish_errors": 0}
-        # Secondary indexes (_indexdef): validated here, published with each epoch.
-        defs = _indexdef.make_all(indexes)
-        self._index_defs = _indexdef.encode_defs(defs) if defs else b""
+        # Secondary indexes (indexspec): validated here, published with each epoch.
+        defs = indexspec.make_all(indexes)
+        self._index_defs = indexspec.encode_defs(defs) if defs else b""
         if len(self._index_defs) > layout.MAX_INDEX_DEFS_LEN:
             raise ValueError(f"the index definitions take {len(self._index_defs)} bytes, "
                              f"more than the {layout.MAX_INDEX_DEFS_LEN} the cache has room for")
@@ -131,7 +130,7 @@ class Writer:
             snapshot_bytes=(parse_size(snapshot_bytes) if snapshot_bytes is not None
                             else min(self.ring_size // 4, 16 << 20)),
             stats=self.stats,
-            indexer=_Indexer(_indexdef.IndexSet(defs, self.prefix)) if defs else None)
+            indexer=Indexer(indexspec.IndexSet(defs, self.prefix)) if defs else None)
         # etcd rejects an empty key; b"\0" with range end b"\0" means every key.
         self._feed = EtcdFeed(settings, self.prefix, self.prefix or b"\0",
                               layout.prefix_range_end(self.prefix), backoff_max=backoff_max,
@@ -217,12 +216,12 @@ class Writer:
         ticker.start()
         server = None
         try:  # beside the segments, with their readers' access (any namespace sharing /dev/shm)
-            sock = _sync.bind_path(self.name, self._segs.mode, self._segs.gid())
+            sock = sync_server.bind_path(self.name, self._segs.mode, self._segs.gid())
             self._segs.track_sync_socket()
         except OSError as exc:
             log.warning("consistent reads: cannot bind the request socket file: %s", exc)
         else:
-            server = _sync.Server(sock, pub.ctl, self._feed.current_revision,
+            server = sync_server.Server(sock, pub.ctl, self._feed.current_revision,
                                   self._feed.request_progress, pub.published_revision,
                                   pub.revision_moved, self._stopped, self.stats,
                                   describe=_etcd.describe)
