@@ -283,3 +283,55 @@ def test_the_state_store_check_finds_what_it_should() -> None:
         f.flush()
         got = [t for _, t in _stores(Path(f.name))]
     assert got == ["p.a", "q.b", "p.c", "p.d", "q.e", "p.<setattr>", "other._g", "p.j", "r.k"]
+
+
+DESIGN = (PKG.parent / "docs" / "design.md").read_text()
+PACKAGES = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists())
+
+
+def _map_section() -> str:
+    start = DESIGN.index("\n## Package map\n")
+    return DESIGN[start:DESIGN.index("\n## ", start + 1)]
+
+
+def _documented_packages() -> dict[str, set[str]]:
+    """package -> the modules its table in design.md's package map names."""
+    import re
+    text = _map_section()
+    heads = list(re.finditer(r"^\*\*`(\w+)/`: [^*]+\.\*\*", text, re.M))
+    out: dict[str, set[str]] = {}
+    for i, m in enumerate(heads):
+        body = text[m.end():heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        names: set[str] = set()
+        for row in body.splitlines():
+            if row.startswith("| `"):
+                names |= set(re.findall(r"`([\w/.]+)`", row.split("|")[1]))
+        assert m[1] not in out, f"two sections for {m[1]}/"
+        out[m[1]] = names - {"__init__"}
+    return out
+
+
+def test_the_package_map_names_every_package_and_module() -> None:
+    """docs/design.md's package map is the tree: a section with a sentence for every
+    package, a row for every module (subpackages' as ``etcd/connection``, C sources
+    with their suffix), nothing that is gone, and the layer lines match LAYERS."""
+    import re
+    documented = _documented_packages()
+    assert sorted(documented) == PACKAGES
+    for pkg in PACKAGES:
+        root = PKG / pkg
+        modules = {str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.py")
+                   if p.name != "__init__.py"}
+        modules |= {str(p.relative_to(root)) for p in root.rglob("*.c")}
+        assert documented[pkg] == modules, (
+            f"{pkg}/: missing from the map {sorted(modules - documented[pkg])}, "
+            f"in the map but not in the tree {sorted(documented[pkg] - modules)}")
+    block = _map_section().split("```")[1]
+    top = {n for line in block.splitlines() if line.startswith("shmcache/")
+           for n in re.findall(r"\b_?\w+\b", line.split("  ")[0].removeprefix("shmcache/"))}
+    assert top == {p.stem for p in PKG.glob("*.py")}
+    lines = {m[1]: m[2] for m in re.finditer(r"^(\w+)/ +-> (.*)$", block, re.M)}
+    assert sorted(lines) == PACKAGES
+    for pkg, deps in lines.items():
+        named = set() if deps.startswith("nothing") else set(deps.split(", "))
+        assert named == LAYERS[pkg] - {"shared", "face", pkg}, pkg
