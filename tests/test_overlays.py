@@ -1,6 +1,7 @@
-"""Overlay segments (shmcache/writer/overlays.py): what a Reader decodes at attach is bounded by
-the writer's overlay cadence, not by the history since the snapshot; every answer still
-equals etcd's. Real etcd, real writer processes, real /dev/shm.
+"""Delta segments (shmcache/writer/delta_segments.py; the format calls them overlay
+segments): what a Reader decodes at attach is bounded by the writer's delta segment
+cadence, not by the history since the snapshot; every answer still equals etcd's. Real
+etcd, real writer processes, real /dev/shm.
 """
 
 from __future__ import annotations
