@@ -42,7 +42,7 @@ class ControlWriter:
     call it); ``heartbeat`` is a single store and safe from any thread.
     """
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, buf: Any, index_defs: bytes = b"") -> None:
         self.buf = buf
         self.futex_addr = _futex.address_of(buf, layout.C_SEQ)
         seq = _Q.unpack_from(buf, layout.C_SEQ)[0]
@@ -52,7 +52,7 @@ class ControlWriter:
         self.seq = seq
         self.fields = list(_BLOCK.unpack_from(buf, layout.C_BLOCK))
         # Published with the prefix (each new epoch): indexspec.encode_defs.
-        self.index_defs = b""
+        self.index_defs = index_defs
         # The cluster the published epoch was loaded from, and the one the next
         # epoch will be (set_cluster_id).
         self.cluster_id: int = _Q.unpack_from(buf, layout.C_CLUSTER_ID)[0]

@@ -94,9 +94,11 @@ class CacheSegments:
     fails before it touches /dev/shm or etcd.
     """
 
-    def __init__(self, name: str, prefix: bytes, mode: int, group: str | int | None) -> None:
+    def __init__(self, name: str, prefix: bytes, mode: int, group: str | int | None,
+                 index_defs: bytes = b"") -> None:
         self.name = name
         self.prefix = prefix
+        self.index_defs = index_defs  # the secondary indexes' definitions, encoded
         self.mode = mode
         self.group = group
         self._gid = None if group is None else usable_gid(group)
@@ -164,7 +166,7 @@ class CacheSegments:
                 control_writer.ControlWriter.initialise(seg.buf, self.prefix, seq=(seq | 1) + 1)
                 existed = False
         self.ctl_seg = seg
-        self.ctl = control_writer.ControlWriter(seg.buf)
+        self.ctl = control_writer.ControlWriter(seg.buf, self.index_defs)
         self.ctl.claim()
         return existed
 

@@ -124,7 +124,7 @@ class Writer:
             raise ValueError(f"the index definitions take {len(self._index_defs)} bytes, "
                              f"more than the {layout.MAX_INDEX_DEFS_LEN} the cache has room for")
         self.indexes = {d.name: d.spec for d in defs}
-        self._segs = CacheSegments(self.name, self.prefix, mode, group)
+        self._segs = CacheSegments(self.name, self.prefix, mode, group, self._index_defs)
         self._pub = Publisher(
             self._segs, ring_size=self.ring_size, snapshot_interval=snapshot_interval,
             snapshot_bytes=(parse_size(snapshot_bytes) if snapshot_bytes is not None
@@ -211,7 +211,6 @@ class Writer:
             return
         pub = self._pub
         existed = pub.attach()  # (claim() clears ETCD_DOWN_SINCE)
-        pub.ctl.index_defs = self._index_defs
         ticker = threading.Thread(target=self._ticker, name="shmcache-ticker", daemon=True)
         ticker.start()
         server = None
