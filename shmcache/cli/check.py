@@ -1,4 +1,4 @@
-"""``shmcache check``: walk every segment of a cache and verify every invariant."""
+"""``shmcache check``: walk every segment of a cache and check every invariant."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""A cache that checks itself against etcd: the live snapshot compared with etcd's range.
+"""A cache verified against etcd: the live snapshot compared with etcd's range at its revision.
 
 The published snapshot is immutable and exact at its revision R, so comparing it
 with etcd's range *at R* needs no copy of the writer's state and no pause of its
 watch loop: a paginated range read at R (keys only unless values are asked for:
 key, create/mod revision, version and lease travel, values need not) merged in
 key order with the snapshot's entries. A mismatch means the cache published
-something etcd never held at R. etcd compacting past R during the check makes
+something etcd never held at R. etcd compacting past R during the round makes
 the round inconclusive, not a mismatch.
 
 Used by the writer's verifier thread (``--verify-interval``) and by
