@@ -484,6 +484,36 @@ def test_a_failed_attach_leaves_nothing_mapped(cache: WriterProcess) -> None:
     assert _mapped(cache.name) == []
 
 
+def test_a_refused_index_segment_is_unmapped_at_once(
+        etcd_session: Any, etcd_client: Any, cache_name: str, unique_prefix: bytes) -> None:
+    """by_index on a cache whose index segment header is damaged raises CorruptSegmentError
+    and has unmapped that segment already, while the error (whose traceback holds the
+    half-made segment object) is still alive: a refused segment keeps no buffer export
+    that would pin its mapping (format/mapped.py)."""
+    for i in range(20):
+        put(etcd_client, unique_prefix + b"n%d/k%03d" % (i % 3, i), b"v%d" % i)
+    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix, ring_size="256KiB",
+                      extra=["--index", "top=segment:0"])
+    try:
+        w.start()
+        w.terminate()
+        with shmcache.Reader(cache_name) as r:
+            seq = r._view.snap_seq
+            assert r.by_index("top", b"n1").items
+        name = layout.index_name(cache_name, seq)
+        shm = posix_ipc.SharedMemory(name, flags=0, size=0)
+        with mmap.mmap(shm.fd, os.fstat(shm.fd).st_size) as m:
+            m[0] ^= 0xFF  # the magic
+        shm.close_fd()
+        with shmcache.Reader(cache_name) as r:
+            with pytest.raises(shmcache.CorruptSegmentError) as info:
+                r.by_index("top", b"n1")
+            assert info.value is not None
+            assert [line for line in _mapped(cache_name) if ".idx." in line] == []
+    finally:
+        w.close()
+
+
 def test_a_publish_left_half_done_is_a_clear_error_for_a_new_reader(
         cache: WriterProcess) -> None:
     """A writer killed between the two SEQ stores of a publish leaves SEQ odd: a new Reader
