@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -35,9 +34,10 @@ from typing import Any, Self
 import psutil
 
 from shmcache.cli.demo_etcd import etcd_env, find_etcd_binary, free_port
+from tests.python_etcd3 import import_python_etcd3
 
 __all__ = ["ApiClient", "EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
-           "generate_tls_files", "import_python_etcd3"]
+           "generate_tls_files"]
 
 _HOST = "127.0.0.1"
 _NAME = "shmcache-test"
@@ -131,44 +131,6 @@ def generate_tls_files(directory: str | os.PathLike[str], client_cn: str = "root
         client_cert=write("client.pem", client_cert),
         client_key=write("client-key.pem", client_key),
     )
-
-
-def _protobuf_major() -> int:
-    try:
-        return int(importlib.metadata.version("protobuf").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return 0
-
-
-def import_python_etcd3() -> Any:
-    """The ``etcd3`` module (python-etcd3), imported so that it loads under any protobuf.
-
-    python-etcd3 0.12's generated modules load under protobuf>=4 only with the
-    pure-Python implementation: this sets ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION``
-    in *this* process's environment (and so its children's) before protobuf is
-    first imported. A process that must keep the C (upb) implementation, a
-    benchmark's parent for one, must not call it: its python-etcd3 work belongs in
-    a child process that does. RuntimeError if protobuf was imported with upb
-    already (the import would fail with protobuf's "Descriptors cannot be created
-    directly"). Under protobuf 3.x nothing is set (it would needlessly give up a
-    C++ build where one is installed).
-    """
-    if _protobuf_major() >= 4:
-        import sys
-
-        if "google.protobuf" in sys.modules:
-            from google.protobuf.internal import api_implementation
-
-            if api_implementation.Type() != "python":
-                raise RuntimeError(
-                    "python-etcd3 needs the pure-Python protobuf, but this process imported "
-                    f"protobuf with the {api_implementation.Type()!r} implementation first; "
-                    "use it in a child process (or set PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
-                    "=python before anything imports protobuf)")
-        os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-    import etcd3  # imported lazily: readers must not need grpc/protobuf
-
-    return etcd3
 
 
 class ApiClient:
@@ -497,7 +459,7 @@ class EtcdServer:
         call credentials, which gRPC refuses on a channel without TLS: with
         authentication but no TLS, call the stubs with ``metadata=client.metadata``.
         Under protobuf>=4 it makes this process use the pure-Python protobuf
-        (``import_python_etcd3``): where python-etcd3 is not the point, use
+        (tests/python_etcd3.py): where python-etcd3 is not the point, use
         ``api_client()``.
         """
         if self.tls is not None:
