@@ -21,6 +21,7 @@ import pytest
 from tests import etcdserver as _etcdserver
 from tests.etcdserver import EtcdServer, find_etcd_binary, free_port
 from tests.helpers import etcd_current_revision, etcd_get, put
+from tests.python_etcd3 import protobuf_major
 
 
 def _refused(port: int) -> bool:
@@ -293,3 +294,33 @@ def test_callers_etcd_environment_is_ignored(
     with EtcdServer(data_dir=tmp_path / "d") as server, server.client() as client:
         client.put(b"/k", b"v")
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.skipif(protobuf_major() < 4,
+                    reason="protobuf 3.x: python-etcd3 loads under either implementation")
+def test_python_etcd3_gets_the_pure_python_protobuf_in_its_own_process_only() -> None:
+    """Under protobuf>=4, import_python_etcd3 switches a fresh process to the pure-Python
+    protobuf (python-etcd3's generated modules load with nothing else); in a process that
+    has loaded protobuf's C (upb) implementation already it refuses in one clear line
+    instead of protobuf's "Descriptors cannot be created directly"."""
+    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
+    root = Path(__file__).parents[1]
+    fresh = ("from tests.python_etcd3 import import_python_etcd3\n"
+             "etcd3 = import_python_etcd3()\n"
+             "from google.protobuf.internal import api_implementation\n"
+             "print(api_implementation.Type(), etcd3.etcdrpc.RangeRequest(key=b'k').key)\n")
+    out = subprocess.run([sys.executable, "-c", fresh], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["python", "b'k'"]
+    late = ("from shmcache.etcdapi import rpc\n"
+            "from google.protobuf.internal import api_implementation\n"
+            "if api_implementation.Type() == 'python': raise SystemExit(3)\n"
+            "from tests.python_etcd3 import import_python_etcd3\n"
+            "import_python_etcd3()\n")
+    out = subprocess.run([sys.executable, "-c", late], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode == 3:
+        pytest.skip("this protobuf has no C implementation")
+    assert out.returncode == 1 and "RuntimeError: python-etcd3 needs the pure-Python protobuf" \
+        in out.stderr, out.stderr
