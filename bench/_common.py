@@ -132,7 +132,8 @@ def stamp(**extra: Any) -> dict[str, Any]:
         "versions": {
             "shmcache": shmcache.__version__, **_git(),
             "etcd3 (python-etcd3)": _version("etcd3"), "grpcio": _version("grpcio"),
-            "protobuf": _version("protobuf"), "msgpack": _version("msgpack"),
+            "protobuf": _version("protobuf"), **protobuf_implementations(),
+            "msgpack": _version("msgpack"),
             "redis-py": _version("redis"), "lmdb (py-lmdb)": _version("lmdb"),
             "sortedcontainers": _version("sortedcontainers"), "psutil": _version("psutil"),
         },
@@ -140,7 +141,40 @@ def stamp(**extra: Any) -> dict[str, Any]:
     }
 
 
+def protobuf_implementations() -> dict[str, str]:
+    """Which protobuf implementation decoded etcd's messages: this process's (shmcache's
+    writer and the harness's etcdapi clients run the same), and that of the processes
+    that measure python-etcd3, whose generated modules need the pure-Python one under
+    protobuf>=4 (``python_etcd3``)."""
+    from google.protobuf.internal import api_implementation
+
+    major = int((_version("protobuf") or "0").split(".")[0])
+    return {"protobuf implementation": api_implementation.Type(),
+            "protobuf implementation (python-etcd3's processes)":
+                "python (forced: PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python)" if major >= 4
+                else api_implementation.Type()}
+
+
+def python_etcd3() -> Any:
+    """The ``etcd3`` module, for a process that measures python-etcd3 (an alternative a
+    user would pick): under protobuf>=4 it switches *this* process to the pure-Python
+    protobuf before anything imports protobuf (tests/python_etcd3.py). Call it first
+    thing in such a child, never in the parent (its children, the writer among them,
+    would inherit the setting)."""
+    from tests.python_etcd3 import import_python_etcd3
+
+    return import_python_etcd3()
+
+
 # -- etcd ------------------------------------------------------------------------------------
+
+def etcd_client(host: str, port: int) -> Any:
+    """The harness's own etcd client (``tests.etcdserver.ApiClient``: shmcache.etcdapi,
+    under whichever protobuf implementation is installed)."""
+    from tests.etcdserver import ApiClient
+
+    return ApiClient(host, port)
+
 
 def etcd_args(quota_gib: int = 8) -> list[str]:
     # 1.1M keys of 256 bytes plus their history exceed etcd's 2 GiB default quota on
@@ -155,16 +189,17 @@ def grpc_options() -> list[tuple[str, int]]:
 
 
 def load_etcd(client: Any, prefix: bytes, n: int, progress: Any = None) -> int:
-    """Put n keys in Txn requests of 100 puts (etcd allows 128), pipelined; returns the revision."""
-    from etcd3.etcdrpc import rpc_pb2
+    """Put n keys in Txn requests of 100 puts (etcd allows 128), pipelined; returns the
+    revision. ``client``: an ``ApiClient``."""
+    from shmcache.etcdapi import rpc
 
-    stub, md = client.kvstub, client.metadata
+    stub, md = client.kv, client.metadata
     inflight: list[Any] = []
     rev = 0
     for start in range(0, n, 100):
-        ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key(prefix, i), value=value(i)))
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=key(prefix, i), value=value(i)))
                for i in range(start, min(n, start + 100))]
-        inflight.append(stub.Txn.future(rpc_pb2.TxnRequest(success=ops), 60, metadata=md))
+        inflight.append(stub.Txn.future(rpc.TxnRequest(success=ops), 60, metadata=md))
         if len(inflight) >= 8:
             rev = max(rev, inflight.pop(0).result().header.revision)
             if progress is not None:
@@ -178,17 +213,24 @@ def load_etcd(client: Any, prefix: bytes, n: int, progress: Any = None) -> int:
 
 def range_all(client: Any, start: bytes, end: bytes, page: int = 5000,
               serializable: bool = True) -> tuple[int, list[Any]]:
-    """[start, end) from etcd in key-sorted pages at one revision: what a replica must do."""
-    from etcd3.etcdrpc import rpc_pb2
+    """[start, end) from etcd in key-sorted pages at one revision: what a replica must do.
+    ``client``: an ``ApiClient``, or a python-etcd3 client where python-etcd3 is the
+    alternative measured (then its own stub and messages do the work)."""
+    if hasattr(client, "kvstub"):  # python-etcd3's (already imported by its caller)
+        from etcd3 import etcdrpc as rpc
 
+        stub = client.kvstub
+    else:
+        from shmcache.etcdapi import rpc
+
+        stub = client.kv
     out: list[Any] = []
     rev = 0
     while True:
-        req = rpc_pb2.RangeRequest(key=start, range_end=end, limit=page, revision=rev,
-                                   serializable=serializable,
-                                   sort_order=rpc_pb2.RangeRequest.ASCEND,
-                                   sort_target=rpc_pb2.RangeRequest.KEY)
-        resp = client.kvstub.Range(req, 120, metadata=client.metadata)
+        req = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=rev,
+                               serializable=serializable, sort_order=rpc.RangeRequest.ASCEND,
+                               sort_target=rpc.RangeRequest.KEY)
+        resp = stub.Range(req, 120, metadata=client.metadata)
         if rev == 0:
             rev = int(resp.header.revision)
         out.extend(resp.kvs)
@@ -317,15 +359,14 @@ def write_load(host: str, port: int, prefix: bytes, n_keys: int, rate: float,
     """
     import random
 
-    import etcd3
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
     try:
         os.nice(-10)  # see run.py: the load stands for writers on other machines
     except OSError:
         pass
-    client = etcd3.client(host=host, port=port)
-    stub, md = client.kvstub, client.metadata
+    client = etcd_client(host, port)
+    stub, md = client.kv, client.metadata
     rnd = random.Random(seed)
     inflight: list[Any] = []
     t0 = time.monotonic()
@@ -339,7 +380,7 @@ def write_load(host: str, port: int, prefix: bytes, n_keys: int, rate: float,
             if due > now:
                 time.sleep(min(due - now, 0.05))
                 continue
-        req = rpc_pb2.PutRequest(key=key(prefix, rnd.randrange(n_keys)), value=stamped_value(sent))
+        req = rpc.PutRequest(key=key(prefix, rnd.randrange(n_keys)), value=stamped_value(sent))
         inflight.append(stub.Put.future(req, 30, metadata=md))
         sent += 1
         while len(inflight) >= 64 or (inflight and inflight[0].done()):

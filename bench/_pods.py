@@ -44,17 +44,18 @@ def pod_value(i: int, nodes: int, gen: int = 0) -> bytes:
 
 
 def load(client: Any, prefix: bytes, n: int, nodes: int) -> int:
-    """Put n pods in Txn requests of 100 puts (etcd allows 128), 8 in flight; the revision."""
-    from etcd3.etcdrpc import rpc_pb2
+    """Put n pods in Txn requests of 100 puts (etcd allows 128), 8 in flight; the revision.
+    ``client``: an ``ApiClient`` (as for ``put_each``)."""
+    from shmcache.etcdapi import rpc
 
-    stub, md = client.kvstub, client.metadata
+    stub, md = client.kv, client.metadata
     inflight: list[Any] = []
     rev = 0
     for start in range(0, n, 100):
-        ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(
             key=pod_key(prefix, i), value=pod_value(i, nodes)))
             for i in range(start, min(n, start + 100))]
-        inflight.append(stub.Txn.future(rpc_pb2.TxnRequest(success=ops), 120, metadata=md))
+        inflight.append(stub.Txn.future(rpc.TxnRequest(success=ops), 120, metadata=md))
         if len(inflight) >= 8:
             rev = max(rev, inflight.pop(0).result().header.revision)
     for f in inflight:
@@ -64,13 +65,13 @@ def load(client: Any, prefix: bytes, n: int, nodes: int) -> int:
 
 def put_each(client: Any, items: list[tuple[bytes, bytes]]) -> int:
     """One etcd revision (one ring record) per put, pipelined; the last revision."""
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
-    stub, md = client.kvstub, client.metadata
+    stub, md = client.kv, client.metadata
     inflight: list[Any] = []
     rev = 0
     for k, v in items:
-        inflight.append(stub.Put.future(rpc_pb2.PutRequest(key=k, value=v), 60, metadata=md))
+        inflight.append(stub.Put.future(rpc.PutRequest(key=k, value=v), 60, metadata=md))
         if len(inflight) >= 64:
             rev = max(rev, inflight.pop(0).result().header.revision)
     for f in inflight:

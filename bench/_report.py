@@ -22,6 +22,13 @@ BACKEND_LABEL = {
 OP_LABEL = {"get": "get(random key)", "list100": "list(prefix of 100)", "whole": "list(whole range)"}
 
 
+
+def _protobuf_implementations(versions: dict[str, Any]) -> str:
+    """" (upb; python-etcd3's processes: python (forced ...))" from a stamp that names them."""
+    mine = versions.get("protobuf implementation")
+    theirs = versions.get("protobuf implementation (python-etcd3's processes)")
+    return f" ({mine}; python-etcd3's processes: {theirs})" if mine else ""
+
 def _k(n: int) -> str:
     return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 1000 else str(n)
 
@@ -253,7 +260,7 @@ def targets_table(res: dict[str, Any]) -> str:
 def render_text(res: dict[str, Any]) -> str:
     parts = []
     st = res.get("stamp", {})
-    if st:
+    if st:  # (results from before the stamp named protobuf's implementation have no such key)
         v = st.get("versions", {})
         parts.append(f"# shmcache benchmarks, mode {res.get('mode')}, {st.get('when')}\n\n"
                      f"{st['machine']['cpu']}, {st['machine']['cores']} cores, "
@@ -262,7 +269,8 @@ def render_text(res: dict[str, Any]) -> str:
                      f"{', modified' if v.get('shmcache_dirty') else ''}); etcd {st.get('etcd')};"
                      f" redis-server {st.get('redis_server')}; python-etcd3 "
                      f"{v.get('etcd3 (python-etcd3)')}, redis-py {v.get('redis-py')}, "
-                     f"py-lmdb {v.get('lmdb (py-lmdb)')}, protobuf {v.get('protobuf')}")
+                     f"py-lmdb {v.get('lmdb (py-lmdb)')}, protobuf {v.get('protobuf')}"
+                     + _protobuf_implementations(v))
     fc = res.get("foreign_cpu_cores")
     if fc:
         parts.append("Other processes on this machine (not the benchmark) used on average "

@@ -7,6 +7,12 @@
 * ``memory_main``, ``coldstart_main``: fresh processes (their memory and start-up
   cost are what is measured).
 * ``shm_watch_main``, ``etcd_watch_main``: propagation-delay watchers.
+
+The direct-etcd and replica backends, ``etcd_watch_main`` and the ``etcd_receive*``
+workers measure python-etcd3, the client a user would pick instead: they import it
+through ``python_etcd3()``, so under protobuf>=4 those processes run the pure-Python
+protobuf (its generated modules load with nothing else); the writer, the loads and
+the parent keep the installed implementation (the results' stamp says which).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from _common import (
     group_prefix,
     grpc_options,
     key,
+    python_etcd3,
     range_all,
     sleep_until,
     stamp_of,
@@ -77,8 +84,7 @@ def _shmcache(p: dict[str, Any]) -> Backend:
 
 
 def _etcd_client(p: dict[str, Any]) -> Any:
-    import etcd3
-
+    etcd3 = python_etcd3()
     return etcd3.client(host=p["etcd_host"], port=p["etcd_port"], grpc_options=grpc_options())
 
 
@@ -381,7 +387,7 @@ def memory_main(kind: str, p: dict[str, Any], barrier: Any, out: Any) -> None:
     group measures after all have swept (PSS divides shared pages among them).
     """
     try:
-        import etcd3  # noqa: F401  both kinds pay the same imports
+        python_etcd3()  # both kinds pay the same imports
         import sortedcontainers  # noqa: F401
 
         import shmcache  # noqa: F401  (the baseline includes every import a reader pays)
@@ -448,7 +454,7 @@ def coldstart_main(kind: str, p: dict[str, Any], out: Any) -> None:
             res["reattach"] = summary(again)
             r.close()
         else:
-            import etcd3  # noqa: F401
+            python_etcd3()  # (timed: the import is part of a cold start)
             import psutil
             from sortedcontainers import SortedDict  # noqa: F401
 
@@ -490,7 +496,7 @@ def shm_watch_main(cache: str, prefix: bytes, stop: Any, ready: Any, out: Any) -
 
 def etcd_watch_main(host: str, port: int, prefix: bytes, stop: Any, ready: Any, out: Any) -> None:
     """The same with a direct python-etcd3 watch in the process."""
-    import etcd3
+    etcd3 = python_etcd3()
 
     got: list[tuple[int, int]] = []
     try:
@@ -512,7 +518,7 @@ def etcd_watch_main(host: str, port: int, prefix: bytes, stop: Any, ready: Any, 
 def etcd_receive_main(host: str, port: int, prefix: bytes, start_revision: int,
                       last_revision: int, out: Any) -> None:
     """python-etcd3 merely receiving a backlog of events (watch from a past revision)."""
-    import etcd3
+    etcd3 = python_etcd3()
 
     try:
         client = etcd3.client(host=host, port=port, grpc_options=grpc_options())
@@ -537,7 +543,7 @@ def etcd_receive_stopped_main(host: str, port: int, prefix: bytes, start_revisio
     when the parent stops this process (SIGSTOP), writes the backlog and continues it,
     so etcd serves both through the same slow-watcher path. Reports when it saw
     ``last.value`` (CLOCK_MONOTONIC is system-wide: the parent times from SIGCONT)."""
-    import etcd3
+    etcd3 = python_etcd3()
 
     try:
         client = etcd3.client(host=host, port=port, grpc_options=grpc_options())

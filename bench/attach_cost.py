@@ -126,9 +126,8 @@ def main() -> int:
     args = ap.parse_args()
     tree = os.path.abspath(args.tree)
 
-    from etcd3.etcdrpc import rpc_pb2
-
-    from bench._common import grpc_options, stamp, write_json
+    from bench._common import stamp, write_json
+    from shmcache.etcdapi import rpc
     from tests.etcdserver import EtcdServer
 
     result: dict[str, Any] = {"args": vars(args)}
@@ -145,19 +144,15 @@ def main() -> int:
              "--prefix", PREFIX.decode(), "--ring-size", args.ring_size,
              "--remove-on-exit"], env=env, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
         try:
-            import etcd3
-
-            host, port = server.endpoint.split("//")[-1].split(":")
-            client = etcd3.client(host=host, port=int(port), grpc_options=grpc_options())
+            client = server.api_client()
             wait_revision(tree, 1, 60)
             t0 = time.monotonic()
             rev = 0
             value = b"v" * 240
             for start in range(0, args.keys, 128):
-                ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key(i), value=value))
+                ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=key(i), value=value))
                        for i in range(start, min(start + 128, args.keys))]
-                resp = client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 30,
-                                         metadata=client.metadata)
+                resp = client.kv.Txn(rpc.TxnRequest(success=ops), 30, metadata=client.metadata)
                 rev = resp.header.revision
             wait_revision(tree, rev)
             result["load_seconds"] = time.monotonic() - t0
@@ -169,10 +164,10 @@ def main() -> int:
             big = b"b" * 1024
             n = int(args.burst_mib * 2**20 / (1024 + 30))
             for start in range(0, n, 64):
-                ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key(i), value=big))
+                ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=key(i), value=big))
                        for i in rng.sample(range(args.keys), min(64, n - start))]
-                rev = client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 30,
-                                        metadata=client.metadata).header.revision
+                rev = client.kv.Txn(rpc.TxnRequest(success=ops), 30,
+                                    metadata=client.metadata).header.revision
             wait_revision(tree, rev)
             result["after_burst"] = {"block": block_facts(tree),
                                      **attach_round(tree, args.processes, args.keys)}

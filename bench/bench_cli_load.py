@@ -4,7 +4,8 @@ Loads N keys under a prefix into etcd (Txn requests of 100 puts, pipelined),
 then puts random existing keys at a fixed rate (single-key puts, each its own
 revision and so one ring record; pipelined with gRPC futures, at most 64 in
 flight) until --seconds run out, Ctrl-C or SIGTERM, printing the rate achieved every
-5 s on stderr. Needs the writer extra (python-etcd3). ``shmcache bench``
+5 s on stderr. Needs the writer extra (grpcio, protobuf: it speaks etcd through
+shmcache.etcdapi, under either protobuf implementation). ``shmcache bench``
 itself never writes; this script is the write load beside it.
 
     python bench/bench_cli_load.py --endpoint http://127.0.0.1:2379 --prefix /bench-cli/ \\
@@ -22,18 +23,22 @@ import signal
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import VALUE_SIZE, key, load_etcd  # noqa: E402  (the same keys as bench/run.py)
+from _common import (  # noqa: E402  (the same keys as bench/run.py)
+    VALUE_SIZE,
+    etcd_client,
+    key,
+    load_etcd,
+)
 
 
 def write_load(client: Any, prefix: bytes, n: int, rate: float, seconds: float | None) -> None:
     """Single-key puts to random existing keys at ``rate``/s; reports the rate achieved."""
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
-    stub, md = client.kvstub, client.metadata
+    stub, md = client.kv, client.metadata
     rnd = random.Random(7)
     inflight: list[Any] = []
     t0 = last_t = time.monotonic()
@@ -46,7 +51,7 @@ def write_load(client: Any, prefix: bytes, n: int, rate: float, seconds: float |
                 time.sleep(min(due - now, 0.05))
             else:
                 value = (b"%020d|" % time.monotonic_ns()).ljust(VALUE_SIZE, b"s")
-                req = rpc_pb2.PutRequest(key=key(prefix, rnd.randrange(n)), value=value)
+                req = rpc.PutRequest(key=key(prefix, rnd.randrange(n)), value=value)
                 inflight.append(stub.Put.future(req, 30, metadata=md))
                 sent += 1
                 while len(inflight) >= 64 or (inflight and inflight[0].done()):
@@ -80,10 +85,9 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1000.0, help="puts/s; 0: load only")
     p.add_argument("--seconds", type=float, default=None, help="default: until Ctrl-C")
     args = p.parse_args()
-    import etcd3
+    from shmcache.etcdapi.dial import parse_endpoint
 
-    url = urlsplit(args.endpoint)
-    client = etcd3.client(host=url.hostname or "127.0.0.1", port=url.port or 2379)
+    client = etcd_client(*parse_endpoint(args.endpoint))
     prefix = args.prefix.encode()
     if not args.skip_load:
         t0 = time.monotonic()

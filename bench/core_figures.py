@@ -40,13 +40,13 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def load(client: Any, n: int, value_size: int = 256) -> None:
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
     val = b"v" * value_size
     for start in range(0, n, 100):
-        ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(
             key=PREFIX + b"key/%07d" % i, value=val)) for i in range(start, min(n, start + 100))]
-        client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 30, metadata=client.metadata)
+        client.kv.Txn(rpc.TxnRequest(success=ops), 30, metadata=client.metadata)
 
 
 def idle_watcher(name: str, q: Any) -> None:
@@ -85,7 +85,7 @@ def main() -> int:
     }
     name = f"bench-{os.getpid()}"
     with EtcdServer() as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         t0 = time.monotonic()
         load(client, args.keys)
         print(f"loaded {args.keys} keys in {time.monotonic() - t0:.1f}s (etcd {etcd.version})")
@@ -141,12 +141,11 @@ def main() -> int:
                   f"max {max(d):.2f} ms")
             # writer ingest: stop the writer, write a backlog, continue it, time the catch-up
             os.kill(w.pid, signal.SIGSTOP)
-            from etcd3.etcdrpc import rpc_pb2
+            from shmcache.etcdapi import rpc
 
             for i in range(args.events):
-                client.kvstub.Put(rpc_pb2.PutRequest(key=PREFIX + b"ingest/%d" % (i % 1000),
-                                                     value=b"x" * 256), 10,
-                                  metadata=client.metadata)
+                client.kv.Put(rpc.PutRequest(key=PREFIX + b"ingest/%d" % (i % 1000),
+                                             value=b"x" * 256), 10, metadata=client.metadata)
             last = put(client, PREFIX + b"ingest/last", b"1")
             base = r.revision
             t0 = time.monotonic()

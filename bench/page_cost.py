@@ -255,7 +255,7 @@ def main() -> int:
     readers: list[shmcache.Reader] = []
     with EtcdServer(extra_args=["--unsafe-no-fsync", "--quota-backend-bytes",
                                 str(8 << 30)]) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         try:
             caches: list[Cache] = []
             for n in sizes:

@@ -53,7 +53,7 @@ def main() -> int:
     nodes = n // 100
     rnd = random.Random(1)
     with EtcdServer(extra_args=["--unsafe-no-fsync"]) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         last = load(client, PREFIX, n, nodes)
         w = WriterProcess(NAME, etcd.endpoint, PREFIX, ring_size="64MiB",
                           extra=["--index", "node=json:/spec/nodeName", "--verify-interval", "0"])

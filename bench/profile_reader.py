@@ -52,7 +52,7 @@ def main() -> int:
     prefix = C.cache_prefix(n)
     out: dict[str, Any] = {"keys": n}
     with EtcdServer(extra_args=C.etcd_args()) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         C.load_etcd(client, prefix, n)
         client.close()
         w = WriterProcess(f"prof{os.getpid()}", etcd.endpoint, prefix, ring_size="64MiB")

@@ -75,7 +75,7 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     with EtcdServer(extra_args=C.etcd_args()) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         C.load_etcd(client, prefix, n)
         w = WriterProcess(f"profw{os.getpid()}", etcd.endpoint, prefix, ring_size="64MiB")
         w.start()

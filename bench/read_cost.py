@@ -67,7 +67,7 @@ def main() -> int:
             w = WriterProcess(f"bench-read-{n}", server.endpoint, PREFIX, ring_size="64MiB")
             env = None
             try:
-                client = server.client()
+                client = server.api_client()
                 load_etcd(client, PREFIX, n)
                 client.close()
                 w.start(wait=False)

@@ -84,7 +84,7 @@ def main() -> int:
             w = WriterProcess(f"bench-ab-{n}", server.endpoint, PREFIX, ring_size="64MiB")
             procs: dict[str, subprocess.Popen[str]] = {}
             try:
-                client = server.client()
+                client = server.api_client()
                 load_etcd(client, PREFIX, n)
                 client.close()
                 w.start(wait=False)

@@ -338,7 +338,7 @@ class Bench:
     def load_data(self, n: int) -> None:
         prefix = C.cache_prefix(n)
         self.step(f"{n // 1000}k keys: loading etcd")
-        client = self.etcd.client()
+        client = self.etcd.api_client()
         t0 = time.monotonic()
         C.load_etcd(client, prefix, n)
         client.close()
@@ -474,7 +474,7 @@ class Bench:
         from tests.helpers import etcd_current_revision
 
         t0 = time.monotonic()
-        client = self.etcd.client()
+        client = self.etcd.api_client()
         try:
             rev = etcd_current_revision(client)
         finally:
@@ -521,7 +521,7 @@ class Bench:
         self.settle(n)
         events = self.cfg["ingest_events"]
         r = shmcache.Reader(f"{self.run_id}-n{n}")
-        client = self.etcd.client()
+        client = self.etcd.api_client()
         from tests.helpers import etcd_current_revision
 
         base = etcd_current_revision(client)

@@ -81,9 +81,9 @@ class Load:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
-        from etcd3.etcdrpc import rpc_pb2
+        from shmcache.etcdapi import rpc
 
-        stub, md = self.client.kvstub, self.client.metadata
+        stub, md = self.client.kv, self.client.metadata
         per_tick = self.rate / 100
         owed = 0.0
         inflight: list[Any] = []
@@ -96,7 +96,7 @@ class Load:
                 seq += 1
                 sub = b"p%d/" % (seq % self.n)
                 key = PREFIX + sub + b"%05d" % self.rnd.randrange(10_000)
-                inflight.append(stub.Put.future(rpc_pb2.PutRequest(key=key, value=b"v" * 100),
+                inflight.append(stub.Put.future(rpc.PutRequest(key=key, value=b"v" * 100),
                                                 60, metadata=md))
             while inflight and inflight[0].done():
                 self.last = max(self.last, inflight.pop(0).result().header.revision)
@@ -164,7 +164,7 @@ def main() -> int:
     machine = stamp()
     rounds: list[dict[str, Any]] = []
     with EtcdServer(extra_args=["--unsafe-no-fsync"]) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         w = WriterProcess(NAME, etcd.endpoint, PREFIX, ring_size="64MiB")
         load = Load(client, args.rate, n, args.seed)
         try:

@@ -35,15 +35,15 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
     with EtcdServer(extra_args=["--unsafe-no-fsync", "--quota-backend-bytes", str(8 << 30)]) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         value = b"v" * 256
         for i in range(0, args.keys, 128):
-            ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+            ops = [rpc.RequestOp(request_put=rpc.PutRequest(
                 key=PREFIX + b"%08d" % j, value=value)) for j in range(i, min(args.keys, i + 128))]
-            client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 30, metadata=client.metadata)
+            client.kv.Txn(rpc.TxnRequest(success=ops), 30, metadata=client.metadata)
         w = WriterProcess("bench-verify", etcd.endpoint, PREFIX, ring_size="64MiB",
                           extra=["--verify-interval", "0"])
         try:

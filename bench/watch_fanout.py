@@ -199,15 +199,14 @@ class Writer:
 
 def _loader(client: Any, n: int, rate: int, seconds: float) -> int:
     """Put ``rate`` values/s for ``seconds``, round-robin over ``n`` sub-prefixes."""
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
     total = int(rate * seconds)
     t_next = time.perf_counter()
     for i in range(total):
         key = PREFIX + b"w%04d/k" % (i % n)
         value = b"%020d" % time.monotonic_ns()
-        client.kvstub.Put(rpc_pb2.PutRequest(key=key, value=value), 10,
-                          metadata=client.metadata)
+        client.kv.Put(rpc.PutRequest(key=key, value=value), 10, metadata=client.metadata)
         t_next += 1.0 / rate
         delay = t_next - time.perf_counter()
         if delay > 0:
@@ -269,7 +268,7 @@ def main() -> int:
         _child(args.child, args.n, args.name)
         return 0
 
-    from bench._common import grpc_options, stamp, write_json
+    from bench._common import stamp, write_json
     from tests.etcdserver import EtcdServer
 
     trees: list[tuple[str, str | None]] = [("this tree", None)]
@@ -283,10 +282,7 @@ def main() -> int:
         writers = [Writer(f"{NAME}-{i}", server.endpoint, tree)
                    for i, (_label, tree) in enumerate(trees)]
         try:
-            import etcd3
-
-            host, port = server.endpoint.split("//")[-1].split(":")
-            client = etcd3.client(host=host, port=int(port), grpc_options=grpc_options())
+            client = server.api_client()
             for rnd in range(args.rounds):
                 for (tree_label, tree), w in zip(trees, writers, strict=True):
                     for kind, n in cases:

@@ -8,7 +8,7 @@
 A throwaway etcd (``--unsafe-no-fsync``) holds --keys keys of 256-byte values
 under one prefix. A load of single-put revisions (updates of those keys, so
 every event carries a prev_kv) comes from --load-procs processes, each with
-up to 64 puts in flight over python-etcd3's gRPC stubs, as fast as etcd takes
+up to 64 puts in flight over shmcache.etcdapi's gRPC stubs, as fast as etcd takes
 them (--rate caps the total), or, with ``--load checkperf:l``, from
 ``etcdctl check perf --load l`` (new keys, no prev_kv) stopped before its
 final delete.
@@ -22,7 +22,10 @@ rotates every round), each with the same load:
   commits before and after a change; build the C speedups there first,
   ``python setup.py build_ext --inplace``);
 * ``python-etcd3 watch``: python-etcd3's own watch (``add_watch_prefix_callback``
-  with ``prev_kv=True``), whose callback only stores the last revision;
+  with ``prev_kv=True``), whose callback only stores the last revision; under
+  protobuf>=4 its process runs the pure-Python protobuf (python-etcd3's generated
+  modules load with nothing else: ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python``
+  in that child's environment only; the results' stamp says so);
 * ``etcdctl watch``: ``etcdctl watch --prefix --prev-kv -w json``, its output
   read by this process;
 * with ``--stream-tree DIR``, ``shmcache watch stream alone``: the writer's watch
@@ -102,15 +105,14 @@ def put_load(host: str, port: int, prefix: bytes, n_keys: int, rate: float, seed
     """Process: single-key puts to existing keys, up to 64 in flight, from ``go`` to ``stop``."""
     import random
 
-    import etcd3
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
-    client = etcd3.client(host=host, port=port)
-    stub, md = client.kvstub, client.metadata
+    client = C.etcd_client(host, port)
+    stub, md = client.kv, client.metadata
     rnd = random.Random(seed)
     value = b"x" * C.VALUE_SIZE
     keys = [C.key(prefix, i) for i in range(n_keys)]
-    reqs = [rpc_pb2.PutRequest(key=keys[rnd.randrange(n_keys)], value=value)
+    reqs = [rpc.PutRequest(key=keys[rnd.randrange(n_keys)], value=value)
             for _ in range(4096)]
     out.put(("ready", os.getpid()))
     go.wait()
@@ -190,7 +192,9 @@ class Load:
     def cleanup(self, client: Any) -> None:
         """After the window (no consumer runs): drop the keys check perf created."""
         if self.kind.startswith("checkperf"):
-            client.delete_prefix(self.cp_prefix)
+            from tests.helpers import delete
+
+            delete(client, self.cp_prefix, prefix=True)
 
 
 # -- consumers ----------------------------------------------------------------------------
@@ -215,8 +219,7 @@ def child_main(kind: str, port: int, start: int, path: str) -> None:
             if resp[5]:
                 pack("<QQ", m, 0, resp[5][-1][4], n)
         os._exit(3)
-    import etcd3
-
+    etcd3 = C.python_etcd3()
     # Blocked before python-etcd3 starts its threads, then taken with sigwait below.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     client = etcd3.client(host="127.0.0.1", port=port,
@@ -654,7 +657,7 @@ def main() -> int:
 
     etcdctl = shutil.which("etcdctl") or os.path.join(os.path.dirname(sys.executable), "etcdctl")
     with EtcdServer(extra_args=C.etcd_args()) as etcd:
-        client = etcd.client()
+        client = etcd.api_client()
         C.load_etcd(client, PREFIX, args.keys)
         if args.profile:
             profile(args, etcd, client, etcdctl)

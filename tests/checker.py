@@ -128,11 +128,10 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     an answer is held against the cluster it came from.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import etcd3
+    from tests.etcdserver import ApiClient
 
     rnd = random.Random(seed * 1000 + idx)
-    host, port = endpoint.rsplit(":", 1)
-    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
+    client = ApiClient.to(endpoint)
     counts = {"events": 0, "lists": 0, "gets": 0, "past": 0, "syncs": 0, "explicit": 0,
               "indexed": 0, "paged": 0, "corrupt": 0}
     problems: list[str] = []
@@ -435,11 +434,8 @@ def run(seconds: float, seed: int, readers: int = 3, ring_size: str = "256KiB",
                 elif kind == "compact_while_down":
                     writer.kill()
                     time.sleep(0.5)
-                    c = clusters.client()
-                    try:
-                        c.compact(etcd_current_revision(c), physical=True)
-                    finally:
-                        c.close()
+                    with clusters.client() as c:
+                        clusters.live.compact(etcd_current_revision(c))
                     start_writer()
                 elif kind == "reader_killed":
                     v = ctx.Process(target=victim_reader, args=(name,))

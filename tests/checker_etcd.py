@@ -94,15 +94,12 @@ def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
 
 def cluster_id(server: EtcdServer) -> int:
     """The id of the etcd cluster ``server`` belongs to (from a response header)."""
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
-    client = server.client()
-    try:
-        resp = client.maintenancestub.Status(rpc_pb2.StatusRequest(), 10,
-                                             metadata=client.metadata)
+    with server.api_client() as client:
+        resp = client.stub("Maintenance").Status(rpc.StatusRequest(), 10,
+                                                 metadata=client.metadata)
         return int(resp.header.cluster_id)
-    finally:
-        client.close()
 
 
 class Clusters:
@@ -135,8 +132,8 @@ class Clusters:
             self._standby.close()
 
     def client(self) -> Any:
-        """A client of the live cluster."""
-        return self.live.client()
+        """A client of the live cluster (``ApiClient``)."""
+        return self.live.api_client()
 
     def swap(self, name: str, prefix: bytes, writer_log: str, limit: float,
              rnd: random.Random) -> tuple[dict[str, int], list[str]]:
@@ -195,7 +192,7 @@ class Clusters:
     def _standby_ahead(self, rnd: random.Random) -> EtcdServer:
         """The other cluster, running at its own address, seeded with data of its own and
         written ahead of the live cluster's revision."""
-        from etcd3.etcdrpc import rpc_pb2
+        from shmcache.etcdapi import rpc
 
         fresh = self._standby is None
         if self._standby is None:
@@ -206,19 +203,19 @@ class Clusters:
         standby = self._standby
         # Ahead of the live revision by more than the workload writes before the swap.
         target = _revision(self.live) + rnd.randrange(300, 600)
-        client = standby.client()
+        client = standby.api_client()
         try:
             keys = KEYS if fresh else rnd.sample(KEYS, 5)
-            puts = [rpc_pb2.PutRequest(key=k, value=b"other cluster %d" % rnd.randrange(1000))
+            puts = [rpc.PutRequest(key=k, value=b"other cluster %d" % rnd.randrange(1000))
                     for k in keys]
-            filler = rpc_pb2.PutRequest(key=b"/chk-filler", value=b"")  # (outside the prefix)
+            filler = rpc.PutRequest(key=b"/chk-filler", value=b"")  # (outside the prefix)
             while True:
                 need = target - _revision(standby) - len(puts)
                 if need <= 0 and not puts:
                     break
                 batch = puts + [filler] * max(0, min(need, 500))
                 puts = []
-                for fut in [client.kvstub.Put.future(p, 10) for p in batch]:
+                for fut in [client.kv.Put.future(p, 10, metadata=client.metadata) for p in batch]:
                     fut.result()
         finally:
             client.close()
@@ -228,7 +225,7 @@ class Clusters:
 def _revision(server: EtcdServer) -> int:
     from tests.helpers import etcd_current_revision
 
-    client = server.client()
+    client = server.api_client()
     try:
         return etcd_current_revision(client)
     finally:
@@ -260,7 +257,7 @@ def _equals_live(name: str, prefix: bytes, server: EtcdServer, cid: int,
                 raise StepOverrun(f"the cache was not loaded from cluster {cid:x} "
                                   f"{limit:.0f}s after the swap")
             time.sleep(0.05)
-        client = server.client()
+        client = server.api_client()
         try:
             if not r.wait(etcd_current_revision(client), timeout=limit):
                 raise StepOverrun(f"the cache stayed at {r.revision} after the swap")
@@ -281,7 +278,7 @@ def _events_of(server: EtcdServer, prefix: bytes, since: int,
     history: each its event, none from the new cluster."""
     from tests.helpers import etcd_range
 
-    client = server.client()
+    client = server.api_client()
     try:
         at_start = etcd_range(client, prefix, since)
         want = etcd_events(server.endpoint, prefix, since, events[-1].revision)

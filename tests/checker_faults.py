@@ -286,13 +286,11 @@ def close_under_reads(name: str, endpoint: str, prefix: bytes, how: str, seed: i
     (``how="thread"``) or by SIGALRM's handler in the main thread (``how="signal"``) while
     they read. Puts ``("close", counts, problems)`` on ``results``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import etcd3
-
+    from tests.etcdserver import ApiClient
     from tests.helpers import etcd_range
 
     rnd = random.Random(seed)
-    host, port = endpoint.rsplit(":", 1)
-    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=5)
+    client = ApiClient.to(endpoint)
     counts = {"closed": 0, "explicit": 0, "lists": 0}
     problems: list[str] = []
     lists: list[tuple[int, list[Any]]] = []

@@ -29,45 +29,49 @@ def _value(rnd: random.Random) -> bytes:
 def workload(endpoint: str, seed: int, stop: Any, counter: Any) -> None:
     """Random writes under PREFIX until ``stop`` is set; survives etcd restarts."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import etcd3
-    from etcd3.etcdrpc import rpc_pb2
-
+    from shmcache.etcdapi import rpc
     from shmcache.format import layout
+    from tests.etcdserver import ApiClient
 
     rnd = random.Random(seed)
-    host, port = endpoint.rsplit(":", 1)
-    client = etcd3.client(host=host.split("//")[-1], port=int(port), timeout=2)
+    client = ApiClient.to(endpoint)
+    kv, lease_stub = client.kv, client.stub("Lease")
+
+    def lease(ttl: int) -> int:
+        return int(lease_stub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl), 2).ID)
+
     while not stop.is_set():
         try:
             op = rnd.random()
             key = rnd.choice(KEYS)
             if op < 0.55:
-                client.kvstub.Put(rpc_pb2.PutRequest(key=key, value=_value(rnd)), 2)
+                kv.Put(rpc.PutRequest(key=key, value=_value(rnd)), 2)
             elif op < 0.7:
-                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(key=key), 2)
+                kv.DeleteRange(rpc.DeleteRangeRequest(key=key), 2)
             elif op < 0.74:
                 sub = PREFIX + b"sub/"
-                client.kvstub.DeleteRange(rpc_pb2.DeleteRangeRequest(
+                kv.DeleteRange(rpc.DeleteRangeRequest(
                     key=sub, range_end=layout.prefix_range_end(sub)), 2)
             elif op < 0.9:
                 ops = []
                 for k in rnd.sample(KEYS, rnd.randrange(2, 8)):
                     if rnd.random() < 0.7:
-                        ops.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+                        ops.append(rpc.RequestOp(request_put=rpc.PutRequest(
                             key=k, value=_value(rnd))))
                     else:
-                        ops.append(rpc_pb2.RequestOp(
-                            request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)))
-                client.kvstub.Txn(rpc_pb2.TxnRequest(success=ops), 2)
+                        ops.append(rpc.RequestOp(
+                            request_delete_range=rpc.DeleteRangeRequest(key=k)))
+                kv.Txn(rpc.TxnRequest(success=ops), 2)
             elif op < 0.96:
-                lease = client.lease(rnd.choice([1, 2]))  # expires by itself
+                lease_id = lease(rnd.choice([1, 2]))  # expires by itself
                 for k in rnd.sample(KEYS, 2):
-                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"leased", lease=lease.id), 2)
+                    kv.Put(rpc.PutRequest(key=k, value=b"leased", lease=lease_id), 2)
             else:
-                lease = client.lease(30)
+                lease_id = lease(30)
                 for k in rnd.sample(KEYS, 3):
-                    client.kvstub.Put(rpc_pb2.PutRequest(key=k, value=b"revoked", lease=lease.id), 2)
-                lease.revoke()  # all its keys deleted in one revision
+                    kv.Put(rpc.PutRequest(key=k, value=b"revoked", lease=lease_id), 2)
+                # all its keys deleted in one revision
+                lease_stub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), 2)
             counter.value += 1
         except Exception:
             time.sleep(0.2)  # etcd down for a moment: a fault being injected

@@ -6,13 +6,15 @@ shmcache/cli/demo_etcd.py, whose ``find_etcd_binary`` and ``free_port`` this use
 ``EtcdServer`` is one member (optionally with TLS and authentication);
 ``EtcdCluster`` is several members forming one cluster, for failover tests;
 ``generate_tls_files`` makes a CA and server/client certificates for them.
+``ApiClient`` speaks etcd's API through shmcache.etcdapi (the harness's admin
+calls, the test helpers, the benchmarks); ``client()`` hands out python-etcd3
+clients for tests that use it as a third-party client.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -32,8 +34,9 @@ from typing import Any, Self
 import psutil
 
 from shmcache.cli.demo_etcd import etcd_env, find_etcd_binary, free_port
+from tests.python_etcd3 import import_python_etcd3
 
-__all__ = ["EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
+__all__ = ["ApiClient", "EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
            "generate_tls_files"]
 
 _HOST = "127.0.0.1"
@@ -130,11 +133,59 @@ def generate_tls_files(directory: str | os.PathLike[str], client_cn: str = "root
     )
 
 
-def _protobuf_major() -> int:
-    try:
-        return int(importlib.metadata.version("protobuf").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return 0
+class ApiClient:
+    """etcd's v3 API on one gRPC channel through ``shmcache.etcdapi``: the harness's own
+    client for admin calls, test helpers and benchmarks.
+
+    ``kv`` is the KV stub and ``stub(service)`` makes the others; pass ``metadata``
+    (etcd's auth token, or None) with every call. The messages are
+    ``shmcache.etcdapi.rpc``'s: python-etcd3's are other classes, never to be passed
+    to these stubs nor these messages to python-etcd3's. With TLS the channel is
+    secure (``tls``'s CA and client certificate); with ``credentials`` it logs in
+    once (tokens expire after etcd's ``--auth-token-ttl`` unused). It works under
+    either protobuf implementation and forces neither. Calls may come from any
+    thread (grpcio channels are thread-safe); the caller closes it.
+    """
+
+    def __init__(self, host: str, port: int, *, tls: TLSFiles | None = None,
+                 credentials: tuple[str, str] | None = None, timeout: float = 10.0) -> None:
+        from shmcache.etcdapi import Stub
+        from shmcache.etcdapi.dial import authenticate, open_channel
+
+        self.channel = open_channel(
+            host, port, ca_cert=tls.ca if tls is not None else None,
+            cert_key=tls.client_key if tls is not None else None,
+            cert_cert=tls.client_cert if tls is not None else None)
+        self.metadata: tuple[tuple[str, str], ...] | None = None
+        try:
+            if credentials is not None:
+                self.metadata = authenticate(self.channel, *credentials, timeout=timeout)
+        except BaseException:
+            self.channel.close()
+            raise
+        self.kv = Stub(self.channel, "KV")
+
+    @classmethod
+    def to(cls, endpoint: str, **kw: Any) -> ApiClient:
+        """A client of ``endpoint`` (``http://h:p``, ``https://h:p`` or ``h:p``)."""
+        from shmcache.etcdapi.dial import parse_endpoint
+
+        return cls(*parse_endpoint(endpoint), **kw)
+
+    def stub(self, service: str) -> Any:
+        """The stub of another etcd service on this channel (``"Lease"``, ``"Auth"`` ...)."""
+        from shmcache.etcdapi import Stub
+
+        return Stub(self.channel, service)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # Servers that may own a process or a temp dir; strong references so that a
@@ -407,6 +458,9 @@ class EtcdServer:
         Note that python-etcd3's own methods (``client.put`` ...) send the token as
         call credentials, which gRPC refuses on a channel without TLS: with
         authentication but no TLS, call the stubs with ``metadata=client.metadata``.
+        Under protobuf>=4 it makes this process use the pure-Python protobuf
+        (tests/python_etcd3.py): where python-etcd3 is not the point, use
+        ``api_client()``.
         """
         if self.tls is not None:
             kw.setdefault("ca_cert", self.tls.ca)
@@ -414,48 +468,39 @@ class EtcdServer:
             kw.setdefault("cert_key", self.tls.client_key)
         if self.credentials is not None and "user" not in kw:
             kw["user"], kw["password"] = self.credentials
-        if _protobuf_major() >= 4:
-            # etcd3 0.12's generated modules only load with the pure-Python
-            # implementation under protobuf>=4; forcing it under 3.x would
-            # needlessly give up a C++ build where one is installed.
-            os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-        import etcd3  # imported lazily: readers must not need grpc/protobuf
+        return import_python_etcd3().client(host=self.host, port=self.port, **kw)
 
-        return etcd3.client(host=self.host, port=self.port, **kw)
+    def api_client(self) -> ApiClient:
+        """Return a new ``ApiClient`` (shmcache.etcdapi) connected to this server, with
+        its TLS files and, after ``enable_auth()``, the root credentials; the caller
+        closes it. Unlike ``client()`` it leaves the protobuf implementation alone."""
+        return ApiClient(self.host, self.port, tls=self.tls, credentials=self.credentials)
 
     def compact(self, revision: int) -> None:
         """Compact the key-value history up to ``revision`` (physically, i.e. waiting for it)."""
-        from etcd3.etcdrpc import rpc_pb2
+        from shmcache.etcdapi import rpc
 
-        client = self.client()
-        try:
-            # The stub with metadata rather than client.compact(): see client().
-            client.kvstub.Compact(rpc_pb2.CompactionRequest(revision=revision, physical=True),
-                                  30, metadata=client.metadata)
-        finally:
-            client.close()
+        with self.api_client() as client:
+            client.kv.Compact(rpc.CompactionRequest(revision=revision, physical=True), 30,
+                              metadata=client.metadata)
 
     def enable_auth(self, root_password: str = "root") -> None:
         """Create the ``root`` user and role and turn authentication on.
 
-        From then on ``client()`` authenticates as root. Authentication stays on
-        across restarts (it is stored in the data dir).
+        From then on ``client()`` and ``api_client()`` authenticate as root.
+        Authentication stays on across restarts (it is stored in the data dir).
         """
-        from etcd3.etcdrpc import rpc_pb2
+        from shmcache.etcdapi import rpc
 
-        client = self.client()
-        try:
-            stub = _auth_stub(client)
-            md = client.metadata
+        with self.api_client() as client:
+            stub, md = client.stub("Auth"), client.metadata
             with contextlib.suppress(Exception):  # etcd >= 3.5 may know the root role already
-                stub.RoleAdd(rpc_pb2.AuthRoleAddRequest(name="root"), 10, metadata=md)
-            stub.UserAdd(rpc_pb2.AuthUserAddRequest(name="root", password=root_password), 10,
+                stub.RoleAdd(rpc.AuthRoleAddRequest(name="root"), 10, metadata=md)
+            stub.UserAdd(rpc.AuthUserAddRequest(name="root", password=root_password), 10,
                          metadata=md)
-            stub.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), 10,
+            stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"), 10,
                                metadata=md)
-            stub.AuthEnable(rpc_pb2.AuthEnableRequest(), 10, metadata=md)
-        finally:
-            client.close()
+            stub.AuthEnable(rpc.AuthEnableRequest(), 10, metadata=md)
         self.credentials = ("root", root_password)
 
     def add_user(self, user: str, password: str, read_prefix: bytes) -> None:
@@ -464,25 +509,19 @@ class EtcdServer:
         With ``client_cert_auth`` a client certificate whose common name is
         ``user`` authenticates as that user too (etcd ignores the password then).
         """
-        from etcd3.etcdrpc import auth_pb2, rpc_pb2
+        from shmcache.etcdapi import auth, rpc
 
         end = _prefix_end(read_prefix)
-        client = self.client()
-        try:
-            stub = _auth_stub(client)
-            md = client.metadata
+        with self.api_client() as client:
+            stub, md = client.stub("Auth"), client.metadata
             role = f"{user}-read"
-            stub.RoleAdd(rpc_pb2.AuthRoleAddRequest(name=role), 10, metadata=md)
-            perm = auth_pb2.Permission(permType=auth_pb2.Permission.READ, key=read_prefix,
-                                       range_end=end)
-            stub.RoleGrantPermission(rpc_pb2.AuthRoleGrantPermissionRequest(name=role, perm=perm),
+            stub.RoleAdd(rpc.AuthRoleAddRequest(name=role), 10, metadata=md)
+            perm = auth.Permission(permType=auth.Permission.READ, key=read_prefix, range_end=end)
+            stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=role, perm=perm),
                                      10, metadata=md)
-            stub.UserAdd(rpc_pb2.AuthUserAddRequest(name=user, password=password), 10,
-                         metadata=md)
-            stub.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user=user, role=role), 10,
+            stub.UserAdd(rpc.AuthUserAddRequest(name=user, password=password), 10, metadata=md)
+            stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=role), 10,
                                metadata=md)
-        finally:
-            client.close()
 
     # -- internals ----------------------------------------------------------
 
@@ -645,12 +684,6 @@ class EtcdServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _auth_stub(client: Any) -> Any:
-    from etcd3 import etcdrpc
-
-    return etcdrpc.AuthStub(client.channel)
-
-
 def _prefix_end(prefix: bytes) -> bytes:
     """The range end covering every key that starts with ``prefix`` (etcd's convention)."""
     b = bytearray(prefix)
@@ -737,6 +770,13 @@ class EtcdCluster:
         for m in self.members:
             if m.running and not m.paused:
                 return m.client(**kw)
+        raise RuntimeError("no etcd member is running")
+
+    def api_client(self) -> ApiClient:
+        """An ``ApiClient`` to the first running member; the caller closes it."""
+        for m in self.members:
+            if m.running and not m.paused:
+                return m.api_client()
         raise RuntimeError("no etcd member is running")
 
     def close(self) -> None:

@@ -123,33 +123,44 @@ def writer_fixture(**settings: Any) -> Any:
     return cache
 
 
-def etcd_range(client: Any, prefix: bytes, revision: int = 0) -> list[KeyValue]:
-    """etcd's own answer for a prefix at an exact revision."""
-    from etcd3.etcdrpc import rpc_pb2
+def kv_stub(client: Any) -> Any:
+    """The ``shmcache.etcdapi`` KV stub for ``client``: an ``ApiClient``'s own, or one on a
+    python-etcd3 client's channel. The helpers below build etcdapi messages, which
+    python-etcd3's own ``kvstub`` must never be handed (they are other classes);
+    either client's ``metadata`` carries its auth token."""
+    from shmcache.etcdapi import Stub
+    from tests.etcdserver import ApiClient
 
-    req = rpc_pb2.RangeRequest(key=prefix, range_end=layout.prefix_range_end(prefix),
-                               revision=revision)
-    resp = client.kvstub.Range(req, 10, metadata=client.metadata)
-    return [KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
-            for kv in resp.kvs]
+    return client.kv if isinstance(client, ApiClient) else Stub(client.channel, "KV")
 
 
-def etcd_get(client: Any, key: bytes, revision: int = 0) -> KeyValue | None:
-    from etcd3.etcdrpc import rpc_pb2
-
-    resp = client.kvstub.Range(rpc_pb2.RangeRequest(key=key, revision=revision), 10,
-                               metadata=client.metadata)
-    if not resp.kvs:
-        return None
-    kv = resp.kvs[0]
+def _kv(kv: Any) -> KeyValue:
     return KeyValue(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
-def etcd_current_revision(client: Any) -> int:
-    from etcd3.etcdrpc import rpc_pb2
+def etcd_range(client: Any, prefix: bytes, revision: int = 0) -> list[KeyValue]:
+    """etcd's own answer for a prefix at an exact revision (``client``: see ``kv_stub``)."""
+    from shmcache.etcdapi import rpc
 
-    resp = client.kvstub.Range(rpc_pb2.RangeRequest(key=b"\0", count_only=True), 10,
-                               metadata=client.metadata)
+    req = rpc.RangeRequest(key=prefix, range_end=layout.prefix_range_end(prefix),
+                           revision=revision)
+    resp = kv_stub(client).Range(req, 10, metadata=client.metadata)
+    return [_kv(kv) for kv in resp.kvs]
+
+
+def etcd_get(client: Any, key: bytes, revision: int = 0) -> KeyValue | None:
+    from shmcache.etcdapi import rpc
+
+    resp = kv_stub(client).Range(rpc.RangeRequest(key=key, revision=revision), 10,
+                                 metadata=client.metadata)
+    return _kv(resp.kvs[0]) if resp.kvs else None
+
+
+def etcd_current_revision(client: Any) -> int:
+    from shmcache.etcdapi import rpc
+
+    resp = kv_stub(client).Range(rpc.RangeRequest(key=b"\0", count_only=True), 10,
+                                 metadata=client.metadata)
     return int(resp.header.revision)
 
 
@@ -213,35 +224,37 @@ def drain(w: shmcache.Watch, until_revision: int, timeout: float = 15.0) -> list
 
 
 def put(client: Any, key: bytes | str, value: bytes | str, lease: Any = None) -> int:
-    """etcd put; returns the revision it created."""
-    from etcd3.etcdrpc import rpc_pb2
+    """etcd put; returns the revision it created. ``lease``: a lease id or an object
+    with one (python-etcd3's ``Lease``)."""
+    from shmcache.etcdapi import rpc
 
     k = key.encode() if isinstance(key, str) else key
     v = value.encode() if isinstance(value, str) else value
-    req = rpc_pb2.PutRequest(key=k, value=v, lease=lease.id if lease is not None else 0)
-    return int(client.kvstub.Put(req, 10, metadata=client.metadata).header.revision)
+    lease_id = getattr(lease, "id", lease) or 0
+    req = rpc.PutRequest(key=k, value=v, lease=lease_id)
+    return int(kv_stub(client).Put(req, 10, metadata=client.metadata).header.revision)
 
 
 def delete(client: Any, key: bytes | str, prefix: bool = False) -> int:
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
     k = key.encode() if isinstance(key, str) else key
-    req = rpc_pb2.DeleteRangeRequest(key=k, range_end=layout.prefix_range_end(k) if prefix else b"")
-    return int(client.kvstub.DeleteRange(req, 10, metadata=client.metadata).header.revision)
+    req = rpc.DeleteRangeRequest(key=k, range_end=layout.prefix_range_end(k) if prefix else b"")
+    return int(kv_stub(client).DeleteRange(req, 10, metadata=client.metadata).header.revision)
 
 
 def txn(client: Any, ops: list[tuple[str, bytes, bytes]]) -> int:
     """A multi-op transaction of ("put", key, value) / ("delete", key, b"") ops; its revision."""
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
 
     reqs = []
     for op, k, v in ops:
         if op == "put":
-            reqs.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=k, value=v)))
+            reqs.append(rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)))
         else:
-            reqs.append(rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=k)))
-    resp = client.kvstub.Txn(rpc_pb2.TxnRequest(compare=[], success=reqs, failure=[]), 10,
-                             metadata=client.metadata)
+            reqs.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k)))
+    resp = kv_stub(client).Txn(rpc.TxnRequest(compare=[], success=reqs, failure=[]), 10,
+                               metadata=client.metadata)
     assert resp.succeeded
     return int(resp.header.revision)
 

@@ -31,3 +31,16 @@ def test_demo_runs_and_cleans_up() -> None:
                  if "demo-" in " ".join(p.info["cmdline"] or []) and "serve" in
                  " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
+
+
+def test_demo_speaks_etcd_through_etcdapi_alone() -> None:
+    """The demo's own etcd client is shmcache.etcdapi's: python-etcd3 (whose generated
+    modules need protobuf<4 or the pure-Python protobuf) is never imported."""
+    code = ("import sys\n"
+            "from shmcache.cli.demo import run_demo\n"
+            "rc = run_demo(duration=2, readers=1, keys=500)\n"
+            "assert 'etcd3' not in sys.modules, 'the demo imported python-etcd3'\n"
+            "sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "loaded 500 keys" in out.stdout and "0 shared-memory segments left" in out.stdout

@@ -14,11 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 
 from tests import etcdserver as _etcdserver
 from tests.etcdserver import EtcdServer, find_etcd_binary, free_port
+from tests.helpers import etcd_current_revision, etcd_get, put
+from tests.python_etcd3 import protobuf_major
 
 
 def _refused(port: int) -> bool:
@@ -146,18 +149,63 @@ def test_stop_while_paused_is_prompt(etcd_server: EtcdServer) -> None:
 
 
 def test_compact(etcd_server: EtcdServer) -> None:
-    with etcd_server.client() as client:
-        client.put(b"/k", b"a")
-        rev = client.get(b"/k")[1].mod_revision
-        client.put(b"/k", b"b")
-        etcd_server.compact(rev + 1)
+    from shmcache.etcdapi import rpc
+
+    with etcd_server.api_client() as client:
+        a = put(client, b"/k", b"a")
+        put(client, b"/k", b"b")
+        etcd_server.compact(a + 1)
         # Reading below the compaction point must now be refused by the server.
-        # etcd3 0.12's get() cannot read at a revision, so build the request here.
-        request = client._build_get_range_request(b"/k")
-        request.revision = rev
-        with pytest.raises(Exception, match="compacted"):
-            client.kvstub.Range(request, client.timeout, metadata=client.metadata)
-        assert client.get(b"/k")[0] == b"b"
+        with pytest.raises(grpc.RpcError, match="compacted"):
+            client.kv.Range(rpc.RangeRequest(key=b"/k", revision=a), 10,
+                            metadata=client.metadata)
+        got = etcd_get(client, b"/k")
+        assert got is not None and got.value == b"b"
+
+
+def test_api_client_leaves_the_protobuf_implementation_alone(
+        etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """api_client() (unlike client()) sets no PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION, which
+    children such as a benchmark's writer would inherit; a python-etcd3 client and an
+    ApiClient read each other's writes through the same helpers."""
+    monkeypatch.delenv("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", raising=False)
+    with etcd_server.api_client() as client:
+        rev = put(client, "/api", "v1")
+        assert client.metadata is None
+        assert etcd_current_revision(client) == rev
+    assert "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" not in os.environ
+    with etcd_server.client() as third_party:
+        assert third_party.get(b"/api")[0] == b"v1"
+        put(third_party, "/api", "v2")
+    with _etcdserver.ApiClient.to(etcd_server.endpoint) as client:
+        got = etcd_get(client, b"/api")
+    assert got is not None and got.value == b"v2" and got.mod_revision == rev + 1
+
+
+def test_tls_auth_and_a_read_only_user(tmp_path: Path) -> None:
+    """enable_auth and add_user (etcd's Auth service through etcdapi) on a server with TLS:
+    root may write, the new user reads only under its prefix, a wrong password is refused."""
+    tls = _etcdserver.generate_tls_files(tmp_path / "pki")
+    with EtcdServer(data_dir=tmp_path / "d", tls=tls) as server:
+        server.enable_auth("root-pw")
+        assert server.credentials == ("root", "root-pw")
+        server.add_user("reader", "s3cret", read_prefix=b"/ro/")
+        with server.api_client() as root:
+            assert root.metadata is not None
+            rev = put(root, b"/ro/k", b"v")
+            put(root, b"/other", b"x")
+        with _etcdserver.ApiClient(server.host, server.port, tls=tls,
+                                   credentials=("reader", "s3cret")) as reader:
+            got = etcd_get(reader, b"/ro/k")
+            assert got is not None and (got.value, got.mod_revision) == (b"v", rev)
+            for denied in (lambda: etcd_get(reader, b"/other"), lambda: put(reader, b"/ro/k", b"w")):
+                with pytest.raises(grpc.RpcError) as info:
+                    denied()
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:
+            _etcdserver.ApiClient(server.host, server.port, tls=tls,
+                                  credentials=("reader", "wrong"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_close_removes_temp_dir_and_process() -> None:
@@ -246,3 +294,33 @@ def test_callers_etcd_environment_is_ignored(
     with EtcdServer(data_dir=tmp_path / "d") as server, server.client() as client:
         client.put(b"/k", b"v")
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.skipif(protobuf_major() < 4,
+                    reason="protobuf 3.x: python-etcd3 loads under either implementation")
+def test_python_etcd3_gets_the_pure_python_protobuf_in_its_own_process_only() -> None:
+    """Under protobuf>=4, import_python_etcd3 switches a fresh process to the pure-Python
+    protobuf (python-etcd3's generated modules load with nothing else); in a process that
+    has loaded protobuf's C (upb) implementation already it refuses in one clear line
+    instead of protobuf's "Descriptors cannot be created directly"."""
+    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
+    root = Path(__file__).parents[1]
+    fresh = ("from tests.python_etcd3 import import_python_etcd3\n"
+             "etcd3 = import_python_etcd3()\n"
+             "from google.protobuf.internal import api_implementation\n"
+             "print(api_implementation.Type(), etcd3.etcdrpc.RangeRequest(key=b'k').key)\n")
+    out = subprocess.run([sys.executable, "-c", fresh], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["python", "b'k'"]
+    late = ("from shmcache.etcdapi import rpc\n"
+            "from google.protobuf.internal import api_implementation\n"
+            "if api_implementation.Type() == 'python': raise SystemExit(3)\n"
+            "from tests.python_etcd3 import import_python_etcd3\n"
+            "import_python_etcd3()\n")
+    out = subprocess.run([sys.executable, "-c", late], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode == 3:
+        pytest.skip("this protobuf has no C implementation")
+    assert out.returncode == 1 and "RuntimeError: python-etcd3 needs the pure-Python protobuf" \
+        in out.stderr, out.stderr

@@ -50,14 +50,9 @@ def _watcher_proc(name: str, stop: Any, delays: Any) -> None:
 
 
 def _load(client: Any, keys: int) -> None:
-    ops = []
-    for i in range(keys):
-        ops.append(client.transactions.put(f"{PREFIX}key/{i:06d}", os.urandom(48).hex()))
-        if len(ops) == 100:
-            client.transaction(compare=[], success=ops, failure=[])
-            ops = []
-    if ops:
-        client.transaction(compare=[], success=ops, failure=[])
+    for start in range(0, keys, 100):
+        client.put_all([(f"{PREFIX}key/{i:06d}", os.urandom(48).hex())
+                        for i in range(start, min(keys, start + 100))])
 
 
 def _stop_children(stop: Any, procs: list[Any], writer: Any) -> None:
@@ -144,7 +139,7 @@ def run_demo(duration: float | None = None, readers: int = 3, keys: int = 10_000
                 del delays[:]
                 prop = (f"{statistics.median(d) * 1e3:.2f}/{max(d) * 1e3:.2f} ms" if d else "-")
                 st = main_reader.status()
-                lag = max(0, client.get_response(f"{PREFIX}clock").header.revision - st.revision)
+                lag = max(0, client.revision() - st.revision)
                 print(f"  {now - start:4.0f}  {' '.join(f'{x:>10,.0f}' for x in rates):<34} "
                       f"{prop:>20}  {lag:>6} rev  {st.revision:>8}", flush=True)
                 if any(not p.is_alive() for p in procs) or writer.poll() is not None:

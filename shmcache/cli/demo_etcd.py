@@ -2,8 +2,9 @@
 
 Only what the demo needs: find the binary, start one member in a temporary
 directory on free ports, wait until it answers, stop it and remove the
-directory. The test harness (tests/etcdserver.py: TLS, clusters, pause,
-kill, restart) builds on ``find_etcd_binary`` and ``free_port`` from here.
+directory; and a client that puts keys through ``shmcache.etcdapi``. The test
+harness (tests/etcdserver.py: TLS, clusters, pause, kill, restart) builds on
+``find_etcd_binary`` and ``free_port`` from here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 HOST = "127.0.0.1"
 
@@ -73,6 +74,43 @@ def etcd_env() -> dict[str, str]:
             and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
 
+class DemoClient:
+    """The demo's writes to etcd and its current revision, over one gRPC channel.
+
+    Calls may come from several threads (grpcio channels are thread-safe); the
+    caller closes it. grpc and protobuf are imported here, not with the module:
+    the test harness imports this module in processes that must not load them.
+    """
+
+    def __init__(self, port: int) -> None:
+        from ..etcdapi import Stub, rpc
+        from ..etcdapi.dial import open_channel
+
+        self._rpc = rpc
+        self._channel = open_channel(HOST, port)
+        self._kv = Stub(self._channel, "KV")
+
+    def put(self, key: str, value: str) -> int:
+        """Put one key; the revision it made."""
+        req = self._rpc.PutRequest(key=key.encode(), value=value.encode())
+        return int(self._kv.Put(req, timeout=30).header.revision)
+
+    def put_all(self, items: list[tuple[str, str]]) -> int:
+        """Put ``items`` in one transaction (etcd takes at most 128 operations in one)."""
+        ops = [self._rpc.RequestOp(request_put=self._rpc.PutRequest(key=k.encode(),
+                                                                   value=v.encode()))
+               for k, v in items]
+        return int(self._kv.Txn(self._rpc.TxnRequest(success=ops), timeout=30).header.revision)
+
+    def revision(self) -> int:
+        """etcd's current revision (the header of a count-only range)."""
+        req = self._rpc.RangeRequest(key=b"\0", count_only=True)
+        return int(self._kv.Range(req, timeout=30).header.revision)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
 class DemoEtcd:
     """``with DemoEtcd() as etcd:`` one etcd member, gone (process and files) on exit."""
 
@@ -88,11 +126,9 @@ class DemoEtcd:
     def endpoint(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def client(self) -> Any:
-        """A python-etcd3 client (needs the ``writer`` extra)."""
-        import etcd3
-
-        return etcd3.client(host=HOST, port=self.port)
+    def client(self) -> DemoClient:
+        """A client of this member (needs the ``writer`` extra: grpcio and protobuf)."""
+        return DemoClient(self.port)
 
     def __enter__(self) -> Self:
         self._dir = tempfile.mkdtemp(prefix="shmcache-demo-etcd-")
