@@ -23,12 +23,21 @@ import grpc
 
 from ..etcdapi import dial, method_path, rpc
 
-__all__ = ["Forwarder", "method_kinds"]
+__all__ = ["Forwarder", "method_kinds", "time_left"]
 
 # Metadata gRPC sets for each hop itself; everything else (etcd's "token",
 # clientv3's "hasleader") is the client's and travels on.
 _HOP_METADATA = ("user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding",
                  "grpc-timeout", "authority")
+
+
+def time_left(context: Any) -> float | None:
+    """Seconds left of the client's deadline; None when it set none (grpcio then reports
+    a huge number, which as a timeout would overflow into an instant deadline)."""
+    left = context.time_remaining()
+    if left is None or left > 1e6:
+        return None
+    return max(0.0, float(left))
 
 
 def method_kinds(service: str) -> dict[str, tuple[bool, bool]]:
@@ -82,7 +91,7 @@ class Forwarder:
         grpc.RpcError as etcd answers."""
         i, fn = self._callable(service, method, (False, False))
         try:
-            return fn(request, timeout=context.time_remaining(),  # type: ignore[no-any-return]
+            return fn(request, timeout=time_left(context),  # type: ignore[no-any-return]
                       metadata=self.metadata(context))
         except grpc.RpcError as exc:
             self._failed(i, exc)
@@ -93,7 +102,7 @@ class Forwarder:
         """A server-streaming call (a request iterator when ``client_streaming``): etcd's
         responses as they come; the upstream call is cancelled when the client goes."""
         i, fn = self._callable(service, method, (client_streaming, True))
-        call = fn(request, timeout=context.time_remaining(), metadata=self.metadata(context))
+        call = fn(request, timeout=time_left(context), metadata=self.metadata(context))
         context.add_callback(call.cancel)
         try:
             yield from call

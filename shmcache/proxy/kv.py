@@ -8,7 +8,8 @@ Range follows etcd 3.5's server exactly (server/etcdserver/apply.go,
 - with a sort order or any min/max mod/create revision filter the whole range
   is read, filtered, sorted, and only then cut to ``limit`` (``more`` says a cut
   happened); without them the first ``limit`` keys in key order are read;
-- a sort target other than KEY with order NONE sorts ascending;
+- a sort target other than KEY with order NONE sorts ascending; items with equal
+  sort values stay in key order (etcd's order among them is unspecified);
 - ``header.revision`` is the store's current revision even for a read at a past
   ``revision``; a ``revision`` <= 0 reads the current one.
 
@@ -38,7 +39,7 @@ from ..errors import CompactedError, FutureRevisionError, ShmCacheError
 from ..errors import TimeoutError as ShmTimeoutError
 from ..reader.view import range_end as prefix_end
 from ..types import KeyValue
-from .forward import Forwarder
+from .forward import Forwarder, time_left
 from .metrics import ProxyMetrics
 from .wire import encode_range_response, header_bytes
 
@@ -154,8 +155,10 @@ def answer_range(reader: Any, req: Any, end: bytes | None) -> RangeAnswer:
                        or hi_create and kv.create_revision > hi_create
                        or lo_create and kv.create_revision < lo_create)]
     if order in (_ASCEND, _DESCEND) and req.sort_target in _SORT_KEYS:
-        # Stable, as Go's sort.Sort is for the up to 12 items it sorts by insertion;
-        # beyond that etcd leaves the order of equal items unspecified.
+        # Items with equal sort values keep key order here. etcd leaves their order
+        # unspecified: Go's sort.Sort is not stable, and which permutation comes out
+        # depends on the Go release etcd was built with (quicksort to Go 1.18,
+        # pdqsort since), so no fixed rule could match every etcd.
         kvs.sort(key=_SORT_KEYS[req.sort_target], reverse=order == _DESCEND)
     more = False
     if limit and len(kvs) > limit:
@@ -291,10 +294,8 @@ class KVService:
 
 def _deadline(context: Any, default: float) -> float:
     """Seconds left of the client's deadline (``default`` without one)."""
-    left = context.time_remaining()
-    if left is None or left > 1e6:
-        return default
-    return max(0.0, float(left))
+    left = time_left(context)
+    return default if left is None else left
 
 
 def _overlaps(prefix: bytes, key: bytes, end: bytes) -> bool:
