@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import Any
 
+from ..errors import ShmCacheError
 from .config import ConfigError
 from .proxy_config import PROXY_SETTINGS, ProxyConfig, load_proxy
 
@@ -92,8 +93,12 @@ def run_proxy(cfg: ProxyConfig) -> int:
             server = ProxyServer(cfg.name, cfg.listen, cfg.endpoints, tls=tls,
                                  ca_file=cfg.ca_file, cert_file=cfg.cert_file,
                                  key_file=cfg.key_file, workers=cfg.workers)
+        except ShmCacheError:  # (no such cache: said as every command says it)
+            raise
         except (RuntimeError, OSError) as exc:  # grpcio: "Failed to bind to address ..."
-            raise ConfigError(f"listen = {cfg.listen!r}: cannot listen there ({exc})") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"listen = {cfg.listen!r}: cannot listen there: "
+                              f"{reason}") from None
         metrics_server = None
         try:
             if cfg.metrics is not None:

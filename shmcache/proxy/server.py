@@ -20,6 +20,7 @@ channels and the Reader (its mappings go with it; the proxy creates no segment).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -85,6 +86,8 @@ class ProxyServer:
                  cert_file: str | None = None, key_file: str | None = None,
                  workers: int = 64, reader_timeout: float = 0.0) -> None:
         self.name = name
+        host, port = split_listen(listen)
+        _probe_bind(host, port)
         self.metrics = ProxyMetrics()
         self._stopped = threading.Event()
         self._serving = False
@@ -108,7 +111,6 @@ class ProxyServer:
             if watch is not None:
                 handlers.insert(1, watch)
             self._server.add_generic_rpc_handlers(handlers)
-            host, port = split_listen(listen)
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if tls is None:
                 self.port = self._server.add_insecure_port(address)
@@ -270,6 +272,19 @@ class _Override(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, handler_call_details: Any) -> Any:
         h = self._methods.get(handler_call_details.method)
         return h if h is not None else self._base.service(handler_call_details)
+
+
+def _probe_bind(host: str, port: int) -> None:
+    """OSError (with the kernel's reason) when ``host:port`` cannot be listened on, before
+    grpcio tries and reports it only as a log line of its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror as exc:
+            raise OSError(f"cannot resolve {host!r}: {exc.strerror}") from None
 
 
 def split_listen(listen: str) -> tuple[str, int]:

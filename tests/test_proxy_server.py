@@ -1,0 +1,261 @@
+"""``shmcache proxy`` as a server and a command: SO_REUSEPORT, TLS with client certificates,
+the gRPC health service, SIGTERM, metrics, settings and errors, the hand-written encoders."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from shmcache.cli import proxy as proxy_cli
+from shmcache.cli import proxy_config
+from shmcache.cli.demo_etcd import free_port
+from shmcache.etcdapi import Stub, dial, mvcc, rpc
+from shmcache.proxy import wire
+from shmcache.types import KeyValue
+from tests.etcdserver import EtcdServer, generate_tls_files
+from tests.helpers import WriterProcess, put
+from tests.proxyproc import ProxyProcess, etcdctl
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).parent.parent
+OPERATIONS_MD = ROOT / "docs" / "operations.md"
+
+
+def _health(endpoint: str, service: str = "", creds: Any = None) -> Any:
+    target = endpoint
+    ch = grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
+    try:
+        check = ch.unary_unary("/grpc.health.v1.Health/Check")
+        req = b"" if not service else b"\x0a" + bytes([len(service)]) + service.encode()
+        return check(req, timeout=10)
+    finally:
+        ch.close()
+
+
+def _wait_for(cond: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def own_writer(etcd_session: EtcdServer, cache_name: str,
+               unique_prefix: bytes) -> Iterator[WriterProcess]:
+    w = WriterProcess(cache_name, etcd_session.endpoint, unique_prefix)
+    try:
+        w.start()
+        yield w
+    finally:
+        w.close()
+
+
+def test_two_proxies_share_one_port(writer: tuple[WriterProcess, bytes],
+                                    etcd_session: EtcdServer, etcd_client: Any,
+                                    sub_prefix: bytes) -> None:
+    """Two proxy processes listen on one port (SO_REUSEPORT); with one stopped the other
+    still answers there."""
+    put(etcd_client, sub_prefix + b"k", b"v")
+    port = free_port()
+    with ProxyProcess(writer[0].name, port=port) as a, ProxyProcess(writer[0].name,
+                                                                   port=port) as b:
+        assert a.port == b.port == port
+        assert etcdctl(a.endpoint, "get", (sub_prefix + b"k").decode(),
+                       "--print-value-only").stdout == "v\n"
+        assert a.terminate() == 0
+        for _ in range(5):  # new connections, all to the one left
+            assert etcdctl(b.endpoint, "get", (sub_prefix + b"k").decode(),
+                           "--print-value-only").stdout == "v\n"
+
+
+def test_tls_with_client_certificates(writer: tuple[WriterProcess, bytes], tmp_path: Path,
+                                      etcd_client: Any, sub_prefix: bytes) -> None:
+    """With a certificate and a client CA the proxy speaks TLS only and requires a client
+    certificate signed by that CA."""
+    tls = generate_tls_files(tmp_path / "tls")
+    put(etcd_client, sub_prefix + b"t", b"secret")
+    key = (sub_prefix + b"t").decode()
+    with ProxyProcess(writer[0].name, extra=[
+            "--listen-cert-file", tls.server_cert, "--listen-key-file", tls.server_key,
+            "--listen-client-ca-file", tls.ca]) as p:
+        url = f"https://127.0.0.1:{p.port}"
+        assert etcdctl(url, "get", key, "--print-value-only", tls=tls).stdout == "secret\n"
+        no_cert = etcdctl(url, "get", key, tls=tls, client_cert=False, check=False)
+        assert no_cert.returncode != 0
+        plain = etcdctl(f"http://127.0.0.1:{p.port}", "get", key, check=False)
+        assert plain.returncode != 0
+        with open(tls.ca, "rb") as f:
+            ca = f.read()
+        with open(tls.client_key, "rb") as f:
+            ckey = f.read()
+        with open(tls.client_cert, "rb") as f:
+            ccert = f.read()
+        creds = grpc.ssl_channel_credentials(ca, ckey, ccert)
+        assert _health(f"127.0.0.1:{p.port}", creds=creds) == b"\x08\x01"
+
+
+def test_health_follows_the_writer(own_writer: WriterProcess) -> None:
+    """Health/Check says SERVING for "" and etcd's services while the cache's writer lives,
+    NOT_SERVING once it is gone; an unknown service is NOT_FOUND."""
+    with ProxyProcess(own_writer.name) as p:
+        assert _health(p.endpoint) == wire.encode_health_response(wire.HEALTH_SERVING)
+        assert _health(p.endpoint, "etcdserverpb.KV") == b"\x08\x01"
+        with pytest.raises(grpc.RpcError) as exc:
+            _health(p.endpoint, "no.such.Service")
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        own_writer.kill()
+        _wait_for(lambda: _health(p.endpoint) == b"\x08\x02")
+
+
+def test_sigterm_stops_cleanly(writer: tuple[WriterProcess, bytes]) -> None:
+    """SIGTERM: exit 0 with "stopped" logged; the port is free again (the session fixture
+    checks that no segment or child is left)."""
+    p = ProxyProcess(writer[0].name).start()
+    try:
+        port = p.port
+        assert p.terminate() == 0
+        assert "stopped" in p.log()
+        with ProxyProcess(writer[0].name, port=port, extra=[]) as again:
+            assert again.port == port
+    finally:
+        p.close()
+
+
+def test_metrics_count_served_and_forwarded(writer: tuple[WriterProcess, bytes],
+                                            etcd_session: EtcdServer,
+                                            sub_prefix: bytes) -> None:
+    """--metrics exports requests by service, method, code and how (served, forwarded)."""
+    with ProxyProcess(writer[0].name, etcd_session.endpoint,
+                      extra=["--metrics", "127.0.0.1:0"]) as p:
+        etcdctl(p.endpoint, "put", (sub_prefix + b"m").decode(), "1")
+        etcdctl(p.endpoint, "get", (sub_prefix + b"m").decode())
+        etcdctl(p.endpoint, "get", "/outside-the-prefix")
+        m = re.search(r"metrics at http://127.0.0.1:(\d+)/metrics", p.log())
+        assert m, p.log()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/metrics",
+                                      timeout=10).read().decode()
+    cache = writer[0].name
+    for how, method in (("served", "Range"), ("forwarded", "Put"), ("forwarded", "Range")):
+        assert re.search(rf'shmcache_proxy_requests_total{{cache="{cache}",code="OK",'
+                         rf'how="{how}",method="{method}",service="KV"}} 1\.0', text), text
+    assert "shmcache_proxy_watch_streams" in text and "shmcache_proxy_revision" in text
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "shmcache", "proxy", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["c"], "listen is not set"),
+    (["c", "--listen", "nowhere"], "listen = 'nowhere' (from flag --listen): listen address"),
+    (["no-such-cache-x", "--listen", "127.0.0.1:0"], "no-such-cache-x"),
+    (["c", "--listen", "127.0.0.1:0", "--listen-cert-file", "/etc/hostname"],
+     "needs listen_key_file"),
+    (["c", "--listen", "127.0.0.1:0", "--workers", "0"], "workers = '0'"),
+    (["c", "--listen", "127.0.0.1:0", "--endpoints", "https://127.0.0.1:1"], "need ca_file"),
+])
+def test_errors_are_one_line_exit_2(args: list[str], message: str) -> None:
+    res = _run(*args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shmcache proxy: ") and message in lines[0], \
+        res.stderr
+
+
+def test_settings_from_environment_and_file(tmp_path: Path) -> None:
+    """--check-config: flags > SHMCACHE_* > TOML file, each with its source."""
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text('listen = "127.0.0.1:2379"\nworkers = 8\nendpoints = ["http://10.0.0.1:2379"]\n')
+    res = _run("c", "--config", str(cfg), "--check-config", "--workers", "9",
+               env={"SHMCACHE_ENDPOINTS": "http://127.0.0.1:2379"})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "listen = '127.0.0.1:2379'  (config file" in out
+    assert "workers = 9  (flag --workers)" in out
+    assert "endpoints = ['http://127.0.0.1:2379']  (environment SHMCACHE_ENDPOINTS)" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('listen = "127.0.0.1:1"\nring_size = "1MiB"\n')
+    res = _run("c", "--config", str(bad))
+    assert res.returncode == 2 and "unknown setting 'ring_size'" in res.stderr
+
+
+def test_cannot_listen_is_one_line(writer: tuple[WriterProcess, bytes]) -> None:
+    """An address that is not this host's: exit 2, one line."""
+    res = _run(writer[0].name, "--listen", "192.0.2.1:1")
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "cannot listen" in res.stderr, res.stderr
+
+
+# -- docs and the encoders --------------------------------------------------------------------------
+
+def test_operations_md_lists_the_proxy_settings_and_metrics() -> None:
+    text = OPERATIONS_MD.read_text()
+    section = text[text.index("## Serve etcd clients from the cache"):]
+    for name in proxy_config.PROXY_SETTINGS:
+        assert re.search(rf"^\| [^|]*`{name}`[^|]* \|", section, re.M), name
+    for name, _kind, _help in proxy_cli.PROXY_METRICS:
+        assert f"`{name}`" in section, name
+
+
+def test_range_response_encoder_is_protobufs() -> None:
+    """wire.encode_range_response parses back, with protobuf, to the message meant."""
+    kvs = [KeyValue(b"/a", b"", 1, 2, 1, 0), KeyValue(b"/b" * 100, b"v" * 300, 2**40, 2**40 + 5,
+                                                      7, 2**62 + 3),
+           KeyValue(b"/c", b"x", 3, 3, 1, -1 & (2**63 - 1))]
+    for keys_only in (False, True):
+        for more, count in ((False, 0), (True, 3), (False, 2**33)):
+            header = wire.header_bytes(2**63 + 17, 0, 99, 0)
+            got = rpc.RangeResponse.FromString(wire.encode_range_response(
+                header, kvs, more, count, keys_only))
+            want = rpc.RangeResponse(
+                header=rpc.ResponseHeader(cluster_id=2**63 + 17, revision=99), more=more,
+                count=count, kvs=[mvcc.KeyValue(key=k.key, value=b"" if keys_only else k.value,
+                                                create_revision=k.create_revision,
+                                                mod_revision=k.mod_revision,
+                                                version=k.version, lease=k.lease) for k in kvs])
+            assert got == want
+
+
+def test_health_request_decoder() -> None:
+    assert wire.decode_health_request(b"") == ""
+    assert wire.decode_health_request(b"\x0a\x03abc\x10\x05") == "abc"
+    with pytest.raises(ValueError):
+        wire.decode_health_request(b"\x0a\x09abc")
+
+
+def test_forwarded_lease_and_cluster(writer: tuple[WriterProcess, bytes],
+                                     etcd_session: EtcdServer, sub_prefix: bytes) -> None:
+    """Lease grant, keep-alive (a stream) and revoke, and Cluster.MemberList go to etcd; a
+    read after the revoke no longer sees the lease's key."""
+    with ProxyProcess(writer[0].name, etcd_session.endpoint) as p:
+        ch = dial.open_channel("127.0.0.1", p.port)
+        try:
+            lease, kv = Stub(ch, "Lease"), Stub(ch, "KV")
+            lid = lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=60), timeout=10).ID
+            kv.Put(rpc.PutRequest(key=sub_prefix + b"l", value=b"1", lease=lid), timeout=10)
+            beats = list(lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lid)]),
+                                              timeout=10))
+            assert beats and beats[0].ID == lid and beats[0].TTL > 0
+            lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lid), timeout=10)
+            got = kv.Range(rpc.RangeRequest(key=sub_prefix + b"l", serializable=True),
+                           timeout=10)
+            assert list(got.kvs) == []
+            members = Stub(ch, "Cluster").MemberList(rpc.MemberListRequest(), timeout=10)
+            assert len(members.members) == 1
+        finally:
+            ch.close()
