@@ -259,3 +259,33 @@ def test_forwarded_lease_and_cluster(writer: tuple[WriterProcess, bytes],
             assert len(members.members) == 1
         finally:
             ch.close()
+
+
+def test_examples_run_the_proxy_with_valid_settings(tmp_path: Path) -> None:
+    """The proxy commands of examples/ (Kubernetes, compose, the systemd unit's TOML file)
+    pass ``shmcache proxy --check-config``; files mounted from Secrets are stand-ins."""
+    import yaml
+
+    commands = []
+    for doc in yaml.safe_load_all((ROOT / "examples/kubernetes/pod-sidecar.yaml").read_text()):
+        commands += [c["command"] for c in doc["spec"]["containers"]
+                     if c.get("command", [])[:2] == ["shmcache", "proxy"]]
+    compose = yaml.safe_load((ROOT / "examples/compose/compose.yaml").read_text())
+    commands.append(compose["services"]["shmcache-proxy"]["command"])
+    assert len(commands) == 2
+    for command in commands:
+        args = []
+        for a in command[2:]:
+            if a.startswith("/etc/etcd-ca/"):
+                (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+                a = str(tmp_path / "ca.crt")
+            args.append(a)
+        res = _run(*args, "--check-config")
+        assert res.returncode == 0, (command, res.stderr)
+    toml = tmp_path / "mycache-proxy.toml"
+    toml.write_text((ROOT / "examples/systemd/mycache-proxy.toml").read_text())
+    (tmp_path / "etcd-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    res = _run("mycache", "--config", str(toml), "--check-config")
+    assert res.returncode == 0, res.stderr
+    unit = (ROOT / "examples/systemd/shmcache-proxy@.service").read_text()
+    assert "ExecStart=/usr/bin/shmcache proxy %i --config /etc/shmcache/%i-proxy.toml" in unit
