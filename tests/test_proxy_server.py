@@ -216,7 +216,7 @@ def test_range_response_encoder_is_protobufs() -> None:
     """wire.encode_range_response parses back, with protobuf, to the message meant."""
     kvs = [KeyValue(b"/a", b"", 1, 2, 1, 0), KeyValue(b"/b" * 100, b"v" * 300, 2**40, 2**40 + 5,
                                                       7, 2**62 + 3),
-           KeyValue(b"/c", b"x", 3, 3, 1, -1 & (2**63 - 1))]
+           KeyValue(b"/c", b"x", 3, 3, 1, -1 & (2**63 - 1)), KeyValue(b"/d", b"y", 0, 5, 0, 0)]
     for keys_only in (False, True):
         for more, count in ((False, 0), (True, 3), (False, 2**33)):
             header = wire.header_bytes(2**63 + 17, 0, 99, 0)
