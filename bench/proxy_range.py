@@ -179,14 +179,15 @@ def main() -> int:
             "etcd": (f"127.0.0.1:{etcd.port}", [etcd.pid or 0]),
             "etcd grpc-proxy": (f"127.0.0.1:{gp_port}", [gp.pid, etcd.pid or 0]),
         }
-        port = free_port()
-        for n in range(1, max(proxies) + 1):
-            p = ProxyProcess(NAME, etcd.endpoint, port=port).start()
-            started.append(p)
-            if n in proxies:
-                pids = [q.proc.pid for q in started if isinstance(q, ProxyProcess)]
-                label = "shmcache proxy" + (f" x{n}" if n > 1 else "")
-                targets[label] = (f"127.0.0.1:{port}", [*pids, w.pid, etcd.pid or 0])
+        for n in proxies:  # each count on a port of its own, all serving one cache
+            port = free_port()
+            group = [ProxyProcess(NAME, etcd.endpoint, port=port) for _ in range(n)]
+            for p in group:
+                started.append(p)
+                p.start()
+            label = "shmcache proxy" + (f" x{n}" if n > 1 else "")
+            pids = [p.proc.pid for p in group if p.proc is not None]
+            targets[label] = (f"127.0.0.1:{port}", [*pids, w.pid, etcd.pid or 0])
         raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for rnd in range(args.rounds):
             for label, (target, pids) in targets.items():

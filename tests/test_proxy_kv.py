@@ -313,3 +313,33 @@ def test_old_and_compacted_revisions(etcd_server: EtcdServer, cache_name: str,
     finally:
         client.close()
         w.close()
+
+
+def test_auth_token_travels_to_etcd(etcd_server: EtcdServer, cache_name: str,
+                                    unique_prefix: bytes) -> None:
+    """With etcd's authentication on, a client authenticates through the proxy and its token
+    goes with its forwarded calls: a Put with the token succeeds, one without it gets etcd's
+    own refusal."""
+    etcd_server.enable_auth("rootpw")
+    w = WriterProcess(cache_name, etcd_server.endpoint, unique_prefix,
+                      extra=["--user", "root", "--password", "rootpw"])
+    try:
+        w.start()
+        with ProxyProcess(cache_name, etcd_server.endpoint) as p:
+            ch = dial.open_channel("127.0.0.1", p.port)
+            try:
+                md = dial.authenticate(ch, "root", "rootpw", timeout=10)
+                kv = Stub(ch, "KV")
+                key = unique_prefix + b"a"
+                rev = kv.Put(rpc.PutRequest(key=key, value=b"1"), timeout=10,
+                             metadata=md).header.revision
+                got = kv.Range(rpc.RangeRequest(key=key), timeout=10, metadata=md)
+                assert [(x.value, x.mod_revision) for x in got.kvs] == [(b"1", rev)]
+                with pytest.raises(grpc.RpcError) as refused:
+                    kv.Put(rpc.PutRequest(key=key, value=b"2"), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "user name is empty" in (refused.value.details() or "")
+            finally:
+                ch.close()
+    finally:
+        w.close()
