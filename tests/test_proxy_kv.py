@@ -343,3 +343,15 @@ def test_auth_token_travels_to_etcd(etcd_server: EtcdServer, cache_name: str,
                 ch.close()
     finally:
         w.close()
+
+
+def test_endpoint_status_without_endpoints(ro_proxy: ProxyProcess, etcd_session: EtcdServer,
+                                           writer: tuple[WriterProcess, bytes]) -> None:
+    """etcdctl endpoint status works against a proxy without --endpoints: the cache's
+    revision and cluster, and a line in errors saying where the answer came from."""
+    got = etcdctl_json(ro_proxy.endpoint, "endpoint", "status")[0]["Status"]
+    want = etcdctl_json(etcd_session.endpoint, "endpoint", "status")[0]["Status"]
+    with shmcache.Reader(writer[0].name) as r:
+        assert got["header"]["revision"] <= r.revision
+    assert got["header"]["cluster_id"] == want["header"]["cluster_id"]
+    assert "answered from the cache" in got["errors"][0]

@@ -114,6 +114,15 @@ def test_health_follows_the_writer(own_writer: WriterProcess) -> None:
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
         own_writer.kill()
         _wait_for(lambda: _health(p.endpoint) == b"\x08\x02")
+        # Without a writer: serializable reads answer at the last revision, linearizable
+        # ones cannot be confirmed (and there is no etcd to forward them to).
+        kv = Stub(dial.open_channel("127.0.0.1", p.port), "KV")
+        prefix = own_writer.args[own_writer.args.index("--prefix") + 1].encode()
+        assert kv.Range(rpc.RangeRequest(key=prefix, serializable=True), timeout=10).count == 0
+        with pytest.raises(grpc.RpcError) as exc:
+            kv.Range(rpc.RangeRequest(key=prefix), timeout=10)
+        assert (exc.value.code(), exc.value.details()) == (
+            grpc.StatusCode.UNAVAILABLE, "etcdserver: request timed out")
 
 
 def test_sigterm_stops_cleanly(writer: tuple[WriterProcess, bytes]) -> None:
