@@ -3,6 +3,7 @@ the gRPC health service, SIGTERM, metrics, settings and errors, the hand-written
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -298,3 +299,20 @@ def test_examples_run_the_proxy_with_valid_settings(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     unit = (ROOT / "examples/systemd/shmcache-proxy@.service").read_text()
     assert "ExecStart=/usr/bin/shmcache proxy %i --config /etc/shmcache/%i-proxy.toml" in unit
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("lmdb", "matplotlib", "tqdm")),
+    reason="needs the bench extra (pip install -e '.[bench]'), as tests/test_bench_smoke.py")
+def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
+    """``bench/proxy_range.py --smoke`` runs every target and case at toy sizes."""
+    import json
+
+    out = tmp_path / "proxy_range.json"
+    res = subprocess.run([sys.executable, "bench/proxy_range.py", "--smoke", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    medians = json.loads(out.read_text())["medians"]
+    assert set(medians) == {"etcd", "etcd grpc-proxy", "shmcache proxy"}
+    assert all(m["errors"] == 0 and m["ops_per_s"] > 0 for cases in medians.values()
+               for m in cases.values())
