@@ -85,7 +85,10 @@ class Header:
     def cluster_id(self) -> int:
         now = time.monotonic()
         if now - self._read_at > 1.0:
-            b = self._reader.control.block()
+            try:
+                b = self._reader.control.block()
+            except (ValueError, ShmCacheError):  # closed under us (shutting down)
+                b = None
             if b is not None:
                 self._cluster_id = b.cluster_id
             self._read_at = now

@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from ..errors import ShmCacheError
 from ..etcdapi import ETCD_VERSION, rpc
 from ..reader.reader import Reader
 from .forward import Forwarder, method_kinds
@@ -256,7 +257,10 @@ class ProxyServer:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if service not in known:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
-            ok = self._serving and self.reader.control.writer_alive()
+            try:
+                ok = self._serving and self.reader.control.writer_alive()
+            except (ValueError, ShmCacheError):  # the Reader closed under us: stopping
+                ok = False
             return encode_health_response(HEALTH_SERVING if ok else HEALTH_NOT_SERVING)
 
         return grpc.method_handlers_generic_handler(
