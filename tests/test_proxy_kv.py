@@ -355,3 +355,22 @@ def test_endpoint_status_without_endpoints(ro_proxy: ProxyProcess, etcd_session:
         assert got["header"]["revision"] <= r.revision
     assert got["header"]["cluster_id"] == want["header"]["cluster_id"]
     assert "answered from the cache" in got["errors"][0]
+
+
+def test_forwarding_moves_to_the_next_endpoint(writer: tuple[WriterProcess, bytes],
+                                               etcd_session: EtcdServer,
+                                               sub_prefix: bytes) -> None:
+    """With several --endpoints, a call that finds the first UNAVAILABLE fails (it may have
+    been a write etcd applied: not retried), and later calls go to the next endpoint."""
+    from shmcache.cli.demo_etcd import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with ProxyProcess(writer[0].name, f"{dead},{etcd_session.endpoint}") as p:
+        kv = _kv(p.endpoint)
+        put_req = rpc.PutRequest(key=sub_prefix + b"f", value=b"1")
+        with pytest.raises(grpc.RpcError) as first:
+            kv.Put(put_req, timeout=10)
+        assert first.value.code() == grpc.StatusCode.UNAVAILABLE
+        rev = kv.Put(put_req, timeout=10).header.revision
+        got = kv.Range(rpc.RangeRequest(key=sub_prefix + b"f", serializable=True), timeout=10)
+        assert [x.mod_revision for x in got.kvs] == [rev]
