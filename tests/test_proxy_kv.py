@@ -374,3 +374,16 @@ def test_forwarding_moves_to_the_next_endpoint(writer: tuple[WriterProcess, byte
         rev = kv.Put(put_req, timeout=10).header.revision
         got = kv.Range(rpc.RangeRequest(key=sub_prefix + b"f", serializable=True), timeout=10)
         assert [x.mod_revision for x in got.kvs] == [rev]
+
+
+def test_linearizable_read_sees_a_write_made_directly_to_etcd(
+        ro_proxy: ProxyProcess, etcd_session: EtcdServer, sub_prefix: bytes) -> None:
+    """A linearizable Range through the proxy right after a Put to etcd itself (not through
+    the proxy) sees the Put: the proxy waits for a consistent read first."""
+    e_kv, p_kv = _kv(etcd_session.endpoint), _kv(ro_proxy.endpoint)
+    key = sub_prefix + b"lin"
+    for i in range(30):
+        rev = e_kv.Put(rpc.PutRequest(key=key, value=b"%d" % i), timeout=10).header.revision
+        resp = p_kv.Range(rpc.RangeRequest(key=key), timeout=10)
+        assert [(x.value, x.mod_revision) for x in resp.kvs] == [(b"%d" % i, rev)]
+        assert resp.header.revision >= rev
