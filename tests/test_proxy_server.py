@@ -173,7 +173,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 @pytest.mark.parametrize(("args", "message"), [
     (["c"], "listen is not set"),
     (["c", "--listen", "nowhere"], "listen = 'nowhere' (from flag --listen): listen address"),
-    (["no-such-cache-x", "--listen", "127.0.0.1:0"], "no-such-cache-x"),
+    (["no-such-cache-x", "--listen", "127.0.0.1:0"], "proxy: no shmcache named 'no-such-cache-x'"),
     (["c", "--listen", "127.0.0.1:0", "--listen-cert-file", "/etc/hostname"],
      "needs listen_key_file"),
     (["c", "--listen", "127.0.0.1:0", "--workers", "0"], "workers = '0'"),
