@@ -141,16 +141,24 @@ class ProxyServer:
         self._stopped.set()
         self._serving = False
         if self._server is not None:
-            self._server.stop(grace).wait(grace + 5.0)
+            done = self._server.stop(grace)
+            # Watch streams never end by themselves: end them now rather than after the
+            # grace, so that unary calls in flight are what the grace is for.
+            self._close_watch()
+            done.wait(grace + 5.0)
         self._release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until ``stop()``; False on timeout."""
         return self._stopped.wait(timeout)
 
+    def _close_watch(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.close()
+
     def _release(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
+        self._close_watch()
         if self.forwarder is not None:
             self.forwarder.close()
         self.reader.close()
