@@ -215,12 +215,12 @@ class ProxyServer:
                 metrics.request(service, method, "OK", forwarded=True)
             return streaming
 
+        assert not client_streaming  # (etcd has no client-streaming unary-response method)
+
         def unary(request: Any, context: Any) -> bytes:
             if fwd is None:
                 refuse(context)
             assert fwd is not None
-            if client_streaming:
-                request = iter(request)
             try:
                 resp = fwd.unary(service, method, request, context)
             except grpc.RpcError as exc:
