@@ -326,3 +326,43 @@ def test_snapshot_streams_through(writer: tuple[WriterProcess, bytes], etcd_sess
         out = tmp_path / "snap.db"
         etcdctl(p.endpoint, "snapshot", "save", str(out))
         assert out.stat().st_size > 4096
+
+
+def test_forwarding_to_etcd_over_tls(tmp_path: Path, cache_name: str,
+                                     unique_prefix: bytes) -> None:
+    """etcd serving TLS with client certificates: the proxy forwards with --ca-file,
+    --cert-file and --key-file (etcdctl's --cacert, --cert, --key work too)."""
+    tls = generate_tls_files(tmp_path / "pki")
+    flags = ["--ca-file", tls.ca, "--cert-file", tls.client_cert, "--key-file",
+             tls.client_key]
+    with EtcdServer(data_dir=tmp_path / "etcd", tls=tls, client_cert_auth=True) as etcd:
+        w = WriterProcess(cache_name, etcd.endpoint, unique_prefix, extra=flags)
+        try:
+            w.start()
+            with ProxyProcess(cache_name, etcd.endpoint, extra=[
+                    "--cacert", tls.ca, "--cert", tls.client_cert, "--key",
+                    tls.client_key]) as p:
+                key = (unique_prefix + b"k").decode()
+                etcdctl(p.endpoint, "put", key, "over-tls")
+                assert etcdctl(p.endpoint, "get", key, "--print-value-only").stdout == \
+                    "over-tls\n"
+                assert etcdctl(etcd.endpoint, "get", key, "--print-value-only",
+                               tls=tls).stdout == "over-tls\n"
+        finally:
+            w.close()
+
+
+def test_serves_across_a_writer_restart(own_writer: WriterProcess,
+                                        etcd_session: EtcdServer) -> None:
+    """The proxy's Reader follows a restarted writer: reads after the restart see writes
+    made since, without restarting the proxy (which has no etcd to forward to: served)."""
+    prefix = own_writer.args[own_writer.args.index("--prefix") + 1]
+    with ProxyProcess(own_writer.name) as p:
+        etcdctl(etcd_session.endpoint, "put", prefix + "a", "1")
+        assert etcdctl(p.endpoint, "get", prefix + "a", "--print-value-only").stdout == "1
+"
+        own_writer.kill()
+        own_writer.start()
+        etcdctl(etcd_session.endpoint, "put", prefix + "a", "2")
+        assert etcdctl(p.endpoint, "get", prefix + "a", "--print-value-only").stdout == "2\n"
+        _wait_for(lambda: _health(p.endpoint) == b"\x08\x01")
