@@ -359,8 +359,7 @@ def test_serves_across_a_writer_restart(own_writer: WriterProcess,
     prefix = own_writer.args[own_writer.args.index("--prefix") + 1]
     with ProxyProcess(own_writer.name) as p:
         etcdctl(etcd_session.endpoint, "put", prefix + "a", "1")
-        assert etcdctl(p.endpoint, "get", prefix + "a", "--print-value-only").stdout == "1
-"
+        assert etcdctl(p.endpoint, "get", prefix + "a", "--print-value-only").stdout == "1\n"
         own_writer.kill()
         own_writer.start()
         etcdctl(etcd_session.endpoint, "put", prefix + "a", "2")
