@@ -177,7 +177,10 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     (["c", "--listen", "127.0.0.1:0", "--listen-cert-file", "/etc/hostname"],
      "needs listen_key_file"),
     (["c", "--listen", "127.0.0.1:0", "--workers", "0"], "workers = '0'"),
-    (["c", "--listen", "127.0.0.1:0", "--endpoints", "https://127.0.0.1:1"], "need ca_file"),
+    (["c", "--listen", "127.0.0.1:0", "--endpoints", "https://127.0.0.1:1,http://127.0.0.1:2"],
+     "mixes http:// and https://"),
+    (["c", "--listen", "127.0.0.1:0", "--ca-file", "/etc/hostname"],
+     "ca_file = '/etc/hostname' (from flag --ca-file): is for etcd's https:// endpoints"),
 ])
 def test_errors_are_one_line_exit_2(args: list[str], message: str) -> None:
     res = _run(*args)

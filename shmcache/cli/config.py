@@ -510,20 +510,28 @@ def _where(origin: str, key: str, table: Mapping[str, Setting]) -> str:
     return origin
 
 
+def check_etcd_tls(cfg: Any, err: Callable[[str, str], ConfigError]) -> set[str]:
+    """What ``serve`` and ``proxy`` check alike of their etcd settings (``endpoints``,
+    ``cert_file``, ``key_file`` of ``cfg``): a client certificate comes with its key, and
+    the endpoints use one scheme, which is returned ({"http"}, {"https"}, or none)."""
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        have, missing = ("cert_file", "key_file") if cfg.cert_file else ("key_file", "cert_file")
+        raise err(have, f"a client certificate needs both cert_file and key_file; {missing} "
+                        f"is not set")
+    schemes = {("https" if e.startswith("https://") else "http") for e in cfg.endpoints}
+    if len(schemes) > 1:
+        raise err("endpoints", "mixes http:// and https:// endpoints; all members use one")
+    return schemes
+
+
 def _cross_check(cfg: ServeConfig) -> None:
     src = cfg.sources
 
     def err(name: str, reason: str) -> ConfigError:
         return _fail(name, getattr(cfg, name), src.get(name, "default"), reason)
 
-    if (cfg.cert_file is None) != (cfg.key_file is None):
-        have, missing = ("cert_file", "key_file") if cfg.cert_file else ("key_file", "cert_file")
-        raise err(have, f"a client certificate needs both cert_file and key_file; {missing} "
-                        f"is not set")
+    schemes = check_etcd_tls(cfg, err)
     tls = any(f is not None for f in (cfg.ca_file, cfg.cert_file, cfg.key_file))
-    schemes = {("https" if e.startswith("https://") else "http") for e in cfg.endpoints}
-    if len(schemes) > 1:
-        raise err("endpoints", "mixes http:// and https:// endpoints; all members use one")
     if "https" in schemes and cfg.ca_file is None:
         raise err("endpoints", "https:// endpoints need ca_file, the CA that signed etcd's "
                                "certificate (python-etcd3 does not use the system trust store)")

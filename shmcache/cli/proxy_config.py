@@ -15,6 +15,7 @@ from .config import (
     _endpoints,
     _fail,
     _readable_file,
+    check_etcd_tls,
     resolve,
 )
 
@@ -114,23 +115,19 @@ def _cross_check(cfg: ProxyConfig) -> None:
     if cfg.listen is None:
         raise ConfigError("listen is not set: give --listen HOST:PORT (e.g. 127.0.0.1:2379), "
                           "SHMCACHE_LISTEN or listen in the config file")
-    for cert, key in (("cert_file", "key_file"), ("listen_cert_file", "listen_key_file")):
-        if (getattr(cfg, cert) is None) != (getattr(cfg, key) is None):
-            have, missing = (cert, key) if getattr(cfg, cert) else (key, cert)
-            raise err(have, f"needs {missing} too (a certificate and its key)")
+    if (cfg.listen_cert_file is None) != (cfg.listen_key_file is None):
+        have, missing = (("listen_cert_file", "listen_key_file") if cfg.listen_cert_file
+                         else ("listen_key_file", "listen_cert_file"))
+        raise err(have, f"needs {missing} too (a certificate and its key)")
     if cfg.listen_client_ca_file is not None and cfg.listen_cert_file is None:
         raise err("listen_client_ca_file", "needs listen_cert_file and listen_key_file: client "
                                            "certificates are asked over TLS only")
-    schemes = {("https" if e.startswith("https://") else "http") for e in cfg.endpoints}
-    if len(schemes) > 1:
-        raise err("endpoints", "mixes http:// and https:// endpoints; all members use one")
-    upstream_tls = any(getattr(cfg, n) is not None for n in ("ca_file", "cert_file", "key_file"))
-    if "https" in schemes and cfg.ca_file is None:
-        raise err("endpoints", "https:// endpoints need ca_file, the CA that signed etcd's "
-                               "certificate")
-    if upstream_tls and schemes != {"https"}:
-        which = next(n for n in ("ca_file", "cert_file", "key_file") if getattr(cfg, n))
-        raise err(which, "is for etcd's https:// endpoints, and none is set")
+    # Unlike the writer, the proxy dials etcd with grpcio's own TLS: without ca_file
+    # the system's trusted CAs verify etcd's certificate.
+    schemes = check_etcd_tls(cfg, err)
+    upstream = [n for n in ("ca_file", "cert_file", "key_file") if getattr(cfg, n) is not None]
+    if upstream and schemes != {"https"}:
+        raise err(upstream[0], "is for etcd's https:// endpoints, and none is set")
     if cfg.metrics is not None:
         try:
             import prometheus_client  # noqa: F401
