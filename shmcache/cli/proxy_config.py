@@ -60,7 +60,7 @@ PROXY_SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("listen_key_file", None, "private key of listen_cert_file (PEM)", _readable_file),
     Setting("listen_client_ca_file", None, "require client certificates signed by this CA "
             "(PEM; needs listen_cert_file)", _readable_file),
-    Setting("workers", 64, "gRPC handler threads (each open watch stream holds one)",
+    Setting("workers", 256, "gRPC handler threads (each open watch stream holds one)",
             _workers),
     *(SETTINGS[n] for n in _SHARED),
 ]}

@@ -85,7 +85,7 @@ class ProxyServer:
     def __init__(self, name: str, listen: str, endpoints: Sequence[str] = (), *,
                  tls: ListenTLS | None = None, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None,
-                 workers: int = 64, reader_timeout: float = 0.0) -> None:
+                 workers: int = 256, reader_timeout: float = 0.0) -> None:
         self.name = name
         host, port = split_listen(listen)
         _probe_bind(host, port)
