@@ -387,3 +387,14 @@ def test_linearizable_read_sees_a_write_made_directly_to_etcd(
         resp = p_kv.Range(rpc.RangeRequest(key=key), timeout=10)
         assert [(x.value, x.mod_revision) for x in resp.kvs] == [(b"%d" % i, rev)]
         assert resp.header.revision >= rev
+
+
+def test_bytes_that_are_no_range_request(ro_proxy: ProxyProcess) -> None:
+    """A request body protobuf cannot parse ends INTERNAL, as etcd's gRPC server answers it."""
+    ch = dial.open_channel("127.0.0.1", ro_proxy.port)
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            ch.unary_unary("/etcdserverpb.KV/Range")(b"\x0a\xff", timeout=10)
+        assert exc.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        ch.close()

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..errors import CompactedError, FutureRevisionError, ShmCacheError
 from ..errors import TimeoutError as ShmTimeoutError
@@ -193,7 +194,11 @@ class KVService:
         """etcd's KV.Range: from the cache when it can answer, else forwarded."""
         from ..etcdapi import rpc
 
-        req = rpc.RangeRequest.FromString(raw)
+        try:
+            req = rpc.RangeRequest.FromString(raw)
+        except DecodeError as exc:  # (as grpc-go, under etcd, answers bytes it cannot parse)
+            self._metrics.request("KV", "Range", "INTERNAL", forwarded=False)
+            context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {exc}")
         if not req.key:
             self._metrics.request("KV", "Range", "INVALID_ARGUMENT", forwarded=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, ERR_EMPTY_KEY)
