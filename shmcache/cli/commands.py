@@ -1,4 +1,4 @@
-"""The ``shmcache`` command: serve, status, get, list, watch, check, rm, demo, bench."""
+"""The ``shmcache`` command: serve, status, get, list, watch, check, rm, demo, bench, proxy."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .. import _args
 from ..errors import NotFoundError, ShmCacheError
 from ..ipc import shm as _shm
-from .config import ETCD_SETTINGS, SETTINGS, ServeConfig
+from .config import ETCD_SETTINGS, SETTINGS, ServeConfig, Setting
 from .output import count_json as _count_json
 from .output import kv_json as _kv_json
 from .output import plural as _plural
@@ -307,10 +307,11 @@ _ALIASES = {"ca_file": ["--cacert"], "cert_file": ["--cert"], "key_file": ["--ke
 _HIDDEN_ALIASES = {"ca_file": "--ca-cert", "cert_file": "--cert-cert", "key_file": "--cert-key"}
 
 
-def _setting_flags(p: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
-    """One flag per setting of config.SETTINGS (or of ``names``); None (not given) lets
-    lower sources speak."""
-    for name, setting in SETTINGS.items():
+def _setting_flags(p: argparse.ArgumentParser, names: Collection[str] | None = None,
+                   table: Mapping[str, Setting] | None = None) -> None:
+    """One flag per setting of ``table`` (config.SETTINGS: serve's), or of its ``names``;
+    None (not given) lets lower sources speak."""
+    for name, setting in (SETTINGS if table is None else table).items():
         if names is not None and name not in names:
             continue
         default = setting.default
@@ -343,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shmcache",
         description="Serve an etcd key range from shared memory on this host (serve) and "
                     "read it (status, get, list, watch); verify (check), remove (rm), try "
-                    "(demo) and measure (bench) it. Exit codes: 0 done, 1 a negative answer "
-                    "(no such key, violations found, not ready), 2 an error. See "
+                    "(demo) and measure (bench) it; serve it to etcd clients (proxy). Exit "
+                    "codes: 0 done, 1 a negative answer (no such key, violations found, not "
+                    "ready), 2 an error. See "
                     "docs/operations.md.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -483,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the results as JSON to FILE ('-': JSON on stdout "
                         "instead of the table)")
     s.set_defaults(func=cmd_bench)
+
+    from .proxy import add_parser as _add_proxy_parser
+
+    _add_proxy_parser(sub, _setting_flags)
     return p
 
 

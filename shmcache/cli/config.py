@@ -325,6 +325,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("metrics", None, "serve Prometheus metrics on HOST:PORT", _metrics),
 ]}
 
+# Settings of `shmcache proxy` only (cli/proxy_config.py; a test keeps the two equal):
+# the environment may carry them for a proxy, so `serve` does not warn about them.
+OTHER_COMMAND_SETTINGS = frozenset({"listen", "listen_cert_file", "listen_key_file",
+                                    "listen_client_ca_file", "workers"})
 # The two forms of the password are one setting for precedence.
 _PASSWORD_FORMS = ("password", "password_file")
 # What connecting to etcd takes (`shmcache check --against-etcd` reads only these).
@@ -376,8 +380,9 @@ class ServeConfig:
         return lines
 
 
-def _fail(name: str, value: Any, origin: str, reason: str) -> ConfigError:
-    s = SETTINGS.get(name)
+def _fail(name: str, value: Any, origin: str, reason: str,
+          table: Mapping[str, Setting] | None = None) -> ConfigError:
+    s = (SETTINGS if table is None else table).get(name)
     shown = "(hidden)" if s is not None and s.secret else repr(value)
     return ConfigError(_one_line(f"{name} = {shown} (from {origin}): {reason}"))
 
@@ -386,7 +391,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def _read_file(path: str, table: Mapping[str, Setting]) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -399,11 +404,11 @@ def _read_file(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(_one_line(f"config file {path}: not valid TOML: {exc}")) from None
     for key in data:
-        if key not in SETTINGS:
-            close = difflib.get_close_matches(key, SETTINGS, n=1)
+        if key not in table:
+            close = difflib.get_close_matches(key, table, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}; known: "
-                              f"{', '.join(SETTINGS)}")
+                              f"{', '.join(table)}")
     return data
 
 
@@ -419,6 +424,23 @@ def load(name: str, flags: Mapping[str, Any] | None = None,
     ``only``: read just these settings (the others keep their defaults).
     Raises ``ConfigError`` on the first bad setting.
     """
+    values, sources, warnings, config_file = resolve(
+        name, SETTINGS, flags, environ, config_file, only, "`shmcache serve`")
+    cfg = ServeConfig(name=name, config_file=config_file, sources=sources, warnings=warnings,
+                      **values)
+    _cross_check(cfg)
+    if cfg.password_file is not None:
+        cfg.password = _read_password(cfg)
+    return cfg
+
+
+def resolve(name: str, table: Mapping[str, Setting], flags: Mapping[str, Any] | None,
+            environ: Mapping[str, str] | None, config_file: str | None,
+            only: Collection[str] | None, command: str,
+            ) -> tuple[dict[str, Any], dict[str, str], list[str], str | None]:
+    """The settings of ``table`` from flags > environment > config file > defaults:
+    (values, sources, warnings, config file). Shared by ``serve`` and ``proxy``; an
+    environment variable naming a setting of either command is not warned about."""
     from ..ipc import shm as _shm
 
     try:
@@ -434,7 +456,7 @@ def load(name: str, flags: Mapping[str, Any] | None = None,
     # Layers, lowest precedence first: (origin text, {setting: raw value}, from_file).
     layers: list[tuple[str, dict[str, Any], bool]] = []
     if config_file is not None:
-        data = _read_file(config_file)
+        data = _read_file(config_file, table)
         base = os.path.dirname(os.path.abspath(config_file))
         for key in ("ca_file", "cert_file", "key_file", "password_file"):
             v = data.get(key)
@@ -446,15 +468,16 @@ def load(name: str, flags: Mapping[str, Any] | None = None,
         if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_SETTINGS:
             continue
         setting = key[len(ENV_PREFIX):].lower()
-        if setting not in SETTINGS:
-            warnings.append(f"ignoring environment variable {key}: not a setting of "
-                            f"`shmcache serve`")
+        if setting not in table:
+            if setting not in SETTINGS and setting not in OTHER_COMMAND_SETTINGS:
+                warnings.append(f"ignoring environment variable {key}: not a setting of "
+                                f"{command}")
         elif value != "":  # an empty variable counts as unset (EnvironmentFile placeholders)
             env_layer[setting] = value
     layers.append(("environment", env_layer, False))
     layers.append(("command line", {k: v for k, v in flags.items() if v is not None}, False))
 
-    values: dict[str, Any] = {n: s.default for n, s in SETTINGS.items()}
+    values: dict[str, Any] = {n: s.default for n, s in table.items()}
     sources: dict[str, str] = {}
     for origin, layer, from_file in layers:
         if only is not None:
@@ -468,28 +491,37 @@ def load(name: str, flags: Mapping[str, Any] | None = None,
                 values[k] = None
                 sources.pop(k, None)
         for key, raw in layer.items():
-            s = SETTINGS[key]
-            where = _where(origin, key)
+            s = table[key]
+            where = _where(origin, key, table)
             try:
                 values[key] = s.parse(raw, from_file)
             except ValueError as exc:
-                raise _fail(key, raw, where, str(exc)) from None
+                raise _fail(key, raw, where, str(exc), table) from None
             sources[key] = where
 
-    cfg = ServeConfig(name=name, config_file=config_file, sources=sources, warnings=warnings,
-                      **values)
-    _cross_check(cfg)
-    if cfg.password_file is not None:
-        cfg.password = _read_password(cfg)
-    return cfg
+    return values, sources, warnings, config_file
 
 
-def _where(origin: str, key: str) -> str:
+def _where(origin: str, key: str, table: Mapping[str, Setting]) -> str:
     if origin == "environment":
         return f"environment {ENV_PREFIX}{key.upper()}"
     if origin == "command line":
-        return f"flag {SETTINGS[key].flag}" if key in SETTINGS else "command line"
+        return f"flag {table[key].flag}" if key in table else "command line"
     return origin
+
+
+def check_etcd_tls(cfg: Any, err: Callable[[str, str], ConfigError]) -> set[str]:
+    """What ``serve`` and ``proxy`` check alike of their etcd settings (``endpoints``,
+    ``cert_file``, ``key_file`` of ``cfg``): a client certificate comes with its key, and
+    the endpoints use one scheme, which is returned ({"http"}, {"https"}, or none)."""
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        have, missing = ("cert_file", "key_file") if cfg.cert_file else ("key_file", "cert_file")
+        raise err(have, f"a client certificate needs both cert_file and key_file; {missing} "
+                        f"is not set")
+    schemes = {("https" if e.startswith("https://") else "http") for e in cfg.endpoints}
+    if len(schemes) > 1:
+        raise err("endpoints", "mixes http:// and https:// endpoints; all members use one")
+    return schemes
 
 
 def _cross_check(cfg: ServeConfig) -> None:
@@ -498,14 +530,8 @@ def _cross_check(cfg: ServeConfig) -> None:
     def err(name: str, reason: str) -> ConfigError:
         return _fail(name, getattr(cfg, name), src.get(name, "default"), reason)
 
-    if (cfg.cert_file is None) != (cfg.key_file is None):
-        have, missing = ("cert_file", "key_file") if cfg.cert_file else ("key_file", "cert_file")
-        raise err(have, f"a client certificate needs both cert_file and key_file; {missing} "
-                        f"is not set")
+    schemes = check_etcd_tls(cfg, err)
     tls = any(f is not None for f in (cfg.ca_file, cfg.cert_file, cfg.key_file))
-    schemes = {("https" if e.startswith("https://") else "http") for e in cfg.endpoints}
-    if len(schemes) > 1:
-        raise err("endpoints", "mixes http:// and https:// endpoints; all members use one")
     if "https" in schemes and cfg.ca_file is None:
         raise err("endpoints", "https:// endpoints need ca_file, the CA that signed etcd's "
                                "certificate (python-etcd3 does not use the system trust store)")

@@ -138,8 +138,10 @@ class _Collector:
             yield fam
 
 
-def start_metrics_server(svc: Any, host: str, port: int) -> tuple[Any, int]:
-    """Serve /metrics on host:port from a private registry; returns (server, bound port)."""
+def start_metrics_server(svc: Any, host: str, port: int,
+                         collector: Any = None) -> tuple[Any, int]:
+    """Serve /metrics on host:port from a private registry; returns (server, bound port).
+    ``collector``: what to export instead of the writer service ``svc``'s table (the proxy's)."""
     try:
         from prometheus_client import CollectorRegistry, start_http_server
         from prometheus_client.process_collector import ProcessCollector
@@ -147,7 +149,7 @@ def start_metrics_server(svc: Any, host: str, port: int) -> tuple[Any, int]:
         raise ConfigError("metrics: needs the prometheus_client package: "
                           "pip install 'shmcache[metrics]'") from None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(svc))
+    registry.register(_Collector(svc) if collector is None else collector)
     ProcessCollector(registry=registry)
     try:
         result = start_http_server(port, addr=host, registry=registry)
