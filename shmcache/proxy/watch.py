@@ -1,0 +1,523 @@
+"""etcd's Watch service served from the cache: many client watches, one etcd watch (the writer's).
+
+Every client watch is a ``Reader.awatch`` of the proxy's Reader, so all of them
+are fed by the Reader's per-process demultiplexer: each ring record is decoded
+once for the process, and N client watches cost etcd nothing beyond the
+writer's watch. The protocol is etcd's (server/etcdserver/api/v3rpc/watch.go
+and server/mvcc/watchable_store.go, v3.5):
+
+- one bidirectional stream carries any number of watches; a create request
+  is answered ``created`` (with the watch id the client chose, or the next free
+  one), a cancel request ``canceled``, both with the cache's revision in the header;
+- a watch starting in the past first gets what it missed in catch-up responses
+  of at most 1,000 revisions each, headed by the revision it has caught up to
+  (etcd's unsynced watchers); after that one response per revision, all events
+  of the revision in it, headed by that revision (etcd's synced watchers);
+- a start revision the cache no longer holds: ``created``, then ``canceled``
+  with ``compact_revision`` (the oldest start revision it would serve), as
+  etcd answers a watch below its compaction; a watch the ring overtakes later
+  (a client too slow to read it) ends the same way;
+- a progress request is answered (watch id -1) with the cache's revision once
+  every watch of the stream has delivered its events up to it, so a client
+  never sees progress before events it has not got (etcd issues 15220, 17507);
+- ``progress_notify`` watches get a progress response every
+  ``progress_interval`` seconds (etcd: 10 minutes) unless they got events;
+- ``prev_kv``, ``filters`` (NOPUT, NODELETE) and ``fragment`` (responses above
+  ``max_request_bytes`` split as etcd's sendFragments does) as etcd.
+
+A watch over keys outside the cache's prefix is refused: ``created`` and
+``canceled`` with a cancel reason saying so (the client should watch it on
+etcd). etcd's auth does not apply to watches here (the proxy serves what its
+Reader can read).
+
+Threads and concurrency contract: the service runs one asyncio event loop in
+one thread for all its streams; every watch and stream state lives there and
+is changed only by code on that loop. Per stream, gRPC's handler thread only
+sends what the loop queued (``queue.SimpleQueue``), and one thread of ours reads
+the client's requests and hands them to the loop. A watch costs a coroutine,
+not a thread. ``close()`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CompactedError, ShmCacheError
+from ..etcdapi import mvcc, rpc, service_handler
+from .metrics import ProxyMetrics
+from .watch_range import EmptyRange, KeySelection, select
+
+if TYPE_CHECKING:
+    from ..reader.aio import AsyncWatch
+    from ..reader.reader import Reader
+    from ..types import Event, KeyValue
+
+__all__ = ["WatchService"]
+
+# etcd's --max-request-bytes default: the size above which a fragment watch's
+# responses are split.
+MAX_REQUEST_BYTES = 1536 * 1024
+# etcd's default progress report interval (v3rpc.GetProgressReportInterval).
+PROGRESS_INTERVAL = 600.0
+# Revisions per catch-up response (etcd's watchBatchMaxRevs).
+CATCH_UP_REVISIONS = 1000
+# Responses a stream may have queued for its client before its watches stop
+# reading: a client that reads too slowly is then overtaken by the ring and its
+# watches are canceled with compact_revision, instead of the proxy's memory
+# growing without bound.
+BACKLOG = 1000
+
+_EMPTY_RANGE = "mvcc: watcher range is empty"
+_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+_COMPACTED = "mvcc: required revision has been compacted"
+_END = object()  # the stream's last item
+
+
+class _Abort:
+    """Ends a stream with a gRPC error (the Reader closed or failed)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _ClientWatch:
+    """One client watch on a stream (loop thread only)."""
+
+    def __init__(self, watch_id: int, keys: KeySelection, aw: AsyncWatch | None,
+                 req: Any, start: int) -> None:
+        self.id = watch_id
+        self.keys = keys
+        self.aw = aw  # None once it ended (compacted): the id stays taken until canceled
+        self.prev_kv = req.prev_kv
+        self.fragment = req.fragment
+        self.progress_notify = req.progress_notify
+        self.no_put = rpc.WatchCreateRequest.NOPUT in req.filters
+        self.no_delete = rpc.WatchCreateRequest.NODELETE in req.filters
+        self.start = start  # events below it are not wanted (a start revision in the future)
+        self.catching_up = True
+        self.quiet = True  # no events sent since the last progress tick
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Stream:
+    """One client's Watch stream. Created on gRPC's handler thread; ``request``, ``start``
+    and ``teardown`` run on the service's loop; ``stop`` on any thread."""
+
+    def __init__(self, service: WatchService, cluster_id: int) -> None:
+        self._service = service
+        self._reader = service.reader
+        self._cluster_id = cluster_id
+        self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._watches: dict[int, _ClientWatch] = {}
+        self._next_id = 0
+        self._stopped = threading.Event()
+        self._ticker: asyncio.TimerHandle | None = None
+        self._control: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- any thread ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End the stream (client gone, RPC over, service closing); idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.out.put(_END)
+        self._service.call(self.teardown)
+
+    def backlog(self) -> int:
+        return self.out.qsize()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._spawn(self._serve_requests())
+        self._schedule_tick()
+
+    def request(self, req: Any) -> None:
+        if not self._stopped.is_set():
+            self._control.put_nowait(req)
+
+    def teardown(self) -> None:
+        """Cancel every watch and task of the stream."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        live = 0
+        for cw in self._watches.values():
+            if cw.aw is not None:
+                cw.aw.close()
+                live += 1
+        self._watches.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        if live:
+            self._service.metrics.watches_changed(-live)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _header(self, revision: int) -> Any:
+        return rpc.ResponseHeader(cluster_id=self._cluster_id, revision=revision)
+
+    def _send(self, resp: Any) -> None:
+        if not self._stopped.is_set():
+            self.out.put(resp)
+
+    async def _serve_requests(self) -> None:
+        """The client's requests, one at a time in their order (as etcd's recvLoop)."""
+        try:
+            while True:
+                req = await self._control.get()
+                which = req.WhichOneof("request_union")
+                if which == "create_request":
+                    self._create(req.create_request)
+                elif which == "cancel_request":
+                    self._cancel(req.cancel_request.watch_id)
+                elif which == "progress_request":
+                    rev = await self._synced_revision(list(self._watches.values()))
+                    if rev is not None:
+                        self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1))
+                # (etcd ignores an empty or unknown request too)
+        except ShmCacheError as exc:
+            self._fail(exc)
+
+    def _create(self, req: Any) -> None:
+        reader = self._reader
+        rev = reader.revision
+        refuse = None
+        keys = None
+        try:
+            keys = select(req.key, req.range_end, reader.prefix)
+        except EmptyRange:
+            refuse = _EMPTY_RANGE
+        if keys is None and refuse is None:
+            refuse = (f"shmcache proxy: keys outside the cache's prefix "
+                      f"{reader.prefix.decode('utf-8', 'backslashreplace')!r}: watch them on etcd")
+        if req.start_revision < 0:
+            refuse = _COMPACTED
+        watch_id = req.watch_id
+        if refuse is None and watch_id in self._watches:
+            refuse = _DUPLICATE_ID
+        if refuse is not None:
+            self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1, created=True,
+                                         canceled=True, cancel_reason=refuse))
+            return
+        assert keys is not None
+        if watch_id == 0:  # etcd's AutoWatchID: the next id not in use
+            while self._next_id in self._watches:
+                self._next_id += 1
+            watch_id = self._next_id
+            self._next_id += 1
+        # Revisions are etcd's: a start revision S wants the events of S and after,
+        # since_revision S - 1. One after the current revision is "from now"; later
+        # ones start from now and drop what comes before them.
+        start = req.start_revision or rev + 1
+        since = min(start - 1, rev)
+        compacted: CompactedError | None = None
+        aw = None
+        try:
+            aw = reader.awatch(keys.prefix, since)
+        except CompactedError as exc:
+            compacted = exc
+        cw = _ClientWatch(watch_id, keys, aw, req, start)
+        cw.catching_up = start <= rev
+        self._watches[watch_id] = cw
+        self._send(rpc.WatchResponse(header=self._header(rev), watch_id=watch_id, created=True))
+        if compacted is not None:
+            self._compacted(cw, compacted)
+            return
+        self._service.metrics.watches_changed(1)
+        cw.task = self._spawn(self._feed(cw))
+
+    def _cancel(self, watch_id: int) -> None:
+        cw = self._watches.pop(watch_id, None)
+        if cw is None:
+            return  # etcd answers nothing for an unknown id
+        self._end(cw)
+        self._send(rpc.WatchResponse(header=self._header(self._reader.revision),
+                                     watch_id=watch_id, canceled=True))
+
+    def _end(self, cw: _ClientWatch) -> None:
+        if cw.aw is not None:
+            cw.aw.close()
+            cw.aw = None
+            self._service.metrics.watches_changed(-1)
+        if cw.task is not None and cw.task is not asyncio.current_task():
+            cw.task.cancel()
+
+    def _compacted(self, cw: _ClientWatch, exc: CompactedError) -> None:
+        """etcd's answer to a watch below its compaction: canceled, ``compact_revision``
+        the oldest start revision served (the id stays taken until the client cancels)."""
+        self._end(cw)
+        self._send(rpc.WatchResponse(header=self._header(0), watch_id=cw.id, canceled=True,
+                                     compact_revision=exc.compact_revision + 1))
+
+    def _fail(self, exc: ShmCacheError) -> None:
+        if not self._stopped.is_set():
+            self.out.put(_Abort(str(exc)))
+            self.stop()
+
+    async def _feed(self, cw: _ClientWatch) -> None:
+        """Move a watch's events from the cache to the client, until it ends."""
+        try:
+            while cw.aw is not None:
+                while self.backlog() > BACKLOG and not self._stopped.is_set():
+                    await asyncio.sleep(0.05)  # the client reads slowly: let the ring judge
+                aw = cw.aw
+                if aw is None:
+                    return
+                events = await aw.poll(None)
+                if cw.aw is aw:
+                    self._deliver(cw, events)
+        except CompactedError as exc:
+            if self._watches.get(cw.id) is cw:
+                self._compacted(cw, exc)
+        except ShmCacheError as exc:
+            self._fail(exc)
+
+    async def _drain(self, cw: _ClientWatch) -> None:
+        """Deliver what ``cw`` has now (a progress answer must not overtake events)."""
+        aw = cw.aw
+        if aw is None:
+            return
+        try:
+            events = await aw.poll(0)
+        except CompactedError as exc:
+            self._compacted(cw, exc)
+            return
+        self._deliver(cw, events)
+
+    def _deliver(self, cw: _ClientWatch, events: list[Event]) -> None:
+        """Send ``events`` (ascending revisions) as etcd batches them."""
+        if cw.start > 1 and events and events[0].revision < cw.start:
+            events = [e for e in events if e.revision >= cw.start]
+        keys = cw.keys.matches
+        if keys is not None:
+            events = [e for e in events if keys(e.kv.key)]
+        if cw.no_put or cw.no_delete:
+            events = [e for e in events
+                      if not (cw.no_put if e.type == "PUT" else cw.no_delete)]
+        catching_up, cw.catching_up = cw.catching_up, False
+        if not events:
+            return
+        cw.quiet = False
+        aw = cw.aw
+        assert aw is not None
+        if catching_up:
+            # etcd's unsynced watcher: up to 1,000 revisions per response, headed by
+            # the revision the watch has caught up to.
+            top = aw.revision
+            batch: list[Event] = []
+            revs = 0
+            for e in events:
+                if not batch or e.revision != batch[-1].revision:
+                    if revs == CATCH_UP_REVISIONS:
+                        self._respond(cw, top, batch)
+                        batch, revs = [], 0
+                    revs += 1
+                batch.append(e)
+            self._respond(cw, top, batch)
+            return
+        for rev, group in itertools.groupby(events, key=lambda e: e.revision):
+            self._respond(cw, rev, list(group))
+
+    def _respond(self, cw: _ClientWatch, revision: int, events: list[Event]) -> None:
+        prev = cw.prev_kv
+        resp = rpc.WatchResponse(header=self._header(revision), watch_id=cw.id, events=[
+            mvcc.Event(type=mvcc.Event.PUT if e.type == "PUT" else mvcc.Event.DELETE,
+                       kv=_kv(e.kv), prev_kv=_kv(e.prev_kv) if prev and e.prev_kv else None)
+            for e in events])
+        limit = self._service.max_request_bytes
+        if not cw.fragment or len(events) < 2 or resp.ByteSize() < limit:
+            self._send(resp)
+            return
+        for part in _fragments(resp, limit):
+            self._send(part)
+
+    async def _synced_revision(self, watches: list[_ClientWatch]) -> int | None:
+        """The cache's revision once ``watches`` have delivered every event up to it; None
+        if one cannot within a second (etcd then sends no progress either)."""
+        rev = self._reader.revision
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while True:
+            for cw in watches:
+                await self._drain(cw)
+            behind = [cw for cw in watches if cw.aw is not None and cw.aw.revision < rev]
+            if not behind:
+                return rev
+            if loop.time() > deadline:
+                return None
+            watches = behind
+            await asyncio.sleep(0.01)
+
+    def _schedule_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(self._service.progress_interval, self._tick)
+
+    def _tick(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._spawn(self._progress_notify())
+        self._schedule_tick()
+
+    async def _progress_notify(self) -> None:
+        """etcd's progress ticker: each progress_notify watch that got no events since the
+        last tick and has caught up gets a progress response with the cache's revision."""
+        try:
+            for cw in [cw for cw in self._watches.values() if cw.progress_notify]:
+                if cw.quiet and cw.aw is not None:
+                    rev = await self._synced_revision([cw])
+                    if rev is not None and cw.quiet and cw.aw is not None:
+                        self._send(rpc.WatchResponse(header=self._header(rev), watch_id=cw.id))
+                cw.quiet = True
+        except ShmCacheError as exc:
+            self._fail(exc)
+
+
+def _kv(kv: KeyValue) -> Any:
+    return mvcc.KeyValue(key=kv.key, value=kv.value, create_revision=kv.create_revision,
+                         mod_revision=kv.mod_revision, version=kv.version, lease=kv.lease)
+
+
+def _fragments(resp: Any, limit: int) -> Iterator[Any]:
+    """etcd's sendFragments: as many events per part as keep it below ``limit`` bytes (at
+    least one), ``fragment`` set on every part but the last."""
+    events = list(resp.events)
+    i = 0
+    while True:
+        part = rpc.WatchResponse(header=resp.header, watch_id=resp.watch_id, fragment=True)
+        for ev in events[i:]:
+            part.events.append(ev)
+            if len(part.events) > 1 and part.ByteSize() >= limit:
+                del part.events[-1]
+                break
+            i += 1
+        if i == len(events):
+            part.fragment = False
+        yield part
+        if not part.fragment:
+            return
+
+
+class WatchService:
+    """etcd's Watch service for a proxy: ``handler()`` for a gRPC server, ``close()`` to stop.
+
+    ``reader``: the proxy's Reader (shared with the other services; thread-safe).
+    ``forward``: the proxy's forwarding client; watches outside the cache's prefix
+    are refused either way (see the module docstring). ``progress_interval``:
+    seconds between progress_notify responses; ``max_request_bytes``: where
+    fragment watches split responses (both etcd's defaults).
+    """
+
+    def __init__(self, reader: Reader, metrics: ProxyMetrics, forward: object | None = None, *,
+                 progress_interval: float = PROGRESS_INTERVAL,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+        self.reader = reader
+        self.metrics = metrics
+        self.forward = forward
+        self.progress_interval = progress_interval
+        self.max_request_bytes = max_request_bytes
+        self._lock = threading.Lock()
+        self._streams: set[_Stream] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                             name="shmcache-proxy-watch")
+        self._loop_thread.start()
+
+    def handler(self) -> Any:
+        """The ``grpc.GenericRpcHandler`` of etcd's Watch service."""
+        return service_handler("Watch", {"Watch": self._watch})
+
+    def call(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the service's loop (nothing once it is closed)."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: close() tore everything down already
+
+    def close(self) -> None:
+        """End every stream (their clients see the RPC end) and stop the loop and threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams, threads = list(self._streams), list(self._threads)
+        for s in streams:
+            s.stop()
+
+        async def finish() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(finish(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(10)
+            self._loop.close()
+        for t in threads:
+            t.join(5)
+
+    def _watch(self, requests: Iterator[Any], context: Any) -> Iterator[Any]:
+        """One Watch stream (gRPC's handler thread): send what the loop queues."""
+        with self._lock:
+            if self._closed:
+                context.abort(_grpc().StatusCode.UNAVAILABLE, "shmcache proxy is closing")
+            stream = _Stream(self, self.reader.status().cluster_id)
+            reader = threading.Thread(target=self._read_requests, args=(stream, requests),
+                                      daemon=True, name="shmcache-proxy-watch-requests")
+            self._streams.add(stream)
+            self._threads.add(reader)
+        self.metrics.stream_opened()
+        context.add_callback(stream.stop)
+        code = "OK"
+        try:
+            self.call(stream.start)
+            reader.start()
+            while True:
+                item = stream.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Abort):
+                    code = "UNAVAILABLE"
+                    context.abort(_grpc().StatusCode.UNAVAILABLE, item.message)
+                yield item
+        finally:
+            stream.stop()
+            with self._lock:
+                self._streams.discard(stream)
+            self.metrics.stream_closed()
+            self.metrics.request("Watch", "Watch", code, forwarded=False)
+
+    def _read_requests(self, stream: _Stream, requests: Iterator[Any]) -> None:
+        """The stream's request reader: hands each request to the loop. The client closing
+        its side ends only this (etcd keeps sending); a broken stream ends the stream."""
+        try:
+            for req in requests:
+                self.call(stream.request, req)
+        except Exception:  # grpc.RpcError: the RPC ended (client gone, cancelled)
+            stream.stop()
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+
+def _grpc() -> Any:
+    import grpc
+
+    return grpc
