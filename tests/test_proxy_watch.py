@@ -8,31 +8,26 @@ its own sub-prefix and opens the same watch on etcd and on the proxy.
 
 from __future__ import annotations
 
-import os
 import queue
 import secrets
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 import shmcache
-from shmcache.cli.demo_etcd import find_etcd_binary
-from shmcache.etcdapi import Stub, dial, mvcc, rpc
+from shmcache.etcdapi import Stub, dial, rpc
 from shmcache.proxy.metrics import ProxyMetrics
 from shmcache.proxy.watch import WatchService
 from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess
 
 PROGRESS = 1.0
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 128 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +206,10 @@ def upto(rev: int) -> Callable[[list[Any]], bool]:
     return lambda out: any(r.events and r.events[-1].kv.mod_revision >= rev for r in out)
 
 
+def prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
 def n_responses(n: int) -> Callable[[list[Any]], bool]:
     return lambda out: len(out) >= n
 
@@ -222,11 +221,12 @@ def test_prefix_watch_from_now_matches_etcd(clients: Any, kv: Any, reader: shmca
                                             sub_prefix: bytes) -> None:
     """A prefix watch from now: created, then one response per revision, same as etcd's."""
     pair = clients()
-    end = sub_prefix[:-1] + bytes([sub_prefix[-1] + 1])
+    end = prefix_end(sub_prefix)
+    reader.sync()
     for c in pair:
         c.create(sub_prefix, end, prev_kv=True)
     e, p = both_until(pair, n_responses(1))
-    assert e[0]["created"] and p[0]["created"]
+    assert p == e and e[0]["created"]
     put(kv, sub_prefix + b"a", b"1")
     put(kv, sub_prefix + b"a", b"2")
     txn(kv, [(sub_prefix + b"b", b"x"), (sub_prefix + b"c", b"y")])
@@ -234,3 +234,173 @@ def test_prefix_watch_from_now_matches_etcd(clients: Any, kv: Any, reader: shmca
     e, p = both_until(pair, upto(last))
     assert p == e
     assert len(e) == 4
+
+
+def test_catch_up_from_a_past_revision_matches_etcd(clients: Any, kv: Any,
+                                                    reader: shmcache.Reader,
+                                                    sub_prefix: bytes) -> None:
+    """A watch from a past start revision gets what it missed as etcd sends it (one
+    catch-up response headed by the current revision), then one response per revision."""
+    first = put(kv, sub_prefix + b"a", b"1")
+    put(kv, sub_prefix + b"b", b"1")
+    txn(kv, [(sub_prefix + b"a", b"2"), (sub_prefix + b"c", b"3")])
+    put(kv, sub_prefix + b"zz-outside-range", b"x")
+    last = delete(kv, sub_prefix + b"b")
+    reader.sync()
+    pair = clients()
+    for c in pair:
+        c.create(sub_prefix, sub_prefix + b"z", start_revision=first + 1, prev_kv=True)
+    e, p = both_until(pair, upto(last))
+    assert p == e
+    assert e[0]["created"] and len(e) == 2 and len(e[1]["events"]) == 4
+    later = put(kv, sub_prefix + b"c", b"4")
+    e, p = both_until(pair, upto(later))
+    assert p == e and e[0]["revision"] == later
+
+
+def test_many_watches_on_one_stream_match_etcd(clients: Any, kv: Any, reader: shmcache.Reader,
+                                               sub_prefix: bytes) -> None:
+    """Ids chosen by the client and assigned, single keys, ranges, from-key, a duplicate id,
+    an empty range, cancels (also of an unknown id): etcd's answers, in etcd's order."""
+    pair = clients()
+    a, b, c = sub_prefix + b"a", sub_prefix + b"b", sub_prefix + b"c"
+    reader.sync()
+    creates = [dict(key=a), dict(key=b, watch_id=7), dict(key=a, range_end=c),
+               dict(key=b, watch_id=7), dict(key=c, range_end=a), dict(key=c, watch_id=1),
+               dict(key=c)]
+    for cl in pair:
+        for kw in creates:
+            cl.create(**kw)
+    e, p = both_until(pair, n_responses(len(creates)))
+    assert p == e
+    assert [r["watch_id"] for r in e] == [0, 7, 1, -1, -1, -1, 2]
+    rev = txn(kv, [(a, b"1"), (b, b"2"), (c, b"3")])
+    e, p = both_until(pair, n_responses(4))  # watches 0, 7, 1 (a, b of [a, c)), 2
+    assert sorted(map(str, p)) == sorted(map(str, e))  # (etcd's order among watches varies)
+    assert all(r["revision"] == rev for r in e)
+    for cl in pair:
+        cl.send(cancel_request=rpc.WatchCancelRequest(watch_id=7))
+        cl.send(cancel_request=rpc.WatchCancelRequest(watch_id=99))
+        cl.send(cancel_request=rpc.WatchCancelRequest(watch_id=0))
+    e, p = both_until(pair, n_responses(2))
+    assert p == e and [(r["watch_id"], r["canceled"]) for r in e] == [(7, True), (0, True)]
+    last = put(kv, b, b"after")  # watch 7 is gone: only [a, c) sees it
+    e, p = both_until(pair, n_responses(1))
+    assert p == e and e[0]["watch_id"] == 1 and e[0]["revision"] == last
+    for cl in pair:
+        cl.create(key=a)  # the next assigned id: 3 (0 is free again but etcd counts on)
+    e, p = both_until(pair, n_responses(1))
+    assert p == e and e[0]["watch_id"] == 3
+
+
+@pytest.mark.parametrize("filters", [[rpc.WatchCreateRequest.NOPUT],
+                                     [rpc.WatchCreateRequest.NODELETE]])
+def test_filters_match_etcd(clients: Any, kv: Any, reader: shmcache.Reader, sub_prefix: bytes,
+                            filters: list[int]) -> None:
+    """NOPUT and NODELETE drop those events; a revision left without events sends nothing."""
+    first = put(kv, sub_prefix + b"a", b"1")
+    delete(kv, sub_prefix + b"a")
+    txn(kv, [(sub_prefix + b"b", b"1")], [sub_prefix + b"nothing"])
+    put(kv, sub_prefix + b"c", b"1")
+    txn(kv, [(sub_prefix + b"d", b"1")], [sub_prefix + b"c"])
+    last = delete(kv, sub_prefix + b"b")
+    reader.sync()
+    pair = clients()
+    for cl in pair:
+        cl.create(sub_prefix, prefix_end(sub_prefix), start_revision=first, filters=filters)
+        cl.create(sub_prefix, prefix_end(sub_prefix), filters=filters)  # from now
+    e, p = both_until(pair, n_responses(3))  # two created, one catch-up
+    assert sorted(map(str, p)) == sorted(map(str, e))  # (the catch-up comes later on etcd)
+    live = [put(kv, sub_prefix + b"e", b"1"), delete(kv, sub_prefix + b"e")]
+    e, p = both_until(pair, n_responses(2))  # one for each watch (in any order)
+    assert sorted(map(str, p)) == sorted(map(str, e))
+    assert {r["revision"] for r in e} == {live[filters[0] == rpc.WatchCreateRequest.NOPUT]}
+    assert last > first
+
+
+def test_progress_request_matches_etcd(clients: Any, kv: Any, reader: shmcache.Reader,
+                                       sub_prefix: bytes) -> None:
+    """A progress request: watch id -1, the revision every watch of the stream has reached,
+    sent after the events up to it; also on a stream without watches."""
+    pair = clients()
+    reader.sync()
+    for cl in pair:
+        cl.send(progress_request=rpc.WatchProgressRequest())
+    e, p = both_until(pair, n_responses(1))
+    assert p == e and e[0]["watch_id"] == -1
+    for cl in pair:
+        cl.create(sub_prefix, prefix_end(sub_prefix))
+    both_until(pair, n_responses(1))
+    rev = put(kv, sub_prefix + b"a", b"1")
+    reader.sync()
+    for cl in pair:
+        cl.send(progress_request=rpc.WatchProgressRequest())
+    e, p = both_until(pair, n_responses(2))
+    assert p == e and e[1]["watch_id"] == -1 and e[1]["revision"] == rev
+
+
+def test_progress_notify_matches_etcd(clients: Any, kv: Any, reader: shmcache.Reader,
+                                      sub_prefix: bytes) -> None:
+    """progress_notify: an idle watch gets progress responses (its id, the current
+    revision) every interval; a watch that got events skips one; others get none."""
+    pair = clients()
+    rev = put(kv, sub_prefix + b"a", b"1")
+    reader.sync()
+    for cl in pair:
+        cl.create(sub_prefix + b"a", progress_notify=True, watch_id=5)
+        cl.create(sub_prefix + b"b", watch_id=6)
+    both_until(pair, n_responses(2))
+    e, p = both_until(pair, n_responses(1))
+    assert p == e == [{**e[0], "watch_id": 5, "revision": rev, "events": []}]
+    other = put(kv, b"/elsewhere/" + sub_prefix, b"x")  # the revision moves, not the watch
+    reader.sync()
+    e, p = both_until(pair, lambda out: any(r["revision"] >= other for r in map(plain, out)))
+    assert [r["watch_id"] for r in e + p] == [5] * (len(e) + len(p))
+    assert e[-1] == p[-1]
+
+
+def test_fragment_splits_as_etcd(clients: Any, kv: Any, reader: shmcache.Reader,
+                                 sub_prefix: bytes) -> None:
+    """fragment: a response above --max-request-bytes arrives in parts of at least one
+    event each, every part but the last marked fragment; without it, in one piece."""
+    value = b"v" * 100_000  # 8 of them: above --max-request-bytes + etcd's 512 KiB allowance
+    first = put(kv, sub_prefix + b"0", value)
+    for i in range(1, 8):
+        last = put(kv, sub_prefix + b"%d" % i, value)
+    reader.sync()
+    pair = clients()
+    for cl in pair:
+        cl.create(sub_prefix, prefix_end(sub_prefix), start_revision=first, fragment=True)
+    e, p = both_until(pair, upto(last))
+    assert p == e
+    assert [(r["fragment"], len(r["events"])) for r in e] == [(False, 0), (True, 6), (False, 2)]
+    for cl in pair:
+        cl.create(sub_prefix, prefix_end(sub_prefix), start_revision=first)
+    e, p = both_until(pair, upto(last))
+    assert p == e and len(e) == 2
+
+
+def test_start_revision_the_cache_no_longer_holds(clients: Any, kv: Any, etcd: EtcdServer,
+                                                  reader: shmcache.Reader,
+                                                  sub_prefix: bytes) -> None:
+    """Below the oldest revision the cache holds: created, then canceled with
+    compact_revision (the oldest start revision served), as etcd answers below its
+    compaction; the id stays taken until the client cancels it."""
+    oldest = reader.status().oldest_watchable_revision  # since_revision: start oldest + 1
+    put(kv, sub_prefix + b"a", b"1")
+    etcd.compact(oldest + 1)
+    reader.sync()
+    pair = clients()
+    for cl in pair:
+        cl.create(sub_prefix, prefix_end(sub_prefix), start_revision=oldest, watch_id=3)
+    e, p = both_until(pair, n_responses(2))
+    assert p == e
+    assert e[1] == {**e[1], "watch_id": 3, "canceled": True, "compact_revision": oldest + 1}
+    for cl in pair:
+        cl.create(sub_prefix, watch_id=3)  # still taken
+        cl.send(cancel_request=rpc.WatchCancelRequest(watch_id=3))
+        cl.create(sub_prefix, prefix_end(sub_prefix), start_revision=oldest + 1, watch_id=3)
+    e, p = both_until(pair, n_responses(3))
+    assert p == e
+    assert [(r["watch_id"], r["created"], r["canceled"]) for r in e] == [
+        (-1, True, True), (3, False, True), (3, True, False)]

@@ -59,9 +59,10 @@ if TYPE_CHECKING:
 
 __all__ = ["WatchService"]
 
-# etcd's --max-request-bytes default: the size above which a fragment watch's
-# responses are split.
+# etcd's --max-request-bytes default. A fragment watch's responses are split above
+# it plus etcd's allowance for gRPC's overhead (v3rpc/grpc.go, grpcOverheadBytes).
 MAX_REQUEST_BYTES = 1536 * 1024
+GRPC_OVERHEAD_BYTES = 512 * 1024
 # etcd's default progress report interval (v3rpc.GetProgressReportInterval).
 PROGRESS_INTERVAL = 600.0
 # Revisions per catch-up response (etcd's watchBatchMaxRevs).
@@ -206,7 +207,7 @@ class _Stream:
         if req.start_revision < 0:
             refuse = _COMPACTED
         watch_id = req.watch_id
-        if refuse is None and watch_id in self._watches:
+        if refuse is None and watch_id and watch_id in self._watches:
             refuse = _DUPLICATE_ID
         if refuse is not None:
             self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1, created=True,
@@ -337,7 +338,7 @@ class _Stream:
             mvcc.Event(type=mvcc.Event.PUT if e.type == "PUT" else mvcc.Event.DELETE,
                        kv=_kv(e.kv), prev_kv=_kv(e.prev_kv) if prev and e.prev_kv else None)
             for e in events])
-        limit = self._service.max_request_bytes
+        limit = self._service.max_request_bytes + GRPC_OVERHEAD_BYTES
         if not cw.fragment or len(events) < 2 or resp.ByteSize() < limit:
             self._send(resp)
             return
@@ -416,8 +417,9 @@ class WatchService:
     ``reader``: the proxy's Reader (shared with the other services; thread-safe).
     ``forward``: the proxy's forwarding client; watches outside the cache's prefix
     are refused either way (see the module docstring). ``progress_interval``:
-    seconds between progress_notify responses; ``max_request_bytes``: where
-    fragment watches split responses (both etcd's defaults).
+    seconds between progress_notify responses; ``max_request_bytes``: etcd's
+    --max-request-bytes, which decides where fragment watches split responses
+    (both etcd's defaults).
     """
 
     def __init__(self, reader: Reader, metrics: ProxyMetrics, forward: object | None = None, *,

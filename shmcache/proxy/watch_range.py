@@ -10,7 +10,6 @@ and the test drops the rest. Pure functions, no state.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +55,9 @@ def select(key: bytes, range_end: bytes, cache_prefix: bytes) -> KeySelection | 
     if range_end == prefix_end(key):
         return KeySelection(key, None)  # a prefix watch (etcdctl watch --prefix)
     # Every key in [key, range_end) starts with what key and range_end have in common.
-    common = bytes(os.path.commonprefix([key, range_end]))
+    n = 0
+    while n < min(len(key), len(range_end)) and key[n] == range_end[n]:
+        n += 1
+    common = key[:n]
     prefix = common if len(common) >= len(cache_prefix) else cache_prefix
     return KeySelection(prefix, lambda k: key <= k < range_end)
