@@ -8,10 +8,15 @@ its own sub-prefix and opens the same watch on etcd and on the proxy.
 
 from __future__ import annotations
 
+import gc
+import os
 import queue
 import secrets
+import shutil
+import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -404,3 +409,175 @@ def test_start_revision_the_cache_no_longer_holds(clients: Any, kv: Any, etcd: E
     assert p == e
     assert [(r["watch_id"], r["created"], r["canceled"]) for r in e] == [
         (-1, True, True), (3, False, True), (3, True, False)]
+
+
+# -- etcdctl ---------------------------------------------------------------------------------
+
+
+def _etcdctl() -> str:
+    from shmcache.cli.demo_etcd import find_etcd_binary
+
+    beside = os.path.join(os.path.dirname(find_etcd_binary()), "etcdctl")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("etcdctl")
+    if found is None:
+        pytest.skip("no etcdctl binary")
+    return found
+
+
+class Etcdctl:
+    """``etcdctl watch ...`` running in the background, its output collected."""
+
+    def __init__(self, endpoint: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [_etcdctl(), "--endpoints", endpoint, "watch", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env={**os.environ, "ETCDCTL_API": "3"})
+        self.out = b""
+        self._lock = threading.Lock()
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._lock:
+                self.out += line
+
+    def wait_for(self, text: bytes, timeout: float = 15.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if text in self.out:
+                    return self.out
+            time.sleep(0.02)
+        raise AssertionError(f"etcdctl did not print {text!r}; printed {self.out!r}")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._t.join(5)
+
+
+@pytest.mark.parametrize("args", [["--prefix"], ["--prefix", "--prev-kv"], ["--prev-kv"]])
+def test_etcdctl_watch_prints_what_it_prints_against_etcd(
+        proxy: Proxy, etcd: EtcdServer, kv: Any, reader: shmcache.Reader, sub_prefix: bytes,
+        args: list[str]) -> None:
+    """etcdctl watch (--prefix, --prev-kv, --rev) through the proxy prints exactly what it
+    prints against etcd: the history from --rev, then live events."""
+    key = sub_prefix if "--prefix" in args else sub_prefix + b"a"
+    first = put(kv, sub_prefix + b"a", b"1")
+    put(kv, sub_prefix + b"b", b"2")
+    txn(kv, [(sub_prefix + b"a", b"3"), (sub_prefix + b"c", b"multi\nline")])
+    delete(kv, sub_prefix + b"a")
+    reader.sync()
+    runs = [Etcdctl(ep, *args, f"--rev={first}", key.decode())
+            for ep in (etcd.endpoint, proxy.endpoint)]
+    try:
+        put(kv, sub_prefix + b"a", b"live")
+        delete(kv, sub_prefix, prefix_end(sub_prefix))
+        put(kv, sub_prefix + b"a", b"end")
+        outs = [r.wait_for(b"\nend\n") for r in runs]
+    finally:
+        for r in runs:
+            r.close()
+    assert outs[1] == outs[0]
+    assert outs[0].count(b"PUT\n") >= 3 and outs[0].count(b"DELETE\n") >= 2
+
+
+# -- what the proxy does not serve, and what it costs --------------------------------------------
+
+
+def test_a_watch_outside_the_cache_prefix_is_refused(proxy: Proxy, writer: Any,
+                                                     reader: shmcache.Reader) -> None:
+    """Keys the cache does not hold: created and canceled at once with a reason, the stream
+    and its other watches unharmed."""
+    prefix = writer[1]
+    c = Client(proxy.endpoint)
+    try:
+        c.create(b"/elsewhere/a")
+        c.create(prefix[:-1], prefix_end(prefix))  # wider than the cache's range
+        c.create(prefix, b"\0")  # from the prefix on: everything after it too
+        c.create(prefix + b"x", watch_id=4)
+        got = [plain(r) for r in c.until(n_responses(4))]
+    finally:
+        c.close()
+    for r in got[:3]:
+        assert (r["watch_id"], r["created"], r["canceled"]) == (-1, True, True)
+        assert "outside the cache's prefix" in r["cancel_reason"]
+    assert (got[3]["watch_id"], got[3]["canceled"]) == (4, False)
+
+
+def _etcd_watchers(etcd: EtcdServer) -> int:
+    with urllib.request.urlopen(f"{etcd.endpoint}/metrics", timeout=10) as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("etcd has no etcd_debugging_mvcc_watcher_total")
+
+
+def test_a_thousand_client_watches_add_no_watcher_on_etcd(proxy: Proxy, etcd: EtcdServer,
+                                                          kv: Any, reader: shmcache.Reader,
+                                                          sub_prefix: bytes) -> None:
+    """1,000 client watches (4 streams of 250) through one proxy: etcd's watcher count is
+    what it was (the writer's one), and every watch gets the event."""
+    reader.sync()
+    before = _etcd_watchers(etcd)
+    streams = [Client(proxy.endpoint) for _ in range(4)]
+    try:
+        for c in streams:
+            for i in range(250):
+                c.create(sub_prefix + b"%d" % (i % 10), prefix_end(sub_prefix))
+        for c in streams:
+            created = c.until(n_responses(250))
+            assert all(r.created and not r.canceled for r in created)
+        assert proxy.metrics.snapshot().watches == 1000
+        assert proxy.metrics.snapshot().watch_streams == 4
+        rev = put(kv, sub_prefix + b"9", b"x")
+        for c in streams:
+            got = c.until(n_responses(250))
+            assert {(r.header.revision, len(r.events)) for r in got} == {(rev, 1)}
+        assert _etcd_watchers(etcd) == before
+    finally:
+        for c in streams:
+            c.close()
+
+
+def _live(kind: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+def test_a_client_disconnect_frees_its_watches(proxy: Proxy, kv: Any, reader: shmcache.Reader,
+                                               sub_prefix: bytes) -> None:
+    """Clients that go away (cancel the RPC) leave no stream, watch, thread or demultiplexer
+    entry behind, however many came and went."""
+    from shmcache.proxy.watch import _Stream
+    from shmcache.reader.aio import AsyncWatch
+    from shmcache.reader.demux import demux_of
+
+    def cycle() -> None:
+        c = Client(proxy.endpoint)
+        for i in range(20):
+            c.create(sub_prefix + b"%d" % i)
+        assert len(c.until(n_responses(20))) == 20
+        c.close()
+
+    def settled() -> bool:
+        snap = proxy.metrics.snapshot()
+        return snap.watches == 0 and snap.watch_streams == 0 and \
+            demux_of(reader).joined_count() == 0 and _live(_Stream) == 0 and \
+            _live(AsyncWatch) == 0
+
+    cycle()  # (starts the server's worker threads once)
+    _wait(settled)
+    threads = threading.active_count()
+    for _ in range(30):
+        cycle()
+    _wait(settled)
+    _wait(lambda: threading.active_count() <= threads)
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
