@@ -48,14 +48,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CompactedError, ShmCacheError
-from ..etcdapi import mvcc, rpc, service_handler
+from ..etcdapi import rpc
 from .metrics import ProxyMetrics
+from .watch_encode import Encoder, event_message, fragments, serialize
 from .watch_range import EmptyRange, KeySelection, select
 
 if TYPE_CHECKING:
     from ..reader.aio import AsyncWatch
     from ..reader.reader import Reader
-    from ..types import Event, KeyValue
+    from ..types import Event
 
 __all__ = ["WatchService"]
 
@@ -333,16 +334,17 @@ class _Stream:
             self._respond(cw, rev, list(group))
 
     def _respond(self, cw: _ClientWatch, revision: int, events: list[Event]) -> None:
-        prev = cw.prev_kv
-        resp = rpc.WatchResponse(header=self._header(revision), watch_id=cw.id, events=[
-            mvcc.Event(type=mvcc.Event.PUT if e.type == "PUT" else mvcc.Event.DELETE,
-                       kv=_kv(e.kv), prev_kv=_kv(e.prev_kv) if prev and e.prev_kv else None)
-            for e in events])
         limit = self._service.max_request_bytes + GRPC_OVERHEAD_BYTES
-        if not cw.fragment or len(events) < 2 or resp.ByteSize() < limit:
+        if not cw.fragment or len(events) < 2:
+            self._send(self._service.encoder.response(cw.id, self._cluster_id, revision, events,
+                                                      cw.prev_kv))
+            return
+        resp = rpc.WatchResponse(header=self._header(revision), watch_id=cw.id, events=[
+            event_message(e, cw.prev_kv) for e in events])
+        if resp.ByteSize() < limit:
             self._send(resp)
             return
-        for part in _fragments(resp, limit):
+        for part in fragments(resp, limit):
             self._send(part)
 
     async def _synced_revision(self, watches: list[_ClientWatch]) -> int | None:
@@ -386,31 +388,6 @@ class _Stream:
             self._fail(exc)
 
 
-def _kv(kv: KeyValue) -> Any:
-    return mvcc.KeyValue(key=kv.key, value=kv.value, create_revision=kv.create_revision,
-                         mod_revision=kv.mod_revision, version=kv.version, lease=kv.lease)
-
-
-def _fragments(resp: Any, limit: int) -> Iterator[Any]:
-    """etcd's sendFragments: as many events per part as keep it below ``limit`` bytes (at
-    least one), ``fragment`` set on every part but the last."""
-    events = list(resp.events)
-    i = 0
-    while True:
-        part = rpc.WatchResponse(header=resp.header, watch_id=resp.watch_id, fragment=True)
-        for ev in events[i:]:
-            part.events.append(ev)
-            if len(part.events) > 1 and part.ByteSize() >= limit:
-                del part.events[-1]
-                break
-            i += 1
-        if i == len(events):
-            part.fragment = False
-        yield part
-        if not part.fragment:
-            return
-
-
 class WatchService:
     """etcd's Watch service for a proxy: ``handler()`` for a gRPC server, ``close()`` to stop.
 
@@ -430,6 +407,7 @@ class WatchService:
         self.forward = forward
         self.progress_interval = progress_interval
         self.max_request_bytes = max_request_bytes
+        self.encoder = Encoder()  # (the loop's)
         self._lock = threading.Lock()
         self._streams: set[_Stream] = set()
         self._threads: set[threading.Thread] = set()
@@ -441,7 +419,14 @@ class WatchService:
 
     def handler(self) -> Any:
         """The ``grpc.GenericRpcHandler`` of etcd's Watch service."""
-        return service_handler("Watch", {"Watch": self._watch})
+        # (etcdapi.service_handler but for the serializer: responses to many watches
+        # arrive encoded already, see watch_encode.py)
+        grpc = _grpc()
+        watch = grpc.stream_stream_rpc_method_handler(
+            self._watch, request_deserializer=rpc.WatchRequest.FromString,
+            response_serializer=serialize)
+        return grpc.method_handlers_generic_handler(
+            "etcdserverpb.Watch", {"Watch": watch})
 
     def call(self, fn: Any, *args: Any) -> None:
         """Run ``fn(*args)`` on the service's loop (nothing once it is closed)."""
