@@ -6,7 +6,7 @@ import pytest
 
 from shmcache import Event, KeyValue
 from shmcache.etcdapi import mvcc, rpc
-from shmcache.proxy.watch_encode import Encoder, event_message, serialize
+from shmcache.proxy.watch_encode import Encoder, batches, event_message, serialize
 
 PUT = Event("PUT", KeyValue(b"/a/k", b"v2", 3, 5, 2, 0), KeyValue(b"/a/k", b"v1", 3, 3, 1, 0), 5)
 NEW = Event("PUT", KeyValue(b"/a/n", b"x", 5, 5, 1, 7), None, 5)
@@ -43,3 +43,21 @@ def test_serialize_passes_encoded_bytes_through() -> None:
     msg = rpc.WatchResponse(watch_id=3, created=True)
     assert serialize(msg) == msg.SerializeToString()
     assert serialize(b"\x10\x03") == b"\x10\x03"
+
+
+def _ev(rev: int, key: bytes = b"/a/k") -> Event:
+    return Event("PUT", KeyValue(key, b"v", 1, rev, 1, 0), None, rev)
+
+
+def test_batches_as_etcd_groups_them() -> None:
+    """Synced: one response per revision, headed by it. Catching up: up to 1,000 revisions
+    per response (etcd's watchBatchMaxRevs), a revision never split, headed by the
+    revision caught up to."""
+    events = [_ev(3), _ev(3, b"/a/j"), _ev(4), _ev(6)]
+    assert [(r, len(b)) for r, b in batches(events, None)] == [(3, 2), (4, 1), (6, 1)]
+    assert [(r, len(b)) for r, b in batches(events, 9)] == [(9, 4)]
+    many = [_ev(rev, k) for rev in range(1, 2502) for k in (b"/a/1", b"/a/2")]
+    got = list(batches(many, 3000))
+    assert [(r, len(b)) for r, b in got] == [(3000, 2000), (3000, 2000), (3000, 1002)]
+    assert [e for _r, b in got for e in b] == many
+    assert got[1][1][0].revision == 1001

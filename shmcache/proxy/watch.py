@@ -25,10 +25,14 @@ and server/mvcc/watchable_store.go, v3.5):
 - ``prev_kv``, ``filters`` (NOPUT, NODELETE) and ``fragment`` (responses above
   ``max_request_bytes`` split as etcd's sendFragments does) as etcd.
 
-A watch over keys outside the cache's prefix is refused: ``created`` and
-``canceled`` with a cancel reason saying so (the client should watch it on
-etcd). etcd's auth does not apply to watches here (the proxy serves what its
-Reader can read).
+A watch over keys outside the cache's prefix goes to etcd through the proxy's
+forwarder, on one etcd Watch stream per client stream that has such watches
+(watch_forward.py): etcd's responses pass on under the client's watch ids, and
+a progress request on a stream with forwarded watches is answered with the
+lower of the cache's and etcd's revisions. Without a forwarder such a watch is
+refused: ``created`` and ``canceled`` with a cancel reason saying so. etcd's
+auth applies to forwarded watches (the client's token travels with them), not
+to those served from the cache (the proxy serves what its Reader can read).
 
 Threads and concurrency contract: the service runs one asyncio event loop in
 one thread for all its streams; every watch and stream state lives there and
@@ -41,7 +45,7 @@ not a thread. ``close()`` may be called from any thread.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import collections
 import queue
 import threading
 from collections.abc import Iterator
@@ -50,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CompactedError, ShmCacheError
 from ..etcdapi import rpc
 from .metrics import ProxyMetrics
-from .watch_encode import Encoder, event_message, fragments, serialize
+from .watch_encode import Encoder, batches, event_message, fragments, serialize
+from .watch_forward import Upstream, can_forward, to_client, to_etcd
 from .watch_range import EmptyRange, KeySelection, select
 
 if TYPE_CHECKING:
@@ -66,14 +71,14 @@ MAX_REQUEST_BYTES = 1536 * 1024
 GRPC_OVERHEAD_BYTES = 512 * 1024
 # etcd's default progress report interval (v3rpc.GetProgressReportInterval).
 PROGRESS_INTERVAL = 600.0
-# Revisions per catch-up response (etcd's watchBatchMaxRevs).
-CATCH_UP_REVISIONS = 1000
 # Responses a stream may have queued for its client before its watches stop
 # reading: a client that reads too slowly is then overtaken by the ring and its
 # watches are canceled with compact_revision, instead of the proxy's memory
 # growing without bound.
 BACKLOG = 1000
 
+# How long a progress request waits for etcd's answer on the forwarded stream.
+_UPSTREAM_PROGRESS_WAIT = 5.0
 _EMPTY_RANGE = "mvcc: watcher range is empty"
 _DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
 _COMPACTED = "mvcc: required revision has been compacted"
@@ -81,19 +86,20 @@ _END = object()  # the stream's last item
 
 
 class _Abort:
-    """Ends a stream with a gRPC error (the Reader closed or failed)."""
+    """Ends a stream with a gRPC error (the Reader closed or failed, etcd's stream broke)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
         self.message = message
+        self.code = code
 
 
 class _ClientWatch:
     """One client watch on a stream (loop thread only)."""
 
-    def __init__(self, watch_id: int, keys: KeySelection, aw: AsyncWatch | None,
+    def __init__(self, watch_id: int, keys: KeySelection | None, aw: AsyncWatch | None,
                  req: Any, start: int) -> None:
         self.id = watch_id
-        self.keys = keys
+        self.keys = keys  # None: forwarded to etcd
         self.aw = aw  # None once it ended (compacted): the id stays taken until canceled
         self.prev_kv = req.prev_kv
         self.fragment = req.fragment
@@ -110,8 +116,14 @@ class _Stream:
     """One client's Watch stream. Created on gRPC's handler thread; ``request``, ``start``
     and ``teardown`` run on the service's loop; ``stop`` on any thread."""
 
-    def __init__(self, service: WatchService, cluster_id: int) -> None:
+    def __init__(self, service: WatchService, cluster_id: int, context: Any) -> None:
         self._service = service
+        self._context = context
+        # Watches outside the cache's prefix: etcd's stream, the forwarded creates etcd
+        # has not answered yet, progress requests waiting for etcd's answer.
+        self._upstream: Upstream | None = None
+        self._creating: collections.deque[int] = collections.deque()
+        self._progress: collections.deque[asyncio.Future[int]] = collections.deque()
         self._reader = service.reader
         self._cluster_id = cluster_id
         self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -155,8 +167,11 @@ class _Stream:
         for cw in self._watches.values():
             if cw.aw is not None:
                 cw.aw.close()
+            if cw.aw is not None or cw.keys is None:
                 live += 1
         self._watches.clear()
+        if self._upstream is not None:
+            self._upstream.close()
         for t in list(self._tasks):
             t.cancel()
         if live:
@@ -186,9 +201,7 @@ class _Stream:
                 elif which == "cancel_request":
                     self._cancel(req.cancel_request.watch_id)
                 elif which == "progress_request":
-                    rev = await self._synced_revision(list(self._watches.values()))
-                    if rev is not None:
-                        self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1))
+                    await self._progress_request()
                 # (etcd ignores an empty or unknown request too)
         except ShmCacheError as exc:
             self._fail(exc)
@@ -202,7 +215,8 @@ class _Stream:
             keys = select(req.key, req.range_end, reader.prefix)
         except EmptyRange:
             refuse = _EMPTY_RANGE
-        if keys is None and refuse is None:
+        forward = keys is None and refuse is None and can_forward(self._service.forward)
+        if keys is None and refuse is None and not forward:
             refuse = (f"shmcache proxy: keys outside the cache's prefix "
                       f"{reader.prefix.decode('utf-8', 'backslashreplace')!r}: watch them on etcd")
         if req.start_revision < 0:
@@ -214,12 +228,14 @@ class _Stream:
             self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1, created=True,
                                          canceled=True, cancel_reason=refuse))
             return
-        assert keys is not None
         if watch_id == 0:  # etcd's AutoWatchID: the next id not in use
             while self._next_id in self._watches:
                 self._next_id += 1
             watch_id = self._next_id
             self._next_id += 1
+        if keys is None:
+            self._forward_create(req, watch_id)
+            return
         # Revisions are etcd's: a start revision S wants the events of S and after,
         # since_revision S - 1. One after the current revision is "from now"; later
         # ones start from now and drop what comes before them.
@@ -245,6 +261,12 @@ class _Stream:
         cw = self._watches.pop(watch_id, None)
         if cw is None:
             return  # etcd answers nothing for an unknown id
+        if cw.keys is None:  # etcd's answer comes back from etcd
+            assert self._upstream is not None
+            self._upstream.send(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(
+                watch_id=to_etcd(watch_id))))
+            self._service.metrics.watches_changed(-1)
+            return
         self._end(cw)
         self._send(rpc.WatchResponse(header=self._header(self._reader.revision),
                                      watch_id=watch_id, canceled=True))
@@ -264,10 +286,72 @@ class _Stream:
         self._send(rpc.WatchResponse(header=self._header(0), watch_id=cw.id, canceled=True,
                                      compact_revision=exc.compact_revision + 1))
 
-    def _fail(self, exc: ShmCacheError) -> None:
+    def _fail(self, exc: BaseException) -> None:
         if not self._stopped.is_set():
-            self.out.put(_Abort(str(exc)))
+            code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+            if code is not None and details is not None:  # etcd's, on the forwarded stream
+                self.out.put(_Abort(details(), code().name))
+            else:
+                self.out.put(_Abort(str(exc)))
             self.stop()
+
+    # -- watches forwarded to etcd --------------------------------------------------------
+
+    def _forward_create(self, req: Any, watch_id: int) -> None:
+        if self._upstream is None:
+            call = self._service.call
+            self._upstream = Upstream(self._service.forward, self._context,
+                                      lambda resp: call(self._from_etcd, resp),
+                                      lambda exc: call(self._fail, exc))
+        self._watches[watch_id] = _ClientWatch(watch_id, None, None, req, 0)
+        self._creating.append(watch_id)
+        self._service.metrics.watches_changed(1)
+        fwd = rpc.WatchCreateRequest()
+        fwd.CopyFrom(req)
+        fwd.watch_id = to_etcd(watch_id)
+        self._upstream.send(rpc.WatchRequest(create_request=fwd))
+
+    def _from_etcd(self, resp: Any) -> None:
+        """A response on etcd's stream: passed on under the client's watch id; etcd's
+        answers to progress requests go to the request waiting for them."""
+        if resp.watch_id == -1 and not (resp.created or resp.canceled):
+            if self._progress:
+                fut = self._progress.popleft()
+                if not fut.done():
+                    fut.set_result(resp.header.revision)
+            return
+        if resp.created:
+            watch_id = self._creating.popleft() if self._creating else -1
+            if resp.canceled:  # refused (permission denied...): the id is free again
+                self._forget_forwarded(watch_id)
+        resp.watch_id = to_client(resp.watch_id)
+        if resp.canceled and not resp.created and not resp.compact_revision:
+            self._forget_forwarded(resp.watch_id)  # (etcd ended it; a compacted one stays)
+        self._send(resp)
+
+    def _forget_forwarded(self, watch_id: int) -> None:
+        cw = self._watches.get(watch_id)
+        if cw is not None and cw.keys is None:
+            del self._watches[watch_id]
+            self._service.metrics.watches_changed(-1)
+
+    async def _progress_request(self) -> None:
+        """etcd's progress answer: the revision every watch of the stream has delivered
+        up to; with forwarded watches, the lower of the cache's and etcd's."""
+        waiting = None
+        if self._upstream is not None and any(cw.keys is None for cw in self._watches.values()):
+            waiting = asyncio.get_running_loop().create_future()
+            self._progress.append(waiting)
+            self._upstream.send(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+        rev = await self._synced_revision(list(self._watches.values()))
+        if waiting is not None:
+            try:
+                etcd_rev = await asyncio.wait_for(waiting, _UPSTREAM_PROGRESS_WAIT)
+            except TimeoutError:
+                return  # etcd sent none (a watch of it still catching up): neither do we
+            rev = None if rev is None else min(rev, etcd_rev)
+        if rev is not None:
+            self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1))
 
     async def _feed(self, cw: _ClientWatch) -> None:
         """Move a watch's events from the cache to the client, until it ends."""
@@ -303,6 +387,7 @@ class _Stream:
         """Send ``events`` (ascending revisions) as etcd batches them."""
         if cw.start > 1 and events and events[0].revision < cw.start:
             events = [e for e in events if e.revision >= cw.start]
+        assert cw.keys is not None  # (a local watch)
         keys = cw.keys.matches
         if keys is not None:
             events = [e for e in events if keys(e.kv.key)]
@@ -313,25 +398,10 @@ class _Stream:
         if not events:
             return
         cw.quiet = False
-        aw = cw.aw
-        assert aw is not None
-        if catching_up:
-            # etcd's unsynced watcher: up to 1,000 revisions per response, headed by
-            # the revision the watch has caught up to.
-            top = aw.revision
-            batch: list[Event] = []
-            revs = 0
-            for e in events:
-                if not batch or e.revision != batch[-1].revision:
-                    if revs == CATCH_UP_REVISIONS:
-                        self._respond(cw, top, batch)
-                        batch, revs = [], 0
-                    revs += 1
-                batch.append(e)
-            self._respond(cw, top, batch)
-            return
-        for rev, group in itertools.groupby(events, key=lambda e: e.revision):
-            self._respond(cw, rev, list(group))
+        assert cw.aw is not None
+        # A catch-up is headed by the revision the watch has caught up to.
+        for rev, batch in batches(events, cw.aw.revision if catching_up else None):
+            self._respond(cw, rev, batch)
 
     def _respond(self, cw: _ClientWatch, revision: int, events: list[Event]) -> None:
         limit = self._service.max_request_bytes + GRPC_OVERHEAD_BYTES
@@ -392,8 +462,8 @@ class WatchService:
     """etcd's Watch service for a proxy: ``handler()`` for a gRPC server, ``close()`` to stop.
 
     ``reader``: the proxy's Reader (shared with the other services; thread-safe).
-    ``forward``: the proxy's forwarding client; watches outside the cache's prefix
-    are refused either way (see the module docstring). ``progress_interval``:
+    ``forward``: the proxy's forwarder (its ``stream`` method, see watch_forward.py)
+    for watches outside the cache's prefix; None: those are refused. ``progress_interval``:
     seconds between progress_notify responses; ``max_request_bytes``: etcd's
     --max-request-bytes, which decides where fragment watches split responses
     (both etcd's defaults).
@@ -465,7 +535,7 @@ class WatchService:
         with self._lock:
             if self._closed:
                 context.abort(_grpc().StatusCode.UNAVAILABLE, "shmcache proxy is closing")
-            stream = _Stream(self, self.reader.status().cluster_id)
+            stream = _Stream(self, self.reader.status().cluster_id, context)
             reader = threading.Thread(target=self._read_requests, args=(stream, requests),
                                       daemon=True, name="shmcache-proxy-watch-requests")
             self._streams.add(stream)
@@ -481,8 +551,8 @@ class WatchService:
                 if item is _END:
                     return
                 if isinstance(item, _Abort):
-                    code = "UNAVAILABLE"
-                    context.abort(_grpc().StatusCode.UNAVAILABLE, item.message)
+                    code = item.code
+                    context.abort(getattr(_grpc().StatusCode, code), item.message)
                 yield item
         finally:
             stream.stop()

@@ -1,4 +1,4 @@
-"""Watch responses as etcd's wire bytes, each batch of events encoded once for all its watches.
+"""Watch responses as etcd groups and encodes them, each batch encoded once for all its watches.
 
 With protobuf's pure-Python implementation (the one protobuf 3.20 has on Python
 3.11) building and serializing a one-event WatchResponse costs about 150 us.
@@ -13,6 +13,7 @@ Concurrency contract: an Encoder belongs to one thread (the watch service's loop
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,10 @@ from ..etcdapi import mvcc, rpc
 if TYPE_CHECKING:
     from ..types import Event, KeyValue
 
-__all__ = ["Encoder", "fragments", "serialize"]
+__all__ = ["Encoder", "batches", "fragments", "serialize"]
+
+# Revisions per catch-up response (etcd's watchBatchMaxRevs).
+CATCH_UP_REVISIONS = 1000
 
 # Bodies kept: the batches of the last few revisions, for every filter and range.
 _KEEP = 256
@@ -78,6 +82,30 @@ class Encoder:
                 del self._bodies[next(iter(self._bodies))]
             self._bodies[key] = (events, body)  # (holding the events keeps their ids unique)
         return _WATCH_ID_TAG + _varint(watch_id) + body if watch_id else body
+
+
+def batches(events: list[Event], catch_up: int | None) -> Iterator[tuple[int, list[Event]]]:
+    """``events`` (ascending revisions) as etcd's responses group them: (header revision,
+    events) with all events of a revision together.
+
+    A synced watch (``catch_up`` None) gets one response per revision, headed by it.
+    A watch catching up (etcd's unsynced watchers) gets up to 1,000 revisions per
+    response, each headed by ``catch_up``, the revision it has caught up to.
+    """
+    if catch_up is None:
+        for rev, group in itertools.groupby(events, key=lambda e: e.revision):
+            yield rev, list(group)
+        return
+    batch: list[Event] = []
+    revs = 0
+    for e in events:
+        if not batch or e.revision != batch[-1].revision:
+            if revs == CATCH_UP_REVISIONS:
+                yield catch_up, batch
+                batch, revs = [], 0
+            revs += 1
+        batch.append(e)
+    yield catch_up, batch
 
 
 def fragments(resp: Any, limit: int) -> Iterator[Any]:
