@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 import shmcache
-from shmcache.etcdapi import Stub, dial, rpc
+from shmcache.etcdapi import Stub, dial, method_path, rpc
 from shmcache.proxy.metrics import ProxyMetrics
 from shmcache.proxy.watch import WatchService
 from tests.etcdserver import EtcdServer
@@ -62,9 +62,9 @@ def writer(etcd: EtcdServer) -> Iterator[tuple[WriterProcess, bytes]]:
 class Proxy:
     """A gRPC server with the WatchService on the module's Reader."""
 
-    def __init__(self, reader: shmcache.Reader, **kw: Any) -> None:
+    def __init__(self, reader: shmcache.Reader, forward: Any = None, **kw: Any) -> None:
         self.metrics = ProxyMetrics()
-        self.service = WatchService(reader, self.metrics, None, **kw)
+        self.service = WatchService(reader, self.metrics, forward, **kw)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
                                   options=[("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((self.service.handler(),))
@@ -84,6 +84,32 @@ def proxy(reader: shmcache.Reader) -> Iterator[Proxy]:
         yield p
     finally:
         p.close()
+
+
+class EtcdForward:
+    """The proxy's forwarder as the WatchService uses it (shmcache/proxy/forward.py's
+    ``stream``): bytes both ways to etcd, cancelled when the client's call ends."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.channel = dial.open_channel(*dial.parse_endpoint(endpoint))
+
+    def stream(self, service: str, method: str, request: Any, context: Any,
+               client_streaming: bool) -> Iterator[bytes]:
+        assert client_streaming
+        call = self.channel.stream_stream(method_path(service, method))(request)
+        context.add_callback(call.cancel)
+        yield from call
+
+
+@pytest.fixture
+def forwarding_proxy(reader: shmcache.Reader, etcd: EtcdServer) -> Iterator[Proxy]:
+    fwd = EtcdForward(etcd.endpoint)
+    p = Proxy(reader, fwd, progress_interval=PROGRESS, max_request_bytes=MAX_REQUEST)
+    try:
+        yield p
+    finally:
+        p.close()
+        fwd.channel.close()
 
 
 class Client:
@@ -581,3 +607,43 @@ def _wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
+
+
+def test_a_watch_outside_the_prefix_goes_to_etcd(forwarding_proxy: Proxy, etcd: EtcdServer,
+                                                 kv: Any, reader: shmcache.Reader,
+                                                 sub_prefix: bytes) -> None:
+    """With a forwarder, a watch outside the cache's prefix is etcd's own, on the same
+    stream as the cache's watches: the same responses as etcd's (ids, events, cancel,
+    progress), and etcd's watcher goes when the client does."""
+    other = b"/elsewhere/" + secrets.token_hex(4).encode() + b"/"
+    before = _etcd_watchers(etcd)
+    pair = (Client(etcd.endpoint), Client(forwarding_proxy.endpoint))
+    try:
+        reader.sync()
+        for cl in pair:
+            cl.create(sub_prefix, prefix_end(sub_prefix))  # 0: the cache's
+            cl.create(other, prefix_end(other), prev_kv=True)  # 1: etcd's
+            cl.create(other + b"a", watch_id=5)  # etcd's, id chosen
+        e, p = both_until(pair, n_responses(3))
+        assert p == e and [r["watch_id"] for r in e] == [0, 1, 5]
+        put(kv, other + b"a", b"1")
+        rev = txn(kv, [(other + b"a", b"2"), (sub_prefix + b"a", b"3")])
+        e, p = both_until(pair, n_responses(5))  # 1 and 5 twice, 0 once
+        assert sorted(map(str, p)) == sorted(map(str, e))
+        assert {(r["watch_id"], r["revision"]) for r in e} >= {(0, rev), (1, rev), (5, rev)}
+        reader.sync()
+        for cl in pair:
+            cl.send(progress_request=rpc.WatchProgressRequest())
+            cl.send(cancel_request=rpc.WatchCancelRequest(watch_id=1))
+        e, p = both_until(pair, n_responses(2))
+        assert p == e and [(r["watch_id"], r["revision"]) for r in e] == [(-1, rev), (1, rev)]
+        assert forwarding_proxy.metrics.snapshot().watches == 2
+        last = put(kv, other + b"b", b"unwatched now")
+        last = put(kv, other + b"a", b"4")
+        e, p = both_until(pair, n_responses(1))
+        assert p == e and e[0]["watch_id"] == 5 and e[0]["revision"] == last
+    finally:
+        for cl in pair:
+            cl.close()
+    _wait(lambda: _etcd_watchers(etcd) == before)
+    _wait(lambda: forwarding_proxy.metrics.snapshot().watches == 0)
