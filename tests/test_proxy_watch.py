@@ -65,8 +65,8 @@ class Proxy:
     def __init__(self, reader: shmcache.Reader, forward: Any = None, **kw: Any) -> None:
         self.metrics = ProxyMetrics()
         self.service = WatchService(reader, self.metrics, forward, **kw)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                                  options=[("grpc.so_reuseport", 0)])
+        self.pool = futures.ThreadPoolExecutor(max_workers=64)
+        self.server = grpc.server(self.pool, options=[("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((self.service.handler(),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -75,6 +75,7 @@ class Proxy:
     def close(self) -> None:
         self.service.close()
         self.server.stop(None).wait(10)
+        self.pool.shutdown()
 
 
 @pytest.fixture
@@ -602,10 +603,11 @@ def test_a_client_disconnect_frees_its_watches(proxy: Proxy, kv: Any, reader: sh
     _wait(lambda: threading.active_count() <= threads)
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+def _wait(cond: Callable[[], bool], what: Callable[[], object] = lambda: "",
+          timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
+        assert time.monotonic() < deadline, f"condition not reached {what()}"
         time.sleep(0.05)
 
 
@@ -647,3 +649,39 @@ def test_a_watch_outside_the_prefix_goes_to_etcd(forwarding_proxy: Proxy, etcd: 
             cl.close()
     _wait(lambda: _etcd_watchers(etcd) == before)
     _wait(lambda: forwarding_proxy.metrics.snapshot().watches == 0)
+
+
+def test_a_start_revision_in_the_future_matches_etcd(clients: Any, kv: Any,
+                                                     reader: shmcache.Reader,
+                                                     sub_prefix: bytes) -> None:
+    """A start revision beyond the current one: nothing until it, then from it on."""
+    rev = put(kv, sub_prefix + b"a", b"0")
+    reader.sync()
+    pair = clients()
+    for cl in pair:
+        cl.create(sub_prefix, prefix_end(sub_prefix), start_revision=rev + 3)
+    e, p = both_until(pair, n_responses(1))
+    assert p == e and e[0]["created"]
+    revs = [put(kv, sub_prefix + b"a", b"%d" % i) for i in range(1, 5)]
+    e, p = both_until(pair, upto(revs[-1]))
+    assert p == e and [r["revision"] for r in e] == revs[2:]
+
+
+def test_closing_the_service_ends_its_streams(reader: shmcache.Reader, sub_prefix: bytes) -> None:
+    """close() ends every open stream (the client's call ends) and its threads."""
+    threads = threading.active_count()
+    p = Proxy(reader)
+    c = Client(p.endpoint)
+    try:
+        c.create(sub_prefix)
+        assert c.next().created
+        p.service.close()
+        with pytest.raises((grpc.RpcError, queue.Empty)):
+            while c.next(timeout=10) is not None:
+                pass
+        assert p.metrics.snapshot().watch_streams == 0
+    finally:
+        c.close()
+        p.close()
+    _wait(lambda: threading.active_count() <= threads,
+          lambda: [t.name for t in threading.enumerate()])

@@ -136,11 +136,14 @@ class _Stream:
 
     # -- any thread ----------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """End the stream (client gone, RPC over, service closing); idempotent."""
+    def stop(self, error: _Abort | None = None) -> None:
+        """End the stream (client gone, RPC over, service closing: with ``error``, the
+        status its client gets); idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if error is not None:
+            self.out.put(error)
         self.out.put(_END)
         self._service.call(self.teardown)
 
@@ -290,10 +293,9 @@ class _Stream:
         if not self._stopped.is_set():
             code, details = getattr(exc, "code", None), getattr(exc, "details", None)
             if code is not None and details is not None:  # etcd's, on the forwarded stream
-                self.out.put(_Abort(details(), code().name))
+                self.stop(_Abort(details(), code().name))
             else:
-                self.out.put(_Abort(str(exc)))
-            self.stop()
+                self.stop(_Abort(str(exc)))
 
     # -- watches forwarded to etcd --------------------------------------------------------
 
@@ -513,7 +515,7 @@ class WatchService:
             self._closed = True
             streams, threads = list(self._streams), list(self._threads)
         for s in streams:
-            s.stop()
+            s.stop(_Abort("shmcache proxy is closing"))  # (clients reconnect, as to etcd)
 
         async def finish() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
