@@ -685,3 +685,36 @@ def test_closing_the_service_ends_its_streams(reader: shmcache.Reader, sub_prefi
         p.close()
     _wait(lambda: threading.active_count() <= threads,
           lambda: [t.name for t in threading.enumerate()])
+
+
+def test_a_client_too_slow_for_the_ring_is_canceled_with_compact_revision(
+        proxy: Proxy, kv: Any, reader: shmcache.Reader, sub_prefix: bytes) -> None:
+    """A client that stops reading: the proxy queues a bounded amount for it and leaves the
+    rest in the ring; once the ring overwrote what the watch had not read, the client gets
+    the events it can still have, in order, then canceled with compact_revision (as etcd
+    cancels a watcher that fell behind its compaction), not an ever-growing queue."""
+    host, port = dial.parse_endpoint(proxy.endpoint)
+    ch = dial.open_channel(host, port)
+    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    call = Stub(ch, "Watch").Watch(iter(requests.get, None), timeout=60)  # (not to hang)
+    try:
+        requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=sub_prefix, range_end=prefix_end(sub_prefix))))
+        responses = iter(call)
+        assert next(responses).created
+        value = b"v" * 50_000
+        last = 0
+        for i in range(240):  # 12 MB: the 4 MiB ring, gRPC's windows and the backlog
+            last = put(kv, sub_prefix + b"%d" % (i % 8), value)
+        reader.sync()
+        revs = []
+        for resp in responses:  # now read
+            if resp.canceled:
+                break
+            revs += [e.kv.mod_revision for e in resp.events]
+        assert resp.compact_revision > revs[-1] + 1 and resp.watch_id == 0
+        assert revs == list(range(revs[0], revs[0] + len(revs))) and revs[-1] < last
+    finally:
+        call.cancel()
+        requests.put(None)
+        ch.close()

@@ -71,11 +71,11 @@ MAX_REQUEST_BYTES = 1536 * 1024
 GRPC_OVERHEAD_BYTES = 512 * 1024
 # etcd's default progress report interval (v3rpc.GetProgressReportInterval).
 PROGRESS_INTERVAL = 600.0
-# Responses a stream may have queued for its client before its watches stop
+# Bytes of responses a stream may have queued for its client before its watches stop
 # reading: a client that reads too slowly is then overtaken by the ring and its
 # watches are canceled with compact_revision, instead of the proxy's memory
 # growing without bound.
-BACKLOG = 1000
+BACKLOG_BYTES = 4 * 2**20
 
 # How long a progress request waits for etcd's answer on the forwarded stream.
 _UPSTREAM_PROGRESS_WAIT = 5.0
@@ -126,7 +126,10 @@ class _Stream:
         self._progress: collections.deque[asyncio.Future[int]] = collections.deque()
         self._reader = service.reader
         self._cluster_id = cluster_id
-        self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._out: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()  # (size, response)
+        # Bytes queued (by the loop) and taken (by gRPC's thread): each written by one thread.
+        self._queued = 0
+        self.taken = 0
         self._watches: dict[int, _ClientWatch] = {}
         self._next_id = 0
         self._stopped = threading.Event()
@@ -143,12 +146,19 @@ class _Stream:
             return
         self._stopped.set()
         if error is not None:
-            self.out.put(error)
-        self.out.put(_END)
+            self._out.put((0, error))
+        self._out.put((0, _END))
         self._service.call(self.teardown)
 
     def backlog(self) -> int:
-        return self.out.qsize()
+        """Bytes of responses queued for the client and not yet handed to gRPC."""
+        return self._queued - self.taken
+
+    def take(self) -> Any:
+        """The next item for the client (gRPC's handler thread, which alone calls it)."""
+        size, item = self._out.get()
+        self.taken += size
+        return item
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -191,7 +201,9 @@ class _Stream:
 
     def _send(self, resp: Any) -> None:
         if not self._stopped.is_set():
-            self.out.put(resp)
+            size = len(resp) if type(resp) is bytes else resp.ByteSize()
+            self._queued += size
+            self._out.put((size, resp))
 
     async def _serve_requests(self) -> None:
         """The client's requests, one at a time in their order (as etcd's recvLoop)."""
@@ -359,7 +371,7 @@ class _Stream:
         """Move a watch's events from the cache to the client, until it ends."""
         try:
             while cw.aw is not None:
-                while self.backlog() > BACKLOG and not self._stopped.is_set():
+                while self.backlog() > BACKLOG_BYTES and not self._stopped.is_set():
                     await asyncio.sleep(0.05)  # the client reads slowly: let the ring judge
                 aw = cw.aw
                 if aw is None:
@@ -549,7 +561,7 @@ class WatchService:
             self.call(stream.start)
             reader.start()
             while True:
-                item = stream.out.get()
+                item = stream.take()
                 if item is _END:
                     return
                 if isinstance(item, _Abort):
