@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -32,6 +33,7 @@ from tests.etcdserver import EtcdServer
 from tests.helpers import WriterProcess
 
 PROGRESS = 1.0
+POOL = "test-proxy-pool"  # gRPC's handler threads: the pool keeps them for the next call
 MAX_REQUEST = 128 * 1024
 
 
@@ -65,7 +67,7 @@ class Proxy:
     def __init__(self, reader: shmcache.Reader, forward: Any = None, **kw: Any) -> None:
         self.metrics = ProxyMetrics()
         self.service = WatchService(reader, self.metrics, forward, **kw)
-        self.pool = futures.ThreadPoolExecutor(max_workers=64)
+        self.pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix=POOL)
         self.server = grpc.server(self.pool, options=[("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((self.service.handler(),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -594,13 +596,16 @@ def test_a_client_disconnect_frees_its_watches(proxy: Proxy, kv: Any, reader: sh
             demux_of(reader).joined_count() == 0 and _live(_Stream) == 0 and \
             _live(AsyncWatch) == 0
 
-    cycle()  # (starts the server's worker threads once)
+    def threads() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if not t.name.startswith(POOL))
+
+    cycle()
     _wait(settled)
-    threads = threading.active_count()
+    before = threads()
     for _ in range(30):
         cycle()
     _wait(settled)
-    _wait(lambda: threading.active_count() <= threads)
+    _wait(lambda: Counter(threads()) <= Counter(before), threads)  # (the reader's may end)
 
 
 def _wait(cond: Callable[[], bool], what: Callable[[], object] = lambda: "",

@@ -549,7 +549,8 @@ class WatchService:
         with self._lock:
             if self._closed:
                 context.abort(_grpc().StatusCode.UNAVAILABLE, "shmcache proxy is closing")
-            stream = _Stream(self, self.reader.status().cluster_id, context)
+            block = self.reader.control.block()  # (the etcd cluster the cache's epoch is of)
+            stream = _Stream(self, block.cluster_id if block is not None else 0, context)
             reader = threading.Thread(target=self._read_requests, args=(stream, requests),
                                       daemon=True, name="shmcache-proxy-watch-requests")
             self._streams.add(stream)
