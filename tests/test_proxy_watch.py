@@ -723,3 +723,43 @@ def test_a_client_too_slow_for_the_ring_is_canceled_with_compact_revision(
         call.cancel()
         requests.put(None)
         ch.close()
+
+
+# python-etcd3's watcher thread re-opens its stream forever and dies on the closed channel.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_python_etcd3_watches_through_the_proxy_as_against_etcd(
+        proxy: Proxy, etcd: EtcdServer, kv: Any, reader: shmcache.Reader,
+        sub_prefix: bytes) -> None:
+    """python-etcd3's watch_prefix (its own generated protos, its own stream handling) gets
+    the same events through the proxy as from etcd, from a past revision and live."""
+    first = put(kv, sub_prefix + b"a", b"1")
+    txn(kv, [(sub_prefix + b"b", b"2")], [sub_prefix + b"a"])
+    reader.sync()
+    got = []
+    for port in (etcd.port, proxy.port):
+        etcd.client().close()  # (sets up what python-etcd3 needs to import)
+        import etcd3
+
+        client = etcd3.client(host="127.0.0.1", port=port)
+        try:
+            events, cancel = client.watch_prefix(sub_prefix, start_revision=first,
+                                                 prev_kv=True)
+            if port == proxy.port:
+                last = put(kv, sub_prefix + b"c", b"3")
+            else:
+                last = 0
+            seen = []
+            for ev in events:
+                seen.append((type(ev).__name__, ev.key, ev.value, ev.mod_revision,
+                             ev.create_revision, ev.version,
+                             ev.prev_value if hasattr(ev, "prev_value") else None))
+                if len(seen) == 3 + (port == proxy.port):
+                    break
+            cancel()
+            got.append((seen, last))
+        finally:
+            client.close()
+    (theirs, _), (ours, last) = got
+    assert ours[:3] == theirs
+    assert ours[3][1] == sub_prefix + b"c" and ours[3][3] == last
+    assert [t for t, *_ in theirs] == ["PutEvent", "PutEvent", "DeleteEvent"]
