@@ -15,15 +15,19 @@ and server/mvcc/watchable_store.go, v3.5):
   of the revision in it, headed by that revision (etcd's synced watchers);
 - a start revision the cache no longer holds: ``created``, then ``canceled``
   with ``compact_revision`` (the oldest start revision it would serve), as
-  etcd answers a watch below its compaction; a watch the ring overtakes later
-  (a client too slow to read it) ends the same way;
+  etcd answers a watch below its compaction; a watch whose history the cache
+  loses later (its writer relisted, a new epoch) ends the same way;
 - a progress request is answered (watch id -1) with the cache's revision once
   every watch of the stream has delivered its events up to it, so a client
   never sees progress before events it has not got (etcd issues 15220, 17507);
 - ``progress_notify`` watches get a progress response every
   ``progress_interval`` seconds (etcd: 10 minutes) unless they got events;
 - ``prev_kv``, ``filters`` (NOPUT, NODELETE) and ``fragment`` (responses above
-  ``max_request_bytes`` split as etcd's sendFragments does) as etcd.
+  ``max_request_bytes`` split as etcd's sendFragments does) as etcd;
+- a client that reads more slowly than events come: once 4 MiB of responses
+  wait for it, its watches stop taking events, which wait in the ring; if the
+  ring overwrites them first, the watch is canceled with ``compact_revision``
+  as above (etcd cancels a watcher that falls behind its compaction alike).
 
 A watch over keys outside the cache's prefix goes to etcd through the proxy's
 forwarder, on one etcd Watch stream per client stream that has such watches
@@ -37,9 +41,13 @@ to those served from the cache (the proxy serves what its Reader can read).
 Threads and concurrency contract: the service runs one asyncio event loop in
 one thread for all its streams; every watch and stream state lives there and
 is changed only by code on that loop. Per stream, gRPC's handler thread only
-sends what the loop queued (``queue.SimpleQueue``), and one thread of ours reads
-the client's requests and hands them to the loop. A watch costs a coroutine,
-not a thread. ``close()`` may be called from any thread.
+sends what the loop queued (``queue.SimpleQueue``); it is one of the gRPC
+server's workers for as long as the stream lives, so the server's pool bounds
+the streams open at once. One thread of ours reads the client's requests and
+hands them to the loop (and one reads etcd's stream, for a stream with
+forwarded watches). A watch costs a coroutine, not a thread. ``close()`` may be
+called from any thread; it ends every stream UNAVAILABLE, as a stopping etcd
+does, and clients reconnect.
 """
 
 from __future__ import annotations
@@ -54,12 +62,12 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CompactedError, ShmCacheError
 from ..etcdapi import rpc
 from .metrics import ProxyMetrics
+from .watch_client import ClientWatch
 from .watch_encode import Encoder, batches, event_message, fragments, serialize
 from .watch_forward import Upstream, can_forward, to_client, to_etcd
-from .watch_range import EmptyRange, KeySelection, select
+from .watch_range import EmptyRange, select
 
 if TYPE_CHECKING:
-    from ..reader.aio import AsyncWatch
     from ..reader.reader import Reader
     from ..types import Event
 
@@ -93,25 +101,6 @@ class _Abort:
         self.code = code
 
 
-class _ClientWatch:
-    """One client watch on a stream (loop thread only)."""
-
-    def __init__(self, watch_id: int, keys: KeySelection | None, aw: AsyncWatch | None,
-                 req: Any, start: int) -> None:
-        self.id = watch_id
-        self.keys = keys  # None: forwarded to etcd
-        self.aw = aw  # None once it ended (compacted): the id stays taken until canceled
-        self.prev_kv = req.prev_kv
-        self.fragment = req.fragment
-        self.progress_notify = req.progress_notify
-        self.no_put = rpc.WatchCreateRequest.NOPUT in req.filters
-        self.no_delete = rpc.WatchCreateRequest.NODELETE in req.filters
-        self.start = start  # events below it are not wanted (a start revision in the future)
-        self.catching_up = True
-        self.quiet = True  # no events sent since the last progress tick
-        self.task: asyncio.Task[None] | None = None
-
-
 class _Stream:
     """One client's Watch stream. Created on gRPC's handler thread; ``request``, ``start``
     and ``teardown`` run on the service's loop; ``stop`` on any thread."""
@@ -130,7 +119,7 @@ class _Stream:
         # Bytes queued (by the loop) and taken (by gRPC's thread): each written by one thread.
         self._queued = 0
         self.taken = 0
-        self._watches: dict[int, _ClientWatch] = {}
+        self._watches: dict[int, ClientWatch] = {}
         self._next_id = 0
         self._stopped = threading.Event()
         self._ticker: asyncio.TimerHandle | None = None
@@ -176,12 +165,8 @@ class _Stream:
         """Cancel every watch and task of the stream."""
         if self._ticker is not None:
             self._ticker.cancel()
-        live = 0
-        for cw in self._watches.values():
-            if cw.aw is not None:
-                cw.aw.close()
-            if cw.aw is not None or cw.keys is None:
-                live += 1
+        # (end() first: every watch of the cache stops; forwarded ones count too)
+        live = sum(1 for cw in self._watches.values() if cw.end() or cw.keys is None)
         self._watches.clear()
         if self._upstream is not None:
             self._upstream.close()
@@ -262,15 +247,14 @@ class _Stream:
             aw = reader.awatch(keys.prefix, since)
         except CompactedError as exc:
             compacted = exc
-        cw = _ClientWatch(watch_id, keys, aw, req, start)
-        cw.catching_up = start <= rev
+        cw = ClientWatch(watch_id, keys, aw, req, start, catching_up=start <= rev)
         self._watches[watch_id] = cw
         self._send(rpc.WatchResponse(header=self._header(rev), watch_id=watch_id, created=True))
         if compacted is not None:
             self._compacted(cw, compacted)
             return
         self._service.metrics.watches_changed(1)
-        cw.task = self._spawn(self._feed(cw))
+        cw.fed_by(self._spawn(self._feed(cw)))
 
     def _cancel(self, watch_id: int) -> None:
         cw = self._watches.pop(watch_id, None)
@@ -286,15 +270,11 @@ class _Stream:
         self._send(rpc.WatchResponse(header=self._header(self._reader.revision),
                                      watch_id=watch_id, canceled=True))
 
-    def _end(self, cw: _ClientWatch) -> None:
-        if cw.aw is not None:
-            cw.aw.close()
-            cw.aw = None
+    def _end(self, cw: ClientWatch) -> None:
+        if cw.end():
             self._service.metrics.watches_changed(-1)
-        if cw.task is not None and cw.task is not asyncio.current_task():
-            cw.task.cancel()
 
-    def _compacted(self, cw: _ClientWatch, exc: CompactedError) -> None:
+    def _compacted(self, cw: ClientWatch, exc: CompactedError) -> None:
         """etcd's answer to a watch below its compaction: canceled, ``compact_revision``
         the oldest start revision served (the id stays taken until the client cancels)."""
         self._end(cw)
@@ -317,7 +297,7 @@ class _Stream:
             self._upstream = Upstream(self._service.forward, self._context,
                                       lambda resp: call(self._from_etcd, resp),
                                       lambda exc: call(self._fail, exc))
-        self._watches[watch_id] = _ClientWatch(watch_id, None, None, req, 0)
+        self._watches[watch_id] = ClientWatch(watch_id, None, None, req, 0)
         self._creating.append(watch_id)
         self._service.metrics.watches_changed(1)
         fwd = rpc.WatchCreateRequest()
@@ -367,15 +347,15 @@ class _Stream:
         if rev is not None:
             self._send(rpc.WatchResponse(header=self._header(rev), watch_id=-1))
 
-    async def _feed(self, cw: _ClientWatch) -> None:
+    async def _feed(self, cw: ClientWatch) -> None:
         """Move a watch's events from the cache to the client, until it ends."""
         try:
             while cw.aw is not None:
                 while self.backlog() > BACKLOG_BYTES and not self._stopped.is_set():
                     await asyncio.sleep(0.05)  # the client reads slowly: let the ring judge
                 aw = cw.aw
-                if aw is None:
-                    return
+                if aw is None or aw.closed:
+                    return  # (a closed watch's poll returns at once: no spinning on it)
                 events = await aw.poll(None)
                 if cw.aw is aw:
                     self._deliver(cw, events)
@@ -385,7 +365,7 @@ class _Stream:
         except ShmCacheError as exc:
             self._fail(exc)
 
-    async def _drain(self, cw: _ClientWatch) -> None:
+    async def _drain(self, cw: ClientWatch) -> None:
         """Deliver what ``cw`` has now (a progress answer must not overtake events)."""
         aw = cw.aw
         if aw is None:
@@ -397,27 +377,18 @@ class _Stream:
             return
         self._deliver(cw, events)
 
-    def _deliver(self, cw: _ClientWatch, events: list[Event]) -> None:
+    def _deliver(self, cw: ClientWatch, events: list[Event]) -> None:
         """Send ``events`` (ascending revisions) as etcd batches them."""
-        if cw.start > 1 and events and events[0].revision < cw.start:
-            events = [e for e in events if e.revision >= cw.start]
-        assert cw.keys is not None  # (a local watch)
-        keys = cw.keys.matches
-        if keys is not None:
-            events = [e for e in events if keys(e.kv.key)]
-        if cw.no_put or cw.no_delete:
-            events = [e for e in events
-                      if not (cw.no_put if e.type == "PUT" else cw.no_delete)]
-        catching_up, cw.catching_up = cw.catching_up, False
+        events = cw.wanted(events)
+        catching_up = cw.delivering(bool(events))
         if not events:
             return
-        cw.quiet = False
         assert cw.aw is not None
         # A catch-up is headed by the revision the watch has caught up to.
         for rev, batch in batches(events, cw.aw.revision if catching_up else None):
             self._respond(cw, rev, batch)
 
-    def _respond(self, cw: _ClientWatch, revision: int, events: list[Event]) -> None:
+    def _respond(self, cw: ClientWatch, revision: int, events: list[Event]) -> None:
         limit = self._service.max_request_bytes + GRPC_OVERHEAD_BYTES
         if not cw.fragment or len(events) < 2:
             self._send(self._service.encoder.response(cw.id, self._cluster_id, revision, events,
@@ -431,7 +402,7 @@ class _Stream:
         for part in fragments(resp, limit):
             self._send(part)
 
-    async def _synced_revision(self, watches: list[_ClientWatch]) -> int | None:
+    async def _synced_revision(self, watches: list[ClientWatch]) -> int | None:
         """The cache's revision once ``watches`` have delivered every event up to it; None
         if one cannot within a second (etcd then sends no progress either)."""
         rev = self._reader.revision
@@ -467,7 +438,7 @@ class _Stream:
                     rev = await self._synced_revision([cw])
                     if rev is not None and cw.quiet and cw.aw is not None:
                         self._send(rpc.WatchResponse(header=self._header(rev), watch_id=cw.id))
-                cw.quiet = True
+                cw.ticked()
         except ShmCacheError as exc:
             self._fail(exc)
 
