@@ -763,3 +763,78 @@ def test_python_etcd3_watches_through_the_proxy_as_against_etcd(
     assert ours[:3] == theirs
     assert ours[3][1] == sub_prefix + b"c" and ours[3][3] == last
     assert [t for t, *_ in theirs] == ["PutEvent", "PutEvent", "DeleteEvent"]
+
+
+def test_watches_created_while_writes_run_get_every_event_once_in_order(
+        proxy: Proxy, etcd: EtcdServer, kv: Any, reader: shmcache.Reader,
+        sub_prefix: bytes) -> None:
+    """Watches made on one stream from past and current revisions while writes run: each
+    gets exactly etcd's events from its start revision on (none skipped, repeated or out
+    of order), one response per revision once caught up."""
+    first = put(kv, sub_prefix + b"k0", b"start")
+    stop = threading.Event()
+    written: list[int] = []
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set() and i < 400:
+            keys = [sub_prefix + b"k%d" % ((i + j) % 7) for j in range(1 + i % 3)]
+            written.append(txn(kv, [(k, b"%d" % i) for k in keys]) if i % 5 else
+                           delete(kv, keys[0]))
+            i += 1
+
+    c = Client(proxy.endpoint)
+    t = threading.Thread(target=write)
+    t.start()
+    starts: dict[int, int] = {}
+    try:
+        for wid in range(1, 13):
+            _wait(lambda n=wid: len(written) >= n * 25)
+            start = first if wid % 3 == 0 else (written[-1] - wid if wid % 3 == 1 else 0)
+            starts[wid] = start
+            c.create(sub_prefix, prefix_end(sub_prefix), watch_id=wid, start_revision=start)
+        t.join()
+        last = written[-1]
+        got: dict[int, list[tuple[int, bytes, int]]] = {w: [] for w in starts}
+        created: dict[int, int] = {}
+
+        def done(out: list[Any]) -> bool:
+            r = out[-1] if out else None
+            if r is not None and r.created:
+                created[r.watch_id] = r.header.revision
+            elif r is not None:
+                assert not r.canceled
+                got[r.watch_id] += [(e.type, e.kv.key, e.kv.mod_revision) for e in r.events]
+                if not starts[r.watch_id]:  # from now: etcd's synced watcher, by revision
+                    assert {e.kv.mod_revision for e in r.events} == {r.header.revision}
+            return len(created) == len(starts) and all(
+                g and g[-1][2] == last for g in got.values())
+
+        c.until(done, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+        c.close()
+    history = etcd_history(etcd, sub_prefix, first, last)
+    for wid, start in starts.items():
+        begin = start or created[wid] + 1
+        assert got[wid] == [h for h in history if h[2] >= begin], wid
+
+
+def etcd_history(etcd: EtcdServer, prefix: bytes, since: int,
+                 until: int) -> list[tuple[int, bytes, int]]:
+    """etcd's own events under ``prefix`` with revisions ``since`` to ``until``, by a watch."""
+    c = Client(etcd.endpoint)
+    out: list[tuple[int, bytes, int]] = []
+    try:
+        c.create(prefix, prefix_end(prefix), start_revision=since)
+
+        def done(resps: list[Any]) -> bool:
+            if resps and resps[-1].events:
+                out.extend((e.type, e.kv.key, e.kv.mod_revision) for e in resps[-1].events)
+            return bool(out) and out[-1][2] >= until
+
+        c.until(done)
+    finally:
+        c.close()
+    return out
