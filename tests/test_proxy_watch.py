@@ -30,7 +30,6 @@ from shmcache.etcdapi import Stub, dial, method_path, rpc
 from shmcache.proxy.metrics import ProxyMetrics
 from shmcache.proxy.watch import WatchService
 from tests.etcdserver import EtcdServer
-from tests.helpers import WriterProcess
 
 PROGRESS = 1.0
 POOL = "test-proxy-pool"  # gRPC's handler threads: the pool keeps them for the next call
@@ -38,7 +37,8 @@ MAX_REQUEST = 128 * 1024
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+def etcd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """This module's etcd (the module's writer, conftest's, serves from it)."""
     server = EtcdServer(data_dir=tmp_path_factory.mktemp("etcd-watch"), extra_args=[
         f"--experimental-watch-progress-notify-interval={PROGRESS:g}s",
         f"--max-request-bytes={MAX_REQUEST}"])
@@ -49,16 +49,9 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
         server.close()
 
 
-@pytest.fixture(scope="module")
-def writer(etcd: EtcdServer) -> Iterator[tuple[WriterProcess, bytes]]:
-    name = f"t-{secrets.token_hex(4)}"
-    prefix = b"/t/" + secrets.token_hex(8).encode() + b"/"
-    w = WriterProcess(name, etcd.endpoint, prefix)
-    try:
-        w.start()
-        yield w, prefix
-    finally:
-        w.close()
+@pytest.fixture
+def etcd(etcd_session: EtcdServer) -> EtcdServer:
+    return etcd_session
 
 
 class Proxy:
