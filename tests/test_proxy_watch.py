@@ -39,14 +39,10 @@ MAX_REQUEST = 128 * 1024
 @pytest.fixture(scope="module")
 def etcd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     """This module's etcd (the module's writer, conftest's, serves from it)."""
-    server = EtcdServer(data_dir=tmp_path_factory.mktemp("etcd-watch"), extra_args=[
-        f"--experimental-watch-progress-notify-interval={PROGRESS:g}s",
-        f"--max-request-bytes={MAX_REQUEST}"])
-    try:
-        server.start()
+    with EtcdServer(data_dir=tmp_path_factory.mktemp("etcd-watch"), extra_args=[
+            f"--experimental-watch-progress-notify-interval={PROGRESS:g}s",
+            f"--max-request-bytes={MAX_REQUEST}"]) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
