@@ -827,3 +827,23 @@ def etcd_history(etcd: EtcdServer, prefix: bytes, since: int,
     finally:
         c.close()
     return out
+
+
+def test_a_closed_reader_ends_the_streams_unavailable(writer: Any, sub_prefix: bytes) -> None:
+    """The proxy's Reader closing under open streams (a shutdown) ends them UNAVAILABLE
+    with the Reader's message, as a stopping etcd's end: the client reconnects."""
+    r = shmcache.Reader(writer[0].name)
+    p = Proxy(r)
+    c = Client(p.endpoint)
+    try:
+        c.create(sub_prefix)
+        assert c.next().created
+        r.close()
+        with pytest.raises(grpc.RpcError) as err:
+            while c.next(timeout=15) is not None:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "closed" in (err.value.details() or "")
+    finally:
+        c.close()
+        p.close()

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
     from ..types import Event
 
 __all__ = ["WatchService"]
+
+_log = logging.getLogger("shmcache.proxy")
 
 # etcd's --max-request-bytes default. A fragment watch's responses are split above
 # it plus etcd's allowance for gRPC's overhead (v3rpc/grpc.go, grpcOverheadBytes).
@@ -203,7 +206,7 @@ class _Stream:
                 elif which == "progress_request":
                     await self._progress_request()
                 # (etcd ignores an empty or unknown request too)
-        except ShmCacheError as exc:
+        except Exception as exc:  # noqa: BLE001 (a bug must end the stream, not hang it)
             self._fail(exc)
 
     def _create(self, req: Any) -> None:
@@ -282,12 +285,18 @@ class _Stream:
                                      compact_revision=exc.compact_revision + 1))
 
     def _fail(self, exc: BaseException) -> None:
-        if not self._stopped.is_set():
-            code, details = getattr(exc, "code", None), getattr(exc, "details", None)
-            if code is not None and details is not None:  # etcd's, on the forwarded stream
-                self.stop(_Abort(details(), code().name))
-            else:
-                self.stop(_Abort(str(exc)))
+        """End the stream with the error that ended a task of it: the Reader's (closed,
+        stale), etcd's on the forwarded stream, or a bug of ours (logged)."""
+        if self._stopped.is_set():
+            return
+        code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+        if isinstance(exc, ShmCacheError):
+            self.stop(_Abort(str(exc)))
+        elif code is not None and details is not None:
+            self.stop(_Abort(details(), code().name))
+        else:
+            _log.error("watch stream failed", exc_info=exc)
+            self.stop(_Abort(f"shmcache proxy: {exc!r}", "INTERNAL"))
 
     # -- watches forwarded to etcd --------------------------------------------------------
 
@@ -362,7 +371,7 @@ class _Stream:
         except CompactedError as exc:
             if self._watches.get(cw.id) is cw:
                 self._compacted(cw, exc)
-        except ShmCacheError as exc:
+        except Exception as exc:  # noqa: BLE001 (a bug must end the stream, not hang it)
             self._fail(exc)
 
     async def _drain(self, cw: ClientWatch) -> None:
@@ -439,7 +448,7 @@ class _Stream:
                     if rev is not None and cw.quiet and cw.aw is not None:
                         self._send(rpc.WatchResponse(header=self._header(rev), watch_id=cw.id))
                 cw.ticked()
-        except ShmCacheError as exc:
+        except Exception as exc:  # noqa: BLE001 (a bug must end the stream, not hang it)
             self._fail(exc)
 
 
