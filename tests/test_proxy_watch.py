@@ -475,20 +475,25 @@ class Etcdctl:
         self._t.join(5)
 
 
-@pytest.mark.parametrize("args", [["--prefix"], ["--prefix", "--prev-kv"], ["--prev-kv"]])
+@pytest.mark.parametrize("args", [["--prefix"], ["--prefix", "--prev-kv"], ["--prev-kv"],
+                                  ["--prev-kv", "RANGE_END"]])
 def test_etcdctl_watch_prints_what_it_prints_against_etcd(
         proxy: Proxy, etcd: EtcdServer, kv: Any, reader: shmcache.Reader, sub_prefix: bytes,
         args: list[str]) -> None:
     """etcdctl watch (--prefix, --prev-kv, --rev) through the proxy prints exactly what it
     prints against etcd: the history from --rev, then live events."""
     key = sub_prefix if "--prefix" in args else sub_prefix + b"a"
+    if "RANGE_END" in args:  # etcdctl watch KEY RANGE_END: [a, c)
+        args = [a for a in args if a != "RANGE_END"] + [key.decode(),
+                                                        (sub_prefix + b"c").decode()]
+    else:
+        args = [*args, key.decode()]
     first = put(kv, sub_prefix + b"a", b"1")
     put(kv, sub_prefix + b"b", b"2")
     txn(kv, [(sub_prefix + b"a", b"3"), (sub_prefix + b"c", b"multi\nline")])
     delete(kv, sub_prefix + b"a")
     reader.sync()
-    runs = [Etcdctl(ep, *args, f"--rev={first}", key.decode())
-            for ep in (etcd.endpoint, proxy.endpoint)]
+    runs = [Etcdctl(ep, f"--rev={first}", *args) for ep in (etcd.endpoint, proxy.endpoint)]
     try:
         put(kv, sub_prefix + b"a", b"live")
         delete(kv, sub_prefix, prefix_end(sub_prefix))

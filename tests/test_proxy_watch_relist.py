@@ -1,6 +1,6 @@
-"""A writer that relists (etcd compacted past the cache while it was down) ends the proxy's
-watches as etcd ends a compacted watch: canceled with compact_revision, from which a new
-watch is served."""
+"""The proxy's watches across a writer restart: kept when the writer resumes, ended as etcd
+ends a compacted watch when it relists (canceled with compact_revision, from which a new
+watch is served). Each test has an etcd and a writer of its own."""
 
 from __future__ import annotations
 
@@ -47,6 +47,41 @@ def test_a_relist_cancels_watches_with_compact_revision(etcd_server: EtcdServer,
         rev = put(b"d", b"4")
         got = c.next()
         assert got.watch_id == 1 and got.header.revision == rev
+    finally:
+        c.close()
+        p.close()
+        r.close()
+        w.close()
+
+
+def test_a_writer_restart_without_relist_keeps_watches(etcd_server: EtcdServer, cache_name: str,
+                                                      unique_prefix: bytes) -> None:
+    """A writer killed and restarted (etcd kept its history): the proxy's watches go on with
+    the events written meanwhile and after, none lost, none canceled."""
+    from shmcache.etcdapi import Stub, dial, rpc
+
+    kv = Stub(dial.open_channel(*dial.parse_endpoint(etcd_server.endpoint)), "KV")
+
+    def put(key: bytes, value: bytes) -> int:
+        return int(kv.Put(rpc.PutRequest(key=unique_prefix + key, value=value),
+                          timeout=10).header.revision)
+
+    w = WriterProcess(cache_name, etcd_server.endpoint, unique_prefix)
+    w.start()
+    r = shmcache.Reader(cache_name)
+    p = Proxy(r)
+    c = Client(p.endpoint)
+    try:
+        c.create(unique_prefix, prefix_end(unique_prefix))
+        assert c.next().created
+        revs = [put(b"a", b"1")]
+        w.kill()
+        revs += [put(b"b", b"2"), put(b"a", b"3")]
+        w.start()
+        revs.append(put(b"c", b"4"))
+        got = c.until(lambda out: bool(out) and out[-1].header.revision == revs[-1], timeout=30)
+        assert [r.header.revision for r in got] == revs
+        assert not any(r.canceled for r in got)
     finally:
         c.close()
         p.close()
