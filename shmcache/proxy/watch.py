@@ -327,10 +327,12 @@ class _Stream:
             watch_id = self._creating.popleft() if self._creating else -1
             if resp.canceled:  # refused (permission denied...): the id is free again
                 self._forget_forwarded(watch_id)
-        resp.watch_id = to_client(resp.watch_id)
-        if resp.canceled and not resp.created and not resp.compact_revision:
-            self._forget_forwarded(resp.watch_id)  # (etcd ended it; a compacted one stays)
-        self._send(resp)
+        out = rpc.WatchResponse()  # the client's copy: etcd's response is not ours to change
+        out.CopyFrom(resp)
+        out.watch_id = to_client(resp.watch_id)
+        if out.canceled and not out.created and not out.compact_revision:
+            self._forget_forwarded(out.watch_id)  # (etcd ended it; a compacted one stays)
+        self._send(out)
 
     def _forget_forwarded(self, watch_id: int) -> None:
         cw = self._watches.get(watch_id)
