@@ -128,6 +128,9 @@ def reader_loop(name: str, endpoint: str, seed: int, stop: Any, results: Any, id
     an answer is held against the cluster it came from.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tests.etcdserver import use_pure_python_protobuf
+
+    use_pure_python_protobuf()
     import etcd3
 
     rnd = random.Random(seed * 1000 + idx)

@@ -22,7 +22,7 @@ from typing import Any
 import shmcache
 from tests.checker_faults import StepOverrun
 from tests.checker_workload import KEYS, PREFIX
-from tests.etcdserver import EtcdServer, free_port
+from tests.etcdserver import EtcdServer, free_port, use_pure_python_protobuf
 from tests.helpers import etcd_events
 
 UNVERIFIABLE = object()  # etcd no longer has the history to compare with
@@ -94,6 +94,7 @@ def _diff_events(idx: int, since: int, got: list[Any], want: list[Any]) -> str:
 
 def cluster_id(server: EtcdServer) -> int:
     """The id of the etcd cluster ``server`` belongs to (from a response header)."""
+    use_pure_python_protobuf()
     from etcd3.etcdrpc import rpc_pb2
 
     client = server.client()
@@ -195,6 +196,7 @@ class Clusters:
     def _standby_ahead(self, rnd: random.Random) -> EtcdServer:
         """The other cluster, running at its own address, seeded with data of its own and
         written ahead of the live cluster's revision."""
+        use_pure_python_protobuf()
         from etcd3.etcdrpc import rpc_pb2
 
         fresh = self._standby is None

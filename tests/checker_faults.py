@@ -286,6 +286,9 @@ def close_under_reads(name: str, endpoint: str, prefix: bytes, how: str, seed: i
     (``how="thread"``) or by SIGALRM's handler in the main thread (``how="signal"``) while
     they read. Puts ``("close", counts, problems)`` on ``results``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tests.etcdserver import use_pure_python_protobuf
+
+    use_pure_python_protobuf()
     import etcd3
 
     from tests.helpers import etcd_range

@@ -29,6 +29,9 @@ def _value(rnd: random.Random) -> bytes:
 def workload(endpoint: str, seed: int, stop: Any, counter: Any) -> None:
     """Random writes under PREFIX until ``stop`` is set; survives etcd restarts."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tests.etcdserver import use_pure_python_protobuf
+
+    use_pure_python_protobuf()
     import etcd3
     from etcd3.etcdrpc import rpc_pb2
 

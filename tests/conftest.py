@@ -15,7 +15,11 @@ import posix_ipc
 import psutil
 import pytest
 
-from tests.etcdserver import EtcdServer
+from tests.etcdserver import EtcdServer, use_pure_python_protobuf
+
+# Before any test module imports protobuf (through shmcache.etcdapi): python-etcd3,
+# the tests' own etcd client, needs the pure-Python implementation in this process.
+use_pure_python_protobuf()
 
 SHM_DIR = "/dev/shm"
 # POSIX shared memory "/x" is /dev/shm/x; a POSIX semaphore "/x" is /dev/shm/sem.x.

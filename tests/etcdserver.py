@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +32,41 @@ from typing import Any, Self
 import psutil
 
 from shmcache.cli.demo_etcd import etcd_env, find_etcd_binary, free_port
+
+_PROTOBUF_IMPLEMENTATION = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
+
+
+def use_pure_python_protobuf() -> None:
+    """Give this process protobuf's pure-Python implementation, and no other process.
+
+    python-etcd3 0.12, the tests' third-party etcd client, ships modules generated
+    in 2020 that protobuf >= 4 loads only in pure-Python mode. protobuf reads the
+    choice from the environment once, when it is first imported; the variable is
+    set for that import only, so the writers and tools the tests start run on
+    protobuf's default implementation (upb), as users run them. Called before every
+    import of etcd3 here, and by conftest before any test module is imported (those
+    import protobuf through shmcache.etcdapi); importing this module alone imports
+    no protobuf. A process that imported protobuf before gets RuntimeError here
+    rather than a confusing failure in ``import etcd3``.
+    """
+
+    if "google.protobuf.internal.api_implementation" in sys.modules:
+        from google.protobuf.internal import api_implementation
+
+        if api_implementation.Type() != "python":
+            raise RuntimeError("protobuf was imported before tests.etcdserver chose its "
+                               "pure-Python implementation, which python-etcd3 needs")
+        return
+    saved = os.environ.get(_PROTOBUF_IMPLEMENTATION)
+    os.environ[_PROTOBUF_IMPLEMENTATION] = "python"
+    try:
+        from google.protobuf.internal import api_implementation  # noqa: F401
+    finally:
+        if saved is None:
+            del os.environ[_PROTOBUF_IMPLEMENTATION]
+        else:
+            os.environ[_PROTOBUF_IMPLEMENTATION] = saved
+
 
 __all__ = ["EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
            "generate_tls_files"]
@@ -128,13 +163,6 @@ def generate_tls_files(directory: str | os.PathLike[str], client_cn: str = "root
         client_cert=write("client.pem", client_cert),
         client_key=write("client-key.pem", client_key),
     )
-
-
-def _protobuf_major() -> int:
-    try:
-        return int(importlib.metadata.version("protobuf").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return 0
 
 
 # Servers that may own a process or a temp dir; strong references so that a
@@ -414,17 +442,14 @@ class EtcdServer:
             kw.setdefault("cert_key", self.tls.client_key)
         if self.credentials is not None and "user" not in kw:
             kw["user"], kw["password"] = self.credentials
-        if _protobuf_major() >= 4:
-            # etcd3 0.12's generated modules only load with the pure-Python
-            # implementation under protobuf>=4; forcing it under 3.x would
-            # needlessly give up a C++ build where one is installed.
-            os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-        import etcd3  # imported lazily: readers must not need grpc/protobuf
+        use_pure_python_protobuf()
+        import etcd3  # (protobuf's pure-Python implementation: use_pure_python_protobuf)
 
         return etcd3.client(host=self.host, port=self.port, **kw)
 
     def compact(self, revision: int) -> None:
         """Compact the key-value history up to ``revision`` (physically, i.e. waiting for it)."""
+        use_pure_python_protobuf()
         from etcd3.etcdrpc import rpc_pb2
 
         client = self.client()
@@ -441,6 +466,7 @@ class EtcdServer:
         From then on ``client()`` authenticates as root. Authentication stays on
         across restarts (it is stored in the data dir).
         """
+        use_pure_python_protobuf()
         from etcd3.etcdrpc import rpc_pb2
 
         client = self.client()
@@ -464,6 +490,7 @@ class EtcdServer:
         With ``client_cert_auth`` a client certificate whose common name is
         ``user`` authenticates as that user too (etcd ignores the password then).
         """
+        use_pure_python_protobuf()
         from etcd3.etcdrpc import auth_pb2, rpc_pb2
 
         end = _prefix_end(read_prefix)
@@ -646,6 +673,7 @@ class EtcdServer:
 
 
 def _auth_stub(client: Any) -> Any:
+    use_pure_python_protobuf()
     from etcd3 import etcdrpc
 
     return etcdrpc.AuthStub(client.channel)
