@@ -1,0 +1,136 @@
+"""The writer's etcd layer, tree against tree: a relist (``Connection.list_range``) of N keys.
+
+    python bench/etcdapi_cost.py --tree before=DIR --tree after=DIR [--keys 100000]
+                                 [--value-size 256] [--rounds 3] [--tag etcdapi-relist]
+
+One throwaway etcd (``--unsafe-no-fsync``) holds --keys keys of --value-size
+bytes under one prefix. Each round lists them once per tree, in a fresh process
+running that tree's ``shmcache.writer.etcd.connection`` (``PYTHONPATH=DIR``; a
+tree may carry its own protobuf in DIR, e.g. ``pip install --target DIR
+--no-deps protobuf==3.20.3``, which then shadows this interpreter's), the order
+rotating every round, and ``etcdctl get --prefix > /dev/null`` as etcd's own
+client for reference. Recorded per list: wall time, the process's CPU time
+during the list, peak RSS of the process, and the protobuf version and
+implementation it ran on. Medians over the rounds; the results file goes to
+bench/results/TAG.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # noqa: E402
+
+PREFIX = b"/bench/relist/"
+
+CHILD = """
+import json, resource, sys, time
+import google.protobuf
+from google.protobuf.internal import api_implementation
+from shmcache.format import layout
+from shmcache.writer.etcd import connection as etcd
+
+prefix = sys.argv[2].encode()
+conn = etcd.Connection(etcd.EtcdSettings(endpoints=[sys.argv[1]]))
+conn.connect()
+t0, c0 = time.perf_counter(), time.process_time()
+revision, items = conn.list_range(prefix, layout.prefix_range_end(prefix))
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+conn.close()
+print(json.dumps({"keys": len(items), "wall_s": wall, "cpu_s": cpu,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "protobuf": f"{google.protobuf.__version__} ({api_implementation.Type()})"}))
+"""
+
+
+def load(endpoint: str, n: int, size: int) -> None:
+    """n keys of ``size`` bytes under PREFIX, 128 puts per transaction (etcd's limit)."""
+    import grpc
+
+    from shmcache.etcdapi import Stub, rpc
+
+    with grpc.insecure_channel(endpoint.removeprefix("http://")) as ch:
+        kv = Stub(ch, "KV")
+        value = b"v" * size
+        for start in range(0, n, 128):
+            ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=PREFIX + b"%08d" % i,
+                                                            value=value))
+                   for i in range(start, min(start + 128, n))]
+            kv.Txn(rpc.TxnRequest(success=ops), timeout=30)
+
+
+def list_in(tree: str, endpoint: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", CHILD, endpoint, PREFIX.decode()],
+                         env={**os.environ, "PYTHONPATH": tree}, cwd=tree,
+                         capture_output=True, text=True, timeout=600, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def etcdctl_get(etcdctl: str, endpoint: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    subprocess.run([etcdctl, "--endpoints", endpoint, "get", "--prefix", PREFIX.decode()],
+                   stdout=subprocess.DEVNULL, check=True, timeout=600)
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tree", action="append", default=[], required=True,
+                    help="LABEL=DIR, a source tree whose shmcache is measured (repeatable)")
+    ap.add_argument("--keys", type=int, default=100_000)
+    ap.add_argument("--value-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tag", default="etcdapi-relist")
+    args = ap.parse_args()
+    from tests.etcdserver import EtcdServer
+
+    trees = [(label, os.path.abspath(path)) for label, _, path in
+             (t.partition("=") for t in args.tree)]
+    etcdctl = shutil.which("etcdctl") or os.path.join(os.path.dirname(sys.executable), "etcdctl")
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
+    rows["etcdctl get"] = []
+    with EtcdServer(extra_args=C.etcd_args()) as etcd:
+        load(etcd.endpoint, args.keys, args.value_size)
+        runs: list[tuple[str, Any]] = [(label, lambda t=tree: list_in(t, etcd.endpoint))
+                                       for label, tree in trees]
+        runs.append(("etcdctl get", lambda: etcdctl_get(etcdctl, etcd.endpoint)))
+        for rnd in range(args.rounds):
+            for label, run in runs[rnd % len(runs):] + runs[:rnd % len(runs)]:
+                res = run()
+                rows[label].append(res)
+                print(f"round {rnd + 1} {label:12s} " + "  ".join(
+                    f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in res.items()), flush=True)
+        etcd_version = etcd.version
+
+    def med(label: str, key: str) -> float | None:
+        xs = [r[key] for r in rows[label] if key in r]
+        return round(statistics.median(xs), 3) if xs else None
+
+    results = C.stamp(
+        benchmark="relist through the writer's etcd layer", etcd=etcd_version,
+        nproc=os.cpu_count(), load_average=os.getloadavg(), settings=vars(args),
+        consumers={label: {"median": {k: med(label, k) for k in ("wall_s", "cpu_s",
+                                                                  "peak_rss_mb")},
+                           "protobuf": rs[0].get("protobuf") if rs else None, "rounds": rs}
+                   for label, rs in rows.items()})
+    for label, r in results["consumers"].items():
+        print(f"{label:12s} median {r['median']}  {r['protobuf'] or ''}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{args.tag}.json")
+    C.write_json(path, results, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
