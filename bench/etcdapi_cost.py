@@ -2,6 +2,7 @@
 
     python bench/etcdapi_cost.py --tree before=DIR --tree after=DIR [--keys 100000]
                                  [--value-size 256] [--rounds 3] [--tag etcdapi-relist]
+    python bench/etcdapi_cost.py --watch-path --tree before=DIR --tree after=DIR [--rounds 3]
 
 One throwaway etcd (``--unsafe-no-fsync``) holds --keys keys of --value-size
 bytes under one prefix. Each round lists them once per tree, in a fresh process
@@ -13,6 +14,12 @@ client for reference. Recorded per list: wall time, the process's CPU time
 during the list, peak RSS of the process, and the protobuf version and
 implementation it ran on. Medians over the rounds; the results file goes to
 bench/results/TAG.json.
+
+``--watch-path`` instead replays the writer's per-revision work without etcd, in
+each tree's process with its etcd layer (and so its protobuf) imported: 200,000
+one-event WatchResponses with a prev_kv (1,000 keys, 256-byte values) through
+``decode_watch_response``, msgpack and a SortedDict update, and prints the CPU
+per response: what importing one protobuf or the other costs the hot path.
 """
 
 from __future__ import annotations
@@ -53,6 +60,63 @@ print(json.dumps({"keys": len(items), "wall_s": wall, "cpu_s": cpu,
 """
 
 
+WATCH_PATH = """
+import sys, time
+import google.protobuf
+import msgpack
+from google.protobuf.internal import api_implementation
+from sortedcontainers import SortedDict
+from shmcache.writer.etcd import connection  # noqa: F401  (the tree's etcd layer, its protobuf)
+from shmcache.writer.etcd.decode import decode_watch_response
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def field(num, payload):
+    if isinstance(payload, int):
+        return varint(num << 3) + varint(payload)
+    return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+
+def key_value(key, value, rev):
+    return (field(1, key) + field(2, 5) + field(3, rev) + field(4, 3) + field(5, value))
+
+
+msgs = []
+for i in range(1000):
+    key = b"/bench/k%04d" % i
+    event = (field(1, 0) + field(2, key_value(key, b"v" * 256, 1000 + i))
+             + field(3, key_value(key, b"w" * 256, 999 + i)))
+    msgs.append(field(1, field(1, 123456789) + field(3, 1000 + i)) + field(11, event))
+state = SortedDict()
+n = 200_000
+c0 = time.process_time()
+for i in range(n):
+    for ev in decode_watch_response(msgs[i % 1000])[5]:
+        state[ev[1]] = (ev[2], ev[3], ev[4], ev[5], ev[6], msgpack.packb(ev, use_bin_type=True))
+cpu = time.process_time() - c0
+print(f"{cpu / n * 1e6:.2f} us/response  protobuf {google.protobuf.__version__} "
+      f"({api_implementation.Type()})")
+"""
+
+
+def watch_path(trees: list[tuple[str, str]], rounds: int) -> int:
+    for rnd in range(rounds):
+        for label, tree in trees[rnd % len(trees):] + trees[:rnd % len(trees)]:
+            out = subprocess.run([sys.executable, "-c", WATCH_PATH],
+                                 env={**os.environ, "PYTHONPATH": tree}, cwd=tree,
+                                 capture_output=True, text=True, timeout=600, check=True)
+            print(f"round {rnd + 1} {label:12s} {out.stdout.strip()}", flush=True)
+    return 0
+
+
 def load(endpoint: str, n: int, size: int) -> None:
     """n keys of ``size`` bytes under PREFIX, 128 puts per transaction (etcd's limit)."""
     import grpc
@@ -91,11 +155,15 @@ def main() -> int:
     ap.add_argument("--value-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="etcdapi-relist")
+    ap.add_argument("--watch-path", action="store_true",
+                    help="replay the per-revision watch path instead (no etcd)")
     args = ap.parse_args()
     from tests.etcdserver import EtcdServer
 
     trees = [(label, os.path.abspath(path)) for label, _, path in
              (t.partition("=") for t in args.tree)]
+    if args.watch_path:
+        return watch_path(trees, args.rounds)
     etcdctl = shutil.which("etcdctl") or os.path.join(os.path.dirname(sys.executable), "etcdctl")
     rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
     rows["etcdctl get"] = []
