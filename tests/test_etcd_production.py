@@ -332,3 +332,22 @@ def test_watch_opened_with_an_expired_token_reconnects(
         w.stop()
         t.join(10)
     assert not t.is_alive()
+
+
+def test_connect_tries_each_endpoint_in_turn(etcd_session: EtcdServer) -> None:
+    """One connect() moves past endpoints that do not answer to the next that does (no
+    wait for the feed's backoff per dead member), and raises etcd's error when none does."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[dead, etcd_session.endpoint],
+                                               timeout=5))
+    try:
+        conn.connect()
+        assert conn.endpoint == f"127.0.0.1:{etcd_session.port}" and conn.cluster_id
+        assert conn.version.startswith("3.")
+    finally:
+        conn.close()
+    nowhere = _etcd.Connection(_etcd.EtcdSettings(endpoints=[dead, dead], timeout=5))
+    with pytest.raises(grpc.RpcError) as ei:
+        nowhere.connect()
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert nowhere.channel is None and nowhere.metadata == ()
