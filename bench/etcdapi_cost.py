@@ -2,6 +2,7 @@
 
     python bench/etcdapi_cost.py --tree before=DIR --tree after=DIR [--keys 100000]
                                  [--value-size 256] [--rounds 3] [--tag etcdapi-relist]
+    python bench/etcdapi_cost.py --writer --tree before=DIR --tree after=DIR [--keys 100000]
     python bench/etcdapi_cost.py --watch-path --tree before=DIR --tree after=DIR [--rounds 3]
 
 One throwaway etcd (``--unsafe-no-fsync``) holds --keys keys of --value-size
@@ -14,6 +15,11 @@ client for reference. Recorded per list: wall time, the process's CPU time
 during the list, peak RSS of the process, and the protobuf version and
 implementation it ran on. Medians over the rounds; the results file goes to
 bench/results/TAG.json.
+
+``--writer`` measures the whole relist instead: ``python -m shmcache serve`` of
+each tree started on the range, the wall time until a Reader opens the cache (the
+writer has listed and published its first snapshot) and the writer's CPU time
+then (utime + stime, /proc/PID/stat), the writer stopped after each.
 
 ``--watch-path`` instead replays the writer's per-revision work without etcd, in
 each tree's process with its etcd layer (and so its protobuf) imported: 200,000
@@ -117,6 +123,34 @@ def watch_path(trees: list[tuple[str, str]], rounds: int) -> int:
     return 0
 
 
+def serve_in(tree: str, endpoint: str, keys: int) -> dict[str, Any]:
+    """Start a writer from ``tree`` on PREFIX; seconds and writer CPU until it serves."""
+    import shmcache
+    from shmcache.writer.lock import remove_cache
+
+    name = f"relist{os.getpid()}"
+    remove_cache(name, force=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcache", "serve", name, "--endpoints", endpoint,
+         "--prefix", PREFIX.decode(), "--ring-size", "64MiB", "--remove-on-exit",
+         "--log-level", "warning"], cwd=tree, env={**os.environ, "PYTHONPATH": tree})
+    try:
+        with shmcache.Reader(name, timeout=600) as r:
+            wall = time.perf_counter() - t0
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if r.status().key_count != keys:
+                raise RuntimeError(f"the cache holds {r.status().key_count} keys, not {keys}")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        remove_cache(name, force=True)
+    return {"wall_s": wall, "cpu_s": cpu}
+
+
 def load(endpoint: str, n: int, size: int) -> None:
     """n keys of ``size`` bytes under PREFIX, 128 puts per transaction (etcd's limit)."""
     import grpc
@@ -157,6 +191,8 @@ def main() -> int:
     ap.add_argument("--tag", default="etcdapi-relist")
     ap.add_argument("--watch-path", action="store_true",
                     help="replay the per-revision watch path instead (no etcd)")
+    ap.add_argument("--writer", action="store_true",
+                    help="time a writer of each tree from start to serving instead")
     args = ap.parse_args()
     from tests.etcdserver import EtcdServer
 
@@ -169,8 +205,9 @@ def main() -> int:
     rows["etcdctl get"] = []
     with EtcdServer(extra_args=C.etcd_args()) as etcd:
         load(etcd.endpoint, args.keys, args.value_size)
-        runs: list[tuple[str, Any]] = [(label, lambda t=tree: list_in(t, etcd.endpoint))
-                                       for label, tree in trees]
+        measure = serve_in if args.writer else (lambda t, e, _: list_in(t, e))
+        runs: list[tuple[str, Any]] = [
+            (label, lambda t=tree: measure(t, etcd.endpoint, args.keys)) for label, tree in trees]
         runs.append(("etcdctl get", lambda: etcdctl_get(etcdctl, etcd.endpoint)))
         for rnd in range(args.rounds):
             for label, run in runs[rnd % len(runs):] + runs[:rnd % len(runs)]:
