@@ -58,7 +58,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The writer imports etcd3/grpc/protobuf: load it only when asked for, so a
+    # The writer imports grpc/protobuf: load it only when asked for, so a
     # reader-only process never imports them (and a reader-only install need not
     # have them).
     if name == "Writer":

@@ -16,14 +16,12 @@ import psutil
 import pytest
 
 from tests.etcdserver import EtcdServer
-from tests.python_etcd3 import protobuf_major
+from tests.python_etcd3 import use_pure_python_protobuf
 
-# EtcdServer.client() hands tests python-etcd3, which loads under protobuf>=4 only
-# with the pure-Python implementation; that choice is made when protobuf is first
-# imported, and test modules import shmcache.etcdapi (and so protobuf) while they
-# are collected, before any test asks for a client. Child processes inherit it.
-if protobuf_major() >= 4:
-    os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+# Before any test module imports protobuf (through shmcache.etcdapi): python-etcd3,
+# the tests' third-party etcd client, needs the pure-Python implementation in this
+# process; the processes the tests start keep protobuf's default (upb).
+use_pure_python_protobuf()
 
 SHM_DIR = "/dev/shm"
 # POSIX shared memory "/x" is /dev/shm/x; a POSIX semaphore "/x" is /dev/shm/sem.x.

@@ -34,9 +34,10 @@ from typing import Any, Self
 import psutil
 
 from shmcache.cli.demo_etcd import etcd_env, find_etcd_binary, free_port
-from tests.python_etcd3 import import_python_etcd3
+from tests.python_etcd3 import import_python_etcd3, use_pure_python_protobuf
 
 __all__ = ["ApiClient", "EtcdCluster", "EtcdServer", "TLSFiles", "find_etcd_binary", "free_port",
+           "use_pure_python_protobuf",
            "generate_tls_files"]
 
 _HOST = "127.0.0.1"

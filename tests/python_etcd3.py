@@ -13,7 +13,9 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["import_python_etcd3", "protobuf_major"]
+__all__ = ["import_python_etcd3", "protobuf_major", "use_pure_python_protobuf"]
+
+_VARIABLE = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
 
 
 def protobuf_major() -> int:
@@ -29,29 +31,44 @@ def protobuf_major() -> int:
     return int(google.protobuf.__version__.split(".")[0])
 
 
-def import_python_etcd3() -> Any:
-    """The ``etcd3`` module (python-etcd3).
+def use_pure_python_protobuf() -> None:
+    """Give this process protobuf's pure-Python implementation, and no other process.
 
-    Under protobuf>=4 this sets ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python`` in
-    *this* process's environment (and so its children's) before protobuf is first
-    imported. A process that must keep the C (upb) implementation, a benchmark's
-    parent for one, must not call it: its python-etcd3 work belongs in a child
-    process that does. RuntimeError if this process imported protobuf with another
-    implementation already (the import would fail with protobuf's "Descriptors
-    cannot be created directly"). Under protobuf 3.x nothing is set (it would
-    needlessly give up a C++ build where one is installed).
+    protobuf reads the choice from the environment once, when it is first imported;
+    the variable is set for that import only, so the writers and tools a test or a
+    benchmark starts run on protobuf's default implementation (upb), as users run
+    them. conftest calls it before any test module imports protobuf (through
+    shmcache.etcdapi). Under protobuf 3.x nothing is done (it would needlessly give
+    up a C++ build where one is installed). RuntimeError if this process imported
+    protobuf with another implementation already (``import etcd3`` would fail with
+    protobuf's "Descriptors cannot be created directly").
     """
-    if protobuf_major() >= 4:
-        if "google.protobuf.internal.api_implementation" in sys.modules:
-            from google.protobuf.internal import api_implementation
+    if protobuf_major() < 4:
+        return
+    if "google.protobuf.internal.api_implementation" in sys.modules:
+        from google.protobuf.internal import api_implementation
 
-            if api_implementation.Type() != "python":
-                raise RuntimeError(
-                    "python-etcd3 needs the pure-Python protobuf, but this process imported "
-                    f"protobuf with the {api_implementation.Type()!r} implementation first; "
-                    "use it in a child process (or set PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
-                    "=python before anything imports protobuf)")
-        os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+        if api_implementation.Type() != "python":
+            raise RuntimeError(
+                "python-etcd3 needs the pure-Python protobuf, but this process imported "
+                f"protobuf with the {api_implementation.Type()!r} implementation first; "
+                "use it in a child process (or set PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
+                "=python before anything imports protobuf)")
+        return
+    saved = os.environ.get(_VARIABLE)
+    os.environ[_VARIABLE] = "python"
+    try:
+        from google.protobuf.internal import api_implementation  # noqa: F401
+    finally:
+        if saved is None:
+            del os.environ[_VARIABLE]
+        else:
+            os.environ[_VARIABLE] = saved
+
+
+def import_python_etcd3() -> Any:
+    """The ``etcd3`` module (python-etcd3), after ``use_pure_python_protobuf()``."""
+    use_pure_python_protobuf()
     import etcd3  # imported lazily: readers must not need grpc/protobuf
 
     return etcd3

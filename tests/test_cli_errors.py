@@ -43,7 +43,7 @@ sys.meta_path.insert(0, Blocker())
 from shmcache.cli.commands import main
 sys.exit(main(sys.argv[1:]))
 """
-WRITER_EXTRA = ("etcd3", "grpc", "google")
+WRITER_EXTRA = ("grpc", "google")
 METRICS_EXTRA = ("prometheus_client",)
 
 
@@ -74,11 +74,11 @@ def _one_line(out: subprocess.CompletedProcess[str], command: str) -> str:
     ["demo", "--duration", "1"],
 ], ids=["serve", "check", "demo"])
 def test_missing_writer_extra_is_one_line(args: list[str]) -> None:
-    """Without etcd3/grpc: one line naming the extra to install, exit 2, nothing started."""
+    """Without grpc/protobuf: one line naming the extra to install, exit 2, nothing started."""
     out = _run_without(WRITER_EXTRA, *args)
     line = _one_line(out, args[0])
     assert out.returncode == 2
-    assert "pip install 'shmcache[writer]'" in line and "etcd3" in line
+    assert "pip install 'shmcache[writer]'" in line and "grpc" in line
     assert "starting etcd" not in out.stdout  # demo: refused before it starts anything
 
 

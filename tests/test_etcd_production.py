@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 import pytest
 
@@ -228,7 +229,8 @@ def auth_etcd(tmp_path: Path) -> Any:
 def test_password_auth_survives_token_expiry_and_restart(
         auth_etcd: EtcdServer, tmp_path: Path, cache_name: str, unique_prefix: bytes) -> None:
     """A read-only user with a password file: the cache keeps serving new events after the
-    auth token expired, and after etcd restarted (which forgets every simple token)."""
+    auth token expired, and after etcd restarted (which forgets every simple token). A
+    connection's reads authenticate again by themselves when etcd no longer knows the token."""
     p = unique_prefix
     auth_etcd.add_user("cache-reader", "s3cret", read_prefix=p)
     pw = tmp_path / "password"
@@ -245,15 +247,21 @@ def test_password_auth_survives_token_expiry_and_restart(
         r = shmcache.Reader(cache_name)
         assert r.get(p + b"a").value == b"1"
         probe.connect()
+        token = probe.metadata
         since = r.revision
         time.sleep(3.5)  # > --auth-token-ttl: every token unused since then is gone
-        with pytest.raises(Exception, match="invalid auth token"):
-            probe.current_revision(p, p + b"\xff")
+        expired = _token_refused(probe, token, p)
+        assert "invalid auth token" in expired
+        probe.current_revision(p, p + b"\xff")  # authenticates again, once
+        assert probe.metadata != token
         after_expiry = _fresh_put(auth_etcd, p + b"b", b"2")
         assert r.wait(after_expiry, timeout=10), _writer_log(w)
+        token = probe.metadata
         auth_etcd.restart()
         after_restart = _fresh_put(auth_etcd, p + b"c", b"3")
         assert r.wait(after_restart, timeout=20), _writer_log(w)
+        assert _revision_when_reachable(probe, p) >= after_restart  # (a new token again)
+        assert probe.metadata != token
         got = drain(r.watch(p, since_revision=since), after_restart)
         assert [(e.kv.key, e.kv.value) for e in got] == [(p + b"b", b"2"), (p + b"c", b"3")]
         root = auth_etcd.client()
@@ -263,6 +271,29 @@ def test_password_auth_survives_token_expiry_and_restart(
     finally:
         probe.close()
         w.close()
+
+
+def _token_refused(conn: _etcd.Connection, token: Any, p: bytes) -> str:
+    """What etcd answers a read with ``token`` (the check that the token really expired)."""
+    from shmcache.etcdapi import Stub, rpc
+
+    with pytest.raises(grpc.RpcError) as ei:
+        Stub(conn.channel, "KV").Range(rpc.RangeRequest(key=p, count_only=True), timeout=5,
+                                       metadata=token)
+    return _etcd.describe(ei.value)
+
+
+def _revision_when_reachable(conn: _etcd.Connection, p: bytes) -> int:
+    """``conn.current_revision``, asked again while the channel reconnects to a restarted
+    etcd (UNAVAILABLE); any other error is raised."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return conn.current_revision(p, p + b"\xff")
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def test_watch_opened_with_an_expired_token_reconnects(
@@ -301,3 +332,22 @@ def test_watch_opened_with_an_expired_token_reconnects(
         w.stop()
         t.join(10)
     assert not t.is_alive()
+
+
+def test_connect_tries_each_endpoint_in_turn(etcd_session: EtcdServer) -> None:
+    """One connect() moves past endpoints that do not answer to the next that does (no
+    wait for the feed's backoff per dead member), and raises etcd's error when none does."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[dead, etcd_session.endpoint],
+                                               timeout=5))
+    try:
+        conn.connect()
+        assert conn.endpoint == f"127.0.0.1:{etcd_session.port}" and conn.cluster_id
+        assert conn.version.startswith("3.")
+    finally:
+        conn.close()
+    nowhere = _etcd.Connection(_etcd.EtcdSettings(endpoints=[dead, dead], timeout=5))
+    with pytest.raises(grpc.RpcError) as ei:
+        nowhere.connect()
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert nowhere.channel is None and nowhere.metadata == ()

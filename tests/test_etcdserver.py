@@ -48,6 +48,26 @@ def test_import_does_not_load_etcd3_or_grpc() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
+def test_python_etcd3_gets_pure_python_protobuf_and_children_do_not(
+        etcd_server: EtcdServer) -> None:
+    """The tests' python-etcd3 client loads (this process runs protobuf's pure-Python
+    implementation), and the processes tests start, writers included, still get protobuf's
+    default one: the choice does not leak into the environment they inherit."""
+    from google.protobuf.internal import api_implementation
+
+    if "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" in os.environ:
+        pytest.skip("the caller chose protobuf's implementation for every process")
+    with etcd_server.client() as client:
+        client.put(b"/pb", b"1")
+    assert api_implementation.Type() == "python"
+    assert "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" not in os.environ
+    child = subprocess.run(
+        [sys.executable, "-c", "from google.protobuf.internal import api_implementation as a; "
+                               "print(a.Type())"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert child.stdout.strip() == "upb", child.stdout
+
+
 def test_find_etcd_binary_honours_env(monkeypatch: pytest.MonkeyPatch) -> None:
     real = find_etcd_binary()
     assert os.access(real, os.X_OK)

@@ -20,14 +20,15 @@ from typing import Any
 
 import grpc
 import pytest
-from etcd3.etcdrpc import kv_pb2, rpc_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmcache
+from shmcache.etcdapi import mvcc, rpc
 from shmcache.format import layout
 from shmcache.writer.etcd import connection as _etcd
 from shmcache.writer.etcd import decode as _watchpb
+from shmcache.writer.etcd import stream as _stream
 from tests.etcdserver import EtcdServer, free_port
 from tests.helpers import WriterProcess, etcd_range, put
 from tests.test_service import _scrape
@@ -39,15 +40,15 @@ SMALL = st.one_of(st.integers(min_value=0, max_value=300), I64)
 
 
 @st.composite
-def key_values(draw: Any) -> kv_pb2.KeyValue:
-    return kv_pb2.KeyValue(key=draw(st.binary(max_size=40)), value=draw(st.binary(max_size=300)),
+def key_values(draw: Any) -> mvcc.KeyValue:
+    return mvcc.KeyValue(key=draw(st.binary(max_size=40)), value=draw(st.binary(max_size=300)),
                            create_revision=draw(SMALL), mod_revision=draw(SMALL),
                            version=draw(SMALL), lease=draw(SMALL))
 
 
 @st.composite
-def responses(draw: Any) -> rpc_pb2.WatchResponse:
-    resp = rpc_pb2.WatchResponse(
+def responses(draw: Any) -> rpc.WatchResponse:
+    resp = rpc.WatchResponse(
         watch_id=draw(SMALL), created=draw(st.booleans()), canceled=draw(st.booleans()),
         compact_revision=draw(SMALL), cancel_reason=draw(st.text(max_size=20)))
     if draw(st.booleans()):
@@ -65,7 +66,7 @@ def responses(draw: Any) -> rpc_pb2.WatchResponse:
     return resp
 
 
-def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse | None:
+def expected(resp: rpc.WatchResponse) -> _watchpb.WatchResponse | None:
     """What the feed used to build from protobuf's decoding (docs/design.md, step 4); None
     where the decoder must refuse (an unknown event type, an event without its key-value)."""
     events = []
@@ -87,14 +88,14 @@ def expected(resp: rpc_pb2.WatchResponse) -> _watchpb.WatchResponse | None:
 
 @settings(max_examples=400, deadline=None)
 @given(responses(), st.binary(max_size=30))
-def test_decoder_equals_protobuf(resp: rpc_pb2.WatchResponse, junk: bytes) -> None:
+def test_decoder_equals_protobuf(resp: rpc.WatchResponse, junk: bytes) -> None:
     data = resp.SerializeToString()
     # Unknown fields (a newer etcd's) are skipped: field 12 as bytes, 13 as a varint,
     # 14 as fixed64, 15 as fixed32, 100 (a two-byte tag) as bytes.
     extra = (b"\x62" + bytes([len(junk)]) + junk + b"\x68\xff\xff\x03" + b"\x71" + b"\0" * 8
              + b"\x7d" + b"\1" * 4 + b"\xa2\x06\x01x")
     for raw in (data, data + extra):
-        want = expected(rpc_pb2.WatchResponse.FromString(raw))
+        want = expected(rpc.WatchResponse.FromString(raw))
         if want is None:
             with pytest.raises(ValueError):
                 _watchpb.decode_watch_response(raw)
@@ -104,18 +105,18 @@ def test_decoder_equals_protobuf(resp: rpc_pb2.WatchResponse, junk: bytes) -> No
 
 @settings(max_examples=200, deadline=None)
 @given(responses(), st.data())
-def test_truncated_or_damaged_input_raises_value_error(resp: rpc_pb2.WatchResponse,
+def test_truncated_or_damaged_input_raises_value_error(resp: rpc.WatchResponse,
                                                        data: Any) -> None:
     raw = resp.SerializeToString()
     if raw:
         cut = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
         try:
-            rpc_pb2.WatchResponse.FromString(raw[:cut])
+            rpc.WatchResponse.FromString(raw[:cut])
         except Exception:
             with pytest.raises(ValueError):
                 _watchpb.decode_watch_response(raw[:cut])
         else:  # a prefix protobuf accepts (it ended between fields): so must the decoder
-            want = expected(rpc_pb2.WatchResponse.FromString(raw[:cut]))
+            want = expected(rpc.WatchResponse.FromString(raw[:cut]))
             if want is None:  # (unless an event in it is one the decoder refuses)
                 with pytest.raises(ValueError):
                     _watchpb.decode_watch_response(raw[:cut])
@@ -145,7 +146,7 @@ def test_an_event_it_cannot_decode_exactly_is_an_error(event: bytes, error: str)
 
 
 def test_a_delete_and_a_put_of_a_real_response() -> None:
-    resp = rpc_pb2.WatchResponse()
+    resp = rpc.WatchResponse()
     resp.header.revision = 7_000_000_000
     ev = resp.events.add()
     ev.type = 1
@@ -163,7 +164,7 @@ def test_a_delete_and_a_put_of_a_real_response() -> None:
 def test_the_header_cluster_id(cluster_id: int) -> None:
     """The header's cluster id comes back as its varint (what cluster_varint encodes, b""
     for 0, a field protobuf omits), and cluster_from_varint reads it back."""
-    resp = rpc_pb2.WatchResponse()
+    resp = rpc.WatchResponse()
     resp.header.cluster_id, resp.header.member_id, resp.header.revision = cluster_id, 99, 3
     got = _watchpb.decode_watch_response(resp.SerializeToString())
     assert got == (3, False, False, 0, "", [], _watchpb.cluster_varint(cluster_id))
@@ -189,8 +190,8 @@ def conn(etcd_session: EtcdServer) -> Iterator[_etcd.Connection]:
     c.close()
 
 
-def _kind(stream: _etcd.WatchStream) -> str:
-    return "direct" if isinstance(stream._call, _etcd._DirectCall) else "threaded"
+def _kind(stream: _stream.WatchStream) -> str:
+    return "direct" if isinstance(stream._call, _stream._DirectCall) else "threaded"
 
 
 def test_events_progress_and_close(transport: str, conn: _etcd.Connection, etcd_client: Any,
@@ -302,13 +303,13 @@ def _writer_with(tmp_path: Path, code: str, name: str, endpoint: str, prefix: by
 # etcd sending an event of a type this API does not have: the writer's decoder is handed the
 # first response that holds an event of the key .../victim with every event's type set to 7.
 _UNKNOWN_EVENT_TYPE = """
-    from etcd3.etcdrpc import rpc_pb2
+    from shmcache.etcdapi import rpc
     import shmcache.writer.etcd.connection as etcd
 
     real, done = etcd.decode_watch_response, []
 
     def decode(data):
-        resp = rpc_pb2.WatchResponse.FromString(bytes(data))
+        resp = rpc.WatchResponse.FromString(bytes(data))
         if not done and any(ev.kv.key.endswith(b"/victim") for ev in resp.events):
             done.append(1)
             for ev in resp.events:
@@ -406,13 +407,13 @@ def test_a_broken_direct_path_falls_back_for_the_process(
     continues on the public API, so do later ones (the direct path is not tried again),
     and the switch is logged once."""
     monkeypatch.delenv("SHMCACHE_GRPC_THREADED", raising=False)
-    monkeypatch.setattr(_etcd, "DIRECT_PATH", _etcd.DirectPath())
+    monkeypatch.setattr(_stream, "DIRECT_PATH", _stream.DirectPath())
     broken: dict[str, Any] = {}
     exec(textwrap.dedent(_BROKEN_DIRECT_PATH.format(mode=mode)).replace(
         "MODE != \"in-process\"", "False"), broken)
     c = _etcd.Connection(_etcd.EtcdSettings(endpoints=[etcd_session.endpoint]))
     c.connect()
-    broken["break_direct_path"](c.client.channel)
+    broken["break_direct_path"](c.channel)
     p = unique_prefix
     try:
         for n in range(3):

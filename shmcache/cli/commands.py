@@ -505,7 +505,7 @@ def _os_error(exc: OSError) -> str:
 
 
 # The optional dependencies (pyproject.toml) by their top-level module: what to install.
-_EXTRA_OF = {"etcd3": "writer", "grpc": "writer", "google": "writer",
+_EXTRA_OF = {"grpc": "writer", "google": "writer",
              "prometheus_client": "metrics"}
 
 

@@ -534,7 +534,7 @@ def _cross_check(cfg: ServeConfig) -> None:
     tls = any(f is not None for f in (cfg.ca_file, cfg.cert_file, cfg.key_file))
     if "https" in schemes and cfg.ca_file is None:
         raise err("endpoints", "https:// endpoints need ca_file, the CA that signed etcd's "
-                               "certificate (python-etcd3 does not use the system trust store)")
+                               "certificate (grpc does not use the system trust store)")
     if tls and "http" in schemes:
         which = next(n for n in ("ca_file", "cert_file", "key_file") if getattr(cfg, n))
         raise err("endpoints", f"{which} is set but the endpoints are http://; use https:// "

@@ -39,8 +39,14 @@ from ._descriptors import ETCD_VERSION, FILE_DESCRIPTOR_SET
 __all__ = ["ETCD_VERSION", "Stub", "auth", "method_path", "mvcc", "rpc", "service_handler"]
 
 _POOL = descriptor_pool.DescriptorPool()
-for _file in descriptor_pb2.FileDescriptorSet.FromString(FILE_DESCRIPTOR_SET).file:
+_FILES = descriptor_pb2.FileDescriptorSet.FromString(FILE_DESCRIPTOR_SET).file
+for _file in _FILES:
     _POOL.Add(_file)
+
+# (client streaming, server streaming) of each method, from the descriptor set itself:
+# protobuf 4.21's upb MethodDescriptor has no client_streaming/server_streaming.
+_STREAMING = {(s.name, m.name): (m.client_streaming, m.server_streaming)
+              for f in _FILES if f.package == "etcdserverpb" for s in f.service for m in s.method}
 
 try:  # protobuf >= 4.22 (upb) and 5+
     from google.protobuf.message_factory import GetMessageClass as _message_class
@@ -104,7 +110,7 @@ class Stub:
             req, resp = _message_class(m.input_type), _message_class(m.output_type)
             kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
                     (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
-                        (m.client_streaming, m.server_streaming)]
+                        _STREAMING[service, m.name]]
             setattr(self, m.name, kind(method_path(service, m.name),
                                        request_serializer=req.SerializeToString,
                                        response_deserializer=resp.FromString))
@@ -132,7 +138,7 @@ def service_handler(service: str, impl: Mapping[str, Callable[..., Any]]) -> Any
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[
-                    (m.client_streaming, m.server_streaming)]
+                    _STREAMING[service, m.name]]
         handlers[m.name] = make(fn, request_deserializer=req.FromString,
                                 response_serializer=resp.SerializeToString)
     return grpc.method_handlers_generic_handler(f"etcdserverpb.{service}", handlers)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ShmCacheError
 from ..format import codec as _codec
 from .etcd import connection as _etcd
+from .etcd import stream as _stream
 from .etcd.decode import cluster_from_varint
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class WatchBroken(ShmCacheError):
 
 
 class WatchUndecodable(WatchBroken):
-    """A watch response could not be decoded exactly (_etcd.UndecodableResponse): the
+    """A watch response could not be decoded exactly (_stream.UndecodableResponse): the
     stream is broken, and watched again from the cache's revision; nothing is guessed."""
 
 
@@ -156,7 +157,7 @@ class EtcdFeed:
         stats.setdefault("cluster_changes", 0)  # (shmcache_cluster_changes_total)
         self.stopped = threading.Event()
         self.conn: _etcd.Connection | None = None
-        self.stream: _etcd.WatchStream | None = None
+        self.stream: _stream.WatchStream | None = None
         # Since when etcd has not answered (unix time), and the last error; None
         # while connected. Shown by status, the metrics and systemd's STATUS.
         self.etcd_down_since: float | None = None
@@ -370,7 +371,7 @@ class EtcdFeed:
                 self._maybe_snapshot(sink)
             if not stopped.is_set():
                 raise WatchBroken("etcd closed the watch stream")
-        except _etcd.UndecodableResponse as exc:
+        except _stream.UndecodableResponse as exc:
             stats["watch_decode_errors"] += 1
             self._healthy = False  # the same message may come again: back off meanwhile
             raise WatchUndecodable(f"a watch response after revision {sink.revision} could "
@@ -483,7 +484,7 @@ class EtcdFeed:
     def _progress_plausible(self, sink: Sink, revision: int) -> bool:
         """Whether etcd's range at ``revision`` agrees with the state (see _on_progress, 3)."""
         conn = self.conn
-        if conn is None or conn.client is None:
+        if conn is None or conn.channel is None:
             return False
         try:
             if conn.count(self.range_key, self.range_end, revision) != len(sink.kv):
@@ -523,6 +524,6 @@ class EtcdFeed:
     def current_revision(self) -> int:
         """etcd's current revision, read linearizably now (raises WatchBroken when not connected)."""
         conn = self.conn
-        if conn is None or conn.client is None:
+        if conn is None or conn.channel is None:
             raise WatchBroken("not connected to etcd")
         return conn.current_revision(self.range_key, self.range_end)

@@ -172,7 +172,7 @@ class Verifier:
         try:
             while not self.stopped.wait(self.interval):
                 try:
-                    if conn.client is None:
+                    if conn.channel is None:
                         conn.connect()
                     res = compare_cache(self.name, conn)
                 except Inconclusive as exc:

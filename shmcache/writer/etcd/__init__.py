@@ -1,2 +1,2 @@
-"""The writer's etcd client: the gRPC connection and raw watch stream, and the hand decoder
-of WatchResponse."""
+"""The writer's etcd client: the connection (``connection``), its raw watch stream
+(``stream``) and the hand decoder of WatchResponse (``decode``), on ``shmcache.etcdapi``."""

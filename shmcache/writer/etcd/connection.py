@@ -1,52 +1,31 @@
-"""The writer's etcd side: connection with failover, paginated range reads, and a watch stream it owns.
+"""The writer's etcd connection: dialling with failover, authentication, and range reads.
 
-python-etcd3 0.12 is used for its channel, credentials and generated protobufs,
-but not for watching: its watcher ignores non-compaction cancels, re-opens
-streams without backoff and cannot send progress requests (docs/design.md). The
-stream here is a raw bidirectional gRPC call whose lifecycle the writer owns.
-
-Most of the writer's CPU per revision went to gRPC's and protobuf's Python
-machinery (docs/benchmarks.md, "Writer CPU per revision"): the stream is driven
-by the thread that reads it, on a completion queue of its own (``_DirectCall``;
-``_ThreadedCall``, the public API, is the fallback), and its responses are
-decoded by hand into the publisher's event tuples (``_watchpb``).
+It speaks etcd's v3 API through ``shmcache.etcdapi`` (etcd's own protos in a
+private protobuf pool) on a grpcio channel; the watch stream is ``stream.py``,
+the hand decoder of watch responses ``decode.py`` (docs/design.md, "The writer's
+etcd API").
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
-import etcd3
 import grpc
-from etcd3.etcdrpc import rpc_pb2
 
 from ... import _defaults
+from ...etcdapi import Stub, rpc
+from ...etcdapi.dial import authenticate, open_channel, parse_endpoint
 from .decode import cluster_varint, decode_watch_response
+from .stream import WatchStream
 
 log = logging.getLogger("shmcache.writer")
 
-# WatchRequest{progress_request: WatchProgressRequest{}}: field 3 of the request
-# oneof, an empty message. python-etcd3 0.12's generated protos predate the
-# field, so the bytes are written by hand (tag (3 << 3) | 2 = 0x1a, length 0).
-PROGRESS_REQUEST = b"\x1a\x00"
-
-# etcd refuses (and gRPC's default 4 MiB receive limit rejects) large responses:
-# ranges are read in pages and the receive limit is lifted for watch batches,
-# which carry all events of a revision (a range delete of many keys) at once.
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    ("grpc.max_send_message_length", 64 * 2**20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+Metadata = tuple[tuple[str, str], ...]
+KeyValueTuple = tuple[bytes, tuple[bytes, int, int, int, int]]
 
 
 @dataclass
@@ -60,15 +39,6 @@ class EtcdSettings:
     password: str | None = None
 
 
-def parse_endpoint(url: str) -> tuple[str, int]:
-    if "://" not in url:
-        url = "http://" + url
-    u = urlparse(url)
-    if not u.hostname:
-        raise ValueError(f"endpoint {url!r} has no host")
-    return u.hostname, u.port or 2379
-
-
 class ClusterChanged(Exception):
     """An endpoint answered for another etcd cluster than it did at ``connect()`` (a
     restore or failover onto another cluster behind the same address): reconnect, and
@@ -76,12 +46,20 @@ class ClusterChanged(Exception):
 
 
 class Connection:
-    """A client for one etcd member at a time; ``reconnect()`` moves to the next endpoint.
+    """A client for one etcd member at a time; ``connect()`` moves to the next endpoint.
 
     ``cluster_id`` is the cluster the member said it belongs to at ``connect()`` (etcd's
     response header; 0 if it did not say); every range answer's header is checked
     against it (ClusterChanged), and ``cluster_raw`` is its varint, against which the
     feed checks watch responses.
+
+    Concurrency: ``connect()`` and ``close()`` belong to the thread that owns the
+    connection (``close()`` may also come from another thread, to stop it); the
+    reads (``current_revision``, ``count``, ``range_page`` ...) may be called from
+    any thread while it is connected, as the channel is thread-safe. With a user,
+    a read that etcd refuses for a token it no longer knows (expired after its
+    ``--auth-token-ttl`` unused, or forgotten by a restart) authenticates again,
+    once, and is retried.
     """
 
     def __init__(self, settings: EtcdSettings) -> None:
@@ -90,27 +68,93 @@ class Connection:
         if not self.endpoints:
             raise ValueError("no etcd endpoints given")
         self._next = 0
-        self.client: Any = None
+        self._channel: Any = None
+        self._metadata: Metadata = ()
+        self._kv: Any = None
+        self._auth_lock = threading.Lock()
         self.endpoint = ""
         self.version = ""
         self.cluster_id = 0
         self.cluster_raw = b""
 
+    @property
+    def channel(self) -> Any:
+        """The gRPC channel to the member connected to; None before ``connect()``/after ``close()``."""
+        return self._channel
+
+    @property
+    def metadata(self) -> Metadata:
+        """Call metadata for that channel: etcd's auth token, or () without a user."""
+        return self._metadata
+
     def connect(self) -> None:
-        """Connect to the next endpoint in turn and check it answers; raises grpc.RpcError."""
+        """Connect to the next endpoint that answers, trying each in turn once.
+
+        A member answers when it authenticates the user (if any) and tells its
+        version and cluster. Raises the last endpoint's grpc.RpcError when none does.
+        """
         self.close()
-        host, port = self.endpoints[self._next % len(self.endpoints)]
-        self._next += 1
+        error: BaseException | None = None
+        for _ in self.endpoints:
+            host, port = self.endpoints[self._next % len(self.endpoints)]
+            self._next += 1
+            try:
+                self._dial(host, port)
+                return
+            except grpc.RpcError as exc:
+                if len(self.endpoints) > 1:
+                    log.info("etcd at %s:%s: %s", host, port, describe(exc))
+                self.close()
+                error = exc
+        assert error is not None
+        raise error
+
+    def _dial(self, host: str, port: int) -> None:
         s = self.settings
         self.endpoint = f"{host}:{port}"
-        self.client = etcd3.client(host=host, port=port, timeout=s.timeout, ca_cert=s.ca_cert,
-                                   cert_key=s.cert_key, cert_cert=s.cert_cert, user=s.user,
-                                   password=s.password, grpc_options=GRPC_OPTIONS)
-        status = self.client.maintenancestub.Status(rpc_pb2.StatusRequest(), s.timeout,
-                                                    metadata=self.client.metadata)
+        self._channel = channel = open_channel(host, port, ca_cert=s.ca_cert,
+                                               cert_key=s.cert_key, cert_cert=s.cert_cert)
+        if s.user is not None:
+            self._metadata = authenticate(channel, s.user, s.password or "", s.timeout)
+        self._kv = Stub(channel, "KV")
+        status = self._call(Stub(channel, "Maintenance").Status, rpc.StatusRequest(),
+                            s.timeout)
         self.version = status.version
         self.cluster_id = int(status.header.cluster_id)
         self.cluster_raw = cluster_varint(self.cluster_id)
+
+    def close(self) -> None:
+        channel, self._channel, self._kv = self._channel, None, None
+        self._metadata = ()
+        if channel is not None:
+            try:
+                channel.close()
+            except Exception:  # closing a dead channel must not mask the real error
+                pass
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float) -> Any:
+        """``method(request)`` with the token; a token etcd no longer knows is renewed once."""
+        metadata = self._metadata
+        try:
+            return method(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            if self.settings.user is None or not _token_unknown(exc):
+                raise
+        self._reauthenticate(metadata)
+        return method(request, timeout=timeout, metadata=self._metadata)
+
+    def _reauthenticate(self, stale: Metadata) -> None:
+        """Authenticate again unless another thread already replaced the ``stale`` token."""
+        with self._auth_lock:
+            channel = self._channel
+            if self._metadata != stale or channel is None:
+                return
+            s = self.settings
+            self._metadata = authenticate(channel, s.user or "", s.password or "", s.timeout)
+        log.info("etcd at %s no longer knew the auth token: authenticated again", self.endpoint)
+
+    def _range(self, req: Any, timeout: float) -> Any:
+        return self._checked(self._call(self._kv.Range, req, timeout))
 
     def _checked(self, resp: Any) -> Any:
         """``resp`` if its header is from the cluster connected to; else ClusterChanged."""
@@ -120,26 +164,15 @@ class Connection:
                                  f"not {self.cluster_id:x}")
         return resp
 
-    def close(self) -> None:
-        if self.client is not None:
-            try:
-                self.client.close()
-            except Exception:  # closing a dead channel must not mask the real error
-                pass
-            self.client = None
-
     def current_revision(self, key: bytes, range_end: bytes) -> int:
         """etcd's current revision, from a linearizable count-only range."""
-        req = rpc_pb2.RangeRequest(key=key, range_end=range_end, count_only=True)
-        resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
-        return int(self._checked(resp).header.revision)
+        req = rpc.RangeRequest(key=key, range_end=range_end, count_only=True)
+        return int(self._range(req, self.settings.timeout).header.revision)
 
     def count(self, key: bytes, range_end: bytes, revision: int) -> int:
         """Number of keys in [key, range_end) at ``revision``."""
-        req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=revision,
-                                   count_only=True)
-        resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
-        return int(self._checked(resp).count)
+        req = rpc.RangeRequest(key=key, range_end=range_end, revision=revision, count_only=True)
+        return int(self._range(req, self.settings.timeout).count)
 
     def modified_since(self, key: bytes, range_end: bytes, revision: int,
                        min_mod_revision: int) -> int:
@@ -148,10 +181,9 @@ class Connection:
         keys_only, because etcd ignores min_mod_revision for count_only requests
         (it counts the whole range); etcd still scans the range to filter it.
         """
-        req = rpc_pb2.RangeRequest(key=key, range_end=range_end, revision=revision,
-                                   keys_only=True, min_mod_revision=min_mod_revision)
-        resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
-        return len(self._checked(resp).kvs)
+        req = rpc.RangeRequest(key=key, range_end=range_end, revision=revision,
+                               keys_only=True, min_mod_revision=min_mod_revision)
+        return len(self._range(req, self.settings.timeout).kvs)
 
     # etcd counts the rest of the range for every page it returns (the response's
     # ``count``), so a list costs O(keys x pages): fixed pages of 2,000 made a
@@ -162,336 +194,60 @@ class Connection:
     LIST_PAGE_MAX = 50_000
 
     def list_range(self, key: bytes, range_end: bytes, page: int = 2000,
-                   progress: Any = None) -> tuple[int, list[tuple[bytes, tuple[bytes, int, int, int, int]]]]:
+                   progress: Any = None) -> tuple[int, list[KeyValueTuple]]:
         """Every key in [key, range_end) at one revision, read in pages; returns (revision, items).
 
         The first page fixes the revision; later pages are read at that revision,
         so the result is one consistent cut even while etcd is being written.
         """
-        items: list[tuple[bytes, tuple[bytes, int, int, int, int]]] = []
+        items: list[KeyValueTuple] = []
         revision = 0
         start = key
+        timeout = max(self.settings.timeout, 30.0)
         while True:
-            req = rpc_pb2.RangeRequest(
-                key=start, range_end=range_end, limit=page, revision=revision,
-                sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
-            resp = self._checked(self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
-                                                          metadata=self.client.metadata))
+            req = rpc.RangeRequest(key=start, range_end=range_end, limit=page, revision=revision,
+                                   sort_order=rpc.RangeRequest.ASCEND,
+                                   sort_target=rpc.RangeRequest.KEY)
+            resp = self._range(req, timeout)
             if revision == 0:
                 revision = int(resp.header.revision)
-            for kv in resp.kvs:
-                items.append((kv.key, (kv.value, kv.create_revision, kv.mod_revision,
-                                       kv.version, kv.lease)))
+            kvs = resp.kvs
+            items.extend([(kv.key, (kv.value, kv.create_revision, kv.mod_revision, kv.version,
+                                    kv.lease)) for kv in kvs])
             if progress is not None:
                 # resp.count counts the keys in [start, range_end), i.e.
                 # those not loaded before this page, not the whole range.
-                progress(len(items), len(items) - len(resp.kvs) + int(resp.count))
-            if not resp.more or not resp.kvs:
+                progress(len(items), len(items) - len(kvs) + int(resp.count))
+            if not resp.more or not kvs:
                 return revision, items
-            start = resp.kvs[-1].key + b"\0"
+            start = kvs[-1].key + b"\0"
             page = min(page * 2, self.LIST_PAGE_MAX)
 
     def range_page(self, start: bytes, range_end: bytes, revision: int, limit: int,
                    keys_only: bool = False) -> tuple[list[Any], bool, int]:
         """One page of [start, range_end) at ``revision``, in key order: (kvs, more, bytes)."""
-        req = rpc_pb2.RangeRequest(
-            key=start, range_end=range_end, limit=limit, revision=revision, keys_only=keys_only,
-            sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
-        resp = self._checked(self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
-                                                      metadata=self.client.metadata))
+        req = rpc.RangeRequest(key=start, range_end=range_end, limit=limit, revision=revision,
+                               keys_only=keys_only, sort_order=rpc.RangeRequest.ASCEND,
+                               sort_target=rpc.RangeRequest.KEY)
+        resp = self._range(req, max(self.settings.timeout, 30.0))
         return list(resp.kvs), bool(resp.more), resp.ByteSize()
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
         """A watch stream yielding protobuf ``WatchResponse`` messages (tools and tests)."""
-        return WatchStream(self, key, range_end, start_revision,
-                           rpc_pb2.WatchResponse.FromString)
+        return WatchStream(self._channel, self._metadata, key, range_end, start_revision,
+                           rpc.WatchResponse.FromString)
 
     def watch_decoded(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
         """A watch stream yielding ``decode_watch_response`` tuples (the writer's feed)."""
-        return WatchStream(self, key, range_end, start_revision, decode_watch_response)
+        return WatchStream(self._channel, self._metadata, key, range_end, start_revision,
+                           decode_watch_response)
 
 
-class WatchStream:
-    """One gRPC Watch call with a single watcher on [key, range_end) from ``start_revision``.
-
-    Iterating yields the responses in order, each passed through ``decode``.
-    ``request_progress`` and ``close`` may be called from any thread; a stream is
-    iterated by one thread. A failed call raises a ``grpc.RpcError``, a message
-    ``decode`` refuses ``UndecodableResponse``. A first direct call that fails is
-    replaced by a public-API one (``DirectPath``); a progress request sent just
-    then may be lost (the feed asks again after 5 s).
-    """
-
-    def __init__(self, conn: Connection, key: bytes, range_end: bytes, start_revision: int,
-                 decode: Callable[[bytes], Any]) -> None:
-        create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
-            key=key, range_end=range_end, start_revision=start_revision, prev_kv=True,
-            progress_notify=True)).SerializeToString()
-        self._decode = decode
-        self._lock = threading.Lock()
-        self._closed = False
-        self._channel = conn.client.channel
-        self._metadata = tuple(conn.client.metadata or ())
-        self._create = create
-        call: _DirectCall | _ThreadedCall | None = None
-        if DIRECT_PATH.usable(self._channel):
-            try:
-                call = _DirectCall(self._channel, WATCH_METHOD, self._metadata, create)
-            except Exception as exc:
-                DIRECT_PATH.give_up(exc)
-        self._call = call or _ThreadedCall(self._channel, WATCH_METHOD, self._metadata, create)
-
-    def request_progress(self) -> None:
-        if not self._closed:
-            self._call.send(PROGRESS_REQUEST)
-
-    def __iter__(self) -> Iterator[Any]:
-        """The decoded responses; a message ``decode`` refuses raises UndecodableResponse."""
-        decode = self._decode
-        for data in self._messages():
-            try:
-                resp = decode(data)
-            except ValueError as exc:
-                raise UndecodableResponse(f"{exc} (a {len(data)}-byte message)") from exc
-            yield resp
-
-    def _messages(self) -> Iterator[bytes]:
-        """The call's messages; the first call on the direct path is a trial (DirectPath)."""
-        call = self._call
-        if not (isinstance(call, _DirectCall) and DIRECT_PATH.on_trial()):
-            yield from call.messages()
-            return
-        it = call.messages()
-        try:
-            first = next(it)
-        except StopIteration:
-            return
-        except Exception as exc:
-            if self._closed:
-                raise
-            DIRECT_PATH.give_up(exc)
-            try:
-                call.cancel()  # (best effort: the call may be in any state)
-            except Exception:
-                pass
-            with self._lock:
-                if self._closed:
-                    raise
-                self._call = _ThreadedCall(self._channel, WATCH_METHOD, self._metadata,
-                                           self._create)
-            yield from self._call.messages()
-            return
-        DIRECT_PATH.proven()
-        yield first
-        yield from it
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._call.cancel()
-
-
-class UndecodableResponse(Exception):
-    """A watch response the decoder refused: what etcd sent cannot be read exactly (an
-    event type other than PUT and DELETE, a damaged message). The stream is broken."""
-
-
-class DirectPath:
-    """Whether this process drives watch streams with ``_DirectCall`` (grpcio's internal API).
-
-    Its use is a trial until a call on it has delivered its first message. Any
-    error constructing a call, or before that first message, gives it up for the
-    process, logged once: the stream that failed, and every later one, uses the
-    public API (``_ThreadedCall``), so a grpcio whose internals changed costs speed,
-    never the writer. Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state = "trial"  # -> "proven" or "off"
-
-    def usable(self, channel: Any) -> bool:
-        if self._state == "off" or os.environ.get("SHMCACHE_GRPC_THREADED"):
-            return False
-        try:
-            from grpc._cython import cygrpc
-        except ImportError:
-            return False
-        return (hasattr(getattr(channel, "_channel", None), "segregated_call")
-                and hasattr(cygrpc, "SegregatedCall"))
-
-    def on_trial(self) -> bool:
-        return self._state == "trial"
-
-    def proven(self) -> None:
-        with self._lock:
-            if self._state == "trial":
-                self._state = "proven"
-
-    def give_up(self, exc: BaseException) -> None:
-        with self._lock:
-            if self._state == "off":
-                return
-            self._state = "off"
-        log.warning("grpcio %s: the direct watch call failed (%s); using grpc's public stream "
-                    "API for the rest of this process", grpc.__version__, describe(exc))
-
-
-DIRECT_PATH = DirectPath()
-
-
-WATCH_METHOD = "/etcdserverpb.Watch/Watch"
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-class CallError(grpc.RpcError):  # type: ignore[misc]  # (grpc has no type stubs)
-    """A ``_DirectCall`` ended with a status other than OK (the public API's RpcError shape)."""
-
-    def __init__(self, code: int, details: str) -> None:
-        super().__init__(details)
-        self._code = _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-class _DirectCall:
-    """A bidirectional call on a completion queue of its own, driven by the reading thread.
-
-    gRPC's public stream API hands every message from its channel-spin thread to
-    the reader through a condition variable (several thread switches and Python
-    lock operations per message). This is the segregated call underneath grpc's
-    own single-threaded unary-stream calls (``grpc.experimental.ChannelOptions.
-    SingleThreadedUnaryStream``), made bidirectional: ``messages()`` keeps one
-    receive started and waits for completions in the calling thread, GIL released.
-    It is grpcio's internal API: ``DirectPath`` checks for it and gives it up for
-    the process when a first call fails, and the stream then uses ``_ThreadedCall``
-    (as it does with ``SHMCACHE_GRPC_THREADED=1``).
-
-    Sends from other threads start at once, or wait while one is in flight (one
-    outstanding send per call) until its completion arrives. grpc destroys the
-    completion queue once every started batch has completed, so ``next_event``
-    is called exactly once per started batch (``_outstanding``, under ``_ops``).
-    """
-
-    _SEND, _RECV, _OTHER = "send", "recv", "other"
-
-    def __init__(self, channel: Any, method: str, metadata: tuple[tuple[str, str], ...],
-                 first: bytes) -> None:
-        from grpc._cython import cygrpc
-
-        self._cygrpc = cygrpc
-        self._ops = threading.Lock()
-        self._pending: list[bytes] = []
-        self._sending = True
-        self._status: tuple[int, str] | None = None
-        cc = channel._channel
-        name = method.encode()
-        batches = (
-            ((cygrpc.SendInitialMetadataOperation(metadata, 0),
-              cygrpc.SendMessageOperation(first, 0)), self._SEND),
-            ((cygrpc.ReceiveInitialMetadataOperation(0),), self._OTHER),
-            ((cygrpc.ReceiveStatusOnClientOperation(0),), self._OTHER),
-        )
-        # (flags, method, host, deadline, metadata, call credentials, batches): what older
-        # grpcio releases take; newer ones add optional arguments (census context,
-        # registered call handle).
-        self._call = cc.segregated_call(cygrpc.PropagationConstants.GRPC_PROPAGATE_DEFAULTS,
-                                        name, None, None, metadata, None, batches)
-        self._outstanding = len(batches)
-        self._recv = (cygrpc.ReceiveMessageOperation(0),)
-        self._start(self._recv, self._RECV)
-
-    def _start(self, ops: tuple[Any, ...], tag: str) -> bool:
-        """Start a batch (``_ops`` held); False once the call has ended."""
-        if self._call.operate(ops, tag):
-            self._outstanding += 1
-            return True
-        return False
-
-    def send(self, data: bytes) -> None:
-        with self._ops:
-            if self._sending:
-                self._pending.append(data)
-            elif self._outstanding:
-                self._sending = self._start((self._cygrpc.SendMessageOperation(data, 0),),
-                                            self._SEND)
-
-    def messages(self) -> Iterator[bytes]:
-        """The response messages; raises CallError unless the call ends with OK."""
-        try:
-            while self._outstanding:  # (only this thread lowers it, other threads raise it
-                data = self._complete()  # only while it is above zero)
-                if data is not None:
-                    yield data
-        finally:
-            if self._outstanding:  # left early: cancel, and complete what was started
-                self.cancel()
-                while self._outstanding:
-                    self._complete()
-        code, details = self._status or (self._cygrpc.StatusCode.unknown, "no status")
-        if code != self._cygrpc.StatusCode.ok:
-            raise CallError(code, details)
-
-    def _complete(self) -> bytes | None:
-        """Wait for the next completion and account for it; the message it received, if any."""
-        try:
-            event = self._call.next_event()
-        except BaseException:  # (a signal handler's exception): grpc has released the call
-            self._outstanding = 0
-            raise
-        with self._ops:
-            self._outstanding -= 1
-            if event.tag == self._RECV:
-                data: bytes | None = event.batch_operations[0].message()
-                if data is not None:  # receive the next message while this one is processed
-                    self._start(self._recv, self._RECV)
-                return data
-            if event.tag == self._SEND:
-                self._sending = False
-                if self._pending and self._outstanding:
-                    self._sending = self._start(
-                        (self._cygrpc.SendMessageOperation(self._pending.pop(0), 0),), self._SEND)
-            for op in event.batch_operations:
-                if op.type() == self._cygrpc.OperationType.receive_status_on_client:
-                    self._status = (op.code(), op.details())
-        return None
-
-    def cancel(self) -> None:
-        self._call.cancel(self._cygrpc.StatusCode.cancelled, "cancelled by shmcache")
-
-
-class _ThreadedCall:
-    """The call through gRPC's public API: the fallback when ``_DirectCall`` is not usable
-    or has failed (DirectPath)."""
-
-    def __init__(self, channel: Any, method: str, metadata: tuple[tuple[str, str], ...],
-                 first: bytes) -> None:
-        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._requests.put(first)
-        stream = channel.stream_stream(method, request_serializer=None,
-                                       response_deserializer=None)
-        self._call = stream(self._request_iter(), metadata=metadata)
-
-    def _request_iter(self) -> Iterator[bytes]:
-        while (item := self._requests.get()) is not None:
-            yield item
-
-    def send(self, data: bytes) -> None:
-        self._requests.put(data)
-
-    def messages(self) -> Iterator[bytes]:
-        return iter(self._call)
-
-    def cancel(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
+def _token_unknown(exc: grpc.RpcError) -> bool:
+    """etcd refused a call for its token: expired, forgotten by a restart, or issued
+    before the auth store changed (all cured by authenticating again)."""
+    text = describe(exc)
+    return "invalid auth token" in text or "revision of auth store is old" in text
 
 
 def is_grpc_error(exc: BaseException) -> bool:
