@@ -28,6 +28,7 @@ import grpc
 from etcd3.etcdrpc import rpc_pb2
 
 from ... import _defaults
+from . import listing
 from .decode import cluster_varint, decode_watch_response
 
 log = logging.getLogger("shmcache.writer")
@@ -114,11 +115,14 @@ class Connection:
 
     def _checked(self, resp: Any) -> Any:
         """``resp`` if its header is from the cluster connected to; else ClusterChanged."""
-        found = resp.header.cluster_id
+        self.check_cluster(resp.header.cluster_id)
+        return resp
+
+    def check_cluster(self, found: int) -> None:
+        """ClusterChanged unless ``found`` (an answer's header) is the cluster connected to."""
         if found != self.cluster_id and found and self.cluster_id:
             raise ClusterChanged(f"etcd at {self.endpoint} now answers for cluster {found:x}, "
                                  f"not {self.cluster_id:x}")
-        return resp
 
     def close(self) -> None:
         if self.client is not None:
@@ -153,53 +157,27 @@ class Connection:
         resp = self.client.kvstub.Range(req, self.settings.timeout, metadata=self.client.metadata)
         return len(self._checked(resp).kvs)
 
-    # etcd counts the rest of the range for every page it returns (the response's
-    # ``count``), so a list costs O(keys x pages): fixed pages of 2,000 made a
-    # 1M-key list run at ~740 keys/s (bench/profile_writer.py). Pages therefore
-    # double from 2,000 up to 50,000 keys (a 1M-key list takes ~25 pages, not
-    # 500); small ranges still answer in one quick page, and 50,000 keys of
-    # typical size stay far below the lifted gRPC message limit.
-    LIST_PAGE_MAX = 50_000
+    # The largest page the verifier's own paging asks for (writer/verify.py).
+    LIST_PAGE_MAX = listing.PAGE_MIN
 
-    def list_range(self, key: bytes, range_end: bytes, page: int = 2000,
-                   progress: Any = None) -> tuple[int, list[tuple[bytes, tuple[bytes, int, int, int, int]]]]:
+    def _ranges(self) -> listing.RangeReader:
+        """Range reads on this connection's channel (listing.py), each answer's cluster checked."""
+        return listing.RangeReader(self.client.channel, self.client.metadata,
+                                   max(self.settings.timeout, 30.0), self.check_cluster)
+
+    def list_range(self, key: bytes, range_end: bytes,
+                   progress: Any = None) -> tuple[int, list[listing.Item]]:
         """Every key in [key, range_end) at one revision, read in pages; returns (revision, items).
 
         The first page fixes the revision; later pages are read at that revision,
         so the result is one consistent cut even while etcd is being written.
         """
-        items: list[tuple[bytes, tuple[bytes, int, int, int, int]]] = []
-        revision = 0
-        start = key
-        while True:
-            req = rpc_pb2.RangeRequest(
-                key=start, range_end=range_end, limit=page, revision=revision,
-                sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
-            resp = self._checked(self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
-                                                          metadata=self.client.metadata))
-            if revision == 0:
-                revision = int(resp.header.revision)
-            for kv in resp.kvs:
-                items.append((kv.key, (kv.value, kv.create_revision, kv.mod_revision,
-                                       kv.version, kv.lease)))
-            if progress is not None:
-                # resp.count counts the keys in [start, range_end), i.e.
-                # those not loaded before this page, not the whole range.
-                progress(len(items), len(items) - len(resp.kvs) + int(resp.count))
-            if not resp.more or not resp.kvs:
-                return revision, items
-            start = resp.kvs[-1].key + b"\0"
-            page = min(page * 2, self.LIST_PAGE_MAX)
+        return self._ranges().list_range(key, range_end, progress)
 
     def range_page(self, start: bytes, range_end: bytes, revision: int, limit: int,
-                   keys_only: bool = False) -> tuple[list[Any], bool, int]:
+                   keys_only: bool = False) -> tuple[list[listing.PageKV], bool, int]:
         """One page of [start, range_end) at ``revision``, in key order: (kvs, more, bytes)."""
-        req = rpc_pb2.RangeRequest(
-            key=start, range_end=range_end, limit=limit, revision=revision, keys_only=keys_only,
-            sort_order=rpc_pb2.RangeRequest.ASCEND, sort_target=rpc_pb2.RangeRequest.KEY)
-        resp = self._checked(self.client.kvstub.Range(req, max(self.settings.timeout, 30.0),
-                                                      metadata=self.client.metadata))
-        return list(resp.kvs), bool(resp.more), resp.ByteSize()
+        return self._ranges().page(start, range_end, revision, limit, keys_only)
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
         """A watch stream yielding protobuf ``WatchResponse`` messages (tools and tests)."""
