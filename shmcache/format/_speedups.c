@@ -1371,8 +1371,15 @@ static PyObject *kv_item(const unsigned char *b, const pb_kv_t *kv) {
     PyObject *lease = PyLong_FromLongLong(kv->lease);
     PyObject *fields = NULL, *item = NULL;
     if (key && value && create && mod && version && lease
-            && (fields = PyTuple_Pack(5, value, create, mod, version, lease)) != NULL)
-        item = PyTuple_Pack(2, key, fields);
+            && (fields = PyTuple_Pack(5, value, create, mod, version, lease)) != NULL
+            && (item = PyTuple_Pack(2, key, fields)) != NULL) {
+        /* Tuples of bytes and ints cannot be part of a cycle: untracked now, as the
+         * cyclic GC would untrack them at its first pass, so the collections that
+         * a relist's millions of allocations trigger do not walk them (each full
+         * one would walk every item listed so far). */
+        PyObject_GC_UnTrack(fields);
+        PyObject_GC_UnTrack(item);
+    }
     Py_XDECREF(key); Py_XDECREF(value); Py_XDECREF(create); Py_XDECREF(mod);
     Py_XDECREF(version); Py_XDECREF(lease); Py_XDECREF(fields);
     return item;
