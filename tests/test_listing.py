@@ -4,7 +4,12 @@ decoders (C and pure Python) held to protobuf's own decoding."""
 from __future__ import annotations
 
 import gc
+import importlib.util
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,3 +314,28 @@ def test_c_and_python_decoders_agree_on_damaged_bytes() -> None:
             except ValueError:
                 results.append(ValueError)
         assert results[0] == results[1]
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqdm") is None,
+                    reason="needs the bench extra (pip install -e '.[bench]')")
+def test_relist_bench_smoke_run_and_a_failed_run_writes_nothing(tmp_path: Path) -> None:
+    """``bench/relist.py --smoke`` measures every contender; a run that fails (a writer tree
+    that does not exist) leaves no results file."""
+    out = subprocess.run([sys.executable, "bench/relist.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "relist-smoke.json") as f:
+        rows = json.load(f)["sizes"]["2000"]
+    assert set(rows) == {"etcdctl get --prefix", "python-etcd3 get_prefix", "shmcache serve"}
+    assert all(r["wall"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+    failed = tmp_path / "failed"
+    out = subprocess.run([sys.executable, "bench/relist.py", "--smoke", "--out", str(failed),
+                          "--writer", f"x={tmp_path / 'no such tree'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert not failed.exists() or not os.listdir(failed)
