@@ -223,6 +223,16 @@ def run_writer(tree: str, endpoint: str, prefix: bytes, n: int, name: str,
             "anon_after_mb": after["RssAnon"] / 1024, "shmem_after_mb": after["RssShmem"] / 1024}
 
 
+def tree_commit(tree: str) -> str | None:
+    """The git commit a writer tree is at (None outside git), for the results' stamp."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def median_row(rounds: list[dict[str, float]], n: int) -> dict[str, Any]:
     row: dict[str, Any] = {"rounds": rounds}
     for k in rounds[0]:
@@ -296,7 +306,9 @@ def main() -> int:
     tag = args.tag or ("smoke" if args.smoke else "-".join(
         f"{n // 1000}k" if n < 1_000_000 else f"{n // 1_000_000}m" for n in sizes))
     results: dict[str, Any] = {
-        "stamp": C.stamp(etcd_args=C.etcd_args(), writers=dict(writers),  # type: ignore[arg-type]
+        "stamp": C.stamp(etcd_args=C.etcd_args(),
+                         writers={name: {"tree": tree, "commit": tree_commit(tree)}
+                                  for name, tree in writers},
                          etcd3_protobuf_env=etcd3_env().get(
                              "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION")),
         "value_size": C.VALUE_SIZE, "rounds": rounds, "sizes": {}}
