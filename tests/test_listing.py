@@ -84,11 +84,15 @@ def loaded(etcd_server: EtcdServer) -> Iterator[tuple[EtcdServer, Any, Any]]:
         ch.close()
 
 
+@pytest.mark.parametrize("decode", DECODERS)
 def test_pages_are_one_cut_at_the_first_pages_revision_across_writes(
-        loaded: tuple[EtcdServer, Any, Any], small_pages: None) -> None:
+        loaded: tuple[EtcdServer, Any, Any], small_pages: None, decode: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes between pages (puts ahead of and behind the page being read, updates,
     deletes) do not show: every page is read at the first page's revision, and the
-    result equals etcd's unpaged range at that revision, in key order."""
+    result equals etcd's unpaged range at that revision, in key order (with either
+    decoder)."""
+    monkeypatch.setattr(listing, "range_response", decode)
     _server, ch, kv = loaded
     reader = listing.RangeReader(ch, (), 30, _no_check)
     pages: list[tuple[int, int]] = []
