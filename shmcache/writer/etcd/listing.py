@@ -54,15 +54,15 @@ keys in [request key, range_end)), the number of KeyValues and the last one's ke
 
 RANGE_METHOD = method_path("KV", "Range")
 
-# The first page has FIRST_PAGE keys (a small range answers in one quick page);
-# its count tells the range's size, and the later pages make the rest about
-# PAGES_TARGET pages: etcd walks the rest of the range in its index for every
-# page to count it (``count``), so the number of pages, not their size, is what
-# a large range costs etcd, while pages small enough to decode one as the next
-# arrives keep both sides busy. Pages are bounded by PAGE_BYTES (from the
-# previous page's bytes per key), so a range of large values stays far below
-# gRPC's 2 GiB message limit, and by PAGE_MAX keys (memory: two pages are held
-# at once, one received and one being decoded).
+# Pages double from FIRST_PAGE keys (a small range answers in one quick page, and
+# the first pages of a large one come, and are decoded, soon) up to about
+# 1/PAGES_TARGET of the range, as the first page's count tells it: etcd walks
+# the rest of the range in its index for every page to count it (``count``),
+# so the number of pages, not their size, is what a large range costs etcd.
+# Pages are bounded by PAGE_BYTES (from the previous page's bytes per key), so a
+# range of large values stays far below gRPC's 2 GiB message limit, and by
+# PAGE_MAX keys (memory: two pages are held at once, one being received and
+# one being decoded).
 FIRST_PAGE = 2000
 PAGES_TARGET = 8
 PAGE_MIN = 50_000
@@ -192,7 +192,8 @@ class RangeReader:
         """
         items: list[Item] = []
         revision = cap = 0
-        fut: Any = self._send(key, range_end, FIRST_PAGE, 0)
+        limit = FIRST_PAGE
+        fut: Any = self._send(key, range_end, limit, 0)
         try:
             while fut is not None:
                 data = self._receive(fut)
@@ -203,7 +204,8 @@ class RangeReader:
                     revision = rev
                     cap = min(PAGE_MAX, max(PAGE_MIN, count // PAGES_TARGET + 1))
                 if more and last is not None:
-                    limit = max(1, min(cap, PAGE_BYTES // max(1, len(data) // max(n, 1))))
+                    per_key = max(1, len(data) // max(n, 1))
+                    limit = max(1, min(limit * 2, cap, PAGE_BYTES // per_key))
                     fut = self._send(last + b"\0", range_end, limit, revision)
                 self.in_flight_at_decode.append(self._in_flight)
                 range_response(data, items)
