@@ -183,7 +183,8 @@ class RangeReader:
         return data
 
     def list_range(self, key: bytes, range_end: bytes,
-             progress: Callable[[int, int], None] | None = None) -> tuple[int, list[Item]]:
+                   progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[int, list[Item]]:
         """Every key in [key, range_end) at one revision: ``(revision, items)``, in key order.
 
         The first page is a linearizable read at etcd's current revision; every later
@@ -200,7 +201,7 @@ class RangeReader:
                 fut = None
                 cluster, rev, more, count, n, last = range_response(data, None)
                 self._check_cluster(cluster)
-                if revision == 0:
+                if not cap:  # the first page: its revision is the list's
                     revision = rev
                     cap = min(PAGE_MAX, max(PAGE_MIN, count // PAGES_TARGET + 1))
                 if more and last is not None:
@@ -223,7 +224,7 @@ class RangeReader:
              keys_only: bool = False) -> tuple[list[PageKV], bool, int]:
         """One page of [start, range_end) at ``revision``, in key order: (kvs, more, bytes)."""
         data = self._receive(self._send(start, range_end, limit, revision, keys_only))
+        self._check_cluster(range_response(data, None)[0])
         items: list[Item] = []
-        cluster, _rev, more, _count, _n, _last = range_response(data, items)
-        self._check_cluster(cluster)
+        more = range_response(data, items)[2]
         return [PageKV(k, *v) for k, v in items], more, len(data)
