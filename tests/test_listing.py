@@ -126,6 +126,37 @@ def test_the_next_page_is_requested_before_the_current_one_is_decoded(
     assert reader.in_flight_at_decode == [1, 1, 1, 1, 0]
 
 
+class _Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Keeps the RangeRequests a channel sends (etcd answers them as usual)."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.requests.append(rpc.RangeRequest.FromString(request))
+        return continuation(details, request)
+
+
+def test_requests_carry_no_sort_order_and_later_pages_the_first_pages_revision(
+        loaded: tuple[EtcdServer, Any, Any], small_pages: None) -> None:
+    """No sort order: with one, etcd 3.5 reads (and sorts) the whole rest of the range for
+    every page and only then applies the limit, which made a paged list quadratic. The
+    first page is read at etcd's current revision, every later one at the first's, each
+    continuing after the previous page's last key."""
+    _server, ch, _kv = loaded
+    rec = _Recorder()
+    revision, items = listing.RangeReader(grpc.intercept_channel(ch, rec), (), 30,
+                                          _no_check).list_range(P, END)
+    reqs = rec.requests
+    assert [(r.sort_order, r.sort_target) for r in reqs] == [(rpc.RangeRequest.NONE,
+                                                               rpc.RangeRequest.KEY)] * 5
+    assert [r.revision for r in reqs] == [0] + [revision] * 4
+    assert [r.limit for r in reqs] == [50, 100, 100, 100, 100]
+    keys = [k for k, _ in items]
+    assert [r.key for r in reqs] == [P] + [keys[n - 1] + b"\0" for n in (50, 150, 250, 350)]
+    assert {r.range_end for r in reqs} == {END}
+
+
 def test_every_page_header_is_checked(loaded: tuple[EtcdServer, Any, Any],
                                       small_pages: None) -> None:
     server, ch, _kv = loaded
