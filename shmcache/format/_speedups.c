@@ -1,5 +1,5 @@
 /* Optional C versions of the reader's two hot loops over a snapshot segment,
- * and of the writer's snapshot build.
+ * of the writer's snapshot build, and of its decoding of etcd's range answers.
  *
  * shmcache/snapshot.py holds the reference implementation in pure Python and
  * uses these only when the extension was built (it is optional at install
@@ -1282,6 +1282,200 @@ done:
     return result;
 }
 
+/* -- etcd's RangeResponse, decoded for the writer's relist ------------------------------
+ *
+ * The protobuf wire format of etcdserverpb.RangeResponse, read straight into the
+ * tuples the writer's state holds: shmcache/writer/etcd/listing.py has the
+ * pure-Python twin and the message layout, and tests/test_listing.py holds both
+ * to protobuf's own decoding. The message comes from the network: every length
+ * is checked against the buffer, and anything that cannot be read exactly is a
+ * ValueError. Unknown fields are skipped, as protobuf does. */
+
+static int pb_varint(const unsigned char *b, size_t n, size_t *i, uint64_t *out) {
+    uint64_t x = 0;
+    unsigned shift = 0;
+    for (;;) {
+        if (*i >= n) return -1;
+        unsigned char c = b[(*i)++];
+        x |= (uint64_t)(c & 0x7f) << shift;
+        if (c < 0x80) {
+            *out = x;
+            return 0;
+        }
+        shift += 7;
+        if (shift > 63) return -1; /* longer than 10 bytes */
+    }
+}
+
+/* Skip the value of a field with ``tag``; -1 if it runs past ``n`` or has a wire
+ * type protobuf's etcd messages never use (groups). */
+static int pb_skip(const unsigned char *b, size_t n, size_t *i, uint64_t tag) {
+    uint64_t v;
+    switch (tag & 7) {
+    case 0: return pb_varint(b, n, i, &v);
+    case 1: if (n - *i < 8) return -1; *i += 8; return 0;
+    case 5: if (n - *i < 4) return -1; *i += 4; return 0;
+    case 2:
+        if (pb_varint(b, n, i, &v) < 0 || v > n - *i) return -1;
+        *i += (size_t)v;
+        return 0;
+    default: return -1;
+    }
+}
+
+/* A length-delimited field's extent: [*start, *start + *len) within n. */
+static int pb_bytes(const unsigned char *b, size_t n, size_t *i, size_t *start, size_t *len) {
+    uint64_t v;
+    if (pb_varint(b, n, i, &v) < 0 || v > n - *i) return -1;
+    *start = *i;
+    *len = (size_t)v;
+    *i += (size_t)v;
+    return 0;
+}
+
+typedef struct {
+    size_t key, klen, value, vlen;
+    int64_t create, mod, version, lease;
+} pb_kv_t;
+
+/* One KeyValue (key 1, create_revision 2, mod_revision 3, version 4, value 5, lease 6). */
+static int pb_key_value(const unsigned char *b, size_t i, size_t end, pb_kv_t *kv) {
+    memset(kv, 0, sizeof(*kv));
+    while (i < end) {
+        uint64_t tag, v;
+        if (pb_varint(b, end, &i, &tag) < 0) return -1;
+        switch (tag) {
+        case 0x0a: if (pb_bytes(b, end, &i, &kv->key, &kv->klen) < 0) return -1; break;
+        case 0x2a: if (pb_bytes(b, end, &i, &kv->value, &kv->vlen) < 0) return -1; break;
+        case 0x10: case 0x18: case 0x20: case 0x30:
+            if (pb_varint(b, end, &i, &v) < 0) return -1;
+            if (tag == 0x10) kv->create = (int64_t)v;
+            else if (tag == 0x18) kv->mod = (int64_t)v;
+            else if (tag == 0x20) kv->version = (int64_t)v;
+            else kv->lease = (int64_t)v;
+            break;
+        default:
+            if (pb_skip(b, end, &i, tag) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *kv_item(const unsigned char *b, const pb_kv_t *kv) {
+    PyObject *key = PyBytes_FromStringAndSize((const char *)b + kv->key, (Py_ssize_t)kv->klen);
+    PyObject *value = PyBytes_FromStringAndSize((const char *)b + kv->value,
+                                                (Py_ssize_t)kv->vlen);
+    PyObject *create = PyLong_FromLongLong(kv->create);
+    PyObject *mod = PyLong_FromLongLong(kv->mod);
+    PyObject *version = PyLong_FromLongLong(kv->version);
+    PyObject *lease = PyLong_FromLongLong(kv->lease);
+    PyObject *fields = NULL, *item = NULL;
+    if (key && value && create && mod && version && lease
+            && (fields = PyTuple_Pack(5, value, create, mod, version, lease)) != NULL
+            && (item = PyTuple_Pack(2, key, fields)) != NULL) {
+        /* Tuples of bytes and ints cannot be part of a cycle: untracked now, as the
+         * cyclic GC would untrack them at its first pass, so the collections that
+         * a relist's millions of allocations trigger do not walk them (each full
+         * one would walk every item listed so far). */
+        PyObject_GC_UnTrack(fields);
+        PyObject_GC_UnTrack(item);
+    }
+    Py_XDECREF(key); Py_XDECREF(value); Py_XDECREF(create); Py_XDECREF(mod);
+    Py_XDECREF(version); Py_XDECREF(lease); Py_XDECREF(fields);
+    return item;
+}
+
+/* range_response(data, out) -> (cluster_id, revision, more, count, kvs, last_key)
+ * RangeResponse {ResponseHeader header = 1 (cluster_id = 1, revision = 3);
+ *                repeated KeyValue kvs = 2; bool more = 3; int64 count = 4}.
+ * ``out`` None: only scan (what the next page's request needs); a list: append
+ * (key, (value, create, mod, version, lease)) per KeyValue. */
+static PyObject *range_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "range_response(data, out)");
+        return NULL;
+    }
+    PyObject *out = args[1];
+    if (out != Py_None && !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list or None");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *b = view.buf;
+    size_t n = (size_t)view.len, i = 0, last = 0, last_end = 0;
+    uint64_t cluster = 0, count = 0, more = 0, nkvs = 0;
+    int64_t revision = 0;
+    const char *bad = NULL;
+    PyObject *result = NULL, *last_key = NULL;
+    pb_kv_t kv;
+    while (i < n && bad == NULL) {
+        uint64_t tag, v;
+        size_t start, len;
+        if (pb_varint(b, n, &i, &tag) < 0) { bad = "truncated RangeResponse"; break; }
+        switch (tag) {
+        case 0x0a: /* header */
+            if (pb_bytes(b, n, &i, &start, &len) < 0) { bad = "header overruns the message"; break; }
+            for (size_t j = start, e = start + len; j < e;) {
+                uint64_t t;
+                if (pb_varint(b, e, &j, &t) < 0) { bad = "damaged header"; break; }
+                if (t == 0x08 || t == 0x18) {
+                    if (pb_varint(b, e, &j, &v) < 0) { bad = "damaged header"; break; }
+                    if (t == 0x08) cluster = v;
+                    else revision = (int64_t)v;
+                } else if (pb_skip(b, e, &j, t) < 0) {
+                    bad = "damaged header";
+                    break;
+                }
+            }
+            break;
+        case 0x12: /* kvs */
+            if (pb_bytes(b, n, &i, &start, &len) < 0) { bad = "a KeyValue overruns the message"; break; }
+            nkvs++;
+            last = start;
+            last_end = start + len;
+            if (out != Py_None) {
+                if (pb_key_value(b, start, start + len, &kv) < 0) { bad = "damaged KeyValue"; break; }
+                PyObject *item = kv_item(b, &kv);
+                if (item == NULL) goto done;
+                int rc = PyList_Append(out, item);
+                Py_DECREF(item);
+                if (rc < 0) goto done;
+            }
+            break;
+        case 0x18: case 0x20:
+            if (pb_varint(b, n, &i, &v) < 0) { bad = "truncated RangeResponse"; break; }
+            if (tag == 0x18) more = v != 0;
+            else count = v;
+            break;
+        default:
+            if (pb_skip(b, n, &i, tag) < 0) bad = "a field overruns the message";
+        }
+    }
+    if (bad != NULL) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        goto done;
+    }
+    if (nkvs) {
+        if (pb_key_value(b, last, last_end, &kv) < 0) {
+            PyErr_SetString(PyExc_ValueError, "damaged KeyValue");
+            goto done;
+        }
+        last_key = PyBytes_FromStringAndSize((const char *)b + kv.key, (Py_ssize_t)kv.klen);
+    } else {
+        last_key = Py_None;
+        Py_INCREF(last_key);
+    }
+    if (last_key != NULL)
+        result = Py_BuildValue("(KLOLKO)", (unsigned long long)cluster, (long long)revision,
+                               more ? Py_True : Py_False, (long long)(int64_t)count,
+                               (unsigned long long)nkvs, last_key);
+done:
+    Py_XDECREF(last_key);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"get", (PyCFunction)(void (*)(void))snapshot_get, METH_FASTCALL,
      "get(key, (buf, hash_off, slots, data_off, data_end, kvtype)) -> KeyValue | None"},
@@ -1300,6 +1494,9 @@ static PyMethodDef methods[] = {
      "reader_get(key, state) -> KeyValue | None | state[6] (see reader.py)"},
     {"build", (PyCFunction)(void (*)(void))snapshot_build, METH_FASTCALL,
      "build(out, geometry, keys, values, base) -> body crc32 (see snapshot.write)"},
+    {"range_response", (PyCFunction)(void (*)(void))range_response, METH_FASTCALL,
+     "range_response(data, out) -> (cluster_id, revision, more, count, kvs, last_key): "
+     "etcd's RangeResponse (see writer/etcd/listing.py)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -174,10 +174,14 @@ class SnapshotPublishing:
         keys: list[bytes] = []
         values: list[KV | None] = []
         if self.base is None:
-            keys, values = list(self.kv.keys()), list(self.kv.values())
+            # (Iterating the SortedDict and looking values up in it, both in C: its
+            # keys(), values() and items() views iterate in Python, ~3x slower.)
+            keys = list(self.kv)
+            live: list[KV] = list(map(self.kv.__getitem__, keys))
+            values = list(live)
             # Recounted here (O(keys), like the copy above): a whole-state build
             # never depends on the running count being right.
-            self.data_len = sum(snapshot.entry_span(k, v[0]) for k, v in self.kv.items())
+            self.data_len = sum(map(snapshot.entry_span, keys, [v[0] for v in live]))
         else:
             changes = self.delta
         self.delta = {}

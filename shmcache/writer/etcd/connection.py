@@ -19,13 +19,13 @@ import grpc
 from ... import _defaults
 from ...etcdapi import Stub, rpc
 from ...etcdapi.dial import authenticate, open_channel, parse_endpoint
+from . import listing
 from .decode import cluster_varint, decode_watch_response
 from .stream import WatchStream
 
 log = logging.getLogger("shmcache.writer")
 
 Metadata = tuple[tuple[str, str], ...]
-KeyValueTuple = tuple[bytes, tuple[bytes, int, int, int, int]]
 
 
 @dataclass
@@ -158,11 +158,14 @@ class Connection:
 
     def _checked(self, resp: Any) -> Any:
         """``resp`` if its header is from the cluster connected to; else ClusterChanged."""
-        found = resp.header.cluster_id
+        self.check_cluster(resp.header.cluster_id)
+        return resp
+
+    def check_cluster(self, found: int) -> None:
+        """ClusterChanged unless ``found`` (an answer's header) is the cluster connected to."""
         if found != self.cluster_id and found and self.cluster_id:
             raise ClusterChanged(f"etcd at {self.endpoint} now answers for cluster {found:x}, "
                                  f"not {self.cluster_id:x}")
-        return resp
 
     def current_revision(self, key: bytes, range_end: bytes) -> int:
         """etcd's current revision, from a linearizable count-only range."""
@@ -185,52 +188,42 @@ class Connection:
                                keys_only=True, min_mod_revision=min_mod_revision)
         return len(self._range(req, self.settings.timeout).kvs)
 
-    # etcd counts the rest of the range for every page it returns (the response's
-    # ``count``), so a list costs O(keys x pages): fixed pages of 2,000 made a
-    # 1M-key list run at ~740 keys/s (bench/profile_writer.py). Pages therefore
-    # double from 2,000 up to 50,000 keys (a 1M-key list takes ~25 pages, not
-    # 500); small ranges still answer in one quick page, and 50,000 keys of
-    # typical size stay far below the lifted gRPC message limit.
-    LIST_PAGE_MAX = 50_000
+    # The largest page the verifier's own paging asks for (writer/verify.py).
+    LIST_PAGE_MAX = listing.PAGE_MIN
 
-    def list_range(self, key: bytes, range_end: bytes, page: int = 2000,
-                   progress: Any = None) -> tuple[int, list[KeyValueTuple]]:
+    def _ranges(self) -> listing.RangeReader:
+        """Range reads on this connection's channel (listing.py), each answer's cluster checked."""
+        return listing.RangeReader(self._channel, self._metadata,
+                                   max(self.settings.timeout, 30.0), self.check_cluster)
+
+    def _renewing(self, read: Callable[[listing.RangeReader], Any]) -> Any:
+        """``read(RangeReader)``, again with a renewed token if etcd no longer knew it."""
+        metadata = self._metadata
+        try:
+            return read(self._ranges())
+        except grpc.RpcError as exc:
+            if self.settings.user is None or not _token_unknown(exc):
+                raise
+        self._reauthenticate(metadata)
+        return read(self._ranges())
+
+    def list_range(self, key: bytes, range_end: bytes,
+                   progress: Any = None) -> tuple[int, list[listing.Item]]:
         """Every key in [key, range_end) at one revision, read in pages; returns (revision, items).
 
         The first page fixes the revision; later pages are read at that revision,
         so the result is one consistent cut even while etcd is being written.
         """
-        items: list[KeyValueTuple] = []
-        revision = 0
-        start = key
-        timeout = max(self.settings.timeout, 30.0)
-        while True:
-            req = rpc.RangeRequest(key=start, range_end=range_end, limit=page, revision=revision,
-                                   sort_order=rpc.RangeRequest.ASCEND,
-                                   sort_target=rpc.RangeRequest.KEY)
-            resp = self._range(req, timeout)
-            if revision == 0:
-                revision = int(resp.header.revision)
-            kvs = resp.kvs
-            items.extend([(kv.key, (kv.value, kv.create_revision, kv.mod_revision, kv.version,
-                                    kv.lease)) for kv in kvs])
-            if progress is not None:
-                # resp.count counts the keys in [start, range_end), i.e.
-                # those not loaded before this page, not the whole range.
-                progress(len(items), len(items) - len(kvs) + int(resp.count))
-            if not resp.more or not kvs:
-                return revision, items
-            start = kvs[-1].key + b"\0"
-            page = min(page * 2, self.LIST_PAGE_MAX)
+        listed: tuple[int, list[listing.Item]] = self._renewing(
+            lambda r: r.list_range(key, range_end, progress))
+        return listed
 
     def range_page(self, start: bytes, range_end: bytes, revision: int, limit: int,
-                   keys_only: bool = False) -> tuple[list[Any], bool, int]:
+                   keys_only: bool = False) -> tuple[list[listing.PageKV], bool, int]:
         """One page of [start, range_end) at ``revision``, in key order: (kvs, more, bytes)."""
-        req = rpc.RangeRequest(key=start, range_end=range_end, limit=limit, revision=revision,
-                               keys_only=keys_only, sort_order=rpc.RangeRequest.ASCEND,
-                               sort_target=rpc.RangeRequest.KEY)
-        resp = self._range(req, max(self.settings.timeout, 30.0))
-        return list(resp.kvs), bool(resp.more), resp.ByteSize()
+        page: tuple[list[listing.PageKV], bool, int] = self._renewing(
+            lambda r: r.page(start, range_end, revision, limit, keys_only))
+        return page
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
         """A watch stream yielding protobuf ``WatchResponse`` messages (tools and tests)."""
