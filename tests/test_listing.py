@@ -236,7 +236,7 @@ def test_a_cluster_change_mid_list_is_refused(two_clusters: tuple[EtcdServer, Et
     try:
         # Until both members are connected and the last answer came from B: the next
         # call (the list's first page) goes to A.
-        ids = {_cluster_of(ch) for ch in (conn.client.channel,)}
+        ids = {_cluster_of(ch) for ch in (conn.channel,)}
         deadline = time.monotonic() + 30
         seen: set[int] = set()
         while True:
