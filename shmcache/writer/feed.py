@@ -9,7 +9,10 @@ response. Protobuf types and wire bytes never leave _etcd.
 Concurrency contract: ``run()`` runs on the writer's thread. ``close()``,
 ``request_progress()``, ``request_progress_if_idle()`` and
 ``current_revision()`` may be called from other threads (the ticker, the sync
-server); ``close()`` unblocks ``run()`` wherever it waits on etcd.
+server); ``close()`` unblocks ``run()`` wherever it waits on etcd. Where etcd
+leaves progress requests unanswered (its gRPC proxy), a RangeProver's thread
+publishes proven progress (writer/range_proof.py): the watch loop's calls on
+the sink and that thread's run under one lock.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..errors import ShmCacheError
 from ..format import codec as _codec
 from .etcd import connection as _etcd
 from .etcd.decode import cluster_from_varint
+from .range_proof import RangeProver
 
 if TYPE_CHECKING:
     from .control_writer import ControlWriter
@@ -33,6 +37,11 @@ log = logging.getLogger("shmcache.writer")
 # The longest pause between two attempts to publish while publishing fails (a
 # full /dev/shm): short, so the cache catches up within seconds once space returns.
 PUBLISH_BACKOFF_MAX = 2.0
+# A progress request etcd has not answered after this long marks the stream as
+# one that does not answer them (etcd's gRPC proxy drops them; etcd < 3.4.31 /
+# 3.5.13 may not answer on an unsynced watch, etcd issue 17507): progress on it
+# is proven with linearizable ranges instead (writer/range_proof.py).
+PROGRESS_ANSWER_WAIT = 2.0
 
 
 class Sink(Protocol):
@@ -182,6 +191,12 @@ class EtcdFeed:
         self._snapshot_retry_at = 0.0
         self._snapshot_delay = 0.1
         self._cluster_change = (0, 0)  # (the state's cluster, etcd's) last counted
+        # The watch loop's sink calls and the prover's publish take turns under it.
+        self._sink_lock = threading.Lock()
+        self._sink: Sink | None = None
+        self._unanswered: _etcd.WatchStream | None = None  # (the stream that ignores requests)
+        self.prover = RangeProver(range_key, range_end, self._proof_basis, self._proven,
+                                  self.stopped, stats, describe=_etcd.describe)
 
     @property
     def publish_error(self) -> str | None:
@@ -213,6 +228,7 @@ class EtcdFeed:
         """
         conn = _etcd.Connection(self.settings)
         self.conn = conn
+        self._sink = sink
         if self.stopped.is_set():
             conn.close()  # close() came first and may have missed this connection
         backoff = 0.1
@@ -274,6 +290,7 @@ class EtcdFeed:
         conn = self.conn
         if conn is not None:
             conn.close()
+        self.prover.close()
 
     def _reachable(self, sink: Sink, revision: int) -> None:
         sink.saw_etcd_revision(revision)
@@ -346,28 +363,30 @@ class EtcdFeed:
                                  f"cache's {sink.revision}")
                 if canceled:
                     raise WatchBroken(f"etcd cancelled the watch: {cancel_reason or '?'}")
-                sink.saw_etcd_revision(revision)
                 self._healthy = True
                 if created:
+                    sink.saw_etcd_revision(revision)
                     log.info("watching %r from revision %d", _codec.key_text(self.prefix), start)
                     # Created behind etcd's revision: unsynced until etcd's catch-up
                     # loop has sent the events up to here (see _on_progress).
                     self._watch_created = time.monotonic()
                     self._unsynced_until = revision if revision >= start else 0
                     continue
-                if events:
-                    if self._unsynced_until and revision >= self._unsynced_until:
-                        self._unsynced_until = 0
-                    if self._progress_candidate is not None and any(
-                            ev[4] <= self._progress_candidate for ev in events):
-                        self._progress_candidate = None  # it overtook events: not truthful
-                        stats["progress_anomalies"] += 1
-                    self._apply_events(sink, events)
-                else:
-                    self._on_progress(sink, revision)
-                if stopped.is_set():
-                    return  # (stopped while publishing failed)
-                self._maybe_snapshot(sink)
+                with self._sink_lock:
+                    sink.saw_etcd_revision(revision)
+                    if events:
+                        if self._unsynced_until and revision >= self._unsynced_until:
+                            self._unsynced_until = 0
+                        if self._progress_candidate is not None and any(
+                                ev[4] <= self._progress_candidate for ev in events):
+                            self._progress_candidate = None  # it overtook events: not truthful
+                            stats["progress_anomalies"] += 1
+                        self._apply_events(sink, events)
+                    else:
+                        self._on_progress(sink, revision)
+                    if stopped.is_set():
+                        return  # (stopped while publishing failed)
+                    self._maybe_snapshot(sink)
             if not stopped.is_set():
                 raise WatchBroken("etcd closed the watch stream")
         except _etcd.UndecodableResponse as exc:
@@ -376,7 +395,8 @@ class EtcdFeed:
             raise WatchUndecodable(f"a watch response after revision {sink.revision} could "
                                    f"not be decoded: {exc}") from exc
         finally:
-            self.stream = None
+            with self._sink_lock:  # (no proof is published past this point)
+                self.stream = None
             stream.close()
 
     # -- publishing: a failure is a state of the cache, not an etcd error ---------
@@ -478,7 +498,7 @@ class EtcdFeed:
             return
         self._progress_candidate = revision if revision > sink.revision else None
         if self._progress_candidate is not None and self.stream is not None:
-            self.request_progress()
+            self.request_progress(urgent=False)
 
     def _progress_plausible(self, sink: Sink, revision: int) -> bool:
         """Whether etcd's range at ``revision`` agrees with the state (see _on_progress, 3)."""
@@ -498,18 +518,55 @@ class EtcdFeed:
             return False
         return True
 
-    def request_progress(self) -> None:
-        """Ask etcd for a progress notification (at most one outstanding, re-sent after 5 s)."""
+    def request_progress(self, urgent: bool = True) -> None:
+        """Ask etcd for a progress notification (at most one outstanding); on a stream
+        that left one unanswered for PROGRESS_ANSWER_WAIT, ask the prover instead
+        (``urgent``: a sync round waits for it, see RangeProver.ask)."""
         now = time.monotonic()
-        # etcd < 3.4.31/3.5.13 may never answer a request made while the watch is
-        # unsynced (etcd issue 17507): after 5 s, ask again rather than wait forever.
         stream = self.stream
-        if stream is not None and (not self._progress_outstanding
-                                   or now - self._progress_sent > 5.0):
+        if stream is None:
+            return
+        if (self._unanswered is not stream and self._progress_outstanding
+                and now - self._progress_sent > PROGRESS_ANSWER_WAIT):
+            self._unanswered = stream
+            log.info("etcd at %s left a progress request unanswered for %.0fs (etcd's gRPC "
+                     "proxy drops them): proving progress with linearizable ranges instead",
+                     self.conn.endpoint if self.conn else "?", now - self._progress_sent)
+        if self._unanswered is stream:
+            self._progress_sent = now
+            self.prover.ask(urgent)
+        elif not self._progress_outstanding:
             self._progress_outstanding = True
             self._progress_sent = now
             self.stats["progress_requests"] += 1
             stream.request_progress()
+
+    def _proof_basis(self) -> tuple[Any, object, int, int] | None:
+        """(connection, stream, revision, key count) of the state to prove (RangeProver)."""
+        with self._sink_lock:
+            stream, conn, sink = self.stream, self.conn, self._sink
+            if stream is None or stream is not self._unanswered or conn is None or sink is None:
+                return None
+            return conn, stream, sink.revision, len(sink.kv)
+
+    def _proven(self, token: object, revision: int, current: int) -> bool:
+        """Publish that the state at ``revision`` is the state at ``current`` (RangeProver),
+        if the watch loop has not moved the state since; False when it has not published."""
+        if not self._sink_lock.acquire(timeout=1.0):
+            return False  # (the loop waits for publishing to work: so would this)
+        try:
+            sink = self._sink
+            if (token is not self.stream or sink is None or sink.revision != revision
+                    or self.stopped.is_set()):
+                return False
+            try:
+                sink.progress(current)
+            except Exception as exc:  # (a full /dev/shm): the next proof tries again
+                log.debug("cannot publish proven revision %d: %s", current, _etcd.describe(exc))
+                return False
+            return True
+        finally:
+            self._sink_lock.release()
 
     def request_progress_if_idle(self, interval: float) -> None:
         """Ask for progress when no event and no request went out for ``interval`` seconds,
@@ -518,7 +575,7 @@ class EtcdFeed:
         if self.publish_failing_since is not None:
             return  # the stream is not read while publishing fails: no answers piling up
         if now - self._last_event >= interval and now - self._progress_sent >= interval:
-            self.request_progress()
+            self.request_progress(urgent=False)
 
     def current_revision(self) -> int:
         """etcd's current revision, read linearizably now (raises WatchBroken when not connected)."""

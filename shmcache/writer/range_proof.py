@@ -1,0 +1,134 @@
+"""Progress without progress requests: a linearizable Range proves an idle range current.
+
+etcd's gRPC proxy (3.4 and 3.5) drops ``WatchRequest.progress_request`` (it logs
+"not supported request type by gRPC proxy"), and etcd < 3.4.31 / 3.5.13 may not
+answer one on an unsynced watch (etcd issue 17507). A writer behind either would
+leave an idle range at its last event's revision: ``sync()`` would time out and
+the idle-progress defence would never advance. When a stream leaves a progress
+request unanswered, the feed asks a ``RangeProver`` instead (writer/feed.py).
+
+The proof, for a cache whose state is exact at revision ``r`` with ``n`` keys:
+read etcd's current revision ``H`` linearizably, then at ``H`` the range's key
+count and the keys whose mod revision is above ``r``. If the count is ``n`` and
+no key was modified after ``r``, the keys at ``H`` are ``n`` keys untouched since
+``r``: the very keys (and values) of the state at ``r``. So the state at ``r`` is
+the state at ``H``, and the cache may say it is exact at ``H``.
+
+What the proof cannot see: a key created and deleted again inside ``(r, H]``
+(it exists at neither end). The state at ``H`` is still right (a ``sync()`` is
+exact), but that PUT and DELETE are missing from the history between ``r`` and
+``H``; when the watch delivers them later, at or below the published revision,
+the feed relists into a new epoch (watchers get CompactedError): explicit, never
+silent. etcd filters by mod revision by scanning the range (count_only ignores
+the filter), so a proof costs etcd a scan of the range's keys: proofs asked for
+by the idle ticker are spaced to keep that under a twentieth of the time.
+
+Concurrency contract: ``ask()`` may be called from any thread and never blocks;
+proofs run on the prover's own thread, which calls back into the feed
+(``basis`` and ``proven``, the latter under the feed's publishing lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("shmcache.writer")
+
+# Proofs asked for by the idle ticker wait this many times the last proof's
+# duration after it, so the range scans cost etcd at most ~1/IDLE_DUTY of a core.
+IDLE_DUTY = 20
+
+
+def prove(conn: Any, key: bytes, range_end: bytes, revision: int, count: int) -> int | None:
+    """etcd's current revision H if [key, range_end) holds the same ``count`` keys at H,
+    none modified after ``revision``; None if the range changed (or H is not above).
+
+    ``conn`` is a connected writer/etcd Connection; its errors propagate.
+    """
+    current = int(conn.current_revision(key, range_end))
+    if current <= revision:
+        return None
+    if conn.count(key, range_end, current) != count:
+        return None
+    if conn.modified_since(key, range_end, current, revision + 1) != 0:
+        return None
+    return current
+
+
+class RangeProver:
+    """One thread that runs proofs when asked, at most one at a time.
+
+    ``basis()`` returns ``(conn, token, revision, count)`` for the state to prove,
+    or None when there is none (not watching); ``proven(token, revision, current)``
+    publishes the result if the state is still the one at ``revision`` (the feed
+    checks ``token`` and the revision under its publishing lock).
+    """
+
+    def __init__(self, key: bytes, range_end: bytes,
+                 basis: Callable[[], tuple[Any, object, int, int] | None],
+                 proven: Callable[[object, int, int], bool],
+                 stopped: threading.Event, stats: dict[str, Any],
+                 describe: Callable[[BaseException], str] = str) -> None:
+        self.key = key
+        self.range_end = range_end
+        self.basis = basis
+        self.proven = proven
+        self.stopped = stopped
+        self.stats = stats
+        stats.setdefault("progress_proofs", 0)
+        self.describe = describe
+        self._wake = threading.Event()
+        self._urgent = False
+        self._next_idle = 0.0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ask(self, urgent: bool) -> None:
+        """Run a proof soon. ``urgent`` (a sync round waits) skips the idle spacing."""
+        with self._lock:
+            if not urgent and time.monotonic() < self._next_idle:
+                return
+            self._urgent = self._urgent or urgent
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shmcache-range-proof",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self.stopped.is_set():
+                return
+            with self._lock:
+                self._urgent = False
+            t0 = time.monotonic()
+            self.once()
+            took = time.monotonic() - t0
+            with self._lock:
+                self._next_idle = time.monotonic() + took * IDLE_DUTY
+
+    def once(self) -> int | None:
+        """One proof now, on the calling thread: the revision published, or None."""
+        got = self.basis()
+        if got is None:
+            return None
+        conn, token, revision, count = got
+        try:
+            current = prove(conn, self.key, self.range_end, revision, count)
+        except Exception as exc:  # etcd gone or compacted meanwhile: the next ask retries
+            log.debug("range proof after revision %d failed: %s", revision, self.describe(exc))
+            return None
+        if current is None or not self.proven(token, revision, current):
+            return None
+        self.stats["progress_proofs"] += 1
+        return current
+
+    def close(self) -> None:
+        """Let the thread end (after ``stopped`` is set); any thread, does not wait."""
+        self._wake.set()
