@@ -27,7 +27,7 @@ from ..errors import ShmCacheError
 from ..format import codec as _codec
 from .etcd import connection as _etcd
 from .etcd.decode import cluster_from_varint
-from .range_proof import RangeProver
+from .range_proof import ProgressAsker, RangeProver, plausible
 
 if TYPE_CHECKING:
     from .control_writer import ControlWriter
@@ -178,8 +178,6 @@ class EtcdFeed:
         self._healthy = False
         self._last_event = 0.0
         self._progress_candidate: int | None = None
-        self._progress_outstanding = False
-        self._progress_sent = 0.0
         self._watch_created = 0.0
         self._unsynced_until = 0
         self._relist_reason: str | None = None
@@ -194,9 +192,9 @@ class EtcdFeed:
         # The watch loop's sink calls and the prover's publish take turns under it.
         self._sink_lock = threading.Lock()
         self._sink: Sink | None = None
-        self._unanswered: _etcd.WatchStream | None = None  # (the stream that ignores requests)
         self.prover = RangeProver(range_key, range_end, self._proof_basis, self._proven,
                                   self.stopped, stats, describe=_etcd.describe)
+        self._asker = ProgressAsker(self.prover, PROGRESS_ANSWER_WAIT, stats)
 
     @property
     def publish_error(self) -> str | None:
@@ -340,7 +338,7 @@ class EtcdFeed:
         self.stream = stream
         self.stats["watches"] += 1
         self._progress_candidate = None
-        self._progress_outstanding = False
+        self._asker.answered()
         stats, stopped = self.stats, self.stopped
         expect_cluster = conn.cluster_raw
         try:
@@ -482,13 +480,15 @@ class EtcdFeed:
         A late event at or below the published revision still relists into a
         new epoch: the failure is explicit, never silent.
         """
-        self._progress_outstanding = False
+        self._asker.answered()
         sink.saw_etcd_revision(revision)
         if self._unsynced_until and time.monotonic() - self._watch_created < 2.0:
             self._progress_candidate = None
             return
         cand = self._progress_candidate
-        if cand is not None and cand > sink.revision and not self._progress_plausible(sink, cand):
+        if cand is not None and cand > sink.revision and not plausible(
+                self.conn, self.range_key, self.range_end, sink.revision, len(sink.kv), cand,
+                scan_limit=self.PROGRESS_SCAN_LIMIT):
             self.stats["progress_anomalies"] += 1
             log.warning("progress notification for revision %d ignored: etcd still has events "
                         "after %d to deliver", cand, sink.revision)
@@ -500,73 +500,36 @@ class EtcdFeed:
         if self._progress_candidate is not None and self.stream is not None:
             self.request_progress(urgent=False)
 
-    def _progress_plausible(self, sink: Sink, revision: int) -> bool:
-        """Whether etcd's range at ``revision`` agrees with the state (see _on_progress, 3)."""
-        conn = self.conn
-        if conn is None or conn.client is None:
-            return False
-        try:
-            if conn.count(self.range_key, self.range_end, revision) != len(sink.kv):
-                return False
-            # etcd filters by mod revision only by scanning the range: affordable
-            # for small ranges; large ones rely on the count and defences 1 and 2.
-            if len(sink.kv) <= self.PROGRESS_SCAN_LIMIT:
-                return conn.modified_since(self.range_key, self.range_end, revision,
-                                           sink.revision + 1) == 0
-        except Exception as exc:  # compacted meanwhile, or etcd gone: not confirmed
-            log.debug("progress check at %d failed: %s", revision, _etcd.describe(exc))
-            return False
-        return True
-
     def request_progress(self, urgent: bool = True) -> None:
-        """Ask etcd for a progress notification (at most one outstanding); on a stream
-        that left one unanswered for PROGRESS_ANSWER_WAIT, ask the prover instead
-        (``urgent``: a sync round waits for it, see RangeProver.ask)."""
-        now = time.monotonic()
-        stream = self.stream
-        if stream is None:
-            return
-        if (self._unanswered is not stream and self._progress_outstanding
-                and now - self._progress_sent > PROGRESS_ANSWER_WAIT):
-            self._unanswered = stream
-            log.info("etcd at %s left a progress request unanswered for %.0fs (etcd's gRPC "
-                     "proxy drops them): proving progress with linearizable ranges instead",
-                     self.conn.endpoint if self.conn else "?", now - self._progress_sent)
-        if self._unanswered is stream:
-            self._progress_sent = now
-            self.prover.ask(urgent)
-        elif not self._progress_outstanding:
-            self._progress_outstanding = True
-            self._progress_sent = now
-            self.stats["progress_requests"] += 1
-            stream.request_progress()
+        """Ask for progress: etcd, or the prover where etcd does not answer (ProgressAsker)."""
+        stream, conn = self.stream, self.conn
+        if stream is not None:
+            self._asker.ask(stream, conn.endpoint if conn else "?", urgent)
 
     def _proof_basis(self) -> tuple[Any, object, int, int] | None:
         """(connection, stream, revision, key count) of the state to prove (RangeProver)."""
         with self._sink_lock:
             stream, conn, sink = self.stream, self.conn, self._sink
-            if stream is None or stream is not self._unanswered or conn is None or sink is None:
+            if not self._asker.proves(stream) or conn is None or sink is None:
                 return None
             return conn, stream, sink.revision, len(sink.kv)
 
     def _proven(self, token: object, revision: int, current: int) -> bool:
-        """Publish that the state at ``revision`` is the state at ``current`` (RangeProver),
-        if the watch loop has not moved the state since; False when it has not published."""
+        """Publish that the state at ``revision`` is the state at ``current`` (RangeProver)
+        unless the watch loop moved it since; False when nothing was published."""
         if not self._sink_lock.acquire(timeout=1.0):
             return False  # (the loop waits for publishing to work: so would this)
         try:
             sink = self._sink
-            if (token is not self.stream or sink is None or sink.revision != revision
-                    or self.stopped.is_set()):
-                return False
-            try:
+            if (token is self.stream and sink is not None and sink.revision == revision
+                    and not self.stopped.is_set()):
                 sink.progress(current)
-            except Exception as exc:  # (a full /dev/shm): the next proof tries again
-                log.debug("cannot publish proven revision %d: %s", current, _etcd.describe(exc))
-                return False
-            return True
+                return True
+        except Exception as exc:  # (a full /dev/shm): the next proof tries again
+            log.debug("cannot publish proven revision %d: %s", current, _etcd.describe(exc))
         finally:
             self._sink_lock.release()
+        return False
 
     def request_progress_if_idle(self, interval: float) -> None:
         """Ask for progress when no event and no request went out for ``interval`` seconds,
@@ -574,7 +537,7 @@ class EtcdFeed:
         now = time.monotonic()
         if self.publish_failing_since is not None:
             return  # the stream is not read while publishing fails: no answers piling up
-        if now - self._last_event >= interval and now - self._progress_sent >= interval:
+        if now - self._last_event >= interval and now - self._asker.sent >= interval:
             self.request_progress(urgent=False)
 
     def current_revision(self) -> int:

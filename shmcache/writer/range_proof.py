@@ -43,20 +43,82 @@ log = logging.getLogger("shmcache.writer")
 IDLE_DUTY = 20
 
 
-def prove(conn: Any, key: bytes, range_end: bytes, revision: int, count: int) -> int | None:
-    """etcd's current revision H if [key, range_end) holds the same ``count`` keys at H,
-    none modified after ``revision``; None if the range changed (or H is not above).
+def unchanged(conn: Any, key: bytes, range_end: bytes, revision: int, count: int, at: int,
+              scan_limit: int | None = None) -> bool:
+    """Whether [key, range_end) at revision ``at`` holds ``count`` keys, none modified after
+    ``revision``: then it is the state of ``revision`` (module docstring). With
+    ``scan_limit``, ranges of more keys are judged by their count alone (etcd's filter
+    scans the range). ``conn``'s errors propagate."""
+    if conn.count(key, range_end, at) != count:
+        return False
+    if scan_limit is not None and count > scan_limit:
+        return True
+    return bool(conn.modified_since(key, range_end, at, revision + 1) == 0)
 
-    ``conn`` is a connected writer/etcd Connection; its errors propagate.
-    """
+
+def plausible(conn: Any, key: bytes, range_end: bytes, revision: int, count: int, at: int,
+              scan_limit: int) -> bool:
+    """``unchanged`` (ranges over ``scan_limit`` keys judged by their count), False when it
+    cannot be told (not connected, compacted meanwhile, etcd gone): not confirmed."""
+    if conn is None or conn.client is None:
+        return False
+    try:
+        return unchanged(conn, key, range_end, revision, count, at, scan_limit)
+    except Exception as exc:
+        log.debug("progress check at %d failed: %s", at, exc)
+        return False
+
+
+def prove(conn: Any, key: bytes, range_end: bytes, revision: int, count: int) -> int | None:
+    """etcd's current revision H (read linearizably) if the range is ``unchanged`` at H
+    since ``revision`` with ``count`` keys; None if it changed or H is not above it."""
     current = int(conn.current_revision(key, range_end))
-    if current <= revision:
-        return None
-    if conn.count(key, range_end, current) != count:
-        return None
-    if conn.modified_since(key, range_end, current, revision + 1) != 0:
+    if current <= revision or not unchanged(conn, key, range_end, revision, count, current):
         return None
     return current
+
+
+class ProgressAsker:
+    """Whether to ask a watch stream for progress or the prover: the first stream that
+    leaves a request unanswered for ``answer_wait`` seconds is proven from then on.
+
+    Called by the feed's threads (the watch loop, the ticker, the sync server); its
+    few fields are plain stores, and a lost race costs one request more or less.
+    """
+
+    def __init__(self, prover: RangeProver, answer_wait: float, stats: dict[str, Any]) -> None:
+        self.prover = prover
+        self.answer_wait = answer_wait
+        self.stats = stats
+        self.outstanding = False
+        self.sent = 0.0  # (monotonic time of the last request or proof asked for)
+        self.unanswered: object | None = None  # the stream proven instead
+
+    def answered(self) -> None:
+        """A progress notification arrived (or a new stream opened)."""
+        self.outstanding = False
+
+    def proves(self, stream: object) -> bool:
+        return stream is not None and stream is self.unanswered
+
+    def ask(self, stream: Any, endpoint: str, urgent: bool) -> None:
+        """Send ``stream`` a progress request (at most one outstanding), or ask the prover
+        (``urgent``: a sync round waits for it) once the stream left one unanswered."""
+        now = time.monotonic()
+        if (self.unanswered is not stream and self.outstanding
+                and now - self.sent > self.answer_wait):
+            self.unanswered = stream
+            log.info("etcd at %s left a progress request unanswered for %.0fs (etcd's gRPC "
+                     "proxy drops them): proving progress with linearizable ranges instead",
+                     endpoint, now - self.sent)
+        if self.unanswered is stream:
+            self.sent = now
+            self.prover.ask(urgent)
+        elif not self.outstanding:
+            self.outstanding = True
+            self.sent = now
+            self.stats["progress_requests"] += 1
+            stream.request_progress()
 
 
 class RangeProver:
