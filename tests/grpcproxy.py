@@ -9,9 +9,10 @@ What the proxy forwards, found by tests/test_grpc_proxy.py against etcd 3.5.1
 (and 3.4.23): Range (linearizable ones forwarded; serializable ones may be
 answered from its cache), Put/Txn/Compact, Status, leases, watches with
 ``progress_notify`` (etcd's periodic notifications pass through), compaction
-cancels with ``compact_revision``, auth tokens. It does not answer
-``WatchRequest.progress_request`` (logged as "not supported request type by
-gRPC proxy" and dropped).
+cancels with ``compact_revision``, Authenticate and the token, TLS on both sides
+(it refuses a client certificate towards etcd that has a common name). It does
+not answer ``WatchRequest.progress_request`` (3.5 logs "not supported request
+type by gRPC proxy"; both drop it).
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ class GrpcProxy:
 
     The listening port is chosen by the first ``start()`` and kept, so a
     ``kill()`` + ``start()`` brings the proxy back where its clients dial.
-    ``tls`` (tests.etcdserver.TLSFiles) makes the proxy talk TLS to etcd with the
-    client certificate and serve TLS to its own clients with the server
-    certificate. ``metrics_port``: etcd's /metrics as the proxy sees them plus
+    ``tls`` (tests.etcdserver.TLSFiles) makes the proxy talk TLS to etcd (the CA and
+    the client certificate, which must have no common name) and serve TLS to its
+    own clients with the server certificate. ``metrics_port``: etcd's /metrics as the proxy sees them plus
     the proxy's own, over plain HTTP. Not thread-safe: one owner drives it.
     """
 
@@ -202,9 +203,12 @@ class GrpcProxy:
                "--metrics-addr", f"http://{_HOST}:{self._metrics_port}",
                "--data-dir", os.path.join(self.dir, "data")]
         if self.tls is not None:
+            # The proxy refuses a client certificate with a common name ("cert has non
+            # empty Common Name"), which etcd would take for a user name: make ``tls``
+            # with generate_tls_files(dir, client_cn="").
             cmd += ["--cacert", self.tls.ca, "--cert", self.tls.client_cert,
                     "--key", self.tls.client_key, "--cert-file", self.tls.server_cert,
-                    "--key-file", self.tls.server_key, "--trusted-ca-file", self.tls.ca]
+                    "--key-file", self.tls.server_key]
         return cmd + self.extra_args
 
     def _launch_and_wait(self, timeout: float) -> None:

@@ -256,6 +256,43 @@ def test_a_range_proof_sees_puts_deletes_and_a_count_change(etcd_server: EtcdSer
         client.close()
 
 
+def test_tls_and_a_read_only_user_through_a_proxy(tmp_path: Path, cache_name: str) -> None:
+    """etcd with TLS and authentication, the proxy speaking TLS on both sides: a writer
+    with a CA file and a user allowed to read only its prefix lists, watches and syncs
+    through it (the proxy forwards Authenticate and the token; the proofs read only the
+    prefix)."""
+    from tests.etcdserver import generate_tls_files
+
+    tls = generate_tls_files(tmp_path / "pki", client_cn="")
+    p = b"/tls/"
+    with EtcdServer(data_dir=tmp_path / "etcd", tls=tls) as etcd:
+        etcd.enable_auth("root-pw")
+        etcd.add_user("cache-reader", "s3cret", read_prefix=p)
+        pw = tmp_path / "password"
+        pw.write_text("s3cret\n")
+        pw.chmod(0o600)
+        client = etcd.client()
+        with GrpcProxy([etcd.endpoint], tls=tls) as proxy:
+            assert proxy.endpoint.startswith("https://")
+            w = WriterProcess(cache_name, proxy.endpoint, p, extra=[
+                "--ca-file", tls.ca, "--user", "cache-reader", "--password-file", str(pw)])
+            try:
+                since = put(client, p + b"a", b"1")
+                w.start()
+                put(client, p + b"b", b"2")
+                last = delete(client, p + b"a")
+                with shmcache.Reader(cache_name) as r:
+                    got = drain(r.watch(p, since_revision=since), last)
+                    assert [(e.type, e.kv.key) for e in got] == [("PUT", p + b"b"),
+                                                                ("DELETE", p + b"a")]
+                    outside = put(client, b"/elsewhere", b"x")
+                    assert r.sync(timeout=10) >= outside
+                    assert r.list(p).items == etcd_range(client, p, r.revision)
+            finally:
+                w.close()
+                client.close()
+
+
 def test_writers_through_one_proxy_cost_etcd_one_watcher(
         etcd_server: EtcdServer, tmp_path: Path) -> None:
     """Three caches of one prefix through one proxy add 1 watcher and 1 watch stream on
