@@ -3,6 +3,7 @@
     python bench/fleet.py                 # N = 1, 10, 50; writes bench/results/fleet.json
     python bench/fleet.py --sizes 1,10 --rounds 1 --out /tmp/x   # smaller
     python bench/fleet.py --smoke --out DIR                     # every path at toy sizes
+    python bench/fleet.py --only proof                           # part 4 alone: fleet-proof-KEYS.json
 
 Each simulated host is one ``python -m shmcache serve`` process with a cache of its
 own (256 KiB ring) on the same prefix of --keys keys (256-byte values). Modes
@@ -21,6 +22,9 @@ proxy, direct, ...); figures are medians over the rounds.
 3. failover: a 3-member cluster, the writers (or the proxy) given every member;
    the leader is SIGKILLed: time until every cache has a put made after the
    kill, and the surviving members' peak CPU.
+4. proof: the cost of the writer's fallback for progress requests the proxy drops
+   (writer/range_proof.py): one proof at --keys keys, and --idle-writers writers
+   idling behind a proxy, and direct, while etcd moves on outside the prefix.
 
 The results are written only when the whole run completes (to a temporary file
 until then): a failed run never overwrites committed results.
@@ -171,6 +175,21 @@ def _watch_gauges(m: dict[str, float]) -> tuple[int, int]:
             int(m.get("etcd_debugging_mvcc_watch_stream_total", 0)))
 
 
+def _settled_gauges(endpoint: str, timeout: float = 60.0) -> tuple[int, int]:
+    """etcd's watch gauges once the last round's clients are gone (etcd notices a killed
+    proxy's or writer's connection a moment later): until two reads 1 s apart agree and
+    no watcher is left, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = _watch_gauges(_metrics(endpoint))
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _watch_gauges(_metrics(endpoint))
+        if now == last and now == (0, 0):
+            break
+        last = now
+    return last
+
+
 def _revision(client: Any) -> int:
     from etcd3.etcdrpc import rpc_pb2
 
@@ -205,7 +224,7 @@ def steady_and_storm(etcd: EtcdServer, n: int, mode: str, args: argparse.Namespa
     fleet = Fleet(n, [proxy.endpoint if proxy else etcd.endpoint], tag)
     out: dict[str, Any] = {"n": n, "mode": mode}
     try:
-        base = _watch_gauges(_metrics(etcd.endpoint))
+        base = _settled_gauges(etcd.endpoint)
         rev = _revision(client)
         t0 = time.monotonic()
         fleet.start()
@@ -315,6 +334,71 @@ def failover(n: int, mode: str, args: argparse.Namespace, tag: str) -> dict[str,
     return out
 
 
+def _ranges_served(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("grpc_server_handled_total")
+               and 'grpc_method="Range"' in k)
+
+
+def proof_cost(args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """(4) The fallback's cost: one range proof (writer/range_proof.py) through a proxy at
+    --keys keys, and --idle-writers idle writers behind a proxy (or direct) while etcd
+    moves on outside the prefix: etcd's CPU and Range requests per second."""
+    from etcd3.etcdrpc import rpc_pb2
+
+    from shmcache.format import layout
+    from shmcache.writer import range_proof
+    from shmcache.writer.etcd import connection as _etcd
+
+    out: dict[str, Any] = {"keys": args.keys}
+    end = layout.prefix_range_end(PREFIX)
+    with EtcdServer(extra_args=C.etcd_args(1)) as etcd, \
+            GrpcProxy([etcd.endpoint]) as proxy:
+        client = etcd.client()
+        C.load_etcd(client, PREFIX, args.keys)
+        conn = _etcd.Connection(_etcd.EtcdSettings(endpoints=[proxy.endpoint]))
+        conn.connect()
+        walls, cpus = [], []
+        for _ in range(20):
+            client.kvstub.Put(rpc_pb2.PutRequest(key=b"/outside", value=b"x"), 10,
+                              metadata=client.metadata)
+            since = _revision(client) - 1
+            c0, t0 = _cpu(etcd.pid), time.perf_counter()
+            assert range_proof.prove(conn, PREFIX, end, since, args.keys) == since + 1
+            walls.append(time.perf_counter() - t0)
+            cpus.append(_cpu(etcd.pid) - c0)
+        conn.close()
+        out["proof_wall_ms"] = statistics.median(walls) * 1e3
+        out["proof_etcd_cpu_ms"] = sum(cpus) / len(cpus) * 1e3  # (10 ms clock ticks: a mean)
+        for mode in ("direct", "proxy"):
+            fleet = Fleet(args.idle_writers, [proxy.endpoint if mode == "proxy"
+                                              else etcd.endpoint], f"{tag}i")
+            try:
+                fleet.start()
+                fleet.wait_serving(_revision(client), args.timeout)
+                time.sleep(8)  # (past the first unanswered request and idle proofs)
+                m0, c0, t0 = _metrics(etcd.endpoint), _cpu(etcd.pid), time.monotonic()
+                n = 0
+                while time.monotonic() - t0 < args.seconds:
+                    client.kvstub.Put(rpc_pb2.PutRequest(key=b"/outside", value=b"%d" % n), 10,
+                                      metadata=client.metadata)
+                    n += 1
+                    time.sleep(0.02)
+                wall = time.monotonic() - t0
+                m1 = _metrics(etcd.endpoint)
+                out[f"idle_{mode}_etcd_cpu_per_s"] = (_cpu(etcd.pid) - c0) / wall
+                out[f"idle_{mode}_ranges_per_s"] = (_ranges_served(m1) - _ranges_served(m0)) / wall
+                out[f"idle_{mode}_outside_puts_per_s"] = n / wall
+                rev = _revision(client)
+                t0 = time.monotonic()
+                fleet.wait_serving(rev, args.timeout)
+                out[f"idle_{mode}_catch_up_s"] = time.monotonic() - t0
+            finally:
+                fleet.close()
+        out["idle_writers"] = args.idle_writers
+        client.close()
+    return out
+
+
 def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": rows[0]["n"], "mode": rows[0]["mode"], "rounds": len(rows)}
     for k in rows[0]:
@@ -333,22 +417,33 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--failover-sizes", default=None,
                     help="writer counts for the failover rounds (default: --sizes)")
+    ap.add_argument("--idle-writers", type=int, default=10,
+                    help="idle writers for the fallback's cost (part 4)")
+    ap.add_argument("--only", default="steady,failover,proof",
+                    help="parts to run: steady (1, 2), failover (3), proof (4)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes, every code path")
     ap.add_argument("--out", default=RESULTS, help="directory for fleet.json")
     args = ap.parse_args()
+    # SIGTERM (a timeout) unwinds like Ctrl-C: every writer, proxy and etcd is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     if args.smoke:
         args.sizes, args.rounds, args.keys, args.rate, args.seconds = "1,2", 1, 100, 20.0, 2.0
+        args.idle_writers = 2
     sizes = [int(x) for x in args.sizes.split(",")]
     fsizes = [int(x) for x in (args.failover_sizes or args.sizes).split(",")]
     tag = secrets.token_hex(3)
+    only = set(args.only.split(","))
     results: dict[str, Any] = {"stamp": C.stamp(), "params": vars(args), "steady": [],
                                "failover": []}
+    if "proof" in only:
+        results["proof"] = proof_cost(args, tag)
+        print(json.dumps(results["proof"]), flush=True)
     with EtcdServer(extra_args=C.etcd_args(2)) as etcd:
         results["stamp"]["versions"]["etcd"] = etcd.version
         c = etcd.client()
         C.load_etcd(c, PREFIX, args.keys)
         c.close()
-        for n in sizes:
+        for n in sizes if "steady" in only else []:
             rows: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
             order = ["direct", "proxy", "proxy", "direct"] * args.rounds
             for mode in order[:2 * args.rounds]:
@@ -356,7 +451,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows[mode].append(row)
             results["steady"] += [_median(rows["direct"]), _median(rows["proxy"])]
-    for n in fsizes:
+    for n in fsizes if "failover" in only else []:
         rows = {"direct": [], "proxy": []}
         for mode in (["direct", "proxy", "proxy", "direct"] * args.rounds)[:2 * args.rounds]:
             row = failover(n, mode, args, tag)
@@ -364,7 +459,10 @@ def main() -> None:
             rows[mode].append(row)
         results["failover"] += [_median(rows["direct"]), _median(rows["proxy"])]
     os.makedirs(args.out, exist_ok=True)
-    final = os.path.join(args.out, "fleet-smoke.json" if args.smoke else "fleet.json")
+    name = ("fleet-smoke" if args.smoke else "fleet" if only == {"steady", "failover", "proof"}
+            else f"fleet-proof-{args.keys}" if only == {"proof"}
+            else "fleet-" + "-".join(sorted(only)))
+    final = os.path.join(args.out, name + ".json")
     fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".fleet-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(results, f, indent=1)

@@ -21,7 +21,7 @@ exact), but that PUT and DELETE are missing from the history between ``r`` and
 the feed relists into a new epoch (watchers get CompactedError): explicit, never
 silent. etcd filters by mod revision by scanning the range (count_only ignores
 the filter), so a proof costs etcd a scan of the range's keys: proofs asked for
-by the idle ticker are spaced to keep that under a twentieth of the time.
+by the idle ticker are spaced (IDLE_GAP, IDLE_DUTY); a sync round's are not.
 
 Concurrency contract: ``ask()`` may be called from any thread and never blocks;
 proofs run on the prover's own thread, which calls back into the feed
@@ -38,8 +38,12 @@ from typing import Any
 
 log = logging.getLogger("shmcache.writer")
 
-# Proofs asked for by the idle ticker wait this many times the last proof's
-# duration after it, so the range scans cost etcd at most ~1/IDLE_DUTY of a core.
+# Proofs asked for by the idle ticker (not those a sync round waits for) come at
+# most every IDLE_GAP seconds, and wait IDLE_DUTY times the last proof's duration:
+# behind a proxy every idle writer would otherwise cost etcd a scan of the range
+# each progress interval, N writers N scans. An idle cache's revision then trails
+# etcd's by up to IDLE_GAP; sync() does not wait for it.
+IDLE_GAP = 5.0
 IDLE_DUTY = 20
 
 
@@ -173,7 +177,7 @@ class RangeProver:
             self.once()
             took = time.monotonic() - t0
             with self._lock:
-                self._next_idle = time.monotonic() + took * IDLE_DUTY
+                self._next_idle = time.monotonic() + max(IDLE_GAP, took * IDLE_DUTY)
 
     def once(self) -> int | None:
         """One proof now, on the calling thread: the revision published, or None."""
