@@ -220,11 +220,14 @@ def steady_and_storm(etcd: EtcdServer, n: int, mode: str, args: argparse.Namespa
                      tag: str) -> dict[str, Any]:
     """One round of (1) and (2) for ``n`` writers in ``mode``."""
     client = etcd.client()
+    idle = _settled_gauges(etcd.endpoint)
     proxy = GrpcProxy([etcd.endpoint]).start() if mode == "proxy" else None
     fleet = Fleet(n, [proxy.endpoint if proxy else etcd.endpoint], tag)
     out: dict[str, Any] = {"n": n, "mode": mode}
     try:
-        base = _settled_gauges(etcd.endpoint)
+        base = _watch_gauges(_metrics(etcd.endpoint))  # (with the proxy's own watches)
+        out["proxy_own_watchers"], out["proxy_own_watch_streams"] = (base[0] - idle[0],
+                                                                     base[1] - idle[1])
         rev = _revision(client)
         t0 = time.monotonic()
         fleet.start()
