@@ -165,7 +165,8 @@ def test_what_the_proxy_forwards_and_what_it_drops(binary: Any, tmp_path: Path) 
 def test_a_writer_through_a_proxy_equals_etcd_event_by_event(
         etcd_server: EtcdServer, cache_name: str) -> None:
     """Puts, deletes, a transaction, a range delete and a lease revoked, through the proxy:
-    the cache's watch equals etcd's own watch event by event, and its list etcd's range."""
+    the cache's watch equals etcd's own watch event by event, and its list etcd's range;
+    across a proxy SIGKILLed and restarted too, without a relist."""
     p = b"/gp/"
     client = etcd_server.client()
     with GrpcProxy([etcd_server.endpoint]) as proxy:
@@ -190,6 +191,14 @@ def test_a_writer_through_a_proxy_equals_etcd_event_by_event(
                 assert r.sync(timeout=10) >= last
                 res = r.list(p)
                 assert res.items == etcd_range(client, p, res.revision)
+                # The proxy dies and comes back; writes go on meanwhile: the writer
+                # reconnects and resumes its watch, with no relist.
+                proxy.kill()
+                put(client, p + b"while-down", b"1")
+                proxy.start()
+                again = put(client, p + b"after", b"1")
+                assert drain(watch, again) == etcd_events(etcd_server.endpoint, p, last, again)
+            assert w.log().count("listing '") == 1, w.log()
         finally:
             w.close()
             client.close()
