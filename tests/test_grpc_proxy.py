@@ -308,8 +308,8 @@ def test_tls_and_a_read_only_user_through_a_proxy(tmp_path: Path, cache_name: st
 
 def test_writers_through_one_proxy_cost_etcd_one_watcher(
         etcd_server: EtcdServer, tmp_path: Path) -> None:
-    """Three caches of one prefix through one proxy add 1 watcher and 1 watch stream on
-    etcd; directly they add 3 and 3 (etcd's etcd_debugging_mvcc_* gauges)."""
+    """Three caches of one prefix through one proxy add at most 1 watcher and 1 watch stream
+    on etcd; directly they add 3 and 3 (etcd's etcd_debugging_mvcc_* gauges)."""
     p = b"/fleet/"
     client = etcd_server.client()
     names = [f"t-gp{i}-{tmp_path.name[-6:]}" for i in range(6)]
@@ -327,7 +327,12 @@ def test_writers_through_one_proxy_cost_etcd_one_watcher(
                         assert r.wait(last, timeout=15)
                 after = _watchers(etcd_server)
                 added = (after[0] - before[0], after[1] - before[1])
-                assert added == ((1, 1) if endpoint == proxy.endpoint else (3, 3)), added
+                if endpoint == proxy.endpoint:
+                    # (0 when etcd still counted a watcher the proxy had open at start,
+                    # on the stream the range's watcher then shares)
+                    assert added[0] <= 1 and added[1] <= 1, added
+                else:
+                    assert added == (3, 3), added
         finally:
             for w in writers:
                 w.close()
