@@ -410,6 +410,38 @@ def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def report(results: dict[str, Any]) -> str:
+    """The results as the markdown tables of docs/benchmarks.md."""
+    out = []
+    if results.get("steady"):
+        out.append("| N | mode | etcd watchers / streams | etcd CPU ms/s | etcd µs/put | etcd sent "
+                   "KB/s | proxy CPU ms/s | writers CPU ms/s | storm: all serving s | storm: "
+                   "etcd peak CPU % | storm: etcd CPU s | storm: etcd sent MB |")
+        out.append("|" + "---|" * 12)
+        for r in results["steady"]:
+            watchers = (f"{r['etcd_watchers_added'] + r.get('proxy_own_watchers', 0):.0f} / "
+                        f"{r['etcd_watch_streams_added'] + r.get('proxy_own_watch_streams', 0):.0f}")
+            out.append(
+                f"| {r['n']} | {r['mode']} | {watchers} | {r['etcd_cpu_per_s'] * 1e3:.0f} | "
+                f"{r['etcd_cpu_us_per_put']:.0f} | {r['etcd_sent_bytes_per_s'] / 1e3:.0f} | "
+                f"{r['proxy_cpu_per_s'] * 1e3:.0f} | {r['writers_cpu_per_s'] * 1e3:.0f} | "
+                f"{r['storm_serving_s']:.1f} | {r['storm_etcd_peak_cpu_pct']:.0f} | "
+                f"{r['storm_etcd_cpu_s']:.2f} | {r['storm_etcd_sent_bytes'] / 1e6:.1f} |")
+    if results.get("failover"):
+        out.append("")
+        out.append("| N | mode | first put after the kill s | every cache has it s | "
+                   "members' peak CPU % | members' CPU s |")
+        out.append("|" + "---|" * 6)
+        for r in results["failover"]:
+            out.append(f"| {r['n']} | {r['mode']} | {r['put_after_kill_s']:.2f} | "
+                       f"{r['all_serving_s']:.2f} | {r['members_peak_cpu_pct']:.0f} | "
+                       f"{r['members_cpu_s']:.2f} |")
+    if results.get("proof"):
+        out.append("")
+        out.append("```\n" + json.dumps(results["proof"], indent=1) + "\n```")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1,10,50", help="writer counts N, comma-separated")
@@ -426,7 +458,12 @@ def main() -> None:
                     help="parts to run: steady (1, 2), failover (3), proof (4)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes, every code path")
     ap.add_argument("--out", default=RESULTS, help="directory for fleet.json")
+    ap.add_argument("--report", metavar="JSON", help="print a results file's tables and exit")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(report(json.load(f)))
+        return
     # SIGTERM (a timeout) unwinds like Ctrl-C: every writer, proxy and etcd is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     if args.smoke:
