@@ -414,15 +414,16 @@ def report(results: dict[str, Any]) -> str:
     """The results as the markdown tables of docs/benchmarks.md."""
     out = []
     if results.get("steady"):
-        out.append("| N | mode | etcd watchers / streams | etcd CPU ms/s | etcd µs/put | etcd sent "
+        out.append("| N | mode | etcd watchers / streams | puts/s | etcd CPU ms/s | etcd µs/put | etcd sent "
                    "KB/s | proxy CPU ms/s | writers CPU ms/s | storm: all serving s | storm: "
                    "etcd peak CPU % | storm: etcd CPU s | storm: etcd sent MB |")
-        out.append("|" + "---|" * 12)
+        out.append("|" + "---|" * 13)
         for r in results["steady"]:
             watchers = (f"{r['etcd_watchers_added'] + r.get('proxy_own_watchers', 0):.0f} / "
                         f"{r['etcd_watch_streams_added'] + r.get('proxy_own_watch_streams', 0):.0f}")
             out.append(
-                f"| {r['n']} | {r['mode']} | {watchers} | {r['etcd_cpu_per_s'] * 1e3:.0f} | "
+                f"| {r['n']} | {r['mode']} | {watchers} | {r['puts_per_s']:.0f} | "
+                f"{r['etcd_cpu_per_s'] * 1e3:.0f} | "
                 f"{r['etcd_cpu_us_per_put']:.0f} | {r['etcd_sent_bytes_per_s'] / 1e3:.0f} | "
                 f"{r['proxy_cpu_per_s'] * 1e3:.0f} | {r['writers_cpu_per_s'] * 1e3:.0f} | "
                 f"{r['storm_serving_s']:.1f} | {r['storm_etcd_peak_cpu_pct']:.0f} | "
