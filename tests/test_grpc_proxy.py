@@ -441,3 +441,26 @@ def test_checker_workload_through_a_proxy_killed_while_etcd_compacts(tmp_path: P
 def test_checker_workload_through_a_proxy_long(seed: int, tmp_path: Path) -> None:
     """The same for a minute per seed."""
     _assert_clean(_checker_through_proxy(60, seed=seed, tmp_path=tmp_path))
+
+
+@pytest.mark.slow
+def test_fleet_benchmark_smoke(tmp_path: Path) -> None:
+    """``bench/fleet.py --smoke`` runs every part at toy sizes and writes its results only
+    where told (bench/results/ is left alone)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "bench/fleet.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "fleet-smoke.json") as f:
+        results = json.load(f)
+    assert results["stamp"]["machine"]["cores"] and results["proof"]["proof_wall_ms"] > 0
+    modes = {(r["n"], r["mode"]) for r in results["steady"]}
+    assert modes == {(1, "direct"), (1, "proxy"), (2, "direct"), (2, "proxy")}
+    added = {(r["n"], r["mode"]): r["etcd_watchers_added"] for r in results["steady"]}
+    assert added[(2, "direct")] == 2 and added[(2, "proxy")] <= 1, added
+    assert {(r["n"], r["mode"]) for r in results["failover"]} == modes
