@@ -170,7 +170,8 @@ def test_a_writer_through_a_proxy_equals_etcd_event_by_event(
     p = b"/gp/"
     client = etcd_server.client()
     with GrpcProxy([etcd_server.endpoint]) as proxy:
-        w = WriterProcess(cache_name, proxy.endpoint, p)
+        # (a ring that holds the two 1 MiB values with their previous ones, and more)
+        w = WriterProcess(cache_name, proxy.endpoint, p, ring_size="16MiB")
         try:
             since = put(client, p + b"a", b"0")
             w.start()
