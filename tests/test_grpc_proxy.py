@@ -425,6 +425,7 @@ def _checker_through_proxy(seconds: float, seed: int, tmp_path: Path) -> checker
 
 
 def _assert_clean(report: checker.Report) -> None:
+    print(report.summary())
     assert not report.divergences, report.summary() + "\n" + "\n".join(report.divergences)
     assert report.events_verified > 0 and report.syncs_verified > 0, report.summary()
     assert report.faults.get("proxy_kill", 0) + report.faults.get(
