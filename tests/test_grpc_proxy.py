@@ -85,6 +85,33 @@ class _RawWatch:
         self.call.cancel()
 
 
+def test_the_proxy_fixture_restarts_on_its_port_and_leaves_nothing(
+        etcd_server: EtcdServer) -> None:
+    """GrpcProxy: SIGKILL and start again on the same port (a client's channel works
+    again), and close() leaves no process and no directory."""
+    import os
+
+    import psutil
+
+    proxy = GrpcProxy([etcd_server.endpoint]).start()
+    try:
+        port, pid, directory = proxy.port, proxy.pid, proxy.dir
+        ch = open_channel("127.0.0.1", port)
+        kv = Stub(ch, "KV")
+        assert kv.Range(rpc.RangeRequest(key=b"k"), timeout=10).header.revision >= 1
+        proxy.kill()
+        assert not proxy.running and not psutil.pid_exists(pid or 0)
+        proxy.start()
+        assert proxy.port == port and proxy.pid != pid
+        assert kv.Range(rpc.RangeRequest(key=b"k"), timeout=10, wait_for_ready=True)
+        assert proxy.metrics()["etcd_debugging_mvcc_watch_stream_total"] >= 1
+        ch.close()
+        pid = proxy.pid
+    finally:
+        proxy.close()
+    assert not psutil.pid_exists(pid or 0) and not os.path.exists(directory)
+
+
 @pytest.mark.parametrize("binary", _etcd_binaries())
 def test_what_the_proxy_forwards_and_what_it_drops(binary: Any, tmp_path: Path) -> None:
     """Through the proxy: Status, linearizable ranges with etcd's header, compaction errors,
