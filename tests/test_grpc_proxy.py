@@ -257,6 +257,22 @@ def test_sync_through_a_proxy_is_exact_on_an_idle_range(
                     assert r.list(p).items == etcd_range(client, p, r.revision)
                 # With requests known to go unanswered, a round is one proof, no wait.
                 assert took < 2.0
+                # Concurrent syncs while etcd moves on elsewhere: all return, exact.
+                answers: list[int] = []
+
+                def sync_many() -> None:
+                    for _ in range(10):
+                        answers.append(r.sync(timeout=5))
+
+                threads = [threading.Thread(target=sync_many) for _ in range(4)]
+                for t in threads:
+                    t.start()
+                for i in range(20):
+                    outside = put(client, b"/elsewhere/k", b"flood %d" % i)
+                for t in threads:
+                    t.join()
+                assert len(answers) == 40
+                assert r.sync(timeout=5) >= outside
                 # A change in the range is an event again, not proven away.
                 changed = put(client, p + b"a", b"2")
                 assert r.sync(timeout=5) >= changed
