@@ -79,8 +79,8 @@ def generate_tls_files(directory: str | os.PathLike[str], client_cn: str = "root
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
 
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    def name(cn: str) -> x509.Name:  # ("": no common name, as etcd's gRPC proxy wants)
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
 
     def write(filename: str, data: bytes) -> str:
         path = os.path.join(directory, filename)

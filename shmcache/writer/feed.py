@@ -9,7 +9,10 @@ response. Protobuf types and wire bytes never leave _etcd.
 Concurrency contract: ``run()`` runs on the writer's thread. ``close()``,
 ``request_progress()``, ``request_progress_if_idle()`` and
 ``current_revision()`` may be called from other threads (the ticker, the sync
-server); ``close()`` unblocks ``run()`` wherever it waits on etcd.
+server); ``close()`` unblocks ``run()`` wherever it waits on etcd. Where etcd
+leaves progress requests unanswered (its gRPC proxy), a RangeProver's thread
+publishes proven progress (writer/range_proof.py): the watch loop's calls on
+the sink and that thread's run under one lock.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..format import codec as _codec
 from .etcd import connection as _etcd
 from .etcd import stream as _stream
 from .etcd.decode import cluster_from_varint
+from .range_proof import ProgressAsker, RangeProver, plausible
 
 if TYPE_CHECKING:
     from .control_writer import ControlWriter
@@ -34,6 +38,11 @@ log = logging.getLogger("shmcache.writer")
 # The longest pause between two attempts to publish while publishing fails (a
 # full /dev/shm): short, so the cache catches up within seconds once space returns.
 PUBLISH_BACKOFF_MAX = 2.0
+# A progress request etcd has not answered after this long marks the stream as
+# one that does not answer them (etcd's gRPC proxy drops them; etcd < 3.4.31 /
+# 3.5.13 may not answer on an unsynced watch, etcd issue 17507): progress on it
+# is proven with linearizable ranges instead (writer/range_proof.py).
+PROGRESS_ANSWER_WAIT = 2.0
 
 
 class Sink(Protocol):
@@ -170,8 +179,6 @@ class EtcdFeed:
         self._healthy = False
         self._last_event = 0.0
         self._progress_candidate: int | None = None
-        self._progress_outstanding = False
-        self._progress_sent = 0.0
         self._watch_created = 0.0
         self._unsynced_until = 0
         self._relist_reason: str | None = None
@@ -183,6 +190,12 @@ class EtcdFeed:
         self._snapshot_retry_at = 0.0
         self._snapshot_delay = 0.1
         self._cluster_change = (0, 0)  # (the state's cluster, etcd's) last counted
+        # The watch loop's sink calls and the prover's publish take turns under it.
+        self._sink_lock = threading.Lock()
+        self._sink: Sink | None = None
+        self.prover = RangeProver(range_key, range_end, self._proof_basis, self._proven,
+                                  self.stopped, stats, describe=_etcd.describe)
+        self._asker = ProgressAsker(self.prover, PROGRESS_ANSWER_WAIT, stats)
 
     @property
     def publish_error(self) -> str | None:
@@ -214,6 +227,7 @@ class EtcdFeed:
         """
         conn = _etcd.Connection(self.settings)
         self.conn = conn
+        self._sink = sink
         if self.stopped.is_set():
             conn.close()  # close() came first and may have missed this connection
         backoff = 0.1
@@ -275,6 +289,7 @@ class EtcdFeed:
         conn = self.conn
         if conn is not None:
             conn.close()
+        self.prover.close()
 
     def _reachable(self, sink: Sink, revision: int) -> None:
         sink.saw_etcd_revision(revision)
@@ -324,7 +339,7 @@ class EtcdFeed:
         self.stream = stream
         self.stats["watches"] += 1
         self._progress_candidate = None
-        self._progress_outstanding = False
+        self._asker.answered()
         stats, stopped = self.stats, self.stopped
         expect_cluster = conn.cluster_raw
         try:
@@ -347,28 +362,30 @@ class EtcdFeed:
                                  f"cache's {sink.revision}")
                 if canceled:
                     raise WatchBroken(f"etcd cancelled the watch: {cancel_reason or '?'}")
-                sink.saw_etcd_revision(revision)
                 self._healthy = True
                 if created:
+                    sink.saw_etcd_revision(revision)
                     log.info("watching %r from revision %d", _codec.key_text(self.prefix), start)
                     # Created behind etcd's revision: unsynced until etcd's catch-up
                     # loop has sent the events up to here (see _on_progress).
                     self._watch_created = time.monotonic()
                     self._unsynced_until = revision if revision >= start else 0
                     continue
-                if events:
-                    if self._unsynced_until and revision >= self._unsynced_until:
-                        self._unsynced_until = 0
-                    if self._progress_candidate is not None and any(
-                            ev[4] <= self._progress_candidate for ev in events):
-                        self._progress_candidate = None  # it overtook events: not truthful
-                        stats["progress_anomalies"] += 1
-                    self._apply_events(sink, events)
-                else:
-                    self._on_progress(sink, revision)
-                if stopped.is_set():
-                    return  # (stopped while publishing failed)
-                self._maybe_snapshot(sink)
+                with self._sink_lock:
+                    sink.saw_etcd_revision(revision)
+                    if events:
+                        if self._unsynced_until and revision >= self._unsynced_until:
+                            self._unsynced_until = 0
+                        if self._progress_candidate is not None and any(
+                                ev[4] <= self._progress_candidate for ev in events):
+                            self._progress_candidate = None  # it overtook events: not truthful
+                            stats["progress_anomalies"] += 1
+                        self._apply_events(sink, events)
+                    else:
+                        self._on_progress(sink, revision)
+                    if stopped.is_set():
+                        return  # (stopped while publishing failed)
+                    self._maybe_snapshot(sink)
             if not stopped.is_set():
                 raise WatchBroken("etcd closed the watch stream")
         except _stream.UndecodableResponse as exc:
@@ -377,7 +394,8 @@ class EtcdFeed:
             raise WatchUndecodable(f"a watch response after revision {sink.revision} could "
                                    f"not be decoded: {exc}") from exc
         finally:
-            self.stream = None
+            with self._sink_lock:  # (no proof is published past this point)
+                self.stream = None
             stream.close()
 
     # -- publishing: a failure is a state of the cache, not an etcd error ---------
@@ -463,13 +481,15 @@ class EtcdFeed:
         A late event at or below the published revision still relists into a
         new epoch: the failure is explicit, never silent.
         """
-        self._progress_outstanding = False
+        self._asker.answered()
         sink.saw_etcd_revision(revision)
         if self._unsynced_until and time.monotonic() - self._watch_created < 2.0:
             self._progress_candidate = None
             return
         cand = self._progress_candidate
-        if cand is not None and cand > sink.revision and not self._progress_plausible(sink, cand):
+        if cand is not None and cand > sink.revision and not plausible(
+                self.conn, self.range_key, self.range_end, sink.revision, len(sink.kv), cand,
+                scan_limit=self.PROGRESS_SCAN_LIMIT):
             self.stats["progress_anomalies"] += 1
             log.warning("progress notification for revision %d ignored: etcd still has events "
                         "after %d to deliver", cand, sink.revision)
@@ -479,38 +499,38 @@ class EtcdFeed:
             return
         self._progress_candidate = revision if revision > sink.revision else None
         if self._progress_candidate is not None and self.stream is not None:
-            self.request_progress()
+            self.request_progress(urgent=False)
 
-    def _progress_plausible(self, sink: Sink, revision: int) -> bool:
-        """Whether etcd's range at ``revision`` agrees with the state (see _on_progress, 3)."""
-        conn = self.conn
-        if conn is None or conn.channel is None:
-            return False
+    def request_progress(self, urgent: bool = True) -> None:
+        """Ask for progress: etcd, or the prover where etcd does not answer (ProgressAsker)."""
+        stream, conn = self.stream, self.conn
+        if stream is not None:
+            self._asker.ask(stream, conn.endpoint if conn else "?", urgent)
+
+    def _proof_basis(self) -> tuple[Any, object, int, int] | None:
+        """(connection, stream, revision, key count) of the state to prove (RangeProver)."""
+        with self._sink_lock:
+            stream, conn, sink = self.stream, self.conn, self._sink
+            if not self._asker.proves(stream) or conn is None or sink is None:
+                return None
+            return conn, stream, sink.revision, len(sink.kv)
+
+    def _proven(self, token: object, revision: int, current: int) -> bool:
+        """Publish that the state at ``revision`` is the state at ``current`` (RangeProver)
+        unless the watch loop moved it since; False when nothing was published."""
+        if not self._sink_lock.acquire(timeout=1.0):
+            return False  # (the loop waits for publishing to work: so would this)
         try:
-            if conn.count(self.range_key, self.range_end, revision) != len(sink.kv):
-                return False
-            # etcd filters by mod revision only by scanning the range: affordable
-            # for small ranges; large ones rely on the count and defences 1 and 2.
-            if len(sink.kv) <= self.PROGRESS_SCAN_LIMIT:
-                return conn.modified_since(self.range_key, self.range_end, revision,
-                                           sink.revision + 1) == 0
-        except Exception as exc:  # compacted meanwhile, or etcd gone: not confirmed
-            log.debug("progress check at %d failed: %s", revision, _etcd.describe(exc))
-            return False
-        return True
-
-    def request_progress(self) -> None:
-        """Ask etcd for a progress notification (at most one outstanding, re-sent after 5 s)."""
-        now = time.monotonic()
-        # etcd < 3.4.31/3.5.13 may never answer a request made while the watch is
-        # unsynced (etcd issue 17507): after 5 s, ask again rather than wait forever.
-        stream = self.stream
-        if stream is not None and (not self._progress_outstanding
-                                   or now - self._progress_sent > 5.0):
-            self._progress_outstanding = True
-            self._progress_sent = now
-            self.stats["progress_requests"] += 1
-            stream.request_progress()
+            sink = self._sink
+            if (token is self.stream and sink is not None and sink.revision == revision
+                    and not self.stopped.is_set()):
+                sink.progress(current)
+                return True
+        except Exception as exc:  # (a full /dev/shm): the next proof tries again
+            log.debug("cannot publish proven revision %d: %s", current, _etcd.describe(exc))
+        finally:
+            self._sink_lock.release()
+        return False
 
     def request_progress_if_idle(self, interval: float) -> None:
         """Ask for progress when no event and no request went out for ``interval`` seconds,
@@ -518,8 +538,8 @@ class EtcdFeed:
         now = time.monotonic()
         if self.publish_failing_since is not None:
             return  # the stream is not read while publishing fails: no answers piling up
-        if now - self._last_event >= interval and now - self._progress_sent >= interval:
-            self.request_progress()
+        if now - self._last_event >= interval and now - self._asker.sent >= interval:
+            self.request_progress(urgent=False)
 
     def current_revision(self) -> int:
         """etcd's current revision, read linearizably now (raises WatchBroken when not connected)."""

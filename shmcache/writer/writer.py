@@ -106,6 +106,7 @@ class Writer:
         self.stats: dict[str, Any] = {
             "events": 0, "records": 0, "bytes": 0, "snapshots": 0, "relists": 0,
             "reconnects": 0, "progress_requests": 0, "progress_anomalies": 0,
+            "progress_proofs": 0,
             "sync_requests": 0, "sync_rounds": 0,
             # Watch streams opened and responses received (the watchdog's "is the
             # loop making progress" test), the last snapshot's publish time, key
