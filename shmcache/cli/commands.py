@@ -28,22 +28,10 @@ log = logging.getLogger("shmcache")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Settings from flags > SHMCACHE_* environment > --config file > defaults (config.py)."""
-    from .config import ConfigError, load
+    from .config import load, run_configured
     from .service import serve
 
-    flags = {name: getattr(args, name, None) for name in SETTINGS}
-    try:
-        cfg = load(args.name, flags, config_file=args.config)
-        if args.check_config:
-            for line in cfg.describe():
-                print(line)
-            for warning in cfg.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
-            return 0
-        return serve(cfg)
-    except ConfigError as exc:
-        print(f"shmcache serve: {exc}", file=sys.stderr)
-        return 2
+    return run_configured("serve", args, SETTINGS, load, serve)
 
 
 def _reader(name: str, timeout: float = 2.0) -> Any:

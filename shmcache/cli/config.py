@@ -13,8 +13,9 @@ import difflib
 import grp
 import ipaddress
 import os
+import sys
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -573,3 +574,24 @@ def _read_password(cfg: ServeConfig) -> str:
         cfg.warnings.append(f"password_file {path} is readable by every user "
                             f"(mode {st.st_mode & 0o777:03o}); chmod 600 or 640 it")
     return password
+
+
+def run_configured(command: str, args: Any, names: Iterable[str],
+                   load_config: Callable[..., Any], run: Callable[[Any], int]) -> int:
+    """``shmcache COMMAND NAME [flags]`` for a command configured like ``serve``: its
+    settings from flags > SHMCACHE_* environment > --config file > defaults, printed
+    with their sources by ``--check-config`` (exit 0), else ``run(config)``. A bad
+    setting is one line on stderr and exit 2."""
+    flags = {name: getattr(args, name, None) for name in names}
+    try:
+        cfg = load_config(args.name, flags, config_file=args.config)
+        if args.check_config:
+            for line in cfg.describe():
+                print(line)
+            for warning in cfg.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            return 0
+        return run(cfg)
+    except ConfigError as exc:
+        print(f"shmcache {command}: {exc}", file=sys.stderr)
+        return 2

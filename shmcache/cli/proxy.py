@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from typing import Any
 
 from ..errors import ShmCacheError
-from .config import ConfigError
+from .config import ConfigError, run_configured
 from .proxy_config import PROXY_SETTINGS, ProxyConfig, load_proxy
 
 __all__ = ["PROXY_METRICS", "add_parser", "cmd_proxy", "run_proxy"]
@@ -121,19 +120,8 @@ def run_proxy(cfg: ProxyConfig) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    flags = {name: getattr(args, name, None) for name in PROXY_SETTINGS}
-    try:
-        cfg = load_proxy(args.name, flags, config_file=args.config)
-        if args.check_config:
-            for line in cfg.describe():
-                print(line)
-            for warning in cfg.warnings:
-                print(f"warning: {warning}", file=sys.stderr)
-            return 0
-        return run_proxy(cfg)
-    except ConfigError as exc:
-        print(f"shmcache proxy: {exc}", file=sys.stderr)
-        return 2
+    """Settings as ``serve``'s: flags > SHMCACHE_* environment > --config file > defaults."""
+    return run_configured("proxy", args, PROXY_SETTINGS, load_proxy, run_proxy)
 
 
 def add_parser(sub: Any, setting_flags: Any) -> None:
