@@ -250,6 +250,29 @@ def test_awatch_and_wait_wake_when_the_reader_closes(cache: WriterProcess,
     assert _mapped(cache.name) == []
 
 
+def test_an_awatch_that_waits_after_close_raises_instead_of_hanging(
+        cache: WriterProcess, unique_prefix: bytes) -> None:
+    """A joined awatch that comes to wait just after close() (the demultiplexer thread has
+    woken its waiters and gone) must not register a wait nobody will end: the
+    demultiplexer refuses it, and the poll raises the closed error. Before, the wait was
+    registered and the poll hung (seen as a proxy Watch stream that never ended)."""
+    r = shmcache.Reader(cache.name)
+    aw = r.awatch(unique_prefix)
+
+    async def registered_after_close() -> bool:
+        await aw.poll(0)  # joins the demultiplexer
+        w = aw._watch
+        assert w.joined
+        r.close()
+        _until(lambda: _demux.demux_of(r)._thread is None, "the demultiplexer to stop")
+        fut = asyncio.get_running_loop().create_future()
+        return w._demux.add_async(w._inbox, fut)
+
+    assert asyncio.run(registered_after_close()) is False
+    with pytest.raises(shmcache.ShmCacheError, match="closed"):
+        asyncio.run(aw.poll(None))
+
+
 def test_close_in_a_signal_handler_that_interrupted_the_demultiplexer_lock(
         cache: WriterProcess, unique_prefix: bytes) -> None:
     """The handler of a signal that lands while the main thread holds the demultiplexer's lock

@@ -304,9 +304,11 @@ class Demux:
             return out, c.revision if c is not None and w.error is None else 0
 
     def add_async(self, w: Inbox, fut: asyncio.Future[None]) -> bool:
-        """Resolve ``fut`` when ``w`` has events or an error; False if it has some already."""
+        """Resolve ``fut`` when ``w`` has events or an error; False if it has some already,
+        or if the Reader is closed (the thread may have woken its waiters already: the
+        caller's next read raises instead of waiting for a wake that will not come)."""
         with self.lock:
-            if w.events or w.error is not None:
+            if w.events or w.error is not None or self._reader._life.closed:
                 return False
             w.futures.append(fut)
             return True
