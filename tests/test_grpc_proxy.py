@@ -7,6 +7,7 @@ writers costing etcd one watcher."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import random
 import threading
@@ -356,7 +357,7 @@ def test_writers_through_one_proxy_cost_etcd_one_watcher(
     on etcd; directly they add 3 and 3 (etcd's etcd_debugging_mvcc_* gauges)."""
     p = b"/fleet/"
     client = etcd_server.client()
-    names = [f"t-gp{i}-{tmp_path.name[-6:]}" for i in range(6)]
+    names = [f"t-gp{i}-{os.getpid()}" for i in range(6)]
     writers: list[WriterProcess] = []
     with GrpcProxy([etcd_server.endpoint]) as proxy:
         try:
@@ -393,7 +394,7 @@ def _checker_through_proxy(seconds: float, seed: int, tmp_path: Path) -> checker
     rnd = random.Random(seed)
     report = checker.Report(seed=seed, seconds=seconds)
     ctx = mp.get_context("spawn")
-    name = f"chkgp-{seed}-{tmp_path.name[-6:]}"
+    name = f"chkgp-{os.getpid()}-{seed}"  # (unique per test run: suites may share a host)
     with EtcdServer(data_dir=tmp_path / "etcd") as etcd, \
             GrpcProxy([etcd.endpoint]) as proxy:
         writer = WriterProcess(name, proxy.endpoint, PREFIX, ring_size="256KiB",
