@@ -107,6 +107,17 @@ class WriterProcess:
                 pass
 
 
+def wait_until(cond: Any, what: Any = "", timeout: float = 15.0) -> None:
+    """Poll ``cond()`` until it is true; AssertionError naming ``what`` (a string, or a
+    callable giving one, evaluated only on failure) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met in {timeout:.0f}s: "
+                                 f"{what() if callable(what) else what}")
+        time.sleep(0.05)
+
+
 def writer_fixture(**settings: Any) -> Any:
     """A ``cache`` fixture for a test module: a writer process (WriterProcess with
     ``settings``) serving the test's ``unique_prefix`` of the session's etcd, yielded with

@@ -7,7 +7,6 @@ import importlib.util
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from shmcache.etcdapi import Stub, dial, mvcc, rpc
 from shmcache.proxy import wire
 from shmcache.types import KeyValue
 from tests.etcdserver import EtcdServer, generate_tls_files
-from tests.helpers import WriterProcess, put
+from tests.helpers import WriterProcess, put, wait_until
 from tests.proxyproc import ProxyProcess, etcdctl
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,13 +39,6 @@ def _health(endpoint: str, service: str = "", creds: Any = None) -> Any:
         return check(req, timeout=10)
     finally:
         ch.close()
-
-
-def _wait_for(cond: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -116,7 +108,7 @@ def test_health_follows_the_writer(own_writer: WriterProcess) -> None:
             _health(p.endpoint, "no.such.Service")
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
         own_writer.kill()
-        _wait_for(lambda: _health(p.endpoint) == b"\x08\x02")
+        wait_until(lambda: _health(p.endpoint) == b"\x08\x02")
         # Without a writer: serializable reads answer at the last revision, linearizable
         # ones cannot be confirmed (and there is no etcd to forward them to).
         kv = Stub(dial.open_channel("127.0.0.1", p.port), "KV")
@@ -369,4 +361,4 @@ def test_serves_across_a_writer_restart(own_writer: WriterProcess,
         own_writer.start()
         etcdctl(etcd_session.endpoint, "put", prefix + "a", "2")
         assert etcdctl(p.endpoint, "get", prefix + "a", "--print-value-only").stdout == "2\n"
-        _wait_for(lambda: _health(p.endpoint) == b"\x08\x01")
+        wait_until(lambda: _health(p.endpoint) == b"\x08\x01")

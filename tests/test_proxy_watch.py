@@ -30,6 +30,7 @@ from shmcache.etcdapi import Stub, dial, method_path, rpc
 from shmcache.proxy.metrics import ProxyMetrics
 from shmcache.proxy.watch import WatchService
 from tests.etcdserver import EtcdServer
+from tests.helpers import wait_until
 
 PROGRESS = 1.0
 POOL = "test-proxy-pool"  # gRPC's handler threads: the pool keeps them for the next call
@@ -594,20 +595,12 @@ def test_a_client_disconnect_frees_its_watches(proxy: Proxy, kv: Any, reader: sh
         return sorted(t.name for t in threading.enumerate() if not t.name.startswith(POOL))
 
     cycle()
-    _wait(settled)
+    wait_until(settled)
     before = threads()
     for _ in range(30):
         cycle()
-    _wait(settled)
-    _wait(lambda: Counter(threads()) <= Counter(before), threads)  # (the reader's may end)
-
-
-def _wait(cond: Callable[[], bool], what: Callable[[], object] = lambda: "",
-          timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"condition not reached {what()}"
-        time.sleep(0.05)
+    wait_until(settled)
+    wait_until(lambda: Counter(threads()) <= Counter(before), threads)  # (the reader's may end)
 
 
 def test_a_watch_outside_the_prefix_goes_to_etcd(forwarding_proxy: Proxy, etcd: EtcdServer,
@@ -646,8 +639,8 @@ def test_a_watch_outside_the_prefix_goes_to_etcd(forwarding_proxy: Proxy, etcd: 
     finally:
         for cl in pair:
             cl.close()
-    _wait(lambda: _etcd_watchers(etcd) == before)
-    _wait(lambda: forwarding_proxy.metrics.snapshot().watches == 0)
+    wait_until(lambda: _etcd_watchers(etcd) == before)
+    wait_until(lambda: forwarding_proxy.metrics.snapshot().watches == 0)
 
 
 def test_a_start_revision_in_the_future_matches_etcd(clients: Any, kv: Any,
@@ -682,8 +675,8 @@ def test_closing_the_service_ends_its_streams(reader: shmcache.Reader, sub_prefi
     finally:
         c.close()
         p.close()
-    _wait(lambda: threading.active_count() <= threads,
-          lambda: [t.name for t in threading.enumerate()])
+    wait_until(lambda: threading.active_count() <= threads,
+               lambda: [t.name for t in threading.enumerate()])
 
 
 def test_a_client_too_slow_for_the_ring_is_canceled_with_compact_revision(
@@ -783,7 +776,7 @@ def test_watches_created_while_writes_run_get_every_event_once_in_order(
     starts: dict[int, int] = {}
     try:
         for wid in range(1, 13):
-            _wait(lambda n=wid: len(written) >= n * 25)
+            wait_until(lambda n=wid: len(written) >= n * 25)
             start = first if wid % 3 == 0 else (written[-1] - wid if wid % 3 == 1 else 0)
             starts[wid] = start
             c.create(sub_prefix, prefix_end(sub_prefix), watch_id=wid, start_revision=start)
@@ -881,4 +874,4 @@ def test_stream_churn_does_not_grow_memory(proxy: Proxy, kv: Any, reader: shmcac
     gc.collect()
     grown = me.memory_info().rss - base
     assert grown < 8 * 2**20, f"RSS grew {grown / 2**20:.1f} MB over 800 streams"
-    _wait(lambda: proxy.metrics.snapshot().watches == 0)
+    wait_until(lambda: proxy.metrics.snapshot().watches == 0)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from ..types import KeyValue
 
 __all__ = ["HEALTH_NOT_SERVING", "HEALTH_SERVING", "decode_health_request",
-           "encode_health_response", "encode_range_response", "header_bytes"]
+           "encode_health_response", "encode_range_response", "header_bytes", "varint"]
 
 _MASK64 = (1 << 64) - 1
 # Varints below 2**14 precomputed (lengths, versions, most revisions of a young
@@ -27,7 +27,7 @@ _TABLE = _SMALL + [bytes([(i & 0x7F) | 0x80, i >> 7]) for i in range(128, 1 << 1
 _TABLE_LEN = len(_TABLE)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     """Protobuf's base-128 varint of ``n`` (negative int64s as their 64-bit two's complement)."""
     if 0 <= n < _TABLE_LEN:
         return _TABLE[n]
@@ -42,12 +42,12 @@ def _varint(n: int) -> bytes:
 
 def _field_varint(tag: int, n: int) -> bytes:
     """A varint field (wire type 0), left out when 0 as proto3 leaves it."""
-    return b"" if n == 0 else _SMALL[tag << 3] + _varint(n)
+    return b"" if n == 0 else _SMALL[tag << 3] + varint(n)
 
 
 def _field_bytes(tag: int, data: bytes) -> bytes:
     """A length-delimited field (wire type 2), left out when empty as proto3 leaves it."""
-    return b"" if not data else _SMALL[(tag << 3) | 2] + _varint(len(data)) + data
+    return b"" if not data else _SMALL[(tag << 3) | 2] + varint(len(data)) + data
 
 
 def header_bytes(cluster_id: int, member_id: int, revision: int, raft_term: int) -> bytes:
@@ -60,7 +60,7 @@ def _kv_bytes(kv: KeyValue, keys_only: bool) -> bytes:
     """An mvccpb.KeyValue message: key 1, create_revision 2, mod_revision 3, version 4,
     value 5, lease 6 (zero and empty fields left out)."""
     key, value, create, mod, version, lease = kv
-    v = _varint
+    v = varint
     if key and create and mod and version:  # every live key: one format call
         if keys_only or not value:
             body = b"\x0a%b%b\x10%b\x18%b\x20%b" % (v(len(key)), key, v(create), v(mod),
@@ -87,8 +87,8 @@ def encode_range_response(header: bytes, kvs: Iterable[KeyValue], more: bool, co
                           keys_only: bool = False) -> bytes:
     """An etcdserverpb.RangeResponse: header 1, kvs 2 (repeated), more 3, count 4.
     ``header`` is ``header_bytes(...)``; ``keys_only`` leaves every value out."""
-    parts = [b"\x0a", _varint(len(header)), header]
-    v, kv_bytes = _varint, _kv_bytes
+    parts = [b"\x0a", varint(len(header)), header]
+    v, kv_bytes = varint, _kv_bytes
     for kv in kvs:
         body = kv_bytes(kv, keys_only)
         parts += (b"\x12", v(len(body)), body)
